@@ -1,0 +1,23 @@
+"""graphc: a symbolic computational-graph compiler for deep learning.
+
+    import graphc as gc
+    x = gc.placeholder("x", (None, 784))
+    W = gc.parameter("W", np.zeros((784, 10), np.float32))
+    f = gc.function([x], gc.softmax(x @ W), backend="numpy")
+"""
+from .errors import (BackendUnavailable, DTypeError, GradientError, GraphcError, InputError,  # noqa: F401
+                     NumericalError, ShapeError, UnknownBackend)
+from .ir import OPS, Graph, Node, Op, Tensor  # noqa: F401
+from .ops import *  # noqa: F401,F403
+from .ops import Parameter, as_tensor, cast, constant, parameter, placeholder, stop_gradient  # noqa: F401
+from .autodiff import grad, hessian, hvp, jacobian, jvp  # noqa: F401
+from .gradcheck import GradientCheckError, verify_grad  # noqa: F401
+from .function import Function, available_backends, function  # noqa: F401
+from .printing import dprint, to_networkx  # noqa: F401
+from .reference import evaluate  # noqa: F401
+from . import shapes, dtypes  # noqa: F401
+from frontends.numpy_trace import trace  # noqa: F401,E402
+
+__version__ = "0.1.0"
+float32, float64, int32, int64 = "float32", "float64", "int32", "int64"
+bool_ = "bool"

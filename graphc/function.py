@@ -1,0 +1,208 @@
+"""gc.function: compile a graph into a callable; input checking, symbolic-dim binding, updates."""
+from __future__ import annotations
+
+import importlib
+import threading
+from typing import Sequence
+
+import numpy as np
+
+from . import dtypes as _dt
+from . import shapes as _sh
+from .errors import BackendUnavailable, GraphcError, InputError, UnknownBackend
+from .ir import Graph, Tensor, fmt_loc
+
+#: backend name -> module that defines BACKEND (loaded on first use; core never imports them eagerly)
+BACKENDS = {"numpy": "backends.numpy", "llvm": "backends.llvm", "cuda": "backends.cuda",
+            "cuda-emulated": "backends.cuda_emulated"}
+_loaded: dict = {}
+
+
+def get_backend(name: str):
+    """The Backend object called `name`; raises UnknownBackend or BackendUnavailable (with the reason)."""
+    if name not in BACKENDS:
+        raise UnknownBackend(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(BACKENDS[name]).BACKEND
+        except ImportError as e:
+            raise BackendUnavailable(f"backend {name!r} is not usable here: {e}") from None
+    be = _loaded[name]
+    why = be.unavailable_reason()
+    if why:
+        raise BackendUnavailable(f"backend {name!r} is not usable here: {why}")
+    return be
+
+
+def available_backends() -> list[str]:
+    """Names of the backends usable on this machine."""
+    out = []
+    for name in BACKENDS:
+        try:
+            get_backend(name)
+            out.append(name)
+        except GraphcError:
+            pass
+    return out
+
+
+def _check_updates(updates):
+    from .ops.core import Parameter, cast
+    out = []
+    for item in updates or ():
+        try:
+            p, v = item
+        except (TypeError, ValueError):
+            raise GraphcError(f"updates must be (parameter, new_value) pairs, got {item!r}") from None
+        if not isinstance(p, Parameter):
+            raise GraphcError(f"updates: {getattr(p, 'label', p)!r} is not a parameter")
+        from .ops.core import as_tensor
+        v = as_tensor(v)
+        if not _sh.canon_shape(v.shape) == p.shape and not (
+                len(v.shape) == len(p.shape) and all(_sh.dims_equal(a, b) for a, b in zip(v.shape, p.shape))):
+            raise GraphcError(f"updates: new value for {p.name} has shape {_sh.fmt_shape(v.shape)}, "
+                              f"expected {_sh.fmt_shape(p.shape)}")
+        if v.dtype != p.dtype:
+            if not np.can_cast(v.dtype, p.dtype, "same_kind"):
+                raise GraphcError(f"updates: new value for {p.name} has dtype {v.dtype}, expected {p.dtype}")
+            v = cast(v, p.dtype)
+        out.append((p, v))
+    if len({id(p) for p, _ in out}) != len(out):
+        raise GraphcError("updates: a parameter appears twice")
+    return out
+
+
+class Function:
+    """A compiled graph. Call it with arrays for the inputs; returns array(s)."""
+
+    def __init__(self, inputs, outputs, updates=None, backend="numpy", optimize=2, name="graph", **options):
+        from .ops.core import as_tensor
+        if isinstance(inputs, Graph):
+            g = inputs
+            inputs, outputs, updates = g.inputs, g.outputs, (updates or g.updates)
+        self.single = isinstance(outputs, Tensor)
+        outs = [outputs] if self.single else [as_tensor(o) for o in (outputs or [])]
+        ins = list(inputs)
+        for t in ins:
+            if not isinstance(t, Tensor) or t.node.op.name != "placeholder":
+                raise GraphcError(f"inputs must be placeholders, got {t!r}")
+        if len({id(t) for t in ins}) != len(ins):
+            raise GraphcError("an input placeholder appears twice")
+        self.user_graph = Graph(ins, outs, _check_updates(updates), name)
+        self.backend_name = backend
+        self.options = dict(options, optimize=optimize)
+        self.graph = self._optimise(self.user_graph, optimize, options)
+        self._params = self.graph.parameters
+        self._check_placeholders()
+        self.backend = get_backend(backend)
+        self.program = self.backend.compile(self.graph, self.options)
+        self._lock = threading.Lock()
+
+    def _optimise(self, graph, level, options):
+        try:
+            from .passes import optimize as run_passes
+        except ImportError:
+            return graph
+        return run_passes(graph, level=level, **{k: v for k, v in options.items() if k in ("disable", "debug_passes")})
+
+    def _check_placeholders(self):
+        known = {id(t) for t in self.graph.inputs}
+        for node in self.graph.nodes:
+            if node.op.name == "placeholder" and id(node.outputs[0]) not in known:
+                t = node.outputs[0]
+                raise GraphcError(f"the outputs depend on placeholder {t.name!r}, which is not among the inputs "
+                                  f"(built at {fmt_loc(node.loc)})")
+
+    @property
+    def source(self) -> str:
+        """The generated code (Python for numpy, LLVM IR for llvm, CUDA C for cuda)."""
+        return self.program.source
+
+    def _bind(self, args, kwargs):
+        ins = self.graph.inputs
+        if kwargs:
+            by_name = {t.name: i for i, t in enumerate(ins)}
+            args = list(args) + [None] * (len(ins) - len(args))
+            for k, v in kwargs.items():
+                if k not in by_name:
+                    raise InputError(f"unexpected keyword argument {k!r}; inputs are {[t.name for t in ins]}")
+                if args[by_name[k]] is not None:
+                    raise InputError(f"input {k!r} given twice")
+                args[by_name[k]] = v
+        if len(args) != len(ins) or any(a is None for a in args):
+            raise InputError(f"expected {len(ins)} inputs ({', '.join(t.name for t in ins)}), got "
+                             f"{sum(a is not None for a in args)}")
+        dims, values = {}, []
+        for t, a in zip(ins, args):
+            values.append(self._convert(t, a, dims))
+        return values, dims
+
+    @staticmethod
+    def _convert(t: Tensor, a, dims) -> np.ndarray:
+        if isinstance(a, np.ndarray):
+            if a.dtype != np.dtype(t.dtype):
+                raise InputError(f"input {t.name!r}: expected dtype {t.dtype}, got {a.dtype}")
+        else:
+            try:
+                raw = np.asarray(a)
+            except Exception as e:
+                raise InputError(f"input {t.name!r}: cannot convert {type(a).__name__} to an array: {e}") from None
+            if raw.dtype == object or not np.can_cast(raw.dtype, t.dtype, "same_kind") and not (
+                    raw.dtype.kind in "iub" and _dt.is_float(t.dtype)):
+                raise InputError(f"input {t.name!r}: expected dtype {t.dtype}, got {raw.dtype} values")
+            a = raw.astype(t.dtype)
+        if a.ndim != t.ndim:
+            raise InputError(f"input {t.name!r}: expected rank {t.ndim} shape {_sh.fmt_shape(t.shape)}, "
+                             f"got shape {a.shape}")
+        for ax, (d, n) in enumerate(zip(t.shape, a.shape)):
+            if isinstance(d, int):
+                if d != n:
+                    raise InputError(f"input {t.name!r}: expected shape {_sh.fmt_shape(t.shape)}, got {a.shape} "
+                                     f"(axis {ax})")
+            elif d.is_Symbol:
+                if dims.setdefault(d.name, n) != n:
+                    raise InputError(f"input {t.name!r}: dim {d.name} is {n} on axis {ax}, but {dims[d.name]} "
+                                     f"from an earlier input")
+        return a
+
+    def __call__(self, *args, **kwargs):
+        values, dims = self._bind(args, kwargs)
+        with self._lock if self.graph.updates else _NULL:
+            params = [p.value for p in self._params]
+            outs, upds = self.program.run(values, params, dims)
+            new = [np.array(v, dtype=p.dtype, order="C", copy=True) for (p, _), v in zip(self.graph.updates, upds)]
+            for (p, _), v in zip(self.graph.updates, new):
+                if v.shape != p.shape:
+                    raise GraphcError(f"update of {p.name} produced shape {v.shape}, expected {p.shape}")
+            for (p, _), v in zip(self.graph.updates, new):
+                p._value = v
+        outs = [o if isinstance(o, np.ndarray) and o.base is None and o.flags.writeable else np.array(o)
+                for o in outs]
+        return outs[0] if self.single else outs
+
+    def memory_plan(self, **dims):
+        from .passes.memory import memory_plan
+        return memory_plan(self.graph, dims)
+
+    def __repr__(self):
+        return f"<graphc.Function {self.graph.name} backend={self.backend_name} ops={len(self.graph.compute_nodes())}>"
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+_NULL = _Null()
+
+
+def function(inputs, outputs=None, updates=None, backend: str = "numpy", optimize: int = 2, **options) -> Function:
+    """Compile `outputs` (a tensor or list) as a function of placeholder `inputs`.
+
+    `updates=[(param, new_value)]`: new values computed from the old ones, written after the call,
+    all together. `inputs` may also be a gc.Graph. `backend` is a name from gc.available_backends().
+    """
+    return Function(inputs, outputs, updates, backend, optimize, **options)

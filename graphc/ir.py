@@ -1,0 +1,245 @@
+"""The graph IR: Op (definition), Node (one application of an op), Tensor (a value in the graph)."""
+from __future__ import annotations
+
+import linecache
+import os
+import sys
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from . import dtypes as _dt
+from . import shapes as _sh
+from .errors import DTypeError, GraphcError, ShapeError
+
+_PKG_DIRS = tuple(
+    os.path.dirname(os.path.abspath(p)) + os.sep
+    for p in (__file__, os.path.join(os.path.dirname(__file__), "..", "frontends", "x"))
+)
+
+
+def user_frame() -> tuple[str, int]:
+    """(file, line) of the first caller outside graphc: the user's line that built a node."""
+    f = sys._getframe(1)
+    while f is not None:
+        fn = os.path.abspath(f.f_code.co_filename)
+        if not fn.startswith(_PKG_DIRS) and "<frozen" not in fn and "numpy" + os.sep not in fn:
+            return fn, f.f_lineno
+        f = f.f_back
+    return "<unknown>", 0
+
+
+def fmt_loc(loc: tuple[str, int]) -> str:
+    fn, line = loc
+    code = linecache.getline(fn, line).strip() if line else ""
+    return f"{fn}:{line}" + (f": {code}" if code else "")
+
+
+class Op:
+    """An op definition: shape/dtype rule, NumPy reference, gradient rules and lowering hints.
+
+    Subclasses override `infer` and `impl`; `vjp`/`jvp` when differentiable; `np_code` to emit
+    a NumPy expression in generated source. One instance per op, registered by name.
+    """
+
+    name: str = "op"
+    n_outputs: int = 1
+    differentiable: bool = True
+    elementwise: bool = False
+    #: C spelling of an elementwise op, e.g. "exp({0})" (used by native backends)
+    c: str | None = None
+
+    def infer(self, inputs: Sequence["Tensor"], **attrs) -> list[tuple[tuple, str]]:
+        raise NotImplementedError
+
+    def impl(self, *args, **attrs):
+        raise NotImplementedError(f"{self.name}: no NumPy implementation")
+
+    def vjp(self, node: "Node", gouts: list) -> list:
+        """Gradients for node.inputs (Tensors or None for zero) given output cotangents."""
+        from .errors import GradientError
+        raise GradientError(f"op {self.name!r} has no gradient (node built at {fmt_loc(node.loc)})")
+
+    jvp = None  # optional: (node, tangents) -> list of output tangents; else derived from vjp
+
+    def np_code(self, args: list[str], attrs: dict) -> str | None:
+        """A NumPy expression for the generated source, or None to call `impl`."""
+        return None
+
+    def __repr__(self):
+        return f"<op {self.name}>"
+
+
+OPS: dict[str, Op] = {}
+
+
+def register(cls):
+    """Class decorator: instantiate the op and record it by name."""
+    inst = cls()
+    if inst.name in OPS:
+        raise GraphcError(f"op {inst.name!r} registered twice")
+    OPS[inst.name] = inst
+    return inst
+
+
+class Node:
+    """One application of an op to input tensors; immutable once built."""
+
+    __slots__ = ("op", "inputs", "attrs", "outputs", "loc", "__weakref__")
+
+    def __init__(self, op: Op, inputs: Sequence["Tensor"], attrs: dict, loc=None):
+        self.op = op
+        self.inputs = tuple(inputs)
+        self.attrs = dict(attrs)
+        self.loc = loc or user_frame()
+        self.outputs: tuple[Tensor, ...] = ()
+
+    def __repr__(self):
+        return f"Node({self.op.name}, {[t.label for t in self.inputs]})"
+
+
+class Tensor:
+    """A symbolic tensor: output `index` of `node`, with a static shape and dtype."""
+
+    __array_priority__ = 1000
+
+    def __init__(self, node: Node | None, index: int, shape: tuple, dtype: str, name: str | None = None):
+        self.node = node
+        self.index = index
+        self.shape = _sh.canon_shape(shape)
+        self.dtype = _dt.as_dtype(dtype)
+        self.name = name
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self):
+        return _sh.size(self.shape)
+
+    @property
+    def op(self) -> Op:
+        return self.node.op
+
+    @property
+    def label(self) -> str:
+        return self.name or f"t{id(self) % 100000}"
+
+    @property
+    def type_str(self) -> str:
+        return f"{self.dtype}{list(self.shape)}".replace(" ", "")
+
+    def __repr__(self):
+        return f"Tensor({self.label}: {self.dtype}{_sh.fmt_shape(self.shape)} = {self.node.op.name})"
+
+    def __hash__(self):
+        return id(self)
+
+    def __bool__(self):
+        raise GraphcError("a symbolic tensor has no truth value; use gc.where or compile it")
+
+    def __len__(self):
+        if not self.shape:
+            raise ShapeError("len() of a 0-d tensor")
+        d = self.shape[0]
+        if not isinstance(d, int):
+            raise ShapeError(f"len() of a tensor whose first dim is symbolic ({d})")
+        return d
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def make_node(op: Op, inputs: Sequence, attrs: dict | None = None, names=None) -> Node:
+    """Check types with the op's rule and build the node; errors name the op and the user's line."""
+    from .ops.core import as_tensor
+    inputs = [as_tensor(x) for x in inputs]
+    attrs = attrs or {}
+    loc = user_frame()
+    try:
+        types = op.infer(inputs, **attrs)
+    except (ShapeError, DTypeError) as e:
+        shown = ", ".join(f"{t.label}: {t.type_str}" for t in inputs)
+        raise type(e)(f"{e}\n  op: {op.name}({shown})\n  built at {fmt_loc(loc)}") from None
+    node = Node(op, inputs, attrs, loc)
+    node.outputs = tuple(
+        Tensor(node, i, s, d, (names[i] if names else None)) for i, (s, d) in enumerate(types)
+    )
+    return node
+
+
+def apply(op: Op, *inputs, **attrs):
+    """Build a node and return its output tensor (or tuple of tensors for multi-output ops)."""
+    node = make_node(op, inputs, attrs)
+    return node.outputs[0] if op.n_outputs == 1 else node.outputs
+
+
+def toposort(outputs: Iterable[Tensor]) -> list[Node]:
+    """Nodes reachable from `outputs`, inputs before users (iterative DFS, deterministic)."""
+    order, seen = [], set()
+    for out in outputs:
+        stack = [(out.node, False)]
+        while stack:
+            node, done = stack.pop()
+            if done:
+                order.append(node)
+                continue
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            stack.append((node, True))
+            for t in reversed(node.inputs):
+                if id(t.node) not in seen:
+                    stack.append((t.node, False))
+    return order
+
+
+LEAF_OPS = ("placeholder", "parameter", "constant")
+
+
+class Graph:
+    """A computation from `inputs` (placeholders) to `outputs`: what gc.function compiles."""
+
+    def __init__(self, inputs: Sequence[Tensor], outputs: Sequence[Tensor], updates=(), name="graph"):
+        self.inputs = list(inputs)
+        self.outputs = list(outputs)
+        self.updates = list(updates)  # [(parameter, new_value_tensor)]
+        self.name = name
+
+    @property
+    def roots(self) -> list[Tensor]:
+        return self.outputs + [u for _, u in self.updates]
+
+    @property
+    def nodes(self) -> list[Node]:
+        return toposort(self.roots + self.inputs)
+
+    @property
+    def parameters(self) -> list[Tensor]:
+        return [n.outputs[0] for n in self.nodes if n.op.name == "parameter"]
+
+    def compute_nodes(self) -> list[Node]:
+        return [n for n in self.nodes if n.op.name not in LEAF_OPS]
+
+    def op_names(self) -> list[str]:
+        """Compute ops in schedule order (fused groups as `fused[a,b,...]`)."""
+        return [getattr(n.op, "display_name", lambda n: n.op.name)(n) for n in self.compute_nodes()]
+
+    def to_networkx(self):
+        from .printing import to_networkx
+        return to_networkx(self)
+
+    def __str__(self):
+        from .printing import graph_text
+        return graph_text(self)
+
+    def __repr__(self):
+        return f"<Graph {self.name}: {len(self.inputs)} inputs, {len(self.outputs)} outputs, {len(self.compute_nodes())} ops>"
+
+
+def constant_value(t: Tensor):
+    """The NumPy value of a constant tensor, else None."""
+    if t.node.op.name == "constant":
+        return t.node.attrs["value"]
+    return None

@@ -1,0 +1,17 @@
+"""All op definitions; importing this package registers every op in graphc.ir.OPS.
+
+Each module holds whole op definitions (shape/dtype rule, NumPy reference, gradient rules,
+lowering hints). The functions here are the public constructors re-exported as gc.<name>.
+"""
+from .core import (Parameter, as_tensor, cast, constant, parameter, placeholder, scalar_like,  # noqa: F401
+                   stop_gradient)
+from .elementwise import (abs, add, clip, cos, div, equal, erf, exp, expm1, floor, greater,  # noqa: F401
+                          greater_equal, leaky_relu, less, less_equal, log, log1p, logical_and, logical_or,
+                          maximum, minimum, mul, neg, not_equal, ones_like, pow, reciprocal, relu, rsqrt,
+                          sigmoid, sign, sin, softplus, sqrt, square, sub, tanh, where, zeros_like)
+from .reduce import (argmax, argmin, log_softmax, logsumexp, max, mean, min, prod, softmax, std,  # noqa: F401
+                     sum, var)
+from .shape_ops import (broadcast_to, concatenate, expand_dims, flatten, getitem, reshape, size_of,  # noqa: F401
+                        squeeze, stack, sum_to, swapaxes, take, transpose)
+from .linalg import dot, matmul  # noqa: F401
+from . import tensor_methods  # noqa: F401,E402

@@ -1,0 +1,192 @@
+"""Leaves of a graph (placeholders, parameters, constants), casts and stop_gradient."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from .. import dtypes as _dt
+from .. import shapes as _sh
+from ..errors import DTypeError, GraphcError, InputError, ShapeError
+from ..ir import Node, Op, Tensor, apply, register, user_frame
+
+_names = itertools.count()
+
+
+class _Leaf(Op):
+    differentiable = True
+
+    def infer(self, inputs, **attrs):
+        raise GraphcError(f"{self.name} nodes are built by gc.{self.name}()")
+
+    def vjp(self, node, gouts):
+        return []
+
+
+@register
+class PlaceholderOp(_Leaf):
+    name = "placeholder"
+
+
+@register
+class ParameterOp(_Leaf):
+    name = "parameter"
+
+
+@register
+class ConstantOp(_Leaf):
+    name = "constant"
+
+    def np_code(self, args, attrs):
+        v = attrs["value"]
+        if v.ndim == 0:
+            return f"np.{v.dtype.name}({v.item()!r})"
+        return None
+
+
+def _leaf(op: Op, shape, dtype, name, attrs=None, cls=Tensor) -> Tensor:
+    node = Node(op, (), attrs or {}, user_frame())
+    t = cls(node, 0, shape, dtype, name)
+    node.outputs = (t,)
+    return t
+
+
+def placeholder(name: str, shape=(), dtype="float32") -> Tensor:
+    """A graph input. `None` dims are symbolic: `N` on axis 0 (the batch), `<name>_<axis>` elsewhere;
+    a string dim names a symbolic dim shared by every tensor that uses the same string."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise GraphcError(f"placeholder name must be a Python identifier, got {name!r}")
+    dims = []
+    for i, d in enumerate(shape):
+        if d is None:
+            d = _sh.dim_symbol("N") if i == 0 else _sh.dim_symbol(f"{name}_{i}")
+        dims.append(d)
+    return _leaf(PlaceholderOp, tuple(dims), dtype, name)
+
+
+class Parameter(Tensor):
+    """Shared state: a tensor whose value lives outside the graph and persists across calls."""
+
+    def __init__(self, node, index, shape, dtype, name=None):
+        super().__init__(node, index, shape, dtype, name)
+        self._value = None
+
+    @property
+    def value(self) -> np.ndarray:
+        return self._value
+
+    def get_value(self) -> np.ndarray:
+        return self._value.copy()
+
+    def set_value(self, value) -> None:
+        """Replace the value (same shape and dtype; the array is copied)."""
+        a = np.asarray(value)
+        if a.shape != self.shape:
+            raise ShapeError(f"parameter {self.name}: expected shape {_sh.fmt_shape(self.shape)}, got {a.shape}")
+        if a.dtype != np.dtype(self.dtype):
+            if not np.can_cast(a.dtype, self.dtype, "same_kind"):
+                raise DTypeError(f"parameter {self.name}: expected dtype {self.dtype}, got {a.dtype}")
+            a = a.astype(self.dtype)
+        self._value = np.array(a, dtype=self.dtype, order="C", copy=True)
+
+
+def parameter(name: str, value, dtype=None) -> Parameter:
+    """Shared state initialised to `value` (copied); `p.value` reads it and `p.set_value(a)` writes it."""
+    a = np.asarray(value)
+    if dtype is None:
+        weak = not isinstance(value, np.ndarray | np.generic)
+        dtype = _dt.default_float if weak and a.dtype == np.float64 else a.dtype
+    dtype = _dt.as_dtype(dtype)
+    p = _leaf(ParameterOp, a.shape, dtype, name or f"p{next(_names)}", cls=Parameter)
+    p.set_value(a.astype(dtype))
+    return p
+
+
+def constant(value, dtype=None, name=None) -> Tensor:
+    """A constant tensor from a NumPy array or Python scalar (float scalars default to float32)."""
+    if isinstance(value, Tensor):
+        return value
+    a = np.asarray(value)
+    if dtype is None:
+        if a.dtype == np.float64 and not isinstance(value, np.ndarray | np.generic):
+            dtype = _dt.default_float
+        elif a.dtype == np.int64 and not isinstance(value, np.ndarray | np.generic):
+            dtype = "int64"
+        else:
+            dtype = a.dtype
+    dtype = _dt.as_dtype(dtype)
+    a = np.array(a, dtype=dtype, order="C", copy=True)
+    a.setflags(write=False)
+    return _leaf(ConstantOp, a.shape, dtype, name, {"value": a})
+
+
+def as_tensor(x, dtype=None) -> Tensor:
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, (list, tuple)) and any(isinstance(e, Tensor) for e in x):
+        from .shape_ops import stack
+        return stack([as_tensor(e) for e in x])
+    return constant(x, dtype)
+
+
+def scalar_like(value, like: Tensor) -> Tensor:
+    """A Python scalar as a constant with NumPy 2's weak-scalar dtype against `like`."""
+    return constant(value, _dt.promote_with_scalar(like.dtype, value))
+
+
+@register
+class Cast(Op):
+    name = "cast"
+
+    def infer(self, inputs, dtype):
+        return [(inputs[0].shape, dtype)]
+
+    def impl(self, x, dtype):
+        return x.astype(dtype)
+
+    def np_code(self, args, attrs):
+        return f"{args[0]}.astype(np.{attrs['dtype']})"
+
+    def vjp(self, node, gouts):
+        x = node.inputs[0]
+        if not _dt.is_float(x.dtype) or not _dt.is_float(node.attrs["dtype"]):
+            return [None]
+        return [cast(gouts[0], x.dtype)]
+
+    def jvp(self, node, tangents):
+        if tangents[0] is None or not _dt.is_float(node.attrs["dtype"]):
+            return [None]
+        return [cast(tangents[0], node.attrs["dtype"])]
+
+
+def cast(x, dtype) -> Tensor:
+    x = as_tensor(x)
+    dtype = _dt.as_dtype(dtype)
+    if x.dtype == dtype:
+        return x
+    return apply(Cast, x, dtype=dtype)
+
+
+@register
+class StopGradient(Op):
+    name = "stop_gradient"
+
+    def infer(self, inputs):
+        return [(inputs[0].shape, inputs[0].dtype)]
+
+    def impl(self, x):
+        return x
+
+    def np_code(self, args, attrs):
+        return args[0]
+
+    def vjp(self, node, gouts):
+        return [None]
+
+    def jvp(self, node, tangents):
+        return [None]
+
+
+def stop_gradient(x) -> Tensor:
+    """Identity in the forward pass; gradients do not flow through it."""
+    return apply(StopGradient, x)
