@@ -101,6 +101,10 @@ def generate(graph: Graph):
         out = [names.fresh(o.name or (op.name if op.n_outputs == 1 else f"{op.name}_{i}"))
                for i, o in enumerate(node.outputs)]
         inputs = [var[id(t)] for t in node.inputs]
+        if op.name == "constant" and node.attrs["value"].ndim == 0:  # scalars are written inline
+            v = node.attrs["value"]
+            var[id(node.outputs[0])] = f"np.{v.dtype.name}({v.item() if v.dtype.kind != 'f' else repr(str(v))})"
+            continue
         expr = op.np_code(inputs, node.attrs)
         if expr is None and op.name == "constant":
             cname = names.fresh(f"c_{out[0]}")

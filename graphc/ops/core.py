@@ -37,11 +37,8 @@ class ParameterOp(_Leaf):
 class ConstantOp(_Leaf):
     name = "constant"
 
-    def np_code(self, args, attrs):
-        v = attrs["value"]
-        if v.ndim == 0:
-            return f"np.{v.dtype.name}({v.item()!r})"
-        return None
+    def impl(self, value):
+        return value
 
 
 def _leaf(op: Op, shape, dtype, name, attrs=None, cls=Tensor) -> Tensor:
@@ -170,6 +167,7 @@ def cast(x, dtype) -> Tensor:
 @register
 class StopGradient(Op):
     name = "stop_gradient"
+    differentiable = False  # by design: it blocks gradients
 
     def infer(self, inputs):
         return [(inputs[0].shape, inputs[0].dtype)]
