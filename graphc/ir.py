@@ -43,7 +43,7 @@ class Op:
     """
 
     name: str = "op"
-    n_outputs: int = 1
+    n_outputs: int = 1  # -1: a variable number (the op returns a tuple)
     differentiable: bool = True
     elementwise: bool = False
     #: C spelling of an elementwise op, e.g. "exp({0})" (used by native backends)

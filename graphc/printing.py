@@ -9,7 +9,7 @@ from .ir import LEAF_OPS, Graph, Tensor, toposort
 
 
 def _attrs_str(node) -> str:
-    items = [(k, v) for k, v in node.attrs.items() if k != "value"]
+    items = [(k, v) for k, v in node.attrs.items() if k != "value" and not isinstance(v, Graph)]
     if not items:
         return ""
     return "{" + ", ".join(f"{k}={v}" for k, v in items) + "}"
@@ -25,7 +25,7 @@ def _label(t: Tensor) -> str:
             head = f"{node.attrs['value'].reshape(-1)[0]!r} [constant]"
     else:
         head = kind + (f" '{t.name}'" if t.name else "")
-        if node.op.n_outputs > 1:
+        if node.op.n_outputs != 1:
             head += f".{t.index}"
     return f"{head} {t.dtype}{_sh.fmt_shape(t.shape)}"
 

@@ -29,7 +29,7 @@ def evaluate(outputs: Sequence[Tensor], feed: Mapping[Tensor, np.ndarray], dims:
         if getattr(node.op, "needs_dims", False):
             attrs["dims"] = dims
         res = node.op.impl(*args, **attrs)
-        res = res if node.op.n_outputs > 1 else (res,)
+        res = res if node.op.n_outputs != 1 else (res,)
         for t, v in zip(node.outputs, res):
             env[id(t)] = np.asarray(v)
     return [env[id(t)] for t in outputs]

@@ -135,6 +135,17 @@ CASES = [
 ]
 
 
+def _collect_more_cases():
+    """Other modules add rows as tests/cases_<topic>.py, each defining CASES (kept apart to avoid conflicts)."""
+    import importlib
+    import pathlib
+    for path in sorted(pathlib.Path(__file__).parent.glob("cases_*.py")):
+        CASES.extend(importlib.import_module(path.stem).CASES)
+
+
+_collect_more_cases()
+
+
 def make_inputs(case: Case, shapes, dtype, rng):
     out = []
     for i, s in enumerate(shapes):

@@ -114,7 +114,7 @@ def generate(graph: Graph):
             expr = _impl_call(op, node, inputs, ns, names)
         o = node.outputs[0]
         lines.append(f"    # {op.name} -> {o.dtype}{_sh.fmt_shape(o.shape)}  ({fmt_loc(node.loc).split(': ')[0]})")
-        lines.append(f"    {', '.join(out)}{',' if len(out) == 1 and op.n_outputs > 1 else ''} = {expr}")
+        lines.append(f"    {', '.join(out)}{',' if len(out) == 1 and op.n_outputs != 1 else ''} = {expr}")
         line_nodes[len(lines)] = node
         for t, n in zip(node.outputs, out):
             var[id(t)] = n

@@ -14,4 +14,5 @@ from .reduce import (argmax, argmin, log_softmax, logsumexp, max, mean, min, pro
 from .shape_ops import (broadcast_to, concatenate, expand_dims, flatten, getitem, reshape, size_of,  # noqa: F401
                         squeeze, stack, sum_to, swapaxes, take, transpose)
 from .linalg import dot, matmul  # noqa: F401
+from .fused import Fused, fused  # noqa: F401,E402
 from . import tensor_methods  # noqa: F401,E402
