@@ -21,3 +21,23 @@ from frontends.numpy_trace import trace  # noqa: F401,E402
 __version__ = "0.1.0"
 float32, float64, int32, int64 = "float32", "float64", "int32", "int64"
 bool_ = "bool"
+
+# Sub-libraries and tools loaded on first use (gc.nn, gc.optim, gc.to_dot, ...), so `import graphc`
+# stays light and each lives in its own module.
+_LAZY = {
+    "nn": ("graphc.nn", None), "losses": ("graphc.losses", None), "optim": ("graphc.optim", None),
+    "init": ("graphc.init", None), "random": ("graphc.ops.random", None), "passes": ("graphc.passes", None),
+    "fit": ("graphc.train", "fit"),
+    "to_dot": ("graphc.viz", "to_dot"), "draw": ("graphc.viz", "draw"),
+    "save": ("graphc.serialize", "save"), "load": ("graphc.serialize", "load"),
+    "export_onnx": ("graphc.onnx_export", "export_onnx"), "load_onnx": ("frontends.onnx_import", "load_onnx"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        mod, attr = _LAZY[name]
+        m = importlib.import_module(mod)
+        return m if attr is None else getattr(m, attr)
+    raise AttributeError(f"module 'graphc' has no attribute {name!r}")
