@@ -81,7 +81,9 @@ def broadcast_shapes(*shapes, op: str = "broadcast") -> tuple:
                 cur = d
             elif not dims_equal(cur, d):
                 shown = ", ".join(fmt_shape(s) for s in shapes)
-                raise ShapeError(f"{op}: shapes {shown} do not broadcast (axis {i - ndim}: {cur} vs {d})")
+                why = "" if isinstance(cur, int) and isinstance(d, int) else \
+                    "; a symbolic dim only broadcasts against 1 or an equal dim"
+                raise ShapeError(f"{op}: shapes {shown} do not broadcast (axis {i - ndim}: {cur} vs {d}{why})")
         out.append(cur)
     return tuple(out)
 
