@@ -84,7 +84,7 @@ def grad(cost: Tensor, wrt, consider_constant: Sequence[Tensor] = (), known_grad
             raise GradientError(f"grad: cost must be a scalar, got shape {cost.shape}; reduce it (e.g. .sum()) first")
         if not _dt.is_float(cost.dtype):
             raise GradientError(f"grad: cost must be float, got {cost.dtype}")
-        roots.append((cost, F.ones_like(cost)))
+        roots.append((cost, F.constant(1, cost.dtype)))
     for t, g in (known_grads or {}).items():
         roots.append((t, F.as_tensor(g)))
     for w in wrt_list:

@@ -8,11 +8,20 @@ from . import shapes as _sh
 from .ir import LEAF_OPS, Graph, Tensor, toposort
 
 
+def _fmt_attr(v) -> str:
+    if isinstance(v, slice):
+        s = ("" if v.start is None else str(v.start)) + ":" + ("" if v.stop is None else str(v.stop))
+        return s + ("" if v.step is None else f":{v.step}")
+    if isinstance(v, tuple) and any(isinstance(e, slice) for e in v):
+        return "[" + ", ".join("None" if e is None else _fmt_attr(e) for e in v) + "]"
+    return str(v)
+
+
 def _attrs_str(node) -> str:
     items = [(k, v) for k, v in node.attrs.items() if k != "value" and not isinstance(v, Graph)]
     if not items:
         return ""
-    return "{" + ", ".join(f"{k}={v}" for k, v in items) + "}"
+    return "{" + ", ".join(f"{k}={_fmt_attr(v)}" for k, v in items) + "}"
 
 
 def _label(t: Tensor) -> str:
@@ -22,7 +31,7 @@ def _label(t: Tensor) -> str:
     if node.op.name in LEAF_OPS:
         head = f"{t.name or 'const'} [{node.op.name}]"
         if node.op.name == "constant" and t.size == 1:
-            head = f"{node.attrs['value'].reshape(-1)[0]!r} [constant]"
+            head = f"{node.attrs['value'].reshape(-1)[0].item()!r} [constant]"
     else:
         head = kind + (f" '{t.name}'" if t.name else "")
         if node.op.n_outputs != 1:

@@ -18,6 +18,7 @@ from ..ir import Graph, Node, Op, Tensor, register
 class Fused(Op):
     name = "fused"
     n_outputs = -1  # variable: one per body output
+    differentiable = False  # built after differentiation (see vjp)
 
     def infer(self, inputs, body: Graph):
         return [(o.shape, o.dtype) for o in body.outputs]
