@@ -93,9 +93,12 @@ def grad(cost: Tensor, wrt, consider_constant: Sequence[Tensor] = (), known_grad
         if not _dt.is_float(w.dtype):
             raise GradientError(f"grad: cannot differentiate with respect to {w.label} of dtype {w.dtype}")
     got = backprop(roots, wrt_list, consider_constant)
+    reachable = {id(t) for n in toposort([t for t, _ in roots]) for t in n.outputs}
     out = []
     for w in wrt_list:
         g = got.get(id(w))
+        if g is None and id(w) in reachable:  # connected only through integer or zero-gradient paths
+            g = F.zeros_like(w)
         if g is None:
             if disconnected == "raise":
                 raise GradientError(f"grad: the cost does not depend on {w.label} ({w.type_str}); "

@@ -210,3 +210,13 @@ def test_verify_grad_reports_the_worst_element():
     # stop_gradient hides part of the derivative, so the symbolic gradient is wrong on purpose
     with pytest.raises(gc.GradientCheckError, match=r"input 0 .* at index"):
         gc.verify_grad(lambda x: gc.stop_gradient(x) * x, [np.array([1.0, 2.0, 3.0])])
+
+
+def test_integer_paths_give_zero_and_fused_nodes_refuse_clearly():
+    x = gc.placeholder("x", (3,), "float64")
+    g = gc.grad(gc.sum(gc.cast(gc.cast(x * 3, "int64"), "float64")) + gc.sum(gc.argmax(x) * 1.0), x)
+    np.testing.assert_array_equal(gc.function([x], g)(np.array([0.1, 0.5, 0.2])), 0)
+    p = gc.placeholder("p", (3,), "float64")
+    (y,) = gc.fused([x], gc.Graph([p], [gc.exp(p)]))
+    with pytest.raises(gc.GradientError, match="fused"):
+        gc.grad(gc.sum(y), x)
