@@ -9,7 +9,7 @@ import numpy as np
 
 from . import dtypes as _dt
 from . import shapes as _sh
-from .errors import BackendUnavailable, GraphcError, InputError, UnknownBackend
+from .errors import BackendUnavailable, GraphcError, InputError, NumericalError, UnknownBackend
 from .ir import Graph, Tensor, fmt_loc
 
 #: backend name -> module that defines BACKEND (loaded on first use; core never imports them eagerly)
@@ -169,7 +169,10 @@ class Function:
         values, dims = self._bind(args, kwargs)
         with self._lock if self.graph.updates else _NULL:
             params = [p.value for p in self._params]
-            outs, upds = self.program.run(values, params, dims)
+            if self.options.get("mode") == "debug":
+                outs, upds = self._debug_run(values, dims)
+            else:
+                outs, upds = self.program.run(values, params, dims)
             new = [np.array(v, dtype=p.dtype, order="C", copy=True) for (p, _), v in zip(self.graph.updates, upds)]
             for (p, _), v in zip(self.graph.updates, new):
                 if v.shape != p.shape:
@@ -179,6 +182,25 @@ class Function:
         outs = [o if isinstance(o, np.ndarray) and o.base is None and o.flags.writeable else np.array(o)
                 for o in outs]
         return outs[0] if self.single else outs
+
+    def _debug_run(self, values, dims):
+        """mode="debug": evaluate the unoptimised graph node by node, stopping at the first NaN/Inf."""
+        from .reference import evaluate
+        g = self.user_graph
+        for t, v in zip(g.inputs, values):
+            if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
+                raise NumericalError(f"input {t.name!r} contains NaN or Inf")
+
+        def check(node, outs):
+            for o, v in zip(node.outputs, outs):
+                if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
+                    bad = "NaN" if np.isnan(v).any() else "Inf"
+                    args = ", ".join(f"{t.label}: {t.type_str}" for t in node.inputs)
+                    raise NumericalError(f"{node.op.name}({args}) produced {bad}\n  node built at {fmt_loc(node.loc)}")
+        roots = g.outputs + [u for _, u in g.updates]
+        with np.errstate(all="ignore"):  # reported by check() instead
+            res = evaluate(roots, dict(zip(g.inputs, values)), dims, check=check)
+        return res[:len(g.outputs)], res[len(g.outputs):]
 
     def memory_plan(self, **dims):
         from .passes.memory import memory_plan
@@ -204,5 +226,6 @@ def function(inputs, outputs=None, updates=None, backend: str = "numpy", optimiz
 
     `updates=[(param, new_value)]`: new values computed from the old ones, written after the call,
     all together. `inputs` may also be a gc.Graph. `backend` is a name from gc.available_backends().
+    `mode="debug"` checks every intermediate for NaN/Inf and names the first node that made one.
     """
     return Function(inputs, outputs, updates, backend, optimize, **options)

@@ -9,8 +9,10 @@ import numpy as np
 from .ir import Tensor, toposort
 
 
-def evaluate(outputs: Sequence[Tensor], feed: Mapping[Tensor, np.ndarray], dims: Mapping[str, int] | None = None):
-    """Values of `outputs` for placeholder values `feed` ({tensor: array}); parameters read their value."""
+def evaluate(outputs: Sequence[Tensor], feed: Mapping[Tensor, np.ndarray], dims: Mapping[str, int] | None = None,
+             check=None):
+    """Values of `outputs` for placeholder values `feed` ({tensor: array}); parameters read their value.
+    `check(node, values)` is called after each computed node (mode="debug" uses it)."""
     env = {id(t): np.asarray(v) for t, v in feed.items()}
     for node in toposort(list(outputs) + list(feed)):
         if all(id(t) in env for t in node.outputs):
@@ -32,4 +34,6 @@ def evaluate(outputs: Sequence[Tensor], feed: Mapping[Tensor, np.ndarray], dims:
         res = res if node.op.n_outputs != 1 else (res,)
         for t, v in zip(node.outputs, res):
             env[id(t)] = np.asarray(v)
+        if check is not None:
+            check(node, [env[id(t)] for t in node.outputs])
     return [env[id(t)] for t in outputs]

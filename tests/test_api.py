@@ -192,3 +192,17 @@ def test_function_accepts_a_graph():
     f = gc.function(gc.Graph([x], [y]))
     (out,) = f(np.zeros((1, 784), np.float32))  # a Graph has a list of outputs
     assert out.shape == (1, 10)
+
+
+def test_debug_mode_names_the_first_node_that_made_a_nan():
+    x = gc.placeholder("x", (3,))
+    c = gc.parameter("c", np.zeros((), np.float32))
+    y = gc.log(x - 1.0)  # NaN for x < 1
+    f = gc.function([x], gc.sum(y * 0.0), updates=[(c, c + 1)], mode="debug")
+    with pytest.raises(gc.NumericalError) as e:
+        f(np.array([2, 0.5, 3], np.float32))
+    assert "log" in str(e.value) and "NaN" in str(e.value) and "gc.log(x - 1.0)" in str(e.value)
+    assert c.value == 0
+    assert f(np.array([2, 3, 4], np.float32)) == 0 and c.value == 1
+    with pytest.raises(gc.NumericalError, match="input 'x'"):
+        f(np.array([np.inf, 2, 3], np.float32))
