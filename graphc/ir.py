@@ -1,6 +1,7 @@
 """The graph IR: Op (definition), Node (one application of an op), Tensor (a value in the graph)."""
 from __future__ import annotations
 
+import functools
 import linecache
 import os
 import sys
@@ -211,8 +212,9 @@ class Graph:
     def roots(self) -> list[Tensor]:
         return self.outputs + [u for _, u in self.updates]
 
-    @property
+    @functools.cached_property
     def nodes(self) -> list[Node]:
+        """Nodes in topological order (computed once: a Graph is not changed after it is built)."""
         return toposort(self.roots + self.inputs)
 
     @property
