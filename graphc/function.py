@@ -163,7 +163,8 @@ class Function:
                 if dims.setdefault(d.name, n) != n:
                     raise InputError(f"input {t.name!r}: dim {d.name} is {n} on axis {ax}, but {dims[d.name]} "
                                      f"from an earlier input")
-        return a
+        # native backends read raw buffers: non-contiguous or misaligned arrays are copied
+        return a if a.flags.c_contiguous and a.flags.aligned else np.require(a, requirements=["C", "A"])
 
     def __call__(self, *args, **kwargs):
         values, dims = self._bind(args, kwargs)

@@ -36,6 +36,8 @@ def canon_dim(d):
     if hasattr(d, "__index__") and not isinstance(d, sympy.Basic):
         return canon_dim(int(d))
     if isinstance(d, str):
+        if not d.isidentifier():
+            raise ShapeError(f"a named dim must be an identifier, got {d!r}")
         return dim_symbol(d)
     if isinstance(d, sympy.Basic):
         d = sympy.sympify(d)

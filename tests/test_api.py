@@ -206,3 +206,25 @@ def test_debug_mode_names_the_first_node_that_made_a_nan():
     assert f(np.array([2, 3, 4], np.float32)) == 0 and c.value == 1
     with pytest.raises(gc.NumericalError, match="input 'x'"):
         f(np.array([np.inf, 2, 3], np.float32))
+
+
+def test_non_contiguous_and_misaligned_inputs_are_copied(backend):
+    x = gc.placeholder("x", (None, 3), "float64")
+    f = gc.function([x], x * 2, backend=backend)
+    a = np.arange(24, dtype=np.float64).reshape(4, 6)[:, ::2]  # strided view
+    np.testing.assert_array_equal(f(a), a * 2)
+    raw = np.zeros(8 * 6 + 1, np.uint8)[1:].view(np.float64).reshape(2, 3)  # misaligned buffer
+    raw[...] = [[1, 2, 3], [4, 5, 6]]
+    np.testing.assert_array_equal(f(raw), raw * 2)
+    np.testing.assert_array_equal(f(np.asfortranarray(raw)), raw * 2)
+
+
+def test_string_dims_are_shared_symbols():
+    a = gc.placeholder("a", ("T", "B", 4))
+    b = gc.placeholder("b", ("B", 4))
+    f = gc.function([a, b], a + b)
+    assert f(np.ones((2, 3, 4), np.float32), np.ones((3, 4), np.float32)).shape == (2, 3, 4)
+    with pytest.raises(gc.InputError, match="dim B"):
+        f(np.ones((2, 3, 4), np.float32), np.ones((5, 4), np.float32))
+    with pytest.raises(gc.ShapeError, match="identifier"):
+        gc.placeholder("c", ("2*N",))
