@@ -128,9 +128,11 @@ def test_missing_input_placeholder_is_reported():
 def test_runtime_error_names_the_node():
     x = gc.placeholder("x", (3,))
     i = gc.placeholder("i", (2,), "int64")
-    f = gc.function([x, i], gc.take(x, i))
+    c = gc.parameter("c", np.zeros(3, np.float32))
+    f = gc.function([x, i], gc.take(x, i), updates=[(c, c + x)])
     with pytest.raises(gc.GraphcError, match="take"):
         f(np.ones(3, np.float32), np.array([0, 7]))
+    np.testing.assert_array_equal(c.value, 0)  # a failed call applies no update
 
 
 def test_source_is_readable_python():
