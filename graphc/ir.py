@@ -140,6 +140,9 @@ class Tensor:
     def __bool__(self):
         raise GraphcError("a symbolic tensor has no truth value; use gc.where or compile it")
 
+    def __array__(self, dtype=None, copy=None):
+        raise GraphcError(f"{self!r} is symbolic and has no value; compile it with gc.function or use gc.evaluate")
+
     def __len__(self):
         if not self.shape:
             raise ShapeError("len() of a 0-d tensor")
