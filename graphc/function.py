@@ -93,6 +93,7 @@ class Function:
         self.options = dict(options, optimize=optimize)
         self.graph = self._optimise(self.user_graph, optimize, options)
         self._params = self.graph.parameters
+        self._specs = [self._input_spec(t) for t in self.graph.inputs]
         self._check_placeholders()
         self.backend = get_backend(backend)
         self.program = self.backend.compile(self.graph, self.options)
@@ -133,14 +134,22 @@ class Function:
             raise InputError(f"expected {len(ins)} inputs ({', '.join(t.name for t in ins)}), got "
                              f"{sum(a is not None for a in args)}")
         dims, values = {}, []
-        for t, a in zip(ins, args):
-            values.append(self._convert(t, a, dims))
+        for spec, a in zip(self._specs, args):
+            values.append(self._convert(spec, a, dims))
         return values, dims
 
     @staticmethod
-    def _convert(t: Tensor, a, dims) -> np.ndarray:
+    def _input_spec(t: Tensor):
+        """(tensor, dtype, [(axis, fixed size)], [(axis, symbol name)]) checked on every call."""
+        fixed = [(ax, d) for ax, d in enumerate(t.shape) if isinstance(d, int)]
+        syms = [(ax, d.name) for ax, d in enumerate(t.shape) if not isinstance(d, int) and d.is_Symbol]
+        return t, np.dtype(t.dtype), fixed, syms
+
+    @staticmethod
+    def _convert(spec, a, dims) -> np.ndarray:
+        t, dtype, fixed, syms = spec
         if isinstance(a, np.ndarray):
-            if a.dtype != np.dtype(t.dtype):
+            if a.dtype != dtype:
                 raise InputError(f"input {t.name!r}: expected dtype {t.dtype}, got {a.dtype}")
         else:
             try:
@@ -154,15 +163,15 @@ class Function:
         if a.ndim != t.ndim:
             raise InputError(f"input {t.name!r}: expected rank {t.ndim} shape {_sh.fmt_shape(t.shape)}, "
                              f"got shape {a.shape}")
-        for ax, (d, n) in enumerate(zip(t.shape, a.shape)):
-            if isinstance(d, int):
-                if d != n:
-                    raise InputError(f"input {t.name!r}: expected shape {_sh.fmt_shape(t.shape)}, got {a.shape} "
-                                     f"(axis {ax})")
-            elif d.is_Symbol:
-                if dims.setdefault(d.name, n) != n:
-                    raise InputError(f"input {t.name!r}: dim {d.name} is {n} on axis {ax}, but {dims[d.name]} "
-                                     f"from an earlier input")
+        shape = a.shape
+        for ax, d in fixed:
+            if shape[ax] != d:
+                raise InputError(f"input {t.name!r}: expected shape {_sh.fmt_shape(t.shape)}, got {shape} "
+                                 f"(axis {ax})")
+        for ax, name in syms:
+            if dims.setdefault(name, shape[ax]) != shape[ax]:
+                raise InputError(f"input {t.name!r}: dim {name} is {shape[ax]} on axis {ax}, but {dims[name]} "
+                                 f"from an earlier input")
         # native backends read raw buffers: non-contiguous or misaligned arrays are copied
         return a if a.flags.c_contiguous and a.flags.aligned else np.require(a, requirements=["C", "A"])
 
