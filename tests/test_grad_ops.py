@@ -44,6 +44,25 @@ def test_verify_grad(case, shapes, rng):
     gc.verify_grad(fn, free, rng=1)
 
 
+@pytest.mark.parametrize("case,shapes", GRAD_PARAMS,
+                         ids=[f"{c.name}-{'x'.join(map(str, s))}".replace(" ", "") for c, s in GRAD_PARAMS])
+def test_gradient_graph_on_backend(case, shapes, backend, rng):
+    """The gradient graph compiled by each backend equals the NumPy backend's (whose rules
+    test_verify_grad checks against finite differences)."""
+    if backend == "numpy":
+        pytest.skip("the reference itself")
+    xs = make_inputs(case, shapes, "float64", rng)
+    fn, free = _wrap(case, shapes, xs)
+    phs = [gc.placeholder(f"x{i}", x.shape, "float64") for i, x in enumerate(free)]
+    out = gc.cast(fn(*phs), "float64")
+    proj = gc.constant(rng.standard_normal(tuple(int(d) for d in out.shape)))
+    grads = gc.grad(gc.sum(out * proj), phs)
+    want = gc.function(phs, grads, backend="numpy")(*free)
+    got = gc.function(phs, grads, backend=backend)(*free)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize("name,fn", SECOND_ORDER, ids=[n for n, _ in SECOND_ORDER])
 def test_second_order_verify_grad(name, fn, rng):
     gc.verify_grad(fn, [rng.uniform(0.5, 2, (3, 3))], rng=2)
