@@ -1,0 +1,68 @@
+"""Common-subexpression elimination by structural hashing, with canonicalisation so more matches:
+inputs of commutative ops are ordered, equal small constants are one constant."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..ir import Graph, Node, Tensor
+from .rewrite import clone
+
+COMMUTATIVE = {"add", "mul", "maximum", "minimum", "equal", "not_equal", "logical_and", "logical_or"}
+#: constants up to this many elements are compared by value
+SMALL_CONST = 4096
+
+
+def _freeze(v):
+    """A hashable key for an attr value (slices, arrays and graphs included)."""
+    if isinstance(v, (tuple, list)):
+        return tuple(_freeze(e) for e in v)
+    if isinstance(v, slice):
+        return ("slice", v.start, v.stop, v.step)
+    if isinstance(v, dict):
+        return tuple(sorted((k, _freeze(e)) for k, e in v.items()))
+    if isinstance(v, np.ndarray):
+        return ("array", v.dtype.name, v.shape, v.tobytes()) if v.size <= SMALL_CONST else ("id", id(v))
+    try:
+        hash(v)
+        return v
+    except TypeError:
+        return ("id", id(v))
+
+
+def pure(op) -> bool:
+    """Two applications with equal inputs give equal results (random draws do not)."""
+    return getattr(op, "pure", True) and not op.name.startswith("random") and op.name not in ("placeholder", "parameter")
+
+
+def _key(node: Node, ins: list[Tensor], number: dict[int, int]):
+    if node.op.name == "constant":
+        v = node.attrs["value"]
+        return ("constant", _freeze(v)) if v.size <= SMALL_CONST else None
+    if not pure(node.op):
+        return None
+    args = [number[id(t)] for t in ins]
+    if node.op.name in COMMUTATIVE:
+        args.sort()
+    return (node.op.name, tuple(args), _freeze(node.attrs))
+
+
+def cse(graph: Graph, log) -> Graph:
+    """Merge nodes with the same op, attrs and (value-numbered) inputs."""
+    env: dict[int, Tensor] = {}
+    number: dict[int, int] = {}  # id(tensor) -> value number
+    table: dict = {}
+    for node in graph.nodes:
+        ins = [env[id(t)] for t in node.inputs]
+        key = _key(node, ins, number)
+        if key is not None and key in table:
+            outs = table[key]
+            log["merged"] += 1
+        else:
+            outs = clone(node, ins) if node.inputs else node.outputs
+            if key is not None:
+                table[key] = outs
+        for o, n in zip(node.outputs, outs):
+            env[id(o)] = n
+            number.setdefault(id(n), len(number))
+    return Graph(graph.inputs, [env[id(t)] for t in graph.outputs],
+                 [(p, env[id(v)]) for p, v in graph.updates], graph.name)

@@ -1,0 +1,269 @@
+"""Memory planning and scheduling.
+
+schedule (a pass): a topological order, chosen greedily to free memory early (the order backends run).
+plan_buffers: which intermediates live in reusable workspace buffers (lifetimes that do not overlap
+share one; an elementwise op whose input dies writes in place), used by the NumPy backend.
+memory_plan: the report behind `f.memory_plan(N=64)` (peak bytes planned vs naive, symbolic in N).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+import sympy
+
+from .. import shapes as _sh
+from ..ir import LEAF_OPS, Graph, Node, Tensor
+from .rewrite import users, with_order
+
+#: ops whose result is new memory (everything else may return a view of an input, e.g. reshape)
+FRESH_OPS = {"fused", "matmul", "cast", "sum", "max", "min", "prod", "softmax", "log_softmax", "logsumexp",
+             "concatenate", "take", "take_grad", "index_grad", "argmax", "argmin", "size_of"}
+#: value used for symbolic dims when sizes must be compared (schedule heuristics)
+TYPICAL_DIM = 64
+
+
+def nbytes(t: Tensor):
+    """Bytes of `t` (an int, or a sympy expression in the symbolic dims)."""
+    return _sh.size(t.shape) * np.dtype(t.dtype).itemsize
+
+
+def typical(expr) -> int:
+    if isinstance(expr, int):
+        return expr
+    return int(expr.subs({s: TYPICAL_DIM for s in expr.free_symbols}))
+
+
+def fresh(node: Node) -> bool:
+    return getattr(node.op, "elementwise", False) or node.op.name in FRESH_OPS
+
+
+def writes_into_buffer(node: Node) -> bool:
+    """The NumPy backend can compute this node into a given buffer (ufunc out=, matmul out=, fused)."""
+    op = node.op
+    if op.name in ("fused", "matmul"):
+        return True
+    return getattr(op, "elementwise", False) and isinstance(getattr(op, "fn", None), np.ufunc)
+
+
+def in_place_ok(node: Node, x: Tensor) -> bool:
+    """May `node` write its result over input `x` (same shape and dtype; elementwise reads)?"""
+    out = node.outputs[0]
+    if len(node.outputs) != 1 or x.dtype != out.dtype or len(x.shape) != len(out.shape) or not all(
+            _sh.dims_equal(a, b) for a, b in zip(x.shape, out.shape)):
+        return False
+    if node.op.name == "fused":
+        return all(n.op.name in LEAF_OPS or getattr(n.op, "elementwise", False) or n.op.name == "cast"
+                   for n in node.attrs["body"].nodes)
+    return writes_into_buffer(node) and node.op.name != "matmul"
+
+
+# ---- lifetimes -------------------------------------------------------------------------------------
+
+def lifetimes(graph: Graph) -> tuple[dict, dict, set]:
+    """({id(t): (def position, last use)}, {id(t): base tensor id}, escaping ids) for computed tensors.
+    A view keeps its base alive; roots (outputs, update values) and their bases escape."""
+    pos = {id(n): i for i, n in enumerate(graph.nodes)}
+    end = len(graph.nodes)
+    life, base = {}, {}
+    for i, n in enumerate(graph.nodes):
+        for o in n.outputs:
+            life[id(o)] = [i, i]
+        if n.op.name not in LEAF_OPS and not fresh(n):
+            for o in n.outputs:  # may alias any input
+                base[id(o)] = [id(t) for t in n.inputs]
+    for t_id, readers in users(graph).items():
+        if t_id in life:
+            life[t_id][1] = max(pos[id(r)] for r in readers)
+    escaping = {id(t) for t in graph.roots}
+    for t in graph.roots:
+        life[id(t)][1] = end
+    for n in reversed(graph.nodes):  # views extend their bases' lives; a returned view escapes its base
+        for o in n.outputs:
+            for b in base.get(id(o), ()):
+                life[b][1] = max(life[b][1], life[id(o)][1])
+                if id(o) in escaping:
+                    escaping.add(b)
+    return {k: tuple(v) for k, v in life.items()}, base, escaping
+
+
+# ---- buffer assignment -----------------------------------------------------------------------------
+
+@dataclass
+class BufferPlan:
+    """Workspace buffers ({id: (dtype, elements)}) and which computed tensor lives in which."""
+    buffers: list = field(default_factory=list)       # [(dtype, elements expr)]
+    assign: dict = field(default_factory=dict)        # id(tensor) -> buffer index
+    in_place: dict = field(default_factory=dict)      # id(tensor) -> id(input it overwrote)
+    free_after: dict = field(default_factory=dict)    # node position -> [id(t)] self-allocated, dead after
+
+
+def plan_buffers(graph: Graph) -> BufferPlan:
+    """Greedy interval assignment in schedule order; buffers are reused by equal (dtype, size)."""
+    life, base, escaping = lifetimes(graph)
+    aliased = {b for bs in base.values() for b in bs}
+    plan, free = BufferPlan(), {}
+    ending: dict[int, list] = {}
+    for i, n in enumerate(graph.nodes):
+        if n.op.name in LEAF_OPS:
+            continue
+        for o in n.outputs:
+            if id(o) in escaping or not fresh(n):
+                continue
+            if len(n.outputs) == 1 and writes_into_buffer(n):
+                _assign(plan, n, o, i, life, aliased, free, ending)
+            elif life[id(o)][1] > i:
+                plan.free_after.setdefault(life[id(o)][1], []).append(id(o))
+        for t_id in ending.pop(i, ()):  # buffers whose tensor died here are free for later nodes
+            k = plan.assign[t_id]
+            free.setdefault(plan.buffers[k], []).append(k)
+    return plan
+
+
+def _assign(plan, n, o, i, life, aliased, free, ending):
+    key = (o.dtype, _sh.size(o.shape))
+    k = None
+    for x in n.inputs:  # in place over an input that dies here
+        if (id(x) in plan.assign and life[id(x)][1] == i and id(x) not in aliased and in_place_ok(n, x)
+                and id(x) in ending.get(i, ())):
+            k = plan.assign[id(x)]
+            ending[i].remove(id(x))
+            plan.in_place[id(o)] = id(x)
+            break
+    if k is None and free.get(key):
+        k = free[key].pop()
+    if k is None:
+        k = len(plan.buffers)
+        plan.buffers.append(key)
+    plan.assign[id(o)] = k
+    ending.setdefault(life[id(o)][1], []).append(id(o))
+
+
+# ---- the report ------------------------------------------------------------------------------------
+
+@dataclass
+class MemoryPlan:
+    """Planned vs naive memory for a compiled graph (bytes; symbolic exprs where dims are symbolic)."""
+    peak_bytes: object        # planned peak, evaluated for the given dims when they were given
+    naive_bytes: object       # every intermediate in its own allocation, kept to the end of the call
+    peak_bytes_expr: object   # the planned peak as an expression in the symbolic dims
+    naive_bytes_expr: object
+    workspace_bytes: object   # reusable buffers (allocated once per thread and dims)
+    buffers: list             # [(dtype, elements)] workspace buffers
+    assignment: dict          # tensor label -> buffer index
+    in_place: list            # labels of tensors computed in place over a dying input
+    dims: dict
+
+    def __str__(self):
+        return (f"MemoryPlan: peak {self.peak_bytes} bytes (naive {self.naive_bytes}); "
+                f"{len(self.buffers)} workspace buffers for {len(self.assignment)} tensors, "
+                f"{len(self.in_place)} computed in place")
+
+
+def _eval(expr, dims):
+    if isinstance(expr, int) or not dims:
+        return expr
+    v = sympy.sympify(expr).subs({_sh.dim_symbol(k): int(v) for k, v in dims.items()})
+    return int(v) if v.is_Integer else v
+
+
+def memory_plan(graph: Graph, dims: dict | None = None) -> MemoryPlan:
+    """The memory report: planned peak (workspace + live self-allocated results) vs naive."""
+    plan = plan_buffers(graph)
+    life, base, escaping = lifetimes(graph)
+    computed = [(i, o) for i, n in enumerate(graph.nodes) if n.op.name not in LEAF_OPS and fresh(n)
+                for o in n.outputs]
+    naive = sum((nbytes(o) for _, o in computed), 0)
+    ws = sum((d * np.dtype(dt).itemsize for dt, d in plan.buffers), 0)
+    events = {}
+    for i, o in computed:
+        if id(o) not in plan.assign:
+            events.setdefault(i, []).append(nbytes(o))
+            events.setdefault(life[id(o)][1] + 1, []).append(-nbytes(o))
+    live, peaks = ws, [ws]
+    for i in sorted(events):
+        live = live + sum(events[i])
+        peaks.append(live)
+    peak = sympy.Max(*peaks) if any(not isinstance(p, int) for p in peaks) else max(peaks)
+    labels = {id(o): o.label for _, o in computed}
+    return MemoryPlan(_eval(peak, dims), _eval(naive, dims), peak, naive, _eval(ws, dims), plan.buffers,
+                      {labels[t]: k for t, k in plan.assign.items()},
+                      [labels[t] for t in plan.in_place], dict(dims or {}))
+
+
+# ---- scheduling ------------------------------------------------------------------------------------
+
+def live_peak(graph: Graph, order: list[Node]) -> int:
+    """Peak bytes of simultaneously live computed results for `order` (symbolic dims at TYPICAL_DIM)."""
+    pos = {id(n): i for i, n in enumerate(order)}
+    last = {}
+    for n in order:
+        for t in n.inputs:
+            last[id(t)] = max(last.get(id(t), 0), pos[id(n)])
+    for t in graph.roots:
+        last[id(t)] = len(order)
+    delta = [0] * (len(order) + 2)
+    for i, n in enumerate(order):
+        if n.op.name in LEAF_OPS or not fresh(n):
+            continue
+        for o in n.outputs:
+            b = typical(nbytes(o))
+            delta[i] += b
+            delta[last.get(id(o), i) + 1] -= b
+    live = peak = 0
+    for d in delta:
+        live += d
+        peak = max(peak, live)
+    return peak
+
+
+def _greedy_order(graph: Graph) -> list[Node]:
+    nodes = graph.nodes
+    dag = nx.DiGraph()
+    dag.add_nodes_from(range(len(nodes)))
+    index = {id(n): i for i, n in enumerate(nodes)}
+    for i, n in enumerate(nodes):
+        for t in n.inputs:
+            dag.add_edge(index[id(t.node)], i)
+    readers = users(graph)
+    remaining = {t_id: len(v) for t_id, v in readers.items()}  # readers not yet scheduled
+    roots = {id(t) for t in graph.roots}
+    indeg = dict(dag.in_degree())
+    ready = [(0, i) for i in range(len(nodes)) if indeg[i] == 0]
+    order = []
+
+    def score(i):
+        n = nodes[i]
+        if n.op.name in LEAF_OPS:
+            return -10 ** 18
+        alloc = sum(typical(nbytes(o)) for o in n.outputs) if fresh(n) else 0
+        freed = sum(typical(nbytes(t)) for t in {id(t): t for t in n.inputs}.values()
+                    if remaining.get(id(t)) == 1 and id(t) not in roots and t.node.op.name not in LEAF_OPS)
+        return alloc - freed
+
+    while ready:
+        best = min(ready, key=lambda r: (score(r[1]), r[1]))
+        ready.remove(best)
+        i = best[1]
+        order.append(nodes[i])
+        for t in {id(t): t for t in nodes[i].inputs}.values():
+            remaining[id(t)] = remaining.get(id(t), 1) - 1
+        for j in dag.successors(i):
+            indeg[j] -= 1
+            if indeg[j] == 0:
+                ready.append((0, j))
+    return order
+
+
+def schedule(graph: Graph, log) -> Graph:
+    """Reorder nodes to lower peak live memory (greedy: prefer nodes that free more than they allocate);
+    keeps the original order when the greedy one is not better."""
+    out = Graph(graph.inputs, graph.outputs, graph.updates, graph.name)
+    order = _greedy_order(out)
+    before, after = live_peak(out, out.nodes), live_peak(out, order)
+    if after < before:
+        log["peak bytes (typical dims) before"] = before
+        log["after"] = after
+        return with_order(out, order)
+    return out

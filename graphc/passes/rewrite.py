@@ -1,0 +1,125 @@
+"""Helpers shared by the passes: clone a node onto new inputs, rebuild a graph through a rule."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .. import shapes as _sh
+from ..ir import LEAF_OPS, Graph, Node, Tensor, toposort
+
+#: a rule sees an original node and its (already rewritten) inputs; it returns replacement tensors
+#: for the node's outputs, or None to keep the node
+Rule = Callable[[Node, list], "list[Tensor] | None"]
+
+
+def clone(node: Node, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """`node` applied to `inputs` (same shapes/dtypes as before), keeping attrs, names and source line."""
+    if all(a is b for a, b in zip(inputs, node.inputs)):
+        return node.outputs
+    new = Node(node.op, inputs, node.attrs, node.loc)
+    new.outputs = tuple(Tensor(new, i, o.shape, o.dtype, o.name) for i, o in enumerate(node.outputs))
+    return new.outputs
+
+
+def with_order(graph: Graph, nodes: list[Node]) -> Graph:
+    """`graph` whose `nodes` (the schedule backends follow) is `nodes`, a topological order."""
+    graph.__dict__["nodes"] = list(nodes)
+    return graph
+
+
+def _adopt(new: Sequence[Tensor], old: Node, done: set) -> None:
+    """Give the nodes a rule built the replaced node's source line (and a replaced output's name)."""
+    for t, o in zip(new, old.outputs):
+        if t.name is None and o.name is not None and id(t.node) not in done and t.node.op.name not in LEAF_OPS:
+            t.name = o.name
+    stack = [t.node for t in new]
+    while stack:
+        node = stack.pop()
+        if id(node) in done:
+            continue
+        done.add(id(node))
+        if node.op.name not in LEAF_OPS:
+            node.loc = old.loc
+        stack.extend(t.node for t in node.inputs)
+
+
+def rebuild(graph: Graph, rule: Rule | None, log=None, name: str = "") -> Graph:
+    """A new graph with `rule` applied to every node (inputs first); replacements are re-offered to
+    the rule so chains of rewrites finish in one walk. `log[name]` counts firings."""
+    env: dict[int, Tensor] = {}
+    done = {id(n) for n in graph.nodes}  # nodes already in place (rule-built nodes join as adopted)
+    for node in graph.nodes:
+        if node.op.name in LEAF_OPS:
+            for o in node.outputs:
+                env[id(o)] = o
+            continue
+        ins = [env[id(t)] for t in node.inputs]
+        outs = _apply(rule, node, ins, done, log, name) if rule else None
+        if outs is None:
+            outs = clone(node, ins)
+            done.add(id(outs[0].node))
+        for o, n in zip(node.outputs, outs):
+            env[id(o)] = n
+    return Graph(graph.inputs, [env[id(t)] for t in graph.outputs],
+                 [(p, env[id(v)]) for p, v in graph.updates], graph.name)
+
+
+def _apply(rule, node, ins, done, log, name, depth=0):
+    outs = rule(node, ins)
+    if outs is None:
+        return None
+    _check_types(node, outs)
+    fresh = [id(t.node) not in done for t in outs]
+    _adopt(outs, node, done)
+    if log is not None:
+        log[name] += 1
+    # a replacement may itself match (log(1+exp x) -> log1p(exp x) -> softplus x)
+    if depth < 8 and len(outs) == 1 and fresh[0] and outs[0].node.op.name not in LEAF_OPS:
+        inner = outs[0].node
+        again = _apply(rule, inner, list(inner.inputs), done, log, name, depth + 1)
+        if again is not None:
+            return again
+    return outs
+
+
+def _check_types(node, outs):
+    for o, n in zip(node.outputs, outs):
+        if n.dtype != o.dtype or len(n.shape) != len(o.shape) or not all(
+                _sh.dims_equal(a, b) for a, b in zip(n.shape, o.shape)):
+            raise AssertionError(f"internal: rewrite of {node.op.name} changed {o.type_str} into {n.type_str}")
+
+
+def users(graph: Graph) -> dict[int, list[Node]]:
+    """id(tensor) -> the nodes that read it (in schedule order)."""
+    out: dict[int, list[Node]] = {}
+    for node in graph.nodes:
+        for t in node.inputs:
+            lst = out.setdefault(id(t), [])
+            if not lst or lst[-1] is not node:
+                lst.append(node)
+    return out
+
+
+def const_scalar(t: Tensor):
+    """The value of a constant whose elements are all equal (a Python number), else None."""
+    if t.node.op.name != "constant":
+        return None
+    v = t.node.attrs["value"]
+    if v.size == 0 or v.size > 4096:
+        return None
+    first = v.reshape(-1)[0]
+    if v.size > 1 and not np.all(v == first):
+        return None
+    return first.item()
+
+
+def is_const(t: Tensor, value) -> bool:
+    c = const_scalar(t)
+    return c is not None and c == value
+
+
+def same_type(a: Tensor, b: Tensor) -> bool:
+    """Same dtype and (symbolically) equal shape."""
+    return a.dtype == b.dtype and len(a.shape) == len(b.shape) and all(
+        _sh.dims_equal(x, y) for x, y in zip(a.shape, b.shape))
