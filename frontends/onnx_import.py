@@ -1,0 +1,242 @@
+"""ONNX import: `gc.load_onnx(path_or_ModelProto) -> gc.Graph`.
+
+Each ONNX node becomes graphc ops through a converter in frontends/onnx_ops*.py (composites of
+graphc ops where ONNX has no single counterpart). Placeholders follow the model's input order,
+outputs its output order; float initialisers become parameters, integer/bool ones constants (they
+are usually shapes and axes). Nodes whose inputs are all constants are folded at import time, so
+shape arithmetic (Shape -> Gather -> Concat -> Reshape) costs nothing at run time.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+import graphc as gc
+from graphc import shapes as _sh
+from graphc.errors import GraphcError
+from graphc.ir import Graph, Tensor, constant_value
+
+SUPPORTED_DTYPES = {"float32", "float64", "int32", "int64", "bool"}
+
+
+class OnnxImportError(GraphcError):
+    """An ONNX model could not be imported (malformed, or a value graphc cannot represent)."""
+
+
+class UnsupportedOnnx(OnnxImportError):
+    """The model uses ONNX ops, attributes or dtypes that graphc does not support (all listed)."""
+
+
+class NeedsConstant(UnsupportedOnnx):
+    """An input that sets a shape or axes (e.g. ReduceSum's axes) is computed or fed at run time."""
+
+
+def onnx_dtype(elem_type: int) -> str:
+    """graphc dtype name for an ONNX TensorProto elem_type; UnsupportedOnnx for others."""
+    from onnx import helper
+    try:
+        name = np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name
+    except Exception:
+        name = f"onnx-type-{elem_type}"
+    if name not in SUPPORTED_DTYPES:
+        raise UnsupportedOnnx(f"dtype {name} is not supported (graphc has {', '.join(sorted(SUPPORTED_DTYPES))})")
+    return name
+
+
+def _attr_value(a) -> Any:
+    from onnx import AttributeProto, numpy_helper
+    t = a.type
+    if t == AttributeProto.FLOAT:
+        return float(a.f)
+    if t == AttributeProto.INT:
+        return int(a.i)
+    if t == AttributeProto.STRING:
+        return a.s.decode()
+    if t == AttributeProto.TENSOR:
+        return numpy_helper.to_array(a.t)
+    if t == AttributeProto.FLOATS:
+        return [float(v) for v in a.floats]
+    if t == AttributeProto.INTS:
+        return [int(v) for v in a.ints]
+    if t == AttributeProto.STRINGS:
+        return [s.decode() for s in a.strings]
+    if t == AttributeProto.GRAPH:
+        return a.g
+    raise UnsupportedOnnx(f"attribute {a.name!r} of type {t} is not supported")
+
+
+class Ctx:
+    """What a converter sees: opset, number of outputs wanted, and helpers for constant inputs."""
+
+    def __init__(self, opset: int):
+        self.opset = opset
+        self.node = None
+        self.n_out = 1
+
+    def const(self, t: Tensor | None, what: str = "input") -> np.ndarray | None:
+        """The value of a constant (or initialiser) input; UnsupportedOnnx when it is computed."""
+        if t is None:
+            return None
+        v = constant_value(t)
+        if v is None and t.node.op.name == "parameter":
+            v = t.value
+        if v is None:
+            raise NeedsConstant(f"{self.node.op_type}: {what} must be a constant for graphc (it is computed)")
+        return np.asarray(v)
+
+    def ints(self, t: Tensor | None, what: str = "input") -> list[int] | None:
+        v = self.const(t, what)
+        return None if v is None else [int(e) for e in v.reshape(-1)]
+
+    def unsupported(self, why: str):
+        return UnsupportedOnnx(f"{self.node.op_type}: {why}")
+
+
+def _identifier(name: str, used: set) -> str:
+    base = re.sub(r"\W", "_", name) or "input"
+    if not base[0].isalpha() and base[0] != "_":
+        base = "x_" + base
+    out, k = base, 1
+    while out in used:
+        out, k = f"{base}_{k}", k + 1
+    used.add(out)
+    return out
+
+
+def _value_shape(vi, fallback_name: str) -> tuple:
+    dims = []
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        raise UnsupportedOnnx(f"input {vi.name!r} has no shape (rank unknown)")
+    for i, d in enumerate(tt.shape.dim):
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param:
+            dims.append(_sh.dim_symbol(_identifier(d.dim_param, set())))
+        else:
+            dims.append(_sh.dim_symbol(f"{fallback_name}_{i}"))
+    return tuple(dims)
+
+
+def _load_model(model):
+    import onnx
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, (bytes, bytearray)):
+        return onnx.load_from_string(bytes(model))
+    if isinstance(model, (str, os.PathLike)):
+        if not os.path.exists(model):
+            raise OnnxImportError(f"no such ONNX file: {model}")
+        try:
+            return onnx.load(os.fspath(model))
+        except Exception as e:
+            raise OnnxImportError(f"{model}: not a readable ONNX model ({e})") from None
+    raise OnnxImportError(f"load_onnx takes a path, bytes or onnx.ModelProto, got {type(model).__name__}")
+
+
+def _opset(m) -> int:
+    for o in m.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return int(o.version)
+    return 1
+
+
+def check_supported(m) -> None:
+    """Raise UnsupportedOnnx naming every op type in the model that graphc cannot import."""
+    from .onnx_ops import CONVERTERS
+    missing = sorted({n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
+                      for n in m.graph.node
+                      if n.domain not in ("", "ai.onnx") or n.op_type not in CONVERTERS})
+    if missing:
+        raise UnsupportedOnnx(f"{len(missing)} unsupported ONNX op type(s) in model: {', '.join(missing)}")
+
+
+def load_onnx(model, name: str | None = None, constants: dict | None = None) -> Graph:
+    """Import an ONNX model (path, bytes or ModelProto) as a gc.Graph (inputs, outputs, parameters).
+
+    `constants={input_name: array}` fixes some model inputs to values (they become constants and
+    leave `.inputs`): the way to import a model whose axes or shapes arrive as inputs."""
+    from onnx import numpy_helper
+    from .onnx_ops import CONVERTERS
+    m = _load_model(model)
+    check_supported(m)
+    g = m.graph
+    env: dict[str, Tensor | None] = {"": None}
+    used: set = set()
+    for init in g.initializer:
+        a = numpy_helper.to_array(init)
+        dt = onnx_dtype(init.data_type)
+        a = np.asarray(a, dtype=dt)
+        env[init.name] = gc.parameter(init.name, a, dtype=dt) if dt.startswith("float") else gc.constant(a, dt)
+    inputs = []
+    for vi in g.input:
+        if vi.name in env:  # an initialiser listed as an input (old exporters): a parameter, not an input
+            continue
+        if constants and vi.name in constants:
+            v = np.asarray(constants[vi.name])
+            env[vi.name] = gc.constant(v, onnx_dtype(vi.type.tensor_type.elem_type))
+            continue
+        pname = _identifier(vi.name, used)
+        t = gc.placeholder(pname, _value_shape(vi, pname), onnx_dtype(vi.type.tensor_type.elem_type))
+        env[vi.name] = t
+        inputs.append(t)
+    cx = Ctx(_opset(m))
+    for node in g.node:
+        _convert_node(cx, node, env, CONVERTERS[node.op_type])
+    outputs = [_output(env, vi) for vi in g.output]
+    return Graph(inputs, outputs, name=name or g.name or "onnx")
+
+
+def _convert_node(cx: Ctx, node, env: dict, fn) -> None:
+    cx.node, cx.n_out = node, len(node.output)
+    try:
+        ins = [env[n] for n in node.input]
+    except KeyError as e:
+        raise OnnxImportError(f"node {node.name or node.op_type}: input {e.args[0]!r} is not defined before it") from None
+    attrs = {a.name: _attr_value(a) for a in node.attribute}
+    try:
+        outs = fn(cx, ins, attrs)
+    except (UnsupportedOnnx, OnnxImportError):
+        raise
+    except GraphcError as e:
+        raise OnnxImportError(f"{node.op_type} node {node.name!r}: {e}") from None
+    outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+    if all(t is None or t.node.op.name == "constant" for t in ins):
+        outs = _fold(outs)
+    for name, t in zip(node.output, outs):
+        if name:
+            env[name] = t
+
+
+def _fold(outs: list) -> list:
+    """Outputs of a node whose inputs are all constants, evaluated now (import-time folding)."""
+    res = []
+    for t in outs:
+        if t is None or t.node.op.name in ("constant", "placeholder", "parameter"):
+            res.append(t)
+            continue
+        if _sh.is_static(t.shape) and _small(t):
+            v = gc.evaluate([t], {})[0]
+            res.append(gc.constant(np.asarray(v, dtype=t.dtype), t.dtype))
+        else:
+            res.append(t)
+    return res
+
+
+def _small(t: Tensor) -> bool:
+    return _sh.size(t.shape) <= 1 << 22
+
+
+def _output(env: dict, vi) -> Tensor:
+    if vi.name not in env or env[vi.name] is None:
+        raise OnnxImportError(f"graph output {vi.name!r} is not computed by any node")
+    t = env[vi.name]
+    tt = vi.type.tensor_type
+    if tt.elem_type:
+        dt = onnx_dtype(tt.elem_type)
+        if t.dtype != dt:
+            t = gc.cast(t, dt)
+    return t

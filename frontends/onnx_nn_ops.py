@@ -1,0 +1,278 @@
+"""ONNX neural-net converters: convolution, pooling, normalisations, dropout, RNN/GRU/LSTM.
+
+Convolution and pooling are composed from strided slices (one per kernel offset) and a matmul or
+an elementwise reduction; recurrent layers are unrolled over the (static) sequence length.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+import graphc as gc
+from graphc import shapes as _sh
+from .onnx_ops import op
+from .onnx_shape_ops import pad_axis
+
+
+# ---- windows (conv and pooling) ------------------------------------------------------------------
+
+def _window_geometry(cx, x, kernel, a, ceil_mode=False):
+    """(pads_begin, pads_end, out_sizes, strides, dilations) for the spatial axes of x (N, C, ...)."""
+    nsp = len(kernel)
+    strides = a.get("strides") or [1] * nsp
+    dil = a.get("dilations") or [1] * nsp
+    spatial = x.shape[2:]
+    if not all(isinstance(d, int) for d in spatial):
+        raise cx.unsupported(f"symbolic spatial dims {_sh.fmt_shape(x.shape)}")
+    auto = a.get("auto_pad", "NOTSET")
+    ext = [d * (k - 1) + 1 for k, d in zip(kernel, dil)]
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        outs = [-(-n // s) for n, s in zip(spatial, strides)]
+        total = [max((o - 1) * s + e - n, 0) for o, s, e, n in zip(outs, strides, ext, spatial)]
+        lo = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in total]
+        return lo, [t - b for t, b in zip(total, lo)], outs, strides, dil
+    pads = a.get("pads") or [0] * (2 * nsp) if auto != "VALID" else [0] * (2 * nsp)
+    lo, hi = list(pads[:nsp]), list(pads[nsp:])
+    outs = []
+    for i, (n, s, e) in enumerate(zip(spatial, strides, ext)):
+        span = n + lo[i] + hi[i] - e
+        o = (-(-span // s) if ceil_mode else span // s) + 1
+        if ceil_mode and (o - 1) * s >= n + lo[i]:
+            o -= 1  # the last window must start inside the input or the left padding
+        outs.append(o)
+    return lo, hi, outs, strides, dil
+
+
+def _pad_spatial(cx, x, lo, hi, value, outs, strides, ext):
+    """Pad each spatial axis so exactly the windows needed fit (cropping padding no window reaches)."""
+    for i in range(len(lo)):
+        end = (outs[i] - 1) * strides[i] + ext[i] - x.shape[2 + i] - lo[i]
+        x = pad_axis(cx, x, 2 + i, lo[i], end, "constant", value)
+    return x
+
+
+def _patches(x, kernel, outs, strides, dil):
+    """One strided view of x (N, C, *outs) per kernel offset, in row-major kernel order."""
+    res = []
+    for offs in itertools.product(*[range(k) for k in kernel]):
+        idx = [slice(None), slice(None)]
+        for o, d, s, n in zip(offs, dil, strides, outs):
+            idx.append(slice(o * d, o * d + s * (n - 1) + 1, s))
+        res.append(x[tuple(idx)])
+    return res
+
+
+@op("Conv")
+def _conv(cx, ins, a):
+    x, w = ins[0], ins[1]
+    b = ins[2] if len(ins) > 2 else None
+    kernel = list(a.get("kernel_shape") or w.shape[2:])
+    lo, hi, outs, strides, dil = _window_geometry(cx, x, kernel, a)
+    ext = [d * (k - 1) + 1 for k, d in zip(kernel, dil)]
+    xp = _pad_spatial(cx, x, lo, hi, 0.0, outs, strides, ext)
+    n, c = x.shape[:2]
+    m, g = w.shape[0], a.get("group", 1)
+    P, K = math.prod(outs), math.prod(kernel)
+    cols = [gc.reshape(p, (n, c, 1, P)) for p in _patches(xp, kernel, outs, strides, dil)]
+    col = gc.concatenate(cols, 2) if len(cols) > 1 else cols[0]      # (N, C, K, P)
+    col = gc.reshape(col, (n, g, (c // g) * K, P))
+    wr = gc.reshape(w, (g, m // g, (c // g) * K))
+    y = gc.reshape(gc.matmul(wr, col), (n, m) + tuple(outs))
+    if b is not None:
+        y = y + gc.reshape(b, (m,) + (1,) * len(outs))
+    return y
+
+
+def _pool(kind):
+    def conv(cx, ins, a):
+        x = ins[0]
+        if cx.n_out > 1:
+            raise cx.unsupported("the Indices output of MaxPool")
+        kernel = list(a["kernel_shape"])
+        lo, hi, outs, strides, dil = _window_geometry(cx, x, kernel, a, bool(a.get("ceil_mode", 0)))
+        ext = [d * (k - 1) + 1 for k, d in zip(kernel, dil)]
+        if kind == "max":
+            fill = -np.inf if x.dtype.startswith("float") else np.iinfo(x.dtype).min
+            ps = _patches(_pad_spatial(cx, x, lo, hi, fill, outs, strides, ext), kernel, outs, strides, dil)
+            y = ps[0]
+            for p in ps[1:]:
+                y = gc.maximum(y, p)
+            return y
+        xp = _pad_spatial(cx, x, lo, hi, 0.0, outs, strides, ext)
+        if kind == "lp":
+            pw = float(a.get("p", 2))
+            ps = _patches(gc.abs(xp) ** pw, kernel, outs, strides, dil)
+            return _add_all(ps) ** (1.0 / pw)
+        total = _add_all(_patches(xp, kernel, outs, strides, dil))
+        return total / gc.constant(_avg_count(x, kernel, lo, hi, outs, strides, dil, ext, a))
+    return conv
+
+
+def _add_all(ts):
+    y = ts[0]
+    for t in ts[1:]:
+        y = y + t
+    return y
+
+
+def _avg_count(x, kernel, lo, hi, outs, strides, dil, ext, a):
+    """Per-window divisor: window elements inside the input (plus explicit padding if counted)."""
+    spatial = x.shape[2:]
+    counts = np.zeros(outs, dtype=x.dtype)
+    include = bool(a.get("count_include_pad", 0))
+    for pos in itertools.product(*[range(o) for o in outs]):
+        c = 1
+        for i, p in enumerate(pos):
+            taps = np.arange(kernel[i]) * dil[i] + p * strides[i] - lo[i]
+            lim_lo, lim_hi = (-lo[i], spatial[i] + hi[i]) if include else (0, spatial[i])
+            c *= int(np.sum((taps >= lim_lo) & (taps < lim_hi)))
+        counts[pos] = c
+    return counts
+
+
+CONVERTERS_POOL = {"MaxPool": _pool("max"), "AveragePool": _pool("avg"), "LpPool": _pool("lp")}
+for _n, _f in CONVERTERS_POOL.items():
+    op(_n)(_f)
+
+
+@op("GlobalAveragePool")
+def _gap(cx, ins, a):
+    return gc.mean(ins[0], tuple(range(2, ins[0].ndim)), keepdims=True)
+
+
+@op("GlobalMaxPool")
+def _gmp(cx, ins, a):
+    return gc.max(ins[0], tuple(range(2, ins[0].ndim)), keepdims=True)
+
+
+@op("GlobalLpPool")
+def _glp(cx, ins, a):
+    p = float(a.get("p", 2))
+    return gc.sum(gc.abs(ins[0]) ** p, tuple(range(2, ins[0].ndim)), keepdims=True) ** (1.0 / p)
+
+
+# ---- normalisations ------------------------------------------------------------------------------
+
+def _per_channel(t, ndim):
+    """A (C,) tensor shaped to broadcast along axis 1 of a rank-`ndim` tensor."""
+    return gc.reshape(t, (t.shape[0],) + (1,) * (ndim - 2))
+
+
+@op("BatchNormalization")
+def _batch_norm(cx, ins, a):
+    x, scale, bias, mean, var = ins[:5]
+    eps = a.get("epsilon", 1e-5)
+    training = a.get("training_mode", 0)
+    if training:
+        axes = (0,) + tuple(range(2, x.ndim))
+        bm, bv = gc.mean(x, axes), gc.var(x, axes)
+        mom = a.get("momentum", 0.9)
+        y = (x - _per_channel(bm, x.ndim)) * gc.rsqrt(_per_channel(bv, x.ndim) + eps)
+        y = y * _per_channel(scale, x.ndim) + _per_channel(bias, x.ndim)
+        outs = [y, mean * mom + bm * (1 - mom), var * mom + bv * (1 - mom)]
+        return outs[:cx.n_out]
+    inv = gc.rsqrt(var + eps) * scale
+    return x * _per_channel(inv, x.ndim) + _per_channel(bias - mean * inv, x.ndim)
+
+
+@op("InstanceNormalization")
+def _instance_norm(cx, ins, a):
+    x, scale, bias = ins
+    axes = tuple(range(2, x.ndim))
+    m = gc.mean(x, axes, keepdims=True)
+    v = gc.var(x, axes, keepdims=True)
+    y = (x - m) * gc.rsqrt(v + a.get("epsilon", 1e-5))
+    return y * _per_channel(scale, x.ndim) + _per_channel(bias, x.ndim)
+
+
+@op("LayerNormalization")
+def _layer_norm(cx, ins, a):
+    x, scale = ins[0], ins[1]
+    bias = ins[2] if len(ins) > 2 else None
+    axis = _sh.normalize_axis(a.get("axis", -1), x.ndim, "layer_norm")
+    axes = tuple(range(axis, x.ndim))
+    xf = gc.cast(x, "float32") if a.get("stash_type", 1) == 1 and x.dtype != "float64" else x
+    m = gc.mean(xf, axes, keepdims=True)
+    d = xf - m
+    inv = gc.rsqrt(gc.mean(d * d, axes, keepdims=True) + a.get("epsilon", 1e-5))
+    y = gc.cast(d * inv, x.dtype) * scale
+    if bias is not None:
+        y = y + bias
+    return [y, m, inv][:cx.n_out]
+
+
+@op("RMSNormalization")
+def _rms_norm(cx, ins, a):
+    x, scale = ins[0], ins[1]
+    axis = _sh.normalize_axis(a.get("axis", -1), x.ndim, "rms_norm")
+    axes = tuple(range(axis, x.ndim))
+    xf = gc.cast(x, "float32") if a.get("stash_type", 1) == 1 and x.dtype != "float64" else x
+    inv = gc.rsqrt(gc.mean(xf * xf, axes, keepdims=True) + a.get("epsilon", 1e-5))
+    return gc.cast(xf * inv, x.dtype) * scale
+
+
+@op("GroupNormalization")
+def _group_norm(cx, ins, a):
+    x, scale, bias = ins
+    g = a["num_groups"]
+    n, c = x.shape[:2]
+    xg = gc.reshape(x, (n, g, -1))
+    m = gc.mean(xg, 2, keepdims=True)
+    d = xg - m
+    y = gc.reshape(d * gc.rsqrt(gc.mean(d * d, 2, keepdims=True) + a.get("epsilon", 1e-5)), x.shape)
+    if scale.shape[0] != c:  # opset 18: one scale per group
+        scale = gc.reshape(gc.broadcast_to(gc.reshape(scale, (g, 1)), (g, c // g)), (c,))
+        bias = gc.reshape(gc.broadcast_to(gc.reshape(bias, (g, 1)), (g, c // g)), (c,))
+    return y * _per_channel(scale, x.ndim) + _per_channel(bias, x.ndim)
+
+
+@op("MeanVarianceNormalization")
+def _mvn(cx, ins, a):
+    x = ins[0]
+    axes = tuple(a.get("axes", [0, 2, 3]))
+    m = gc.mean(x, axes, keepdims=True)
+    std = gc.sqrt(gc.mean(x * x, axes, keepdims=True) - m * m)
+    return (x - m) / (std + 1e-9)
+
+
+@op("LpNormalization")
+def _lp_norm(cx, ins, a):
+    x = ins[0]
+    axis, p = a.get("axis", -1), a.get("p", 2)
+    norm = gc.sum(gc.abs(x), axis, keepdims=True) if p == 1 else gc.sqrt(gc.sum(x * x, axis, keepdims=True))
+    return gc.where(gc.equal(norm, 0.0), 0.0, x / norm)
+
+
+@op("LRN")
+def _lrn(cx, ins, a):
+    x = ins[0]
+    size = a["size"]
+    sq = pad_axis(cx, x * x, 1, (size - 1) // 2, size // 2, "constant", 0.0)
+    c = x.shape[1]
+    total = _add_all([sq[:, k:k + c] for k in range(size)])
+    base = total * (a.get("alpha", 1e-4) / size) + a.get("bias", 1.0)
+    return x / base ** a.get("beta", 0.75)
+
+
+@op("Dropout")
+def _dropout(cx, ins, a):
+    x = ins[0]
+    if len(ins) > 2 and ins[2] is not None and bool(cx.const(ins[2], "training_mode").reshape(-1)[0]):
+        ratio = float(cx.const(ins[1], "ratio").reshape(-1)[0]) if ins[1] is not None else 0.5
+        if ratio > 0:
+            raise cx.unsupported("training-mode dropout (random) is not imported; export in eval mode")
+    outs = [x]
+    if cx.n_out > 1:
+        outs.append(gc.constant(np.ones(_static_shape(cx, x), bool)))
+    return outs
+
+
+def _static_shape(cx, x):
+    if not _sh.is_static(x.shape):
+        raise cx.unsupported("the mask output of Dropout for a symbolic shape")
+    return tuple(x.shape)
+
+
+from . import onnx_rnn_ops  # noqa: E402,F401  (RNN/GRU/LSTM)

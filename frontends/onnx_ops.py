@@ -1,0 +1,421 @@
+"""ONNX op converters: elementwise, reductions, matrix products, softmax family.
+
+A converter is `fn(cx, ins, attrs) -> Tensor | list[Tensor]`: `ins` are graphc tensors (None for
+an omitted optional input), `attrs` the decoded ONNX attributes. Ops without a graphc counterpart
+are composed from graphc ops. Shape ops live in onnx_shape_ops.py, neural-net ops in onnx_nn_ops.py.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+import graphc as gc
+from graphc import dtypes as _dt
+from graphc import shapes as _sh
+
+CONVERTERS: dict = {}
+
+
+def op(*names):
+    """Register a converter under one or more ONNX op types."""
+    def deco(fn):
+        for n in names:
+            CONVERTERS[n] = fn
+        return fn
+    return deco
+
+
+def _like(v, x) -> gc.Tensor:
+    """A scalar constant of x's dtype."""
+    return gc.constant(np.asarray(v, dtype=x.dtype))
+
+
+# ---- elementwise -------------------------------------------------------------------------------
+
+_UNARY = {"Abs": gc.abs, "Neg": gc.neg, "Exp": gc.exp, "Log": gc.log, "Sqrt": gc.sqrt, "Sin": gc.sin,
+          "Cos": gc.cos, "Tanh": gc.tanh, "Sigmoid": gc.sigmoid, "Erf": gc.erf, "Floor": gc.floor,
+          "Sign": gc.sign, "Relu": gc.relu, "Softplus": gc.softplus, "Reciprocal": gc.reciprocal}
+_BINARY = {"Add": gc.add, "Sub": gc.sub, "Mul": gc.mul, "Equal": gc.equal, "Less": gc.less,
+           "LessOrEqual": gc.less_equal, "Greater": gc.greater, "GreaterOrEqual": gc.greater_equal,
+           "And": gc.logical_and, "Or": gc.logical_or, "Xor": gc.not_equal}
+
+
+def _unary(fn):
+    return lambda cx, ins, a: gc.cast(fn(ins[0]), ins[0].dtype) if ins[0].dtype != "bool" else fn(ins[0])
+
+
+def _binary(fn):
+    return lambda cx, ins, a: fn(ins[0], ins[1])
+
+
+for _n, _f in _UNARY.items():
+    CONVERTERS[_n] = _unary(_f)
+for _n, _f in _BINARY.items():
+    CONVERTERS[_n] = _binary(_f)
+
+
+@op("Identity")
+def _identity(cx, ins, a):
+    return ins[0]
+
+
+@op("Div")
+def _div(cx, ins, a):
+    x, y = ins
+    if _dt.is_int(x.dtype):  # C-style truncating integer division
+        return gc.cast(gc.div(x, y), x.dtype)
+    return gc.div(x, y)
+
+
+@op("Pow")
+def _pow(cx, ins, a):
+    x, y = ins
+    if x.dtype == y.dtype:
+        return gc.pow(x, y)
+    dt = _dt.promote(x.dtype, y.dtype)
+    return gc.cast(gc.pow(gc.cast(x, dt), gc.cast(y, dt)), x.dtype)
+
+
+@op("Mod")
+def _mod(cx, ins, a):
+    x, y = ins
+    if _dt.is_int(x.dtype):
+        q = gc.div(gc.cast(x, "float64"), gc.cast(y, "float64"))
+        q = gc.sign(q) * gc.floor(gc.abs(q)) if a.get("fmod", 0) else gc.floor(q)
+        return x - gc.cast(q, x.dtype) * y
+    if a.get("fmod", 0):  # C fmod: truncated quotient, the result takes the dividend's sign
+        q = x / y
+        r = x - gc.sign(q) * gc.floor(gc.abs(q)) * y
+        return gc.where(gc.logical_and(_is_inf(y), _isfinite(x)), x, r)
+    return _float_mod(x, y)
+
+
+def _is_inf(x):
+    return gc.equal(gc.abs(x), _like(np.inf, x))
+
+
+def _isfinite(x):
+    return gc.less(gc.abs(x), _like(np.inf, x))
+
+
+def _float_mod(x, y):
+    """NumPy's float mod: floored quotient; the result takes the divisor's sign (zeros too)."""
+    r = x - gc.floor(x / y) * y
+    same = gc.logical_or(gc.equal(x, 0.0), gc.equal(gc.less(x, 0.0), gc.less(y, 0.0)))
+    r = gc.where(gc.logical_and(_is_inf(y), _isfinite(x)), gc.where(same, x, y), r)
+    signed_zero = gc.where(gc.less(y, 0.0), _like(-0.0, x), _like(0.0, x))
+    return gc.where(gc.equal(r, 0.0), signed_zero, r)
+
+
+@op("Not")
+def _not(cx, ins, a):
+    return gc.equal(ins[0], gc.constant(np.asarray(False)))
+
+
+def _variadic(fn):
+    def conv(cx, ins, a):
+        out = ins[0]
+        for t in ins[1:]:
+            out = fn(out, t)
+        return out
+    return conv
+
+
+CONVERTERS["Max"] = _variadic(gc.maximum)
+CONVERTERS["Min"] = _variadic(gc.minimum)
+CONVERTERS["Sum"] = _variadic(gc.add)
+
+
+@op("Mean")
+def _mean(cx, ins, a):
+    return gc.cast(_variadic(gc.add)(cx, ins, a) / float(len(ins)), ins[0].dtype)
+
+
+@op("Where")
+def _where(cx, ins, a):
+    return gc.where(ins[0], ins[1], ins[2])
+
+
+@op("Ceil")
+def _ceil(cx, ins, a):
+    return -gc.floor(-ins[0])
+
+
+@op("Round")
+def _round(cx, ins, a):
+    """Round half to even: floor(x + 0.5), one less where that lands on an odd number at a tie."""
+    x = ins[0]
+    r = gc.floor(x + 0.5)
+    tie = gc.equal(r - x, 0.5)
+    odd = gc.not_equal(r - 2.0 * gc.floor(r * 0.5), 0.0)
+    return gc.where(gc.logical_and(tie, odd), r - 1.0, r)
+
+
+@op("Tan")
+def _tan(cx, ins, a):
+    return gc.sin(ins[0]) / gc.cos(ins[0])
+
+
+@op("Sinh")
+def _sinh(cx, ins, a):
+    x = ins[0]
+    return (gc.exp(x) - gc.exp(-x)) * 0.5
+
+
+@op("Cosh")
+def _cosh(cx, ins, a):
+    x = ins[0]
+    return (gc.exp(x) + gc.exp(-x)) * 0.5
+
+
+@op("Asinh")
+def _asinh(cx, ins, a):
+    x = ins[0]
+    return gc.sign(x) * gc.log(gc.abs(x) + gc.sqrt(x * x + 1.0))
+
+
+@op("Acosh")
+def _acosh(cx, ins, a):
+    x = ins[0]
+    return gc.log(x + gc.sqrt(x * x - 1.0))
+
+
+@op("Atanh")
+def _atanh(cx, ins, a):
+    x = ins[0]
+    return 0.5 * gc.log((1.0 + x) / (1.0 - x))
+
+
+@op("Softsign")
+def _softsign(cx, ins, a):
+    return ins[0] / (gc.abs(ins[0]) + 1.0)
+
+
+@op("Elu")
+def _elu(cx, ins, a):
+    x = ins[0]
+    return gc.where(gc.greater(x, 0.0), x, (gc.exp(x) - 1.0) * a.get("alpha", 1.0))
+
+
+@op("Selu")
+def _selu(cx, ins, a):
+    x = ins[0]
+    alpha, gamma = a.get("alpha", 1.67326319217681884765625), a.get("gamma", 1.05070102214813232421875)
+    return gc.where(gc.greater(x, 0.0), x, (gc.exp(x) - 1.0) * alpha) * gamma
+
+
+@op("Celu")
+def _celu(cx, ins, a):
+    x, alpha = ins[0], a.get("alpha", 1.0)
+    return gc.maximum(x, 0.0) + gc.minimum((gc.exp(x / alpha) - 1.0) * alpha, 0.0)
+
+
+@op("LeakyRelu")
+def _leaky(cx, ins, a):
+    x = ins[0]
+    return gc.where(gc.greater_equal(x, 0.0), x, x * a.get("alpha", 0.01))
+
+
+@op("ThresholdedRelu")
+def _trelu(cx, ins, a):
+    x = ins[0]
+    return gc.where(gc.greater(x, a.get("alpha", 1.0)), x, 0.0)
+
+
+@op("PRelu")
+def _prelu(cx, ins, a):
+    x, slope = ins
+    if slope.ndim == 1 and x.ndim > 2 and slope.shape[0] == x.shape[1] != x.shape[-1]:
+        slope = gc.reshape(slope, (slope.shape[0],) + (1,) * (x.ndim - 2))  # old opsets: per channel
+    return gc.where(gc.less(x, _like(0, x)), x * slope, x)
+
+
+def hard_sigmoid(x, alpha: float, beta: float):
+    return gc.clip(x * alpha + beta, 0.0, 1.0)
+
+
+@op("HardSigmoid")
+def _hsig(cx, ins, a):
+    return hard_sigmoid(ins[0], a.get("alpha", 0.2), a.get("beta", 0.5))
+
+
+@op("HardSwish")
+def _hswish(cx, ins, a):
+    return ins[0] * hard_sigmoid(ins[0], 1 / 6, 0.5)
+
+
+@op("Mish")
+def _mish(cx, ins, a):
+    return ins[0] * gc.tanh(gc.softplus(ins[0]))
+
+
+@op("Swish")
+def _swish(cx, ins, a):
+    return ins[0] * gc.sigmoid(ins[0] * a.get("alpha", 1.0))
+
+
+@op("Gelu")
+def _gelu(cx, ins, a):
+    x = ins[0]
+    if a.get("approximate", "none") == "tanh":
+        return 0.5 * x * (1.0 + gc.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
+    return 0.5 * x * (1.0 + gc.erf(x * (1 / math.sqrt(2))))
+
+
+@op("Shrink")
+def _shrink(cx, ins, a):
+    x, lambd, bias = ins[0], a.get("lambd", 0.5), a.get("bias", 0.0)
+    return gc.where(gc.less(x, -lambd), x + bias, gc.where(gc.greater(x, lambd), x - bias, 0.0))
+
+
+@op("IsNaN")
+def _isnan(cx, ins, a):
+    return gc.not_equal(ins[0], ins[0])
+
+
+@op("IsInf")
+def _isinf(cx, ins, a):
+    x = ins[0]
+    pos, neg = a.get("detect_positive", 1), a.get("detect_negative", 1)
+    out = gc.equal(x, _like(np.inf, x)) if pos else None
+    if neg:
+        m = gc.equal(x, _like(-np.inf, x))
+        out = m if out is None else gc.logical_or(out, m)
+    return out if out is not None else gc.not_equal(x, x) & gc.equal(x, x)
+
+
+@op("Clip")
+def _clip(cx, ins, a):
+    x = ins[0]
+    lo = ins[1] if len(ins) > 1 else None
+    hi = ins[2] if len(ins) > 2 else None
+    if cx.opset < 11:
+        lo, hi = _like(a.get("min", -np.inf), x), _like(a.get("max", np.inf), x)
+    if lo is not None:
+        x = gc.maximum(x, lo)
+    if hi is not None:
+        x = gc.minimum(x, hi)
+    return x
+
+
+@op("Cast")
+def _cast(cx, ins, a):
+    from .onnx_import import onnx_dtype
+    return gc.cast(ins[0], onnx_dtype(a["to"]))
+
+
+@op("CastLike")
+def _castlike(cx, ins, a):
+    return gc.cast(ins[0], ins[1].dtype)
+
+
+# ---- matrix products ---------------------------------------------------------------------------
+
+@op("MatMul")
+def _matmul(cx, ins, a):
+    return gc.matmul(ins[0], ins[1])
+
+
+@op("Gemm")
+def _gemm(cx, ins, a):
+    A, B = ins[0], ins[1]
+    C = ins[2] if len(ins) > 2 else None
+    if a.get("transA", 0):
+        A = gc.transpose(A)
+    if a.get("transB", 0):
+        B = gc.transpose(B)
+    y = gc.matmul(A, B)
+    alpha, beta = a.get("alpha", 1.0), a.get("beta", 1.0)
+    if alpha != 1.0:
+        y = y * alpha
+    if C is not None:
+        y = y + (C * beta if beta != 1.0 else C)
+    return y
+
+
+# ---- reductions --------------------------------------------------------------------------------
+
+def reduce_axes(cx, ins, a, since: int):
+    """(axes or None for all, keepdims) from the `axes` attribute (old opsets) or input 1 (new)."""
+    axes = a.get("axes") if cx.opset < since else cx.ints(ins[1] if len(ins) > 1 else None, "axes")
+    return axes
+
+
+def _reduction(fn, since=18, empty=0.0, cast_back=True):
+    def conv(cx, ins, a):
+        x = ins[0]
+        axes = reduce_axes(cx, ins, a, since)
+        keep = bool(a.get("keepdims", 1))
+        if not axes:
+            if a.get("noop_with_empty_axes", 0):
+                return x
+            axes = list(range(x.ndim))
+        axes = _sh.normalize_axes(tuple(axes), x.ndim, "reduce")
+        if any(isinstance(x.shape[i], int) and x.shape[i] == 0 for i in axes):  # empty set: the identity
+            shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape) if keep or i not in axes)
+            if x.dtype == "bool":
+                return gc.broadcast_to(gc.constant(np.asarray(empty > 0)), shape)
+            return gc.broadcast_to(_like(empty, x), shape)
+        y = fn(x, axes, keep)
+        return gc.cast(y, x.dtype) if cast_back else y
+    return conv
+
+
+CONVERTERS["ReduceSum"] = _reduction(lambda x, ax, k: gc.sum(x, ax, k), since=13)
+CONVERTERS["ReduceMean"] = _reduction(lambda x, ax, k: gc.mean(x, ax, k), empty=np.nan)
+CONVERTERS["ReduceMax"] = _reduction(lambda x, ax, k: gc.max(x, ax, k), empty=-np.inf)
+CONVERTERS["ReduceMin"] = _reduction(lambda x, ax, k: gc.min(x, ax, k), empty=np.inf)
+CONVERTERS["ReduceProd"] = _reduction(lambda x, ax, k: gc.prod(x, ax, k), empty=1)
+CONVERTERS["ReduceL1"] = _reduction(lambda x, ax, k: gc.sum(gc.abs(x), ax, k))
+CONVERTERS["ReduceL2"] = _reduction(lambda x, ax, k: gc.sqrt(gc.sum(x * x, ax, k)))
+CONVERTERS["ReduceSumSquare"] = _reduction(lambda x, ax, k: gc.sum(x * x, ax, k))
+CONVERTERS["ReduceLogSum"] = _reduction(lambda x, ax, k: gc.log(gc.sum(x, ax, k)), empty=-np.inf)
+CONVERTERS["ReduceLogSumExp"] = _reduction(lambda x, ax, k: gc.logsumexp(x, ax, k), empty=-np.inf)
+
+
+def _argreduce(fn, flip_fn):
+    def conv(cx, ins, a):
+        x = ins[0]
+        axis = _sh.normalize_axis(a.get("axis", 0), x.ndim, "argmax")
+        keep = bool(a.get("keepdims", 1))
+        if a.get("select_last_index", 0):  # first index in the reversed axis, mapped back
+            n = x.shape[axis]
+            rev = x[(slice(None),) * axis + (slice(None, None, -1),)]
+            return (n - 1) - fn(rev, axis, keep)
+        return fn(x, axis, keep)
+    return conv
+
+
+CONVERTERS["ArgMax"] = _argreduce(gc.argmax, None)
+CONVERTERS["ArgMin"] = _argreduce(gc.argmin, None)
+
+
+# ---- softmax family ----------------------------------------------------------------------------
+
+def _softmax_like(fn):
+    def conv(cx, ins, a):
+        x = ins[0]
+        if cx.opset >= 13:
+            return fn(x, a.get("axis", -1))
+        axis = _sh.normalize_axis(a.get("axis", 1), x.ndim, "softmax")  # old opsets: 2-D coercion
+        flat = gc.reshape(x, (_sh.size(x.shape[:axis]), _sh.size(x.shape[axis:])))
+        return gc.reshape(fn(flat, 1), x.shape)
+    return conv
+
+
+def _hardmax(x, axis):
+    axis = _sh.normalize_axis(axis, x.ndim, "hardmax")
+    idx = gc.argmax(x, axis, keepdims=True)
+    n = x.shape[axis]
+    iota = gc.constant(np.arange(n, dtype=np.int64).reshape((n,) + (1,) * (x.ndim - axis - 1)))
+    return gc.cast(gc.equal(idx, iota), x.dtype)
+
+
+CONVERTERS["Softmax"] = _softmax_like(gc.softmax)
+CONVERTERS["LogSoftmax"] = _softmax_like(gc.log_softmax)
+CONVERTERS["Hardmax"] = _softmax_like(_hardmax)
+
+
+from . import onnx_shape_ops  # noqa: E402,F401  (registers shape-op converters)
+from . import onnx_nn_ops  # noqa: E402,F401  (registers conv/pool/norm/rnn converters)

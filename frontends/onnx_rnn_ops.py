@@ -1,0 +1,168 @@
+"""ONNX RNN, GRU and LSTM, unrolled over the static sequence length into graphc ops.
+
+Gate layouts follow the ONNX spec: LSTM W rows are [i, o, f, c], GRU [z, r, h]; B is [Wb, Rb].
+The input projection X @ W^T is one matmul over the whole sequence; each step adds H @ R^T.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import graphc as gc
+from .onnx_ops import hard_sigmoid, op
+
+
+def _activation(name: str, alpha, beta):
+    table = {
+        "sigmoid": gc.sigmoid, "tanh": gc.tanh, "relu": gc.relu, "softsign": lambda x: x / (gc.abs(x) + 1.0),
+        "softplus": gc.softplus,
+        "leakyrelu": lambda x: gc.where(gc.greater_equal(x, 0.0), x, x * (0.01 if alpha is None else alpha)),
+        "thresholdedrelu": lambda x: gc.where(gc.greater(x, 1.0 if alpha is None else alpha), x, 0.0),
+        "scaledtanh": lambda x: gc.tanh(x * (1.0 if beta is None else beta)) * (1.0 if alpha is None else alpha),
+        "hardsigmoid": lambda x: hard_sigmoid(x, 0.2 if alpha is None else alpha, 0.5 if beta is None else beta),
+        "elu": lambda x: gc.where(gc.greater(x, 0.0), x, (gc.exp(x) - 1.0) * (1.0 if alpha is None else alpha)),
+        "affine": lambda x: x * (1.0 if alpha is None else alpha) + (0.0 if beta is None else beta),
+    }
+    if name.lower() not in table:
+        raise KeyError(name)
+    return table[name.lower()]
+
+
+def _activations(cx, a, defaults, n_dir):
+    names = a.get("activations") or defaults * n_dir
+    alphas, betas = a.get("activation_alpha", []), a.get("activation_beta", [])
+    out = []
+    for i, nm in enumerate(names):
+        try:
+            out.append(_activation(nm, alphas[i] if i < len(alphas) else None, betas[i] if i < len(betas) else None))
+        except KeyError:
+            raise cx.unsupported(f"activation {nm!r}") from None
+    k = len(defaults)
+    return [out[d * k:(d + 1) * k] for d in range(n_dir)]
+
+
+def _common(cx, ins, a, gates):
+    """Sequence-major X, per-direction weights and initial states, and options."""
+    x, w, r = ins[0], ins[1], ins[2]
+    if a.get("layout", 0):
+        x = gc.transpose(x, (1, 0, 2))
+    seq_lens = ins[4] if len(ins) > 4 else None
+    if seq_lens is not None:
+        lens = cx.const(seq_lens, "sequence_lens")
+        if not (isinstance(x.shape[0], int) and np.all(lens == x.shape[0])):
+            raise cx.unsupported("sequence_lens shorter than the sequence (variable-length batches)")
+    if not isinstance(x.shape[0], int):
+        raise cx.unsupported("a symbolic sequence length (unrolled import needs it static)")
+    n_dir = w.shape[0]
+    hidden = a.get("hidden_size") or r.shape[-1]
+    b = ins[3] if len(ins) > 3 else None
+    return x, w, r, b, n_dir, hidden
+
+
+def _init_state(ins, idx, d, batch, hidden, dtype, layout):
+    t = ins[idx] if len(ins) > idx else None
+    if t is None:
+        return None
+    if layout:
+        t = gc.transpose(t, (1, 0, 2))
+    return t[d]
+
+
+def _run(cx, ins, a, gates, defaults, step):
+    x, w, r, b, n_dir, hidden = _common(cx, ins, a, gates)
+    acts = _activations(cx, a, defaults, n_dir)
+    seq, batch = x.shape[0], x.shape[1]
+    layout = a.get("layout", 0)
+    ys, hs, cs = [], [], []
+    for d in range(n_dir):
+        reverse = a.get("direction", "forward") == "reverse" or d == 1
+        xw = gc.matmul(x, gc.transpose(w[d]))                 # (S, B, G*H)
+        if b is not None:
+            xw = xw + b[d][:gates * hidden]
+        rb = b[d][gates * hidden:] if b is not None else None
+        state = {"h": _init_state(ins, 5, d, batch, hidden, x.dtype, layout),
+                 "c": _init_state(ins, 6, d, batch, hidden, x.dtype, layout)}
+        if state["h"] is None:
+            state["h"] = gc.constant(np.zeros((batch, hidden), x.dtype)) if isinstance(batch, int) else \
+                gc.zeros_like(xw[0][:, :hidden])
+        if state["c"] is None:
+            state["c"] = gc.zeros_like(state["h"])
+        steps = range(seq - 1, -1, -1) if reverse else range(seq)
+        out = [None] * seq
+        for t in steps:
+            step(cx, a, xw[t], state, r[d], rb, hidden, acts[d], ins, d)
+            out[t] = state["h"]
+        ys.append(gc.stack(out, 0))                           # (S, B, H)
+        hs.append(state["h"])
+        cs.append(state["c"])
+    y = gc.stack(ys, 1)                                       # (S, D, B, H)
+    yh, yc = gc.stack(hs, 0), gc.stack(cs, 0)
+    if layout:
+        y, yh, yc = gc.transpose(y, (2, 0, 1, 3)), gc.transpose(yh, (1, 0, 2)), gc.transpose(yc, (1, 0, 2))
+    return [y, yh, yc][:cx.n_out]
+
+
+def _gate(z, k, hidden):
+    return z[:, k * hidden:(k + 1) * hidden]
+
+
+def _clip(a, z):
+    c = a.get("clip")
+    return gc.clip(z, -c, c) if c is not None else z
+
+
+def _rnn_step(cx, a, xw, st, r, rb, hidden, acts, ins, d):
+    z = xw + gc.matmul(st["h"], gc.transpose(r))
+    if rb is not None:
+        z = z + rb
+    st["h"] = acts[0](_clip(a, z))
+
+
+def _gru_step(cx, a, xw, st, r, rb, hidden, acts, ins, d):
+    f, g = acts
+    h = st["h"]
+    rz_r = gc.matmul(h, gc.transpose(r[:2 * hidden]))
+    if rb is not None:
+        rz_r = rz_r + rb[:2 * hidden]
+    zt = f(_clip(a, _gate(xw, 0, hidden) + _gate(rz_r, 0, hidden)))
+    rt = f(_clip(a, _gate(xw, 1, hidden) + _gate(rz_r, 1, hidden)))
+    rh, rbh = gc.transpose(r[2 * hidden:]), (rb[2 * hidden:] if rb is not None else None)
+    if a.get("linear_before_reset", 0):
+        hr = gc.matmul(h, rh) + (rbh if rbh is not None else 0.0)
+        ht = g(_clip(a, _gate(xw, 2, hidden) + rt * hr))
+    else:
+        hr = gc.matmul(rt * h, rh) + (rbh if rbh is not None else 0.0)
+        ht = g(_clip(a, _gate(xw, 2, hidden) + hr))
+    st["h"] = (1.0 - zt) * ht + zt * h
+
+
+def _lstm_step(cx, a, xw, st, r, rb, hidden, acts, ins, d):
+    f, g, hact = acts
+    h, c = st["h"], st["c"]
+    z = xw + gc.matmul(h, gc.transpose(r))
+    if rb is not None:
+        z = z + rb
+    p = ins[7] if len(ins) > 7 else None
+    pi, po, pf = (p[d][k * hidden:(k + 1) * hidden] for k in range(3)) if p is not None else (None,) * 3
+    zi, zo, zf, zc = (_gate(z, k, hidden) for k in range(4))
+    it = f(_clip(a, zi + pi * c if pi is not None else zi))
+    ft = f(_clip(a, zf + pf * c if pf is not None else zf))
+    if a.get("input_forget", 0):
+        ft = 1.0 - it
+    c = ft * c + it * g(_clip(a, zc))
+    ot = f(_clip(a, zo + po * c if po is not None else zo))
+    st["h"], st["c"] = ot * hact(c), c
+
+
+@op("RNN")
+def _rnn(cx, ins, a):
+    return _run(cx, ins, a, 1, ["Tanh"], _rnn_step)
+
+
+@op("GRU")
+def _gru(cx, ins, a):
+    return _run(cx, ins, a, 3, ["Sigmoid", "Tanh"], _gru_step)
+
+
+@op("LSTM")
+def _lstm(cx, ins, a):
+    return _run(cx, ins, a, 4, ["Sigmoid", "Tanh", "Tanh"], _lstm_step)
