@@ -1,20 +1,31 @@
-"""Generate readable Python/NumPy source for a graph and exec it into a function."""
+"""Generate readable Python/NumPy source for a graph and exec it into a function.
+
+One line per op, named after its tensors. At optimize=2 the backend also honours the memory plan
+(graphc.passes.memory.plan_buffers): planned intermediates are computed with `out=` into workspace
+buffers (one set per thread and dims, reused across calls, never returned), dead results are `del`eted,
+and fused nodes become inline NumPy lines (see fused.py), run in cache-sized chunks.
+"""
 from __future__ import annotations
 
 import itertools
 import keyword
 import linecache
-import sys
+import threading
 
 import numpy as np
 
 from graphc import shapes as _sh
 from graphc.errors import GraphcError
 from graphc.ir import Graph, fmt_loc
+from graphc.ops.shape_ops import dims_code
 from ..base import Backend, Program
+from . import emit as _emit
+from .fused import emit_fused
 
 _ids = itertools.count()
 _SIMPLE = (int, float, bool, str, type(None))
+#: results at least this large (elements, or symbolic) get a `del` after their last use
+DEL_MIN_ELEMENTS = 4096
 
 
 def _simple_attr(v) -> bool:
@@ -43,19 +54,43 @@ class _Names:
         return name
 
 
+class _Workspace(threading.local):
+    """Per-thread workspace buffers, keyed by the symbolic-dim values (the last two kept)."""
+
+    def __init__(self, buffers):
+        self.buffers, self.cache = buffers, {}
+
+    def get(self, dims) -> list:
+        key = tuple(sorted(dims.items()))
+        ws = self.cache.get(key)
+        if ws is None:
+            binds = {_sh.dim_symbol(k): v for k, v in dims.items()}
+            ws = [np.empty(_sh.evaluate((n,), binds)[0], dt) for dt, n in self.buffers]
+            if len(self.cache) >= 2:
+                self.cache.pop(next(iter(self.cache)))
+            self.cache[key] = ws
+        return ws
+
+
 class NumpyBackend(Backend):
     name = "numpy"
 
     def compile(self, graph: Graph, options=None) -> Program:
-        src, ns, line_nodes = generate(graph)
+        options = options or {}
+        plan = None
+        if options.get("optimize", 2) >= 2:
+            from graphc.passes.memory import plan_buffers
+            plan = plan_buffers(graph)
+        src, ns, line_nodes = generate(graph, plan)
         filename = f"<graphc-numpy-{next(_ids)}>"
         linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
         exec(compile(src, filename, "exec"), ns)
         fn = ns["graph_fn"]
+        ws = _Workspace(plan.buffers if plan else [])
 
         def run(inputs, params, dims):
             try:
-                return fn(*inputs, *params, _dims=dims)
+                return fn(*inputs, *params, _dims=dims, _ws=ws.get(dims) if ws.buffers else ())
             except GraphcError:
                 raise
             except Exception as e:  # map the failing generated line back to the node and user's line
@@ -64,7 +99,7 @@ class NumpyBackend(Backend):
                     raise
                 raise GraphcError(f"{type(e).__name__} in {node.op.name} at run time: {e}\n"
                                   f"  node built at {fmt_loc(node.loc)}") from e
-        return Program(run, src, namespace=ns)
+        return Program(run, src, namespace=ns, plan=plan)
 
 
 def _failing_node(exc, filename, line_nodes):
@@ -77,64 +112,138 @@ def _failing_node(exc, filename, line_nodes):
     return node
 
 
-def generate(graph: Graph):
-    """(source, namespace, {line number: node}) for `graph_fn(*inputs, *params, _dims)`."""
-    names, ns, var = _Names(), {"np": np, "math": __import__("math")}, {}
-    line_nodes = {}
+class Emitter:
+    """State of one generated function: names, namespace, lines and which node each line runs."""
+
+    def __init__(self):
+        self.names, self.ns, self.var = _Names(), {"np": np, "math": __import__("math")}, {}
+        self.lines, self.line_nodes = [], {}
+        self.big: dict[int, str] = {}  # id(tensor) -> variable, for results worth a `del`
+
+    def add(self, line: str, node=None, indent: int = 1) -> None:
+        self.lines.append("    " * indent + line)
+        if node is not None:
+            self.line_nodes[len(self.lines)] = node
+
+    def scalar(self, t) -> str | None:
+        """Inline spelling of a 0-d constant."""
+        if t.node.op.name == "constant" and t.node.attrs["value"].ndim == 0:
+            v = t.node.attrs["value"]
+            return f"np.{v.dtype.name}({v.item() if v.dtype.kind != 'f' else repr(str(v))})"
+        return None
+
+    def constant(self, t, hint: str) -> str:
+        cname = self.names.fresh(f"c_{hint}")
+        self.ns[cname] = t.node.attrs["value"]
+        return cname
+
+    def impl_call(self, node, inputs) -> str:
+        op = node.op
+        fname = f"_{op.name}"
+        self.ns.setdefault(fname, op.impl)
+        attrs = {k: v for k, v in node.attrs.items()}
+        parts = list(inputs)
+        if all(_simple_attr(v) for v in attrs.values()):
+            parts += [f"{k}={v!r}" for k, v in attrs.items()]
+        else:
+            aname = self.names.fresh(f"_attrs_{op.name}")
+            self.ns[aname] = attrs
+            parts.append(f"**{aname}")
+        if getattr(op, "needs_dims", False):
+            parts.append("dims=_dims")
+        return f"{fname}({', '.join(parts)})"
+
+    def expr(self, node, inputs) -> str:
+        """A NumPy expression computing a single-output node (np_code, else a call of its impl)."""
+        return node.op.np_code(inputs, node.attrs) or self.impl_call(node, inputs)
+
+
+def _comment(node) -> str:
+    o = node.outputs[0]
+    name = getattr(node.op, "display_name", lambda n: n.op.name)(node)
+    return f"# {name} -> {o.dtype}{_sh.fmt_shape(o.shape)}  ({fmt_loc(node.loc).split(': ')[0]})"
+
+
+def generate(graph: Graph, plan=None):
+    """(source, namespace, {line number: node}) for `graph_fn(*inputs, *params, _dims, _ws)`."""
+    em = Emitter()
     params = graph.parameters
     args = []
     for t in graph.inputs + params:
-        var[id(t)] = names.fresh(t.name)
-        args.append(var[id(t)])
+        em.var[id(t)] = em.names.fresh(t.name)
+        args.append(em.var[id(t)])
     syms = sorted({s.name for t in graph.inputs for s in _sh.free_symbols(t.shape)} |
                   {s.name for n in graph.nodes for t in n.outputs for s in _sh.free_symbols(t.shape)})
-    lines = [f"def graph_fn({', '.join(args)}{', ' if args else ''}*, _dims):"]
+    em.lines.append(f"def graph_fn({', '.join(args)}{', ' if args else ''}*, _dims, _ws):")
     for s in syms:
-        names.used.add(s)
-        lines.append(f"    {s} = _dims[{s!r}]")
-    for node in graph.nodes:
-        op = node.op
-        if op.name in ("placeholder", "parameter"):
-            if id(node.outputs[0]) not in var:
-                raise GraphcError(f"placeholder {node.outputs[0].name!r} is used but not among the function's inputs")
-            continue
-        out = [names.fresh(o.name or (op.name if op.n_outputs == 1 else f"{op.name}_{i}"))
-               for i, o in enumerate(node.outputs)]
-        inputs = [var[id(t)] for t in node.inputs]
-        if op.name == "constant" and node.attrs["value"].ndim == 0:  # scalars are written inline
-            v = node.attrs["value"]
-            var[id(node.outputs[0])] = f"np.{v.dtype.name}({v.item() if v.dtype.kind != 'f' else repr(str(v))})"
-            continue
-        expr = op.np_code(inputs, node.attrs)
-        if expr is None and op.name == "constant":
-            cname = names.fresh(f"c_{out[0]}")
-            ns[cname] = node.attrs["value"]
-            expr = cname
-        elif expr is None:
-            expr = _impl_call(op, node, inputs, ns, names)
-        o = node.outputs[0]
-        lines.append(f"    # {op.name} -> {o.dtype}{_sh.fmt_shape(o.shape)}  ({fmt_loc(node.loc).split(': ')[0]})")
-        lines.append(f"    {', '.join(out)}{',' if len(out) == 1 and op.n_outputs != 1 else ''} = {expr}")
-        line_nodes[len(lines)] = node
-        for t, n in zip(node.outputs, out):
-            var[id(t)] = n
-    outs = ", ".join(var[id(t)] for t in graph.outputs)
-    upds = ", ".join(var[id(u)] for _, u in graph.updates)
-    lines.append(f"    return [{outs}], [{upds}]")
-    return "\n".join(lines) + "\n", ns, line_nodes
+        em.names.used.add(s)
+        em.add(f"{s} = _dims[{s!r}]")
+    for pos, node in enumerate(graph.nodes):
+        _node(em, node, plan)
+        for t_id in (plan.free_after.get(pos, ()) if plan else ()):
+            if t_id in em.big:
+                em.add(f"del {em.big[t_id]}")
+    owned = {id(t) for t in graph.inputs + params}
+    outs = ", ".join(em.var[id(t)] + (".copy()" if id(t) in owned else "") for t in graph.outputs)
+    upds = ", ".join(em.var[id(u)] for _, u in graph.updates)
+    em.add(f"return [{outs}], [{upds}]")
+    return "\n".join(em.lines) + "\n", em.ns, em.line_nodes
 
 
-def _impl_call(op, node, inputs, ns, names) -> str:
-    fname = f"_{op.name}"
-    ns.setdefault(fname, op.impl)
-    attrs = dict(node.attrs)
-    parts = list(inputs)
-    if all(_simple_attr(v) for v in attrs.values()):
-        parts += [f"{k}={v!r}" for k, v in attrs.items()]
+def _target(em, node, plan, o) -> str | None:
+    """The workspace buffer (as a shaped view) planned for output `o`, bound to a variable; else None."""
+    if plan is None or id(o) not in plan.assign:
+        return None
+    k = plan.assign[id(o)]
+    name = em.names.fresh(o.name or node.op.name)
+    n = plan.buffers[k][1]
+    view = f"_ws[{k}]" if len(o.shape) == 1 and _sh.dims_equal(o.shape[0], n) else \
+        f"_ws[{k}].reshape({dims_code(o.shape)})"
+    em.add(f"{name} = {view}")
+    return name
+
+
+def _node(em, node, plan):
+    op = node.op
+    if op.name in ("placeholder", "parameter"):
+        if id(node.outputs[0]) not in em.var:
+            raise GraphcError(f"placeholder {node.outputs[0].name!r} is used but not among the function's inputs")
+        return
+    if op.name == "constant":
+        t = node.outputs[0]
+        em.var[id(t)] = em.scalar(t) or em.constant(t, t.name or "const")
+        return
+    inputs = [em.var[id(t)] for t in node.inputs]
+    targets = [_target(em, node, plan, o) for o in node.outputs]
+    em.add(_comment(node))
+    if op.name == "fused":
+        outs = emit_fused(em, node, inputs, targets)
     else:
-        aname = names.fresh(f"_attrs_{op.name}")
-        ns[aname] = attrs
-        parts.append(f"**{aname}")
-    if getattr(op, "needs_dims", False):
-        parts.append("dims=_dims")
-    return f"{fname}({', '.join(parts)})"
+        outs = [_single(em, node, inputs, targets[0])] if op.n_outputs == 1 else _multi(em, node, inputs)
+    for t, name in zip(node.outputs, outs):
+        em.var[id(t)] = name
+        if not _sh.is_static(t.shape) or _sh.size(t.shape) >= DEL_MIN_ELEMENTS:
+            em.big[id(t)] = name
+
+
+def _single(em, node, inputs, target) -> str:
+    o = node.outputs[0]
+    name = target or em.names.fresh(o.name or node.op.name)
+    lines = None
+    if getattr(node.op, "elementwise", False) or node.op.name == "cast":
+        if target is not None or o.ndim > 0:
+            lines = _emit.emit(node, inputs, target, name)
+    if lines is None and target is not None and node.op.name == "matmul":
+        lines = [f"np.matmul({inputs[0]}, {inputs[1]}, out={target})"]
+    if lines is None:
+        e = em.expr(node, inputs)
+        lines = [f"{target}[...] = {e}" if target else f"{name} = {e}"]
+    for ln in lines:
+        em.add(ln, node)
+    return name
+
+
+def _multi(em, node, inputs) -> list[str]:
+    out = [em.names.fresh(o.name or f"{node.op.name}_{i}") for i, o in enumerate(node.outputs)]
+    em.add(f"{', '.join(out)}{',' if len(out) == 1 else ''} = {em.expr(node, inputs)}", node)
+    return out

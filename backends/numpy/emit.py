@@ -1,0 +1,102 @@
+"""NumPy spellings of elementwise ops for generated source, able to write into a given array.
+
+`emit(node, args, target)` returns (lines, result): Python lines computing the op from the argument
+expressions `args`; with `target` (a variable holding an array of the result's shape and dtype, maybe
+one of the args when that input dies here) the result is written into it (ufunc `out=`), else the
+lines bind a new variable `result`. `may_alias(node, i)`: may the target be argument i?
+"""
+from __future__ import annotations
+
+import numpy as np
+
+#: ops whose spelling reads some argument after writing the target (so the target must not alias it)
+_READS_AFTER_WRITE = {"leaky_relu": (0,), "where": (0, 1)}
+
+
+def ufunc_name(op) -> str | None:
+    """'np.add' for an op whose NumPy function is that ufunc, else None."""
+    fn = getattr(op, "fn", None)
+    if isinstance(fn, np.ufunc) and getattr(np, fn.__name__, None) is fn:
+        return f"np.{fn.__name__}"
+    return None
+
+
+def may_alias(node, i: int) -> bool:
+    return i not in _READS_AFTER_WRITE.get(node.op.name, ())
+
+
+def _steps(first: str, rest: list[str], args, target, result):
+    """A chain of ufuncs: first(args) then each of `rest` applied in place on the result."""
+    dst = target or result
+    lines = [f"{dst} = {first}({', '.join(args)})" if target is None else f"{first}({', '.join(args)}, out={dst})"]
+    lines += [r.format(dst) for r in rest]
+    return lines
+
+
+def _sigmoid(node, args, target, result):
+    # 1 / (1 + exp(-x)): exp overflows to inf for very negative x, giving the exact limit 0
+    return _steps("np.negative", ["np.exp({0}, out={0})", "np.add({0}, 1, out={0})", "np.reciprocal({0}, out={0})"],
+                  args, target, result)
+
+
+def _rsqrt(node, args, target, result):
+    return _steps("np.sqrt", ["np.reciprocal({0}, out={0})"], args, target, result)
+
+
+def _relu(node, args, target, result):
+    return _steps("np.maximum", [], [args[0], "0"], target, result)
+
+
+def _softplus(node, args, target, result):
+    return _steps("np.logaddexp", [], [args[0], "0"], target, result)
+
+
+def _leaky_relu(node, args, target, result):
+    alpha = node.attrs["alpha"]
+    if not 0 <= alpha <= 1:
+        return None
+    dst = target or result
+    first = f"{dst} = {args[0]} * {alpha!r}" if target is None else f"np.multiply({args[0]}, {alpha!r}, out={dst})"
+    return [first, f"np.maximum({args[0]}, {dst}, out={dst})"]  # max(x, a*x) for 0 <= a <= 1
+
+
+def _where(node, args, target, result):
+    if target is None:
+        return [f"{result} = np.where({', '.join(args)})"]
+    c, a, b = args
+    return [f"np.copyto({target}, {b})", f"np.copyto({target}, {a}, where={c})"]
+
+
+def _cast(node, args, target, result):
+    dt = node.attrs["dtype"]
+    if target is None:
+        return [f"{result} = {args[0]}.astype(np.{dt})"]
+    return [f"np.copyto({target}, {args[0]}, casting='unsafe')"]
+
+
+def _fill(value):
+    def emit(node, args, target, result):
+        if target is None:
+            return [f"{result} = np.full_like({args[0]}, {value})"]
+        return [f"{target}.fill({value})"]
+    return emit
+
+
+SPECIAL = {"sigmoid": _sigmoid, "rsqrt": _rsqrt, "relu": _relu, "softplus": _softplus, "leaky_relu": _leaky_relu,
+           "where": _where, "cast": _cast, "zeros_like": _fill(0), "ones_like": _fill(1)}
+
+
+def emit(node, args: list[str], target: str | None, result: str) -> list[str] | None:
+    """Lines for an elementwise node (see the module docstring), or None when there is no spelling."""
+    special = SPECIAL.get(node.op.name)
+    if special is not None:
+        lines = special(node, args, target, result)
+        if lines is not None:
+            return lines
+    uf = ufunc_name(node.op)
+    if uf is None or node.attrs:
+        return None
+    if target is None:
+        expr = node.op.np_code(args, node.attrs)
+        return [f"{result} = {expr or uf + '(' + ', '.join(args) + ')'}"]
+    return [f"{uf}({', '.join(args)}, out={target})"]
