@@ -15,4 +15,5 @@ from .shape_ops import (broadcast_to, concatenate, expand_dims, flatten, getitem
                         squeeze, stack, sum_to, swapaxes, take, transpose)
 from .linalg import dot, matmul  # noqa: F401
 from .fused import Fused, fused  # noqa: F401,E402
+from .scan import scan  # noqa: F401,E402
 from . import tensor_methods  # noqa: F401,E402

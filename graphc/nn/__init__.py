@@ -1,0 +1,2 @@
+"""gc.nn: layers."""
+from .recurrent import GRU, LSTM, RNN  # noqa: F401

@@ -1,0 +1,203 @@
+"""Recurrent layers RNN, LSTM, GRU on (N, T, C) input, built on gc.scan (one loop node per layer
+and direction, differentiated by back-propagation through time).
+
+Parameters follow PyTorch's names, shapes and gate layout, so `layer.load_state_dict(
+{k: v.numpy() for k, v in torch_lstm.state_dict().items()})` copies a torch.nn.LSTM's weights:
+  weight_ih_l{k}[_reverse] (G*H, in), weight_hh_l{k}[_reverse] (G*H, H),
+  bias_ih_l{k}[_reverse] (G*H,), bias_hh_l{k}[_reverse] (G*H,)
+with G gates stacked in torch's order: LSTM (i, f, g, o), GRU (r, z, n), RNN (one).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from graphc import ops as F
+from ..errors import GraphcError, ShapeError
+from ..ir import Tensor
+from ..ops.core import Parameter, as_tensor, constant, parameter
+
+
+class _Recurrent:
+    """Shared machinery: parameters, layer/direction stacking, input projection hoisted out of the loop."""
+
+    gates = 1
+    kind = "RNN"
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bidirectional: bool = False,
+                 bias: bool = True, dtype: str = "float32", seed: int | None = 0):
+        if min(input_size, hidden_size, num_layers) < 1:
+            raise GraphcError(f"{self.kind}: input_size, hidden_size and num_layers must be >= 1, got "
+                              f"{input_size}, {hidden_size}, {num_layers}")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bidirectional, self.bias, self.dtype = bool(bidirectional), bool(bias), dtype
+        self.num_directions = 2 if bidirectional else 1
+        self.named_params: dict[str, Parameter] = {}
+        rng = np.random.default_rng(seed)
+        bound = 1.0 / math.sqrt(hidden_size)  # torch's default: U(-1/sqrt(H), 1/sqrt(H)) for every tensor
+        for k in range(num_layers):
+            n_in = input_size if k == 0 else hidden_size * self.num_directions
+            for sfx in self._suffixes():
+                for name, shape in self._shapes(k, sfx, n_in):
+                    self.named_params[name] = parameter(name, rng.uniform(-bound, bound, shape), dtype)
+
+    def _suffixes(self):
+        return ("", "_reverse") if self.bidirectional else ("",)
+
+    def _shapes(self, k, sfx, n_in):
+        G, H = self.gates * self.hidden_size, self.hidden_size
+        out = [(f"weight_ih_l{k}{sfx}", (G, n_in)), (f"weight_hh_l{k}{sfx}", (G, H))]
+        if self.bias:
+            out += [(f"bias_ih_l{k}{sfx}", (G,)), (f"bias_hh_l{k}{sfx}", (G,))]
+        return out
+
+    @property
+    def params(self) -> list[Parameter]:
+        """Trainable parameters in PyTorch's state_dict order."""
+        return list(self.named_params.values())
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {k: p.get_value() for k, p in self.named_params.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Copy weights by PyTorch name (arrays or anything np.asarray accepts, e.g. torch tensors)."""
+        missing = set(self.named_params) - set(state)
+        extra = set(state) - set(self.named_params)
+        if missing or extra:
+            raise GraphcError(f"{self.kind}.load_state_dict: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        for k, v in state.items():
+            self.named_params[k].set_value(np.asarray(v, dtype=self.dtype))
+
+    # ---- the forward computation ------------------------------------------------------------------
+
+    def __call__(self, x, state=None, training: bool = False):
+        """x (N, T, input_size) -> (outputs (N, T, H * dirs), final state); the state is h
+        (layers * dirs, N, H) (LSTM: (h, c)), like torch with batch_first=True."""
+        x = as_tensor(x)
+        if x.ndim != 3 or not (isinstance(x.shape[2], int) and x.shape[2] == self.input_size):
+            raise ShapeError(f"{self.kind}: input {x.label} has shape {x.shape}, expected (N, T, {self.input_size})")
+        seq = F.transpose(x, (1, 0, 2))  # time-major: scan runs over axis 0
+        n = x.shape[0]
+        finals = []
+        for k in range(self.num_layers):
+            outs = []
+            for d, sfx in enumerate(self._suffixes()):
+                init = self._init_state(state, k * self.num_directions + d, n, seq.dtype)
+                ys, fin = self._direction(seq, init, k, sfx, reverse=d == 1)
+                outs.append(ys)
+                finals.append(fin)
+            seq = outs[0] if len(outs) == 1 else F.concatenate(outs, axis=-1)
+        out = F.transpose(seq, (1, 0, 2))
+        return out, self._pack(finals)
+
+    def _pack(self, finals):
+        return F.stack([f[0] for f in finals], axis=0)
+
+    def _init_state(self, state, i, n, dtype):
+        """Initial carry of layer-direction i: zeros, or the user's (layers * dirs, N, H) tensor."""
+        H = self.hidden_size
+        if state is None:
+            return [F.broadcast_to(constant(0, dtype), (n, H)) for _ in range(self._n_state)]
+        parts = state if isinstance(state, (tuple, list)) else (state,)
+        if len(parts) != self._n_state:
+            raise GraphcError(f"{self.kind}: state must be {self._n_state} tensor(s), got {len(parts)}")
+        out = []
+        for s in parts:
+            s = as_tensor(s)
+            if s.ndim != 3 or s.shape[0] != self.num_layers * self.num_directions:
+                raise ShapeError(f"{self.kind}: initial state {s.label} has shape {s.shape}, expected "
+                                 f"({self.num_layers * self.num_directions}, N, {H})")
+            out.append(F.cast(s[i], dtype))
+        return out
+
+    _n_state = 1
+
+    def _direction(self, seq, init, k, sfx, reverse):
+        """One layer in one direction: (ys (T, N, H), final carry list)."""
+        p = self.named_params
+        w_ih, w_hh = p[f"weight_ih_l{k}{sfx}"], p[f"weight_hh_l{k}{sfx}"]
+        # the input projection of every step is one big matmul outside the loop
+        xp = seq @ F.cast(w_ih, seq.dtype).T
+        b_ih = F.cast(p[f"bias_ih_l{k}{sfx}"], seq.dtype) if self.bias else None
+        b_hh = F.cast(p[f"bias_hh_l{k}{sfx}"], seq.dtype) if self.bias else None
+        xp, b_hh = self._fold_bias(xp, b_ih, b_hh)
+        whT = F.cast(w_hh, seq.dtype).T
+
+        def step(carry, xt):
+            new = self._cell(carry, xt, whT, b_hh)
+            return new, new[0]
+        fin, ys = F.scan(step, init, xp, reverse=reverse)
+        return ys, fin
+
+    def _fold_bias(self, xp, b_ih, b_hh):
+        """Both biases are added to the hoisted projection when the cell only ever uses their sum."""
+        if b_ih is None:
+            return xp, None
+        return xp + (b_ih + b_hh), None
+
+    def _cell(self, carry, xt, whT, b_hh):
+        raise NotImplementedError
+
+    def __repr__(self):
+        return (f"{self.kind}({self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
+                f"bidirectional={self.bidirectional})")
+
+
+class RNN(_Recurrent):
+    """Elman RNN: h' = tanh(W_ih x + b_ih + W_hh h + b_hh) (nonlinearity='relu' for ReLU)."""
+
+    kind = "RNN"
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bidirectional: bool = False,
+                 nonlinearity: str = "tanh", **kw):
+        if nonlinearity not in ("tanh", "relu"):
+            raise GraphcError(f"RNN: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(input_size, hidden_size, num_layers, bidirectional, **kw)
+
+    def _cell(self, carry, xt, whT, b_hh):
+        act = F.tanh if self.nonlinearity == "tanh" else F.relu
+        return [act(xt + carry[0] @ whT)]
+
+
+class LSTM(_Recurrent):
+    """LSTM with torch's gates (i, f, g, o): c' = f*c + i*g, h' = o*tanh(c'); state (h, c)."""
+
+    kind, gates, _n_state = "LSTM", 4, 2
+
+    def _cell(self, carry, xt, whT, b_hh):
+        h, c = carry
+        z = xt + h @ whT
+        H = self.hidden_size
+        i, f = F.sigmoid(z[:, :H]), F.sigmoid(z[:, H:2 * H])
+        g, o = F.tanh(z[:, 2 * H:3 * H]), F.sigmoid(z[:, 3 * H:])
+        c2 = f * c + i * g
+        return [o * F.tanh(c2), c2]
+
+    def _pack(self, finals):
+        return F.stack([f[0] for f in finals], axis=0), F.stack([f[1] for f in finals], axis=0)
+
+
+class GRU(_Recurrent):
+    """GRU with torch's gates (r, z, n): n = tanh(W_in x + b_in + r*(W_hn h + b_hn)), h' = (1-z)*n + z*h."""
+
+    kind, gates = "GRU", 3
+
+    def _fold_bias(self, xp, b_ih, b_hh):
+        if b_ih is None:
+            return xp, None
+        H = self.hidden_size
+        # r and z use b_ih + b_hh; the n gate needs b_hn inside r * (...), so it stays in the loop
+        folded = b_ih + F.concatenate([b_hh[:2 * H], F.zeros_like(b_hh[2 * H:])], axis=0)
+        return xp + folded, b_hh[2 * H:]
+
+    def _cell(self, carry, xt, whT, b_hn):
+        h = carry[0]
+        H = self.hidden_size
+        hp = h @ whT
+        r = F.sigmoid(xt[:, :H] + hp[:, :H])
+        z = F.sigmoid(xt[:, H:2 * H] + hp[:, H:2 * H])
+        hn = hp[:, 2 * H:] if b_hn is None else hp[:, 2 * H:] + b_hn
+        n = F.tanh(xt[:, 2 * H:] + r * hn)
+        return [(1 - z) * n + z * h]
