@@ -214,8 +214,8 @@ def _node(em, node, plan):
         em.var[id(t)] = em.scalar(t) or em.constant(t, t.name or "const")
         return
     inputs = [em.var[id(t)] for t in node.inputs]
-    targets = [_target(em, node, plan, o) for o in node.outputs]
     em.add(_comment(node))
+    targets = [_target(em, node, plan, o) for o in node.outputs]
     if op.name == "fused":
         outs = emit_fused(em, node, inputs, targets)
     else:

@@ -16,7 +16,8 @@ NO_FOLD = {"fused"}
 
 
 def foldable(op) -> bool:
-    return (op.name not in NO_FOLD and getattr(op, "pure", True) and not op.name.startswith("random")
+    return (op.name not in NO_FOLD and getattr(op, "pure", True) and not getattr(op, "stateful", False)
+            and not op.name.startswith("random")
             and getattr(op, "n_outputs", 1) == 1)
 
 

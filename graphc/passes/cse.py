@@ -31,7 +31,8 @@ def _freeze(v):
 
 def pure(op) -> bool:
     """Two applications with equal inputs give equal results (random draws do not)."""
-    return getattr(op, "pure", True) and not op.name.startswith("random") and op.name not in ("placeholder", "parameter")
+    return (getattr(op, "pure", True) and not getattr(op, "stateful", False) and not op.name.startswith("random")
+            and op.name not in ("placeholder", "parameter"))
 
 
 def _key(node: Node, ins: list[Tensor], number: dict[int, int]):

@@ -202,9 +202,9 @@ def _epilogue_rule(counts, roots):
         if is_fused and any(n.op.name not in ("placeholder", "constant") and not fusible(n)
                             for n in node.attrs["body"].nodes):
             return None  # already headed, or closed by a reduction
-        for i, t in enumerate(ins):
-            head = t.node
-            if (head.op.name in EPILOGUE_HEADS and counts.get(id(t)) == 1 and id(t) not in roots
+        for i, (t, old) in enumerate(zip(ins, node.inputs)):
+            head = t.node  # counts and roots are about the graph before this pass: look up `old`
+            if (head.op.name in EPILOGUE_HEADS and counts.get(id(old)) == 1 and id(old) not in roots
                     and _same_shape(t.shape, _loop_shape(node)) and t.dtype == node.outputs[0].dtype):
                 return list(_absorb(head, node, i, ins).outputs)
         return None

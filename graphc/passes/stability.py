@@ -8,6 +8,8 @@ are replaced by the stable op computing the same function.
     log1p(exp(x))            -> softplus(x)
     exp(x) - 1               -> expm1(x)
     log(sum(exp(x), axes))   -> logsumexp(x, axes)
+    (a / y) * y              -> a                   (the gradient of log(softmax): y underflows to 0)
+    y * (a / y - s)          -> a - y * s
 """
 from __future__ import annotations
 
@@ -79,7 +81,21 @@ def _logsumexp(node, ins):
     return [F.logsumexp(x, s.node.attrs["axis"], s.node.attrs["keepdims"])]
 
 
-RULES = {"log": [_log_softmax, _log_sigmoid, _log1p, _logsumexp], "log1p": [_softplus], "sub": [_expm1]}
+def _div_then_mul(node, ins):
+    """(a / y) * y -> a and y * (a / y - s) -> a - y * s: a gradient of log(y) meeting y again."""
+    for q, y in (ins, ins[::-1]):
+        if q.node.op.name == "div" and q.node.inputs[1] is y and same_type(q.node.inputs[0], node.outputs[0]):
+            return [q.node.inputs[0]]
+        if q.node.op.name == "sub" and q.node.inputs[0].node.op.name == "div":
+            d, s = q.node.inputs[0], q.node.inputs[1]
+            a = d.node.inputs[0]
+            if d.node.inputs[1] is y and same_type(a, node.outputs[0]):
+                return [F.sub(a, F.mul(y, s))]
+    return None
+
+
+RULES = {"log": [_log_softmax, _log_sigmoid, _log1p, _logsumexp], "log1p": [_softplus], "sub": [_expm1],
+         "mul": [_div_then_mul]}
 
 
 def _rule(node, ins):
