@@ -88,7 +88,11 @@ class Function:
                 raise GraphcError(f"inputs must be placeholders, got {t!r}")
         if len({id(t) for t in ins}) != len(ins):
             raise GraphcError("an input placeholder appears twice")
-        self.user_graph = Graph(ins, outs, _check_updates(updates), name)
+        upd = _check_updates(updates)
+        # graph state the outputs advance by themselves (RNG counters, batch-norm running stats)
+        from .ops.state import implicit_updates
+        upd += _check_updates(implicit_updates(outs + [v for _, v in upd], exclude=[p for p, _ in upd]))
+        self.user_graph = Graph(ins, outs, upd, name)
         self.backend_name = backend
         self.options = dict(options, optimize=optimize)
         self.graph = self._optimise(self.user_graph, optimize, options)

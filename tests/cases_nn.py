@@ -1,0 +1,214 @@
+"""Op-table rows for the neural-network ops (graphc/ops/nn_ops.py), with independent references
+written as direct loops over output positions (tiny sizes), so the vectorised im2col/strided
+implementations are checked against the definition."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+import graphc as gc
+from graphc.ir import apply
+from graphc.ops import nn_ops as N
+from op_table import Case
+
+
+def loop_conv2d(x, w, stride=(1, 1), pads=((0, 0), (0, 0)), dil=(1, 1), groups=1):
+    """y[n, o, i, j] = sum_{c, a, b} xpad[n, g*Cg + c, i*s + a*d, j*s + b*d] * w[o, c, a, b]."""
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    xp = np.zeros((n, c, h + sum(pads[0]), wd + sum(pads[1])), x.dtype)
+    xp[:, :, pads[0][0]:pads[0][0] + h, pads[1][0]:pads[1][0] + wd] = x
+    oh = (xp.shape[2] - dil[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (xp.shape[3] - dil[1] * (kw - 1) - 1) // stride[1] + 1
+    y = np.zeros((n, o, oh, ow), x.dtype)
+    og = o // groups
+    for b_, oc, i, j in itertools.product(range(n), range(o), range(oh), range(ow)):
+        g = oc // og
+        acc = 0.0
+        for ci, a, b in itertools.product(range(cg), range(kh), range(kw)):
+            acc += xp[b_, g * cg + ci, i * stride[0] + a * dil[0], j * stride[1] + b * dil[1]] * w[oc, ci, a, b]
+        y[b_, oc, i, j] = acc
+    return y
+
+
+def loop_conv2d_grad_input(gy, w, hw, stride=(1, 1), pads=((0, 0), (0, 0)), dil=(1, 1), groups=1):
+    """The adjoint, by its definition: scatter gy[n, o, i, j] * w[o, c, a, b] to the input pixel it read."""
+    n, o, oh, ow = gy.shape
+    _, cg, kh, kw = w.shape
+    h, wd = hw
+    xp = np.zeros((n, cg * groups, h + sum(pads[0]), wd + sum(pads[1])), gy.dtype)
+    og = o // groups
+    for b_, oc, i, j, ci, a, b in itertools.product(range(n), range(o), range(oh), range(ow), range(cg),
+                                                    range(kh), range(kw)):
+        xp[b_, (oc // og) * cg + ci, i * stride[0] + a * dil[0], j * stride[1] + b * dil[1]] += gy[b_, oc, i, j] * w[oc, ci, a, b]
+    return xp[:, :, pads[0][0]:pads[0][0] + h, pads[1][0]:pads[1][0] + wd]
+
+
+def loop_conv2d_grad_weight(x, gy, kernel, stride=(1, 1), pads=((0, 0), (0, 0)), dil=(1, 1), groups=1):
+    n, c, h, wd = x.shape
+    o = gy.shape[1]
+    cg, og = c // groups, o // groups
+    xp = np.zeros((n, c, h + sum(pads[0]), wd + sum(pads[1])), x.dtype)
+    xp[:, :, pads[0][0]:pads[0][0] + h, pads[1][0]:pads[1][0] + wd] = x
+    gw = np.zeros((o, cg) + tuple(kernel), x.dtype)
+    for b_, oc, i, j, ci, a, b in itertools.product(range(n), range(o), range(gy.shape[2]), range(gy.shape[3]),
+                                                    range(cg), range(kernel[0]), range(kernel[1])):
+        gw[oc, ci, a, b] += gy[b_, oc, i, j] * xp[b_, (oc // og) * cg + ci, i * stride[0] + a * dil[0], j * stride[1] + b * dil[1]]
+    return gw
+
+
+def loop_pool(x, k, s, p, reduce, fill):
+    n, c, h, w = x.shape
+    xp = np.full((n, c, h + 2 * p[0], w + 2 * p[1]), fill, x.dtype)
+    xp[:, :, p[0]:p[0] + h, p[1]:p[1] + w] = x
+    oh, ow = (xp.shape[2] - k[0]) // s[0] + 1, (xp.shape[3] - k[1]) // s[1] + 1
+    y = np.zeros((n, c, oh, ow), x.dtype)
+    for b_, ci, i, j in itertools.product(range(n), range(c), range(oh), range(ow)):
+        y[b_, ci, i, j] = reduce(xp[b_, ci, i * s[0]:i * s[0] + k[0], j * s[1]:j * s[1] + k[1]])
+    return y
+
+
+def loop_max_pool_grad(x, gy, k, s, p):
+    """Each output's gradient goes to the first maximum of its window (row-major order)."""
+    n, c, h, w = x.shape
+    xp = np.full((n, c, h + 2 * p[0], w + 2 * p[1]), -np.inf, x.dtype)
+    xp[:, :, p[0]:p[0] + h, p[1]:p[1] + w] = x
+    gp = np.zeros_like(xp)
+    for b_, ci, i, j in itertools.product(range(n), range(c), range(gy.shape[2]), range(gy.shape[3])):
+        win = xp[b_, ci, i * s[0]:i * s[0] + k[0], j * s[1]:j * s[1] + k[1]]
+        a, b = np.unravel_index(np.argmax(win), win.shape)
+        gp[b_, ci, i * s[0] + a, j * s[1] + b] += gy[b_, ci, i, j]
+    return gp[:, :, p[0]:p[0] + h, p[1]:p[1] + w]
+
+
+def loop_max_pool_select(x, g, k, s, p):
+    n, c, h, w = x.shape
+    xp = np.full((n, c, h + 2 * p[0], w + 2 * p[1]), -np.inf, x.dtype)
+    xp[:, :, p[0]:p[0] + h, p[1]:p[1] + w] = x
+    gp = np.zeros_like(xp)
+    gp[:, :, p[0]:p[0] + h, p[1]:p[1] + w] = g
+    oh, ow = (xp.shape[2] - k[0]) // s[0] + 1, (xp.shape[3] - k[1]) // s[1] + 1
+    y = np.zeros((n, c, oh, ow), x.dtype)
+    for b_, ci, i, j in itertools.product(range(n), range(c), range(oh), range(ow)):
+        win = xp[b_, ci, i * s[0]:i * s[0] + k[0], j * s[1]:j * s[1] + k[1]]
+        a, b = np.unravel_index(np.argmax(win), win.shape)
+        y[b_, ci, i, j] = gp[b_, ci, i * s[0] + a, j * s[1] + b]
+    return y
+
+
+def _erf(x):
+    return np.vectorize(math.erf, otypes=[x.dtype])(x)
+
+
+def _gelu(x):
+    return (0.5 * x * (1 + _erf(x / math.sqrt(2)))).astype(x.dtype)
+
+
+def _elu(x, a=1.0):
+    return np.where(x > 0, x, a * (np.exp(x) - 1)).astype(x.dtype)
+
+
+def _bn_train(x, g, b):
+    axes = (0,) + tuple(range(2, x.ndim))
+    shp = (1, -1) + (1,) * (x.ndim - 2)
+    m, v = x.mean(axes, keepdims=True), x.var(axes, keepdims=True)
+    return ((x - m) / np.sqrt(v + 1e-5) * g.reshape(shp) + b.reshape(shp)).astype(x.dtype)
+
+
+def _ln(x, g, b):
+    m, v = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return ((x - m) / np.sqrt(v + 1e-5) * g + b).astype(x.dtype)
+
+
+_P1 = ((1, 1), (1, 1))
+_PS = ((1, 0), (2, 1))  # asymmetric ('same'-style) padding
+# conv2d: stride, padding, dilation, groups; (x shape, w shape, stride, pads, dilation, groups)
+_CONV = [((2, 3, 5, 5), (4, 3, 3, 3), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),
+         ((1, 2, 6, 5), (3, 2, 3, 2), (2, 1), _P1, (1, 1), 1),
+         ((2, 4, 6, 6), (4, 2, 2, 3), (1, 2), _PS, (2, 1), 2),
+         ((1, 3, 4, 4), (3, 1, 3, 3), (2, 2), _P1, (1, 1), 3)]
+
+
+def _conv_case(i, xs, ws, st, pads, dil, g):
+    return [
+        Case(f"conv2d_{i}", lambda x, w: apply(N.Conv2d, x, w, stride=st, pads=pads, dilation=dil, groups=g),
+             lambda x, w: loop_conv2d(x, w, st, pads, dil, g), [[xs, ws]]),
+        Case(f"conv2d_grad_input_{i}",
+             lambda gy, w: apply(N.Conv2dGradInput, gy, w, x_hw=xs[2:], stride=st, pads=pads, dilation=dil, groups=g),
+             lambda gy, w: loop_conv2d_grad_input(gy, w, xs[2:], st, pads, dil, g),
+             [[(xs[0], ws[0]) +
+               tuple(N.out_dim(xs[2 + a], ws[2 + a], st[a], dil[a], *pads[a]) for a in range(2)), ws]]),
+        Case(f"conv2d_grad_weight_{i}",
+             lambda x, gy: apply(N.Conv2dGradWeight, x, gy, kernel=ws[2:], stride=st, pads=pads, dilation=dil, groups=g),
+             lambda x, gy: loop_conv2d_grad_weight(x, gy, ws[2:], st, pads, dil, g),
+             [[xs, (xs[0], ws[0]) + tuple(N.out_dim(xs[2 + a], ws[2 + a], st[a], dil[a], *pads[a]) for a in range(2))]]),
+    ]
+
+
+_POOL = [((2, 2, 5, 5), (2, 2), (2, 2), (0, 0)), ((1, 2, 6, 5), (3, 3), (2, 1), (1, 1)),
+         ((1, 1, 4, 4), (2, 3), (1, 2), (1, 1))]
+
+
+def _pool_out(xs, k, s, p):
+    return xs[:2] + tuple((xs[2 + a] + 2 * p[a] - k[a]) // s[a] + 1 for a in range(2))
+
+
+def _pool_cases(i, xs, k, s, p):
+    pads = tuple((q, q) for q in p)
+    return [
+        Case(f"max_pool2d_{i}", lambda x: gc.max_pool2d(x, k, s, p), lambda x: loop_pool(x, k, s, p, np.max, -np.inf),
+             [[xs]]),
+        Case(f"max_pool2d_grad_{i}", lambda x, g: apply(N.MaxPool2dGrad, x, g, kernel=k, stride=s, pads=pads),
+             lambda x, g: loop_max_pool_grad(x, g, k, s, p), [[xs, _pool_out(xs, k, s, p)]]),
+        Case(f"max_pool2d_select_{i}", lambda x, g: apply(N.MaxPool2dSelect, x, g, kernel=k, stride=s, pads=pads),
+             lambda x, g: loop_max_pool_select(x, g, k, s, p), [[xs, xs]]),
+        Case(f"avg_pool2d_{i}", lambda x: gc.avg_pool2d(x, k, s, p),
+             lambda x: loop_pool(x, k, s, p, lambda v: v.sum() / (k[0] * k[1]), 0), [[xs]]),
+        Case(f"lp_pool2d_{i}", lambda x: gc.lp_pool2d(x, 3, k, s, p),
+             lambda x: loop_pool(x, k, s, p, lambda v: (np.abs(v) ** 3).sum() ** (1 / 3), 0), [[xs]],
+             domain="pos"),
+    ]
+
+
+def _no_pad_avg(x):
+    return loop_pool(x, (3, 3), (1, 1), (1, 1), lambda v: v.sum(), 0) / loop_pool(
+        np.ones_like(x), (3, 3), (1, 1), (1, 1), lambda v: v.sum(), 0)
+
+
+CASES = [c for i, spec in enumerate(_CONV) for c in _conv_case(i, *spec)]
+CASES += [c for i, spec in enumerate(_POOL) for c in _pool_cases(i, *spec)]
+CASES += [
+    Case("conv2d_same_bias", lambda x, w, b: gc.conv2d(x, w, b, padding="same"),
+         lambda x, w, b: loop_conv2d(x, w, pads=((1, 1), (0, 1))) + b[:, None, None], [[(2, 2, 4, 4), (3, 2, 3, 2), (3,)]]),
+    Case("conv2d_valid_stride_same", lambda x, w: gc.conv2d(x, w, stride=2, padding="same"),
+         lambda x, w: loop_conv2d(x, w, (2, 2), ((1, 1), (1, 1))), [[(1, 1, 5, 5), (2, 1, 3, 3)]]),
+    Case("conv1d", lambda x, w, b: gc.conv1d(x, w, b, stride=2, padding=1, dilation=2),
+         lambda x, w, b: loop_conv2d(x[:, :, None], w[:, :, None], (1, 2), ((0, 0), (1, 1)), (1, 2))[:, :, 0] + b[:, None],
+         [[(2, 3, 9), (2, 3, 3), (2,)]]),
+    Case("avg_pool2d_no_pad_count", lambda x: gc.avg_pool2d(x, 3, 1, 1, count_include_pad=False), _no_pad_avg,
+         [[(1, 2, 4, 5)]]),
+    Case("heaviside", lambda x: gc.heaviside(x, 0.5), lambda x: np.heaviside(x, 0.5).astype(x.dtype), [[(3, 4)], [(5,)]]),
+    Case("elu", lambda x: gc.elu(x, 0.7), lambda x: _elu(x, 0.7), [[(3, 4)]]),
+    Case("selu", gc.selu, lambda x: (N.SELU_SCALE * _elu(x, N.SELU_ALPHA)).astype(x.dtype), [[(3, 4)]]),
+    Case("gelu", gc.gelu, _gelu, [[(3, 4)]]),
+    Case("gelu_tanh", lambda x: gc.gelu(x, "tanh"),
+         lambda x: (0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))).astype(x.dtype), [[(3, 4)]]),
+    Case("maxout", lambda x: gc.maxout(x, 3), lambda x: x.reshape(2, 2, 3, 4).max(2), [[(2, 6, 4)]]),
+    Case("soft_maxout", lambda x: gc.soft_maxout(x, 2, axis=-1),
+         lambda x: np.log(np.exp(x.reshape(3, 2, 2)).sum(-1)), [[(3, 4)]]),
+    Case("noisy_relu_eval", lambda x: gc.noisy_relu(x, training=False), lambda x: np.maximum(x, 0), [[(3, 4)]]),
+    Case("batch_norm_train", lambda x, g, b: gc.batch_norm(x, None, None, g, b, training=True), _bn_train,
+         [[(4, 3, 2, 2), (3,), (3,)], [(5, 3), (3,), (3,)]]),
+    Case("batch_norm_eval", lambda x, m, v: gc.batch_norm(x, m, v, training=False),
+         lambda x, m, v: ((x - m[:, None, None]) / np.sqrt(v[:, None, None] + 1e-5)).astype(x.dtype),
+         [[(2, 3, 2, 2), (3,), (3,)]], domain="pos"),
+    Case("layer_norm", lambda x, g, b: gc.layer_norm(x, 4, g, b), _ln, [[(3, 4), (4,), (4,)], [(2, 3, 4), (4,), (4,)]]),
+    Case("dropout_fixed_key", lambda x: gc.dropout(x, 0.3, key=gc.random.key(7)),
+         lambda x: x * (gc.evaluate([gc.random.uniform(x.shape, dtype=x.dtype.name, key=gc.random.key(7))], {})[0]
+                        >= 0.3) / np.asarray(0.7, x.dtype), [[(4, 5)]]),
+    Case("embedding", lambda i, w: gc.embedding(i, w), lambda i, w: w[i], [[(2, 3), (5, 4)]], int_inputs={0: (0, 5)}),
+    Case("one_hot", lambda i, x: gc.one_hot(i, 4, x.dtype) * x, lambda i, x: np.eye(4, dtype=x.dtype)[i] * x,
+         [[(3,), (3, 4)]], int_inputs={0: (0, 4)}),
+]
