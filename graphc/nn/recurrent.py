@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from graphc import ops as F
+from .. import shapes as _sh
 from ..errors import GraphcError, ShapeError
 from ..ir import Tensor
 from ..ops.core import Parameter, as_tensor, constant, parameter
@@ -77,19 +78,17 @@ class _Recurrent:
         x = as_tensor(x)
         if x.ndim != 3 or not (isinstance(x.shape[2], int) and x.shape[2] == self.input_size):
             raise ShapeError(f"{self.kind}: input {x.label} has shape {x.shape}, expected (N, T, {self.input_size})")
-        seq = F.transpose(x, (1, 0, 2))  # time-major: scan runs over axis 0
         n = x.shape[0]
-        finals = []
+        seq, finals = x, []
         for k in range(self.num_layers):
             outs = []
             for d, sfx in enumerate(self._suffixes()):
-                init = self._init_state(state, k * self.num_directions + d, n, seq.dtype)
+                init = self._init_state(state, k * self.num_directions + d, n, x.dtype)
                 ys, fin = self._direction(seq, init, k, sfx, reverse=d == 1)
                 outs.append(ys)
                 finals.append(fin)
             seq = outs[0] if len(outs) == 1 else F.concatenate(outs, axis=-1)
-        out = F.transpose(seq, (1, 0, 2))
-        return out, self._pack(finals)
+        return seq, self._pack(finals)
 
     def _pack(self, finals):
         return F.stack([f[0] for f in finals], axis=0)
@@ -105,30 +104,34 @@ class _Recurrent:
         out = []
         for s in parts:
             s = as_tensor(s)
-            if s.ndim != 3 or s.shape[0] != self.num_layers * self.num_directions:
-                raise ShapeError(f"{self.kind}: initial state {s.label} has shape {s.shape}, expected "
-                                 f"({self.num_layers * self.num_directions}, N, {H})")
+            want = (self.num_layers * self.num_directions, n, H)
+            if s.ndim != 3 or not all(_sh.dims_equal(a, b) for a, b in zip(s.shape, want)):
+                raise ShapeError(f"{self.kind}: initial state {s.label} has shape {_sh.fmt_shape(s.shape)}, "
+                                 f"expected {_sh.fmt_shape(want)} (layers * directions, batch, hidden)")
             out.append(F.cast(s[i], dtype))
         return out
 
     _n_state = 1
 
     def _direction(self, seq, init, k, sfx, reverse):
-        """One layer in one direction: (ys (T, N, H), final carry list)."""
+        """One layer in one direction on batch-major seq (N, T, C): (ys (N, T, H), final carries)."""
         p = self.named_params
-        w_ih, w_hh = p[f"weight_ih_l{k}{sfx}"], p[f"weight_hh_l{k}{sfx}"]
-        # the input projection of every step is one big matmul outside the loop
-        xp = seq @ F.cast(w_ih, seq.dtype).T
-        b_ih = F.cast(p[f"bias_ih_l{k}{sfx}"], seq.dtype) if self.bias else None
-        b_hh = F.cast(p[f"bias_hh_l{k}{sfx}"], seq.dtype) if self.bias else None
+        dt = seq.dtype
+        w_ih, w_hh = F.cast(p[f"weight_ih_l{k}{sfx}"], dt), F.cast(p[f"weight_hh_l{k}{sfx}"], dt)
+        n, T, C = seq.shape
+        # the input projection of every step is one 2-D matmul (BLAS) outside the loop
+        xp = F.reshape(seq, (n * T, C)) @ w_ih.T
+        b_ih = F.cast(p[f"bias_ih_l{k}{sfx}"], dt) if self.bias else None
+        b_hh = F.cast(p[f"bias_hh_l{k}{sfx}"], dt) if self.bias else None
         xp, b_hh = self._fold_bias(xp, b_ih, b_hh)
-        whT = F.cast(w_hh, seq.dtype).T
+        xp = F.transpose(F.reshape(xp, (n, T, xp.shape[-1])), (1, 0, 2))  # time-major for scan
+        whT = w_hh.T
 
         def step(carry, xt):
             new = self._cell(carry, xt, whT, b_hh)
             return new, new[0]
         fin, ys = F.scan(step, init, xp, reverse=reverse)
-        return ys, fin
+        return F.transpose(ys, (1, 0, 2)), fin
 
     def _fold_bias(self, xp, b_ih, b_hh):
         """Both biases are added to the hoisted projection when the cell only ever uses their sum."""

@@ -321,18 +321,16 @@ def scan_flat(step_flat: Callable, init: list[Tensor], xs: list[Tensor], length=
 
 
 def _length(xs: list[Tensor], length):
+    """The trip count: the sequences' common leading dim, or `length` (which they must match)."""
     for i, x in enumerate(xs):
         if x.ndim == 0:
             raise ShapeError(f"scan: sequence {i} ({x.label}) is 0-d; sequences are scanned along axis 0")
-    if length is not None:
-        length = _sh.canon_dim(length)
-    n = xs[0].shape[0] if xs else length
-    if n is None:
+    if length is None and not xs:
         raise GraphcError("scan: give xs (sequences) or length= (the number of steps)")
+    n, what = (_sh.canon_dim(length), "length=") if length is not None else (xs[0].shape[0], "sequence 0 has ")
     for i, x in enumerate(xs):
         if not _sh.dims_equal(x.shape[0], n):
-            raise ShapeError(f"scan: sequence {i} ({x.label}) has length {x.shape[0]}, but "
-                             f"{'length=' if length is not None and not xs[0] is x else 'sequence 0 has '}{n}")
+            raise ShapeError(f"scan: sequence {i} ({x.label}) has length {x.shape[0]}, but {what}{n}")
     return n
 
 
