@@ -1,0 +1,86 @@
+"""The LLVM backend: the optimised graph compiled with llvmlite to native code for this CPU.
+
+Each set of dim values gets one specialisation (static loop bounds, an arena sized by the memory
+plan) whose kernels run in one native call; ops without a native lowering run their NumPy impl in
+between (listed in `program.info["fallback_ops"]` and at the top of `f.source`).
+"""
+from __future__ import annotations
+
+import threading
+
+from graphc import shapes as _sh
+from graphc.ir import Graph
+
+from ..base import Backend, Program
+
+
+class LLVMProgram(Program):
+    """run(inputs, params, dims): specialises on first use of each dims binding (static graphs: now)."""
+
+    def __init__(self, graph: Graph, options: dict):
+        self.graph = graph
+        self.options = options
+        self._specs: dict = {}
+        self._lock = threading.Lock()
+        self._last = None
+        self.info = {"fallback_ops": [], "asm": self._asm, "specialisations": self._specs}
+        self.static = not any(_sh.free_symbols(t.shape) for n in graph.nodes for t in n.outputs)
+        if self.static:
+            self._specialise({})
+
+    def _specialise(self, dims: dict):
+        from .plan import Plan
+        from .program import Specialised
+        key = tuple(sorted(dims.items()))
+        with self._lock:
+            spec = self._specs.get(key)
+            if spec is None:
+                spec = Specialised(Plan(self.graph, dims))
+                self._specs[key] = spec
+                self.info["fallback_ops"] = sorted(set(self.info["fallback_ops"]) | spec.plan.fallback)
+                self.info["cache_hit"] = spec.compiled.cache_hit
+            self._last = spec
+        return spec
+
+    def run(self, inputs, params, dims):
+        spec = self._specs.get(tuple(sorted(dims.items()))) if dims else self._last
+        if spec is None:
+            spec = self._specialise(dims)
+        return spec.run(inputs, params)
+
+    @property
+    def source(self) -> str:
+        spec = self._last
+        if spec is None:
+            return ("; graphc llvm: not specialised yet (the graph has symbolic dims; each set of dim values "
+                    "is compiled at its first call)\n")
+        head = [f"; graphc llvm specialisation for dims {spec.plan.dims or '{}'}",
+                f"; arena: {spec.plan.arena_bytes} bytes; native entries: "
+                f"{sum(k == 'native' for k, _ in spec.segments)}",
+                f"; host fallback ops (NumPy impl per node): {', '.join(sorted(spec.plan.fallback)) or 'none'}"]
+        return "\n".join(head) + "\n" + spec.ir
+
+    @source.setter
+    def source(self, value):
+        pass
+
+    def _asm(self) -> str:
+        return self._last.compiled.asm() if self._last is not None else ""
+
+
+class LLVMBackend(Backend):
+    name = "llvm"
+
+    def unavailable_reason(self):
+        try:
+            from . import jit
+            jit.target_machine()
+        except Exception as e:  # llvmlite missing or no native target
+            return f"llvmlite cannot target this machine: {e}"
+        return None
+
+    def compile(self, graph: Graph, options=None) -> Program:
+        return LLVMProgram(graph, dict(options or {}))
+
+
+BACKEND = LLVMBackend()

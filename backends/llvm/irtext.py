@@ -1,0 +1,95 @@
+"""A small LLVM IR text emitter: fresh SSA names, loops over allocas (mem2reg promotes them), constants."""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+#: graphc dtype -> (IR value type, IR storage type)
+VTYPE = {"float32": "float", "float64": "double", "int32": "i32", "int64": "i64", "bool": "i1"}
+STYPE = {"float32": "float", "float64": "double", "int32": "i32", "int64": "i64", "bool": "i8"}
+
+
+def fconst(value: float, dtype: str) -> str:
+    """An exact IR literal for a float (float literals are written as the hex of a double)."""
+    v = float(np.float32(value)) if dtype == "float32" else float(value)
+    return "0x%016X" % struct.unpack("<Q", struct.pack("<d", v))[0]
+
+
+def literal(value, dtype: str) -> str:
+    """IR literal of a Python/NumPy scalar in graphc dtype `dtype` (a register value)."""
+    if dtype in ("float32", "float64"):
+        return fconst(float(value), dtype)
+    if dtype == "bool":
+        return "true" if bool(value) else "false"
+    return str(int(value))
+
+
+class Emitter:
+    """Collects the body of one function; allocas go to the entry block."""
+
+    def __init__(self, prefix: str = "v"):
+        self.lines: list[str] = []
+        self.allocas: list[str] = []
+        self.n = 0
+        self.prefix = prefix
+
+    def fresh(self, hint: str = "") -> str:
+        self.n += 1
+        return f"%{self.prefix}{self.n}{hint}"
+
+    def label(self, hint: str) -> str:
+        self.n += 1
+        return f"{hint}{self.n}"
+
+    def __call__(self, text: str, hint: str = "") -> str:
+        """Emit `%new = text` and return %new."""
+        r = self.fresh(hint)
+        self.lines.append(f"  {r} = {text}")
+        return r
+
+    def raw(self, text: str) -> None:
+        self.lines.append(f"  {text}")
+
+    def place(self, name: str) -> None:
+        self.lines.append(f"{name}:")
+
+    def alloca(self, ty: str) -> str:
+        r = self.fresh("p")
+        self.allocas.append(f"  {r} = alloca {ty}, align 8")
+        return r
+
+    def loop(self, n, body, start="0") -> None:
+        """for i in range(start, n): body(i)   (n, start: ints or i64 SSA names)."""
+        if isinstance(n, int) and n == 0:
+            return
+        if isinstance(n, int) and n == 1 and start == "0":
+            body("0")
+            return
+        var = self.alloca("i64")
+        cond, top, end = self.label("cond"), self.label("body"), self.label("end")
+        self.raw(f"store i64 {start}, ptr {var}")
+        self.raw(f"br label %{cond}")
+        self.place(cond)
+        i = self(f"load i64, ptr {var}")
+        c = self(f"icmp slt i64 {i}, {n}")
+        self.raw(f"br i1 {c}, label %{top}, label %{end}")
+        self.place(top)
+        body(i)
+        nxt = self(f"add nuw nsw i64 {i}, 1")
+        self.raw(f"store i64 {nxt}, ptr {var}")
+        self.raw(f"br label %{cond}")
+        self.place(end)
+
+    def if_(self, cond: str, then) -> None:
+        top, end = self.label("then"), self.label("endif")
+        self.raw(f"br i1 {cond}, label %{top}, label %{end}")
+        self.place(top)
+        then()
+        self.raw(f"br label %{end}")
+        self.place(end)
+
+    def function(self, header: str, ret: str = "ret void") -> str:
+        body = "\n".join(self.lines)
+        allocas = "\n".join(self.allocas)
+        return f"{header} {{\nentry:\n{allocas}\n  br label %start\nstart:\n{body}\n  {ret}\n}}\n"

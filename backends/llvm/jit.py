@@ -1,0 +1,146 @@
+"""llvmlite set-up: the host target machine, the O3 pipeline, MCJIT engines, BLAS symbol binding."""
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import threading
+
+import llvmlite
+import llvmlite.binding as llvm
+
+from . import cache as _cache
+
+_lock = threading.RLock()
+_state: dict = {}
+
+
+def target_machine():
+    """The host's target machine (CPU name and features of this machine: AVX-512 where present)."""
+    with _lock:
+        if "tm" not in _state:
+            llvm.initialize_native_target()
+            llvm.initialize_native_asmprinter()
+            target = llvm.Target.from_default_triple()
+            _state["cpu"] = llvm.get_host_cpu_name()
+            _state["features"] = llvm.get_host_cpu_features().flatten()
+            _state["target"] = target
+            _state["tm"] = _new_tm()
+            bind_blas()
+        return _state["tm"]
+
+
+def _new_tm():
+    return _state["target"].create_target_machine(cpu=_state["cpu"], features=_state["features"], opt=3,
+                                                  codemodel="jitdefault")
+
+
+def target_id() -> str:
+    """What the cache key records about the target: triple, CPU, features, LLVM binding version."""
+    target_machine()
+    return f"{llvm.get_process_triple()}|{_state['cpu']}|{_state['features']}|llvmlite {llvmlite.__version__}"
+
+
+def optimise(module) -> None:
+    """Run LLVM's O3 pipeline (new pass manager) with loop and SLP vectorisation on."""
+    tm = target_machine()
+    pto = llvm.create_pipeline_tuning_options(speed_level=3)
+    pto.loop_vectorization = True
+    pto.slp_vectorization = True
+    pto.loop_unrolling = True
+    pb = llvm.create_pass_builder(tm, pto)
+    mpm = pb.getModulePassManager()
+    mpm.run(module, pb)
+
+
+class Compiled:
+    """A JIT-compiled module: function addresses plus the engine that owns the code."""
+
+    def __init__(self, ir: str, names: list[str], cache_hit: bool, engine, module):
+        self.ir = ir
+        self.addresses = {n: engine.get_function_address(n) for n in names}
+        self.cache_hit = cache_hit
+        self._engine = engine
+        self._module = module
+
+    def asm(self) -> str:
+        """Assembly of the optimised module (recompiled on demand after a cache hit)."""
+        mod = llvm.parse_assembly(self.ir)
+        optimise(mod)
+        return target_machine().emit_assembly(mod)
+
+
+def compile_ir(ir: str, names: list[str]) -> Compiled:
+    """Parse, optimise and JIT `ir`; the object code comes from the on-disk cache when present."""
+    tm = target_machine()
+    key = _cache.key(ir, target_id())
+    cached = _cache.load(key)
+    mod = llvm.parse_assembly(ir)
+    mod.verify()
+    if cached is None:
+        optimise(mod)
+    with _lock:
+        # the engine owns (and frees) its target machine: give it its own
+        engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), _new_tm())
+        engine.set_object_cache(lambda m, data: _cache.store(key, data),
+                                lambda m: cached)
+        engine.add_module(mod)
+        engine.finalize_object()
+    return Compiled(ir, names, cached is not None, engine, mod)
+
+
+# ---- BLAS -----------------------------------------------------------------------------------------
+
+BLAS_NAMES = ("sgemm", "dgemm", "sgemv", "dgemv")
+
+
+def _openblas_candidates() -> list[str]:
+    import numpy
+    out = []
+    for pkg in (numpy, ):
+        d = os.path.dirname(pkg.__file__)
+        out += sorted(glob.glob(d + ".libs/lib*openblas*.so*")) + sorted(glob.glob(d + "/.dylibs/lib*openblas*"))
+    try:
+        import scipy
+        d = os.path.dirname(scipy.__file__)
+        out += sorted(glob.glob(d + ".libs/lib*openblas*.so*"))
+    except ImportError:
+        pass
+    return out
+
+
+def _find(lib, name):
+    """The address of cblas_<name> in `lib` under OpenBLAS's prefixed/suffixed spellings."""
+    for sym, ilp64 in ((f"scipy_cblas_{name}64_", True), (f"cblas_{name}64_", True),
+                       (f"scipy_cblas_{name}", False), (f"cblas_{name}", False)):
+        try:
+            return ctypes.cast(getattr(lib, sym), ctypes.c_void_p).value, ilp64, sym
+        except AttributeError:
+            continue
+    return None
+
+
+def bind_blas() -> None:
+    """Resolve CBLAS gemm/gemv once and bind them as gc_cblas_<name> for the JIT (llvm.add_symbol)."""
+    if os.environ.get("GRAPHC_LLVM_NO_BLAS"):
+        _state["blas"] = None
+        return
+    for path in _openblas_candidates():
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        found = {n: _find(lib, n) for n in BLAS_NAMES}
+        if all(found.values()) and len({f[1] for f in found.values()}) == 1:
+            for n, (addr, _, _) in found.items():
+                llvm.add_symbol(f"gc_cblas_{n}", addr)
+            _state["blas"] = {"library": path, "ilp64": found["sgemm"][1],
+                              "symbols": {n: f[2] for n, f in found.items()}, "lib": lib}
+            return
+    _state["blas"] = None
+
+
+def blas() -> dict | None:
+    """{'library', 'ilp64', 'symbols'} of the BLAS bound for generated code, or None (pure-LLVM GEMM)."""
+    target_machine()
+    return _state["blas"]

@@ -1,0 +1,286 @@
+"""Kernel emitters: loop nests over strided views (elementwise/fused, reductions, softmax family,
+GEMM through CBLAS or a pure-LLVM loop, gather/scatter, copies). Each returns a Kernel whose `emit`
+writes the body of an internal function taking one pointer per buffer it touches (noalias: distinct
+buffers never overlap) and the [lo, hi) range of its outermost loop (used to split work across threads).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from graphc import dtypes as _dt
+
+from . import lower as _lo
+from .irtext import STYPE, VTYPE, Emitter, literal
+from .views import View, broadcast_strides, collapse, contig_strides
+
+#: elementwise kernels at least this large (elements) run their outer loop on two threads
+PARALLEL_MIN = 1 << 17
+
+
+class Kernel:
+    def __init__(self, name: str, views, emit: Callable, split: int | None = None, flops: int = 0,
+                 outer: int = 0):
+        self.name = name
+        self.outer = outer    # extent of the outermost loop (the hi passed for a whole run)
+        self.bufs = sorted({v.buf for v in views if v is not None and v.buf is not None})
+        self.emit = emit      # emit(em, P: {buf: ptr ssa}, lo, hi)
+        self.split = split    # outer extent when the kernel may be split across threads
+        self.size = flops
+
+
+# ---- element access ---------------------------------------------------------------------------------
+
+def ptr_at(em: Emitter, P, v: View, off) -> str:
+    return em(f"getelementptr inbounds {STYPE[v.dtype]}, ptr {P[v.buf]}, i64 {off}")
+
+
+def load(em: Emitter, P, v: View, off) -> str:
+    if v.literal is not None:
+        return literal(v.literal, v.dtype)
+    x = em(f"load {STYPE[v.dtype]}, ptr {ptr_at(em, P, v, off)}")
+    return em(f"icmp ne i8 {x}, 0") if v.dtype == "bool" else x
+
+
+def store(em: Emitter, P, v: View, off, val: str) -> None:
+    if v.dtype == "bool":
+        val = em(f"zext i1 {val} to i8")
+    em.raw(f"store {STYPE[v.dtype]} {val}, ptr {ptr_at(em, P, v, off)}")
+
+
+def nest(em: Emitter, shape, strides_list, bases, body, lo=None, hi=None) -> None:
+    """Loops over `shape`; body(offsets per operand, loop indices). lo/hi bound the outermost loop."""
+    def rec(d, offs, idxs):
+        if d == len(shape):
+            body(offs, idxs)
+            return
+
+        def inner(i):
+            new = []
+            for o, st in zip(offs, strides_list):
+                s = st[d]
+                if s == 0:
+                    new.append(o)
+                elif s == 1:
+                    new.append(em(f"add i64 {o}, {i}"))
+                else:
+                    new.append(em(f"add i64 {o}, {em(f'mul i64 {i}, {s}')}"))
+            rec(d + 1, new, idxs + [i])
+        if d == 0 and lo is not None:
+            em.loop(hi, inner, start=lo)
+        else:
+            em.loop(shape[d], inner)
+    rec(0, [str(b) for b in bases], [])
+
+
+def fill(em: Emitter, P, v: View, value) -> None:
+    """out[...] = value for a contiguous view (memset for zero)."""
+    if v.size == 0:
+        return
+    if value == 0:
+        nbytes = v.size * np.dtype(v.dtype).itemsize
+        off = ptr_at(em, P, v, v.offset)
+        em.raw(f"call void @llvm.memset.p0.i64(ptr {off}, i8 0, i64 {nbytes}, i1 false)")
+        return
+    nest(em, [v.size], [(1,)], [v.offset], lambda offs, _: store(em, P, v, offs[0], literal(value, v.dtype)))
+
+
+# ---- elementwise ------------------------------------------------------------------------------------
+
+def elementwise(outs: list[View], ins: list[View], compute) -> Kernel:
+    """outs[k][i] = compute(em, [(value, dtype) per input])[k] for every index i of outs[0].shape."""
+    shape = outs[0].shape
+    strides = [o.strides for o in outs] + [broadcast_strides(v, shape) for v in ins]
+    dims, sts = collapse(shape, strides)
+    bases = [v.offset for v in outs + ins]
+    size = int(np.prod(shape, dtype=np.int64))
+
+    def emit(em, P, lo, hi):
+        if size == 0:
+            return
+
+        def body(offs, _):
+            vals = [(load(em, P, v, o), v.dtype) for v, o in zip(ins, offs[len(outs):])]
+            for v, o, r in zip(outs, offs, compute(em, vals)):
+                store(em, P, v, o, r)
+        nest(em, dims, sts, bases, body, lo if dims else None, hi)
+    split = dims[0] if dims and size >= PARALLEL_MIN and dims[0] >= 2 else None
+    return Kernel("elementwise", outs + ins, emit, split, size, dims[0] if dims else 0)
+
+
+def op_compute(name: str, attrs: dict, out_dtype: str):
+    def compute(em, vals):
+        return [_lo.lower(em, name, attrs, vals, out_dtype)]
+    return compute
+
+
+def copy(out: View, src: View) -> Kernel:
+    """out = src (with dtype conversion): materialises a strided or broadcast view."""
+    return elementwise([out], [src], lambda em, vals: [_lo.convert(em, vals[0][0], vals[0][1], out.dtype)])
+
+
+# ---- reductions --------------------------------------------------------------------------------------
+
+def _split_axes(x: View, axes):
+    kept = [a for a in range(len(x.shape)) if a not in axes]
+    return kept, [x.shape[a] for a in kept], [x.shape[a] for a in axes]
+
+
+COMBINE = {
+    "sum": (0, lambda em, t, a, b: em(f"{'fadd reassoc' if _dt.is_float(t) else 'add'} {VTYPE[t]} {a}, {b}")),
+    "prod": (1, lambda em, t, a, b: em(f"{'fmul reassoc' if _dt.is_float(t) else 'mul'} {VTYPE[t]} {a}, {b}")),
+    "max": (None, _lo._fmaxmin("ogt")), "min": (None, _lo._fmaxmin("olt")),
+}
+ICOMBINE = {"max": _lo._imaxmin("sgt"), "min": _lo._imaxmin("slt")}
+
+
+def _init(name, t):
+    if COMBINE[name][0] is not None:
+        return literal(COMBINE[name][0], t)
+    if _dt.is_float(t):
+        return "0xFFF0000000000000" if name == "max" else "0x7FF0000000000000"
+    info = np.iinfo(t)
+    return str(info.min if name == "max" else info.max)
+
+
+def reduce(name: str, out: View, x: View, axes) -> Kernel:
+    """out = reduce_name(x over axes) (out contiguous; keepdims does not change its layout)."""
+    t = out.dtype
+    kept, kshape, rshape = _split_axes(x, axes)
+    comb = COMBINE[name][1] if _dt.is_float(t) or name not in ICOMBINE else ICOMBINE[name]
+    init = _init(name, t)
+    kst = [x.strides[a] for a in kept]
+    rst = [x.strides[a] for a in axes]
+    ost = contig_strides(kshape)
+    outer_layout = axes and kept and max(axes) < min(kept)
+
+    def emit(em, P, lo, hi):
+        if out.size == 0:
+            return
+        if outer_layout and x.size:   # column reduction: accumulate rows into out (vectorises over out)
+            fill_val = init
+            nest(em, kshape, [ost], [out.offset], lambda o, _: store(em, P, out, o[0], fill_val))
+            full = [x.shape[a] for a in axes] + kshape
+            fst = [rst + kst, [0] * len(axes) + list(ost)]
+
+            def body(offs, _):
+                v = _lo.convert(em, load(em, P, x, offs[0]), x.dtype, t)
+                acc = load(em, P, out, offs[1])
+                store(em, P, out, offs[1], comb(em, t, acc, v))
+            nest(em, full, fst, [x.offset, out.offset], body)
+            return
+
+        def per_out(offs, _):
+            acc = em.alloca(VTYPE[t])
+            em.raw(f"store {VTYPE[t]} {init}, ptr {acc}")
+
+            def inner(ioffs, __):
+                v = _lo.convert(em, load(em, P, x, ioffs[0]), x.dtype, t)
+                a = em(f"load {VTYPE[t]}, ptr {acc}")
+                em.raw(f"store {VTYPE[t]} {comb(em, t, a, v)}, ptr {acc}")
+            nest(em, rshape, [rst], [offs[0]], inner)
+            store(em, P, out, offs[1], em(f"load {VTYPE[t]}, ptr {acc}"))
+        nest(em, kshape, [kst, ost], [x.offset, out.offset], per_out)
+    return Kernel(name, [out, x], emit, None, x.size)
+
+
+def arg_reduce(name: str, out: View, x: View, axis) -> Kernel:
+    """argmax/argmin: first index of the extreme value along `axis` (None: flat C order); NaN wins."""
+    axes = tuple(range(len(x.shape))) if axis is None else (axis,)
+    kept, kshape, rshape = _split_axes(x, axes)
+    kst, rst, ost = [x.strides[a] for a in kept], [x.strides[a] for a in axes], contig_strides(kshape)
+    t, ty = x.dtype, VTYPE[x.dtype]
+    better = ("ogt", "sgt") if name == "argmax" else ("olt", "slt")
+
+    def emit(em, P, lo, hi):
+        def per_out(offs, _):
+            best, bi, cnt = em.alloca(ty), em.alloca("i64"), em.alloca("i64")
+            em.raw(f"store {ty} {load(em, P, x, offs[0])}, ptr {best}")
+            em.raw(f"store i64 0, ptr {bi}")
+            em.raw(f"store i64 0, ptr {cnt}")
+
+            def inner(ioffs, __):
+                v = load(em, P, x, ioffs[0])
+                b = em(f"load {ty}, ptr {best}")
+                k = em(f"load i64, ptr {cnt}")
+                if _dt.is_float(t):
+                    gt = em(f"fcmp {better[0]} {ty} {v}, {b}")
+                    nan = em(f"and i1 {em(f'fcmp uno {ty} {v}, {v}')}, {em(f'fcmp ord {ty} {b}, {b}')}")
+                    take = em(f"or i1 {gt}, {nan}")
+                elif t == "bool":
+                    take = em(f"icmp {'ugt' if name == 'argmax' else 'ult'} i1 {v}, {b}")
+                else:
+                    take = em(f"icmp {better[1]} {ty} {v}, {b}")
+                em.raw(f"store {ty} {em(f'select i1 {take}, {ty} {v}, {ty} {b}')}, ptr {best}")
+                old = em(f"load i64, ptr {bi}")
+                em.raw(f"store i64 {em(f'select i1 {take}, i64 {k}, i64 {old}')}, ptr {bi}")
+                em.raw(f"store i64 {em(f'add i64 {k}, 1')}, ptr {cnt}")
+            nest(em, rshape, [rst], [offs[0]], inner)
+            store(em, P, out, offs[1], em(f"load i64, ptr {bi}"))
+        if out.size and x.size:
+            nest(em, kshape, [kst, ost], [x.offset, out.offset], per_out)
+    return Kernel(name, [out, x], emit)
+
+
+def _exp(em, t, v):
+    return _lo.UNARY["exp"](em, t, v)
+
+
+def _log(em, t, v):
+    return _lo.UNARY["log"](em, t, v)
+
+
+def softmax_like(name: str, out: View, x: View, axes) -> Kernel:
+    """softmax / log_softmax (one axis, out shaped like x) and logsumexp (axes; out contiguous)."""
+    t, ty = x.dtype, VTYPE[x.dtype]
+    kept, kshape, rshape = _split_axes(x, axes)
+    kst, rst = [x.strides[a] for a in kept], [x.strides[a] for a in axes]
+    full = contig_strides(x.shape)
+    if name == "logsumexp":
+        ost, orst = contig_strides(kshape), [0] * len(axes)
+    else:
+        ost, orst = [full[a] for a in kept], [full[a] for a in axes]
+    mx = _lo._fmaxmin("ogt")
+
+    def per_out(em, P, offs):
+        m, s = em.alloca(ty), em.alloca(ty)
+        em.raw(f"store {ty} 0xFFF0000000000000, ptr {m}")
+        em.raw(f"store {ty} {literal(0, t)}, ptr {s}")
+
+        def pmax(o, _):
+            em.raw(f"store {ty} {mx(em, t, em(f'load {ty}, ptr {m}'), load(em, P, x, o[0]))}, ptr {m}")
+        nest(em, rshape, [rst], [offs[0]], pmax)
+        mv = em(f"load {ty}, ptr {m}")
+        if name == "logsumexp":   # an all -inf (or +inf) slice: subtract 0 instead
+            fin = em(f"fcmp one {ty} {em(f'call {ty} @llvm.fabs.{sfx(t)}({ty} {mv})')}, 0x7FF0000000000000")
+            mv = em(f"select i1 {fin}, {ty} {mv}, {ty} {literal(0, t)}")
+
+        def psum(o, _):
+            e = _exp(em, t, em(f"fsub {ty} {load(em, P, x, o[0])}, {mv}"))
+            if name == "softmax":
+                store(em, P, out, o[1], e)
+            acc = em(f"load {ty}, ptr {s}")
+            em.raw(f"store {ty} {em(f'fadd reassoc {ty} {acc}, {e}')}, ptr {s}")
+        nest(em, rshape, [rst, orst], [offs[0], offs[1]], psum)
+        sv = em(f"load {ty}, ptr {s}")
+        if name == "logsumexp":
+            store(em, P, out, offs[1], em(f"fadd {ty} {_log(em, t, sv)}, {mv}"))
+            return
+        if name == "softmax":
+            inv = em(f"fdiv {ty} {literal(1.0, t)}, {sv}")
+            nest(em, rshape, [orst], [offs[1]],
+                 lambda o, _: store(em, P, out, o[0], em(f"fmul {ty} {load(em, P, out, o[0])}, {inv}")))
+            return
+        lse = em(f"fadd {ty} {_log(em, t, sv)}, {mv}")
+        nest(em, rshape, [rst, orst], [offs[0], offs[1]],
+             lambda o, _: store(em, P, out, o[1], em(f"fsub {ty} {load(em, P, x, o[0])}, {lse}")))
+
+    def emit(em, P, lo, hi):
+        if out.size:
+            nest(em, kshape, [kst, ost], [x.offset, out.offset], lambda offs, _: per_out(em, P, offs))
+    return Kernel(name, [out, x], emit, None, x.size)
+
+
+def sfx(t):
+    return "f32" if t == "float32" else "f64"

@@ -1,0 +1,302 @@
+"""Planning one specialisation (concrete dims) of a graph: views for every tensor, kernels in schedule
+order, host fallback steps for ops without a native lowering, and the arena memory plan."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphc import shapes as _sh
+from graphc.ir import Graph, Node
+
+from . import gather, gemm
+from . import kernels as K
+from .irtext import Emitter
+from .lower import NotLowerable
+from .views import View, broadcast_strides, contig_strides, literal_view, view_getitem
+
+ALIGN = 64
+REDUCE = {"sum", "prod", "max", "min"}
+ELEMENTWISE_EXTRA = {"cast", "stop_gradient"}
+
+
+@dataclass
+class Buffer:
+    kind: str          # input | param | const | out | arena
+    index: int         # position among buffers of its kind
+    nbytes: int
+    first: int = 1 << 60
+    last: int = -1
+    offset: int = 0    # arena byte offset
+
+
+@dataclass
+class HostStep:
+    """A node run by its NumPy impl (no native lowering yet)."""
+    node: Node
+    ins: list
+    outs: list
+
+
+class Plan:
+    def __init__(self, graph: Graph, dims: dict):
+        self.graph = graph
+        self.dims = dict(dims)
+        self.bind = {_sh.dim_symbol(k): v for k, v in dims.items()}
+        self.buffers: list[Buffer] = []
+        self.steps: list = []
+        self.view: dict[int, View] = {}
+        self.consts: list[np.ndarray] = []
+        self.fallback: set[str] = set()
+        self.kinds = {"input": 0, "param": 0, "const": 0, "out": 0, "arena": 0}
+        roots = graph.roots
+        self.root_slot = {}
+        for j, t in enumerate(roots):
+            self.root_slot.setdefault(id(t), j)
+        self.out_bufs = [None] * len(roots)
+        self._build()
+
+    # ---- buffers and views -------------------------------------------------------------------------
+    def shape(self, t) -> tuple:
+        return _sh.evaluate(t.shape, self.bind)
+
+    def new_buffer(self, kind: str, nbytes: int, index=None) -> int:
+        idx = self.kinds[kind] if index is None else index
+        self.kinds[kind] = max(self.kinds[kind], idx + 1)
+        self.buffers.append(Buffer(kind, idx, nbytes))
+        return len(self.buffers) - 1
+
+    def fresh(self, t, shape=None, dtype=None) -> View:
+        """A new contiguous buffer for tensor t: the output slot if t is a root, else the arena."""
+        shape = self.shape(t) if shape is None else shape
+        dtype = dtype or t.dtype
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        j = self.root_slot.get(id(t)) if t is not None else None
+        if j is not None and self.out_bufs[j] is None and dtype == t.dtype:
+            b = self.new_buffer("out", nbytes, j)
+            self.out_bufs[j] = b
+        else:
+            b = self.new_buffer("arena", nbytes)
+        return View(b, 0, tuple(shape), contig_strides(shape), dtype)
+
+    def touch(self, views, step: int) -> None:
+        for v in views:
+            if v is not None and v.buf is not None:
+                b = self.buffers[v.buf]
+                b.first, b.last = min(b.first, step), max(b.last, step)
+
+    def add(self, kernel_or_host, reads, writes) -> None:
+        self.touch(list(reads) + list(writes), len(self.steps))
+        self.steps.append(kernel_or_host)
+
+    def materialise(self, v: View, dtype=None) -> View:
+        """A contiguous copy of v (converted to dtype)."""
+        out = self.fresh(None, v.shape, dtype or v.dtype)
+        self.add(K.copy(out, v), [v], [out])
+        return out
+
+    # ---- the walk ----------------------------------------------------------------------------------
+    def _build(self) -> None:
+        g = self.graph
+        for i, t in enumerate(g.inputs):
+            shape = self.shape(t)
+            b = self.new_buffer("input", 0, i)
+            self.view[id(t)] = View(b, 0, shape, contig_strides(shape), t.dtype)
+        for i, p in enumerate(g.parameters):
+            b = self.new_buffer("param", 0, i)
+            self.view[id(p)] = View(b, 0, p.shape, contig_strides(p.shape), p.dtype)
+        for node in g.nodes:
+            if node.op.name not in ("placeholder", "parameter"):
+                self.node(node)
+        for j, t in enumerate(g.roots):   # roots not computed straight into their output slot
+            if self.out_bufs[j] is None or self.view[id(t)].buf != self.out_bufs[j]:
+                shape = self.shape(t)
+                b = self.new_buffer("out", int(np.prod(shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize, j)
+                self.out_bufs[j] = b
+                out = View(b, 0, shape, contig_strides(shape), t.dtype)
+                self.add(K.copy(out, self.view[id(t)]), [self.view[id(t)]], [out])
+        self._assign_arena()
+
+    def node(self, node: Node) -> None:
+        name = node.op.name
+        handler = getattr(self, "_" + name, None)
+        ins = [self.view[id(t)] for t in node.inputs]
+        try:
+            if handler is not None:
+                handler(node, ins)
+            elif getattr(node.op, "elementwise", False):
+                self._elementwise(node, ins)
+            elif name in REDUCE:
+                self._reduce(node, ins)
+            else:
+                raise NotLowerable(name)
+        except NotLowerable:
+            self.host(node, ins)
+
+    def host(self, node: Node, ins) -> None:
+        self.fallback.add(node.op.name)
+        outs = [self.fresh(t) for t in node.outputs]
+        for t, v in zip(node.outputs, outs):
+            self.view[id(t)] = v
+        self.add(HostStep(node, ins, outs), ins, outs)
+
+    def _constant(self, node, ins):
+        t, a = node.outputs[0], node.attrs["value"]
+        if a.size == 1:
+            self.view[id(t)] = literal_view(a.reshape(-1)[0].item(), a.shape, t.dtype)
+            return
+        b = self.new_buffer("const", 0, len(self.consts))
+        self.consts.append(np.ascontiguousarray(a))
+        self.view[id(t)] = View(b, 0, a.shape, contig_strides(a.shape), t.dtype)
+
+    # views: no data movement
+    def _reshape(self, node, ins):
+        v, shape = ins[0], self.shape(node.outputs[0])
+        if v.literal is not None:
+            self.view[id(node.outputs[0])] = literal_view(v.literal, shape, v.dtype)
+            return
+        if not v.contiguous:
+            v = self.materialise(v)
+        self.view[id(node.outputs[0])] = View(v.buf, v.offset, shape, contig_strides(shape), v.dtype)
+
+    def _transpose(self, node, ins):
+        v, axes = ins[0], node.attrs["axes"]
+        self.view[id(node.outputs[0])] = View(v.buf, v.offset, tuple(v.shape[a] for a in axes),
+                                              tuple(v.strides[a] for a in axes), v.dtype, v.literal)
+
+    def _broadcast_to(self, node, ins):
+        v, shape = ins[0], self.shape(node.outputs[0])
+        self.view[id(node.outputs[0])] = View(v.buf, v.offset, shape, broadcast_strides(v, shape), v.dtype,
+                                              v.literal)
+
+    def _getitem(self, node, ins):
+        self.view[id(node.outputs[0])] = view_getitem(ins[0], node.attrs["index"])
+
+    def _stop_gradient(self, node, ins):
+        self.view[id(node.outputs[0])] = ins[0]
+
+    def _size_of(self, node, ins):
+        n = int(np.prod([ins[0].shape[a] for a in node.attrs["axes"]], dtype=np.int64))
+        self.view[id(node.outputs[0])] = literal_view(n, (), node.attrs["dtype"])
+
+    # kernels
+    def _check(self, compute, ins) -> None:
+        """Lower once into a scratch emitter so NotLowerable surfaces at plan time."""
+        compute(Emitter(), [("%x", v.dtype) for v in ins])
+
+    def _elementwise(self, node, ins):
+        t = node.outputs[0]
+        compute = K.op_compute(node.op.name, node.attrs, t.dtype)
+        self._check(compute, ins)
+        out = self.fresh(t)
+        self.add(K.elementwise([out], ins, compute), ins, [out])
+        self.view[id(t)] = out
+
+    _cast = _elementwise
+
+    def _fused(self, node, ins):
+        from .fusion import body_compute
+        compute = body_compute(node, [self.shape(o) for o in node.outputs], self.shape)
+        if compute is not None:
+            try:
+                self._check(compute, ins)
+            except NotLowerable:
+                compute = None
+        if compute is None:   # run the body op by op (matmul epilogues, closing reductions, ...)
+            body = node.attrs["body"]
+            for ph, v in zip(body.inputs, ins):
+                self.view[id(ph)] = v
+            for n in body.nodes:
+                if n.op.name != "placeholder":
+                    self.node(n)
+            for o, bo in zip(node.outputs, body.outputs):
+                self.view[id(o)] = self.view[id(bo)]
+            return
+        outs = [self.fresh(o) for o in node.outputs]
+        self.add(K.elementwise(outs, ins, compute), ins, outs)
+        for o, v in zip(node.outputs, outs):
+            self.view[id(o)] = v
+
+    def _reduce(self, node, ins):
+        t = node.outputs[0]
+        out = self.fresh(t)
+        self.add(K.reduce(node.op.name, out, ins[0], node.attrs["axis"]), ins, [out])
+        self.view[id(t)] = out
+
+    def _argmax(self, node, ins):
+        t = node.outputs[0]
+        out = self.fresh(t)
+        self.add(K.arg_reduce(node.op.name, out, ins[0], node.attrs["axis"]), ins, [out])
+        self.view[id(t)] = out
+
+    _argmin = _argmax
+
+    def _softmax(self, node, ins):
+        t = node.outputs[0]
+        axes = node.attrs["axis"]
+        axes = (axes,) if isinstance(axes, int) else tuple(axes)
+        out = self.fresh(t)
+        self.add(K.softmax_like(node.op.name, out, ins[0], axes), ins, [out])
+        self.view[id(t)] = out
+
+    _log_softmax = _logsumexp = _softmax
+
+    def _matmul(self, node, ins):
+        t = node.outputs[0]
+        a, b = (v if v.dtype == t.dtype and v.literal is None else self.materialise(v, t.dtype) for v in ins)
+        if gemm.use_blas(a, b, View(None, 0, (), (), t.dtype)):
+            a = a if gemm.blas_layout(a) and min(a.strides[-2:]) >= 0 else self.materialise(a)
+            b = b if gemm.blas_layout(b) and min(b.strides[-2:]) >= 0 else self.materialise(b)
+        out = self.fresh(t)
+        self.add(gemm.matmul(out, a, b), [a, b], [out])
+        self.view[id(t)] = out
+
+    def _concatenate(self, node, ins):
+        t, axis = node.outputs[0], node.attrs["axis"]
+        out, start = self.fresh(t), 0
+        for v in ins:
+            n = v.shape[axis]
+            dst = view_getitem(out, (slice(None),) * axis + (slice(start, start + n),))
+            self.add(K.copy(dst, v), [v], [out])
+            start += n
+        self.view[id(t)] = out
+
+    def _index_grad(self, node, ins):
+        t = node.outputs[0]
+        out = self.fresh(t)
+        self.add(K.Kernel("fill", [out], lambda em, P, lo, hi: K.fill(em, P, out, 0)), [], [out])
+        self.add(K.copy(view_getitem(out, node.attrs["index"]), ins[0]), [ins[0]], [out])
+        self.view[id(t)] = out
+
+    def _take(self, node, ins):
+        t = node.outputs[0]
+        x, idx = (v if v.literal is None else self.materialise(v) for v in ins)
+        out = self.fresh(t)
+        self.add(gather.take(out, x, idx, node.attrs["axis"]), [x, idx], [out])
+        self.view[id(t)] = out
+
+    def _take_grad(self, node, ins):
+        t = node.outputs[0]
+        g, idx = (v if v.literal is None else self.materialise(v) for v in (ins[0], ins[2]))
+        out = self.fresh(t)
+        self.add(gather.take_grad(out, g, idx, node.attrs["axis"]), [g, idx], [out])
+        self.view[id(t)] = out
+
+    # ---- memory plan -------------------------------------------------------------------------------
+    def _assign_arena(self) -> None:
+        """First-fit offsets: buffers whose step ranges do not overlap share memory."""
+        live: list[tuple[int, int, int]] = []   # (offset, end offset, last step)
+        top = 0
+        arena = sorted((b for b in self.buffers if b.kind == "arena" and b.last >= 0), key=lambda b: b.first)
+        for b in arena:
+            live = [x for x in live if x[2] >= b.first]
+            size = -(-max(b.nbytes, 1) // ALIGN) * ALIGN
+            off = 0
+            for lo, hi, _ in sorted(live):
+                if off + size <= lo:
+                    break
+                off = max(off, hi)
+            b.offset = off
+            live.append((off, off + size, b.last))
+            top = max(top, off + size)
+        self.arena_bytes = top

@@ -1,0 +1,209 @@
+"""Code generation for a plan (one native entry per run of kernels; host steps in between) and the
+runtime: one pointer table per call, a per-thread arena, outputs allocated fresh for the caller."""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+import numpy as np
+
+from . import gemm, jit, mathlib
+from .irtext import Emitter
+from .kernels import Kernel
+from .plan import HostStep, Plan
+
+_ENTRY = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+def num_threads() -> int:
+    """Threads for large elementwise kernels: GRAPHC_NUM_THREADS, else the cores this process may use."""
+    env = os.environ.get("GRAPHC_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, min(len(os.sched_getaffinity(0)), 8))
+    except AttributeError:
+        return max(1, min(os.cpu_count() or 1, 8))
+
+
+class Slots:
+    """Pointer-table layout: inputs, params, constants, outputs (roots), arena."""
+
+    def __init__(self, plan: Plan):
+        k = plan.kinds
+        self.base = {"input": 0, "param": k["input"]}
+        self.base["const"] = self.base["param"] + k["param"]
+        self.base["out"] = self.base["const"] + k["const"]
+        self.arena = self.base["out"] + k["out"]
+        self.n = self.arena + 1
+
+    def of(self, buf) -> tuple[int, int]:
+        if buf.kind == "arena":
+            return self.arena, buf.offset
+        return self.base[buf.kind] + buf.index, 0
+
+
+def _kernel_fn(name: str, kern: Kernel) -> str:
+    em = Emitter()
+    P = {b: f"%b{b}" for b in kern.bufs}
+    kern.emit(em, P, "%lo", "%hi")
+    params = ", ".join([f"ptr noalias %b{b}" for b in kern.bufs] + ["i64 %lo", "i64 %hi"])
+    return em.function(f"define internal void @{name}({params}) nounwind")
+
+
+def _thunk(name: str, kern: Kernel) -> str:
+    """A pthread start routine: unpacks [pointers..., lo, hi] and runs the kernel on that range."""
+    nb = len(kern.bufs)
+    lines = [f"define internal ptr @{name}_thunk(ptr %a) nounwind {{"]
+    args = []
+    for i in range(nb + 2):
+        lines.append(f"  %q{i} = getelementptr i64, ptr %a, i64 {i}")
+        lines.append(f"  %x{i} = load i64, ptr %q{i}")
+        if i < nb:
+            lines.append(f"  %p{i} = inttoptr i64 %x{i} to ptr")
+            args.append(f"ptr %p{i}")
+    args += [f"i64 %x{nb}", f"i64 %x{nb + 1}"]
+    lines.append(f"  call void @{name}({', '.join(args)})")
+    lines.append("  ret ptr null\n}\n")
+    return "\n".join(lines)
+
+
+def _parallel_call(em: Emitter, name: str, kern: Kernel, ptrs: list[str], nthreads: int) -> None:
+    """Split the outer loop: threads 1..T-1 via pthread_create, chunk 0 on the caller, then join."""
+    n, nb = kern.split, len(kern.bufs)
+    bounds = [n * t // nthreads for t in range(nthreads + 1)]
+    tids = []
+    for t in range(1, nthreads):
+        blk = em.alloca(f"[{nb + 2} x i64]")
+        for i, p in enumerate(ptrs):
+            q = em(f"getelementptr i64, ptr {blk}, i64 {i}")
+            em.raw(f"store i64 {em(f'ptrtoint ptr {p} to i64')}, ptr {q}")
+        for i, v in enumerate((bounds[t], bounds[t + 1])):
+            em.raw(f"store i64 {v}, ptr {em(f'getelementptr i64, ptr {blk}, i64 {nb + i}')}")
+        tid = em.alloca("i64")
+        rc = em(f"call i32 @pthread_create(ptr {tid}, ptr null, ptr @{name}_thunk, ptr {blk})")
+        tids.append((tid, rc, bounds[t], bounds[t + 1]))
+    args = ", ".join(f"ptr {p}" for p in ptrs)
+    em.raw(f"call void @{name}({args}, i64 {bounds[0]}, i64 {bounds[1]})")
+    for tid, rc, lo, hi in tids:
+        ok = em(f"icmp eq i32 {rc}, 0")
+        j, inline, done = em.label("join"), em.label("inline"), em.label("joined")
+        em.raw(f"br i1 {ok}, label %{j}, label %{inline}")
+        em.place(j)
+        em.raw(f"call i32 @pthread_join(i64 {em(f'load i64, ptr {tid}')}, ptr null)")
+        em.raw(f"br label %{done}")
+        em.place(inline)   # thread creation failed: run that chunk here
+        em.raw(f"call void @{name}({args}, i64 {lo}, i64 {hi})")
+        em.raw(f"br label %{done}")
+        em.place(done)
+
+
+def generate(plan: Plan, slots: Slots, nthreads: int) -> tuple[str, list]:
+    """(module IR, segments): a segment is ('native', entry name) or ('host', HostStep)."""
+    funcs, segments, cur = [], [], None
+    for i, step in enumerate(plan.steps):
+        if isinstance(step, HostStep):
+            cur = None
+            segments.append(("host", step))
+            continue
+        if cur is None:
+            cur = (f"graphc_entry_{len(segments)}", Emitter(), {})
+            segments.append(("native", cur))
+        name, em, ptrs = cur
+        kname = f"k{i}_{step.name}"
+        funcs.append(_kernel_fn(kname, step))
+        for b in step.bufs:
+            if b not in ptrs:
+                slot, off = slots.of(plan.buffers[b])
+                base = em(f"load ptr, ptr {em(f'getelementptr ptr, ptr %ptrs, i64 {slot}')}")
+                ptrs[b] = em(f"getelementptr i8, ptr {base}, i64 {off}") if off else base
+        args = [ptrs[b] for b in step.bufs]
+        if step.split and nthreads > 1:
+            funcs.append(_thunk(kname, step))
+            _parallel_call(em, kname, step, args, nthreads)
+        else:
+            em.raw(f"call void @{kname}({', '.join(f'ptr {a}' for a in args)}, i64 0, i64 {step.outer})")
+    out = []
+    for kind, val in segments:
+        if kind == "native":
+            name, em, _ = val
+            funcs.append(em.function(f"define void @{name}(ptr %ptrs) nounwind"))
+            out.append(("native", name))
+        else:
+            out.append(("host", val))
+    head = (mathlib.DECLARATIONS + gemm.declarations() +
+            "declare i32 @pthread_create(ptr, ptr, ptr, ptr)\ndeclare i32 @pthread_join(i64, ptr)\n")
+    return head + "\n".join(funcs), out
+
+
+class Specialised:
+    """The compiled code for one set of dim values."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.slots = Slots(plan)
+        self.ir, segs = generate(plan, self.slots, num_threads())
+        names = [v for k, v in segs if k == "native"]
+        self.compiled = jit.compile_ir(self.ir, names)
+        self.segments = [(k, _ENTRY(self.compiled.addresses[v]) if k == "native" else v) for k, v in segs]
+        self.single = len(self.segments) == 1 and self.segments[0][0] == "native"
+        g = plan.graph
+        self.roots = [(plan.shape(t), np.dtype(t.dtype)) for t in g.roots]
+        self.n_out = len(g.outputs)
+        self.consts = [c.ctypes.data for c in plan.consts]
+        self._keep = plan.consts
+        self._tls = threading.local()
+
+    def _arena(self) -> np.ndarray:
+        a = getattr(self._tls, "arena", None)
+        if a is None:   # one per thread: concurrent calls never share scratch memory
+            raw = np.empty(self.plan.arena_bytes + 64, np.uint8)
+            a = raw[(-raw.ctypes.data) % 64:][:self.plan.arena_bytes or 1]
+            self._tls.arena = a
+        return a
+
+    def run(self, inputs, params):
+        outs = [np.empty(s, d) for s, d in self.roots]
+        arena = self._arena()
+        addrs = ([a.ctypes.data for a in inputs] + [p.ctypes.data for p in params] + self.consts +
+                 [o.ctypes.data for o in outs] + [arena.ctypes.data])
+        table = (ctypes.c_void_p * len(addrs))(*addrs)
+        if self.single:
+            self.segments[0][1](ctypes.addressof(table))
+        else:
+            bases = None
+            for kind, seg in self.segments:
+                if kind == "native":
+                    seg(ctypes.addressof(table))
+                else:
+                    bases = bases or self._bases(inputs, params, outs, arena)
+                    self._host(seg, bases)
+        return outs[:self.n_out], outs[self.n_out:]
+
+    def _bases(self, inputs, params, outs, arena):
+        flat = lambda a: a.reshape(-1).view(np.uint8)   # noqa: E731
+        return {"input": [flat(a) for a in inputs], "param": [flat(p) for p in params],
+                "const": [flat(c) for c in self.plan.consts], "out": [flat(o) for o in outs], "arena": arena}
+
+    def _array(self, v, bases):
+        if v.literal is not None:
+            return np.broadcast_to(np.asarray(v.literal, v.dtype), v.shape)
+        b = self.plan.buffers[v.buf]
+        base = bases["arena"] if b.kind == "arena" else bases[b.kind][b.index]
+        item = np.dtype(v.dtype).itemsize
+        off = (b.offset if b.kind == "arena" else 0) + v.offset * item
+        if 0 in v.shape:
+            return np.empty(v.shape, v.dtype)
+        return np.ndarray(v.shape, v.dtype, buffer=base, offset=off, strides=[s * item for s in v.strides])
+
+    def _host(self, step: HostStep, bases) -> None:
+        node = step.node
+        args = [self._array(v, bases) for v in step.ins]
+        kw = dict(node.attrs)
+        if getattr(node.op, "needs_dims", False):
+            kw["dims"] = self.plan.dims
+        res = node.op.impl(*args, **kw)
+        res = res if isinstance(res, tuple) else (res,)
+        for v, r in zip(step.outs, res):
+            np.copyto(self._array(v, bases), r, casting="unsafe")
