@@ -7,6 +7,7 @@ and fused nodes become inline NumPy lines (see fused.py), run in cache-sized chu
 """
 from __future__ import annotations
 
+import builtins
 import itertools
 import keyword
 import linecache
@@ -42,7 +43,7 @@ class _Names:
     """Readable, unique Python identifiers for tensors."""
 
     def __init__(self):
-        self.used = set(keyword.kwlist) | {"np", "math"}
+        self.used = set(keyword.kwlist) | set(dir(builtins)) | {"np", "math"}  # never shadow max, sum, ...
         self.count = itertools.count(1)
 
     def fresh(self, hint: str) -> str:
