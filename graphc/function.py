@@ -123,6 +123,12 @@ class Function:
         """The generated code (Python for numpy, LLVM IR for llvm, CUDA C for cuda)."""
         return self.program.source
 
+    @property
+    def asm(self) -> str:
+        """Assembly of the native code (llvm backend; empty for backends without one)."""
+        a = self.program.info.get("asm", "")
+        return a() if callable(a) else a
+
     def _bind(self, args, kwargs):
         ins = self.graph.inputs
         if kwargs:
