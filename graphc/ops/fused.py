@@ -1,12 +1,24 @@
-"""The fused op: a subgraph of elementwise ops (optionally ending in one reduction) run as one kernel.
+"""The fused op: a group of ops the optimiser (graphc.passes.fusion) runs as one kernel.
 
-Built by the optimiser (graphc.passes.fusion) after differentiation. Contract for backends:
-  node.inputs            the external tensors the group reads
-  node.attrs["body"]     a gc.Graph whose inputs are placeholders standing for node.inputs (same
-                         order, same shapes/dtypes) and whose outputs are the group's results
-  node.outputs           one tensor per body output (same shapes/dtypes)
-A backend that cannot compile a body as one loop may run the body op by op; NumPy evaluates it with
-the reference evaluator, so semantics never depend on the backend.
+Contract for backends:
+  node.inputs          the external tensors the group reads (any may broadcast against the loop shape)
+  node.attrs["body"]   a gc.Graph whose inputs are placeholders standing for node.inputs (same order,
+                       shapes, dtypes); scalar constants appear inside the body as constant leaves
+                       (immediates), larger constants are node inputs
+  node.outputs         one tensor per body output (same shapes/dtypes): the group's results that are
+                       read outside the group
+Body shapes, in body.compute_nodes() order (the schedule inside the kernel):
+  1. elementwise group: every compute node is elementwise (op.elementwise, or cast) and has the loop
+     shape (the shape of every output); inputs broadcast NumPy-style. One loop over the loop shape.
+  2. elementwise group + trailing reduction: as 1, then ONE reduction (sum/max/min/prod, attrs axis and
+     keepdims) of the last elementwise value; the body then has exactly one output, the reduction's.
+  3. GEMM/conv epilogue: the first compute node is a matmul (or conv2d) whose inputs are body
+     placeholders; every later node is elementwise with the matmul's output shape (bias add,
+     activation, an optimiser update). Outputs are among the elementwise results (never the matmul's
+     own result). Compile as: GEMM into the output buffer, then the elementwise loop over it in place.
+A backend that cannot compile a body as one loop may run the body op by op (Fused.impl evaluates it
+with the reference evaluator), so semantics never depend on the backend. `display_name` gives
+`fused[mul,add,tanh]` (members in body order) for op_names(), dprint and pictures.
 """
 from __future__ import annotations
 
