@@ -68,6 +68,28 @@ def _attr_value(a) -> Any:
     raise UnsupportedOnnx(f"attribute {a.name!r} of type {t} is not supported")
 
 
+class SymVal:
+    """A small integer tensor whose entries may be symbolic dims: what Shape gives for a tensor with a
+    dynamic batch. Shape arithmetic on it (Gather, Concat, Mul, ...) is done at import time, so a
+    Reshape to (N, -1) built by an exporter from Shape nodes becomes a graphc reshape with dim N."""
+
+    def __init__(self, values):
+        self.values = np.asarray(values, dtype=object)
+
+    @property
+    def shape(self):
+        return self.values.shape
+
+
+def _sym_or_const(values):
+    v = np.asarray(values, dtype=object)
+    if all(isinstance(e, (bool, np.bool_)) for e in v.reshape(-1)):
+        return gc.constant(v.astype(bool))
+    if all(isinstance(e, (int, np.integer)) for e in v.reshape(-1)):
+        return gc.constant(v.astype(np.int64))
+    return SymVal(v)
+
+
 class Ctx:
     """What a converter sees: opset, number of outputs wanted, and helpers for constant inputs."""
 
@@ -80,6 +102,8 @@ class Ctx:
         """The value of a constant (or initialiser) input; UnsupportedOnnx when it is computed."""
         if t is None:
             return None
+        if isinstance(t, SymVal):
+            return t.values
         v = constant_value(t)
         if v is None and t.node.op.name == "parameter":
             v = t.value
@@ -89,7 +113,8 @@ class Ctx:
 
     def ints(self, t: Tensor | None, what: str = "input") -> list[int] | None:
         v = self.const(t, what)
-        return None if v is None else [int(e) for e in v.reshape(-1)]
+        return None if v is None else [_sh.canon_dim(e) if not isinstance(e, (int, np.integer)) else int(e)
+                                       for e in v.reshape(-1)]
 
     def unsupported(self, why: str):
         return UnsupportedOnnx(f"{self.node.op_type}: {why}")
@@ -197,6 +222,15 @@ def _convert_node(cx: Ctx, node, env: dict, fn) -> None:
     except KeyError as e:
         raise OnnxImportError(f"node {node.name or node.op_type}: input {e.args[0]!r} is not defined before it") from None
     attrs = {a.name: _attr_value(a) for a in node.attribute}
+    if any(isinstance(t, SymVal) for t in ins):
+        from .onnx_symbolic import SYM_FOLD
+        if node.op_type in SYM_FOLD and all(t is None or isinstance(t, SymVal) or constant_value(t) is not None
+                                            for t in ins):
+            for name, v in zip(node.output, SYM_FOLD[node.op_type](cx, ins, attrs)):
+                env[name] = _sym_or_const(v)
+            return
+        if node.op_type not in SYM_ARGS:
+            raise UnsupportedOnnx(f"{node.op_type}: computes with symbolic shape values")
     try:
         outs = fn(cx, ins, attrs)
     except (UnsupportedOnnx, OnnxImportError):
@@ -215,7 +249,7 @@ def _fold(outs: list) -> list:
     """Outputs of a node whose inputs are all constants, evaluated now (import-time folding)."""
     res = []
     for t in outs:
-        if t is None or t.node.op.name in ("constant", "placeholder", "parameter"):
+        if t is None or isinstance(t, SymVal) or t.node.op.name in ("constant", "placeholder", "parameter"):
             res.append(t)
             continue
         if _sh.is_static(t.shape) and _small(t):
@@ -224,6 +258,10 @@ def _fold(outs: list) -> list:
         else:
             res.append(t)
     return res
+
+
+#: converters that read a symbolic-shape input through Ctx.const/ints (a shape or axes argument)
+SYM_ARGS = {"Reshape", "Expand", "ConstantOfShape", "Tile", "Slice", "Pad", "Split", "Squeeze", "Unsqueeze"}
 
 
 def _small(t: Tensor) -> bool:

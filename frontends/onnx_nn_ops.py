@@ -95,19 +95,27 @@ def _pool(kind):
         ext = [d * (k - 1) + 1 for k, d in zip(kernel, dil)]
         if kind == "max":
             fill = -np.inf if x.dtype.startswith("float") else np.iinfo(x.dtype).min
-            ps = _patches(_pad_spatial(cx, x, lo, hi, fill, outs, strides, ext), kernel, outs, strides, dil)
-            y = ps[0]
-            for p in ps[1:]:
-                y = gc.maximum(y, p)
-            return y
+            xp = _pad_spatial(cx, x, lo, hi, fill, outs, strides, ext)
+            return _separable(xp, kernel, outs, strides, dil, gc.maximum)
         xp = _pad_spatial(cx, x, lo, hi, 0.0, outs, strides, ext)
         if kind == "lp":
             pw = float(a.get("p", 2))
-            ps = _patches(gc.abs(xp) ** pw, kernel, outs, strides, dil)
-            return _add_all(ps) ** (1.0 / pw)
-        total = _add_all(_patches(xp, kernel, outs, strides, dil))
+            return _separable(gc.abs(xp) ** pw, kernel, outs, strides, dil, gc.add) ** (1.0 / pw)
+        total = _separable(xp, kernel, outs, strides, dil, gc.add)
         return total / gc.constant(_avg_count(x, kernel, lo, hi, outs, strides, dil, ext, a))
     return conv
+
+
+def _separable(x, kernel, outs, strides, dil, combine):
+    """A rectangular-window max or sum, one spatial axis at a time (kh + kw slices, not kh * kw)."""
+    for i, (k, n, s, d) in enumerate(zip(kernel, outs, strides, dil)):
+        lead = (slice(None),) * (2 + i)
+        y = None
+        for o in range(k):
+            p = x[lead + (slice(o * d, o * d + s * (n - 1) + 1, s),)]
+            y = p if y is None else combine(y, p)
+        x = y
+    return x
 
 
 def _add_all(ts):

@@ -43,6 +43,8 @@ def _constant_of_shape(cx, ins, a):
     from .onnx_import import SUPPORTED_DTYPES
     if v.dtype.name not in SUPPORTED_DTYPES:
         raise cx.unsupported(f"value of dtype {v.dtype.name}")
+    if not _sh.is_static(shape):
+        return gc.broadcast_to(gc.constant(v, v.dtype.name), shape)
     return gc.constant(np.full(shape, v, dtype=v.dtype), v.dtype.name)
 
 
@@ -51,7 +53,8 @@ def _shape(cx, ins, a):
     x = ins[0]
     dims = list(x.shape)[slice(a.get("start", 0), a.get("end", None))]
     if not all(isinstance(d, int) for d in dims):
-        raise cx.unsupported(f"Shape of a tensor with symbolic dims {_sh.fmt_shape(x.shape)}")
+        from .onnx_import import SymVal
+        return SymVal(dims)
     return gc.constant(np.asarray(dims, dtype=np.int64))
 
 
@@ -59,7 +62,8 @@ def _shape(cx, ins, a):
 def _size(cx, ins, a):
     n = _sh.size(ins[0].shape)
     if not isinstance(n, int):
-        return gc.size_of(ins[0], range(ins[0].ndim), "int64")
+        from .onnx_import import SymVal
+        return SymVal(n)
     return gc.constant(np.asarray(n, dtype=np.int64))
 
 
