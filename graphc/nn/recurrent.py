@@ -9,7 +9,9 @@ with G gates stacked in torch's order: LSTM (i, f, g, o), GRU (r, z, n), RNN (on
 """
 from __future__ import annotations
 
+import itertools
 import math
+from collections import defaultdict
 
 import numpy as np
 
@@ -18,6 +20,9 @@ from .. import shapes as _sh
 from ..errors import GraphcError, ShapeError
 from ..ir import Tensor
 from ..ops.core import Parameter, as_tensor, constant, parameter
+
+
+_counts: defaultdict = defaultdict(itertools.count)
 
 
 class _Recurrent:
@@ -34,14 +39,16 @@ class _Recurrent:
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bidirectional, self.bias, self.dtype = bool(bidirectional), bool(bias), dtype
         self.num_directions = 2 if bidirectional else 1
-        self.named_params: dict[str, Parameter] = {}
+        self.named_params: dict[str, Parameter] = {}  # torch name -> parameter
+        self.prefix = f"{self.kind.lower()}{next(_counts[self.kind])}"  # graph names: lstm0.weight_ih_l0
         rng = np.random.default_rng(seed)
         bound = 1.0 / math.sqrt(hidden_size)  # torch's default: U(-1/sqrt(H), 1/sqrt(H)) for every tensor
         for k in range(num_layers):
             n_in = input_size if k == 0 else hidden_size * self.num_directions
             for sfx in self._suffixes():
                 for name, shape in self._shapes(k, sfx, n_in):
-                    self.named_params[name] = parameter(name, rng.uniform(-bound, bound, shape), dtype)
+                    value = rng.uniform(-bound, bound, shape)
+                    self.named_params[name] = parameter(f"{self.prefix}.{name}", value, dtype)
 
     def _suffixes(self):
         return ("", "_reverse") if self.bidirectional else ("",)
