@@ -25,7 +25,7 @@ def get_backend(name: str):
     if name not in _loaded:
         try:
             _loaded[name] = importlib.import_module(BACKENDS[name]).BACKEND
-        except ImportError as e:
+        except (ImportError, AttributeError) as e:  # not installed, or a module without BACKEND
             raise BackendUnavailable(f"backend {name!r} is not usable here: {e}") from None
     be = _loaded[name]
     why = be.unavailable_reason()
