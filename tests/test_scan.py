@@ -114,10 +114,23 @@ def test_double_backprop_and_hessian(rng):
     np.testing.assert_allclose(H, num, rtol=1e-6, atol=1e-8)
 
 
-def test_forward_mode_jvp_matches_finite_differences(rng):
+def _reverse_counter_scan(xs, h0, W, U):
+    W2 = W * 2.0  # an invariant computed from another invariant
+
+    def step(carry, x):
+        h, k = carry
+        h2 = gc.tanh(x @ W2 + h @ U) * gc.cast(k, h.dtype) + 0.5 * h
+        return (h2, k + 1), (h2 @ U.T).sum(axis=1)
+    (hT, _), ys = gc.scan(step, (h0, gc.constant(1, "int32")), xs, reverse=True)
+    return hT, ys
+
+
+@pytest.mark.parametrize("fn", [lambda xs, h0, W, U: gc.scan(_step(W, U), h0, xs), _reverse_counter_scan])
+def test_forward_mode_jvp_matches_finite_differences_and_the_derived_rule(fn, rng):
+    from graphc.autodiff import _derived_jvp
     vals = _inputs(rng, T=4, N=2, C=3, H=3)
     phs = _phs(vals)
-    hT, ys = gc.scan(_step(phs[2], phs[3]), phs[1], phs[0])
+    hT, ys = fn(*phs)
     v = [rng.standard_normal(x.shape) for x in vals]
     jv = gc.function(phs, gc.jvp([hT, ys], phs, [gc.constant(t) for t in v]))(*vals)
     f = gc.function(phs, [hT, ys])
@@ -126,6 +139,14 @@ def test_forward_mode_jvp_matches_finite_differences(rng):
     lo = f(*[x - eps * t for x, t in zip(vals, v)])
     for got, a, b in zip(jv, hi, lo):
         np.testing.assert_allclose(got, (a - b) / (2 * eps), rtol=1e-6, atol=1e-8)
+    node = ys.node  # the scan's own rule against the generic one derived from its vjp
+    tans = [gc.constant(rng.standard_normal(tuple(t.shape))) if t.dtype == "float64" else None for t in node.inputs]
+    own, derived = node.op.jvp(node, tans), _derived_jvp(node, tans)
+    pairs = [(a, b) for a, b in zip(own, derived) if a is not None]
+    assert len(pairs) >= 3
+    got = gc.function(phs, [a for a, _ in pairs] + [b for _, b in pairs])(*vals)
+    for a, b in zip(got[:len(pairs)], got[len(pairs):]):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_symbolic_sequence_length_including_zero(rng):

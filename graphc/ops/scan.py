@@ -26,7 +26,8 @@ Node contract (backends may rely on it):
 Zero-length loops are defined: the final carry is `init`, ys and history have leading dim 0.
 Gradients: reverse mode is back-propagation through time as a second `scan` running the other
 way over the stored history (its body is the gradient of the step body), so it can itself be
-differentiated again; forward mode is derived from it (autodiff._derived_jvp).
+differentiated again. Forward mode is a scan in the same direction over the history carrying the
+carry's tangent (its body is gc.jvp of the step body).
 Random draws inside the step are hoisted like any loop-invariant value (one draw for all steps).
 """
 from __future__ import annotations
@@ -248,6 +249,9 @@ class Scan(Op):
     def vjp(self, node, gouts):
         return _bptt(node, gouts)
 
+    def jvp(self, node, tangents):
+        return _forward_tangents(node, tangents)
+
 
 # ---- back-propagation through time ------------------------------------------------------------
 
@@ -298,6 +302,42 @@ def _bptt(node: Node, gouts: list) -> list:
     for i, g in zip(fk, fin[len(fc):]):
         res[nc + ns + i] = g
     return res
+
+
+def _forward_tangents(node: Node, tangents: list) -> list:
+    """Tangents of a scan node's outputs: a scan over the history whose carry is the carry's tangent."""
+    a = node.attrs
+    body, nc, ns = a["body"], a["n_carry"], a["n_seq"]
+    ny = len(body.outputs) - nc
+    init, seqs, invs = node.inputs[:nc], node.inputs[nc:nc + ns], node.inputs[nc + ns:]
+    t_init, t_seq, t_inv = tangents[:nc], tangents[nc:nc + ns], tangents[nc + ns:]
+    fc = [k for k in range(nc) if _dt.is_float(init[k].dtype)]
+    ts = [i for i in range(ns) if t_seq[i] is not None]
+    tk = [i for i in range(len(invs)) if t_inv[i] is not None]
+    fy = [j for j in range(ny) if _dt.is_float(body.outputs[nc + j].dtype)]
+    hist = list(node.outputs[nc + ny:])
+
+    def step(dc, xs):
+        h_t, x_t, dx_t = xs[:nc], xs[nc:nc + ns], xs[nc + ns:]
+        outs = inline(body, list(h_t) + list(x_t) + list(invs))
+        wrt = [h_t[k] for k in fc] + [x_t[i] for i in ts] + [invs[i] for i in tk]
+        tans = list(dc) + list(dx_t) + [t_inv[i] for i in tk]
+        touts = _jvp([outs[k] for k in fc] + [outs[nc + j] for j in fy], wrt, tans) if wrt else []
+        return touts[:len(fc)], touts[len(fc):]
+
+    dc0 = [t_init[k] if t_init[k] is not None else F.zeros_like(init[k]) for k in fc]
+    fin, dys, dhist = scan_flat(step, dc0, hist + list(seqs) + [t_seq[i] for i in ts], a["length"], a["reverse"])
+    res: list = [None] * len(node.outputs)
+    for k, d, dh in zip(fc, fin, dhist):
+        res[k], res[nc + ny + k] = d, dh
+    for j, d in zip(fy, dys):
+        res[nc + j] = d
+    return res
+
+
+def _jvp(*args):
+    from ..autodiff import jvp
+    return jvp(*args)
 
 
 def _grad(*args, **kw):
