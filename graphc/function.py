@@ -226,6 +226,11 @@ class Function:
         from .passes.memory import memory_plan
         return memory_plan(self.graph, dims)
 
+    def _repr_svg_(self):
+        """Jupyter shows a compiled function as a picture of its optimised graph."""
+        from .viz import repr_svg
+        return repr_svg(self)
+
     def __repr__(self):
         return f"<graphc.Function {self.graph.name} backend={self.backend_name} ops={len(self.graph.compute_nodes())}>"
 

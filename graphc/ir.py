@@ -235,6 +235,11 @@ class Graph:
         from .printing import to_networkx
         return to_networkx(self)
 
+    def _repr_svg_(self):
+        """Jupyter shows a graph as a picture (None, i.e. the text repr, without Graphviz)."""
+        from .viz import repr_svg
+        return repr_svg(self)
+
     def __str__(self):
         from .printing import graph_text
         return graph_text(self)

@@ -212,3 +212,10 @@ CASES += [
     Case("one_hot", lambda i, x: gc.one_hot(i, 4, x.dtype) * x, lambda i, x: np.eye(4, dtype=x.dtype)[i] * x,
          [[(3,), (3, 4)]], int_inputs={0: (0, 4)}),
 ]
+
+CASES += [
+    Case("solve_vec", lambda a, b: gc.solve(a + gc.constant(4 * np.eye(3), a.dtype), b),
+         lambda a, b: np.linalg.solve(a + 4 * np.eye(3, dtype=a.dtype), b), [[(3, 3), (3,)]]),
+    Case("solve_mat", lambda a, b: gc.solve(a + gc.constant(4 * np.eye(3), a.dtype), b),
+         lambda a, b: np.linalg.solve(a + 4 * np.eye(3, dtype=a.dtype), b), [[(3, 3), (3, 2)]]),
+]

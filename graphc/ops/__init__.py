@@ -19,4 +19,5 @@ from .scan import scan  # noqa: F401,E402
 from .nn_ops import (avg_pool2d, batch_norm, conv1d, conv2d, dropout, elu, embedding, gelu,  # noqa: F401,E402
                      heaviside, layer_norm, lp_pool2d, max_pool2d, maxout, noisy_relu, one_hot, selu,
                      soft_maxout)
+from .linalg_solve import solve  # noqa: F401,E402
 from . import tensor_methods  # noqa: F401,E402

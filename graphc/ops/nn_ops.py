@@ -102,25 +102,32 @@ def _gy_matrix(gy, groups):
     return gy.reshape(n, groups, o // groups, oh, ow).transpose(1, 0, 3, 4, 2).reshape(groups, n * oh * ow, o // groups)
 
 
+def _bmm(a, b):
+    """Per-group 2-D matmuls (BLAS even for transposed views, which batched np.matmul copies slowly)."""
+    if a.shape[0] == 1:
+        return (a[0] @ b[0])[None]
+    return np.stack([a[i] @ b[i] for i in range(a.shape[0])])
+
+
 def conv2d_ref(x, w, stride, pads, dilation, groups):
     cols, (oh, ow) = _im2col(x, w.shape[2:], stride, pads, dilation, groups)
     o = w.shape[0]
     wm = w.reshape(groups, o // groups, -1)
-    y = np.matmul(cols, wm.transpose(0, 2, 1))  # (g, N*P, Og)
+    y = _bmm(cols, wm.transpose(0, 2, 1))  # (g, N*P, Og)
     n = x.shape[0]
     return np.ascontiguousarray(y.reshape(groups, n, oh, ow, o // groups).transpose(1, 0, 4, 2, 3).reshape(n, o, oh, ow))
 
 
 def conv2d_grad_weight_ref(x, gy, kernel, stride, pads, dilation, groups):
     cols, _ = _im2col(x, kernel, stride, pads, dilation, groups)
-    gw = np.matmul(_gy_matrix(gy, groups).transpose(0, 2, 1), cols)  # (g, Og, Cg*K)
+    gw = _bmm(_gy_matrix(gy, groups).transpose(0, 2, 1), cols)  # (g, Og, Cg*K)
     return gw.reshape((gy.shape[1], x.shape[1] // groups) + tuple(kernel))
 
 
 def conv2d_grad_input_ref(gy, w, x_hw, stride, pads, dilation, groups):
     n, o, oh, ow = gy.shape
     cg, kh, kw = w.shape[1:]
-    cols = np.matmul(_gy_matrix(gy, groups), w.reshape(groups, o // groups, -1))  # (g, N*P, Cg*K)
+    cols = _bmm(_gy_matrix(gy, groups), w.reshape(groups, o // groups, -1))  # (g, N*P, Cg*K)
     cols = cols.reshape(groups, n, oh, ow, cg, kh, kw).transpose(1, 0, 4, 5, 6, 2, 3).reshape(n, groups * cg, kh, kw, oh, ow)
     h, wd = x_hw
     xp = np.zeros((n, groups * cg, h + pads[0][0] + pads[0][1], wd + pads[1][0] + pads[1][1]), gy.dtype)

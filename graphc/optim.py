@@ -1,0 +1,318 @@
+"""Optimisers as graph updates: `gc.optim.Adam(lr=1e-3).updates(loss, params)` returns the
+(parameter, new value) list for gc.function(..., updates=...). Optimiser state (moments, the step
+counter that drives learning-rate schedules) is parameters too, so it is saved with the model.
+
+First order: SGD (momentum, Nesterov), AdaGrad, RMSProp, Adam, AdamW, QuickProp; second order:
+Newton (damped, H + damping*I, from gc.hessian blocks: small models) and HessianFree (conjugate
+gradient on gc.hvp). Every optimiser takes weight_decay, clip_value, clip_norm and schedule.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+import graphc as gc
+from graphc import ops as F
+from .errors import GraphcError
+from .ir import Tensor
+from .ops.core import Parameter, parameter
+
+# ---- learning-rate schedules: functions of the step counter, evaluated in the graph ---------------
+
+
+class StepLR:
+    """lr * gamma ** floor(step / step_size)."""
+
+    def __init__(self, step_size: int, gamma: float = 0.1):
+        self.step_size, self.gamma = step_size, gamma
+
+    def __call__(self, lr: float, step: Tensor) -> Tensor:
+        return lr * self.gamma ** F.floor(step / float(self.step_size))
+
+
+class ExponentialLR:
+    """lr * gamma ** step."""
+
+    def __init__(self, gamma: float):
+        self.gamma = gamma
+
+    def __call__(self, lr, step):
+        return lr * self.gamma ** step
+
+
+class CosineLR:
+    """eta_min + (lr - eta_min) * (1 + cos(pi * min(step, T_max) / T_max)) / 2."""
+
+    def __init__(self, T_max: int, eta_min: float = 0.0):
+        self.T_max, self.eta_min = T_max, eta_min
+
+    def __call__(self, lr, step):
+        frac = F.minimum(step, float(self.T_max)) / float(self.T_max)
+        return self.eta_min + (lr - self.eta_min) * 0.5 * (1.0 + F.cos(math.pi * frac))
+
+
+# ---- the base: clipping, weight decay, state slots ------------------------------------------------
+
+
+def clip_by_value(grads: Sequence[Tensor], v: float) -> list[Tensor]:
+    return [F.clip(g, -v, v) for g in grads]
+
+
+def clip_by_global_norm(grads: Sequence[Tensor], max_norm: float) -> list[Tensor]:
+    """Scale all gradients by min(1, max_norm / (||g||_2 + 1e-6)) (torch.nn.utils.clip_grad_norm_)."""
+    norm = F.sqrt(_total([F.sum(g * g) for g in grads]))
+    scale = F.minimum(max_norm / (norm + 1e-6), 1.0)
+    return [g * F.cast(scale, g.dtype) for g in grads]
+
+
+def _total(terms):
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
+    return out
+
+
+class Optimizer:
+    decoupled_decay = False
+
+    def __init__(self, lr: float = 0.01, weight_decay: float = 0.0, clip_value: float | None = None,
+                 clip_norm: float | None = None, schedule=None):
+        self.lr, self.weight_decay = lr, weight_decay
+        self.clip_value, self.clip_norm, self.schedule = clip_value, clip_norm, schedule
+        self.step: Parameter | None = None
+        self._slots: dict = {}
+        self.name = type(self).__name__.lower()
+
+    # state ------------------------------------------------------------------------------------
+    def slot(self, p: Parameter, what: str, init: float = 0.0) -> Parameter:
+        """Per-parameter state, created once (zeros or `init`, p's shape and dtype)."""
+        key = (id(p), what)
+        if key not in self._slots:
+            self._slots[key] = parameter(f"{self.name}.{p.name}.{what}", np.full(p.shape, init, p.dtype), p.dtype)
+        return self._slots[key]
+
+    @property
+    def state(self) -> list[Parameter]:
+        return ([self.step] if self.step is not None else []) + list(self._slots.values())
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {s.name: s.get_value() for s in self.state}
+
+    def load_state_dict(self, d: dict) -> None:
+        for s in self.state:
+            if s.name not in d:
+                raise GraphcError(f"{self.name}.load_state_dict: missing {s.name}")
+            s.set_value(d[s.name])
+
+    def learning_rate(self, step: Tensor):
+        return self.lr if self.schedule is None else self.schedule(self.lr, step)
+
+    def current_lr(self) -> float:
+        """The learning rate the next step will use."""
+        if self.schedule is None:
+            return float(self.lr)
+        s = 0.0 if self.step is None else float(self.step.value)
+        return float(gc.evaluate([F.as_tensor(self.schedule(self.lr, gc.constant(s, "float64")))], {})[0])
+
+    # updates ----------------------------------------------------------------------------------
+    def gradients(self, loss, params, grads=None) -> list[Tensor]:
+        grads = list(grads) if grads is not None else gc.grad(loss, list(params))
+        if self.clip_value is not None:
+            grads = clip_by_value(grads, self.clip_value)
+        if self.clip_norm is not None:
+            grads = clip_by_global_norm(grads, self.clip_norm)
+        return grads
+
+    def updates(self, loss, params: Sequence[Parameter], grads: Sequence[Tensor] | None = None) -> list:
+        """(parameter, new value) pairs for one step on `loss`: parameters, state, step counter."""
+        params = list(params)
+        if not params:
+            raise GraphcError(f"{self.name}: no parameters to optimise")
+        for p in params:
+            if not isinstance(p, Parameter):
+                raise GraphcError(f"{self.name}: {getattr(p, 'label', p)!r} is not a parameter")
+        if self.step is None:
+            self.step = parameter(f"{self.name}.step", np.zeros((), params[0].dtype), params[0].dtype)
+        grads = self.gradients(loss, params, grads)
+        t = self.step + 1.0
+        lr = self.learning_rate(self.step)
+        out = []
+        for p, g in zip(params, grads):
+            if self.weight_decay and not self.decoupled_decay:
+                g = g + self.weight_decay * p
+            out += self.rule(p, g, lr, t)
+        return out + [(self.step, t)]
+
+    def rule(self, p, g, lr, t) -> list:
+        raise NotImplementedError
+
+
+# ---- first-order methods ----------------------------------------------------------------------
+
+
+class SGD(Optimizer):
+    """p -= lr * d; with momentum: buf = momentum * buf + g, d = buf (Nesterov: g + momentum * buf)."""
+
+    def __init__(self, lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False, **kw):
+        super().__init__(lr, **kw)
+        self.momentum, self.nesterov = momentum, nesterov
+
+    def rule(self, p, g, lr, t):
+        if not self.momentum:
+            return [(p, p - lr * g)]
+        buf = self.slot(p, "momentum")
+        new = self.momentum * buf + g
+        d = g + self.momentum * new if self.nesterov else new
+        return [(p, p - lr * d), (buf, new)]
+
+
+class Momentum(SGD):
+    def __init__(self, lr: float = 0.01, momentum: float = 0.9, **kw):
+        super().__init__(lr, momentum, False, **kw)
+
+
+class Nesterov(SGD):
+    def __init__(self, lr: float = 0.01, momentum: float = 0.9, **kw):
+        super().__init__(lr, momentum, True, **kw)
+
+
+class AdaGrad(Optimizer):
+    """s += g^2; p -= lr * g / (sqrt(s) + eps)."""
+
+    def __init__(self, lr: float = 0.01, eps: float = 1e-10, initial_accumulator_value: float = 0.0, **kw):
+        super().__init__(lr, **kw)
+        self.eps, self.init = eps, initial_accumulator_value
+
+    def rule(self, p, g, lr, t):
+        s = self.slot(p, "sum", self.init)
+        new = s + g * g
+        return [(p, p - lr * g / (F.sqrt(new) + self.eps)), (s, new)]
+
+
+class RMSProp(Optimizer):
+    """v = alpha v + (1 - alpha) g^2; p -= lr g / (sqrt(v) + eps) (with momentum: through a buffer)."""
+
+    def __init__(self, lr: float = 0.01, alpha: float = 0.99, eps: float = 1e-8, momentum: float = 0.0, **kw):
+        super().__init__(lr, **kw)
+        self.alpha, self.eps, self.momentum = alpha, eps, momentum
+
+    def rule(self, p, g, lr, t):
+        v = self.slot(p, "square_avg")
+        nv = self.alpha * v + (1 - self.alpha) * g * g
+        d = g / (F.sqrt(nv) + self.eps)
+        if not self.momentum:
+            return [(p, p - lr * d), (v, nv)]
+        buf = self.slot(p, "momentum")
+        nb = self.momentum * buf + d
+        return [(p, p - lr * nb), (v, nv), (buf, nb)]
+
+
+class Adam(Optimizer):
+    """Adam with bias correction: p -= lr * m_hat / (sqrt(v_hat) + eps)."""
+
+    def __init__(self, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, **kw):
+        super().__init__(lr, **kw)
+        self.b1, self.b2 = betas
+        self.eps = eps
+
+    def rule(self, p, g, lr, t):
+        m, v = self.slot(p, "m"), self.slot(p, "v")
+        nm = self.b1 * m + (1 - self.b1) * g
+        nv = self.b2 * v + (1 - self.b2) * g * g
+        mhat = nm / (1.0 - self.b1 ** t)
+        vhat = nv / (1.0 - self.b2 ** t)
+        base = p * (1.0 - lr * self.weight_decay) if self.decoupled_decay and self.weight_decay else p
+        return [(p, base - lr * mhat / (F.sqrt(vhat) + self.eps)), (m, nm), (v, nv)]
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay: p *= 1 - lr * weight_decay before the Adam step."""
+    decoupled_decay = True
+
+    def __init__(self, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01, **kw):
+        super().__init__(lr, betas, eps, weight_decay=weight_decay, **kw)
+
+
+class QuickProp(Optimizer):
+    """Fahlman's QuickProp: per weight, jump to the minimum of the parabola through the last two
+    slopes, dw = dw_prev * g / (g_prev - g), limited to mu * |dw_prev|; plain -lr * g on the first
+    step and wherever the parabola is undefined (dw_prev = 0 or g_prev = g)."""
+
+    def __init__(self, lr: float = 0.01, mu: float = 1.75, **kw):
+        super().__init__(lr, **kw)
+        self.mu = mu
+
+    def rule(self, p, g, lr, t):
+        pg, pdw = self.slot(p, "prev_grad"), self.slot(p, "prev_step")
+        denom = pg - g
+        ok = F.logical_and(F.not_equal(pdw, 0.0), F.not_equal(denom, 0.0))
+        qp = pdw * g / F.where(ok, denom, F.ones_like(denom))
+        lim = self.mu * F.abs(pdw)
+        dw = F.where(ok, F.clip(qp, -lim, lim), -lr * g)
+        return [(p, p + dw), (pg, g), (pdw, dw)]
+
+
+# ---- second-order methods ---------------------------------------------------------------------
+
+
+def _flat(ts: Sequence[Tensor]) -> Tensor:
+    return F.concatenate([F.reshape(t, (-1,)) for t in ts], 0)
+
+
+def _split(v: Tensor, params) -> list[Tensor]:
+    out, start = [], 0
+    for p in params:
+        n = int(np.prod(p.shape))
+        out.append(F.reshape(v[start:start + n], p.shape))
+        start += n
+    return out
+
+
+class Newton(Optimizer):
+    """Damped Newton: p -= lr * (H + damping I)^-1 g with the full Hessian from gc.hessian blocks
+    (one reverse pass per parameter element: for small models)."""
+
+    def __init__(self, lr: float = 1.0, damping: float = 1e-3, **kw):
+        super().__init__(lr, **kw)
+        self.damping = damping
+
+    def updates(self, loss, params, grads=None):
+        params = list(params)
+        if self.weight_decay:
+            loss = loss + 0.5 * self.weight_decay * _total([F.sum(p * p) for p in params])
+        gs = gc.grad(loss, params)
+        rows = [F.concatenate([F.reshape(gc.jacobian(g, q), (int(np.prod(g.shape)), int(np.prod(q.shape))))
+                               for q in params], 1) for g in gs]
+        h = F.concatenate(rows, 0)
+        n = h.shape[0]
+        d = gc.solve(h + gc.constant(self.damping * np.eye(n), h.dtype), _flat(gs))
+        return [(p, p - self.lr * di) for p, di in zip(params, _split(d, params))]
+
+
+class HessianFree(Optimizer):
+    """Hessian-free (truncated Newton): solve (H + damping I) d = g by `cg_iters` steps of conjugate
+    gradient, each using a Hessian-vector product (gc.hvp, double backprop; H is never formed)."""
+
+    def __init__(self, lr: float = 1.0, damping: float = 1e-2, cg_iters: int = 10, **kw):
+        super().__init__(lr, **kw)
+        self.damping, self.cg_iters = damping, cg_iters
+
+    def updates(self, loss, params, grads=None):
+        params = list(params)
+        if self.weight_decay:
+            loss = loss + 0.5 * self.weight_decay * _total([F.sum(p * p) for p in params])
+        g = _flat(gc.grad(loss, params))
+        x, r = F.zeros_like(g), g
+        p = r
+        rs = F.sum(r * r)
+        for _ in range(self.cg_iters):
+            hp = _flat(gc.hvp(loss, params, [F.stop_gradient(v) for v in _split(p, params)])) + self.damping * p
+            alpha = rs / (F.sum(p * hp) + 1e-30)
+            x = x + alpha * p
+            r = r - alpha * hp
+            rs_new = F.sum(r * r)
+            p = r + (rs_new / (rs + 1e-30)) * p
+            rs = rs_new
+        return [(q, q - self.lr * d) for q, d in zip(params, _split(x, params))]
