@@ -167,6 +167,33 @@ def test_cross_entropy_gradient_is_finite_after_stabilisation(backend):
 
 # ---- fusion ----------------------------------------------------------------------------------------
 
+def check_fused_contract(graph: gc.Graph) -> int:
+    """Every fused node has one of the three body forms of graphc/ops/fused.py; returns how many."""
+    from graphc.passes.fusion import EPILOGUE_HEADS, REDUCTIONS, fusible
+    count = 0
+    for node in graph.compute_nodes():
+        if node.op.name != "fused":
+            continue
+        count += 1
+        body = node.attrs["body"]
+        assert [(t.shape, t.dtype) for t in body.inputs] == [(t.shape, t.dtype) for t in node.inputs]
+        assert [(t.shape, t.dtype) for t in body.outputs] == [(t.shape, t.dtype) for t in node.outputs]
+        assert all(n.op.name in ("placeholder", "constant") for n in body.nodes if not n.inputs)
+        assert all(n.attrs["value"].size == 1 for n in body.nodes if n.op.name == "constant")
+        comp = body.compute_nodes()
+        head, tail = comp[0], comp[-1]
+        if head.op.name in EPILOGUE_HEADS:
+            assert all(fusible(n) and n.outputs[0].shape == head.outputs[0].shape for n in comp[1:])
+            assert all(t.op.name == "placeholder" for t in head.inputs)
+            assert all(o is not head.outputs[0] for o in body.outputs)
+        elif tail.op.name in REDUCTIONS:
+            assert all(fusible(n) for n in comp[:-1]) and body.outputs == [tail.outputs[0]]
+        else:
+            loop = node.outputs[0].shape
+            assert all(fusible(n) and n.outputs[0].shape == loop for n in comp)
+    return count
+
+
 def _w2():
     x, a, b = gc.placeholder("x", (None,)), gc.placeholder("a", ()), gc.placeholder("b", ())
     return [x, a, b], gc.tanh(x * a + b) * gc.sigmoid(x) + gc.exp(-x * x)
@@ -253,6 +280,7 @@ def test_mlp_training_step_is_smaller_fused_and_equal(backend, rng):
             assert len(f.graph.compute_nodes()) < 0.7 * n0
             assert sum(n.startswith("fused[") for n in _ops(f)) >= 4
             assert any(n.startswith("fused[matmul") and n.endswith("sub]") for n in _ops(f))  # SGD update fused
+            assert check_fused_contract(f.graph) >= 4
     np.testing.assert_allclose(results[2][0], results[0][0], rtol=1e-10)
     for p2, p0 in zip(results[2][1], results[0][1]):
         np.testing.assert_allclose(p2, p0, rtol=1e-10, atol=1e-12)

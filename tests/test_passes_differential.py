@@ -178,7 +178,8 @@ def test_the_generator_covers_the_rewrites_and_fusion():
     """The random graphs exercise every rewrite pass and fusion (so the agreement above means something)."""
     from collections import Counter
     from graphc.passes import PIPELINE
-    fired = Counter()
+    from test_passes import check_fused_contract
+    fired, fused = Counter(), 0
     for seed in range(CHUNKS * GRAPHS_PER_CHUNK):
         phs, out, _, _ = random_graph(seed)
         g = gc.Graph(phs, [out, gc.grad(gc.sum(out), phs[0], disconnected="zero")])
@@ -187,4 +188,6 @@ def test_the_generator_covers_the_rewrites_and_fusion():
             g = p.run(g, log)
             if log:
                 fired[p.name] += 1
+        fused += check_fused_contract(g)
+    assert fused > 100
     assert {"dce", "constant_fold", "algebraic", "stability", "cse", "fusion", "gemm_epilogue"} <= set(fired), fired

@@ -9,7 +9,7 @@ from .. import shapes as _sh
 from ..ir import Graph, Node, Tensor
 from ..ops.core import placeholder
 from ..ops.fused import Fused
-from .rewrite import clone, rebuild, users
+from .rewrite import clone, rebuild, users, with_order
 
 #: ops fused besides those marked `elementwise` (cast is elementwise but not an Elementwise row)
 EXTRA_ELEMENTWISE = {"cast"}
@@ -122,10 +122,11 @@ def _placeholder_for(t: Tensor, i: int) -> Tensor:
 
 def build_fused(members: list[Node], env: dict, outs: list[Tensor], alias: dict | None = None):
     """A fused node computing `outs` from `members` (in order); external inputs are looked up in `env`;
-    `alias` maps a stand-in tensor to the member output it stands for (an absorbed head's result)."""
+    `alias` maps a stand-in tensor to the member output it stands for (an absorbed head's result).
+    The body's schedule is the members' order (so an epilogue's matmul comes first)."""
     alias = alias or {}
     body_env: dict[int, Tensor] = {}
-    ext, phs = [], []
+    ext, phs, leaves, order = [], [], [], []
     for m in members:
         m_ins = [alias.get(id(t), t) for t in m.inputs]
         for t in m_ins:
@@ -133,13 +134,17 @@ def build_fused(members: list[Node], env: dict, outs: list[Tensor], alias: dict 
                 continue
             if t.node.op.name == "constant" and t.node.attrs["value"].size == 1:
                 body_env[id(t)] = t  # scalar constants live in the body as immediates
+                leaves.append(t.node)
                 continue
             ext.append(env[id(t)])
             body_env[id(t)] = _placeholder_for(t, len(phs))
             phs.append(body_env[id(t)])
-        for o, n in zip(m.outputs, clone(m, [body_env[id(t)] for t in m_ins])):
+        new = clone(m, [body_env[id(t)] for t in m_ins])
+        order.append(new[0].node)
+        for o, n in zip(m.outputs, new):
             body_env[id(o)] = n
     body = Graph(phs, [body_env[id(alias.get(id(o), o))] for o in outs], name="fused")
+    with_order(body, [p.node for p in phs] + leaves + order)
     node = Node(Fused, ext, {"body": body}, members[-1].loc)
     node.outputs = tuple(Tensor(node, i, o.shape, o.dtype, o.name) for i, o in enumerate(outs))
     return node
@@ -178,6 +183,7 @@ def fusion(graph: Graph, log) -> Graph:
 
 
 def _emit_group(g: _Group, fz: _Fuser, env: dict, log) -> None:
+    g.members.sort(key=lambda m: fz.pos[id(m)])  # schedule order (merging appends out of order)
     ids = {id(m) for m in g.members}
     outs = [m.outputs[0] for m in g.members
             if id(m.outputs[0]) in fz.roots or any(id(u) not in ids for u in fz.users.get(id(m.outputs[0]), ()))]

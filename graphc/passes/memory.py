@@ -19,7 +19,9 @@ from .rewrite import users, with_order
 
 #: ops whose result is new memory (everything else may return a view of an input, e.g. reshape)
 FRESH_OPS = {"fused", "matmul", "cast", "sum", "max", "min", "prod", "softmax", "log_softmax", "logsumexp",
-             "concatenate", "take", "take_grad", "index_grad", "argmax", "argmin", "size_of"}
+             "concatenate", "take", "take_grad", "index_grad", "argmax", "argmin", "size_of",
+             "conv2d", "conv2d_grad_input", "conv2d_grad_weight", "max_pool2d", "max_pool2d_grad",
+             "max_pool2d_select"}
 #: value used for symbolic dims when sizes must be compared (schedule heuristics)
 TYPICAL_DIM = 64
 
