@@ -272,9 +272,15 @@ def _output(env: dict, vi) -> Tensor:
     if vi.name not in env or env[vi.name] is None:
         raise OnnxImportError(f"graph output {vi.name!r} is not computed by any node")
     t = env[vi.name]
+    if isinstance(t, SymVal):
+        t = _sym_or_const(t.values)
+        if isinstance(t, SymVal):
+            raise UnsupportedOnnx(f"graph output {vi.name!r} is a symbolic shape value")
     tt = vi.type.tensor_type
     if tt.elem_type:
         dt = onnx_dtype(tt.elem_type)
         if t.dtype != dt:
             t = gc.cast(t, dt)
+    if t.name is None:
+        t.name = vi.name  # so tools (graphc show/run, export) keep the model's output names
     return t

@@ -1,0 +1,181 @@
+"""The `graphc` command: show, draw, convert and run models (.onnx or .graphc); bench.
+
+    graphc show model.onnx
+    graphc draw model.graphc -o graph.svg
+    graphc convert model.onnx model.graphc
+    graphc run model.onnx --input x.npy --backend llvm -o outputs.npz
+    graphc bench [benchmark options]
+
+Errors print one line (`graphc: error: ...`) and exit with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+
+
+class CliError(Exception):
+    """A user-facing failure of the command (printed as one line)."""
+
+
+def load_model(path: str):
+    """A gc.Graph from an .onnx or .graphc file (the suffix, else the file's first bytes, decides)."""
+    import graphc as gc
+    if not os.path.exists(path):
+        raise CliError(f"no such file: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if path.endswith(".graphc") or head == b"PK\x03\x04":
+        return gc.load(path)
+    return gc.load_onnx(path)
+
+
+def _fmt_shape(t) -> str:
+    from graphc.shapes import fmt_shape
+    return fmt_shape(t.shape)
+
+
+def cmd_show(args) -> None:
+    g = load_model(args.model)
+    params = g.parameters
+    n_values = sum(int(np.prod(p.shape)) for p in params)
+    n_bytes = sum(p.value.nbytes for p in params)
+    print(f"{args.model}: graph {g.name!r}")
+    print("inputs:")
+    for t in g.inputs:
+        print(f"  {t.name:<24} {t.dtype:<8} {_fmt_shape(t)}")
+    print("outputs:")
+    for i, t in enumerate(g.outputs):
+        print(f"  {t.name or f'output_{i}':<24} {t.dtype:<8} {_fmt_shape(t)}")
+    print(f"parameters: {len(params)} tensors, {n_values:,} values, {n_bytes / 1e6:.2f} MB")
+    if g.updates:
+        print(f"updates: {len(g.updates)} parameters are updated on each call")
+    hist = Counter(n.op.name for n in g.compute_nodes())
+    print(f"ops: {sum(hist.values())} nodes")
+    for op, k in hist.most_common():
+        print(f"  {op:<24} {k}")
+
+
+def cmd_draw(args) -> None:
+    import graphc as gc
+    g = load_model(args.model)
+    obj = gc.function(g, optimize=args.optimize) if args.optimize else g
+    out = gc.draw(obj, args.output, collapse=True if args.collapse else None)
+    print(f"wrote {out}")
+
+
+def cmd_convert(args) -> None:
+    import graphc as gc
+    g = load_model(args.src)
+    if args.dst.endswith(".onnx"):
+        gc.export_onnx(g, args.dst)
+    elif args.dst.endswith(".graphc"):
+        gc.save(g, args.dst)
+    else:
+        raise CliError(f"unknown output format for {args.dst!r}: use a .onnx or .graphc suffix")
+    print(f"wrote {args.dst}")
+
+
+def _read_inputs(g, specs: list[str]) -> list[np.ndarray]:
+    """`x.npy` (positional, in input order) or `name=x.npy`; an .npz supplies inputs by name."""
+    by_name, positional = {}, []
+    for spec in specs:
+        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise CliError(f"cannot read input {path}: {e}") from None
+        if isinstance(data, np.lib.npyio.NpzFile):
+            by_name.update({k: data[k] for k in data.files})
+        elif name:
+            by_name[name] = data
+        else:
+            positional.append(data)
+    values = []
+    for t in g.inputs:
+        if t.name in by_name:
+            values.append(by_name.pop(t.name))
+        elif positional:
+            values.append(positional.pop(0))
+        else:
+            raise CliError(f"no value for input {t.name!r} {t.dtype}{_fmt_shape(t)}; pass --input {t.name}=file.npy")
+    if positional or by_name:
+        raise CliError(f"unused inputs: {sorted(by_name) + ['(positional)'] * len(positional)}")
+    return values
+
+
+def cmd_run(args) -> None:
+    import graphc as gc
+    g = load_model(args.model)
+    values = _read_inputs(g, args.input or [])
+    fn = gc.function(g, backend=args.backend)
+    outs = fn(*values)
+    names = [t.name or f"output_{i}" for i, t in enumerate(g.outputs)]
+    for name, v in zip(names, outs):
+        stats = f"min {v.min():.6g} max {v.max():.6g} mean {v.mean():.6g}" if v.size and v.dtype.kind in "fi" else ""
+        print(f"{name}: {v.dtype}{v.shape} {stats}")
+    if args.output:
+        np.savez(args.output, **dict(zip(names, outs)))
+        print(f"wrote {args.output}")
+
+
+def cmd_bench(args, rest: list[str]) -> int:
+    """Delegates to `python -m benchmarks` (the benchmark table) from the source checkout."""
+    import importlib.util
+    import graphc
+    root = os.path.dirname(os.path.dirname(os.path.abspath(graphc.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    if importlib.util.find_spec("benchmarks") is None and not os.path.isdir(os.path.join(root, "benchmarks")):
+        print("graphc: error: `graphc bench` needs the benchmarks package of a graphc source checkout",
+              file=sys.stderr)
+        return 1
+    return subprocess.call([sys.executable, "-m", "benchmarks", *rest], env=env)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="graphc", description="graphc: inspect, draw, convert and run models")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("show", help="summary: inputs, outputs, parameters, op histogram")
+    s.add_argument("model")
+    s = sub.add_parser("draw", help="render the graph with Graphviz (.svg, .png, .pdf, .dot)")
+    s.add_argument("model")
+    s.add_argument("-o", "--output", default="graph.svg")
+    s.add_argument("-O", "--optimize", type=int, default=0, help="draw the graph optimised at this level")
+    s.add_argument("--collapse", action="store_true", help="merge repeated layers")
+    s = sub.add_parser("convert", help="convert between .onnx and .graphc")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s = sub.add_parser("run", help="run a model on .npy inputs")
+    s.add_argument("model")
+    s.add_argument("-i", "--input", action="append", help="x.npy, name=x.npy or inputs.npz (repeatable)")
+    s.add_argument("-b", "--backend", default="numpy")
+    s.add_argument("-o", "--output", help="write the outputs to this .npz")
+    sub.add_parser("bench", help="the benchmark table (python -m benchmarks)", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from graphc.errors import GraphcError
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        return cmd_bench(None, argv[1:])
+    args = build_parser().parse_args(argv)
+    handler = {"show": cmd_show, "draw": cmd_draw, "convert": cmd_convert, "run": cmd_run}[args.command]
+    try:
+        handler(args)
+    except BrokenPipeError:  # output piped into `head`
+        return 0
+    except (CliError, GraphcError, OSError) as e:
+        msg = " ".join(str(e).split("\n")[0].split())
+        print(f"graphc: error: {msg}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
