@@ -18,8 +18,10 @@ BACKENDS = {"numpy": "backends.numpy", "llvm": "backends.llvm", "cuda": "backend
 _loaded: dict = {}
 
 
-def get_backend(name: str):
-    """The Backend object called `name`; raises UnknownBackend or BackendUnavailable (with the reason)."""
+def get_backend(name: str, for_compile: bool = False):
+    """The Backend object called `name`; raises UnknownBackend or BackendUnavailable (with the reason).
+    `for_compile=True` accepts a backend that cannot run here but can still compile (its `can_compile()`,
+    e.g. cuda without a GPU): its program raises BackendUnavailable when called."""
     if name not in BACKENDS:
         raise UnknownBackend(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
     if name not in _loaded:
@@ -29,7 +31,7 @@ def get_backend(name: str):
             raise BackendUnavailable(f"backend {name!r} is not usable here: {e}") from None
     be = _loaded[name]
     why = be.unavailable_reason()
-    if why:
+    if why and not (for_compile and getattr(be, "can_compile", lambda: False)()):
         raise BackendUnavailable(f"backend {name!r} is not usable here: {why}")
     return be
 
@@ -99,7 +101,7 @@ class Function:
         self._params = self.graph.parameters
         self._specs = [self._input_spec(t) for t in self.graph.inputs]
         self._check_placeholders()
-        self.backend = get_backend(backend)
+        self.backend = get_backend(backend, for_compile=True)
         self.program = self.backend.compile(self.graph, self.options)
         self._lock = threading.Lock()
 

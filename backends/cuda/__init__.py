@@ -1,0 +1,54 @@
+"""backend="cuda": CUDA C generated from the optimised graph (lower.py), compiled with nvcc or
+NVRTC (compiler.py), launched through the CUDA driver (runtime.py). Without a GPU it still
+compiles (so f.source and compile errors are available) and raises BackendUnavailable on call."""
+from __future__ import annotations
+
+import threading
+
+from backends.base import Backend, Program
+from graphc.errors import BackendUnavailable
+from .compiler import DEFAULT_ARCH, compile_cuda, nvcc_path, nvrtc_library
+from .lower import lower
+from .plan import execute
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+
+    def unavailable_reason(self) -> str | None:
+        from .runtime import driver
+        try:
+            driver()
+        except BackendUnavailable as e:
+            return str(e)
+        return None
+
+    def can_compile(self) -> bool:
+        """True where CUDA C can be compiled (nvcc or NVRTC), GPU or not."""
+        return bool(nvcc_path() or nvrtc_library())
+
+    def compile(self, graph, options=None) -> Program:
+        options = options or {}
+        source, plan = lower(graph)
+        arch = options.get("arch", DEFAULT_ARCH)
+        ptx = compile_cuda(source, arch, "ptx")
+        state = {}
+        lock = threading.Lock()
+
+        def run(inputs, params, dims):
+            why = self.unavailable_reason()
+            if why:
+                raise BackendUnavailable(f"backend 'cuda' cannot run here: {why} (the graph was compiled "
+                                         f"to PTX for {arch}; use backend='cuda-emulated' to run its kernels "
+                                         f"on the CPU)")
+            from .runtime import DeviceMemory, DeviceModule
+            with lock:  # one device memory state per function: calls are serialised
+                if "mem" not in state:
+                    state["mem"] = DeviceMemory(DeviceModule(ptx, list(plan.kernels)), plan)
+                mem = state["mem"]
+                return execute(plan, mem, inputs, params, dims)
+        return Program(run, source, plan=plan, plan_text=plan.text(), fallback_ops=plan.fallback_ops,
+                       kernels=dict(plan.kernels), ptx=ptx, arch=arch)
+
+
+BACKEND = CudaBackend()

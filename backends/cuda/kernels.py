@@ -1,0 +1,190 @@
+"""CUDA C kernel templates: pointwise (fused elementwise groups), reductions, the softmax family,
+tiled GEMM, and index-mapping kernels (copy through a view, concatenate, take, scatter).
+
+Each function returns the kernel's source text. `element(coords, indent)` callbacks return
+(lines, value) computing one input element at the given loop coordinates, so a reduction can load
+through a view or run a fused elementwise prologue without knowing which."""
+from __future__ import annotations
+
+from .cexpr import View, cmul, contiguous_strides, coords_code, cprod
+from .prelude import C_TYPES
+
+THREADS = 256
+TILE = 16
+
+
+def signature(name: str, ins: list, outs: list, threads: int) -> str:
+    """`extern "C"` so the driver (and the emulation's loader) finds the kernel by name."""
+    ps = [f"const {C_TYPES[dt]}* __restrict__ {n}" for n, dt in ins]
+    ps += [f"{C_TYPES[dt]}* __restrict__ {n}" for n, dt in outs]
+    ps.append("GcDims gd")
+    return f'extern "C" __global__ void __launch_bounds__({threads}) {name}({", ".join(ps)})'
+
+
+def grid_stride(n, indent="  ") -> str:
+    return (f"{indent}const long long n = {n};\n"
+            f"{indent}for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;\n"
+            f"{indent}     i += (long long)gridDim.x * blockDim.x) {{")
+
+
+def pointwise(name, comment, loop_c, ins, outs, element) -> str:
+    """out_k[i] = f_k(inputs at loop coordinate i) over the loop shape (grid-stride loop).
+    `element(coords, linear, indent) -> (lines, [value per output])`."""
+    coords = [f"c{k}" for k in range(len(loop_c))]
+    lines = [f"// {comment}", signature(name, ins, outs, THREADS) + " {", grid_stride(cprod(loop_c))]
+    body, vals = element(coords, "i", "    ")
+    if any(c in "\n".join(body + vals) for c in coords):
+        lines += coords_code("i", loop_c, coords, "    ")
+    lines += body
+    lines += [f"    {n}[i] = {v};" for (n, _), v in zip(outs, vals)]
+    lines += ["  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+REDUCE = {  # combine functor, identity by dtype kind
+    "sum": ("GcSum()", {"f": "0", "i": "0"}),
+    "prod": ("GcProd()", {"f": "1", "i": "1"}),
+    "max": ("GcMax()", {"f": "-GC_INF", "i": "({t})(1ULL << (8 * sizeof({t}) - 1))"}),
+    "min": ("GcMin()", {"f": "GC_INF", "i": "({t})~(1ULL << (8 * sizeof({t}) - 1))"}),
+}
+
+
+def _row_loops(kept_c, red_c, indent="  "):
+    """Block per output (grid-stride over outputs), threads stride over the reduced elements."""
+    head = [f"{indent}const long long n_out = {cprod(kept_c)}, n_red = {cprod(red_c)};",
+            f"{indent}for (long long o = blockIdx.x; o < n_out; o += gridDim.x) {{"]
+    return head
+
+
+def _split(kept_axes, red_axes, shape_c, indent):
+    """Coordinates c0..c{r-1} of the input from output index `o` and reduced index `j`."""
+    names = {a: f"c{a}" for a in range(len(shape_c))}
+    kept = coords_code("o", [shape_c[a] for a in kept_axes], [names[a] for a in kept_axes], indent)
+    red = coords_code("j", [shape_c[a] for a in red_axes], [names[a] for a in red_axes], indent + "  ")
+    return [names[a] for a in range(len(shape_c))], kept, red
+
+
+def reduce_kernel(name, comment, kind, shape_c, axes, acc_dt, ins, out, element, threads) -> str:
+    """out[o] = combine over the reduced axes (kind: sum prod max min logsumexp argmax argmin)."""
+    kept = [a for a in range(len(shape_c)) if a not in axes]
+    coords, kept_lines, red_lines = _split(kept, list(axes), shape_c, "    ")
+    t = C_TYPES[acc_dt]
+    lines = [f"// {comment}", signature(name, ins, [out], threads) + " {"]
+    lines += _row_loops([shape_c[a] for a in kept], [shape_c[a] for a in axes])
+    lines += kept_lines
+
+    def loop(acc_init, update, var="acc"):
+        ls = [f"    {t} {var} = {acc_init};",
+              "    for (long long j = threadIdx.x; j < n_red; j += blockDim.x) {"]
+        ls += red_lines
+        el, v = element(coords, "      ")
+        ls += el + [f"      const {t} x_ = ({t})({v});", f"      {update}", "    }"]
+        return ls
+    kd = "f" if acc_dt.startswith("float") else "i"
+    if kind in REDUCE:
+        fn, ident = REDUCE[kind]
+        idv = ident[kd].format(t=t)
+        lines += loop(idv, f"acc = {fn}(acc, x_);")
+        lines += [f"    acc = gc_block_reduce(acc, {fn}, ({t})({idv}));",
+                  f"    if (threadIdx.x == 0) {out[0]}[o] = acc;"]
+    elif kind == "logsumexp":
+        lines += loop("-GC_INF", "m = gc_max(m, x_);", "m")
+        lines += [f"    m = gc_block_reduce(m, GcMax(), ({t})-GC_INF);",
+                  f"    if (!gc_finite(m)) m = 0;  // all -inf (or inf/nan): NumPy's reference does the same"]
+        lines += loop("0", "acc += exp(x_ - m);")
+        lines += [f"    acc = gc_block_reduce(acc, GcSum(), ({t})0);",
+                  f"    if (threadIdx.x == 0) {out[0]}[o] = log(acc) + m;"]
+    else:  # argmax / argmin: index into the flattened reduced axes
+        lines += [f"    {t} best = 0; long long bi = -1;",
+                  "    for (long long j = threadIdx.x; j < n_red; j += blockDim.x) {"]
+        lines += red_lines
+        el, v = element(coords, "      ")
+        lines += el + [f"      gc_arg_combine(best, bi, ({t})({v}), j, {str(kind == 'argmax').lower()});", "    }",
+                       f"    bi = gc_block_arg_reduce(best, bi, {str(kind == 'argmax').lower()});",
+                       f"    if (threadIdx.x == 0) {out[0]}[o] = bi;"]
+    lines += ["  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def softmax_kernel(name, comment, log, shape_c, axis, x, out, threads) -> str:
+    """Row-wise (log-)softmax along `axis`: block max, block sum of exp(x - max), then write."""
+    t = C_TYPES[out[1]]
+    kept = [a for a in range(len(shape_c)) if a != axis]
+    coords, kept_lines, red_lines = _split(kept, [axis], shape_c, "    ")
+    idx = View(0, contiguous_strides(shape_c)).index(coords)
+    lines = [f"// {comment}", signature(name, [x], [out], threads) + " {"]
+    lines += _row_loops([shape_c[a] for a in kept], [shape_c[axis]]) + kept_lines
+
+    def loop(body):
+        return ["    for (long long j = threadIdx.x; j < n_red; j += blockDim.x) {", *red_lines,
+                f"      const long long k = {idx};", f"      {body}", "    }"]
+    lines += [f"    {t} m = -GC_INF;"] + loop(f"m = gc_max(m, {x[0]}[k]);")
+    lines += [f"    m = gc_block_reduce(m, GcMax(), ({t})-GC_INF);", f"    {t} s = 0;"]
+    lines += loop(f"s += exp({x[0]}[k] - m);")
+    lines += ["    s = gc_block_reduce(s, GcSum(), (" + t + ")0);"]
+    write = f"{out[0]}[k] = {x[0]}[k] - m - log(s);" if log else f"{out[0]}[k] = exp({x[0]}[k] - m) / s;"
+    lines += loop(write) + ["  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def matmul_kernel(name, comment, a, b, out, n, k, m, batch_c, a_bstrides, b_bstrides) -> str:
+    """Batched C = A @ B with 16x16 shared-memory tiles; blockIdx.z strides over the batch."""
+    t = C_TYPES[out[1]]
+    bcoords = [f"b{q}" for q in range(len(batch_c))]
+    aoff = View(0, a_bstrides).index(bcoords)
+    boff = View(0, b_bstrides).index(bcoords)
+    lines = [f"// {comment}", signature(name, [a, b], [out], TILE * TILE) + " {",
+             f"  __shared__ {t} As[{TILE}][{TILE + 1}];  // +1 column: no shared-memory bank conflicts",
+             f"  __shared__ {t} Bs[{TILE}][{TILE + 1}];",
+             f"  const long long n = {n}, k = {k}, m = {m}, nbatch = {cprod(batch_c)};",
+             "  const int tx = threadIdx.x, ty = threadIdx.y;",
+             f"  const long long row = (long long)blockIdx.y * {TILE} + ty, col = (long long)blockIdx.x * {TILE} + tx;",
+             "  for (long long bz = blockIdx.z; bz < nbatch; bz += gridDim.z) {"]
+    lines += coords_code("bz", batch_c, bcoords, "    ")
+    lines += [f"    const {C_TYPES[a[1]]}* A = {a[0]} + {aoff} * n * k;",
+              f"    const {C_TYPES[b[1]]}* B = {b[0]} + {boff} * k * m;",
+              f"    {t} acc = 0;",
+              f"    for (long long t0 = 0; t0 < k; t0 += {TILE}) {{",
+              f"      As[ty][tx] = (row < n && t0 + tx < k) ? ({t})A[row * k + t0 + tx] : ({t})0;",
+              f"      Bs[ty][tx] = (t0 + ty < k && col < m) ? ({t})B[(t0 + ty) * m + col] : ({t})0;",
+              "      __syncthreads();",
+              f"      for (int q = 0; q < {TILE}; ++q) acc += As[ty][q] * Bs[q][tx];",
+              "      __syncthreads();",
+              "    }",
+              f"    if (row < n && col < m) {out[0]}[bz * n * m + row * m + col] = acc;",
+              "  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def scatter_kernel(name, comment, loop_c, ins, dst, target, accumulate) -> str:
+    """dst[target(c)] (+)= src[i] over src's elements (gradients of indexing; dst is zero-filled first)."""
+    coords = [f"c{k}" for k in range(len(loop_c))]
+    src = ins[0]
+    lines = [f"// {comment}", signature(name, ins, [dst], THREADS) + " {", grid_stride(cprod(loop_c))]
+    tl, tidx = target(coords, "    ")
+    lines += coords_code("i", loop_c, coords, "    ") + tl
+    op = f"atomicAdd(&{dst[0]}[{tidx}], {src[0]}[i]);" if accumulate else f"{dst[0]}[{tidx}] = {src[0]}[i];"
+    lines += [f"    {op}", "  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def grid_1d(n_fn, threads=THREADS, cap=65535):
+    """Blocks for a grid-stride loop over n elements."""
+    def grid(dims):
+        n = n_fn(dims)
+        return (min(cap, (n + threads - 1) // threads), 1, 1) if n > 0 else (0, 1, 1)
+    return grid
+
+
+def reduce_threads(n_red) -> int:
+    """Threads per block for a reduction of n_red elements (static): a power of two in [32, 256]."""
+    if not isinstance(n_red, int):
+        return THREADS
+    t = 32
+    while t < n_red and t < THREADS:
+        t *= 2
+    return t
+
+
+__all__ = ["pointwise", "reduce_kernel", "softmax_kernel", "matmul_kernel", "scatter_kernel", "grid_1d",
+           "reduce_threads", "THREADS", "TILE", "cmul"]

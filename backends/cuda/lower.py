@@ -1,0 +1,490 @@
+"""Lower an (optimised) graph to one CUDA C translation unit plus a host-side launch plan.
+
+Every tensor gets a buffer (reshape aliases its input's). Each node becomes one kernel: fused
+elementwise groups and single elementwise/cast ops are pointwise kernels; reductions, the softmax
+family, matmul and the index-mapping ops have their own templates (kernels.py). An op with no
+kernel runs its NumPy impl on the host, listed in Program.info["fallback_ops"]."""
+from __future__ import annotations
+
+import re
+
+from graphc import dtypes as _dt
+from graphc.ir import Graph, Node, Tensor
+from . import kernels as K
+from .cexpr import DimTable, View, broadcast_view, c_literal, cadd, cmul, contiguous_strides, cprod, eval_dim
+from .plan import Buffer, Fill, HostOp, Launch, Plan
+from .prelude import C_TYPES, PRELUDE
+
+#: C spellings that differ from the op's own `c` attribute (helpers from the prelude)
+C_OVERRIDES = {"abs": "gc_abs({0})", "sign": "gc_sign({0})", "maximum": "gc_max({0}, {1})",
+               "minimum": "gc_min({0}, {1})"}
+#: spellings used when the operands are integers (the C math functions take floating point)
+INT_OVERRIDES = {"floor": "{0}", "pow": "gc_ipow({0}, {1})"}
+POINTWISE_EXTRA = ("cast", "stop_gradient", "broadcast_to", "size_of")
+REDUCTIONS = ("sum", "prod", "max", "min", "logsumexp", "argmax", "argmin")
+_RESERVED = re.compile(r"^(i|j|k|n|m|o|s|q|t0|tx|ty|bz|row|col|acc|best|bi|x_|gd|A|B|As|Bs|n_out|n_red|nbatch|"
+                       r"part|pv|pi|v|[abcevr]\d+|r_.*|int|float|double|bool|long|char|short|unsigned|signed|"
+                       r"void|const|return|if|else|for|while|do|break|continue|switch|case|default|goto|"
+                       r"struct|class|union|enum|auto|static|extern|register|volatile|inline|new|delete|this|"
+                       r"true|false|template|typename|namespace|using|operator|sizeof|exp|log|max|min|abs)$")
+
+
+def is_pointwise(node: Node) -> bool:
+    op = node.op
+    if op.name in POINTWISE_EXTRA:
+        return True
+    return bool(op.elementwise) and (op.c is not None or op.name in C_OVERRIDES)
+
+
+class Lowering:
+    """Graph -> (source, Plan)."""
+
+    def __init__(self, graph: Graph):
+        self.g = graph
+        self.dt = DimTable()
+        self.buffers: list[Buffer] = []
+        self.buf_of: dict[int, int] = {}
+        self.steps: list = []
+        self.kernels: list[str] = []
+        self.kinds: dict[str, str] = {}
+        self.names: set[str] = set()
+
+    # ---- buffers -------------------------------------------------------------------------------
+    def _name(self, hint: str) -> str:
+        base = re.sub(r"\W", "_", hint or "t")
+        base = base if base[:1].isalpha() or base[:1] == "_" else "t_" + base
+        if _RESERVED.match(base) or base in _c_functions():
+            base += "_"
+        name, k = base, 1
+        while name in self.names:
+            name, k = f"{base}{k}", k + 1
+        self.names.add(name)
+        return name
+
+    def new_buffer(self, t: Tensor, kind="temp", hint=None, **kw) -> int:
+        b = Buffer(len(self.buffers), self._name(t.name or f"t_{hint or 'tmp'}"), t.dtype, t.shape, kind, **kw)
+        self.buffers.append(b)
+        self.buf_of[id(t)] = b.id
+        return b.id
+
+    def buf(self, t: Tensor) -> int:
+        if id(t) not in self.buf_of:
+            if t.node.op.name != "constant":
+                raise KeyError(f"no buffer for {t!r}")
+            self.new_buffer(t, "const", "const", value=t.node.attrs["value"])
+        return self.buf_of[id(t)]
+
+    def arg(self, t: Tensor) -> tuple[str, str]:
+        return self.buffers[self.buf(t)].name, t.dtype
+
+    def out_arg(self, t: Tensor, hint: str) -> tuple[str, str]:
+        b = self.new_buffer(t, hint=hint)
+        return self.buffers[b].name, t.dtype
+
+    # ---- driver --------------------------------------------------------------------------------
+    def run(self) -> tuple[str, Plan]:
+        for i, t in enumerate(self.g.inputs):
+            self.new_buffer(t, "input", index=i)
+        for i, p in enumerate(self.g.parameters):
+            self.new_buffer(p, "param", index=i)
+        for node in self.g.nodes:
+            self.lower_node(node)
+        outs = [(self.buf(t), t.shape) for t in self.g.outputs]
+        upds = [(self.buf(u), u.shape) for _, u in self.g.updates]
+        params = self.g.parameters
+        upd_params = [next(i for i, q in enumerate(params) if q is p) for p, _ in self.g.updates]
+        plan = Plan(self.buffers, self.steps, outs, upds, self.dt, self.kinds, upd_params)
+        return self.source(), plan
+
+    def source(self) -> str:
+        head = (f"// graphc: CUDA C for graph '{self.g.name}' ({len(self.kernels)} kernels)\n"
+                "// one self-contained translation unit: nvcc -ptx / NVRTC compile it as it is\n")
+        return head + PRELUDE + "\n" + self.dt.struct_source() + "\n" + "\n".join(self.kernels)
+
+    def lower_node(self, node: Node) -> None:
+        name = node.op.name
+        if name in ("placeholder", "parameter", "constant") or id(node.outputs[0]) in self.buf_of:
+            return
+        if name == "reshape":
+            self.buf_of[id(node.outputs[0])] = self.buf(node.inputs[0])  # contiguous: same memory
+        elif name == "fused":
+            self.lower_fused(node)
+        elif is_pointwise(node):
+            out = node.outputs[0]
+            self.pointwise(node, [node], out.shape, node.inputs, [out])
+        elif name in ("transpose", "getitem"):
+            self.copy_view(node)
+        elif name in REDUCTIONS:
+            self.reduce(node, node.op.name, node.inputs[0], None)
+        elif name in ("softmax", "log_softmax"):
+            self.softmax(node)
+        elif name == "matmul":
+            self.matmul(node)
+        elif name in ("concatenate", "take"):
+            getattr(self, name)(node)
+        elif name in ("take_grad", "index_grad"):
+            self.scatter(node)
+        else:
+            self.host(node)
+
+    def host(self, node: Node) -> None:
+        ins = [self.buf(t) for t in node.inputs]
+        outs = [self.new_buffer(t, hint=node.op.name) for t in node.outputs]
+        self.steps.append(HostOp(node, ins, outs))
+
+    def add_kernel(self, node, kind: str, src_fn, args, outs, grid, block, sync, note="") -> None:
+        kname = f"k{len(self.kernels)}_{getattr(node.op, 'display_name', lambda n: n.op.name)(node)}"
+        kname = re.sub(r"\W+", "_", kname).strip("_")[:60]
+        self.kernels.append(src_fn(kname))
+        self.kinds[kname] = kind
+        self.steps.append(Launch(kname, kind, args, outs, grid, block, sync, note))
+
+    # ---- pointwise (single elementwise ops and fused groups) ---------------------------------
+    def pointwise(self, node, nodes, loop_shape, ext_tensors, out_tensors) -> None:
+        loop_c = self.dt.shape(loop_shape)
+        ext, args = self._externals(ext_tensors, loop_c)
+        outs = [self.out_arg(t, node.op.name) for t in out_tensors]
+        element = self._element(nodes, ext, out_tensors, loop_c)
+        comment = f"{getattr(node.op, 'display_name', lambda n: n.op.name)(node)} -> " + \
+                  ", ".join(f"{t.dtype}{list(t.shape)}" for t in out_tensors)
+        n = loop_shape
+        self.add_kernel(node, "fused" if node.op.name == "fused" else "elementwise",
+                        lambda k: K.pointwise(k, comment, loop_c, [(a, d) for a, d, _, _ in ext], outs, element),
+                        args + [self.buf(t) for t in out_tensors],
+                        [self.buf(t) for t in out_tensors],
+                        K.grid_1d(lambda dims: _size(n, dims)), (K.THREADS, 1, 1), False)
+
+    def _externals(self, tensors, loop_c):
+        """Kernel inputs for the non-scalar-constant tensors, read through broadcast views."""
+        ext, args, seen = [], [], {}
+        for t in tensors:
+            if _scalar_const(t) is not None or id(t) in seen:
+                continue
+            name, dt = self.arg(t)
+            pname = name if name not in [e[0] for e in ext] else self._name(name)
+            seen[id(t)] = pname
+            ext.append((pname, dt, id(t), broadcast_view(self.dt.shape(t.shape), loop_c)))
+            args.append(self.buf(t))
+        return ext, args
+
+    def _element(self, nodes, ext, out_tensors, loop_c, alias=None):
+        """element(coords, linear, indent): load the externals, compute the nodes, return outputs."""
+        alias = alias or ()
+
+        def element(coords, lin, indent):
+            lines, vals = [], {}
+            for k, (pname, dt, tid, view) in enumerate(ext):
+                idx = lin if lin and view.is_linear(loop_c) else view.index(coords)
+                lines.append(f"{indent}const {C_TYPES[dt]} a{k} = {pname}[{idx}];")
+                vals[tid] = (f"a{k}", dt)
+            for src, dst in alias:
+                if src in vals:
+                    vals[dst] = vals[src]
+            for k, nd in enumerate(nodes):
+                expr = self.node_expr(nd, vals)
+                out = nd.outputs[0]
+                if expr in [v for v, _ in vals.values()]:
+                    vals[id(out)] = (expr, out.dtype)
+                    continue
+                lines.append(f"{indent}const {C_TYPES[out.dtype]} v{k} = {expr};  // {nd.op.name}")
+                vals[id(out)] = (f"v{k}", out.dtype)
+            return lines, [self._value(t, vals, t.dtype) for t in out_tensors]
+        return element
+
+    def _value(self, t, vals, want: str | None) -> str:
+        if id(t) in vals:
+            v, dt = vals[id(t)]
+        else:
+            c = _scalar_const(t)
+            if c is None:
+                raise KeyError(f"value of {t!r} not available in the kernel")
+            v, dt = c_literal(c, t.dtype), t.dtype
+        if want is None or want == dt:
+            return v
+        return f"({v} != 0)" if want == "bool" else f"(({C_TYPES[want]}){v})"
+
+    def node_expr(self, nd: Node, vals) -> str:
+        """The C expression of one pointwise node over already-computed values."""
+        op, out = nd.op, nd.outputs[0]
+        if op.name in ("stop_gradient", "broadcast_to"):
+            return self._value(nd.inputs[0], vals, out.dtype)
+        if op.name == "cast":
+            return self._value(nd.inputs[0], vals, out.dtype)
+        if op.name == "size_of":
+            n = cprod([self.dt.dim(nd.inputs[0].shape[a]) for a in nd.attrs["axes"]])
+            return f"(({C_TYPES[out.dtype]}){n})"
+        ins = nd.inputs
+        if op.name == "where":
+            want = [None, out.dtype, out.dtype]
+        elif getattr(op, "dtype_rule", "same") == "bool":
+            want = [_dt.promote(*[t.dtype for t in ins])] * len(ins)
+        else:
+            want = [out.dtype] * len(ins)
+        args = [self._value(t, vals, w) for t, w in zip(ins, want)]
+        spell = C_OVERRIDES.get(op.name, op.c)
+        if want[-1] not in ("float32", "float64") and op.name in INT_OVERRIDES:
+            spell = INT_OVERRIDES[op.name]
+        attrs = {k: (repr(float(v)) if isinstance(v, float) else v) for k, v in nd.attrs.items()}
+        return f"({C_TYPES[out.dtype]})({spell.format(*args, **attrs)})"
+
+    def lower_fused(self, node: Node) -> None:
+        body: Graph = node.attrs["body"]
+        comp = body.compute_nodes()
+        outs = body.outputs
+        alias = [(id(t), id(p)) for p, t in zip(body.inputs, node.inputs)]  # outer tensor -> placeholder
+        if comp and all(is_pointwise(n) for n in comp) and all(o.shape == outs[0].shape for o in outs) \
+                and all(o.node.op.name not in ("placeholder", "constant") for o in outs):
+            self._fused_pointwise(node, body, comp, alias)
+            return
+        last = comp[-1] if comp else None
+        if last is not None and last.op.name in ("sum", "prod", "max", "min") and len(outs) == 1 \
+                and outs[0] is last.outputs[0] and all(is_pointwise(n) for n in comp[:-1]):
+            self._fused_reduce(node, body, comp, alias)
+            return
+        for p, t in zip(body.inputs, node.inputs):  # run the body op by op
+            self.buf_of[id(p)] = self.buf(t)
+        for bn in body.nodes:
+            self.lower_node(bn)
+        for o, t in zip(outs, node.outputs):
+            self.buf_of[id(t)] = self.buf(o)
+
+    def _body_externals(self, node, body, comp, alias, loop_c):
+        tensors = list(node.inputs) + [t for n in comp for t in n.inputs
+                                       if t.node.op.name == "constant" and _scalar_const(t) is None]
+        ext, args = self._externals(tensors, loop_c)
+        # body placeholders read the node's inputs with views over the body's own placeholder shapes
+        return ext, args
+
+    def _fused_pointwise(self, node, body, comp, alias) -> None:
+        loop_shape = body.outputs[0].shape
+        loop_c = self.dt.shape(loop_shape)
+        ext, args = self._body_externals(node, body, comp, alias, loop_c)
+        element = self._element(comp, ext, body.outputs, loop_c, alias)
+        outs = [self.out_arg(t, "fused") for t in node.outputs]
+        comment = f"{node.op.display_name(node)} -> {node.outputs[0].dtype}{list(loop_shape)}"
+        self.add_kernel(node, "fused",
+                        lambda k: K.pointwise(k, comment, loop_c, [(a, d) for a, d, _, _ in ext], outs, element),
+                        args + [self.buf(t) for t in node.outputs], [self.buf(t) for t in node.outputs],
+                        K.grid_1d(lambda dims: _size(loop_shape, dims)), (K.THREADS, 1, 1), False)
+
+    def _fused_reduce(self, node, body, comp, alias) -> None:
+        red = comp[-1]
+        self.reduce(node, red.op.name, red.inputs[0], (body, comp[:-1], alias), out_tensor=node.outputs[0],
+                    axes=red.attrs["axis"])
+
+    # ---- reductions, softmax, matmul ------------------------------------------------------------
+    def reduce(self, node, kind, x: Tensor, prologue, out_tensor=None, axes=None) -> None:
+        out_t = out_tensor if out_tensor is not None else node.outputs[0]
+        if axes is None:
+            axes = node.attrs["axis"]
+        if kind in ("argmax", "argmin"):
+            axes = tuple(range(x.ndim)) if axes is None else (axes,)
+        shape_c = self.dt.shape(x.shape)
+        if prologue is None:
+            ext, args = self._externals([x], shape_c)
+            element = self._element([], ext, [x], shape_c)
+        else:
+            body, pre, alias = prologue
+            ext, args = self._body_externals(node, body, pre, alias, shape_c)
+            element = self._element(pre, ext, [x], shape_c, alias)
+        acc = out_t.dtype if kind in ("sum", "prod", "logsumexp") else x.dtype
+        acc = "int32" if acc == "bool" else acc
+        out = self.out_arg(out_t, kind)
+        n_red = cprod([shape_c[a] for a in axes])
+        threads = K.reduce_threads(n_red)
+        kept = [x.shape[a] for a in range(x.ndim) if a not in axes]
+        comment = f"{kind} over axes {tuple(axes)} of {x.dtype}{list(x.shape)} -> {out_t.dtype}{list(out_t.shape)}"
+        self.add_kernel(node, "reduce",
+                        lambda k: K.reduce_kernel(k, comment, kind, shape_c, tuple(axes), acc,
+                                                  [(a, d) for a, d, _, _ in ext], out,
+                                                  lambda c, ind: _first(element(c, None, ind)), threads),
+                        args + [self.buf(out_t)], [self.buf(out_t)],
+                        lambda dims: (min(65535, _size(kept, dims)), 1, 1), (threads, 1, 1), True)
+
+    def softmax(self, node) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        axis = node.attrs["axis"]
+        shape_c = self.dt.shape(x.shape)
+        xa = self.arg(x)
+        out = self.out_arg(y, node.op.name)
+        threads = K.reduce_threads(shape_c[axis])
+        kept = [d for a, d in enumerate(x.shape) if a != axis]
+        self.add_kernel(node, "softmax",
+                        lambda k: K.softmax_kernel(k, f"{node.op.name} along axis {axis} of {x.dtype}{list(x.shape)}",
+                                                   node.op.name == "log_softmax", shape_c, axis, xa, out, threads),
+                        [self.buf(x), self.buf(y)], [self.buf(y)],
+                        lambda dims: (min(65535, _size(kept, dims)), 1, 1), (threads, 1, 1), True)
+
+    def matmul(self, node) -> None:
+        a, b = node.inputs
+        y = node.outputs[0]
+        batch = y.shape[:-2]
+        batch_c = self.dt.shape(batch)
+        sa = broadcast_view(self.dt.shape(a.shape[:-2]), batch_c).strides
+        sb = broadcast_view(self.dt.shape(b.shape[:-2]), batch_c).strides
+        n, k, m = self.dt.dim(a.shape[-2]), self.dt.dim(a.shape[-1]), self.dt.dim(b.shape[-1])
+        aa, ba = self.arg(a), self.arg(b)
+        out = self.out_arg(y, "matmul")
+        t = K.TILE
+
+        def grid(dims):
+            nn, mm = eval_dim(y.shape[-2], dims), eval_dim(y.shape[-1], dims)
+            return ((mm + t - 1) // t, (nn + t - 1) // t, min(65535, _size(batch, dims)))
+        comment = f"matmul {a.type_str} @ {b.type_str} -> {y.type_str} (16x16 shared-memory tiles)"
+        self.add_kernel(node, "matmul",
+                        lambda kn: K.matmul_kernel(kn, comment, aa, ba, out, n, k, m, batch_c, sa, sb),
+                        [self.buf(a), self.buf(b), self.buf(y)], [self.buf(y)], grid, (t, t, 1), True)
+
+    # ---- index mapping ----------------------------------------------------------------------------
+    def view_of(self, node) -> View:
+        x = node.inputs[0]
+        xs = contiguous_strides(self.dt.shape(x.shape))
+        if node.op.name == "transpose":
+            return View(0, [xs[a] for a in node.attrs["axes"]])
+        return self.getitem_view(x.shape, xs, node.attrs["index"])
+
+    def getitem_view(self, xshape, xs, index) -> View:
+        offset, strides, ax = 0, [], 0
+        for it in index:
+            if it is None:
+                strides.append(0)
+                continue
+            d = xshape[ax]
+            if isinstance(it, slice):
+                start = it.indices(d)[0] if isinstance(d, int) else self.dt.computed(
+                    ("start", d, it.start, it.step), lambda dims, d=d, s=it: s.indices(eval_dim(d, dims))[0],
+                    f"start of {it} on {d}")
+                offset = cadd(offset, cmul(start, xs[ax]))
+                strides.append(cmul(it.step or 1, xs[ax]))
+            else:
+                i = it if it >= 0 or not isinstance(d, int) else d + it
+                if i < 0:
+                    i = self.dt.computed(("idx", d, it), lambda dims, d=d, it=it: eval_dim(d, dims) + it, f"{d}{it}")
+                offset = cadd(offset, cmul(i, xs[ax]))
+            ax += 1
+        return View(offset, strides + xs[ax:])
+
+    def copy_view(self, node) -> None:
+        x, y = node.inputs[0], node.outputs[0]
+        loop_c = self.dt.shape(y.shape)
+        view = self.view_of(node)
+        xa = self.arg(x)
+        out = self.out_arg(y, node.op.name)
+
+        def element(coords, lin, indent):
+            return [], [f"{xa[0]}[{view.index(coords)}]"]
+        self._launch_pointwise(node, "copy", f"{node.op.name} {x.type_str} -> {y.type_str}", loop_c, [xa],
+                               [self.buf(x)], out, y, element)
+
+    def _launch_pointwise(self, node, kind, comment, loop_c, ins, in_bufs, out, y, element) -> None:
+        self.add_kernel(node, kind, lambda k: K.pointwise(k, comment, loop_c, ins, [out], element),
+                        in_bufs + [self.buf(y)], [self.buf(y)],
+                        K.grid_1d(lambda dims: _size(y.shape, dims)), (K.THREADS, 1, 1), False)
+
+    def concatenate(self, node) -> None:
+        y, axis = node.outputs[0], node.attrs["axis"]
+        loop_c = self.dt.shape(y.shape)
+        ins = [self.arg(t) for t in node.inputs]
+        pnames = [n if n not in [q for q, _ in ins[:k]] else self._name(n) for k, (n, _) in enumerate(ins)]
+        ins = [(p, d) for p, (_, d) in zip(pnames, ins)]
+        shapes = [self.dt.shape(t.shape) for t in node.inputs]
+        out = self.out_arg(y, "concatenate")
+        ct = C_TYPES[y.dtype]
+
+        def element(coords, lin, indent):
+            lines, start, ca = [f"{indent}{ct} v;"], 0, coords[axis]
+            for k, ((name, _), sc) in enumerate(zip(ins, shapes)):
+                end = cadd(start, sc[axis])
+                local = list(coords)
+                local[axis] = ca if start == 0 else f"({ca} - {start})"
+                idx = View(0, contiguous_strides(sc)).index(local)
+                cond = f"if ({ca} < {end}) " if k < len(ins) - 1 else ""
+                lines.append(f"{indent}{'else ' if k else ''}{cond}v = ({ct}){name}[{idx}];")
+                start = end
+            return lines, ["v"]
+        self._launch_pointwise(node, "copy", f"concatenate along axis {axis} -> {y.type_str}", loop_c, ins,
+                               [self.buf(t) for t in node.inputs], out, y, element)
+
+    def _take_target(self, xshape, idx_shape, axis, idx_name):
+        """(lines, x offset) for take-shaped coordinates: x[pre, idx[mid], post]."""
+        xs = contiguous_strides(self.dt.shape(xshape))
+        isc = self.dt.shape(idx_shape)
+        d = self.dt.dim(xshape[axis])
+
+        def target(coords, indent):
+            pre, mid, post = coords[:axis], coords[axis:axis + len(isc)], coords[axis + len(isc):]
+            ioff = View(0, contiguous_strides(isc)).index(mid)
+            lines = [f"{indent}long long q = (long long){idx_name}[{ioff}];",
+                     f"{indent}q = ((q % {d}) + {d}) % {d};  // negative indices count from the end"]
+            off = View(0, xs[:axis]).index(pre)
+            off = cadd(off, cmul("q", xs[axis]))
+            off = cadd(off, View(0, xs[axis + 1:]).index(post))
+            return lines, str(off)
+        return target
+
+    def take(self, node) -> None:
+        x, idx = node.inputs
+        y = node.outputs[0]
+        xa, ia = self.arg(x), self.arg(idx)
+        if ia[0] == xa[0]:
+            ia = (self._name(ia[0]), ia[1])
+        out = self.out_arg(y, "take")
+        target = self._take_target(x.shape, idx.shape, node.attrs["axis"], ia[0])
+
+        def element(coords, lin, indent):
+            lines, off = target(coords, indent)
+            return lines, [f"{xa[0]}[{off}]"]
+        self._launch_pointwise(node, "take", f"take along axis {node.attrs['axis']} -> {y.type_str}",
+                               self.dt.shape(y.shape), [xa, ia], [self.buf(x), self.buf(idx)], out, y, element)
+
+    def scatter(self, node) -> None:
+        g, x = node.inputs[0], node.inputs[1]
+        y = node.outputs[0]
+        ga = self.arg(g)
+        out = self.out_arg(y, node.op.name)
+        bufs = [self.buf(g)]
+        if node.op.name == "take_grad":
+            idx = node.inputs[2]
+            ia = self.arg(idx)
+            target = self._take_target(x.shape, idx.shape, node.attrs["axis"], ia[0])
+            ins, accumulate = [ga, ia], True
+            bufs.append(self.buf(idx))
+        else:
+            view = self.getitem_view(x.shape, contiguous_strides(self.dt.shape(x.shape)), node.attrs["index"])
+            target, ins, accumulate = (lambda c, ind: ([], view.index(c))), [ga], False
+        loop_c = self.dt.shape(g.shape)
+        self.steps.append(Fill(self.buf(y), [self.buf(y)]))
+        comment = f"{node.op.name}: scatter {g.type_str} into zeros {y.type_str}"
+
+        self.add_kernel(node, "scatter", lambda k: K.scatter_kernel(k, comment, loop_c, ins, out, target, accumulate), bufs + [self.buf(y)], [self.buf(y)],
+                        K.grid_1d(lambda dims: _size(g.shape, dims)), (K.THREADS, 1, 1), False)
+
+
+def _c_functions() -> set:
+    """Identifiers called in any op's C spelling (exp, tanh, ...): never used as buffer names."""
+    from graphc.ir import OPS
+    spells = [op.c or "" for op in OPS.values()] + list(C_OVERRIDES.values()) + list(INT_OVERRIDES.values())
+    return set(re.findall(r"([A-Za-z_]\w*)\s*\(", " ".join(spells)))
+
+
+def _scalar_const(t: Tensor):
+    if t.node.op.name == "constant" and t.node.attrs["value"].ndim == 0:
+        return t.node.attrs["value"]
+    return None
+
+
+def _size(shape, dims) -> int:
+    n = 1
+    for d in shape:
+        n *= eval_dim(d, dims)
+    return n
+
+
+def _first(res):
+    lines, vals = res
+    return lines, vals[0]
+
+
+def lower(graph: Graph) -> tuple[str, Plan]:
+    """The CUDA translation unit and launch plan for `graph`."""
+    return Lowering(graph).run()

@@ -1,0 +1,168 @@
+"""The host-side launch plan that accompanies the generated source, and the executor that runs it
+on a memory runtime (real device memory through cuda-python, or host arrays for the emulation)."""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from graphc import shapes as _sh
+from graphc.errors import GraphcError
+from graphc.ir import fmt_loc
+from .cexpr import DimTable, eval_shape
+
+
+@dataclass
+class Buffer:
+    id: int
+    name: str
+    dtype: str
+    shape: tuple
+    kind: str = "temp"            # input | param | const | temp
+    index: int | None = None      # position in inputs / params
+    value: np.ndarray | None = None  # const
+
+
+@dataclass
+class Launch:
+    kernel: str
+    kind: str                     # elementwise | fused | reduce | softmax | matmul | copy | take | scatter
+    args: list[int]               # buffer ids, in kernel parameter order (GcDims comes last)
+    outputs: list[int]
+    grid: Callable[[dict], tuple]  # dims -> (gx, gy, gz); any 0 skips the launch (empty tensors)
+    block: tuple
+    sync: bool                    # uses __syncthreads / warp shuffles (the emulation needs fibers)
+    note: str = ""
+
+    def describe(self, dims=None) -> str:
+        grid = self.grid(dims) if dims is not None else "f(dims)"
+        return f"launch {self.kernel}<<<{grid}, {self.block}>>>  [{self.kind}] {self.note}"
+
+
+@dataclass
+class Fill:
+    buf: int
+    outputs: list[int] = field(default_factory=list)
+
+    def describe(self, dims=None) -> str:
+        return f"zero-fill buffer {self.buf}"
+
+
+@dataclass
+class HostOp:
+    """Interim: an op with no kernel yet runs its NumPy impl on the host (listed in info['fallback_ops'])."""
+    node: object
+    inputs: list[int]
+    outputs: list[int]
+
+    def describe(self, dims=None) -> str:
+        return f"HOST FALLBACK {self.node.op.name} (NumPy impl; node built at {fmt_loc(self.node.loc)})"
+
+
+@dataclass
+class Plan:
+    buffers: list[Buffer]
+    steps: list
+    outputs: list[tuple[int, tuple]]   # (buffer id, tensor shape): reshapes alias their input buffer
+    updates: list[tuple[int, tuple]]
+    dimtab: DimTable
+    kernels: dict = field(default_factory=dict)  # name -> kind
+    update_params: list = field(default_factory=list)  # parameter index of each update
+
+    def text(self) -> str:
+        lines = [f"buffer {b.id} {b.name}: {b.dtype}{_sh.fmt_shape(b.shape)} ({b.kind})" for b in self.buffers]
+        lines += [s.describe() for s in self.steps]
+        return "\n".join(lines)
+
+    @property
+    def fallback_ops(self) -> list[str]:
+        return sorted({s.node.op.name for s in self.steps if isinstance(s, HostOp)})
+
+
+class Memory:
+    """What the executor needs from a runtime; handles are device pointers or host arrays."""
+
+    def bind(self, array: np.ndarray, buf: Buffer):  # an input, parameter or constant
+        raise NotImplementedError
+
+    def alloc(self, dtype: str, shape: tuple):
+        raise NotImplementedError
+
+    def pointer(self, handle) -> int:
+        raise NotImplementedError
+
+    def download(self, handle, dtype: str, shape: tuple, copy: bool) -> np.ndarray:
+        raise NotImplementedError
+
+    def zero(self, handle, dtype: str, shape: tuple) -> None:
+        raise NotImplementedError
+
+    def launch(self, kernel: str, grid: tuple, block: tuple, params, sync: bool) -> None:
+        raise NotImplementedError
+
+    def after_run(self, env: dict, updates: list) -> None:
+        """Called once the outputs are downloaded (the device runtime frees buffers here)."""
+
+
+def pack_params(pointers: list[int], dims_values: np.ndarray):
+    """cuLaunchKernel's `void** kernelParams`: the address of each argument value (pointers, then GcDims)."""
+    holders = [ctypes.c_void_p(p) for p in pointers]
+    addrs = [ctypes.addressof(h) for h in holders] + [dims_values.ctypes.data]
+    arr = (ctypes.c_void_p * len(addrs))(*addrs)
+    return arr, (holders, dims_values)
+
+
+def execute(plan: Plan, mem: Memory, inputs, params, dims):
+    """Run the plan: bind inputs/params/constants, allocate buffers as steps write them, launch."""
+    env = {}
+    for b in plan.buffers:
+        if b.kind == "input":
+            env[b.id] = mem.bind(inputs[b.index], b)
+        elif b.kind == "param":
+            env[b.id] = mem.bind(params[b.index], b)
+        elif b.kind == "const":
+            env[b.id] = mem.bind(b.value, b)
+    dvals = plan.dimtab.values(dims)
+    bufs = {b.id: b for b in plan.buffers}
+    for step in plan.steps:
+        for o in step.outputs if not isinstance(step, HostOp) else ():
+            if o not in env:
+                env[o] = mem.alloc(bufs[o].dtype, eval_shape(bufs[o].shape, dims))
+        if isinstance(step, Launch):
+            grid = step.grid(dims)
+            if min(grid) <= 0:
+                continue
+            arr, keep = pack_params([mem.pointer(env[a]) for a in step.args], dvals)
+            mem.launch(step.kernel, grid, step.block, arr, step.sync)
+        elif isinstance(step, Fill):
+            mem.zero(env[step.buf], bufs[step.buf].dtype, eval_shape(bufs[step.buf].shape, dims))
+        else:
+            _host_op(step, env, bufs, mem, dims)
+
+    def fetch(bid, shape):
+        b = bufs[bid]
+        return mem.download(env[bid], b.dtype, eval_shape(shape, dims), copy=b.kind != "temp")
+    outs, upds = [fetch(*o) for o in plan.outputs], [fetch(*u) for u in plan.updates]
+    mem.after_run(env, upds)
+    return outs, upds
+
+
+def _host_op(step: HostOp, env, bufs, mem: Memory, dims):
+    node = step.node
+    args = [mem.download(env[i], bufs[i].dtype, eval_shape(t.shape, dims), copy=False)
+            for i, t in zip(step.inputs, node.inputs)]
+    attrs = dict(node.attrs)
+    if getattr(node.op, "needs_dims", False):
+        attrs["dims"] = dims
+    res = node.op.impl(*args, **attrs)
+    res = res if node.op.n_outputs != 1 else (res,)
+    for o, t, v in zip(step.outputs, node.outputs, res):
+        v = np.ascontiguousarray(np.asarray(v, dtype=t.dtype))
+        want = eval_shape(t.shape, dims)
+        if v.shape != want and v.size == int(np.prod(want)):
+            v = v.reshape(want)  # e.g. a (1,) result for a 0-d tensor: the NumPy path accepts it too
+        if v.shape != want:
+            raise GraphcError(f"host fallback {node.op.name} produced shape {v.shape}")
+        env[o] = mem.bind(v, bufs[o])

@@ -1,0 +1,159 @@
+"""Execution on a real GPU through the CUDA driver API (libcuda via ctypes: no extra dependency).
+
+Device buffers per call for inputs and temporaries; constants uploaded once; parameters kept
+resident between calls, and an update's new value stays on the device as the parameter's copy.
+None of this can run on a machine without an NVIDIA driver: the tests skip it with the reason."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import threading
+
+import numpy as np
+
+from graphc.errors import BackendUnavailable, GraphcError
+from .plan import Memory, Plan
+
+_lock = threading.Lock()
+_driver = {}
+
+
+def driver():
+    """(libcuda, context) initialised once per process; raises BackendUnavailable with the reason."""
+    with _lock:
+        if "error" in _driver:
+            raise BackendUnavailable(_driver["error"])
+        if "lib" in _driver:
+            return _driver["lib"]
+        try:
+            _driver["lib"] = _init()
+        except BackendUnavailable as e:
+            _driver["error"] = str(e)
+            raise
+        return _driver["lib"]
+
+
+def _init():
+    name = ctypes.util.find_library("cuda") or "libcuda.so.1"
+    try:
+        lib = ctypes.CDLL(name)
+    except OSError:
+        raise BackendUnavailable("no NVIDIA driver on this machine (libcuda.so not found)") from None
+    _call(lib, "cuInit", 0, unavailable=True)
+    count = ctypes.c_int()
+    _call(lib, "cuDeviceGetCount", ctypes.byref(count), unavailable=True)
+    if count.value == 0:
+        raise BackendUnavailable("the NVIDIA driver reports no CUDA device")
+    dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+    _call(lib, "cuDeviceGet", ctypes.byref(dev), 0)
+    _call(lib, "cuDevicePrimaryCtxRetain", ctypes.byref(ctx), dev)
+    lib.graphc_ctx = ctx
+    return lib
+
+
+def _call(lib, fn, *args, unavailable=False):
+    rc = getattr(lib, fn)(*args)
+    if rc != 0:
+        msg = ctypes.c_char_p()
+        lib.cuGetErrorString(rc, ctypes.byref(msg))
+        text = f"{fn} failed: CUDA error {rc} ({(msg.value or b'?').decode()})"
+        raise (BackendUnavailable if unavailable else GraphcError)(text)
+
+
+class DeviceModule:
+    """The compiled PTX loaded into the primary context, with its kernels looked up by name."""
+
+    def __init__(self, ptx: bytes, kernel_names):
+        self.lib = driver()
+        _call(self.lib, "cuCtxSetCurrent", self.lib.graphc_ctx)
+        self.module = ctypes.c_void_p()
+        _call(self.lib, "cuModuleLoadData", ctypes.byref(self.module), ctypes.c_char_p(ptx + b"\0"))
+        self.fns = {}
+        for k in kernel_names:
+            f = ctypes.c_void_p()
+            _call(self.lib, "cuModuleGetFunction", ctypes.byref(f), self.module, k.encode())
+            self.fns[k] = f
+
+
+class DeviceMemory(Memory):
+    """Device pointers as handles. One instance per compiled function; calls are serialised."""
+
+    def __init__(self, module: DeviceModule, plan: Plan):
+        self.m, self.lib, self.plan = module, module.lib, plan
+        self.resident = {}   # param index -> (host array it mirrors, device pointer)
+        self.consts = {}     # buffer id -> device pointer
+        self.temps = []
+        self.lock = threading.Lock()
+
+    def _alloc_bytes(self, nbytes: int) -> int:
+        p = ctypes.c_uint64()
+        _call(self.lib, "cuMemAlloc_v2", ctypes.byref(p), ctypes.c_size_t(max(nbytes, 1)))
+        return p.value
+
+    def _upload(self, a: np.ndarray) -> int:
+        a = np.ascontiguousarray(a)
+        p = self._alloc_bytes(a.nbytes)
+        if a.nbytes:
+            _call(self.lib, "cuMemcpyHtoD_v2", ctypes.c_uint64(p), a.ctypes.data_as(ctypes.c_void_p),
+                  ctypes.c_size_t(a.nbytes))
+        return p
+
+    def bind(self, array, buf):
+        if buf.kind == "param":
+            held = self.resident.get(buf.index)
+            if held is not None and (held[0] is array or np.array_equal(held[0], array)):
+                return held[1]  # unchanged since it was uploaded (or computed here by an update)
+            if held is not None:
+                self._free(held[1])
+            p = self._upload(array)
+            self.resident[buf.index] = (array, p)
+            return p
+        if buf.kind == "const":
+            if buf.id not in self.consts:
+                self.consts[buf.id] = self._upload(array)
+            return self.consts[buf.id]
+        p = self._upload(array)
+        self.temps.append(p)
+        return p
+
+    def alloc(self, dtype, shape):
+        p = self._alloc_bytes(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        self.temps.append(p)
+        return p
+
+    def pointer(self, handle) -> int:
+        return handle
+
+    def download(self, handle, dtype, shape, copy):
+        a = np.empty(shape, dtype)
+        if a.nbytes:
+            _call(self.lib, "cuMemcpyDtoH_v2", a.ctypes.data_as(ctypes.c_void_p), ctypes.c_uint64(handle),
+                  ctypes.c_size_t(a.nbytes))
+        return a
+
+    def zero(self, handle, dtype, shape):
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if n:
+            _call(self.lib, "cuMemsetD8_v2", ctypes.c_uint64(handle), ctypes.c_ubyte(0), ctypes.c_size_t(n))
+
+    def launch(self, kernel, grid, block, params, sync):
+        _call(self.lib, "cuLaunchKernel", self.m.fns[kernel], *[ctypes.c_uint(v) for v in grid],
+              *[ctypes.c_uint(v) for v in block], ctypes.c_uint(0), None, params, None)
+
+    def after_run(self, env, updates):
+        """Keep each update's device buffer as its parameter's resident copy; free the rest."""
+        keep = set()
+        for (bid, _), pidx, host in zip(self.plan.updates, self.plan.update_params, updates):
+            if self.plan.buffers[bid].kind == "temp" and env[bid] not in keep:
+                old = self.resident.get(pidx)
+                if old is not None and old[1] != env[bid]:
+                    self._free(old[1])
+                self.resident[pidx] = (host, env[bid])
+                keep.add(env[bid])
+        for p in self.temps:
+            if p not in keep:
+                self._free(p)
+        self.temps = []
+
+    def _free(self, p):
+        self.lib.cuMemFree_v2(ctypes.c_uint64(p))

@@ -1,0 +1,103 @@
+"""Compile the generated CUDA source for the host with g++ and the emulation header, load it with
+ctypes, and run the launch plan on host memory."""
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import numpy as np
+
+from backends.cuda.compiler import atomic_write, cache_dir, error_with_source, source_key
+from backends.cuda.plan import Launch, Memory, Plan
+from backends.cuda.prelude import C_TYPES
+from graphc.errors import GraphcError
+
+HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "emulation.h")
+FLAGS = ["-std=c++17", "-O1", "-shared", "-fPIC", "-w", "-x", "c++"]
+_load_lock = threading.Lock()
+
+
+def compiler() -> str | None:
+    return os.environ.get("CXX") if os.environ.get("CXX") and shutil.which(os.environ["CXX"]) else \
+        shutil.which("g++") or shutil.which("clang++")
+
+
+def launchers(plan: Plan) -> str:
+    """One `extern "C" gc_launch_<kernel>` per kernel: unpacks cuLaunchKernel-style void** params."""
+    out, done = ["\n// ---- host launchers (emulation only) ----"], set()
+    for step in plan.steps:
+        if not isinstance(step, Launch) or step.kernel in done:
+            continue
+        done.add(step.kernel)
+        casts = []
+        for k, b in enumerate(step.args):
+            ct = C_TYPES[plan.buffers[b].dtype]
+            casts.append(f"*({'' if b in step.outputs else 'const '}{ct}**)p[{k}]")
+        casts.append(f"*(GcDims*)p[{len(step.args)}]")
+        out.append(f'extern "C" int gc_launch_{step.kernel}(unsigned gx, unsigned gy, unsigned gz, '
+                   f'unsigned bx, unsigned by, unsigned bz, void** p) {{\n'
+                   f'  auto body = [&]() {{ {step.kernel}({", ".join(casts)}); }};\n'
+                   f'  return gc_emu::launch(dim3(gx, gy, gz), dim3(bx, by, bz), {str(step.sync).lower()}, body);\n}}')
+    return "\n".join(out) + "\n"
+
+
+def build(source: str, plan: Plan) -> ctypes.CDLL:
+    """The shared library for `source` (cached on disk by a hash of everything that goes into it)."""
+    cxx = compiler()
+    with open(HEADER) as f:
+        header = f.read()
+    tu = f'#include "{HEADER}"\n#line 1 "graph.cu"\n' + source + launchers(plan)
+    key = source_key(header, tu, " ".join(FLAGS), cxx)
+    path = os.path.join(cache_dir("cuda_emulated"), f"{key}.so")
+    if not os.path.exists(path):
+        with tempfile.TemporaryDirectory() as d:
+            src, out = os.path.join(d, "graph.cpp"), os.path.join(d, "graph.so")
+            with open(src, "w") as f:
+                f.write(tu)
+            r = subprocess.run([cxx, *FLAGS, src, "-o", out], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise error_with_source(os.path.basename(cxx), r.stderr, source)
+            with open(out, "rb") as f:
+                atomic_write(path, f.read())
+    with _load_lock:
+        lib = ctypes.CDLL(path)
+    lib.gc_emu_last_error.restype = ctypes.c_char_p
+    return lib
+
+
+class HostMemory(Memory):
+    """'Device' memory is host memory: buffers are NumPy arrays; launches call the host launchers."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.lib = lib
+        self.fns = {}
+
+    def bind(self, array, buf):
+        return np.ascontiguousarray(array)
+
+    def alloc(self, dtype, shape):
+        return np.empty(shape, dtype)
+
+    def pointer(self, handle) -> int:
+        return handle.ctypes.data
+
+    def download(self, handle, dtype, shape, copy):
+        a = handle.reshape(shape)
+        return a.copy() if copy else a
+
+    def zero(self, handle, dtype, shape):
+        handle.fill(0)
+
+    def launch(self, kernel, grid, block, params, sync):
+        fn = self.fns.get(kernel)
+        if fn is None:
+            fn = getattr(self.lib, f"gc_launch_{kernel}")
+            fn.argtypes = [ctypes.c_uint] * 6 + [ctypes.c_void_p]
+            fn.restype = ctypes.c_int
+            self.fns[kernel] = fn
+        if fn(*grid, *block, ctypes.addressof(params)):
+            raise GraphcError(f"emulated kernel {kernel} failed: {self.lib.gc_emu_last_error().decode()}")
