@@ -60,16 +60,18 @@ class _Fuser:
             pg = self.group.get(id(t.node))
             if pg is None or pg is g or pg.reduced or not _same_shape(pg.shape, g.shape):
                 continue
-            if self._path_outside(pg, g) or self._path_outside(g, pg):
+            here = self.pos[id(node)]
+            if self._path_outside(pg, g, here) or self._path_outside(g, pg, here):
                 continue
             pg.members.extend(g.members)
             for m in g.members:
                 self.group[id(m)] = pg
             g = pg
 
-    def _path_outside(self, src: _Group, dst: _Group) -> bool:
+    def _path_outside(self, src: _Group, dst: _Group, frontier: int) -> bool:
         """Is there a path from src to dst through nodes in neither group? Other groups count as one
-        vertex (entering a member leaves from any member), since each will run as one kernel."""
+        vertex (entering a member leaves from any member), since each will run as one kernel. Only
+        nodes up to `frontier` (the node being grouped) are in groups, so later nodes are dead ends."""
         inside = {id(m) for m in src.members} | {id(m) for m in dst.members}
         dst_ids = {id(m) for m in dst.members}
         stack = [u for m in src.members for u in self.users.get(id(m.outputs[0]), ()) if id(u) not in inside]
@@ -78,7 +80,7 @@ class _Fuser:
             n = stack.pop()
             if id(n) in dst_ids:
                 return True
-            if id(n) in seen or id(n) in inside:
+            if id(n) in seen or id(n) in inside or self.pos[id(n)] > frontier:
                 continue
             seen.add(id(n))
             g = self.group.get(id(n))

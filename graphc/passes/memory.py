@@ -31,10 +31,16 @@ def nbytes(t: Tensor):
     return _sh.size(t.shape) * np.dtype(t.dtype).itemsize
 
 
+_typical_cache: dict = {}
+
+
 def typical(expr) -> int:
+    """An int for a byte count, symbolic dims set to TYPICAL_DIM (memoised: sympy subs is slow)."""
     if isinstance(expr, int):
         return expr
-    return int(expr.subs({s: TYPICAL_DIM for s in expr.free_symbols}))
+    if expr not in _typical_cache:
+        _typical_cache[expr] = int(expr.subs({s: TYPICAL_DIM for s in expr.free_symbols}))
+    return _typical_cache[expr]
 
 
 def fresh(node: Node) -> bool:
@@ -230,6 +236,7 @@ def _greedy_order(graph: Graph) -> list[Node]:
             dag.add_edge(index[id(t.node)], i)
     readers = users(graph)
     remaining = {t_id: len(v) for t_id, v in readers.items()}  # readers not yet scheduled
+    size = {id(o): typical(nbytes(o)) for n in nodes for o in n.outputs}
     roots = {id(t) for t in graph.roots}
     indeg = dict(dag.in_degree())
     ready = [(0, i) for i in range(len(nodes)) if indeg[i] == 0]
@@ -239,8 +246,8 @@ def _greedy_order(graph: Graph) -> list[Node]:
         n = nodes[i]
         if n.op.name in LEAF_OPS:
             return -10 ** 18
-        alloc = sum(typical(nbytes(o)) for o in n.outputs) if fresh(n) else 0
-        freed = sum(typical(nbytes(t)) for t in {id(t): t for t in n.inputs}.values()
+        alloc = sum(size[id(o)] for o in n.outputs) if fresh(n) else 0
+        freed = sum(size[id(t)] for t in {id(t): t for t in n.inputs}.values()
                     if remaining.get(id(t)) == 1 and id(t) not in roots and t.node.op.name not in LEAF_OPS)
         return alloc - freed
 
