@@ -35,8 +35,8 @@ def _steps(first: str, rest: list[str], args, target, result):
 
 def _sigmoid(node, args, target, result):
     # 1 / (1 + exp(-x)): exp overflows to inf for very negative x, giving the exact limit 0
-    return _steps("np.negative", ["np.exp({0}, out={0})", "np.add({0}, 1, out={0})", "np.reciprocal({0}, out={0})"],
-                  args, target, result)
+    return _steps("np.negative", ['with np.errstate(over="ignore"): np.exp({0}, out={0})', "np.add({0}, 1, out={0})",
+                                  "np.reciprocal({0}, out={0})"], args, target, result)
 
 
 def _rsqrt(node, args, target, result):
