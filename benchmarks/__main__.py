@@ -1,0 +1,145 @@
+"""python -m benchmarks [--quick] [--only W1,W2] [--json out.json] [--png out.png]
+
+Runs W1-W6 on graphc (numpy O0/O2, llvm) and the installed peers, checks every output against a
+float64 NumPy reference before timing, and prints a table (median (min) per call), compile times and
+the BLAS/thread set-up. Unless --keep-env, OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are removed for this
+process only (it re-executes itself and says so), so OpenBLAS picks its kernels for this CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from . import harness, peers, systems
+from . import workloads as W
+
+SYSTEMS = {
+    "numpy": systems.numpy_build,
+    "graphc-numpy O0": systems.graphc_builder("numpy", 0),
+    "graphc-numpy O2": systems.graphc_builder("numpy", 2),
+    "graphc-llvm": systems.graphc_builder("llvm", 2),
+    "torch": peers.torch_builder(False),
+    "torch.compile": peers.torch_builder(True),
+    "onnxruntime": peers.ort_build,
+    "jax": peers.jax_build,
+    "pytensor": peers.pytensor_build,
+}
+_ENV_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def _args(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer samples; skips torch.compile unless --systems")
+    p.add_argument("--tiny", action="store_true", help="tiny sizes (the smoke test): checks, no meaningful times")
+    p.add_argument("--only", default="", help="comma-separated workload ids, e.g. W1,W2")
+    p.add_argument("--systems", default="", help="comma-separated systems (default: all)")
+    p.add_argument("--json", default="benchmark_results.json", help="where to write the JSON results")
+    p.add_argument("--png", default="", help="also write a matplotlib chart of the ratios here")
+    p.add_argument("--keep-env", action="store_true", help="keep OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE")
+    p.add_argument("--compile-probe", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _reexec_without_openblas_env(args, argv) -> None:
+    found = {k: os.environ[k] for k in _ENV_VARS if k in os.environ}
+    if found and not args.keep_env and not args.compile_probe:
+        shown = " ".join(f"{k}={v}" for k, v in found.items())
+        print(f"note: unsetting {shown} for this benchmark process only (re-exec; --keep-env keeps them)",
+              flush=True)
+        env = {k: v for k, v in os.environ.items() if k not in _ENV_VARS}
+        env["GRAPHC_BENCH_UNSET"] = shown
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks", *argv], env)
+
+
+def _selected(args):
+    size = "tiny" if args.tiny else "full"
+    wls = W.all_workloads(size)
+    if args.only:
+        keep = {s.strip() for s in args.only.split(",")}
+        wls = [w for w in wls if w.id in keep or w.id.split()[0] in keep]
+    names = [s.strip() for s in args.systems.split(",") if s.strip()] or [
+        s for s in SYSTEMS if not (args.quick and s == "torch.compile")]
+    return wls, names
+
+
+def _compile_probe(args) -> None:
+    """In a fresh process: gc.function time for graphc-llvm per workload (warm on-disk cache)."""
+    out = {}
+    for wl in _selected(args)[0]:
+        t0 = time.perf_counter()
+        try:
+            SYSTEMS["graphc-llvm"](wl)()
+        except systems.Missing:
+            continue
+        out[wl.id] = time.perf_counter() - t0
+    print(json.dumps(out))
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _args(argv)
+    _reexec_without_openblas_env(args, argv)
+    if args.compile_probe:
+        _compile_probe(args)
+        return 0
+    cache = tempfile.mkdtemp(prefix="graphc-bench-cache-")
+    os.environ["GRAPHC_CACHE_DIR"] = cache   # cold compiles: an empty cache
+    wls, names = _selected(args)
+    env = harness.environment()
+    env["unset_for_this_run"] = os.environ.get("GRAPHC_BENCH_UNSET")
+    results = {}
+    for wl in wls:
+        row = {}
+        for s in names:
+            row[s] = harness.measure(s, SYSTEMS[s], wl, args.quick or args.tiny)
+            print(f"  {wl.id:8s} {s:16s} {_short(row[s])}", file=sys.stderr, flush=True)
+        results[wl.id] = row
+    probe = _warm_probe(argv, cache) if "graphc-llvm" in names else {}
+    bw = harness.copy_bandwidth()
+    _report(args, env, results, names, probe, bw)
+    return 0
+
+
+def _short(r) -> str:
+    return harness.fmt_time(r["median"]) if r.get("status") == "ok" else r.get("status", "")
+
+
+def _warm_probe(argv, cache) -> dict:
+    env = dict(os.environ, GRAPHC_CACHE_DIR=cache)
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "--compile-probe", *argv], env=env,
+                       capture_output=True, text=True, timeout=600)
+    try:
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return {}
+
+
+def _report(args, env, results, names, probe, bw) -> None:
+    print(f"\nmachine: {env['processor']}, {env['cores']} cores usable, load average {env['loadavg']}")
+    if env.get("unset_for_this_run"):
+        print(f"unset for this run: {env['unset_for_this_run']}")
+    for p in env["threadpools"] if isinstance(env["threadpools"], list) else []:
+        print(f"threads: {p['internal_api']} {p.get('version')} {p.get('architecture')}: {p['num_threads']} threads")
+    print(f"llvm: {env['llvm']}")
+    print(f"copy bandwidth (1 thread, 16 MiB): {bw / 1e9:.1f} GB/s; W2 bound (read x + write y): "
+          f"{harness.fmt_time(2 * 4 * 4_194_304 / bw)}\n")
+    print(harness.table(results, names))
+    print()
+    print(harness.compile_table(results, probe))
+    payload = {"environment": env, "results": results, "warm_compile_s": probe, "copy_bandwidth_Bps": bw,
+               "quick": args.quick, "tiny": args.tiny}
+    harness.write_json(args.json, payload)
+    print(f"\nJSON: {args.json}")
+    if args.png:
+        why = harness.plot(args.png, results, names)
+        print(f"plot: {args.png}" if why is None else f"plot skipped: {why}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

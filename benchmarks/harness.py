@@ -1,0 +1,209 @@
+"""Timing, output checks, environment facts, and the table / JSON / PNG reports."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+
+from .systems import Missing
+
+GRAPHC_SYSTEMS = ("graphc-numpy O0", "graphc-numpy O2", "graphc-llvm")
+
+
+def fmt_time(s) -> str:
+    if s is None:
+        return "-"
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} us" if s >= 1e-5 else f"{s * 1e6:.1f} us"
+    if s < 1:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s:.2f} s"
+
+
+def check(out, ref, wl_id) -> str | None:
+    """None if `out` matches the float64 reference to float32 accuracy, else what differs."""
+    out = np.asarray(out)
+    if out.shape != ref.shape:
+        return f"shape {out.shape} != {ref.shape}"
+    tol = 2e-3 if wl_id.startswith(("W4", "W5")) else 1e-3
+    err = np.abs(out.astype(np.float64) - ref) / (np.abs(ref) + 1e-3)
+    if not np.all(np.isfinite(out)) or err.max() > tol:
+        return f"max relative error {err.max():.2e}"
+    return None
+
+
+def time_calls(fn, quick: bool) -> dict:
+    """min and median seconds per call: samples of `number` calls each (a sample lasts >= a few ms)."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t0, 1e-7)
+    target = 2e-3 if quick else 5e-3
+    number = max(1, min(10000, int(target / one)))
+    samples = 7 if quick else 25
+    budget = 3.0 if quick else 20.0
+    per = []
+    start = time.perf_counter()
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        per.append((time.perf_counter() - t0) / number)
+        if time.perf_counter() - start > budget and len(per) >= 3:
+            break
+    return {"min": min(per), "median": statistics.median(per), "calls": number * len(per)}
+
+
+def measure(system: str, build, wl, quick: bool) -> dict:
+    t0 = time.perf_counter()
+    try:
+        fn = build(wl)
+    except Missing as e:
+        return {"status": str(e)}
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = fn()
+    first_s = time.perf_counter() - t0
+    bad = check(out, wl.reference, wl.id)
+    if bad:
+        return {"status": f"WRONG ({bad})", "compile_s": compile_s}
+    res = {"status": "ok", "compile_s": compile_s, "first_call_s": first_s}
+    res.update(time_calls(fn, quick))
+    return res
+
+
+def environment() -> dict:
+    info = {"machine": platform.machine(), "processor": _cpu_name(), "python": platform.python_version(),
+            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+            "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE")}
+    try:
+        from threadpoolctl import threadpool_info
+        info["threadpools"] = [{k: p.get(k) for k in ("user_api", "internal_api", "num_threads", "version",
+                                                      "architecture", "filepath")} for p in threadpool_info()]
+    except ImportError:
+        info["threadpools"] = "threadpoolctl not installed"
+    try:
+        from backends.llvm import jit
+        jit.target_machine()
+        b = jit.blas()
+        info["llvm"] = {"cpu": jit._state["cpu"], "blas": None if b is None else
+                        {"library": b["library"], "symbols": b["symbols"], "ilp64": b["ilp64"]}}
+    except Exception as e:   # the report says why instead of failing
+        info["llvm"] = f"unavailable: {e}"
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a single-threaded NumPy copy of 16 MiB (read + write counted)."""
+    x = np.ones(4_194_304, np.float32)
+    y = np.empty_like(x)
+    best = min(_t(lambda: np.copyto(y, x)) for _ in range(20))
+    return 2 * x.nbytes / best
+
+
+def _t(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def best_peer(row: dict) -> tuple[str | None, float | None]:
+    peers = [(r["median"], s) for s, r in row.items() if s not in GRAPHC_SYSTEMS and r.get("status") == "ok"]
+    if not peers:
+        return None, None
+    m, s = min(peers)
+    return s, m
+
+
+def table(results: dict, systems: list[str]) -> str:
+    """Plain-text table: median (min) per call; the last columns compare graphc-llvm with the best peer."""
+    head = ["workload"] + systems + ["best peer", "llvm / best"]
+    rows = [head]
+    for wl_id, row in results.items():
+        cells = [wl_id]
+        for s in systems:
+            r = row.get(s, {})
+            if r.get("status") == "ok":
+                cells.append(f"{fmt_time(r['median'])} ({fmt_time(r['min'])})")
+            else:
+                cells.append(r.get("status", "-"))
+        peer, m = best_peer(row)
+        llvm = row.get("graphc-llvm", {})
+        cells.append(f"{peer} {fmt_time(m)}" if peer else "-")
+        cells.append(f"{llvm['median'] / m:.2f}x" if peer and llvm.get("status") == "ok" else "-")
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def compile_table(results: dict, probe: dict) -> str:
+    lines = ["compile times (build + first call: graph passes, codegen, specialisation for the batch size; "
+             "graphc-llvm cold = empty cache, warm = a new process reusing the on-disk cache)"]
+    for wl_id, row in results.items():
+        parts = []
+        for s in GRAPHC_SYSTEMS:
+            r = row.get(s, {})
+            if r.get("status") == "ok":
+                parts.append(f"{s} {fmt_time(r['compile_s'] + r['first_call_s'])}")
+        if wl_id in probe:
+            parts.append(f"graphc-llvm warm {fmt_time(probe[wl_id])}")
+        for s in ("torch.compile", "onnxruntime", "jax"):
+            r = row.get(s, {})
+            if r.get("status") == "ok":
+                parts.append(f"{s} {fmt_time(r['compile_s'] + r['first_call_s'])}")
+        lines.append(f"  {wl_id:8s} " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def write_json(path: str, payload: dict) -> None:
+    with open(path, "w") as fh:
+        json.dump(payload, fh, indent=1, default=str)
+
+
+def plot(path: str, results: dict, systems: list[str]) -> str | None:
+    """A bar chart of each system's median relative to the best peer (log scale); None if no matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib not installed"
+    wls = list(results)
+    fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(wls)), 4.5))
+    width = 0.8 / max(1, len(systems))
+    for i, s in enumerate(systems):
+        ys = []
+        for w in wls:
+            _, m = best_peer(results[w])
+            r = results[w].get(s, {})
+            ys.append(r["median"] / m if m and r.get("status") == "ok" else np.nan)
+        ax.bar(np.arange(len(wls)) + i * width, ys, width, label=s)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(np.arange(len(wls)) + 0.4 - width / 2)
+    ax.set_xticklabels(wls)
+    ax.set_ylabel("median time / best peer's")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None

@@ -1,0 +1,40 @@
+"""Smoke test of the benchmark suite: tiny sizes, every output checked against the float64 reference,
+report files written (no timing assertions)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("only", ["W1,W2,W5,W6", "W3,W4"])
+def test_benchmark_suite_runs_and_checks_outputs(tmp_path, only):
+    out = tmp_path / "r.json"
+    systems = "numpy,graphc-numpy O2,graphc-llvm,onnxruntime"
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "--tiny", "--only", only, "--systems", systems,
+                        "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "llvm / best" in r.stdout
+    res = json.loads(out.read_text())["results"]
+    assert res, "no workloads ran"
+    for wl, row in res.items():
+        for system, cell in row.items():
+            status = cell["status"]
+            assert not status.startswith("WRONG"), f"{wl} {system}: {status}"
+            if system in ("numpy", "graphc-llvm") and not status.startswith("n/a"):
+                assert status == "ok", f"{wl} {system}: {status}"
+                assert cell["median"] > 0
+
+
+def test_workload_references_agree_with_numpy_by_hand():
+    sys.path.insert(0, ROOT)
+    import numpy as np
+    from benchmarks import systems, workloads
+    for wl in workloads.all_workloads("tiny"):
+        out = systems.numpy_build(wl)()
+        np.testing.assert_allclose(out, wl.reference, rtol=2e-3, atol=1e-4, err_msg=wl.id)
