@@ -238,7 +238,7 @@ def _convert_node(cx: Ctx, node, env: dict, fn) -> None:
     except GraphcError as e:
         raise OnnxImportError(f"{node.op_type} node {node.name!r}: {e}") from None
     outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
-    if all(t is None or t.node.op.name == "constant" for t in ins):
+    if all(t is None or not isinstance(t, SymVal) and t.node.op.name == "constant" for t in ins):
         outs = _fold(outs)
     for name, t in zip(node.output, outs):
         if name:
