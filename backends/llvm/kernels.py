@@ -28,6 +28,7 @@ class Kernel:
         self.emit = emit      # emit(em, P: {buf: ptr ssa}, lo, hi)
         self.split = split    # outer extent when the kernel may be split across threads
         self.size = flops
+        self.desc = " ".join(f"{v.dtype}{list(v.shape)}" for v in views if v is not None)
 
 
 # ---- element access ---------------------------------------------------------------------------------

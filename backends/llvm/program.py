@@ -27,6 +27,14 @@ def num_threads() -> int:
         return max(1, min(os.cpu_count() or 1, 8))
 
 
+def _address(a: np.ndarray) -> int:
+    """Data pointer of an array (c_char.from_buffer is the fast path; read-only/empty arrays fall back)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))
+    except (TypeError, ValueError):
+        return a.__array_interface__["data"][0]
+
+
 class Slots:
     """Pointer-table layout: inputs, params, constants, outputs (roots), arena."""
 
@@ -99,15 +107,16 @@ def _parallel_call(em: Emitter, name: str, kern: Kernel, ptrs: list[str], nthrea
         em.place(done)
 
 
-def generate(plan: Plan, slots: Slots, nthreads: int) -> tuple[str, list]:
-    """(module IR, segments): a segment is ('native', entry name) or ('host', HostStep)."""
+def generate(plan: Plan, slots: Slots, nthreads: int, per_step: bool = False) -> tuple[str, list]:
+    """(module IR, segments): a segment is ('native', entry name) or ('host', HostStep).
+    per_step=True gives every kernel its own entry (for profiling)."""
     funcs, segments, cur = [], [], None
     for i, step in enumerate(plan.steps):
         if isinstance(step, HostStep):
             cur = None
             segments.append(("host", step))
             continue
-        if cur is None:
+        if cur is None or per_step:
             cur = (f"graphc_entry_{len(segments)}", Emitter(), {})
             segments.append(("native", cur))
         name, em, ptrs = cur
@@ -140,10 +149,10 @@ def generate(plan: Plan, slots: Slots, nthreads: int) -> tuple[str, list]:
 class Specialised:
     """The compiled code for one set of dim values."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, per_step: bool = False):
         self.plan = plan
         self.slots = Slots(plan)
-        self.ir, segs = generate(plan, self.slots, num_threads())
+        self.ir, segs = generate(plan, self.slots, num_threads(), per_step)
         names = [v for k, v in segs if k == "native"]
         self.compiled = jit.compile_ir(self.ir, names)
         self.segments = [(k, _ENTRY(self.compiled.addresses[v]) if k == "native" else v) for k, v in segs]
@@ -163,21 +172,40 @@ class Specialised:
             self._tls.arena = a
         return a
 
+    def _table(self):
+        """This thread's pointer table with the constant and arena slots filled in."""
+        tls = self._tls
+        t = getattr(tls, "table", None)
+        if t is None:
+            t = (ctypes.c_void_p * self.slots.n)()
+            c0 = self.slots.base["const"]
+            for i, a in enumerate(self.consts):
+                t[c0 + i] = a
+            t[self.slots.arena] = self._arena().ctypes.data
+            tls.table, tls.addr, tls.params = t, ctypes.addressof(t), None
+        return t
+
     def run(self, inputs, params):
         outs = [np.empty(s, d) for s, d in self.roots]
-        arena = self._arena()
-        addrs = ([a.ctypes.data for a in inputs] + [p.ctypes.data for p in params] + self.consts +
-                 [o.ctypes.data for o in outs] + [arena.ctypes.data])
-        table = (ctypes.c_void_p * len(addrs))(*addrs)
+        table = self._table()
+        tls = self._tls
+        n_in = len(inputs)
+        if n_in:
+            table[0:n_in] = [_address(a) for a in inputs]
+        if params and (tls.params is None or any(p is not q for p, q in zip(params, tls.params))):
+            table[n_in:n_in + len(params)] = [_address(p) for p in params]
+            tls.params = list(params)   # set_value swaps the array: the identity check sees it
+        o0 = self.slots.base["out"]
+        table[o0:o0 + len(outs)] = [_address(o) for o in outs]
         if self.single:
-            self.segments[0][1](ctypes.addressof(table))
+            self.segments[0][1](tls.addr)
         else:
             bases = None
             for kind, seg in self.segments:
                 if kind == "native":
-                    seg(ctypes.addressof(table))
+                    seg(tls.addr)
                 else:
-                    bases = bases or self._bases(inputs, params, outs, arena)
+                    bases = bases or self._bases(inputs, params, outs, self._arena())
                     self._host(seg, bases)
         return outs[:self.n_out], outs[self.n_out:]
 
@@ -207,3 +235,29 @@ class Specialised:
         res = res if isinstance(res, tuple) else (res,)
         for v, r in zip(step.outs, res):
             np.copyto(self._array(v, bases), r, casting="unsafe")
+
+
+def profile(f, *args, repeat: int = 20) -> list[tuple[float, str]]:
+    """Median seconds per step of llvm-compiled Function `f` on `args` (each kernel timed alone)."""
+    import time
+    values, dims = f._bind(args, {})
+    prog = f.program
+    base = prog._specs.get(tuple(sorted(dims.items()))) or prog._specialise(dims)
+    spec = Specialised(base.plan, per_step=True)
+    params = [p.value for p in f._params]
+    outs = [np.empty(s, d) for s, d in spec.roots]
+    arena = spec._arena()
+    addrs = ([a.ctypes.data for a in values] + [p.ctypes.data for p in params] + spec.consts +
+             [o.ctypes.data for o in outs] + [arena.ctypes.data])
+    table = (ctypes.c_void_p * len(addrs))(*addrs)
+    bases = spec._bases(values, params, outs, arena)
+    times = []
+    for (kind, seg), step in zip(spec.segments, [s for s in spec.plan.steps]):
+        ts = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            seg(ctypes.addressof(table)) if kind == "native" else spec._host(seg, bases)
+            ts.append(time.perf_counter() - t0)
+        label = f"host {seg.node.op.name}" if kind == "host" else f"{step.name} {getattr(step, 'desc', '')}"
+        times.append((float(np.median(ts)), label))
+    return times
