@@ -258,3 +258,33 @@ def test_errors_name_the_problem():
         gc.scan(lambda c, x: (c, None), h)
     with pytest.raises(gc.ShapeError, match="0-d"):
         gc.scan(lambda c, x: (c + x, None), h, gc.placeholder("s", (), "float32"))
+
+
+def test_recycled_output_buffers_never_overwrite_results_still_held(rng):
+    """Stacked outputs are reused across calls only once nothing references them."""
+    xs = gc.placeholder("xs", ("T", 3), "float64")
+    _, ys = gc.scan(lambda c, x: (c + x, c * 2), gc.constant(np.zeros(3)), xs)
+    f, g = gc.function([xs], ys), gc.function([xs], [ys[1:], ys.sum()])
+    a, b = rng.standard_normal((5, 3)), rng.standard_normal((5, 3))
+    first, view = f(a), g(a)[0]
+    keep, keep_view = first.copy(), view.copy()
+    for _ in range(3):
+        f(b), g(b)
+    np.testing.assert_array_equal(first, keep)
+    np.testing.assert_array_equal(view, keep_view)
+    np.testing.assert_array_equal(f(a), keep)
+
+
+def test_threads_share_a_compiled_scan(rng):
+    import concurrent.futures as cf
+    vals = _inputs(rng)
+    phs = _phs(vals)
+    hT, ys = gc.scan(_step(phs[2], phs[3]), phs[1], phs[0])
+    f = gc.function(phs, [hT, ys])
+    inputs = [[v + 0.1 * i for v in vals] for i in range(8)]
+    want = [f(*x) for x in inputs]
+    with cf.ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda x: f(*x), inputs * 3))
+    for i, res in enumerate(got):
+        for a, b in zip(res, want[i % 8]):
+            np.testing.assert_array_equal(a, b)

@@ -86,7 +86,7 @@ class _Recurrent:
         if x.ndim != 3 or not (isinstance(x.shape[2], int) and x.shape[2] == self.input_size):
             raise ShapeError(f"{self.kind}: input {x.label} has shape {x.shape}, expected (N, T, {self.input_size})")
         n = x.shape[0]
-        seq, finals = x, []
+        seq, finals = F.transpose(x, (1, 0, 2)), []  # time-major: scan runs over axis 0
         for k in range(self.num_layers):
             outs = []
             for d, sfx in enumerate(self._suffixes()):
@@ -95,7 +95,7 @@ class _Recurrent:
                 outs.append(ys)
                 finals.append(fin)
             seq = outs[0] if len(outs) == 1 else F.concatenate(outs, axis=-1)
-        return seq, self._pack(finals)
+        return F.transpose(seq, (1, 0, 2)), self._pack(finals)
 
     def _pack(self, finals):
         return F.stack([f[0] for f in finals], axis=0)
@@ -121,32 +121,27 @@ class _Recurrent:
     _n_state = 1
 
     def _direction(self, seq, init, k, sfx, reverse):
-        """One layer in one direction on batch-major seq (N, T, C): (ys (N, T, H), final carries)."""
-        p = self.named_params
-        dt = seq.dtype
-        w_ih, w_hh = F.cast(p[f"weight_ih_l{k}{sfx}"], dt), F.cast(p[f"weight_hh_l{k}{sfx}"], dt)
-        n, T, C = seq.shape
-        # the input projection of every step is one 2-D matmul (BLAS) outside the loop
-        xp = F.reshape(seq, (n * T, C)) @ w_ih.T
-        b_ih = F.cast(p[f"bias_ih_l{k}{sfx}"], dt) if self.bias else None
-        b_hh = F.cast(p[f"bias_hh_l{k}{sfx}"], dt) if self.bias else None
-        xp, b_hh = self._fold_bias(xp, b_ih, b_hh)
-        xp = F.transpose(F.reshape(xp, (n, T, xp.shape[-1])), (1, 0, 2))  # time-major for scan
-        whT = w_hh.T
+        """One layer in one direction on time-major seq (T, N, C): (ys (T, N, H), final carries)."""
+        p, dt = self.named_params, seq.dtype
+        # transposes, casts and the bias sum do not depend on the step: scan hoists them out of the loop
+        w = {"ih": F.cast(p[f"weight_ih_l{k}{sfx}"], dt).T, "hh": F.cast(p[f"weight_hh_l{k}{sfx}"], dt).T}
+        if self.bias:
+            w["b_ih"], w["b_hh"] = F.cast(p[f"bias_ih_l{k}{sfx}"], dt), F.cast(p[f"bias_hh_l{k}{sfx}"], dt)
 
         def step(carry, xt):
-            new = self._cell(carry, xt, whT, b_hh)
+            new = self._cell(carry, xt, w)
             return new, new[0]
-        fin, ys = F.scan(step, init, xp, reverse=reverse)
-        return F.transpose(ys, (1, 0, 2)), fin
+        # the input projection stays in the step (as in torch's cells): small per-step matmuls beat one
+        # big hoisted (T*N, G*H) temporary here, whose fresh pages cost more than the loop (measured)
+        fin, ys = F.scan(step, init, seq, reverse=reverse)
+        return ys, fin
 
-    def _fold_bias(self, xp, b_ih, b_hh):
-        """Both biases are added to the hoisted projection when the cell only ever uses their sum."""
-        if b_ih is None:
-            return xp, None
-        return xp + (b_ih + b_hh), None
+    def _gates(self, carry_h, xt, w):
+        """x W_ih^T + h W_hh^T + b_ih + b_hh: all G gates at once, (N, G*H)."""
+        z = xt @ w["ih"] + carry_h @ w["hh"]
+        return z + (w["b_ih"] + w["b_hh"]) if self.bias else z
 
-    def _cell(self, carry, xt, whT, b_hh):
+    def _cell(self, carry, xt, w):
         raise NotImplementedError
 
     def __repr__(self):
@@ -166,9 +161,9 @@ class RNN(_Recurrent):
         self.nonlinearity = nonlinearity
         super().__init__(input_size, hidden_size, num_layers, bidirectional, **kw)
 
-    def _cell(self, carry, xt, whT, b_hh):
+    def _cell(self, carry, xt, w):
         act = F.tanh if self.nonlinearity == "tanh" else F.relu
-        return [act(xt + carry[0] @ whT)]
+        return [act(self._gates(carry[0], xt, w))]
 
 
 class LSTM(_Recurrent):
@@ -176,9 +171,9 @@ class LSTM(_Recurrent):
 
     kind, gates, _n_state = "LSTM", 4, 2
 
-    def _cell(self, carry, xt, whT, b_hh):
+    def _cell(self, carry, xt, w):
         h, c = carry
-        z = xt + h @ whT
+        z = self._gates(h, xt, w)
         H = self.hidden_size
         i, f = F.sigmoid(z[:, :H]), F.sigmoid(z[:, H:2 * H])
         g, o = F.tanh(z[:, 2 * H:3 * H]), F.sigmoid(z[:, 3 * H:])
@@ -194,20 +189,12 @@ class GRU(_Recurrent):
 
     kind, gates = "GRU", 3
 
-    def _fold_bias(self, xp, b_ih, b_hh):
-        if b_ih is None:
-            return xp, None
-        H = self.hidden_size
-        # r and z use b_ih + b_hh; the n gate needs b_hn inside r * (...), so it stays in the loop
-        folded = b_ih + F.concatenate([b_hh[:2 * H], F.zeros_like(b_hh[2 * H:])], axis=0)
-        return xp + folded, b_hh[2 * H:]
-
-    def _cell(self, carry, xt, whT, b_hn):
-        h = carry[0]
-        H = self.hidden_size
-        hp = h @ whT
-        r = F.sigmoid(xt[:, :H] + hp[:, :H])
-        z = F.sigmoid(xt[:, H:2 * H] + hp[:, H:2 * H])
-        hn = hp[:, 2 * H:] if b_hn is None else hp[:, 2 * H:] + b_hn
-        n = F.tanh(xt[:, 2 * H:] + r * hn)
+    def _cell(self, carry, xt, w):
+        h, H = carry[0], self.hidden_size
+        gi, gh = xt @ w["ih"], h @ w["hh"]
+        if self.bias:  # b_hn must stay inside r * (W_hn h + b_hn)
+            gi, gh = gi + w["b_ih"], gh + w["b_hh"]
+        r = F.sigmoid(gi[:, :H] + gh[:, :H])
+        z = F.sigmoid(gi[:, H:2 * H] + gh[:, H:2 * H])
+        n = F.tanh(gi[:, 2 * H:] + r * gh[:, 2 * H:])
         return [(1 - z) * n + z * h]

@@ -32,6 +32,8 @@ Random draws inside the step are hoisted like any loop-invariant value (one draw
 """
 from __future__ import annotations
 
+import sys
+import threading
 import weakref
 from typing import Any, Callable
 
@@ -190,6 +192,29 @@ def _bind(phs: list[Tensor], shapes: list[tuple], dims: dict | None) -> dict:
     return out
 
 
+class _Recycler(threading.local):
+    """Stacked outputs (T, ...) recycled across calls once nothing else references them: a fresh
+    multi-megabyte array per call costs a page fault per 4 KiB on first touch, often more than the loop."""
+
+    KEEP = 4  # arrays kept per (shape, dtype) and thread
+
+    def __init__(self):
+        self.free: dict = {}
+
+    def empty(self, shape: tuple, dtype) -> np.ndarray:
+        pool = self.free.setdefault((shape, np.dtype(dtype).str), [])
+        for i in range(len(pool)):
+            if sys.getrefcount(pool[i]) == 2:  # only this pool (and the call's argument) holds it
+                return pool[i]
+        a = np.empty(shape, dtype)
+        if len(pool) < self.KEEP:
+            pool.append(a)
+        return a
+
+
+_stacks = _Recycler()
+
+
 def _eval(shape, dims: dict) -> tuple[int, ...]:
     try:
         return _sh.evaluate(shape, {_sh.dim_symbol(k): v for k, v in dims.items()})
@@ -227,8 +252,8 @@ class Scan(Op):
                      + [v.shape for v in invs], dims)
         T = seqs[0].shape[0] if seqs else _eval((length,), dims)[0]
         outs = body.outputs
-        ys = [np.empty((T,) + _eval(o.shape, dims), o.dtype) for o in outs[n_carry:]]
-        hist = [np.empty((T,) + c.shape, c.dtype) for c in carries]
+        ys = [_stacks.empty((T,) + _eval(o.shape, dims), o.dtype) for o in outs[n_carry:]]
+        hist = [_stacks.empty((T,) + c.shape, c.dtype) for c in carries]
         run, params = fn.program.run, [p.value for p in fn._params]
         for i in range(T):
             t = T - 1 - i if reverse else i
