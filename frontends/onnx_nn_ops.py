@@ -284,3 +284,37 @@ def _static_shape(cx, x):
 
 
 from . import onnx_rnn_ops  # noqa: E402,F401  (RNN/GRU/LSTM)
+
+
+# ---- losses ------------------------------------------------------------------------------------
+
+def nll_loss(cx, logp, target, weight, a):
+    """NegativeLogLikelihoodLoss via a one-hot of the target along the class axis (ignored labels,
+    which may lie outside [0, C), select nothing and weigh nothing)."""
+    c = logp.shape[1]
+    t = gc.cast(target, "int64")
+    iota = gc.constant(np.arange(c, dtype=np.int64).reshape((1, c) + (1,) * (logp.ndim - 2)))
+    onehot = gc.cast(gc.equal(gc.expand_dims(t, 1), iota), logp.dtype)
+    picked = gc.sum(logp * onehot, 1)
+    w = gc.sum(onehot * _per_channel(weight, logp.ndim), 1) if weight is not None else gc.ones_like(picked)
+    if "ignore_index" in a:
+        w = w * gc.cast(gc.not_equal(t, gc.constant(np.int64(a["ignore_index"]))), logp.dtype)
+    loss = -picked * w
+    red = a.get("reduction", "mean")
+    if red == "none":
+        return loss
+    if red == "sum":
+        return gc.sum(loss)
+    return gc.sum(loss) / gc.sum(w)
+
+
+@op("NegativeLogLikelihoodLoss")
+def _nll(cx, ins, a):
+    return nll_loss(cx, ins[0], ins[1], ins[2] if len(ins) > 2 else None, a)
+
+
+@op("SoftmaxCrossEntropyLoss")
+def _sce(cx, ins, a):
+    logp = gc.log_softmax(ins[0], 1)
+    loss = nll_loss(cx, logp, ins[1], ins[2] if len(ins) > 2 else None, a)
+    return [loss, logp][:cx.n_out]
