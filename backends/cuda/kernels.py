@@ -127,33 +127,53 @@ def softmax_kernel(name, comment, log, shape_c, axis, x, out, threads) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gemm_kernel(name, comment, ins, out, acc_dt, M, N, K, nbatch, batch_lines, a_lines, b_lines, store) -> str:
+    """Tiled GEMM skeleton (16x16 tiles through shared memory, blockIdx.z strides over a batch).
+    Loaders fill `v` for A[r, q] / B[q, cc] (zero outside), so convolutions use it as implicit GEMM;
+    `store` writes `acc` for (row, col)."""
+    t = C_TYPES[acc_dt]
+    lines = [f"// {comment}", signature(name, ins, [out], TILE * TILE) + " {",
+             f"  __shared__ {t} As[{TILE}][{TILE + 1}];  // +1 column: no shared-memory bank conflicts",
+             f"  __shared__ {t} Bs[{TILE}][{TILE + 1}];",
+             f"  const long long M = {M}, N = {N}, K = {K}, nbatch = {nbatch};",
+             "  const int tx = threadIdx.x, ty = threadIdx.y;",
+             f"  const long long row = (long long)blockIdx.y * {TILE} + ty, col = (long long)blockIdx.x * {TILE} + tx;",
+             "  for (long long bz = blockIdx.z; bz < nbatch; bz += gridDim.z) {", *batch_lines,
+             f"    {t} acc = 0;",
+             f"    for (long long t0 = 0; t0 < K; t0 += {TILE}) {{",
+             "      {",
+             f"        const long long r = row, q = t0 + tx;",
+             f"        {t} v = 0;",
+             "        if (r < M && q < K) {", *a_lines, "        }",
+             "        As[ty][tx] = v;",
+             "      }",
+             "      {",
+             f"        const long long q = t0 + ty, cc = col;",
+             f"        {t} v = 0;",
+             "        if (q < K && cc < N) {", *b_lines, "        }",
+             "        Bs[ty][tx] = v;",
+             "      }",
+             "      __syncthreads();",
+             f"      for (int k = 0; k < {TILE}; ++k) acc += As[ty][k] * Bs[k][tx];",
+             "      __syncthreads();",
+             "    }",
+             "    if (row < M && col < N) {", *store, "    }",
+             "  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
 def matmul_kernel(name, comment, a, b, out, n, k, m, batch_c, a_bstrides, b_bstrides) -> str:
-    """Batched C = A @ B with 16x16 shared-memory tiles; blockIdx.z strides over the batch."""
+    """Batched C = A @ B (batch dims broadcast through the per-operand batch strides)."""
     t = C_TYPES[out[1]]
     bcoords = [f"b{q}" for q in range(len(batch_c))]
     aoff = View(0, a_bstrides).index(bcoords)
     boff = View(0, b_bstrides).index(bcoords)
-    lines = [f"// {comment}", signature(name, [a, b], [out], TILE * TILE) + " {",
-             f"  __shared__ {t} As[{TILE}][{TILE + 1}];  // +1 column: no shared-memory bank conflicts",
-             f"  __shared__ {t} Bs[{TILE}][{TILE + 1}];",
-             f"  const long long n = {n}, k = {k}, m = {m}, nbatch = {cprod(batch_c)};",
-             "  const int tx = threadIdx.x, ty = threadIdx.y;",
-             f"  const long long row = (long long)blockIdx.y * {TILE} + ty, col = (long long)blockIdx.x * {TILE} + tx;",
-             "  for (long long bz = blockIdx.z; bz < nbatch; bz += gridDim.z) {"]
-    lines += coords_code("bz", batch_c, bcoords, "    ")
-    lines += [f"    const {C_TYPES[a[1]]}* A = {a[0]} + {aoff} * n * k;",
-              f"    const {C_TYPES[b[1]]}* B = {b[0]} + {boff} * k * m;",
-              f"    {t} acc = 0;",
-              f"    for (long long t0 = 0; t0 < k; t0 += {TILE}) {{",
-              f"      As[ty][tx] = (row < n && t0 + tx < k) ? ({t})A[row * k + t0 + tx] : ({t})0;",
-              f"      Bs[ty][tx] = (t0 + ty < k && col < m) ? ({t})B[(t0 + ty) * m + col] : ({t})0;",
-              "      __syncthreads();",
-              f"      for (int q = 0; q < {TILE}; ++q) acc += As[ty][q] * Bs[q][tx];",
-              "      __syncthreads();",
-              "    }",
-              f"    if (row < n && col < m) {out[0]}[bz * n * m + row * m + col] = acc;",
-              "  }", "}"]
-    return "\n".join(lines) + "\n"
+    batch = coords_code("bz", batch_c, bcoords, "    ") + [
+        f"    const {C_TYPES[a[1]]}* A = {a[0]} + {aoff} * M * K;",
+        f"    const {C_TYPES[b[1]]}* B = {b[0]} + {boff} * K * N;"]
+    return gemm_kernel(name, comment, [a, b], out, out[1], n, m, k, cprod(batch_c), batch,
+                       [f"          v = ({t})A[r * K + q];"], [f"          v = ({t})B[q * N + cc];"],
+                       [f"      {out[0]}[bz * M * N + row * N + col] = acc;"])
 
 
 def scatter_kernel(name, comment, loop_c, ins, dst, target, accumulate) -> str:

@@ -11,6 +11,7 @@ import re
 from graphc import dtypes as _dt
 from graphc.ir import Graph, Node, Tensor
 from . import kernels as K
+from .lower_nn import NN_LOWERINGS
 from .cexpr import DimTable, View, broadcast_view, c_literal, cadd, cmul, contiguous_strides, cprod, eval_dim
 from .plan import Buffer, Fill, HostOp, Launch, Plan
 from .prelude import C_TYPES, PRELUDE
@@ -22,7 +23,7 @@ C_OVERRIDES = {"abs": "gc_abs({0})", "sign": "gc_sign({0})", "maximum": "gc_max(
 INT_OVERRIDES = {"floor": "{0}", "pow": "gc_ipow({0}, {1})"}
 POINTWISE_EXTRA = ("cast", "stop_gradient", "broadcast_to", "size_of")
 REDUCTIONS = ("sum", "prod", "max", "min", "logsumexp", "argmax", "argmin")
-_RESERVED = re.compile(r"^(i|j|k|n|m|o|s|q|t0|tx|ty|bz|row|col|acc|best|bi|x_|gd|A|B|As|Bs|n_out|n_red|nbatch|"
+_RESERVED = re.compile(r"^(i|j|k|n|m|o|s|q|g|c|p|pp|cc|th|tw|kh|kw|oh|ow|ih|iw|bh|bw|xv|inside|n_|M|N|K|t0|tx|ty|bz|row|col|acc|best|bi|x_|gd|A|B|As|Bs|n_out|n_red|nbatch|"
                        r"part|pv|pi|v|[abcevr]\d+|r_.*|int|float|double|bool|long|char|short|unsigned|signed|"
                        r"void|const|return|if|else|for|while|do|break|continue|switch|case|default|goto|"
                        r"struct|class|union|enum|auto|static|extern|register|volatile|inline|new|delete|this|"
@@ -124,6 +125,8 @@ class Lowering:
             getattr(self, name)(node)
         elif name in ("take_grad", "index_grad"):
             self.scatter(node)
+        elif name in NN_LOWERINGS:
+            NN_LOWERINGS[name](self, node)
         else:
             self.host(node)
 
