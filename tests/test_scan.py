@@ -288,3 +288,13 @@ def test_threads_share_a_compiled_scan(rng):
     for i, res in enumerate(got):
         for a, b in zip(res, want[i % 8]):
             np.testing.assert_array_equal(a, b)
+
+
+def test_random_draw_in_the_step_is_one_draw_per_call():
+    """Documented: a draw does not depend on the step, so it is hoisted (same value at every step)."""
+    g = gc.random.Generator(seed=1)
+    xs = gc.placeholder("xs", (4, 3), "float32")
+    _, ys = gc.scan(lambda c, x: (c, x + gc.random.normal((3,), generator=g)), gc.constant(0.0), xs)
+    f = gc.function([xs], ys)
+    a, b = f(np.zeros((4, 3), np.float32)), f(np.zeros((4, 3), np.float32))
+    assert np.all(a == a[0]) and np.all(b == b[0]) and not np.allclose(a, b)

@@ -28,7 +28,9 @@ Gradients: reverse mode is back-propagation through time as a second `scan` runn
 way over the stored history (its body is the gradient of the step body), so it can itself be
 differentiated again. Forward mode is a scan in the same direction over the history carrying the
 carry's tangent (its body is gc.jvp of the step body).
-Random draws inside the step are hoisted like any loop-invariant value (one draw for all steps).
+Random draws inside the step do not depend on the step, so they are hoisted like any invariant:
+one draw per call shared by every step (dropout's "same mask at every step"); for a fresh draw per
+step, draw (length, ...) outside and pass it in xs.
 """
 from __future__ import annotations
 
