@@ -18,7 +18,6 @@ import numpy as np
 from graphc import ops as F
 from .. import shapes as _sh
 from ..errors import GraphcError, ShapeError
-from ..ir import Tensor
 from ..ops.core import Parameter, as_tensor, constant, parameter
 
 

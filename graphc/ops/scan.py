@@ -44,7 +44,7 @@ import numpy as np
 from graphc import ops as F
 from .. import dtypes as _dt
 from .. import shapes as _sh
-from ..errors import GradientError, GraphcError, ShapeError
+from ..errors import GraphcError, ShapeError
 from ..ir import LEAF_OPS, Graph, Node, Op, Tensor, make_node, register, toposort
 from .core import as_tensor, placeholder
 
@@ -70,9 +70,7 @@ def _flatten(tree) -> tuple[list, Any]:
 
 
 def _unflatten(tdef, leaves: list):
-    it = iter(leaves)
-    out = _build(tdef, it)
-    return out
+    return _build(tdef, iter(leaves))
 
 
 def _build(tdef, it):
