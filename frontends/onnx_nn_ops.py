@@ -318,3 +318,4 @@ def _sce(cx, ins, a):
     logp = gc.log_softmax(ins[0], 1)
     loss = nll_loss(cx, logp, ins[1], ins[2] if len(ins) > 2 else None, a)
     return [loss, logp][:cx.n_out]
+from . import onnx_attention  # noqa: E402,F401  (Attention)
