@@ -1,11 +1,19 @@
-"""A fused node's body as one loop: every body tensor is evaluated at the current element of the
-iteration shape (right-aligned broadcasting), so the body runs as straight-line scalar IR."""
+"""Fused bodies as loops. A body is split, in schedule order, into runs of per-element ops (regions)
+and other ops (matmul heads, closing reductions). Each region becomes one loop that evaluates every
+region tensor at the current element of the loop shape (right-aligned broadcasting) as straight-line
+scalar IR and stores only the tensors used after the region: so matmul + bias + ReLU is a GEMM and
+one epilogue loop, and an elementwise group closed by a sum is one loop and one reduction."""
 from __future__ import annotations
 
 from . import lower as _lo
+from .irtext import literal
 
 #: body ops that are the identity per element (their broadcasting is done by the loop's index maps)
 PER_ELEMENT_IDENTITY = {"broadcast_to", "stop_gradient"}
+
+
+def per_element(n) -> bool:
+    return getattr(n.op, "elementwise", False) or n.op.name == "cast" or n.op.name in PER_ELEMENT_IDENTITY
 
 
 def _fits(shape, full) -> bool:
@@ -15,43 +23,45 @@ def _fits(shape, full) -> bool:
     return all(d == 1 or d == full[lead + i] for i, d in enumerate(shape))
 
 
-def body_compute(node, out_shapes, shape_of):
-    """compute(em, vals) -> output values for a purely elementwise body, else None."""
-    body = node.attrs["body"]
-    full = out_shapes[0] if out_shapes else ()
-    if any(tuple(s) != tuple(full) for s in out_shapes):
+def region_compute(nodes, inputs, outputs, shape_of):
+    """compute(em, [(value, dtype) per input]) -> values of `outputs`, or None when the region's
+    tensors do not all broadcast into one loop shape."""
+    if not outputs:
         return None
-    for n in body.nodes:
-        name = n.op.name
-        if name == "placeholder":
-            continue
-        if name == "constant":
-            if n.attrs["value"].size != 1:
-                return None
-            continue
-        if not (getattr(n.op, "elementwise", False) or name == "cast" or name in PER_ELEMENT_IDENTITY):
-            return None
-        if not _fits(shape_of(n.outputs[0]), full):
-            return None
+    full = shape_of(outputs[0])
+    if any(shape_of(o) != full for o in outputs) or not all(_fits(shape_of(n.outputs[0]), full) for n in nodes):
+        return None
+    consts = {}
+    for n in nodes:
+        for t in n.inputs:
+            if t.node.op.name == "constant" and t.node.attrs["value"].size == 1:
+                consts[id(t)] = (literal(t.node.attrs["value"].reshape(-1)[0].item(), t.dtype), t.dtype)
 
     def compute(em, vals):
-        env = {id(ph): v for ph, v in zip(body.inputs, vals)}
-        for n in body.nodes:
-            name = n.op.name
-            if name == "placeholder":
-                continue
+        env = dict(consts)
+        env.update({id(t): v for t, v in zip(inputs, vals)})
+        for n in nodes:
             t = n.outputs[0]
-            if name == "constant":
-                from .irtext import literal
-                env[id(t)] = (literal(n.attrs["value"].reshape(-1)[0].item(), t.dtype), t.dtype)
-                continue
             args = [env[id(x)] for x in n.inputs]
-            if name in PER_ELEMENT_IDENTITY:
+            if n.op.name in PER_ELEMENT_IDENTITY:
                 env[id(t)] = args[0]
-                continue
-            if name == "cast":
+            elif n.op.name == "cast":
                 env[id(t)] = (_lo.convert(em, args[0][0], args[0][1], t.dtype), t.dtype)
-                continue
-            env[id(t)] = (_lo.lower(em, name, n.attrs, args, t.dtype), t.dtype)
-        return [_lo.convert(em, *env[id(o)], o.dtype) for o in body.outputs]
+            else:
+                env[id(t)] = (_lo.lower(em, n.op.name, n.attrs, args, t.dtype), t.dtype)
+        return [_lo.convert(em, *env[id(o)], o.dtype) for o in outputs]
     return compute
+
+
+def split_regions(nodes):
+    """[(is_region, [nodes])] in order: maximal runs of per-element nodes, other nodes one by one."""
+    out = []
+    for n in nodes:
+        if per_element(n):
+            if out and out[-1][0]:
+                out[-1][1].append(n)
+            else:
+                out.append((True, [n]))
+        else:
+            out.append((False, [n]))
+    return out

@@ -156,7 +156,7 @@ def sigmoid_f32(em: Emitter, x: str) -> str:
     e = exp_f32(em, nx)
     d = em(f"fadd float {e}, {c(1.0)}")
     r = em(f"fdiv float {c(1.0)}, {d}")
-    rn = em(f"fdiv float {e}, {d}")
+    rn = em(f"fmul float {e}, {r}")          # e/(1+e) with the one division
     pos = em(f"fcmp oge float {x}, 0.0")
     r = _sel(em, pos, r, rn)
     nan = em(f"fcmp uno float {x}, 0.0")

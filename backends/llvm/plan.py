@@ -195,27 +195,53 @@ class Plan:
     _cast = _elementwise
 
     def _fused(self, node, ins):
-        from .fusion import body_compute
-        compute = body_compute(node, [self.shape(o) for o in node.outputs], self.shape)
+        """Regions of per-element ops as single loops; heads (matmul) and reductions as kernels."""
+        from .fusion import split_regions
+        body = node.attrs["body"]
+        for ph, v in zip(body.inputs, ins):
+            self.view[id(ph)] = v
+        nodes = [n for n in body.nodes if n.op.name != "placeholder"]
+        for n in nodes:
+            if n.op.name == "constant":
+                self.node(n)
+        nodes = [n for n in nodes if n.op.name != "constant"]
+        as_root = {id(bo): o for bo, o in zip(body.outputs, node.outputs)}
+        groups = split_regions(nodes)
+        for k, (is_region, members) in enumerate(groups):
+            if not is_region:
+                self.node(members[0])
+                continue
+            later = [n for _, g in groups[k + 1:] for n in g]
+            self._region(members, later, set(as_root), as_root)
+        for o, bo in zip(node.outputs, body.outputs):
+            self.view[id(o)] = self.view[id(bo)]
+
+    def _region(self, members, later, body_outs, as_root):
+        from .fusion import region_compute
+        produced = {id(t) for n in members for t in n.outputs}
+        needed = {id(t) for n in later for t in n.inputs} | body_outs
+        inputs, seen = [], set()
+        for n in members:
+            for t in n.inputs:
+                if id(t) not in produced and id(t) not in seen:
+                    seen.add(id(t))
+                    inputs.append(t)
+        outputs = [n.outputs[0] for n in members if id(n.outputs[0]) in needed]
+        compute = region_compute(members, inputs, outputs, self.shape)
+        ins = [self.view[id(t)] for t in inputs]
         if compute is not None:
             try:
                 self._check(compute, ins)
             except NotLowerable:
                 compute = None
-        if compute is None:   # run the body op by op (matmul epilogues, closing reductions, ...)
-            body = node.attrs["body"]
-            for ph, v in zip(body.inputs, ins):
-                self.view[id(ph)] = v
-            for n in body.nodes:
-                if n.op.name != "placeholder":
-                    self.node(n)
-            for o, bo in zip(node.outputs, body.outputs):
-                self.view[id(o)] = self.view[id(bo)]
+        if compute is None:
+            for n in members:
+                self.node(n)
             return
-        outs = [self.fresh(o) for o in node.outputs]
+        outs = [self.fresh(as_root.get(id(t), t), self.shape(t), t.dtype) for t in outputs]
         self.add(K.elementwise(outs, ins, compute), ins, outs)
-        for o, v in zip(node.outputs, outs):
-            self.view[id(o)] = v
+        for t, v in zip(outputs, outs):
+            self.view[id(t)] = v
 
     def _reduce(self, node, ins):
         t = node.outputs[0]
