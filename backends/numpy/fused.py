@@ -93,19 +93,24 @@ def _body(em, body, inputs, outs, indent):
             var[id(t)] = em.scalar(t) or em.constant(t, "const")
     out_var = {id(t): v for t, v in zip(body.outputs, outs)}
     last, temps = _last_uses(body), set()
-    for i, n in enumerate(body.compute_nodes()):
+    comp = body.compute_nodes()
+    head_into_out = (len(outs) == 1 and not _elementwise(comp[0]) and len(comp) > 1
+                     and comp[0].outputs[0].shape == body.outputs[0].shape
+                     and comp[0].outputs[0].dtype == body.outputs[0].dtype)
+    for i, n in enumerate(comp):
         o = n.outputs[0]
         args = [var[id(t)] for t in n.inputs]
         target = out_var.get(id(o))
-        if target is None:
+        if target is None and i == 0 and head_into_out:  # GEMM straight into the output; epilogue in place
+            target = outs[0]
+            temps.add(target)
+        elif target is None:
             target = _reuse(n, i, args, last, temps, var)
         name = target or em.names.fresh(o.name or n.op.name)
         for ln in _lines(em, n, args, target, name):
             em.add(ln, n, indent)
-        if id(o) in out_var and out_var[id(o)] is not name:
-            pass
         var[id(o)] = name
-        if id(o) not in out_var:
+        if id(o) not in out_var and name not in outs:
             temps.add(name)
 
 
