@@ -64,6 +64,10 @@ def _where(node, args, target, result):
     if target is None:
         return [f"{result} = np.where({', '.join(args)})"]
     c, a, b = args
+    if a == target:  # in place on the first branch: overwrite only where the condition is false
+        return [f"np.copyto({target}, {b}, where=~{c})"]
+    if b == target:
+        return [f"np.copyto({target}, {a}, where={c})"]
     return [f"np.copyto({target}, {b})", f"np.copyto({target}, {a}, where={c})"]
 
 
