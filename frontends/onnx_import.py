@@ -216,7 +216,7 @@ def load_onnx(model, name: str | None = None, constants: dict | None = None) -> 
 
 
 def _convert_node(cx: Ctx, node, env: dict, fn) -> None:
-    cx.node, cx.n_out = node, len(node.output)
+    cx.node, cx.n_out, cx.env = node, len(node.output), env
     try:
         ins = [env[n] for n in node.input]
     except KeyError as e:
@@ -243,6 +243,28 @@ def _convert_node(cx: Ctx, node, env: dict, fn) -> None:
     for name, t in zip(node.output, outs):
         if name:
             env[name] = t
+
+
+def import_subgraph(cx: Ctx, graph, inputs: list) -> list:
+    """Convert a subgraph (a Scan/Loop body) with its inputs bound to `inputs`; names of the
+    enclosing graph stay visible (ONNX's outer-scope rule). Returns its outputs in order."""
+    from .onnx_ops import CONVERTERS
+    outer = (cx.node, cx.n_out, cx.env)
+    missing = sorted({n.op_type for n in graph.node if n.op_type not in CONVERTERS})
+    if missing:
+        raise UnsupportedOnnx(f"{len(missing)} unsupported ONNX op type(s) in a subgraph: {', '.join(missing)}")
+    env = dict(cx.env)
+    for init in graph.initializer:
+        from onnx import numpy_helper
+        a = numpy_helper.to_array(init)
+        env[init.name] = gc.constant(np.asarray(a, dtype=onnx_dtype(init.data_type)))
+    env.update({vi.name: t for vi, t in zip(graph.input, inputs)})
+    try:
+        for node in graph.node:
+            _convert_node(cx, node, env, CONVERTERS[node.op_type])
+    finally:
+        cx.node, cx.n_out, cx.env = outer
+    return [_output(env, vi) for vi in graph.output]
 
 
 def _fold(outs: list) -> list:

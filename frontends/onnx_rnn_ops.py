@@ -166,3 +166,47 @@ def _gru(cx, ins, a):
 @op("LSTM")
 def _lstm(cx, ins, a):
     return _run(cx, ins, a, 4, ["Sigmoid", "Tanh", "Tanh"], _lstm_step)
+
+
+@op("Scan")
+def _scan(cx, ins, a):
+    """ONNX Scan (opset 9+) as one gc.scan: scan axes moved to the front, reversed directions
+    handled by reversing those sequences (and outputs) around a forward scan."""
+    from .onnx_import import import_subgraph
+    if cx.opset < 9:
+        raise cx.unsupported("opset-8 Scan (batched with sequence_lens)")
+    m = a["num_scan_inputs"]
+    n = len(ins) - m
+    body = a["body"]
+    k = len(body.output) - n
+    in_axes, in_dirs = a.get("scan_input_axes") or [0] * m, a.get("scan_input_directions") or [0] * m
+    out_axes, out_dirs = a.get("scan_output_axes") or [0] * k, a.get("scan_output_directions") or [0] * k
+    xs = []
+    for x, ax, rev in zip(ins[n:], in_axes, in_dirs):
+        x = _front(x, ax % x.ndim)
+        xs.append(x[::-1] if rev else x)
+    node = cx.node
+
+    def step(carries, slices):
+        outs = import_subgraph(cx, body, list(carries) + list(slices))
+        cx.node = node
+        return outs[:n], outs[n:]
+    from graphc.ops.scan import scan_flat
+    fin, ys, _ = scan_flat(step, list(ins[:n]), xs)
+    res = []
+    for y, ax, rev in zip(ys, out_axes, out_dirs):
+        y = y[::-1] if rev else y
+        res.append(_to_axis(y, ax % y.ndim))
+    return list(fin) + res
+
+
+def _front(x, ax):
+    return x if ax == 0 else gc.transpose(x, (ax,) + tuple(i for i in range(x.ndim) if i != ax))
+
+
+def _to_axis(y, ax):
+    if ax == 0:
+        return y
+    perm = list(range(1, y.ndim))
+    perm.insert(ax, 0)
+    return gc.transpose(y, tuple(perm))
