@@ -145,3 +145,25 @@ def test_initialisers_statistics_and_seeding():
     np.testing.assert_array_equal(nn.Dense(3, 3).weight.value, a)
     np.testing.assert_array_equal(nn.Dense(3, 3, seed=2).weight.value, nn.Dense(3, 3, seed=2).weight.value)
     assert gc.init.zeros((2,)).sum() == 0 and gc.init.ones((2,)).sum() == 2
+
+
+def test_cnn_training_step_on_every_backend(backend):
+    """Loss and gradients of a CNN (conv, batch norm, max/avg pool, dropout) on each backend
+    equal the NumPy backend's; the dropout generator is reseeded so both draw the same mask."""
+    gen = gc.random.Generator(0)
+    model = nn.Sequential(nn.Conv2D(1, 4, 3, padding=1, seed=0, dtype="float64"), nn.BatchNorm(4, dtype="float64"),
+                          gc.relu, nn.MaxPool2D(2), nn.AvgPool2D(2, 1), nn.Flatten(),
+                          nn.Dropout(0.3, generator=gen), nn.Dense(36, 3, seed=1, dtype="float64"))
+    x = gc.placeholder("x", (None, 1, 8, 8), "float64")
+    y = gc.placeholder("y", (None,), "int64")
+    loss = gc.losses.cross_entropy(model(x, training=True), y)
+    outs = [loss] + gc.grad(loss, model.params)
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((5, 1, 8, 8)), rng.integers(0, 3, 5)
+    results = []
+    for be in ("numpy", backend):
+        f = gc.function([x, y], outs, backend=be)
+        gen.seed(0)
+        results.append(f(a, b))
+    for got, want in zip(results[1], results[0]):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
