@@ -148,3 +148,18 @@ def test_concurrent_calls_from_threads_give_correct_results(rng):
     for t in ts:
         t.join()
     assert not errors
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 2, 1), (2, 1, 1), (1, 0, 2)])
+def test_conv2d_and_max_pool_are_native(rng, stride, padding, dilation):
+    if not (hasattr(gc, "conv2d") and hasattr(gc, "max_pool2d")):
+        pytest.skip("conv2d/max_pool2d not available")
+    x = gc.placeholder("x", (None, 3, 11, 10))
+    w = gc.parameter("w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32))
+    b = gc.parameter("b", rng.standard_normal(4).astype(np.float32))
+    y = gc.max_pool2d(gc.relu(gc.conv2d(x, w, b, stride=stride, padding=padding, dilation=dilation)), 2)
+    f = gc.function([x], y, backend="llvm")
+    ref = gc.function([x], y, backend="numpy")
+    a = rng.standard_normal((2, 3, 11, 10)).astype(np.float32)
+    np.testing.assert_allclose(f(a), ref(a), rtol=1e-5, atol=1e-5)
+    assert not {"conv2d", "max_pool2d"} & set(f.program.info["fallback_ops"])

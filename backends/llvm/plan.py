@@ -277,6 +277,34 @@ class Plan:
         self.add(gemm.matmul(out, a, b), [a, b], [out])
         self.view[id(t)] = out
 
+    def _conv2d(self, node, ins):
+        """im2col into the arena, then out[n] = W (O, C*KH*KW) @ cols[n] as one batched GEMM."""
+        from . import conv
+        t, a = node.outputs[0], node.attrs
+        x, w = (v if v.literal is None else self.materialise(v) for v in ins)
+        if a["groups"] != 1 or x.dtype != w.dtype or x.dtype != t.dtype:
+            raise NotLowerable("conv2d")
+        n, c = x.shape[:2]
+        o, _, kh, kw = w.shape
+        oshape = self.shape(t)
+        cols = self.fresh(None, (n, c, kh, kw) + oshape[2:], x.dtype)
+        self.add(conv.im2col(cols, x, (kh, kw), a["stride"], a["pads"], a["dilation"]), [x], [cols])
+        ckk, hw = c * kh * kw, oshape[2] * oshape[3]
+        wm = w if w.contiguous else self.materialise(w)
+        wm = View(wm.buf, wm.offset, (1, o, ckk), (0, ckk, 1), wm.dtype)
+        cm = View(cols.buf, cols.offset, (n, ckk, hw), (ckk * hw, hw, 1), cols.dtype)
+        out = self.fresh(t)
+        om = View(out.buf, out.offset, (n, o, hw), contig_strides((n, o, hw)), out.dtype)
+        self.add(gemm.matmul(om, wm, cm), [wm, cm], [om])
+        self.view[id(t)] = out
+
+    def _max_pool2d(self, node, ins):
+        from . import conv
+        t, a = node.outputs[0], node.attrs
+        out = self.fresh(t)
+        self.add(conv.max_pool(out, ins[0], a["kernel"], a["stride"], a["pads"]), ins, [out])
+        self.view[id(t)] = out
+
     def _concatenate(self, node, ins):
         t, axis = node.outputs[0], node.attrs["axis"]
         out, start = self.fresh(t), 0
