@@ -1,0 +1,175 @@
+"""backend="cuda-emulated": the emulation header's execution model (barriers, warp shuffles,
+shared memory, deadlock detection) on hand-written kernels, and the models (MLP, LeNet, LSTM)
+forward and training steps against the NumPy backend. The op table runs on it through the
+`backend` fixture (tests/test_ops.py)."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import graphc as gc
+from backends.cuda.cexpr import DimTable
+from backends.cuda.plan import Buffer, Launch, Plan, execute
+from backends.cuda.prelude import PRELUDE
+from conftest import assert_close, backend_or_skip
+
+
+@pytest.fixture(autouse=True)
+def _emulated():
+    backend_or_skip("cuda-emulated")
+
+
+def run_kernel(body: str, arrays: list, out_shape, block: int, grid: int = 1, sync: bool = True, dtype="float32"):
+    """Compile one hand-written kernel `k(const T* in..., T* out, GcDims gd)` and launch it once."""
+    from backends.cuda_emulated.build import HostMemory, build
+    bufs = [Buffer(i, f"b{i}", a.dtype.name, a.shape, "input", i) for i, a in enumerate(arrays)]
+    bufs.append(Buffer(len(arrays), "out", dtype, out_shape))
+    step = Launch("k", "test", [b.id for b in bufs], [bufs[-1].id], lambda d: (grid, 1, 1), (block, 1, 1), sync)
+    plan = Plan(bufs, [step], [(bufs[-1].id, out_shape)], [], DimTable())
+    src = PRELUDE + DimTable().struct_source() + body
+    return execute(plan, HostMemory(build(src, plan)), arrays, [], {})[0][0]
+
+
+def test_block_reduce_uses_real_barriers_and_shuffles(rng):
+    x = rng.standard_normal(1000).astype(np.float32)
+    out = run_kernel("""
+extern "C" __global__ void k(const float* x, float* y, GcDims gd) {
+  float s = 0;
+  for (int i = threadIdx.x; i < 1000; i += blockDim.x) s += x[i];
+  s = gc_block_reduce(s, GcSum(), 0.0f);
+  float m = gc_block_reduce(x[threadIdx.x], GcMax(), -GC_INF);
+  if (threadIdx.x == 0) { y[0] = s; y[1] = m; }
+}""", [x], (2,), block=256)
+    np.testing.assert_allclose(out, [x.sum(), x[:256].max()], rtol=1e-5)
+
+
+def test_shared_memory_is_per_block_and_syncthreads_orders_it():
+    x = np.arange(256, dtype=np.float32)
+    out = run_kernel("""
+extern "C" __global__ void k(const float* x, float* y, GcDims gd) {
+  __shared__ float s[128];
+  const int t = threadIdx.x, base = blockIdx.x * 128;
+  s[t] = x[base + t];
+  __syncthreads();                       // without a real barrier, thread t would read s[127 - t] unset
+  y[base + t] = s[127 - t] + __shfl_down_sync(0xffffffffu, (float)t, 1);
+}""", [x], (256,), block=128, grid=2)
+    t = np.arange(128)
+    down = np.where(t % 32 < 31, t + 1, t)
+    want = np.concatenate([x[:128][::-1], x[128:][::-1]]) + np.tile(down, 2)
+    np.testing.assert_array_equal(out, want)
+
+
+def test_divergent_barriers_are_reported_not_hung():
+    with pytest.raises(gc.GraphcError, match="deadlock"):
+        run_kernel("""
+extern "C" __global__ void k(const float* x, float* y, GcDims gd) {
+  float v = x[threadIdx.x];
+  if (threadIdx.x % 32 < 16) __syncthreads();
+  else v = __shfl_xor_sync(0xffffffffu, v, 1);
+  y[threadIdx.x] = v;
+}""", [np.ones(64, np.float32)], (64,), block=64)
+
+
+def test_kernels_without_barriers_run_without_fibers(rng):
+    x = rng.standard_normal(1000).astype(np.float32)
+    out = run_kernel("""
+extern "C" __global__ void k(const float* x, float* y, GcDims gd) {
+  for (long long i = blockIdx.x * blockDim.x + threadIdx.x; i < 1000; i += gridDim.x * blockDim.x) y[i] = 2 * x[i];
+}""", [x], (1000,), block=128, grid=3, sync=False)
+    np.testing.assert_array_equal(out, 2 * x)
+
+
+def test_reductions_from_several_threads_at_once(rng):
+    """Fibers belong to the OS thread that launched them: concurrent calls do not mix."""
+    x = gc.placeholder("x", (None, 300))
+    f = gc.function([x], gc.softmax(x, axis=1).max(axis=1) + x.sum(axis=1), backend="cuda-emulated")
+    xs = [rng.standard_normal((8, 300)).astype(np.float32) for _ in range(4)]
+    want = [gc.function([x], gc.softmax(x, axis=1).max(axis=1) + x.sum(axis=1))(a) for a in xs]
+    got = [None] * 4
+
+    def work(i):
+        for _ in range(3):
+            got[i] = f(xs[i])
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    for g, w in zip(got, want):
+        assert_close(g, w, backend="cuda-emulated")
+
+
+def test_host_fallback_is_listed_and_correct(rng):
+    a = gc.placeholder("a", (3, 3), "float64")
+    b = gc.placeholder("b", (3,), "float64")
+    f = gc.function([a, b], gc.solve(a, b) * 2, backend="cuda-emulated")
+    assert f.program.info["fallback_ops"] == ["solve"]
+    am = rng.standard_normal((3, 3)) + 3 * np.eye(3)
+    bv = rng.standard_normal(3)
+    assert_close(f(am, bv), np.linalg.solve(am, bv) * 2, backend="cuda-emulated")
+
+
+# ---- models: forward and training steps (gradient graphs + updates) vs the NumPy backend ---------------
+
+def _train_compare(model, x, y, steps=2, loss_fn=None, rtol=2e-4, atol=2e-5):
+    """Same initial parameters, a few Adam steps on each backend: losses and parameters agree."""
+    xp = gc.placeholder("x", (None,) + x.shape[1:], x.dtype.name)
+    yp = gc.placeholder("y", (None,) + y.shape[1:], y.dtype.name)
+    out = model(xp)
+    out = out[0] if isinstance(out, tuple) else out
+    loss = (loss_fn or gc.losses.cross_entropy)(out, yp)
+    opt = gc.optim.Adam(1e-2)
+    upd = opt.updates(loss, model.params)
+    fs = {b: gc.function([xp, yp], [loss, out], updates=upd, backend=b) for b in ("numpy", "cuda-emulated")}
+    params = fs["numpy"].graph.parameters
+    start = [p.get_value() for p in params]
+    res = {}
+    for b, f in fs.items():
+        for p, v in zip(params, start):
+            p.set_value(v)
+        res[b] = ([f(x, y) for _ in range(steps)], [p.get_value() for p in params])
+    (steps_np, p_np), (steps_em, p_em) = res["numpy"], res["cuda-emulated"]
+    for a, e in zip(steps_em, steps_np):
+        for u, v in zip(a, e):
+            np.testing.assert_allclose(u, v, rtol=rtol, atol=atol)
+    for u, v in zip(p_em, p_np):
+        np.testing.assert_allclose(u, v, rtol=rtol, atol=atol)
+    return fs["cuda-emulated"]
+
+
+def test_mlp_forward_and_training_step(rng):
+    model = gc.nn.Sequential(gc.nn.Dense(20, 32, seed=0), gc.relu, gc.nn.Dense(32, 16, seed=1), gc.tanh,
+                             gc.nn.Dense(16, 5, seed=2))
+    x = rng.standard_normal((24, 20)).astype(np.float32)
+    y = rng.integers(0, 5, 24)
+    f = _train_compare(model, x, y)
+    assert f.program.info["fallback_ops"] == []
+    assert {"matmul", "reduce", "fused"} <= set(f.program.info["kernels"].values())
+
+
+def test_lenet_forward_and_training_step(rng):
+    nn = gc.nn
+    model = nn.Sequential(nn.Conv2D(1, 4, 3, padding=1), gc.relu, nn.MaxPool2D(2),
+                          nn.Conv2D(4, 8, 3), gc.relu, nn.MaxPool2D(2), nn.Flatten(), nn.Dense(8 * 2 * 2, 10))
+    x = rng.standard_normal((6, 1, 12, 12)).astype(np.float32)
+    y = rng.integers(0, 10, 6)
+    f = _train_compare(model, x, y)
+    assert f.program.info["fallback_ops"] == []
+    assert {"conv", "pool"} <= set(f.program.info["kernels"].values())
+
+
+def test_lstm_forward_and_training_step(rng):
+    """The LSTM's scan op still runs on the host (listed in fallback_ops); everything around it is kernels."""
+    lstm = gc.nn.LSTM(3, 8)
+    head = gc.nn.Dense(8, 4, seed=0)
+
+    class Model:
+        params = lstm.params + head.params
+
+        def __call__(self, x):
+            seq, _ = lstm(x)
+            return head(seq[:, -1])
+    x = rng.standard_normal((5, 6, 3)).astype(np.float32)
+    y = rng.integers(0, 4, 5)
+    f = _train_compare(Model(), x, y)
+    assert f.program.info["fallback_ops"] == ["scan"]
