@@ -374,3 +374,19 @@ def test_schedule_frees_memory_early():
     a = np.random.default_rng(0).standard_normal(256).astype(np.float32)
     np.testing.assert_allclose(gc.function([x], total)(a), a * 64 * 15, rtol=1e-5)
     assert memory_plan(out, {}).peak_bytes <= memory_plan(out, {}).naive_bytes
+
+
+def test_in_place_fused_kernels_never_read_what_they_overwrote(backend, rng):
+    x = gc.placeholder("x", (None, 8), "float64")
+    W = gc.constant(rng.standard_normal((8, 8)))
+    m = [x @ gc.constant(rng.standard_normal((8, 8))) for _ in range(3)]  # planned buffers, each dying in
+    outs = [gc.where(m[0] > 0.1, m[0], gc.exp(m[0]) * 2.0) @ W,  # a kernel that may write over it
+            gc.leaky_relu(m[1] * 1.5 + 1.0, 0.3) @ W, gc.where(gc.sin(m[2]) > 0, gc.cos(m[2]), m[2]) @ W]
+    a = rng.standard_normal((5, 8))
+    want = gc.function([x], outs, optimize=0)(a)
+    for disable in ([], ["gemm_epilogue"]):  # without epilogues the kernels run in place over m
+        f = gc.function([x], outs, backend=backend, disable=disable)
+        for got, w in zip(f(a), want):
+            assert_close(got, w, "float64", backend)
+    if backend == "numpy":
+        assert len(f.memory_plan(N=5).in_place) >= 3

@@ -226,7 +226,9 @@ def _node(em, node, plan):
     em.add(_comment(node))
     targets = [_target(em, node, plan, o) for o in node.outputs]
     if op.name == "fused":
-        outs = emit_fused(em, node, inputs, targets)
+        src = plan.in_place.get(id(node.outputs[0])) if plan else None
+        shared = next((i for i, t in enumerate(node.inputs) if id(t) == src), None)
+        outs = emit_fused(em, node, inputs, targets, shared)
     else:
         outs = [_single(em, node, inputs, targets[0])] if op.n_outputs == 1 else _multi(em, node, inputs)
     for t, name in zip(node.outputs, outs):

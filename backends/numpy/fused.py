@@ -38,8 +38,9 @@ def _chunk_inputs(node):
     return sliced
 
 
-def emit_fused(em, node, inputs: list[str], targets: list) -> list[str]:
-    """Emit `node` (a fused node) into `em`; returns the variables holding its outputs."""
+def emit_fused(em, node, inputs: list[str], targets: list, shared: int | None = None) -> list[str]:
+    """Emit `node` (a fused node) into `em`; returns the variables holding its outputs. `shared`: the
+    index of an input whose memory the (single) output reuses (the memory plan's in-place case)."""
     body = node.attrs["body"]
     outs = []
     for o, tgt in zip(node.outputs, targets):
@@ -49,7 +50,7 @@ def emit_fused(em, node, inputs: list[str], targets: list) -> list[str]:
         outs.append(tgt)
     sliced = _chunk_inputs(node)
     if sliced is None:
-        _body(em, body, inputs, outs, indent=1)
+        _body(em, body, inputs, outs, 1, {inputs[shared]} if shared is not None else set())
         return outs
     shape = node.outputs[0].shape
     row = _sh.size(shape[1:])
@@ -69,7 +70,7 @@ def emit_fused(em, node, inputs: list[str], targets: list) -> list[str]:
         name = em.names.fresh(f"{v}_")
         em.add(f"{name} = {v}[_lo:_hi]", indent=2)
         chunk_outs.append(name)
-    _body(em, body, ins, chunk_outs, indent=2)
+    _body(em, body, ins, chunk_outs, 2, {ins[shared]} if shared is not None else set())
     return outs
 
 
@@ -84,8 +85,9 @@ def _last_uses(body) -> dict[int, int]:
     return last
 
 
-def _body(em, body, inputs, outs, indent):
-    """Lines for the body ops: in place over temporaries that die, the body outputs into `outs`."""
+def _body(em, body, inputs, outs, indent, same_memory):
+    """Lines for the body ops: in place over temporaries that die, the body outputs into `outs`
+    (`same_memory`: input variables that share memory with the output)."""
     var = {id(p): v for p, v in zip(body.inputs, inputs)}
     for n in body.nodes:
         if n.op.name == "constant":
@@ -107,7 +109,13 @@ def _body(em, body, inputs, outs, indent):
         elif target is None:
             target = _reuse(n, i, args, last, temps, var)
         name = target or em.names.fresh(o.name or n.op.name)
-        for ln in _lines(em, n, args, target, name):
+        if target is not None and any((a == target or a in same_memory) and not _emit.may_alias(n, j)
+                                      for j, a in enumerate(args)):
+            tmp = em.names.fresh(o.name or n.op.name)  # the spelling would overwrite an input it reads later
+            lines = _lines(em, n, args, None, tmp) + [f"np.copyto({target}, {tmp})"]
+        else:
+            lines = _lines(em, n, args, target, name)
+        for ln in lines:
             em.add(ln, n, indent)
         var[id(o)] = name
         if id(o) not in out_var and name not in outs:
