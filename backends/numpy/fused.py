@@ -54,7 +54,7 @@ def emit_fused(em, node, inputs: list[str], targets: list, shared: int | None = 
         return outs
     shape = node.outputs[0].shape
     row = _sh.size(shape[1:])
-    step = str(max(1, CHUNK // row)) if isinstance(row, int) else f"max(1, {CHUNK} // ({dims_code((row,))[1:-2]}))"
+    step = str(max(1, CHUNK // row)) if isinstance(row, int) else f"max(1, {CHUNK} // max(1, {dims_code((row,))[1:-2]}))"
     em.add(f"_step = {step}")
     em.add(f"for _lo in range(0, {dims_code(shape[:1])[1:-2]}, _step):")
     em.add("_hi = _lo + _step", indent=2)
