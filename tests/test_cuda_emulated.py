@@ -173,3 +173,18 @@ def test_lstm_forward_and_training_step(rng):
     y = rng.integers(0, 4, 5)
     f = _train_compare(Model(), x, y)
     assert f.program.info["fallback_ops"] == ["scan"]
+
+
+@pytest.mark.slow
+def test_gpu_check_script_dry_run_on_the_emulation(capsys):
+    """benchmarks/cuda_check.py's checks (W1-W5 vs NumPy) pass when pointed at the emulation."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "cuda_check.py"
+    spec = importlib.util.spec_from_file_location("cuda_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--backend", "cuda-emulated", "--quick", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and out.count("ok  ") == 7
+    assert mod.main(["--backend", "cuda"]) == (0 if "cuda" in gc.available_backends() else 2)
