@@ -163,3 +163,21 @@ def test_conv2d_and_max_pool_are_native(rng, stride, padding, dilation):
     a = rng.standard_normal((2, 3, 11, 10)).astype(np.float32)
     np.testing.assert_allclose(f(a), ref(a), rtol=1e-5, atol=1e-5)
     assert not {"conv2d", "max_pool2d"} & set(f.program.info["fallback_ops"])
+
+
+def test_scan_runs_as_a_native_loop_forward_and_bptt(rng):
+    """An LSTM's forward scan and its back-propagation-through-time scan both compile to native loops."""
+    if not hasattr(gc, "nn") or not hasattr(gc.nn, "LSTM"):
+        pytest.skip("gc.nn.LSTM not available")
+    lstm = gc.nn.LSTM(5, 7)
+    x = gc.placeholder("x", (None, 6, 5))
+    seq, (h, c) = lstm(x)
+    loss = gc.sum(seq * seq) + gc.sum(h)
+    grads = gc.grad(loss, list(lstm.named_params.values()))
+    a = rng.standard_normal((3, 6, 5)).astype(np.float32)
+    f = gc.function([x], [loss] + grads, backend="llvm")
+    ref = gc.function([x], [loss] + grads, backend="numpy")
+    for got, want in zip(f(a), ref(a)):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    assert "scan" not in f.program.info["fallback_ops"]
+    assert f.source.count("define void @graphc_entry_") == 1

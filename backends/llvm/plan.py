@@ -27,7 +27,24 @@ class Buffer:
     nbytes: int
     first: int = 1 << 60
     last: int = -1
-    offset: int = 0    # arena byte offset
+    offset: int = 0    # arena byte offset (slice: byte offset into the parent)
+    stride: int = 0    # slice buffers: bytes between loop iterations (index = parent buffer id)
+
+
+@dataclass
+class LoopStep:
+    """A native loop (gc.scan): `body` steps run `length` times; slice buffers move per iteration."""
+    length: int
+    reverse: bool
+    body: list
+    slices: list      # buffer ids of kind "slice"
+    name: str = "scan"
+
+    def buffers(self) -> set:
+        out = set()
+        for st in self.body:
+            out |= st.buffers() if isinstance(st, LoopStep) else set(st.bufs)
+        return out - set(self.slices)
 
 
 @dataclass
@@ -54,6 +71,7 @@ class Plan:
         for j, t in enumerate(roots):
             self.root_slot.setdefault(id(t), j)
         self.out_bufs = [None] * len(roots)
+        self._loop_pos = None   # inside a loop body: every buffer is live for the whole loop step
         self._build()
 
     # ---- buffers and views -------------------------------------------------------------------------
@@ -83,10 +101,15 @@ class Plan:
         for v in views:
             if v is not None and v.buf is not None:
                 b = self.buffers[v.buf]
-                b.first, b.last = min(b.first, step), max(b.last, step)
+                while True:
+                    b.first, b.last = min(b.first, step), max(b.last, step)
+                    if b.kind != "slice":
+                        break
+                    b = self.buffers[b.index]
 
     def add(self, kernel_or_host, reads, writes) -> None:
-        self.touch(list(reads) + list(writes), len(self.steps))
+        pos = self._loop_pos if self._loop_pos is not None else len(self.steps)
+        self.touch(list(reads) + list(writes), pos)
         self.steps.append(kernel_or_host)
 
     def materialise(self, v: View, dtype=None) -> View:
@@ -305,6 +328,70 @@ class Plan:
         self.add(conv.max_pool(out, ins[0], a["kernel"], a["stride"], a["pads"]), ins, [out])
         self.view[id(t)] = out
 
+    def _slice(self, v: View, axis0_stride_bytes: int) -> tuple[int, View]:
+        """A per-iteration slice v[t] of a (length, ...) view: a buffer that moves by the stride."""
+        item = np.dtype(v.dtype).itemsize
+        self.buffers.append(Buffer("slice", v.buf, 0, offset=v.offset * item, stride=axis0_stride_bytes))
+        b = len(self.buffers) - 1
+        return b, View(b, 0, v.shape[1:], v.strides[1:], v.dtype)
+
+    def _scan(self, node, ins):
+        """gc.scan as a native loop: carries in arena buffers, sequences/ys/history by moving slices."""
+        a = node.attrs
+        nc, ns, body = a["n_carry"], a["n_seq"], a["body"]
+        seqs, invs = ins[nc:nc + ns], ins[nc + ns:]
+        T = seqs[0].shape[0] if seqs else int(_sh.evaluate((a["length"],), self.bind)[0])
+        concrete = [c.shape for c in ins[:nc]] + [q.shape[1:] for q in seqs] + [v.shape for v in invs]
+        for ph, shp in zip(body.inputs, concrete):
+            for d, val in zip(ph.shape, shp):
+                if not isinstance(d, int) and d.is_Symbol:
+                    self.bind.setdefault(d, val)
+        if any(n.op.name == "parameter" for n in body.nodes):
+            raise NotLowerable("scan")
+        carry = [self.fresh(None, c.shape, t.dtype) for c, t in zip(ins[:nc], node.outputs[:nc])]
+        for cb, c in zip(carry, ins[:nc]):
+            self.add(K.copy(cb, c), [c], [cb])
+        n_y = len(body.outputs) - nc
+        stacked = [self.fresh(t) for t in node.outputs[nc:]]
+        saved, saved_pos, saved_fb = self.steps, self._loop_pos, set(self.fallback)
+        self._loop_pos, self.steps = len(saved), []
+        try:
+            slices = []
+            for ph, v in zip(body.inputs, carry + [None] * ns + list(invs)):
+                if v is not None:
+                    self.view[id(ph)] = v
+            for ph, q in zip(body.inputs[nc:nc + ns], seqs):
+                b, self.view[id(ph)] = self._slice(q, q.strides[0] * np.dtype(q.dtype).itemsize)
+                slices.append(b)
+            outs = []
+            for v in stacked:
+                b, sv = self._slice(v, v.strides[0] * np.dtype(v.dtype).itemsize if v.shape[0] else 0)
+                slices.append(b)
+                outs.append(sv)
+            for hs, cb in zip(outs[n_y:], carry):       # history[t]: the carry entering step t
+                self.add(K.copy(hs, cb), [cb], [hs])
+            for n in body.nodes:
+                if n.op.name != "placeholder":
+                    self.node(n)
+            if any(isinstance(st, HostStep) for st in self.steps):
+                raise NotLowerable("scan")
+            for y, ys in zip(body.outputs[nc:], outs[:n_y]):
+                self.add(K.copy(ys, self.view[id(y)]), [self.view[id(y)]], [ys])
+            carry_bufs = {cb.buf for cb in carry}
+            new = [self.view[id(o)] for o in body.outputs[:nc]]
+            new = [self.materialise(v) if v.buf in carry_bufs else v for v in new]   # no read-after-write
+            for cb, v in zip(carry, new):
+                self.add(K.copy(cb, v), [v], [cb])
+            loop = LoopStep(T, bool(a["reverse"]), self.steps, slices)
+        except NotLowerable:
+            self.steps, self._loop_pos, self.fallback = saved, saved_pos, saved_fb
+            raise
+        self.steps, self._loop_pos = saved, saved_pos
+        self.add(loop, [], [])
+        self.touch(carry + stacked, len(self.steps) - 1)
+        for t, v in zip(node.outputs, carry + stacked):
+            self.view[id(t)] = v
+
     def _concatenate(self, node, ins):
         t, axis = node.outputs[0], node.attrs["axis"]
         out, start = self.fresh(t), 0
@@ -343,7 +430,7 @@ class Plan:
         top = 0
         arena = sorted((b for b in self.buffers if b.kind == "arena" and b.last >= 0), key=lambda b: b.first)
         for b in arena:
-            live = [x for x in live if x[2] >= b.first]
+            live = [x for x in live if x[2] >= b.first]   # noqa: (free what died before b's first use)
             size = -(-max(b.nbytes, 1) // ALIGN) * ALIGN
             off = 0
             for lo, hi, _ in sorted(live):

@@ -11,7 +11,7 @@ import numpy as np
 from . import gemm, jit, mathlib
 from .irtext import Emitter
 from .kernels import Kernel
-from .plan import HostStep, Plan
+from .plan import HostStep, LoopStep, Plan
 
 _ENTRY = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
@@ -107,11 +107,60 @@ def _parallel_call(em: Emitter, name: str, kern: Kernel, ptrs: list[str], nthrea
         em.place(done)
 
 
+class _Gen:
+    """Emits segment functions; kernels become internal functions called with buffer pointers."""
+
+    def __init__(self, plan: Plan, slots: Slots, nthreads: int):
+        self.plan, self.slots, self.nthreads = plan, slots, nthreads
+        self.funcs: list[str] = []
+        self.count = 0
+
+    def load(self, em, ptrs, b) -> None:
+        if b not in ptrs:
+            slot, off = self.slots.of(self.plan.buffers[b])
+            base = em(f"load ptr, ptr {em(f'getelementptr ptr, ptr %ptrs, i64 {slot}')}")
+            ptrs[b] = em(f"getelementptr i8, ptr {base}, i64 {off}") if off else base
+
+    def step(self, em, ptrs, step, parallel=True) -> None:
+        if isinstance(step, LoopStep):
+            self.loop(em, ptrs, step)
+            return
+        self.count += 1
+        kname = f"k{self.count}_{step.name}"
+        self.funcs.append(_kernel_fn(kname, step))
+        for b in step.bufs:
+            self.load(em, ptrs, b)
+        args = [ptrs[b] for b in step.bufs]
+        if parallel and step.split and self.nthreads > 1:
+            self.funcs.append(_thunk(kname, step))
+            _parallel_call(em, kname, step, args, self.nthreads)
+        else:
+            em.raw(f"call void @{kname}({', '.join(f'ptr {a}' for a in args)}, i64 0, i64 {step.outer})")
+
+    def loop(self, em, ptrs, loop: LoopStep) -> None:
+        """for t in range(length): slice pointers for t (reversed when asked), then the body steps."""
+        for b in sorted(loop.buffers()):
+            self.load(em, ptrs, b)
+        for b in loop.slices:
+            self.load(em, ptrs, self.plan.buffers[b].index)
+
+        def body(i):
+            t = em(f"sub i64 {loop.length - 1}, {i}") if loop.reverse else i
+            inner = dict(ptrs)
+            for b in loop.slices:
+                buf = self.plan.buffers[b]
+                off = em(f"add i64 {em(f'mul i64 {t}, {buf.stride}')}, {buf.offset}")
+                inner[b] = em(f"getelementptr i8, ptr {ptrs[buf.index]}, i64 {off}")
+            for st in loop.body:
+                self.step(em, inner, st, parallel=False)
+        em.loop(loop.length, body)
+
+
 def generate(plan: Plan, slots: Slots, nthreads: int, per_step: bool = False) -> tuple[str, list]:
     """(module IR, segments): a segment is ('native', entry name) or ('host', HostStep).
     per_step=True gives every kernel its own entry (for profiling)."""
-    funcs, segments, cur = [], [], None
-    for i, step in enumerate(plan.steps):
+    gen, segments, cur = _Gen(plan, slots, nthreads), [], None
+    for step in plan.steps:
         if isinstance(step, HostStep):
             cur = None
             segments.append(("host", step))
@@ -119,31 +168,18 @@ def generate(plan: Plan, slots: Slots, nthreads: int, per_step: bool = False) ->
         if cur is None or per_step:
             cur = (f"graphc_entry_{len(segments)}", Emitter(), {})
             segments.append(("native", cur))
-        name, em, ptrs = cur
-        kname = f"k{i}_{step.name}"
-        funcs.append(_kernel_fn(kname, step))
-        for b in step.bufs:
-            if b not in ptrs:
-                slot, off = slots.of(plan.buffers[b])
-                base = em(f"load ptr, ptr {em(f'getelementptr ptr, ptr %ptrs, i64 {slot}')}")
-                ptrs[b] = em(f"getelementptr i8, ptr {base}, i64 {off}") if off else base
-        args = [ptrs[b] for b in step.bufs]
-        if step.split and nthreads > 1:
-            funcs.append(_thunk(kname, step))
-            _parallel_call(em, kname, step, args, nthreads)
-        else:
-            em.raw(f"call void @{kname}({', '.join(f'ptr {a}' for a in args)}, i64 0, i64 {step.outer})")
+        gen.step(cur[1], cur[2], step)
     out = []
     for kind, val in segments:
         if kind == "native":
             name, em, _ = val
-            funcs.append(em.function(f"define void @{name}(ptr %ptrs) nounwind"))
+            gen.funcs.append(em.function(f"define void @{name}(ptr %ptrs) nounwind"))
             out.append(("native", name))
         else:
             out.append(("host", val))
     head = (mathlib.DECLARATIONS + gemm.declarations() +
             "declare i32 @pthread_create(ptr, ptr, ptr, ptr)\ndeclare i32 @pthread_join(i64, ptr)\n")
-    return head + "\n".join(funcs), out
+    return head + "\n".join(gen.funcs), out
 
 
 class Specialised:
