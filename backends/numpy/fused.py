@@ -96,7 +96,7 @@ def _body(em, body, inputs, outs, indent, same_memory):
     out_var = {id(t): v for t, v in zip(body.outputs, outs)}
     last, temps = _last_uses(body), set()
     comp = body.compute_nodes()
-    head_into_out = (len(outs) == 1 and not _elementwise(comp[0]) and len(comp) > 1
+    head_into_out = (len(outs) == 1 and comp[0].op.name == "matmul" and len(comp) > 1  # np.matmul has out=
                      and comp[0].outputs[0].shape == body.outputs[0].shape
                      and comp[0].outputs[0].dtype == body.outputs[0].dtype)
     for i, n in enumerate(comp):
