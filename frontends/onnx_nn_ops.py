@@ -70,6 +70,8 @@ def _conv(cx, ins, a):
     b = ins[2] if len(ins) > 2 else None
     kernel = list(a.get("kernel_shape") or w.shape[2:])
     lo, hi, outs, strides, dil = _window_geometry(cx, x, kernel, a)
+    if x.ndim == 4 and "conv2d" in gc.OPS and x.dtype.startswith("float") and w.dtype == x.dtype:
+        return gc.conv2d(x, w, b, tuple(strides), ((lo[0], hi[0]), (lo[1], hi[1])), tuple(dil), a.get("group", 1))
     ext = [d * (k - 1) + 1 for k, d in zip(kernel, dil)]
     xp = _pad_spatial(cx, x, lo, hi, 0.0, outs, strides, ext)
     n, c = x.shape[:2]
@@ -93,6 +95,9 @@ def _pool(kind):
         kernel = list(a["kernel_shape"])
         lo, hi, outs, strides, dil = _window_geometry(cx, x, kernel, a, bool(a.get("ceil_mode", 0)))
         ext = [d * (k - 1) + 1 for k, d in zip(kernel, dil)]
+        if kind == "max" and _native_max_pool(x, kernel, lo, hi, dil, a):
+            return gc.ir.apply(gc.OPS["max_pool2d"], x, kernel=tuple(kernel), stride=tuple(strides),
+                               pads=((lo[0], hi[0]), (lo[1], hi[1])))
         if kind == "max":
             fill = -np.inf if x.dtype.startswith("float") else np.iinfo(x.dtype).min
             xp = _pad_spatial(cx, x, lo, hi, fill, outs, strides, ext)
@@ -104,6 +109,12 @@ def _pool(kind):
         total = _separable(xp, kernel, outs, strides, dil, gc.add)
         return total / gc.constant(_avg_count(x, kernel, lo, hi, outs, strides, dil, ext, a))
     return conv
+
+
+def _native_max_pool(x, kernel, lo, hi, dil, a) -> bool:
+    """graphc's max_pool2d op covers 2-D float pooling without dilation or ceil mode, pads <= k/2."""
+    return ("max_pool2d" in gc.OPS and x.ndim == 4 and x.dtype.startswith("float") and dil == [1, 1]
+            and not a.get("ceil_mode", 0) and all(max(p, q) <= k // 2 for p, q, k in zip(lo, hi, kernel)))
 
 
 def _separable(x, kernel, outs, strides, dil, combine):

@@ -233,3 +233,37 @@ def _scan(ex, node, ins):
     rev = int(bool(a["reverse"]))
     return ex.emit("Scan", ins[:nc + ns], n_out=nc + n_scan_out, body=g, num_scan_inputs=ns,
                    scan_input_directions=[rev] * ns, scan_output_directions=[rev] * n_scan_out)
+
+
+# ---- neural-net ops (graphc/ops/nn_ops.py) -------------------------------------------------------
+
+def _pads(pads) -> list[int]:
+    """graphc ((top, bottom), (left, right)) -> ONNX [top, left, bottom, right]."""
+    return [p[0] for p in pads] + [p[1] for p in pads]
+
+
+@exporter("conv2d")
+def _conv2d(ex, node, ins):
+    a = node.attrs
+    return [ex.one("Conv", ins[0], ins[1], kernel_shape=list(node.inputs[1].shape[2:]), strides=list(a["stride"]),
+                   pads=_pads(a["pads"]), dilations=list(a["dilation"]), group=int(a["groups"]))]
+
+
+@exporter("max_pool2d")
+def _max_pool2d(ex, node, ins):
+    a = node.attrs
+    return [ex.one("MaxPool", ins[0], kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
+                   pads=_pads(a["pads"]))]
+
+
+@exporter("conv2d_grad_input")
+def _conv2d_grad_input(ex, node, ins):
+    """The input gradient of a convolution is a transposed convolution of the output gradient."""
+    a = node.attrs
+    gy, w = node.inputs
+    h, wd = a["x_hw"]
+    if not all(isinstance(d, int) for d in (h, wd)):
+        raise OnnxExportError("conv2d_grad_input with symbolic spatial dims")
+    return [ex.one("ConvTranspose", ins[0], ins[1], kernel_shape=list(w.shape[2:]), strides=list(a["stride"]),
+                   pads=_pads(a["pads"]), dilations=list(a["dilation"]), group=int(a["groups"]),
+                   output_shape=[h, wd])]

@@ -106,3 +106,48 @@ def test_round_trip_through_import(rng, tmp_path):
     g = gc.load_onnx(tmp_path / "m.onnx")
     xv = rng.standard_normal((6, 8)).astype(np.float32)
     np.testing.assert_allclose(gc.function(g)(xv)[0], f(xv), rtol=1e-6, atol=1e-7)
+
+
+def _set_bn_stats(model, rng):
+    for k, p in model._walk("named_buffers").items():
+        p.set_value(rng.uniform(0.5, 1.5, p.shape) if k.endswith("running_var") else rng.uniform(-0.3, 0.3, p.shape))
+
+
+def test_lenet_built_with_gc_nn(rng, tmp_path):
+    nn = gc.nn
+    net = nn.Sequential(nn.Conv2D(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2D(2),
+                        nn.Conv2D(6, 16, 5), nn.ReLU(), nn.MaxPool2D(2), nn.Flatten(),
+                        nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+    x = gc.placeholder("x", (None, 1, 28, 28))
+    f = gc.function([x], gc.softmax(net(x, training=False)))
+    model = gc.export_onnx(f, tmp_path / "lenet.onnx")
+    assert {"Conv", "MaxPool"} <= {n.op_type for n in model.graph.node}
+    _ort_matches(model, f, [{"x": rng.standard_normal((n, 1, 28, 28)).astype(np.float32)} for n in (1, 3)])
+    back = gc.function(gc.load_onnx(model))  # and graphc reads its own export back
+    xv = rng.standard_normal((2, 1, 28, 28)).astype(np.float32)
+    np.testing.assert_allclose(back(xv)[0], f(xv), rtol=1e-5, atol=1e-6)
+
+
+def test_batch_norm_dropout_network_in_inference_mode(rng, tmp_path):
+    nn = gc.nn
+    net = nn.Sequential(nn.Conv2D(3, 8, 3, padding=1), nn.BatchNorm2D(8), nn.ReLU(), nn.Dropout(0.5),
+                        nn.AvgPool2D(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.BatchNorm1D(16), nn.Tanh(),
+                        nn.Dropout(0.2), nn.Linear(16, 5))
+    _set_bn_stats(net, rng)
+    net.eval()
+    x = gc.placeholder("x", (None, 3, 8, 8))
+    f = gc.function([x], net(x))
+    model = gc.export_onnx(f, tmp_path / "bn.onnx")
+    assert not any(n.op_type.startswith("Random") for n in model.graph.node)  # dropout is the identity
+    _ort_matches(model, f, [{"x": rng.standard_normal((n, 3, 8, 8)).astype(np.float32)} for n in (2, 6)],
+                 rtol=1e-4, atol=1e-5)
+
+
+def test_convolution_gradient_exports_as_conv_transpose(rng):
+    x = gc.placeholder("x", (2, 3, 7, 7))
+    w = gc.parameter("w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32))
+    loss = gc.sum(gc.conv2d(x, w, stride=2, padding=1) ** 2)
+    gx = gc.grad(loss, x)
+    f = gc.function([x], gx)
+    _ort_matches(gc.export_onnx([x], [gx]), lambda v: [f(v)], [{"x": rng.standard_normal((2, 3, 7, 7)).astype(np.float32)}],
+                 rtol=1e-4, atol=1e-4)
