@@ -127,12 +127,12 @@ def softmax_kernel(name, comment, log, shape_c, axis, x, out, threads) -> str:
     return "\n".join(lines) + "\n"
 
 
-def gemm_kernel(name, comment, ins, out, acc_dt, M, N, K, nbatch, batch_lines, a_lines, b_lines, store) -> str:
+def gemm_kernel(name, comment, ins, outs, acc_dt, M, N, K, nbatch, batch_lines, a_lines, b_lines, store) -> str:
     """Tiled GEMM skeleton (16x16 tiles through shared memory, blockIdx.z strides over a batch).
     Loaders fill `v` for A[r, q] / B[q, cc] (zero outside), so convolutions use it as implicit GEMM;
     `store` writes `acc` for (row, col)."""
     t = C_TYPES[acc_dt]
-    lines = [f"// {comment}", signature(name, ins, [out], TILE * TILE) + " {",
+    lines = [f"// {comment}", signature(name, ins, outs, TILE * TILE) + " {",
              f"  __shared__ {t} As[{TILE}][{TILE + 1}];  // +1 column: no shared-memory bank conflicts",
              f"  __shared__ {t} Bs[{TILE}][{TILE + 1}];",
              f"  const long long M = {M}, N = {N}, K = {K}, nbatch = {nbatch};",
@@ -162,18 +162,20 @@ def gemm_kernel(name, comment, ins, out, acc_dt, M, N, K, nbatch, batch_lines, a
     return "\n".join(lines) + "\n"
 
 
-def matmul_kernel(name, comment, a, b, out, n, k, m, batch_c, a_bstrides, b_bstrides) -> str:
-    """Batched C = A @ B (batch dims broadcast through the per-operand batch strides)."""
-    t = C_TYPES[out[1]]
+def matmul_kernel(name, comment, a, b, outs, n, k, m, batch_c, a_bstrides, b_bstrides, extra=(), epilogue=None) -> str:
+    """Batched C = A @ B (batch dims broadcast through the per-operand batch strides).
+    `epilogue(batch_coords, indent)` replaces the plain store: a fused elementwise tail applied to
+    `acc` before writing (bias, activation), reading `extra` inputs."""
+    t = C_TYPES[outs[0][1]]
     bcoords = [f"b{q}" for q in range(len(batch_c))]
     aoff = View(0, a_bstrides).index(bcoords)
     boff = View(0, b_bstrides).index(bcoords)
     batch = coords_code("bz", batch_c, bcoords, "    ") + [
         f"    const {C_TYPES[a[1]]}* A = {a[0]} + {aoff} * M * K;",
         f"    const {C_TYPES[b[1]]}* B = {b[0]} + {boff} * K * N;"]
-    return gemm_kernel(name, comment, [a, b], out, out[1], n, m, k, cprod(batch_c), batch,
-                       [f"          v = ({t})A[r * K + q];"], [f"          v = ({t})B[q * N + cc];"],
-                       [f"      {out[0]}[bz * M * N + row * N + col] = acc;"])
+    store = epilogue(bcoords, "      ") if epilogue else [f"      {outs[0][0]}[bz * M * N + row * N + col] = acc;"]
+    return gemm_kernel(name, comment, [a, b, *extra], outs, outs[0][1], n, m, k, cprod(batch_c), batch,
+                       [f"          v = ({t})A[r * K + q];"], [f"          v = ({t})B[q * N + cc];"], store)
 
 
 def scatter_kernel(name, comment, loop_c, ins, dst, target, accumulate) -> str:

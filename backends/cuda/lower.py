@@ -170,12 +170,12 @@ class Lowering:
             args.append(self.buf(t))
         return ext, args
 
-    def _element(self, nodes, ext, out_tensors, loop_c, alias=None):
+    def _element(self, nodes, ext, out_tensors, loop_c, alias=None, preset=None):
         """element(coords, linear, indent): load the externals, compute the nodes, return outputs."""
         alias = alias or ()
 
         def element(coords, lin, indent):
-            lines, vals = [], {}
+            lines, vals = [], dict(preset or {})
             for k, (pname, dt, tid, view) in enumerate(ext):
                 idx = lin if lin and view.is_linear(loop_c) else view.index(coords)
                 lines.append(f"{indent}const {C_TYPES[dt]} a{k} = {pname}[{idx}];")
@@ -238,6 +238,8 @@ class Lowering:
         if comp and all(is_pointwise(n) for n in comp) and all(o.shape == outs[0].shape for o in outs) \
                 and all(o.node.op.name not in ("placeholder", "constant") for o in outs):
             self._fused_pointwise(node, body, comp, alias)
+            return
+        if comp and comp[0].op.name == "matmul" and self._fused_matmul(node, body, comp, alias):
             return
         last = comp[-1] if comp else None
         if last is not None and last.op.name in ("sum", "prod", "max", "min") and len(outs) == 1 \
@@ -318,25 +320,60 @@ class Lowering:
                         [self.buf(x), self.buf(y)], [self.buf(y)],
                         lambda dims: (min(65535, _size(kept, dims)), 1, 1), (threads, 1, 1), True)
 
-    def matmul(self, node) -> None:
-        a, b = node.inputs
-        y = node.outputs[0]
+    def matmul(self, node, a=None, b=None, tail=None) -> None:
+        """A GEMM; `tail` = (body nodes, externals, matmul tensor, body outputs, node outputs) fuses an
+        elementwise epilogue (bias, activation) into the store."""
+        a, b = (a, b) if a is not None else node.inputs
+        y = node.outputs[0] if tail is None else tail[2]
         batch = y.shape[:-2]
         batch_c = self.dt.shape(batch)
         sa = broadcast_view(self.dt.shape(a.shape[:-2]), batch_c).strides
         sb = broadcast_view(self.dt.shape(b.shape[:-2]), batch_c).strides
         n, k, m = self.dt.dim(a.shape[-2]), self.dt.dim(a.shape[-1]), self.dt.dim(b.shape[-1])
         aa, ba = self.arg(a), self.arg(b)
-        out = self.out_arg(y, "matmul")
+        outs_t = node.outputs if tail is not None else [y]
+        outs = [self.out_arg(t, node.op.name) for t in outs_t]
         t = K.TILE
+        extra, extra_bufs, epilogue = [], [], None
+        if tail is not None:
+            nodes, ext, mm_out, body_outs = tail[0], tail[1], tail[2], tail[3]
+            extra = [(p, d) for p, d, _, _ in ext]
+            extra_bufs = tail[4]
+            element = self._element(nodes, ext, body_outs, self.dt.shape(y.shape), tail[5],
+                                    preset={id(mm_out): ("acc", mm_out.dtype)})
+
+            def epilogue(bcoords, ind):
+                lines, vals = element(bcoords + ["row", "col"], "i", ind)
+                return [f"{ind}const long long i = bz * M * N + row * N + col;", *lines,
+                        *[f"{ind}{o[0]}[i] = {v};" for o, v in zip(outs, vals)]]
 
         def grid(dims):
             nn, mm = eval_dim(y.shape[-2], dims), eval_dim(y.shape[-1], dims)
             return ((mm + t - 1) // t, (nn + t - 1) // t, min(65535, _size(batch, dims)))
         comment = f"matmul {a.type_str} @ {b.type_str} -> {y.type_str} (16x16 shared-memory tiles)"
+        if tail is not None:
+            comment += f", epilogue {node.op.display_name(node)}"
         self.add_kernel(node, "matmul",
-                        lambda kn: K.matmul_kernel(kn, comment, aa, ba, out, n, k, m, batch_c, sa, sb),
-                        [self.buf(a), self.buf(b), self.buf(y)], [self.buf(y)], grid, (t, t, 1), True)
+                        lambda kn: K.matmul_kernel(kn, comment, aa, ba, outs, n, k, m, batch_c, sa, sb, extra, epilogue),
+                        [self.buf(a), self.buf(b), *extra_bufs, *[self.buf(o) for o in outs_t]],
+                        [self.buf(o) for o in outs_t], grid, (t, t, 1), True)
+
+    def _fused_matmul(self, node, body, comp, alias) -> bool:
+        """fused[matmul, elementwise...]: one GEMM whose store applies the elementwise tail."""
+        mm, rest = comp[0], comp[1:]
+        y = mm.outputs[0]
+        if not all(is_pointwise(n) for n in rest) or not all(o.shape == y.shape for o in body.outputs):
+            return False
+        outer = {id(p): t for p, t in zip(body.inputs, node.inputs)}
+
+        def resolve(t):
+            return outer.get(id(t), t)
+        inside = {id(o) for n in comp for o in n.outputs}
+        used = [t for n in rest for t in n.inputs if id(t) not in inside]
+        ext_t = [resolve(t) for t in used if not (t.node.op.name == "constant" and _scalar_const(t) is not None)]
+        ext, args = self._externals(ext_t, self.dt.shape(y.shape))
+        self.matmul(node, resolve(mm.inputs[0]), resolve(mm.inputs[1]), (rest, ext, y, body.outputs, args, alias))
+        return True
 
     # ---- index mapping ----------------------------------------------------------------------------
     def view_of(self, node) -> View:

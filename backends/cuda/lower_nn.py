@@ -46,7 +46,7 @@ def conv2d(L, node) -> None:
              f"      {out[0]}[(n_ * {z['O']} + g * {z['Og']} + col) * ({z['OH']} * {z['OW']}) + p] = acc;"]
     comment = f"conv2d {x.type_str} * {w.type_str} -> {y.type_str}: implicit GEMM per group"
     L.add_kernel(node, "conv", lambda k: K.gemm_kernel(
-        k, comment, [xa, wa], out, y.dtype, m, z["Og"], kk, z["G"], ["    const long long g = bz;"],
+        k, comment, [xa, wa], [out], y.dtype, m, z["Og"], kk, z["G"], ["    const long long g = bz;"],
         _im2col_lines(z, xa[0], "r", "q", ind), [f"{ind}v = {wa[0]}[(g * {z['Og']} + cc) * {kk} + q];"], store),
         [L.buf(x), L.buf(w), L.buf(y)], [L.buf(y)], _gemm_grid(L, m, z["Og"], z["G"]), (K.TILE, K.TILE, 1), True)
 
@@ -65,7 +65,7 @@ def conv2d_grad_weight(L, node) -> None:
                f"{ind}v = {ga[0]}[(n_ * {z['O']} + g * {z['Og']} + r) * ({z['OH']} * {z['OW']}) + pp];"]
     comment = f"conv2d weight gradient {x.type_str}, {gy.type_str} -> {gw.type_str}: implicit GEMM per group"
     L.add_kernel(node, "conv", lambda k: K.gemm_kernel(
-        k, comment, [xa, ga], out, gw.dtype, z["Og"], kk, p, z["G"], ["    const long long g = bz;"],
+        k, comment, [xa, ga], [out], gw.dtype, z["Og"], kk, p, z["G"], ["    const long long g = bz;"],
         a_lines, _im2col_lines(z, xa[0], "q", "cc", ind),
         [f"      {out[0]}[(g * {z['Og']} + row) * {kk} + col] = acc;"]),
         [L.buf(x), L.buf(gy), L.buf(gw)], [L.buf(gw)], _gemm_grid(L, z["Og"], kk, z["G"]), (K.TILE, K.TILE, 1), True)
