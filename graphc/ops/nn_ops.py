@@ -381,7 +381,7 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, count_include_pad: bool =
     if not _sh.is_static(x.shape[2:]):
         raise ShapeError("avg_pool2d(count_include_pad=False) needs static spatial dims")
     ones = np.ones((1, 1) + tuple(x.shape[2:]), x.dtype)
-    count = conv2d_ref(_pad(ones, ((0, 0), (0, 0))), np.ones((1, 1) + kernel, x.dtype), stride, pads, (1, 1), 1)
+    count = conv2d_ref(ones, np.ones((1, 1) + kernel, x.dtype), stride, pads, (1, 1), 1)  # cells per window
     return s / constant(count[0, 0])
 
 
