@@ -87,6 +87,46 @@ def _conv(cx, ins, a):
     return y
 
 
+@op("ConvTranspose")
+def _conv_transpose(cx, ins, a):
+    """The adjoint of a convolution: graphc's conv2d_grad_input (1-D as a height-1 image)."""
+    x, w = ins[0], ins[1]
+    b = ins[2] if len(ins) > 2 else None
+    one_d = x.ndim == 3
+    if one_d:
+        x, w = gc.expand_dims(x, 2), gc.expand_dims(w, 2)
+    if x.ndim != 4 or "conv2d_grad_input" not in gc.OPS:
+        raise cx.unsupported(f"{x.ndim - 2}-D transposed convolution")
+    expand = (lambda v, fill: [fill] + list(v)) if one_d else (lambda v, fill: list(v))
+    kernel = list(w.shape[2:])
+    strides = expand(a.get("strides") or [1] * (2 - one_d), 1)
+    dil = expand(a.get("dilations") or [1] * (2 - one_d), 1)
+    opad = expand(a.get("output_padding") or [0] * (2 - one_d), 0)
+    spatial = _static_shape(cx, x)[2:]
+    full = [s * (n - 1) + o + (k - 1) * d + 1 for s, n, o, k, d in zip(strides, spatial, opad, kernel, dil)]
+    auto = a.get("auto_pad", "NOTSET")
+    if "output_shape" in a or auto in ("SAME_UPPER", "SAME_LOWER"):
+        want = expand(a["output_shape"][-(2 - one_d):], 1) if "output_shape" in a else \
+            [n * s for n, s in zip(spatial, strides)]
+        total = [f - o for f, o in zip(full, want)]
+        lo = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in total]
+        pads = [(p, t - p) for p, t in zip(lo, total)]
+    else:
+        raw = a.get("pads") or [0] * (2 * (2 - one_d))
+        k2 = len(raw) // 2
+        pads = [(0, 0)] * one_d + [(raw[i], raw[i + k2]) for i in range(k2)]
+    out_hw = tuple(f - p - q for f, (p, q) in zip(full, pads))
+    if any(q < 0 for _, q in pads):  # an output_shape beyond the full result: trailing zeros
+        pads = [(p, max(q, 0)) for p, q in pads]
+    y = gc.ir.apply(gc.OPS["conv2d_grad_input"], x, w, x_hw=out_hw, stride=tuple(strides), pads=tuple(pads),
+                    dilation=tuple(dil), groups=a.get("group", 1))
+    if one_d:
+        y = gc.squeeze(y, 2)
+    if b is not None:
+        y = y + gc.reshape(b, (b.shape[0],) + (1,) * (y.ndim - 2))
+    return y
+
+
 def _pool(kind):
     def conv(cx, ins, a):
         x = ins[0]
