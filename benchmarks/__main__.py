@@ -42,6 +42,9 @@ def _args(argv):
     p.add_argument("--json", default="benchmark_results.json", help="where to write the JSON results")
     p.add_argument("--png", default="", help="also write a matplotlib chart of the ratios here")
     p.add_argument("--keep-env", action="store_true", help="keep OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE")
+    p.add_argument("--threads", type=int, default=0,
+                   help="limit every system to N threads (BLAS via threadpoolctl, torch, ONNX Runtime, graphc); "
+                        "0 = each system's default")
     p.add_argument("--compile-probe", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -88,6 +91,8 @@ def main(argv=None) -> int:
     if args.compile_probe:
         _compile_probe(args)
         return 0
+    if args.threads:
+        _limit_threads(args.threads)
     cache = tempfile.mkdtemp(prefix="graphc-bench-cache-")
     os.environ["GRAPHC_CACHE_DIR"] = cache   # cold compiles: an empty cache
     wls, names = _selected(args)
@@ -104,6 +109,16 @@ def main(argv=None) -> int:
     bw = harness.copy_bandwidth()
     _report(args, env, results, names, probe, bw)
     return 0
+
+
+def _limit_threads(n: int) -> None:
+    os.environ["GRAPHC_NUM_THREADS"] = str(n)
+    os.environ["GRAPHC_BENCH_THREADS"] = str(n)
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(n)
+    except ImportError:
+        print("note: threadpoolctl not installed; BLAS threads not limited", file=sys.stderr)
 
 
 def _short(r) -> str:
@@ -126,6 +141,7 @@ def _report(args, env, results, names, probe, bw) -> None:
         print(f"unset for this run: {env['unset_for_this_run']}")
     for p in env["threadpools"] if isinstance(env["threadpools"], list) else []:
         print(f"threads: {p['internal_api']} {p.get('version')} {p.get('architecture')}: {p['num_threads']} threads")
+    print(f"thread limit: {env['thread_limit']}")
     print(f"llvm: {env['llvm']}")
     print(f"copy bandwidth (1 thread, 16 MiB): {bw / 1e9:.1f} GB/s; W2 bound (read x + write y): "
           f"{harness.fmt_time(2 * 4 * 4_194_304 / bw)}\n")

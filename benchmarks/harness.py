@@ -83,7 +83,8 @@ def environment() -> dict:
             "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
-            "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE")}
+            "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE"),
+            "thread_limit": os.environ.get("GRAPHC_BENCH_THREADS") or "system defaults"}
     try:
         from threadpoolctl import threadpool_info
         info["threadpools"] = [{k: p.get(k) for k in ("user_api", "internal_api", "num_threads", "version",

@@ -35,8 +35,15 @@ def torch_builder(compiled: bool):
     return build
 
 
+def _threads() -> int:
+    import os
+    return int(os.environ.get("GRAPHC_BENCH_THREADS", "0"))
+
+
 def _torch_fn(torch, wl):
     import torch.nn.functional as F
+    if _threads():
+        torch.set_num_threads(_threads())
     k = wid(wl)
     T = {n: torch.from_numpy(v) for n, v in wl.data.items() if isinstance(v, np.ndarray)}
     if k == "W1":
@@ -96,7 +103,10 @@ def ort_build(wl):
     model = helper.make_model(helper.make_graph(nodes, wl.id.replace(" ", "_"), ins, outs, inits),
                               opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8   # ONNX Runtime 1.31+ rejects IR version 14 (onnx 1.23's default)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    if _threads():
+        opts.intra_op_num_threads = _threads()
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     return lambda: sess.run(None, feeds)[0]
 
 

@@ -15,8 +15,9 @@ from . import lower as _lo
 from .irtext import STYPE, VTYPE, Emitter, literal
 from .views import View, broadcast_strides, collapse, contig_strides
 
-#: elementwise kernels at least this large (elements) run their outer loop on two threads
-PARALLEL_MIN = 1 << 17
+#: elementwise kernels at least this large (elements) split their outer loop across threads; below it
+#: thread start-up and contention with OpenBLAS's spinning workers (W5's weight updates) cost more
+PARALLEL_MIN = 1 << 20
 
 
 class Kernel:
