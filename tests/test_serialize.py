@@ -207,3 +207,20 @@ def test_training_state_round_trip_adam_batchnorm_dropout(tmp_path, rng):
         assert f(xv).tobytes() == f2(xv)[0].tobytes()
     assert {p.name: p.value.tobytes() for p in g.parameters} == \
         {p.name: p.value.tobytes() for p in f.user_graph.parameters}
+
+
+def test_scan_bodies_and_optimised_gradient_graph(tmp_path, rng):
+    x = gc.placeholder("x", (None, 6, 3))
+    y, (h, c) = gc.nn.LSTM(3, 4, bidirectional=True)(x)
+    loss = gc.mean(y ** 2)
+    f = gc.function([x], [y, loss])
+    gc.save(f, tmp_path / "lstm.graphc")
+    xv = rng.standard_normal((2, 6, 3)).astype(np.float32)
+    g = gc.load(tmp_path / "lstm.graphc")
+    assert any(n.startswith("scan[") for n in g.op_names())
+    assert all(u.tobytes() == v.tobytes() for u, v in zip(f(xv), gc.function(g)(xv)))
+    gw = gc.function([x], gc.grad(loss, f.user_graph.parameters[0]))  # backward scan, fused, optimised
+    gc.save(gw.graph, tmp_path / "grad.graphc")
+    g2 = gc.load(tmp_path / "grad.graphc")
+    assert g2.op_names() == gw.graph.op_names()
+    np.testing.assert_array_equal(gc.function(g2, optimize=0)(xv)[0], gw(xv))
