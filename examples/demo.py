@@ -23,9 +23,9 @@ def main(cnn: bool = False, epochs: int | None = None, backend: str = "numpy", d
     xtr, ytr, xte, yte = load_digits_split(images=cnn)
     model = ex.build(0)
     print(model)
-    epochs = epochs or (10 if cnn else 30)
-    hist = gc.fit(model, gc.losses.cross_entropy, gc.optim.Adam(3e-3), xtr, ytr, epochs=epochs, batch_size=32,
-                  validation_data=(xte, yte), backend=backend, blas_threads=1)
+    epochs = epochs or (10 if cnn else 40)
+    hist = gc.fit(model, gc.losses.cross_entropy, ex.make_optimizer(epochs, len(xtr)), xtr, ytr, epochs=epochs,
+                  batch_size=32, validation_data=(xte, yte), backend=backend, blas_threads=1)
     acc = hist["val_accuracy"][-1]
     print(f"\ntest accuracy: {acc:.4f}  ({len(xte)} held-out digits, {hist.seconds:.1f} s of training)")
     f = hist.train_fn

@@ -75,7 +75,8 @@ def save_png(vae, x, path):
     xs = gc.placeholder("x", (None, 64))
     rec = gc.function([xs], gc.sigmoid(vae.terms(xs, training=False)[0]))(x)
     z = gc.placeholder("z", (None, LATENT))
-    samples = gc.function([z], gc.sigmoid(vae.dec(z)))(np.random.default_rng(0).standard_normal((8, LATENT)).astype(np.float32))
+    prior = np.random.default_rng(0).standard_normal((8, LATENT)).astype(np.float32)
+    samples = gc.function([z], gc.sigmoid(vae.dec(z)))(prior)
     fig, ax = plt.subplots(3, 8, figsize=(8, 3.2))
     for i in range(8):
         for r, img in enumerate((x[i], rec[i], samples[i])):

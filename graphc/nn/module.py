@@ -140,7 +140,8 @@ class Sequential(Module):
         return iter(self.layers)
 
     def __repr__(self):
-        inner = "\n".join(f"  ({i}): {getattr(lay, '__name__', None) or repr(lay)}" for i, lay in enumerate(self.layers))
+        names = [getattr(lay, "__name__", None) or repr(lay) for lay in self.layers]
+        inner = "\n".join(f"  ({i}): {n}" for i, n in enumerate(names))
         return f"Sequential(\n{inner}\n)"
 
 

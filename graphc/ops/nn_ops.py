@@ -115,7 +115,8 @@ def conv2d_ref(x, w, stride, pads, dilation, groups):
     wm = w.reshape(groups, o // groups, -1)
     y = _bmm(cols, wm.transpose(0, 2, 1))  # (g, N*P, Og)
     n = x.shape[0]
-    return np.ascontiguousarray(y.reshape(groups, n, oh, ow, o // groups).transpose(1, 0, 4, 2, 3).reshape(n, o, oh, ow))
+    y = y.reshape(groups, n, oh, ow, o // groups).transpose(1, 0, 4, 2, 3)
+    return np.ascontiguousarray(y.reshape(n, o, oh, ow))
 
 
 def conv2d_grad_weight_ref(x, gy, kernel, stride, pads, dilation, groups):
@@ -128,13 +129,15 @@ def conv2d_grad_input_ref(gy, w, x_hw, stride, pads, dilation, groups):
     n, o, oh, ow = gy.shape
     cg, kh, kw = w.shape[1:]
     cols = _bmm(_gy_matrix(gy, groups), w.reshape(groups, o // groups, -1))  # (g, N*P, Cg*K)
-    cols = cols.reshape(groups, n, oh, ow, cg, kh, kw).transpose(1, 0, 4, 5, 6, 2, 3).reshape(n, groups * cg, kh, kw, oh, ow)
+    cols = cols.reshape(groups, n, oh, ow, cg, kh, kw).transpose(1, 0, 4, 5, 6, 2, 3)
+    cols = cols.reshape(n, groups * cg, kh, kw, oh, ow)
     h, wd = x_hw
     xp = np.zeros((n, groups * cg, h + pads[0][0] + pads[0][1], wd + pads[1][0] + pads[1][1]), gy.dtype)
     for i in range(kh):  # col2im: one strided add per kernel offset (overlaps accumulate)
         for j in range(kw):
             r, c = i * dilation[0], j * dilation[1]
-            xp[:, :, r:r + stride[0] * (oh - 1) + 1:stride[0], c:c + stride[1] * (ow - 1) + 1:stride[1]] += cols[:, :, i, j]
+            rows = slice(r, r + stride[0] * (oh - 1) + 1, stride[0])
+            xp[:, :, rows, c:c + stride[1] * (ow - 1) + 1:stride[1]] += cols[:, :, i, j]
     return xp[:, :, pads[0][0]:pads[0][0] + h, pads[1][0]:pads[1][0] + wd]
 
 
