@@ -233,3 +233,24 @@ def test_optimiser_errors():
         gc.optim.SGD().updates(gc.as_tensor(1.0), [gc.placeholder("x", ())])
     with pytest.raises(gc.GraphcError, match="no parameters"):
         gc.optim.SGD().updates(gc.as_tensor(1.0), [])
+
+
+def test_training_state_saves_and_resumes(tmp_path):
+    """gc.save of a training step keeps the optimiser moments, the step counter, the dropout
+    generator and the batch-norm statistics: the loaded step continues exactly where it was."""
+    model = gc.nn.Sequential(gc.nn.Dense(3, 4, seed=0), gc.nn.BatchNorm(4), gc.relu, gc.nn.Dropout(0.3, seed=1),
+                             gc.nn.Dense(4, 2, seed=1))
+    x, y = gc.placeholder("x", (None, 3)), gc.placeholder("y", (None,), "int64")
+    loss = gc.losses.cross_entropy(model(x), y)
+    opt = gc.optim.Adam(0.01, schedule=gc.optim.ExponentialLR(0.9))
+    f = gc.function([x, y], loss, updates=opt.updates(loss, model.params))
+    a, b = np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32), np.arange(8) % 2
+    for _ in range(3):
+        f(a, b)
+    gc.save(f, tmp_path / "step.graphc")
+    g = gc.load(tmp_path / "step.graphc")
+    names = {p.name for p in g.parameters}
+    assert {"adam.step", "adam.dense0.weight.m", "dropout0.rng", "batchnorm0.running_mean"} <= names
+    f2 = gc.function(g)
+    for _ in range(3):
+        np.testing.assert_array_equal(f(a, b), f2(a, b)[0])
