@@ -152,7 +152,8 @@ class Lowering:
                   ", ".join(f"{t.dtype}{list(t.shape)}" for t in out_tensors)
         n = loop_shape
         self.add_kernel(node, "fused" if node.op.name == "fused" else "elementwise",
-                        lambda k: K.pointwise(k, comment, loop_c, [(a, d) for a, d, _, _ in ext], outs, element),
+                        lambda k: K.pointwise(k, comment, loop_c, [(a, d) for a, d, _, _ in ext], outs, element,
+                                              _vectorisable(ext, outs, loop_c)),
                         args + [self.buf(t) for t in out_tensors],
                         [self.buf(t) for t in out_tensors],
                         K.grid_1d(lambda dims: _size(n, dims)), (K.THREADS, 1, 1), False)
@@ -174,11 +175,12 @@ class Lowering:
         """element(coords, linear, indent): load the externals, compute the nodes, return outputs."""
         alias = alias or ()
 
-        def element(coords, lin, indent):
+        def element(coords, lin, indent, lane=None):
             lines, vals = [], dict(preset or {})
             for k, (pname, dt, tid, view) in enumerate(ext):
                 idx = lin if lin and view.is_linear(loop_c) else view.index(coords)
-                lines.append(f"{indent}const {C_TYPES[dt]} a{k} = {pname}[{idx}];")
+                src = f"{pname}_4.{lane}" if lane else f"{pname}[{idx}]"  # lane: from the float4 load
+                lines.append(f"{indent}const {C_TYPES[dt]} a{k} = {src};")
                 vals[tid] = (f"a{k}", dt)
             for src, dst in alias:
                 if src in vals:
@@ -268,7 +270,8 @@ class Lowering:
         outs = [self.out_arg(t, "fused") for t in node.outputs]
         comment = f"{node.op.display_name(node)} -> {node.outputs[0].dtype}{list(loop_shape)}"
         self.add_kernel(node, "fused",
-                        lambda k: K.pointwise(k, comment, loop_c, [(a, d) for a, d, _, _ in ext], outs, element),
+                        lambda k: K.pointwise(k, comment, loop_c, [(a, d) for a, d, _, _ in ext], outs, element,
+                                              _vectorisable(ext, outs, loop_c)),
                         args + [self.buf(t) for t in node.outputs], [self.buf(t) for t in node.outputs],
                         K.grid_1d(lambda dims: _size(loop_shape, dims)), (K.THREADS, 1, 1), False)
 
@@ -505,6 +508,12 @@ def _c_functions() -> set:
     from graphc.ir import OPS
     spells = [op.c or "" for op in OPS.values()] + list(C_OVERRIDES.values()) + list(INT_OVERRIDES.values())
     return set(re.findall(r"([A-Za-z_]\w*)\s*\(", " ".join(spells)))
+
+
+def _vectorisable(ext, outs, loop_c) -> bool:
+    """float4 loads/stores: every buffer float32 and read at the loop's own linear index."""
+    return bool(ext) and all(d == "float32" and v.is_linear(loop_c) for _, d, _, v in ext) and \
+        all(d == "float32" for _, d in outs)
 
 
 def _scalar_const(t: Tensor):

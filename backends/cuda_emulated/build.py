@@ -17,7 +17,7 @@ from backends.cuda.prelude import C_TYPES
 from graphc.errors import GraphcError
 
 HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "emulation.h")
-FLAGS = ["-std=c++17", "-O1", "-shared", "-fPIC", "-w", "-x", "c++"]
+FLAGS = ["-std=c++17", "-O1", "-fno-strict-aliasing", "-shared", "-fPIC", "-w", "-x", "c++"]
 _load_lock = threading.Lock()
 
 

@@ -26,6 +26,7 @@ using namespace std;
 #define GC_NAN (__builtin_nanf(""))
 
 struct uint3 { unsigned x, y, z; };
+struct alignas(16) float4 { float x, y, z, w; };
 struct dim3 {
   unsigned x, y, z;
   dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
@@ -242,6 +243,7 @@ template <class T> T shfl(T v, int src_lane) {
 #define gridDim (gc_emu::grid_dim)
 
 inline void __syncthreads() {
+  if (gc_emu::launch_->fibers.empty()) { fprintf(stderr, "graphc emulation: __syncthreads in a kernel launched without fibers\n"); abort(); }
   gc_emu::cur->state = gc_emu::AT_BLOCK;
   gc_emu::to_scheduler();
 }
