@@ -10,6 +10,8 @@ from .irtext import literal
 
 #: body ops that are the identity per element (their broadcasting is done by the loop's index maps)
 PER_ELEMENT_IDENTITY = {"broadcast_to", "stop_gradient"}
+#: ops that only make a view (no loop): planned in place without closing the open region
+VIEW_OPS = {"getitem", "reshape", "transpose"}
 
 
 def per_element(n) -> bool:
@@ -51,17 +53,3 @@ def region_compute(nodes, inputs, outputs, shape_of):
                 env[id(t)] = (_lo.lower(em, n.op.name, n.attrs, args, t.dtype), t.dtype)
         return [_lo.convert(em, *env[id(o)], o.dtype) for o in outputs]
     return compute
-
-
-def split_regions(nodes):
-    """[(is_region, [nodes])] in order: maximal runs of per-element nodes, other nodes one by one."""
-    out = []
-    for n in nodes:
-        if per_element(n):
-            if out and out[-1][0]:
-                out[-1][1].append(n)
-            else:
-                out.append((True, [n]))
-        else:
-            out.append((False, [n]))
-    return out

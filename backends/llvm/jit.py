@@ -68,28 +68,30 @@ class Compiled:
 
     def asm(self) -> str:
         """Assembly of the optimised module (recompiled on demand after a cache hit)."""
-        mod = llvm.parse_assembly(self.ir)
-        optimise(mod)
-        return target_machine().emit_assembly(mod)
+        tm = target_machine()
+        with _lock:
+            mod = llvm.parse_assembly(self.ir)
+            optimise(mod)
+            return tm.emit_assembly(mod)
 
 
 def compile_ir(ir: str, names: list[str]) -> Compiled:
-    """Parse, optimise and JIT `ir`; the object code comes from the on-disk cache when present."""
+    """Parse, optimise and JIT `ir`; the object code comes from the on-disk cache when present.
+    Serialised: llvmlite parses into LLVM's global context, which is not thread-safe."""
     tm = target_machine()
     key = _cache.key(ir, target_id())
-    cached = _cache.load(key)
-    mod = llvm.parse_assembly(ir)
-    mod.verify()
-    if cached is None:
-        optimise(mod)
     with _lock:
+        cached = _cache.load(key)
+        mod = llvm.parse_assembly(ir)
+        mod.verify()
+        if cached is None:
+            optimise(mod)
         # the engine owns (and frees) its target machine: give it its own
         engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), _new_tm())
-        engine.set_object_cache(lambda m, data: _cache.store(key, data),
-                                lambda m: cached)
+        engine.set_object_cache(lambda m, data: _cache.store(key, data), lambda m: cached)
         engine.add_module(mod)
         engine.finalize_object()
-    return Compiled(ir, names, cached is not None, engine, mod)
+        return Compiled(ir, names, cached is not None, engine, mod)
 
 
 # ---- BLAS -----------------------------------------------------------------------------------------

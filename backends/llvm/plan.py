@@ -219,25 +219,40 @@ class Plan:
 
     def _fused(self, node, ins):
         """Regions of per-element ops as single loops; heads (matmul) and reductions as kernels."""
-        from .fusion import split_regions
         body = node.attrs["body"]
         for ph, v in zip(body.inputs, ins):
             self.view[id(ph)] = v
+        self._walk_body(body, {id(bo): o for bo, o in zip(body.outputs, node.outputs)})
+        for o, bo in zip(node.outputs, body.outputs):
+            self.view[id(o)] = self.view[id(bo)]
+
+    def _walk_body(self, body, as_root: dict) -> None:
+        """Plan a body graph (placeholder views already set): per-element runs as one loop each."""
+        from .fusion import VIEW_OPS, per_element
         nodes = [n for n in body.nodes if n.op.name != "placeholder"]
         for n in nodes:
             if n.op.name == "constant":
                 self.node(n)
         nodes = [n for n in nodes if n.op.name != "constant"]
-        as_root = {id(bo): o for bo, o in zip(body.outputs, node.outputs)}
-        groups = split_regions(nodes)
-        for k, (is_region, members) in enumerate(groups):
-            if not is_region:
-                self.node(members[0])
+        outs = {id(o) for o in body.outputs}
+        cur: list = []
+
+        def flush(k):
+            if cur:
+                self._region(list(cur), nodes[k:], outs, as_root)
+                cur.clear()
+        for k, n in enumerate(nodes):
+            if per_element(n):
+                cur.append(n)
                 continue
-            later = [n for _, g in groups[k + 1:] for n in g]
-            self._region(members, later, set(as_root), as_root)
-        for o, bo in zip(node.outputs, body.outputs):
-            self.view[id(o)] = self.view[id(bo)]
+            # a view of something computed before the open region is free: plan it and keep the region
+            inside = {id(t) for m in cur for t in m.outputs}
+            if n.op.name in VIEW_OPS and not any(id(t) in inside for t in n.inputs):
+                self.node(n)
+                continue
+            flush(k)
+            self.node(n)
+        flush(len(nodes))
 
     def _region(self, members, later, body_outs, as_root):
         from .fusion import region_compute
@@ -370,9 +385,7 @@ class Plan:
                 outs.append(sv)
             for hs, cb in zip(outs[n_y:], carry):       # history[t]: the carry entering step t
                 self.add(K.copy(hs, cb), [cb], [hs])
-            for n in body.nodes:
-                if n.op.name != "placeholder":
-                    self.node(n)
+            self._walk_body(body, {})
             if any(isinstance(st, HostStep) for st in self.steps):
                 raise NotLowerable("scan")
             for y, ys in zip(body.outputs[nc:], outs[:n_y]):
