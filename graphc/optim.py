@@ -9,6 +9,7 @@ gradient on gc.hvp). Every optimiser takes weight_decay, clip_value, clip_norm a
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Sequence
 
 import numpy as np
@@ -74,6 +75,9 @@ def _total(terms):
     return out
 
 
+_counts: Counter = Counter()
+
+
 class Optimizer:
     decoupled_decay = False
 
@@ -83,7 +87,9 @@ class Optimizer:
         self.clip_value, self.clip_norm, self.schedule = clip_value, clip_norm, schedule
         self.step: Parameter | None = None
         self._slots: dict = {}
-        self.name = type(self).__name__.lower()
+        cls = type(self).__name__.lower()
+        self.name = f"{cls}{_counts[cls]}"  # unique state names (adam0.step, adam0.<param>.m, ...)
+        _counts[cls] += 1
 
     # state ------------------------------------------------------------------------------------
     def slot(self, p: Parameter, what: str, init: float = 0.0) -> Parameter:

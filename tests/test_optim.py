@@ -221,7 +221,8 @@ def test_optimiser_state_is_parameters_and_round_trips():
     opt = gc.optim.Adam(0.05)
     run_graphc(opt, steps=3)
     sd = opt.state_dict()
-    assert set(sd) == {"adam.step", "adam.w.m", "adam.w.v"} and sd["adam.step"] == 3
+    n = opt.name
+    assert set(sd) == {f"{n}.step", f"{n}.w.m", f"{n}.w.v"} and sd[f"{n}.step"] == 3
     assert all(isinstance(s, gc.Parameter) for s in opt.state)
     run_graphc(opt, steps=1)
     opt.load_state_dict(sd)
