@@ -5,6 +5,15 @@ dropout, embedding, one_hot). NCHW layout throughout; conv1d is conv2d on a heig
 Convolution: y = conv2d(x, w) is bilinear, so its backward ops are the two adjoints
   conv2d_grad_input(gy, w) = d<gy, conv2d(x, w)>/dx   and   conv2d_grad_weight(x, gy) = .../dw,
 and the set {conv2d, conv2d_grad_input, conv2d_grad_weight} is closed under vjp (double backprop).
+
+Node contract (what backends may rely on; attrs are plain tuples of ints):
+  conv2d(x (N,C,H,W), w (O,C/g,KH,KW))        stride (sh, sw), pads ((top, bottom), (left, right)),
+                                               dilation (dh, dw), groups g  -> (N, O, OH, OW)
+  conv2d_grad_input(gy (N,O,OH,OW), w)         same attrs + x_hw (H, W) (dims may be symbolic)
+  conv2d_grad_weight(x, gy)                    same attrs + kernel (KH, KW)
+  max_pool2d(x) / max_pool2d_select(x, g)      kernel, stride, pads (padding reads as -inf; ties: the
+  max_pool2d_grad(x, gy)                       first maximum in row-major window order, like PyTorch)
+Everything else here is a composite of existing ops (avg/lp pooling are depthwise conv2d with ones).
 """
 from __future__ import annotations
 
