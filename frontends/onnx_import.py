@@ -209,7 +209,9 @@ def load_onnx(model, name: str | None = None, constants: dict | None = None) -> 
         env[vi.name] = t
         inputs.append(t)
     cx = Ctx(_opset(m))
-    for node in g.node:
+    cx.source = os.path.basename(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else "onnx model"
+    for k, node in enumerate(g.node):
+        cx.index = k
         _convert_node(cx, node, env, CONVERTERS[node.op_type])
     outputs = [_output(env, vi) for vi in g.output]
     return Graph(inputs, outputs, name=name or g.name or "onnx")
@@ -238,11 +240,29 @@ def _convert_node(cx: Ctx, node, env: dict, fn) -> None:
     except GraphcError as e:
         raise OnnxImportError(f"{node.op_type} node {node.name!r}: {e}") from None
     outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+    _stamp(outs, ins, (f"{getattr(cx, 'source', 'onnx model')} node {node.name or node.op_type}",
+                       getattr(cx, "index", 0)))
     if all(t is None or not isinstance(t, SymVal) and t.node.op.name == "constant" for t in ins):
         outs = _fold(outs)
     for name, t in zip(node.output, outs):
         if name:
             env[name] = t
+
+
+def _stamp(outs: list, ins: list, loc: tuple) -> None:
+    """Mark the nodes a converter built with the ONNX node they came from (errors and pictures show
+    it instead of the importer's own line)."""
+    known = {id(t) for t in ins if isinstance(t, Tensor)}
+    stack = [t for t in outs if isinstance(t, Tensor)]
+    seen = set()
+    while stack:
+        t = stack.pop()
+        n = t.node
+        if id(t) in known or id(n) in seen or n.op.name in ("placeholder", "parameter"):
+            continue
+        seen.add(id(n))
+        n.loc = loc
+        stack.extend(n.inputs)
 
 
 def import_subgraph(cx: Ctx, graph, inputs: list) -> list:
