@@ -135,6 +135,14 @@ def test_noisy_relu_fixed_key_matches_numpy():
     np.testing.assert_allclose(got, np.maximum(x + np.sqrt(1 / (1 + np.exp(-x))) * eps, 0), rtol=1e-12)
 
 
+def test_batch_shaped_draws():
+    x = gc.placeholder("x", (None, 3))
+    f = gc.function([x], x + gc.random.normal((None, 3), seed=0))
+    assert f(np.zeros((4, 3), np.float32)).shape == (4, 3) and f(np.zeros((2, 3), np.float32)).shape == (2, 3)
+    with pytest.raises(gc.ShapeError, match="only axis 0"):
+        gc.random.uniform((2, None))
+
+
 def test_random_errors():
     with pytest.raises(gc.GraphcError, match="at most one"):
         gc.random.uniform((2,), seed=1, key=gc.random.key(1))

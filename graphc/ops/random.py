@@ -1,7 +1,7 @@
 """gc.random: in-graph random numbers from a counter-based generator whose state lives in the graph.
 
     g = gc.random.Generator(seed=0)
-    eps = gc.random.normal((None, 16), generator=g)   # a fresh draw on every call, reproducible
+    eps = gc.random.normal((None, 16), generator=g)   # (N, 16): a fresh draw on every call, reproducible
 
 A draw is a pure function of a key tensor (int64 [seed, counter]) and the draw's stream number, so
 every backend gives the same numbers. A Generator's key is a parameter that every compiled function
@@ -110,7 +110,10 @@ def _draw(op, shape, dtype, generator, key_, seed_) -> Tensor:
         raise GraphcError("give at most one of generator=, key=, seed=")
     if isinstance(shape, Tensor):
         shape = shape.shape
-    shape = _sh.canon_shape(shape if isinstance(shape, (tuple, list)) else (shape,))
+    shape = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
+    if any(d is None for d in shape[1:]):
+        raise ShapeError(f"random draw of shape {shape}: only axis 0 may be None (the batch N)")
+    shape = _sh.canon_shape(("N" if shape and shape[0] is None else shape[0],) + shape[1:] if shape else ())
     if key_ is not None:
         k = as_tensor(key_)
         stream = 0
