@@ -179,3 +179,18 @@ def test_errors_name_the_problem():
         gc.conv2d(gc.placeholder("i", (1, 3, 4, 4), "int64"), gc.constant(np.zeros((4, 3, 3, 3), np.int64)))
     with pytest.raises(gc.ShapeError, match="multiple of pieces"):
         gc.maxout(gc.placeholder("m", (2, 5)), 2)
+
+
+def test_forward_mode_through_conv_and_pooling(rng):
+    """gc.jvp (derived from the vjp rules) equals the central-difference directional derivative."""
+    w = gc.constant(rng.standard_normal((3, 2, 3, 3)))
+
+    def net(x):
+        return gc.avg_pool2d(gc.max_pool2d(gc.tanh(gc.conv2d(x, w, stride=1, padding=1)), 2, 1), 2)
+    a, t = rng.standard_normal((2, 2, 6, 6)), rng.standard_normal((2, 2, 6, 6))
+    x = gc.placeholder("x", a.shape, "float64")
+    tx = gc.placeholder("tx", a.shape, "float64")
+    f = gc.function([x], net(x))
+    got = gc.function([x, tx], gc.jvp(net(x), x, tx))(a, t)
+    eps = 1e-6
+    np.testing.assert_allclose(got, (f(a + eps * t) - f(a - eps * t)) / (2 * eps), rtol=1e-6, atol=1e-8)
