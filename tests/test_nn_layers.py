@@ -167,3 +167,8 @@ def test_cnn_training_step_on_every_backend(backend):
         results.append(f(a, b))
     for got, want in zip(results[1], results[0]):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_layer_errors_name_the_users_line():
+    with pytest.raises(gc.ShapeError, match=r"called at .*test_nn_layers.py:\d+"):
+        nn.Dense(6, 2)(gc.placeholder("z", (None, 5)))

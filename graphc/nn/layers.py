@@ -11,9 +11,15 @@ import numpy as np
 from graphc import ops as F
 from .. import init as _init
 from ..errors import ShapeError
+from ..ir import fmt_loc, user_frame
 from ..ops import nn_ops as N
 from ..ops.random import Generator
 from .module import Module, Residual, Sequential
+
+
+def _at() -> str:
+    """Where the user called the layer (for error messages)."""
+    return f"\n  called at {fmt_loc(user_frame())}"
 
 
 def _torch_default(shape, fan_in, dtype, rng):
@@ -45,7 +51,7 @@ class Dense(Module):
         x = F.as_tensor(x)
         if x.shape[-1] != self.in_features:
             raise ShapeError(f"Dense({self.in_features}, {self.out_features}): input {x.label} has shape "
-                             f"{x.shape}, last dim should be {self.in_features}")
+                             f"{x.shape}, last dim should be {self.in_features}" + _at())
         y = F.matmul(x, F.transpose(self.weight))
         return y if self.bias is None else y + self.bias
 
@@ -141,7 +147,7 @@ class BatchNorm(Module):
         x = F.as_tensor(x)
         if x.ndim < 2 or x.shape[1] != self.num_features:
             raise ShapeError(f"BatchNorm({self.num_features}): input {x.label} has shape {x.shape}, "
-                             f"axis 1 should be {self.num_features}")
+                             f"axis 1 should be {self.num_features}" + _at())
         return N.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, training,
                             self.momentum, self.eps)
 
