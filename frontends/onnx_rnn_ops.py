@@ -1,7 +1,8 @@
-"""ONNX RNN, GRU and LSTM, unrolled over the static sequence length into graphc ops.
+"""ONNX RNN, GRU and LSTM (and Scan) as graphc scan loops: one loop node per direction.
 
 Gate layouts follow the ONNX spec: LSTM W rows are [i, o, f, c], GRU [z, r, h]; B is [Wb, Rb].
-The input projection X @ W^T is one matmul over the whole sequence; each step adds H @ R^T.
+The input projection X @ W^T is one matmul over the whole sequence; each step adds H @ R^T, so the
+sequence length may be symbolic.
 """
 from __future__ import annotations
 
@@ -50,8 +51,6 @@ def _common(cx, ins, a, gates):
         lens = cx.const(seq_lens, "sequence_lens")
         if not (isinstance(x.shape[0], int) and np.all(lens == x.shape[0])):
             raise cx.unsupported("sequence_lens shorter than the sequence (variable-length batches)")
-    if not isinstance(x.shape[0], int):
-        raise cx.unsupported("a symbolic sequence length (unrolled import needs it static)")
     n_dir = w.shape[0]
     hidden = a.get("hidden_size") or r.shape[-1]
     b = ins[3] if len(ins) > 3 else None
@@ -70,7 +69,7 @@ def _init_state(ins, idx, d, batch, hidden, dtype, layout):
 def _run(cx, ins, a, gates, defaults, step):
     x, w, r, b, n_dir, hidden = _common(cx, ins, a, gates)
     acts = _activations(cx, a, defaults, n_dir)
-    seq, batch = x.shape[0], x.shape[1]
+    batch = x.shape[1]
     layout = a.get("layout", 0)
     ys, hs, cs = [], [], []
     for d in range(n_dir):
@@ -86,19 +85,29 @@ def _run(cx, ins, a, gates, defaults, step):
                 gc.zeros_like(xw[0][:, :hidden])
         if state["c"] is None:
             state["c"] = gc.zeros_like(state["h"])
-        steps = range(seq - 1, -1, -1) if reverse else range(seq)
-        out = [None] * seq
-        for t in steps:
-            step(cx, a, xw[t], state, r[d], rb, hidden, acts[d], ins, d)
-            out[t] = state["h"]
-        ys.append(gc.stack(out, 0))                           # (S, B, H)
-        hs.append(state["h"])
-        cs.append(state["c"])
+        fin, seq_h = _loop(cx, a, xw, state, r[d], rb, hidden, acts[d], ins, d, step, reverse)
+        ys.append(seq_h)                                      # (S, B, H)
+        hs.append(fin[0])
+        cs.append(fin[1])
     y = gc.stack(ys, 1)                                       # (S, D, B, H)
     yh, yc = gc.stack(hs, 0), gc.stack(cs, 0)
     if layout:
         y, yh, yc = gc.transpose(y, (2, 0, 1, 3)), gc.transpose(yh, (1, 0, 2)), gc.transpose(yc, (1, 0, 2))
     return [y, yh, yc][:cx.n_out]
+
+
+def _loop(cx, a, xw, state, r, rb, hidden, acts, ins, d, step, reverse):
+    """One direction as one gc.scan over the time axis (ys[t] pairs with xs[t] in both directions)."""
+    from graphc.ops.scan import scan_flat
+    node = cx.node
+
+    def body(carries, xs):
+        st = {"h": carries[0], "c": carries[1]}
+        step(cx, a, xs[0], st, r, rb, hidden, acts, ins, d)
+        return [st["h"], st["c"]], [st["h"]]
+    fin, ys, _ = scan_flat(body, [state["h"], state["c"]], [xw], reverse=reverse)
+    cx.node = node
+    return fin, ys[0]
 
 
 def _gate(z, k, hidden):

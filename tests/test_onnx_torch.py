@@ -139,3 +139,25 @@ def test_load_errors(tmp_path):
         gc.load_onnx(bad)
     with pytest.raises(gc.GraphcError, match="takes a path"):
         gc.load_onnx(3.5)
+
+
+def test_recurrent_layer_with_dynamic_sequence_length():
+    """ONNX GRU imports as a scan loop, so the sequence length may be symbolic too."""
+    torch.manual_seed(1)
+    m = nn.GRU(4, 6, bidirectional=True).eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (torch.randn(5, 2, 4),), buf, dynamo=False, input_names=["x"], output_names=["y", "h"],
+                          dynamic_axes={"x": {0: "T", 1: "B"}}, opset_version=17)
+    g = gc.load_onnx(buf.getvalue())
+    assert [str(d) for d in g.inputs[0].shape] == ["T", "B", "4"]
+    assert any(n.startswith("scan[") for n in g.op_names())
+    f = gc.function(g)
+    for T, B in ((3, 2), (9, 1)):
+        x = torch.randn(T, B, 4)
+        with torch.no_grad():
+            y, h = m(x)
+        got = f(x.numpy())
+        np.testing.assert_allclose(got[0], y.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got[1], h.numpy(), rtol=1e-4, atol=1e-5)
