@@ -39,8 +39,9 @@ def every_kernel_graph(dtype: str) -> Graph:
     z = w2(v, 0.5, 0.25) @ m                                               # fused, matmul
     e = gc.concatenate([z, v[:, ::-1]], axis=1).T                          # copy (concatenate, getitem, transpose)
     t = gc.take(z, gc.constant(np.array([1, 1, 3])), axis=1)               # take
+    carry, ys = gc.scan(lambda c, xt: (gc.tanh(c * 0.5 + xt), c * c), v[0], v)  # scan: body kernels
     loss = (gc.log_softmax(z, axis=1).sum() + gc.softmax(e, axis=0).max() + h.mean()
-            + gc.logsumexp(t) + (v[:, 1:] ** 2).sum())
+            + gc.logsumexp(t) + (v[:, 1:] ** 2).sum() + carry.sum() + ys.mean())
     grads = gc.grad(loss, [w, m, v])                                       # scatter (take_grad, index_grad)
     outs = [loss, gc.argmax(z, axis=1), *grads]
     f = gc.function([x, v], outs, backend="numpy")
@@ -57,6 +58,7 @@ def test_every_kernel_kind_is_emitted(lowered):
     source, plan = lowered
     assert set(plan.kernels.values()) == ALL_KINDS, plan.kernels
     assert plan.fallback_ops == []
+    assert plan.text().count("loop scan over") == 2  # forward and back-propagation through time
     for name in plan.kernels:
         assert f"__global__ void __launch_bounds__" in source and f" {name}(" in source
 

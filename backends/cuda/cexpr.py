@@ -92,8 +92,15 @@ class DimTable:
         return "// sizes known only at call time, filled by the host for every call\nstruct GcDims {\n" + body + "};\n"
 
     def values(self, dims: dict) -> np.ndarray:
-        vals = [fn(dims) for _, fn, _ in self.fields] or [0]
-        return np.asarray(vals, dtype=np.int64)
+        return np.asarray([_value_or_zero(fn, dims) for _, fn, _ in self.fields] or [0], dtype=np.int64)
+
+
+def _value_or_zero(fn, dims) -> int:
+    """A field only a scan body's kernels use is bound inside the loop; elsewhere it is unused."""
+    try:
+        return int(fn(dims))
+    except Exception:  # sympy raises several types for unbound symbols
+        return 0
 
 
 def eval_dim(d, dims: dict) -> int:

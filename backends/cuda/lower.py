@@ -11,6 +11,7 @@ import re
 from graphc import dtypes as _dt
 from graphc.ir import Graph, Node, Tensor
 from . import kernels as K
+from . import lower_scan
 from .lower_nn import NN_LOWERINGS
 from .cexpr import DimTable, View, broadcast_view, c_literal, cadd, cmul, contiguous_strides, cprod, eval_dim
 from .plan import Buffer, Fill, HostOp, Launch, Plan
@@ -127,6 +128,8 @@ class Lowering:
             self.scatter(node)
         elif name in NN_LOWERINGS:
             NN_LOWERINGS[name](self, node)
+        elif name == "scan":
+            lower_scan.scan(self, node)
         else:
             self.host(node)
 

@@ -62,6 +62,20 @@ class HostOp:
 
 
 @dataclass
+class ScanLoop:
+    """gc.scan: the host runs the body's own plan (kernels in the same module) once per step."""
+    node: object
+    body: "Plan"
+    inputs: list[int]
+    outputs: list[int]
+
+    def describe(self, dims=None) -> str:
+        a = self.node.attrs
+        inner = "\n".join("    " + s.describe() for s in self.body.steps)
+        return f"loop scan over {a['length']} steps ({'reversed' if a['reverse'] else 'forward'}):\n{inner}"
+
+
+@dataclass
 class Plan:
     buffers: list[Buffer]
     steps: list
@@ -78,7 +92,11 @@ class Plan:
 
     @property
     def fallback_ops(self) -> list[str]:
-        return sorted({s.node.op.name for s in self.steps if isinstance(s, HostOp)})
+        ops = {s.node.op.name for s in self.steps if isinstance(s, HostOp)}
+        for s in self.steps:
+            if isinstance(s, ScanLoop):
+                ops |= set(s.body.fallback_ops)
+        return sorted(ops)
 
 
 class Memory:
@@ -105,6 +123,13 @@ class Memory:
     def after_run(self, env: dict, updates: list) -> None:
         """Called once the outputs are downloaded (the device runtime frees buffers here)."""
 
+    def offset(self, handle, dtype: str, start: int, count: int):
+        """A handle for elements [start, start + count) of a buffer (a step of a scan sequence)."""
+        raise NotImplementedError
+
+    def copy(self, dst, src, dtype: str, count: int) -> None:
+        raise NotImplementedError
+
 
 def pack_params(pointers: list[int], dims_values: np.ndarray):
     """cuLaunchKernel's `void** kernelParams`: the address of each argument value (pointers, then GcDims)."""
@@ -122,10 +147,24 @@ def execute(plan: Plan, mem: Memory, inputs, params, dims):
             env[b.id] = mem.bind(inputs[b.index], b)
         elif b.kind == "param":
             env[b.id] = mem.bind(params[b.index], b)
-        elif b.kind == "const":
+    run_steps(plan, mem, env, dims)
+    bufs = {b.id: b for b in plan.buffers}
+
+    def fetch(bid, shape):
+        b = bufs[bid]
+        return mem.download(env[bid], b.dtype, eval_shape(shape, dims), copy=b.kind != "temp")
+    outs, upds = [fetch(*o) for o in plan.outputs], [fetch(*u) for u in plan.updates]
+    mem.after_run(env, upds)
+    return outs, upds
+
+
+def run_steps(plan: Plan, mem: Memory, env: dict, dims) -> None:
+    """The plan's steps on already-bound inputs (`env`: buffer id -> handle)."""
+    bufs = {b.id: b for b in plan.buffers}
+    for b in plan.buffers:
+        if b.kind == "const" and b.id not in env:
             env[b.id] = mem.bind(b.value, b)
     dvals = plan.dimtab.values(dims)
-    bufs = {b.id: b for b in plan.buffers}
     for step in plan.steps:
         for o in step.outputs if not isinstance(step, HostOp) else ():
             if o not in env:
@@ -138,15 +177,51 @@ def execute(plan: Plan, mem: Memory, inputs, params, dims):
             mem.launch(step.kernel, grid, step.block, arr, step.sync)
         elif isinstance(step, Fill):
             mem.zero(env[step.buf], bufs[step.buf].dtype, eval_shape(bufs[step.buf].shape, dims))
+        elif isinstance(step, ScanLoop):
+            _scan(step, env, bufs, mem, dims)
         else:
             _host_op(step, env, bufs, mem, dims)
 
-    def fetch(bid, shape):
-        b = bufs[bid]
-        return mem.download(env[bid], b.dtype, eval_shape(shape, dims), copy=b.kind != "temp")
-    outs, upds = [fetch(*o) for o in plan.outputs], [fetch(*u) for u in plan.updates]
-    mem.after_run(env, upds)
-    return outs, upds
+
+def _numel(shape) -> int:
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def _scan(step: ScanLoop, env, bufs, mem: Memory, dims):
+    a, node, body = step.node.attrs, step.node, step.body
+    nc, ns = a["n_carry"], a["n_seq"]
+    ins = node.inputs
+    bdims = dict(dims)  # the body's own symbolic dims, bound from the actual per-step shapes
+    for i, (p, t) in enumerate(zip(a["body"].inputs, ins)):
+        shape = eval_shape(t.shape[1:] if nc <= i < nc + ns else t.shape, dims)
+        for d, v in zip(p.shape, shape):
+            if not isinstance(d, int) and d.is_Symbol:
+                bdims[d.name] = v
+    T = eval_shape((a["length"],), dims)[0]
+    outs = node.outputs
+    sizes = [_numel(eval_shape(o.shape, dims)) // max(T, 1) if k >= nc else _numel(eval_shape(o.shape, dims))
+             for k, o in enumerate(outs)]
+    carries = [env[b] for b in step.inputs[:nc]]
+    in_sizes = [_numel(eval_shape(t.shape[1:], dims)) for t in ins[nc:nc + ns]]
+    for i in range(T):
+        t = T - 1 - i if a["reverse"] else i
+        for k in range(nc):  # history[t] = the carry entering this step
+            o = step.outputs[len(outs) - nc + k]
+            mem.copy(mem.offset(env[o], outs[k].dtype, t * sizes[k], sizes[k]), carries[k], outs[k].dtype, sizes[k])
+        seq = [mem.offset(env[b], x.dtype, t * n, n) for b, x, n in zip(step.inputs[nc:nc + ns], ins[nc:], in_sizes)]
+        benv = {}
+        handles = carries + seq + [env[b] for b in step.inputs[nc + ns:]]
+        for b in body.buffers:
+            if b.kind == "input":
+                benv[b.id] = handles[b.index]
+        run_steps(body, mem, benv, bdims)
+        res = [benv[bid] for bid, _ in body.outputs]
+        carries = res[:nc]
+        for k, r in enumerate(res[nc:]):
+            o = nc + k
+            mem.copy(mem.offset(env[step.outputs[o]], outs[o].dtype, t * sizes[o], sizes[o]), r, outs[o].dtype, sizes[o])
+    for k in range(nc):
+        mem.copy(env[step.outputs[k]], carries[k], outs[k].dtype, sizes[k])
 
 
 def _host_op(step: HostOp, env, bufs, mem: Memory, dims):

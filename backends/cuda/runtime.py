@@ -108,10 +108,10 @@ class DeviceMemory(Memory):
             p = self._upload(array)
             self.resident[buf.index] = (array, p)
             return p
-        if buf.kind == "const":
-            if buf.id not in self.consts:
-                self.consts[buf.id] = self._upload(array)
-            return self.consts[buf.id]
+        if buf.kind == "const":  # keyed by the Buffer object: a scan body's plan numbers its own
+            if id(buf) not in self.consts:
+                self.consts[id(buf)] = (buf, self._upload(array))
+            return self.consts[id(buf)][1]
         p = self._upload(array)
         self.temps.append(p)
         return p
@@ -139,6 +139,14 @@ class DeviceMemory(Memory):
     def launch(self, kernel, grid, block, params, sync):
         _call(self.lib, "cuLaunchKernel", self.m.fns[kernel], *[ctypes.c_uint(v) for v in grid],
               *[ctypes.c_uint(v) for v in block], ctypes.c_uint(0), None, params, None)
+
+    def offset(self, handle, dtype, start, count):
+        return handle + start * np.dtype(dtype).itemsize
+
+    def copy(self, dst, src, dtype, count):
+        n = count * np.dtype(dtype).itemsize
+        if n:
+            _call(self.lib, "cuMemcpyDtoD_v2", ctypes.c_uint64(dst), ctypes.c_uint64(src), ctypes.c_size_t(n))
 
     def after_run(self, env, updates):
         """Keep each update's device buffer as its parameter's resident copy; free the rest."""

@@ -12,7 +12,7 @@ import threading
 import numpy as np
 
 from backends.cuda.compiler import atomic_write, cache_dir, error_with_source, source_key
-from backends.cuda.plan import Launch, Memory, Plan
+from backends.cuda.plan import Launch, Memory, Plan, ScanLoop
 from backends.cuda.prelude import C_TYPES
 from graphc.errors import GraphcError
 
@@ -29,8 +29,8 @@ def compiler() -> str | None:
 def launchers(plan: Plan) -> str:
     """One `extern "C" gc_launch_<kernel>` per kernel: unpacks cuLaunchKernel-style void** params."""
     out, done = ["\n// ---- host launchers (emulation only) ----"], set()
-    for step in plan.steps:
-        if not isinstance(step, Launch) or step.kernel in done:
+    for step, plan in _launches(plan):
+        if step.kernel in done:
             continue
         done.add(step.kernel)
         casts = []
@@ -43,6 +43,15 @@ def launchers(plan: Plan) -> str:
                    f'  auto body = [&]() {{ {step.kernel}({", ".join(casts)}); }};\n'
                    f'  return gc_emu::launch(dim3(gx, gy, gz), dim3(bx, by, bz), {str(step.sync).lower()}, body);\n}}')
     return "\n".join(out) + "\n"
+
+
+def _launches(plan: Plan):
+    """(launch, its plan) for every kernel launch, scan bodies included."""
+    for step in plan.steps:
+        if isinstance(step, Launch):
+            yield step, plan
+        elif isinstance(step, ScanLoop):
+            yield from _launches(step.body)
 
 
 def build(source: str, plan: Plan) -> ctypes.CDLL:
@@ -91,6 +100,12 @@ class HostMemory(Memory):
 
     def zero(self, handle, dtype, shape):
         handle.fill(0)
+
+    def offset(self, handle, dtype, start, count):
+        return handle.reshape(-1)[start:start + count]
+
+    def copy(self, dst, src, dtype, count):
+        np.copyto(dst.reshape(-1)[:count], src.reshape(-1)[:count])
 
     def launch(self, kernel, grid, block, params, sync):
         fn = self.fns.get(kernel)

@@ -1,0 +1,24 @@
+"""gc.scan on the CUDA path: the step body is lowered into the same translation unit (its kernels
+sit beside the graph's) and the host runs the body's launch plan once per step, with the carries,
+sequence slices and history as offsets into device buffers: no data leaves the device."""
+from __future__ import annotations
+
+from .plan import Plan, ScanLoop
+
+
+def scan(L, node) -> None:
+    from .lower import Lowering
+    body = node.attrs["body"]
+    child = Lowering(body)
+    child.dt, child.kernels, child.kinds, child.names = L.dt, L.kernels, L.kinds, L.names  # one module
+    child.steps, child.buffers = [], []
+    for i, t in enumerate(body.inputs):
+        child.new_buffer(t, "input", index=i)
+    for n in body.nodes:
+        if n.op.name == "parameter":
+            raise NotImplementedError("scan body with a parameter node")  # captured as inputs by gc.scan
+        child.lower_node(n)
+    plan = Plan(child.buffers, child.steps, [(child.buf(o), o.shape) for o in body.outputs], [], L.dt)
+    ins = [L.buf(t) for t in node.inputs]
+    outs = [L.new_buffer(t, hint="scan") for t in node.outputs]
+    L.steps.append(ScanLoop(node, plan, ins, outs))
