@@ -41,14 +41,28 @@ class CudaBackend(Backend):
                 raise BackendUnavailable(f"backend 'cuda' cannot run here: {why} (the graph was compiled "
                                          f"to PTX for {arch}; use backend='cuda-emulated' to run its kernels "
                                          f"on the CPU)")
-            from .runtime import DeviceMemory, DeviceModule
+            from .runtime import DeviceMemory, DeviceModule, make_current
             with lock:  # one device memory state per function: calls are serialised
+                make_current()
                 if "mem" not in state:
-                    state["mem"] = DeviceMemory(DeviceModule(ptx, list(plan.kernels)), plan)
+                    state["mem"] = DeviceMemory(_load(source, ptx, list(plan.kernels)), plan)
                 mem = state["mem"]
                 return execute(plan, mem, inputs, params, dims)
         return Program(run, source, plan=plan, plan_text=plan.text(), fallback_ops=plan.fallback_ops,
                        kernels=dict(plan.kernels), ptx=ptx, arch=arch)
+
+
+def _load(source: str, ptx: bytes, kernels: list):
+    """Load the PTX (the driver JIT-compiles it for the device); a driver older than the compiler's
+    PTX version refuses it, so fall back to a cubin built for the device's own architecture."""
+    from graphc.errors import GraphcError
+    from .runtime import DeviceModule, device_arch
+    try:
+        return DeviceModule(ptx, kernels)
+    except GraphcError:
+        if not nvcc_path():
+            raise
+        return DeviceModule(compile_cuda(source, device_arch(), "cubin"), kernels)
 
 
 BACKEND = CudaBackend()

@@ -33,6 +33,12 @@ def driver():
         return _driver["lib"]
 
 
+def make_current() -> None:
+    """The primary context is current per OS thread: every call sets it for the calling thread."""
+    lib = driver()
+    _call(lib, "cuCtxSetCurrent", lib.graphc_ctx)
+
+
 def _init():
     name = ctypes.util.find_library("cuda") or "libcuda.so.1"
     try:
@@ -58,6 +64,16 @@ def _call(lib, fn, *args, unavailable=False):
         lib.cuGetErrorString(rc, ctypes.byref(msg))
         text = f"{fn} failed: CUDA error {rc} ({(msg.value or b'?').decode()})"
         raise (BackendUnavailable if unavailable else GraphcError)(text)
+
+
+def device_arch() -> str:
+    """sm_XY of device 0 (CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR/MINOR = 75/76)."""
+    lib = driver()
+    major, minor, dev = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    _call(lib, "cuDeviceGet", ctypes.byref(dev), 0)
+    _call(lib, "cuDeviceGetAttribute", ctypes.byref(major), 75, dev)
+    _call(lib, "cuDeviceGetAttribute", ctypes.byref(minor), 76, dev)
+    return f"sm_{major.value}{minor.value}"
 
 
 class DeviceModule:
