@@ -12,7 +12,7 @@ pytest.importorskip("onnx", reason="onnx is not installed")
 from frontends.onnx_backend import GraphcBackend, run_suite  # noqa: E402
 from tests.conftest import backend_or_skip  # noqa: E402
 
-MIN_NODE_PASSES = 700
+MIN_NODE_PASSES = 1100  # the issue asks for >= 700; 1148 pass today
 
 
 def _report(kind, backend, res):
@@ -38,7 +38,7 @@ def test_node_suite_llvm():
     assert len(res.passed) >= MIN_NODE_PASSES
 
 
-@pytest.mark.parametrize("kind,minimum", [("simple", 3), ("pytorch-converted", 80), ("pytorch-operator", 34)])
+@pytest.mark.parametrize("kind,minimum", [("simple", 7), ("pytorch-converted", 82), ("pytorch-operator", 35)])
 def test_other_suites_numpy(kind, minimum):
     res = run_suite(kind, "numpy")
     _report(kind, "numpy", res)
