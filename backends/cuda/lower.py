@@ -24,7 +24,9 @@ C_OVERRIDES = {"abs": "gc_abs({0})", "sign": "gc_sign({0})", "maximum": "gc_max(
 INT_OVERRIDES = {"floor": "{0}", "pow": "gc_ipow({0}, {1})"}
 POINTWISE_EXTRA = ("cast", "stop_gradient", "broadcast_to", "size_of")
 REDUCTIONS = ("sum", "prod", "max", "min", "logsumexp", "argmax", "argmin")
-_RESERVED = re.compile(r"^(i|j|k|n|m|o|s|q|g|c|p|pp|cc|th|tw|kh|kw|oh|ow|ih|iw|bh|bw|xv|inside|n_|M|N|K|t0|tx|ty|bz|row|col|acc|best|bi|x_|gd|A|B|As|Bs|n_out|n_red|nbatch|"
+# names the kernel templates use for locals, and C/C++ keywords: a buffer never takes one
+_RESERVED = re.compile(r"^(i|j|k|n|m|o|s|q|g|c|p|pp|cc|th|tw|kh|kw|oh|ow|ih|iw|bh|bw|xv|inside|n_|M|N|K|"
+                       r"t0|tx|ty|bz|row|col|acc|best|bi|x_|gd|A|B|As|Bs|n_out|n_red|nbatch|n4|i4|"
                        r"part|pv|pi|v|[abcevr]\d+|r_.*|int|float|double|bool|long|char|short|unsigned|signed|"
                        r"void|const|return|if|else|for|while|do|break|continue|switch|case|default|goto|"
                        r"struct|class|union|enum|auto|static|extern|register|volatile|inline|new|delete|this|"
@@ -501,9 +503,8 @@ class Lowering:
         loop_c = self.dt.shape(g.shape)
         self.steps.append(Fill(self.buf(y), [self.buf(y)]))
         comment = f"{node.op.name}: scatter {g.type_str} into zeros {y.type_str}"
-
-        self.add_kernel(node, "scatter", lambda k: K.scatter_kernel(k, comment, loop_c, ins, out, target, accumulate), bufs + [self.buf(y)], [self.buf(y)],
-                        K.grid_1d(lambda dims: _size(g.shape, dims)), (K.THREADS, 1, 1), False)
+        self.add_kernel(node, "scatter", lambda k: K.scatter_kernel(k, comment, loop_c, ins, out, target, accumulate),
+                        bufs + [self.buf(y)], [self.buf(y)], K.grid_1d(lambda dims: _size(g.shape, dims)), (K.THREADS, 1, 1), False)
 
 
 def _c_functions() -> set:

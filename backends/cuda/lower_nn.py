@@ -48,7 +48,9 @@ def conv2d(L, node) -> None:
     L.add_kernel(node, "conv", lambda k: K.gemm_kernel(
         k, comment, [xa, wa], [out], y.dtype, m, z["Og"], kk, z["G"], ["    const long long g = bz;"],
         _im2col_lines(z, xa[0], "r", "q", ind), [f"{ind}v = {wa[0]}[(g * {z['Og']} + cc) * {kk} + q];"], store),
-        [L.buf(x), L.buf(w), L.buf(y)], [L.buf(y)], _gemm_grid(L, m, z["Og"], z["G"]), (K.TILE, K.TILE, 1), True)
+        [L.buf(x), L.buf(w), L.buf(y)], [L.buf(y)],
+        _gemm_grid(lambda dims: _numel((y.shape[0], y.shape[2], y.shape[3]), dims), z["Og"], z["G"]),
+        (K.TILE, K.TILE, 1), True)
 
 
 def conv2d_grad_weight(L, node) -> None:
@@ -68,7 +70,8 @@ def conv2d_grad_weight(L, node) -> None:
         k, comment, [xa, ga], [out], gw.dtype, z["Og"], kk, p, z["G"], ["    const long long g = bz;"],
         a_lines, _im2col_lines(z, xa[0], "q", "cc", ind),
         [f"      {out[0]}[(g * {z['Og']} + row) * {kk} + col] = acc;"]),
-        [L.buf(x), L.buf(gy), L.buf(gw)], [L.buf(gw)], _gemm_grid(L, z["Og"], kk, z["G"]), (K.TILE, K.TILE, 1), True)
+        [L.buf(x), L.buf(gy), L.buf(gw)], [L.buf(gw)], _gemm_grid(lambda dims: z["Og"], kk, z["G"]),
+        (K.TILE, K.TILE, 1), True)
 
 
 def conv2d_grad_input(L, node) -> None:
@@ -181,31 +184,12 @@ def _numel(shape, dims):
     return n
 
 
-def _gemm_grid(L, m, n, batch):
-    """Grid for gemm_kernel: (col tiles, row tiles, batch); sizes may be runtime expressions."""
-    from .cexpr import eval_dim
-
-    def ev(e, dims):
-        if isinstance(e, int):
-            return e
-        return _eval_c(e, L, dims)
-
+def _gemm_grid(m_fn, n: int, batch: int):
+    """Grid for gemm_kernel: (column tiles, row tiles, batch); `m_fn(dims)` gives the row count."""
     def grid(dims):
-        mm, nn = ev(m, dims), ev(n, dims)
-        return ((nn + K.TILE - 1) // K.TILE, (mm + K.TILE - 1) // K.TILE, min(65535, ev(batch, dims)))
+        m = m_fn(dims)
+        return ((n + K.TILE - 1) // K.TILE, (m + K.TILE - 1) // K.TILE, min(65535, batch))
     return grid
-
-
-def _eval_c(expr: str, L, dims) -> int:
-    """Evaluate a folded C size expression (products of gd.<field> and ints) on the host."""
-    env = {name: fn(dims) for name, fn, _ in L.dt.fields}
-
-    class _GD:
-        pass
-    gd = _GD()
-    for k, v in env.items():
-        setattr(gd, k, v)
-    return int(eval(expr, {"gd": gd}))  # only products/sums of ints and gd fields are ever built
 
 
 NN_LOWERINGS = {"conv2d": conv2d, "conv2d_grad_weight": conv2d_grad_weight, "conv2d_grad_input": conv2d_grad_input,
