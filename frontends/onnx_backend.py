@@ -28,8 +28,9 @@ class GraphcRep(BackendRep):
     specialises: small integer/bool inputs become constants and one function is compiled per
     distinct value of them (cached)."""
 
-    def __init__(self, model, options: dict, fn: gc.Function | None = None):
+    def __init__(self, model, options: dict, fn: gc.Function | None = None, fixed: set | None = None):
         self.model, self.options = model, options
+        self.fixed = set(fixed or ())  # inputs that must be specialised (besides small int/bool ones)
         self.names = [vi.name for vi in model.graph.input
                       if vi.name not in {i.name for i in model.graph.initializer}]
         self.fn = fn
@@ -43,11 +44,18 @@ class GraphcRep(BackendRep):
         inputs = list(inputs)[:len(self.names)]
         if self.fn is not None:
             return tuple(self.fn(*inputs))
-        fixed = {n: np.asarray(v) for n, v in zip(self.names, inputs) if _specialisable(v)}
-        key = tuple((n, v.dtype.str, v.shape, v.tobytes()) for n, v in fixed.items())
-        if key not in self.cache:
-            g = load_onnx(self.model, constants=fixed)
-            self.cache[key] = gc.function(g, **self.options)
+        while True:
+            fixed = {n: np.asarray(v) for n, v in zip(self.names, inputs) if n in self.fixed or _specialisable(v)}
+            key = tuple((n, v.dtype.str, v.shape, v.tobytes()) for n, v in fixed.items())
+            if key in self.cache:
+                break
+            try:
+                self.cache[key] = gc.function(load_onnx(self.model, constants=fixed), **self.options)
+            except NeedsConstant as e:  # e.g. Resize's float `scales` fed as an input
+                if e.input_name is None or e.input_name in self.fixed or np.asarray(
+                        inputs[self.names.index(e.input_name)]).size > 4096:
+                    raise
+                self.fixed.add(e.input_name)
         return tuple(self.cache[key](*[v for n, v in zip(self.names, inputs) if n not in fixed]))
 
 
@@ -81,8 +89,8 @@ class GraphcBackend(Backend):
         options = dict(kwargs, backend=backend)
         try:
             g = load_onnx(model)
-        except NeedsConstant:  # axes/shapes fed as inputs: compile per value at run time
-            return GraphcRep(model, options)
+        except NeedsConstant as e:  # axes/shapes fed as inputs: compile per value at run time
+            return GraphcRep(model, options, fixed={e.input_name} if e.input_name else None)
         return GraphcRep(model, options, gc.function(g, **options))
 
     @classmethod

@@ -31,7 +31,13 @@ class UnsupportedOnnx(OnnxImportError):
 
 
 class NeedsConstant(UnsupportedOnnx):
-    """An input that sets a shape or axes (e.g. ReduceSum's axes) is computed or fed at run time."""
+    """An input that sets a shape or axes (e.g. ReduceSum's axes) is computed or fed at run time;
+    `input_name` is the model input it comes straight from, if any (the ONNX backend then compiles
+    per value of that input)."""
+
+    def __init__(self, msg: str, input_name: str | None = None):
+        super().__init__(msg)
+        self.input_name = input_name
 
 
 def onnx_dtype(elem_type: int) -> str:
@@ -108,7 +114,8 @@ class Ctx:
         if v is None and t.node.op.name == "parameter":
             v = t.value
         if v is None:
-            raise NeedsConstant(f"{self.node.op_type}: {what} must be a constant for graphc (it is computed)")
+            raise NeedsConstant(f"{self.node.op_type}: {what} must be a constant for graphc (it is computed)",
+                                getattr(t, "onnx_name", None))
         return np.asarray(v)
 
     def ints(self, t: Tensor | None, what: str = "input") -> list[int] | None:
@@ -206,6 +213,7 @@ def load_onnx(model, name: str | None = None, constants: dict | None = None) -> 
             continue
         pname = _identifier(vi.name, used)
         t = gc.placeholder(pname, _value_shape(vi, pname), onnx_dtype(vi.type.tensor_type.elem_type))
+        t.onnx_name = vi.name
         env[vi.name] = t
         inputs.append(t)
     cx = Ctx(_opset(m))

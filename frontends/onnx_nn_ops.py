@@ -370,3 +370,4 @@ def _sce(cx, ins, a):
     loss = nll_loss(cx, logp, ins[1], ins[2] if len(ins) > 2 else None, a)
     return [loss, logp][:cx.n_out]
 from . import onnx_attention  # noqa: E402,F401  (Attention)
+from . import onnx_resize  # noqa: E402,F401  (Resize)
