@@ -176,12 +176,19 @@ def _opset(m) -> int:
     return 1
 
 
+def _op_key(node) -> str:
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
+def _converter(node):
+    """The converter for a node (ops of other domains are registered as 'domain.OpType')."""
+    from .onnx_ops import CONVERTERS
+    return CONVERTERS.get(_op_key(node))
+
+
 def check_supported(m) -> None:
     """Raise UnsupportedOnnx naming every op type in the model that graphc cannot import."""
-    from .onnx_ops import CONVERTERS
-    missing = sorted({n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
-                      for n in m.graph.node
-                      if n.domain not in ("", "ai.onnx") or n.op_type not in CONVERTERS})
+    missing = sorted({_op_key(n) for n in m.graph.node if _converter(n) is None})
     if missing:
         raise UnsupportedOnnx(f"{len(missing)} unsupported ONNX op type(s) in model: {', '.join(missing)}")
 
@@ -192,7 +199,6 @@ def load_onnx(model, name: str | None = None, constants: dict | None = None) -> 
     `constants={input_name: array}` fixes some model inputs to values (they become constants and
     leave `.inputs`): the way to import a model whose axes or shapes arrive as inputs."""
     from onnx import numpy_helper
-    from .onnx_ops import CONVERTERS
     m = _load_model(model)
     check_supported(m)
     g = m.graph
@@ -220,7 +226,7 @@ def load_onnx(model, name: str | None = None, constants: dict | None = None) -> 
     cx.source = os.path.basename(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else "onnx model"
     for k, node in enumerate(g.node):
         cx.index = k
-        _convert_node(cx, node, env, CONVERTERS[node.op_type])
+        _convert_node(cx, node, env, _converter(node))
     outputs = [_output(env, vi) for vi in g.output]
     return Graph(inputs, outputs, name=name or g.name or "onnx")
 
@@ -230,7 +236,8 @@ def _convert_node(cx: Ctx, node, env: dict, fn) -> None:
     try:
         ins = [env[n] for n in node.input]
     except KeyError as e:
-        raise OnnxImportError(f"node {node.name or node.op_type}: input {e.args[0]!r} is not defined before it") from None
+        where = node.name or node.op_type
+        raise OnnxImportError(f"node {where}: input {e.args[0]!r} is not defined before it") from None
     attrs = {a.name: _attr_value(a) for a in node.attribute}
     if any(isinstance(t, SymVal) for t in ins):
         from .onnx_symbolic import SYM_FOLD
@@ -276,9 +283,8 @@ def _stamp(outs: list, ins: list, loc: tuple) -> None:
 def import_subgraph(cx: Ctx, graph, inputs: list) -> list:
     """Convert a subgraph (a Scan/Loop body) with its inputs bound to `inputs`; names of the
     enclosing graph stay visible (ONNX's outer-scope rule). Returns its outputs in order."""
-    from .onnx_ops import CONVERTERS
     outer = (cx.node, cx.n_out, cx.env)
-    missing = sorted({n.op_type for n in graph.node if n.op_type not in CONVERTERS})
+    missing = sorted({_op_key(n) for n in graph.node if _converter(n) is None})
     if missing:
         raise UnsupportedOnnx(f"{len(missing)} unsupported ONNX op type(s) in a subgraph: {', '.join(missing)}")
     env = dict(cx.env)
@@ -289,7 +295,7 @@ def import_subgraph(cx: Ctx, graph, inputs: list) -> list:
     env.update({vi.name: t for vi, t in zip(graph.input, inputs)})
     try:
         for node in graph.node:
-            _convert_node(cx, node, env, CONVERTERS[node.op_type])
+            _convert_node(cx, node, env, _converter(node))
     finally:
         cx.node, cx.n_out, cx.env = outer
     return [_output(env, vi) for vi in graph.output]

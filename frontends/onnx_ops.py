@@ -417,5 +417,17 @@ CONVERTERS["LogSoftmax"] = _softmax_like(gc.log_softmax)
 CONVERTERS["Hardmax"] = _softmax_like(_hardmax)
 
 
+@op("ai.onnx.preview.training.Gradient")
+def _gradient(cx, ins, a):
+    """ONNX's Gradient op is graphc's reverse mode: d sum(y) / d x for each named x."""
+    from .onnx_import import OnnxImportError
+    try:
+        y, xs = cx.env[a["y"]], [cx.env[n] for n in a["xs"]]
+    except KeyError as e:
+        raise OnnxImportError(f"Gradient: tensor {e.args[0]!r} is not defined before it") from None
+    return gc.grad(gc.sum(y), xs)
+
+
 from . import onnx_shape_ops  # noqa: E402,F401  (registers shape-op converters)
 from . import onnx_nn_ops  # noqa: E402,F401  (registers conv/pool/norm/rnn converters)
+

@@ -116,7 +116,8 @@ def _group_keys(g: Graph, nodes: list[Node], collapse) -> dict:
     keep = {id(t.node) for t in g.outputs + g.inputs}
 
     def key(n):
-        return (n.loc, n.op.name, _attrs_str(n) if n.op.name != "constant" else "", tuple(o.type_str for o in n.outputs))
+        attrs = _attrs_str(n) if n.op.name != "constant" else ""
+        return (n.loc, n.op.name, attrs, tuple(o.type_str for o in n.outputs))
     counts = Counter(key(n) for n in nodes if id(n) not in keep) if collapse else Counter()
     return {id(n): (key(n) if counts[key(n)] >= 3 and id(n) not in keep else ("node", id(n)), counts[key(n)])
             for n in nodes}
