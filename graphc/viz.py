@@ -64,7 +64,17 @@ def _op_label(node: Node) -> str:
     if len(name) > 48:
         name = name[:45] + "...]"
     attrs = _attrs_str(node)
-    return name + (("\n" + attrs[:60]) if attrs else "")
+    if len(attrs) > 120:
+        attrs = attrs[:117] + "..."
+    # wrap long attribute lists at their commas so boxes stay narrow
+    lines, cur = [], ""
+    for part in attrs.split(", "):
+        if cur and len(cur) + len(part) > 40:
+            lines.append(cur + ",")
+            cur = part
+        else:
+            cur = f"{cur}, {part}" if cur else part
+    return name + "".join("\n" + ln for ln in lines + ([cur] if cur else []))
 
 
 def _leaf_label(node: Node) -> str:
