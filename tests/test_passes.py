@@ -177,6 +177,8 @@ def check_fused_contract(graph: gc.Graph) -> int:
         count += 1
         body = node.attrs["body"]
         assert [(t.shape, t.dtype) for t in body.inputs] == [(t.shape, t.dtype) for t in node.inputs]
+        assert len({id(t) for t in node.inputs}) == len(node.inputs)  # distinct
+        assert len({t.name for t in body.inputs}) == len(body.inputs)  # uniquely named
         assert [(t.shape, t.dtype) for t in body.outputs] == [(t.shape, t.dtype) for t in node.outputs]
         assert all(n.op.name in ("placeholder", "constant") for n in body.nodes if not n.inputs)
         assert all(n.attrs["value"].size == 1 for n in body.nodes if n.op.name == "constant")

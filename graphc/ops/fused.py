@@ -1,7 +1,8 @@
 """The fused op: a group of ops the optimiser (graphc.passes.fusion) runs as one kernel.
 
 Contract for backends:
-  node.inputs          the external tensors the group reads (any may broadcast against the loop shape)
+  node.inputs          the distinct external tensors the group reads (any may broadcast against the
+                       loop shape)
   node.attrs["body"]   a gc.Graph whose inputs are placeholders standing for node.inputs (same order,
                        shapes, dtypes); scalar constants appear inside the body as constant leaves
                        (immediates), larger constants are node inputs

@@ -117,8 +117,12 @@ class _Fuser:
         return out
 
 
-def _placeholder_for(t: Tensor, i: int) -> Tensor:
-    name = t.name if t.name and t.name.isidentifier() else f"in{i}"
+def _placeholder_for(t: Tensor, i: int, taken: set) -> Tensor:
+    """A body placeholder standing for `t`, named after it (names unique within the body)."""
+    name = t.name if t.name and t.name.isidentifier() and t.name not in taken else f"in{i}"
+    while name in taken:
+        name += "_"
+    taken.add(name)
     return placeholder(name, t.shape, t.dtype)
 
 
@@ -128,7 +132,7 @@ def build_fused(members: list[Node], env: dict, outs: list[Tensor], alias: dict 
     The body's schedule is the members' order (so an epilogue's matmul comes first)."""
     alias = alias or {}
     body_env: dict[int, Tensor] = {}
-    ext, phs, leaves, order = [], [], [], []
+    ext, phs, leaves, order, by_outer, taken = [], [], [], [], {}, set()
     for m in members:
         m_ins = [alias.get(id(t), t) for t in m.inputs]
         for t in m_ins:
@@ -138,8 +142,12 @@ def build_fused(members: list[Node], env: dict, outs: list[Tensor], alias: dict 
                 body_env[id(t)] = t  # scalar constants live in the body as immediates
                 leaves.append(t.node)
                 continue
-            ext.append(env[id(t)])
-            body_env[id(t)] = _placeholder_for(t, len(phs))
+            outer = env[id(t)]
+            if id(outer) in by_outer:  # one placeholder per distinct external tensor
+                body_env[id(t)] = by_outer[id(outer)]
+                continue
+            ext.append(outer)
+            body_env[id(t)] = by_outer[id(outer)] = _placeholder_for(t, len(phs), taken)
             phs.append(body_env[id(t)])
         new = clone(m, [body_env[id(t)] for t in m_ins])
         order.append(new[0].node)
