@@ -54,12 +54,32 @@ def _launches(plan: Plan):
             yield from _launches(step.body)
 
 
+def precompiled_header(cxx: str, header: str) -> str:
+    """A copy of the emulation header in the cache with its precompiled form beside it (g++ then
+    skips re-parsing <cmath> and friends: about 40% of each small compile). Falls back to the plain
+    header when the compiler cannot precompile it."""
+    d = os.path.join(cache_dir("cuda_emulated"), "pch-" + source_key(header, " ".join(FLAGS), cxx))
+    path = os.path.join(d, "emulation.h")
+    if os.path.exists(path):
+        return path
+    os.makedirs(d, exist_ok=True)
+    gch = path + ".gch"
+    with tempfile.TemporaryDirectory(dir=d) as tmp:
+        flags = [f for f in FLAGS if f not in ("-shared", "-x", "c++")]
+        r = subprocess.run([cxx, *flags, "-x", "c++-header", HEADER, "-o", os.path.join(tmp, "h.gch")],
+                           capture_output=True)
+        if r.returncode == 0 and "g++" in os.path.basename(cxx):
+            os.replace(os.path.join(tmp, "h.gch"), gch)
+    atomic_write(path, header.encode())  # last: its presence means the directory is complete
+    return path
+
+
 def build(source: str, plan: Plan) -> ctypes.CDLL:
     """The shared library for `source` (cached on disk by a hash of everything that goes into it)."""
     cxx = compiler()
     with open(HEADER) as f:
         header = f.read()
-    tu = f'#include "{HEADER}"\n#line 1 "graph.cu"\n' + source + launchers(plan)
+    tu = f'#include "emulation.h"\n#line 1 "graph.cu"\n' + source + launchers(plan)
     key = source_key(header, tu, " ".join(FLAGS), cxx)
     path = os.path.join(cache_dir("cuda_emulated"), f"{key}.so")
     if not os.path.exists(path):
@@ -67,7 +87,8 @@ def build(source: str, plan: Plan) -> ctypes.CDLL:
             src, out = os.path.join(d, "graph.cpp"), os.path.join(d, "graph.so")
             with open(src, "w") as f:
                 f.write(tu)
-            r = subprocess.run([cxx, *FLAGS, src, "-o", out], capture_output=True, text=True)
+            inc = os.path.dirname(precompiled_header(cxx, header))
+            r = subprocess.run([cxx, *FLAGS, "-I", inc, src, "-o", out], capture_output=True, text=True)
             if r.returncode != 0:
                 raise error_with_source(os.path.basename(cxx), r.stderr, source)
             with open(out, "rb") as f:
