@@ -187,6 +187,7 @@ def check_fused_contract(graph: gc.Graph) -> int:
         if head.op.name in EPILOGUE_HEADS:
             assert all(fusible(n) and n.outputs[0].shape == head.outputs[0].shape for n in comp[1:])
             assert all(t.op.name == "placeholder" for t in head.inputs)
+            assert not {id(t) for t in head.inputs} & {id(t) for n in comp[1:] for t in n.inputs}
             assert all(o is not head.outputs[0] for o in body.outputs)
         elif tail.op.name in REDUCTIONS:
             assert all(fusible(n) for n in comp[:-1]) and body.outputs == [tail.outputs[0]]

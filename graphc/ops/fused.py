@@ -14,7 +14,8 @@ Body shapes, in body.compute_nodes() order (the schedule inside the kernel):
   2. elementwise group + trailing reduction: as 1, then ONE reduction (sum/max/min/prod, attrs axis and
      keepdims) of the last elementwise value; the body then has exactly one output, the reduction's.
   3. GEMM/conv epilogue: the first compute node is a matmul (or conv2d) whose inputs are body
-     placeholders; every later node is elementwise with the matmul's output shape (bias add,
+     placeholders read by nothing else in the body; every later node is elementwise with the matmul's
+     output shape (bias add,
      activation, an optimiser update). Outputs are among the elementwise results (never the matmul's
      own result). Compile as: GEMM into the output buffer, then the elementwise loop over it in place.
 A backend that cannot compile a body as one loop may run the body op by op (Fused.impl evaluates it

@@ -220,8 +220,11 @@ def _epilogue_rule(counts, roots):
             return None  # already headed, or closed by a reduction
         for i, (t, old) in enumerate(zip(ins, node.inputs)):
             head = t.node  # counts and roots are about the graph before this pass: look up `old`
+            # the epilogue must not read the GEMM's operands (keeps backends' kernel signatures simple)
+            shared = {id(x) for x in head.inputs} & {id(x) for x in ins}
             if (head.op.name in EPILOGUE_HEADS and counts.get(id(old)) == 1 and id(old) not in roots
-                    and _same_shape(t.shape, _loop_shape(node)) and t.dtype == node.outputs[0].dtype):
+                    and not shared and _same_shape(t.shape, _loop_shape(node))
+                    and t.dtype == node.outputs[0].dtype):
                 return list(_absorb(head, node, i, ins).outputs)
         return None
     return rule
