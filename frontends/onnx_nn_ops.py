@@ -371,3 +371,4 @@ def _sce(cx, ins, a):
     return [loss, logp][:cx.n_out]
 from . import onnx_attention  # noqa: E402,F401  (Attention)
 from . import onnx_resize  # noqa: E402,F401  (Resize)
+from . import onnx_scatter  # noqa: E402,F401  (TopK, GatherND, scatters)

@@ -149,5 +149,5 @@ def test_convolution_gradient_exports_as_conv_transpose(rng):
     loss = gc.sum(gc.conv2d(x, w, stride=2, padding=1) ** 2)
     gx = gc.grad(loss, x)
     f = gc.function([x], gx)
-    _ort_matches(gc.export_onnx([x], [gx]), lambda v: [f(v)], [{"x": rng.standard_normal((2, 3, 7, 7)).astype(np.float32)}],
-                 rtol=1e-4, atol=1e-4)
+    feeds = [{"x": rng.standard_normal((2, 3, 7, 7)).astype(np.float32)}]
+    _ort_matches(gc.export_onnx([x], [gx]), lambda v: [f(v)], feeds, rtol=1e-4, atol=1e-4)
