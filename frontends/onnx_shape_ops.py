@@ -382,3 +382,22 @@ def _einsum_diagonals(spec: str, t):
         t = gc.sum(t * gc.constant(eye), q)
         spec = spec[:q] + spec[q + 1:]
     return spec, t
+
+
+@op("CenterCropPad")
+def _center_crop_pad(cx, ins, a):
+    """Crop or zero-pad each axis to the target size, keeping the centre."""
+    x = ins[0]
+    target = cx.ints(ins[1], "shape")
+    axes = [_sh.normalize_axis(ax, x.ndim, "center_crop_pad") for ax in a.get("axes", range(x.ndim))]
+    for ax, want in zip(axes, target):
+        have = x.shape[ax]
+        if not isinstance(have, int):
+            raise cx.unsupported("center crop/pad of a symbolic axis")
+        if have > want:
+            start = (have - want) // 2
+            x = _slice_along(x, ax, start, start + want)
+        elif have < want:
+            lo = (want - have) // 2
+            x = pad_axis(cx, x, ax, lo, want - have - lo, "constant", 0)
+    return x
