@@ -112,3 +112,32 @@ def _attention(cx, ins, a):
         b, h, sq, d = y.shape
         y = gc.reshape(gc.transpose(y, (0, 2, 1, 3)), (b, sq, h * d))
     return [y, present_k, present_v, qk_out][:cx.n_out]
+
+
+@op("RotaryEmbedding")
+def _rotary(cx, ins, a):
+    """RoPE: rotate pairs (halves, or interleaved neighbours) of each head by position angles."""
+    x, cos, sin = ins[:3]
+    pos = ins[3] if len(ins) > 3 else None
+    shape4 = x.ndim == 4
+    t = gc.transpose(x, (0, 2, 1, 3)) if shape4 else x          # (B, S, H, D) or (B, S, hidden)
+    if not shape4:
+        b, s, hidden = t.shape
+        t = gc.reshape(t, (b, s, a["num_heads"], hidden // a["num_heads"]))
+    d = t.shape[3]
+    rd = a.get("rotary_embedding_dim", 0) or d
+    if pos is not None:
+        cos, sin = gc.take(cos, pos, 0), gc.take(sin, pos, 0)
+    cos, sin = gc.expand_dims(cos, 2), gc.expand_dims(sin, 2)  # (B, S, 1, rd/2)
+    rot, keep = t[:, :, :, :rd], t[:, :, :, rd:]
+    if a.get("interleaved", 0):
+        x1, x2 = rot[:, :, :, 0::2], rot[:, :, :, 1::2]
+    else:
+        x1, x2 = rot[:, :, :, :rd // 2], rot[:, :, :, rd // 2:]
+    real, imag = cos * x1 - sin * x2, sin * x1 + cos * x2
+    if a.get("interleaved", 0):
+        rot = gc.reshape(gc.stack([real, imag], -1), rot.shape)
+    else:
+        rot = gc.concatenate([real, imag], -1)
+    out = gc.concatenate([rot, keep], -1) if rd < d else rot
+    return gc.transpose(out, (0, 2, 1, 3)) if shape4 else gc.reshape(out, x.shape)
