@@ -6,7 +6,7 @@ across the sequence. Predicting the mean (1.0) scores an MSE of about 0.167; an 
 the task scores far below.
 
 The LSTM is gc.nn.LSTM: one `scan` node whose gradient is back-propagation through time as a
-second scan; Adam is written here as graph updates so the training step is one compiled function.
+second scan; gc.optim.Adam's graph updates make the training step one compiled function.
 
     python examples/lstm_adding.py [--epochs 12] [--seq 30] [--hidden 32]
 """
@@ -32,21 +32,6 @@ def make_data(n: int, T: int, rng) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([vals, marks], -1), y
 
 
-def adam_updates(loss, params, lr=1e-2, b1=0.9, b2=0.999, eps=1e-8):
-    """Adam (Kingma & Ba) as (parameter, new value) pairs; its moments are parameters too."""
-    grads = gc.grad(loss, params)
-    t = gc.parameter("adam_t", np.float32(0))
-    t1 = t + 1.0
-    scale = lr * gc.sqrt(1 - b2 ** t1) / (1 - b1 ** t1)
-    ups = [(t, t1)]
-    for p, g in zip(params, grads):
-        m = gc.parameter(f"m_{p.name}", np.zeros(p.shape, np.float32))
-        v = gc.parameter(f"v_{p.name}", np.zeros(p.shape, np.float32))
-        m1, v1 = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
-        ups += [(m, m1), (v, v1), (p, p - scale * m1 / (gc.sqrt(v1) + eps))]
-    return ups
-
-
 def build(T: int, hidden: int, seed: int = 0):
     """(train_step(x, y) -> loss, evaluate(x, y) -> loss, params) for an LSTM + linear read-out."""
     rng = np.random.default_rng(seed)
@@ -59,7 +44,7 @@ def build(T: int, hidden: int, seed: int = 0):
     pred = h[0] @ w + b
     loss = gc.mean((pred - y) ** 2)
     params = lstm.params + [w, b]
-    step = gc.function([x, y], loss, updates=adam_updates(loss, params))
+    step = gc.function([x, y], loss, updates=gc.optim.Adam(lr=1e-2).updates(loss, params))
     evaluate = gc.function([x, y], loss)
     return step, evaluate, params
 

@@ -164,3 +164,15 @@ def test_matches_torch_with_copied_weights(kind, layers, bidir, rng):
     want = [to.detach(), th.detach(), tl.detach(), xt.grad] + [p.grad for p in tm.parameters()]
     for g, w in zip(f(a), want):
         np.testing.assert_allclose(g, w.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_works_inside_sequential_and_trains_with_the_library_optimiser(rng):
+    net = gc.nn.Sequential(gc.nn.GRU(3, 8), lambda t: t[:, -1], gc.nn.Dense(8, 1))
+    x, y = gc.placeholder("x", (None, 6, 3)), gc.placeholder("y", (None, 1))
+    loss = gc.mean((net(x) - y) ** 2)
+    assert any(p.name.startswith("gru") for p in net.params)
+    step = gc.function([x, y], loss, updates=gc.optim.Adam(lr=2e-2).updates(loss, net.params))
+    a = rng.standard_normal((32, 6, 3)).astype(np.float32)
+    b = a[:, :, 0].sum(1, keepdims=True) * 0.3  # a target the GRU can fit
+    losses = [float(step(a, b)) for _ in range(60)]
+    assert losses[-1] < 0.2 * losses[0], losses[::10]
