@@ -298,3 +298,16 @@ def test_random_draw_in_the_step_is_one_draw_per_call():
     f = gc.function([xs], ys)
     a, b = f(np.zeros((4, 3), np.float32)), f(np.zeros((4, 3), np.float32))
     assert np.all(a == a[0]) and np.all(b == b[0]) and not np.allclose(a, b)
+
+
+def test_final_carry_never_aliases_an_input(rng):
+    h = gc.placeholder("h", (3,), "float64")
+    xs = gc.placeholder("xs", ("T", 3), "float64")
+    fin, _ = gc.scan(lambda c, x: (c, x * 2), h, xs)  # the carry passes through unchanged
+    f = gc.function([h, xs], fin)
+    a = rng.standard_normal(3)
+    for T in (0, 2):
+        out = f(a, np.zeros((T, 3)))
+        np.testing.assert_array_equal(out, a)
+        out += 1
+        assert not np.shares_memory(out, a)

@@ -263,6 +263,8 @@ class Scan(Op):
             carries = res[:n_carry]
             for y, r in zip(ys, res[n_carry:]):
                 y[t] = r
+        # a carry the loop never replaced (zero steps, or a pass-through) must not alias an input
+        carries = [np.array(c) if any(c is x for x in args) else c for c in carries]
         return tuple(carries + ys + hist)
 
     @staticmethod
