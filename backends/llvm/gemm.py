@@ -39,14 +39,26 @@ def use_blas(a: View, b: View, out: View) -> bool:
     return jit.blas() is not None and out.dtype in ("float32", "float64") and a.dtype == b.dtype == out.dtype
 
 
-def matmul(out: View, a: View, b: View) -> Kernel:
+#: GRAPHC_LLVM_SMALL_GEMM=1: GEMMs with 2..SMALL_ROWS rows and at most SMALL_MACS multiply-adds use the
+#: vectorised loop instead of BLAS (off by default: on the LSTM step it measured 0.7-1.0x BLAS's time, noisy)
+SMALL_ROWS, SMALL_MACS = 64, 1 << 22
+
+
+def small(a: View, b: View) -> bool:
+    import os
+    n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
+    return (os.environ.get("GRAPHC_LLVM_SMALL_GEMM", "0") == "1" and a.dtype in ("float32", "float64")
+            and 2 <= n <= SMALL_ROWS and n * k * m <= SMALL_MACS and m >= 16)
+
+
+def matmul(out: View, a: View, b: View, blas: bool | None = None) -> Kernel:
     """out (contiguous, batch..., n, m) = a (..., n, k) @ b (..., k, m); BLAS needs blas_layout(a/b)."""
     n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
     bshape = out.shape[:-2]
     ast = broadcast_strides(View(a.buf, 0, a.shape[:-2], a.strides[:-2], a.dtype), bshape)
     bst = broadcast_strides(View(b.buf, 0, b.shape[:-2], b.strides[:-2], b.dtype), bshape)
     ost = contig_strides(bshape + (n * m,))[:-1] if bshape else ()
-    blas = use_blas(a, b, out)
+    blas = use_blas(a, b, out) if blas is None else blas
     it = "i64" if jit.blas() is None or jit.blas()["ilp64"] else "i32"
 
     def one(em, P, offs):
@@ -88,7 +100,7 @@ def _blas_call(em, P, out, a, b, ao, bo, oo, n, k, m, it):
 def _loop_gemm(em, P, out, a, b, ao, bo, oo, n, k, m):
     """C[i, :] = sum_p A[i, p] * B[p, :] (the inner loop over j vectorises for contiguous rows)."""
     t, ty = out.dtype, VTYPE[out.dtype]
-    mul, add = ("fmul", "fadd") if t in ("float32", "float64") else ("mul", "add")
+    mul, add = ("fmul contract", "fadd contract") if t in ("float32", "float64") else ("mul", "add")
     from .lower import convert
     crow = View(out.buf, 0, (m,), (1,), t)
 

@@ -308,6 +308,12 @@ class Plan:
     def _matmul(self, node, ins):
         t = node.outputs[0]
         a, b = (v if v.dtype == t.dtype and v.literal is None else self.materialise(v, t.dtype) for v in ins)
+        if gemm.small(a, b):   # a few rows: the vectorised loop beats BLAS's per-call overhead (LSTM steps)
+            b = b if b.strides[-1] == 1 else self.materialise(b)
+            out = self.fresh(t)
+            self.add(gemm.matmul(out, a, b, blas=False), [a, b], [out])
+            self.view[id(t)] = out
+            return
         if gemm.use_blas(a, b, View(None, 0, (), (), t.dtype)):
             a = a if gemm.blas_layout(a) and min(a.strides[-2:]) >= 0 else self.materialise(a)
             b = b if gemm.blas_layout(b) and min(b.strides[-2:]) >= 0 else self.materialise(b)
@@ -354,7 +360,9 @@ class Plan:
         """gc.scan as a native loop: carries in arena buffers, sequences/ys/history by moving slices."""
         a = node.attrs
         nc, ns, body = a["n_carry"], a["n_seq"], a["body"]
-        seqs, invs = ins[nc:nc + ns], ins[nc + ns:]
+        seqs = ins[nc:nc + ns]
+        # invariants read every iteration: make strided views (a hoisted transpose) contiguous once
+        invs = [v if v.literal is not None or v.contiguous else self.materialise(v) for v in ins[nc + ns:]]
         T = seqs[0].shape[0] if seqs else int(_sh.evaluate((a["length"],), self.bind)[0])
         concrete = [c.shape for c in ins[:nc]] + [q.shape[1:] for q in seqs] + [v.shape for v in invs]
         for ph, shp in zip(body.inputs, concrete):
