@@ -27,20 +27,21 @@ def grid_stride(n, indent="  ") -> str:
             f"{indent}     i += (long long)gridDim.x * blockDim.x) {{")
 
 
-def pointwise(name, comment, loop_c, ins, outs, element, vec=False) -> str:
+def pointwise(name, comment, loop_c, ins, outs, element, vec=()) -> str:
     """out_k[i] = f_k(inputs at loop coordinate i) over the loop shape (grid-stride loop).
-    `element(coords, linear, indent, lane=None) -> (lines, [value per output])`. With `vec` (every
-    buffer float32 and read linearly), a float4 loop does 16-byte loads/stores when all pointers are
-    16-byte aligned (always true for device allocations) and a scalar loop finishes the tail."""
+    `element(coords, linear, indent, lane=None) -> (lines, [value per output])`. With `vec` (the
+    inputs read linearly; every buffer float32, the others broadcast scalars), a float4 loop does
+    16-byte loads/stores when those pointers are 16-byte aligned (always true for device
+    allocations) and a scalar loop finishes the tail."""
     coords = [f"c{k}" for k in range(len(loop_c))]
     lines = [f"// {comment}", signature(name, ins, outs, THREADS) + " {"]
     start = "blockIdx.x * (long long)blockDim.x + threadIdx.x"
     if vec:
-        ptrs = " | ".join(f"(unsigned long long){n}" for n, _ in ins + outs)
+        ptrs = " | ".join(f"(unsigned long long){n}" for n, _ in ins + outs if n in vec or (n, _) in outs)
         lines += [f"  const long long n = {cprod(loop_c)};",
                   f"  const long long n4 = (({ptrs}) % 16 == 0) ? n / 4 : 0;",
                   f"  for (long long i4 = {start}; i4 < n4; i4 += (long long)gridDim.x * blockDim.x) {{"]
-        lines += [f"    const float4 {n}_4 = reinterpret_cast<const float4*>({n})[i4];" for n, _ in ins]
+        lines += [f"    const float4 {n}_4 = reinterpret_cast<const float4*>({n})[i4];" for n, _ in ins if n in vec]
         lines += [f"    float4 {n}_4;" for n, _ in outs]
         for lane in "xyzw":
             body, vals = element(coords, "i", "      ", lane)

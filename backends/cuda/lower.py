@@ -184,7 +184,9 @@ class Lowering:
             lines, vals = [], dict(preset or {})
             for k, (pname, dt, tid, view) in enumerate(ext):
                 idx = lin if lin and view.is_linear(loop_c) else view.index(coords)
-                src = f"{pname}_4.{lane}" if lane else f"{pname}[{idx}]"  # lane: from the float4 load
+                src = f"{pname}[{idx}]"
+                if lane:  # vector loop: a lane of the float4 load, or a broadcast scalar
+                    src = f"{pname}_4.{lane}" if view.is_linear(loop_c) else f"{pname}[0]"
                 lines.append(f"{indent}const {C_TYPES[dt]} a{k} = {src};")
                 vals[tid] = (f"a{k}", dt)
             for src, dst in alias:
@@ -514,10 +516,13 @@ def _c_functions() -> set:
     return set(re.findall(r"([A-Za-z_]\w*)\s*\(", " ".join(spells)))
 
 
-def _vectorisable(ext, outs, loop_c) -> bool:
-    """float4 loads/stores: every buffer float32 and read at the loop's own linear index."""
-    return bool(ext) and all(d == "float32" and v.is_linear(loop_c) for _, d, _, v in ext) and \
-        all(d == "float32" for _, d in outs)
+def _vectorisable(ext, outs, loop_c) -> list:
+    """Names of the inputs a float4 loop loads: all buffers float32, each read at the loop's own
+    linear index or a broadcast scalar (offset 0, all strides 0); [] when that does not hold."""
+    lin = [p for p, _, _, v in ext if v.is_linear(loop_c)]
+    ok = lin and all(d == "float32" and (v.is_linear(loop_c) or (v.offset == 0 and not any(v.strides)))
+                     for _, d, _, v in ext) and all(d == "float32" for _, d in outs)
+    return lin if ok else []
 
 
 def _scalar_const(t: Tensor):
