@@ -257,7 +257,8 @@ def _convert_node(cx: Ctx, node, env: dict, fn) -> None:
     outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
     _stamp(outs, ins, (f"{getattr(cx, 'source', 'onnx model')} node {node.name or node.op_type}",
                        getattr(cx, "index", 0)))
-    if all(t is None or not isinstance(t, SymVal) and t.node.op.name == "constant" for t in ins):
+    if not getattr(fn, "reads_env", False) and all(
+            t is None or not isinstance(t, SymVal) and t.node.op.name == "constant" for t in ins):
         outs = _fold(outs)
     for name, t in zip(node.output, outs):
         if name:

@@ -428,6 +428,9 @@ def _gradient(cx, ins, a):
     return gc.grad(gc.sum(y), xs)
 
 
+_gradient.reads_env = True  # reads tensors by name: never folded at import time
+
+
 from . import onnx_shape_ops  # noqa: E402,F401  (registers shape-op converters)
 from . import onnx_nn_ops  # noqa: E402,F401  (registers conv/pool/norm/rnn converters)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 import graphc as gc
+from graphc import shapes as _sh
 from .onnx_ops import hard_sigmoid, op
 
 
@@ -219,3 +220,57 @@ def _to_axis(y, ax):
     perm = list(range(1, y.ndim))
     perm.insert(ax, 0)
     return gc.transpose(y, tuple(perm))
+
+
+@op("If")
+def _if(cx, ins, a):
+    """A constant condition imports one branch; otherwise both run and gc.where picks (branches
+    are pure, so that is the same result)."""
+    from graphc.ir import constant_value
+    from .onnx_import import import_subgraph
+    node = cx.node
+    c = constant_value(ins[0])
+    try:
+        if c is not None:
+            return import_subgraph(cx, a["then_branch"] if bool(np.asarray(c).reshape(-1)[0]) else a["else_branch"], [])
+        then, other = import_subgraph(cx, a["then_branch"], []), import_subgraph(cx, a["else_branch"], [])
+    finally:
+        cx.node = node
+    cond = gc.reshape(ins[0], ())
+    out = []
+    for t, e in zip(then, other):
+        if t.ndim != e.ndim or not all(_sh.dims_equal(p, q) for p, q in zip(t.shape, e.shape)):
+            raise cx.unsupported(f"If branches of different shapes {_sh.fmt_shape(t.shape)} / {_sh.fmt_shape(e.shape)}")
+        out.append(gc.where(cond, t, e))
+    return out
+
+
+@op("Loop")
+def _loop_op(cx, ins, a):
+    """A Loop with a constant trip count whose condition stays true: one gc.scan of that length."""
+    from graphc.ir import constant_value
+    from graphc.ops.scan import scan_flat
+    from .onnx_import import import_subgraph
+    if ins[0] is None:
+        raise cx.unsupported("Loop without a trip count (a while loop)")
+    trips = int(cx.const(ins[0], "trip count M").reshape(-1)[0])
+    cond0 = constant_value(ins[1]) if len(ins) > 1 and ins[1] is not None else np.array(True)
+    if cond0 is None or not bool(np.asarray(cond0).reshape(-1)[0]):
+        raise cx.unsupported("Loop with a computed or false initial condition")
+    body, node, carried = a["body"], cx.node, list(ins[2:])
+    true = gc.constant(np.array(True))
+
+    def step(carries, xs):
+        outs = import_subgraph(cx, body, [carries[0], true] + list(carries[1:]))
+        cx.node = node
+        c = constant_value(outs[0])
+        if c is None or not bool(np.asarray(c).reshape(-1)[0]):
+            raise cx.unsupported("Loop whose condition can become false (data-dependent trip count)")
+        return [carries[0] + 1] + list(outs[1:1 + len(carried)]), list(outs[1 + len(carried):])
+    fin, ys, _ = scan_flat(step, [gc.constant(np.int64(0))] + carried, [], length=trips)
+    cx.node = node
+    return list(fin[1:]) + list(ys)
+
+
+# these read names of the enclosing graph (not only their inputs): never folded at import time
+_scan.reads_env = _if.reads_env = _loop_op.reads_env = True

@@ -70,7 +70,9 @@ def _size(cx, ins, a):
 @op("Range")
 def _range(cx, ins, a):
     start, limit, delta = (cx.const(t, "range bound") for t in ins)
-    return gc.constant(np.arange(start, limit, delta, dtype=start.dtype), start.dtype.name)
+    dt = start.dtype
+    start, limit, delta = (v.reshape(-1)[0] for v in (start, limit, delta))
+    return gc.constant(np.arange(start, limit, delta, dtype=dt), dt.name)
 
 
 @op("Reshape")
