@@ -94,11 +94,11 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _args(argv)
     _reexec_without_openblas_env(args, argv)
+    if args.threads:
+        _limit_threads(args.threads)
     if args.compile_probe:
         _compile_probe(args)
         return 0
-    if args.threads:
-        _limit_threads(args.threads)
     cache = tempfile.mkdtemp(prefix="graphc-bench-cache-")
     os.environ["GRAPHC_CACHE_DIR"] = cache   # cold compiles: an empty cache
     wls, names = _selected(args)
