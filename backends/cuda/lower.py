@@ -341,12 +341,15 @@ class Lowering:
         sb = broadcast_view(self.dt.shape(b.shape[:-2]), batch_c).strides
         n, k, m = self.dt.dim(a.shape[-2]), self.dt.dim(a.shape[-1]), self.dt.dim(b.shape[-1])
         aa, ba = self.arg(a), self.arg(b)
+        if ba[0] == aa[0]:  # x @ x: one buffer, two kernel parameters
+            ba = (self._name(ba[0]), ba[1])
         outs_t = node.outputs if tail is not None else [y]
         outs = [self.out_arg(t, node.op.name) for t in outs_t]
         t = K.TILE
         extra, extra_bufs, epilogue = [], [], None
         if tail is not None:
             nodes, ext, mm_out, body_outs = tail[0], tail[1], tail[2], tail[3]
+            ext = [(self._name(p) if p in (aa[0], ba[0]) else p, d, tid, v) for p, d, tid, v in ext]
             extra = [(p, d) for p, d, _, _ in ext]
             extra_bufs = tail[4]
             element = self._element(nodes, ext, body_outs, self.dt.shape(y.shape), tail[5],
