@@ -74,6 +74,19 @@ def test_every_kernel_compiles_to_ptx(lowered, arch, tmp_path, monkeypatch):
     assert entries == set(plan.kernels)
 
 
+@pytest.mark.skipif(nvrtc_library() is None, reason="libnvrtc not found (pip install graphc[cuda])")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_nvrtc_in_process_compiles_every_kernel(lowered, arch, tmp_path, monkeypatch):
+    import backends.cuda.compiler as C
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(C, "nvcc_path", lambda: None)  # force the NVRTC route
+    source, plan = lowered
+    ptx = C.compile_cuda(source, arch, "ptx").decode()
+    assert set(re.findall(r"\.entry\s+(\w+)", ptx)) == set(plan.kernels)
+    with pytest.raises(gc.GraphcError, match=re.escape(">>     2 |   y[0] = nope;")):
+        C.compile_cuda('extern "C" __global__ void k(float* y) {\n  y[0] = nope;\n}\n', arch)
+
+
 @needs_nvcc
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_every_kernel_assembles_to_cubin(lowered, arch, tmp_path, monkeypatch):

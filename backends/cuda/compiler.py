@@ -95,8 +95,8 @@ def _nvcc(nvcc, source, arch, target, options) -> bytes:
 def nvrtc_library() -> str | None:
     pats = []
     try:
-        import nvidia.cuda_nvrtc as w  # the nvidia-cuda-nvrtc-cu12 wheel
-        pats.append(os.path.join(os.path.dirname(w.__file__), "lib", "libnvrtc.so*"))
+        import nvidia.cuda_nvrtc as w  # the nvidia-cuda-nvrtc-cu12 wheel (a namespace package)
+        pats += [os.path.join(d, "lib", "libnvrtc.so*") for d in w.__path__]
     except ImportError:
         pass
     pats += ["/usr/local/cuda*/lib64/libnvrtc.so*", "/usr/lib/x86_64-linux-gnu/libnvrtc.so*"]
