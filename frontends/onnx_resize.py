@@ -114,3 +114,12 @@ def _resize(cx, ins, a):
             t = t + gc.constant(extra.astype(y.dtype))
         y = gc.transpose(t, tuple(int(p) for p in np.argsort(perm)))
     return gc.cast(y, x.dtype)
+
+
+@op("Upsample")
+def _upsample(cx, ins, a):
+    """The deprecated Upsample: Resize with asymmetric coordinates (nearest rounds down)."""
+    scales = ins[1] if len(ins) > 1 else gc.constant(np.asarray(a["scales"], np.float32))
+    attrs = {"mode": a.get("mode", "nearest"), "coordinate_transformation_mode": "asymmetric",
+             "nearest_mode": "floor"}
+    return _resize(cx, [ins[0], scales] if cx.opset < 11 else [ins[0], None, scales], attrs)
