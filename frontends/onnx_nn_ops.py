@@ -334,7 +334,6 @@ def _static_shape(cx, x):
     return tuple(x.shape)
 
 
-from . import onnx_rnn_ops  # noqa: E402,F401  (RNN/GRU/LSTM)
 
 
 # ---- losses ------------------------------------------------------------------------------------
@@ -369,6 +368,3 @@ def _sce(cx, ins, a):
     logp = gc.log_softmax(ins[0], 1)
     loss = nll_loss(cx, logp, ins[1], ins[2] if len(ins) > 2 else None, a)
     return [loss, logp][:cx.n_out]
-from . import onnx_attention  # noqa: E402,F401  (Attention)
-from . import onnx_resize  # noqa: E402,F401  (Resize)
-from . import onnx_scatter  # noqa: E402,F401  (TopK, GatherND, scatters)

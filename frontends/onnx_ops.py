@@ -2,7 +2,8 @@
 
 A converter is `fn(cx, ins, attrs) -> Tensor | list[Tensor]`: `ins` are graphc tensors (None for
 an omitted optional input), `attrs` the decoded ONNX attributes. Ops without a graphc counterpart
-are composed from graphc ops. Shape ops live in onnx_shape_ops.py, neural-net ops in onnx_nn_ops.py.
+are composed from graphc ops. The other onnx_*.py modules (imported at the end) add shape ops,
+neural-net ops, recurrent/control flow, attention, resize and scatter/gather converters.
 """
 from __future__ import annotations
 
@@ -432,5 +433,9 @@ _gradient.reads_env = True  # reads tensors by name: never folded at import time
 
 
 from . import onnx_shape_ops  # noqa: E402,F401  (registers shape-op converters)
-from . import onnx_nn_ops  # noqa: E402,F401  (registers conv/pool/norm/rnn converters)
+from . import onnx_nn_ops  # noqa: E402,F401  (conv, pooling, normalisations, losses)
+from . import onnx_rnn_ops  # noqa: E402,F401  (RNN/GRU/LSTM, Scan, Loop, If)
+from . import onnx_attention  # noqa: E402,F401  (Attention, RotaryEmbedding)
+from . import onnx_resize  # noqa: E402,F401  (Resize, Upsample)
+from . import onnx_scatter  # noqa: E402,F401  (TopK, GatherND, scatters)
 
