@@ -127,6 +127,29 @@ def _conv_transpose(cx, ins, a):
     return y
 
 
+@op("Col2Im")
+def _col2im(cx, ins, a):
+    """Col2Im is a transposed convolution of the columns with a one-hot (C*K, C, kh, kw) kernel."""
+    cols = ins[0]
+    image, block = cx.ints(ins[1], "image_shape"), cx.ints(ins[2], "block_shape")
+    if len(image) != 2 or "conv2d_grad_input" not in gc.OPS:
+        raise cx.unsupported(f"{len(image)}-D Col2Im")
+    n, ck, length = cols.shape
+    k = block[0] * block[1]
+    c = ck // k
+    strides, dil = a.get("strides") or [1, 1], a.get("dilations") or [1, 1]
+    raw = a.get("pads") or [0, 0, 0, 0]
+    pads = ((raw[0], raw[2]), (raw[1], raw[3]))
+    outs = [(image[i] + sum(pads[i]) - dil[i] * (block[i] - 1) - 1) // strides[i] + 1 for i in range(2)]
+    w = np.zeros((c * k, c) + tuple(block), cols.dtype)
+    for ch in range(c):
+        for j in range(k):
+            w[ch * k + j, ch].flat[j] = 1.0
+    gy = gc.reshape(cols, (n, ck, outs[0], outs[1]))
+    return gc.ir.apply(gc.OPS["conv2d_grad_input"], gy, gc.constant(w), x_hw=tuple(image), stride=tuple(strides),
+                       pads=pads, dilation=tuple(dil), groups=1)
+
+
 def _pool(kind):
     def conv(cx, ins, a):
         x = ins[0]
