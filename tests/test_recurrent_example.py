@@ -28,3 +28,14 @@ def test_lstm_learns_the_adding_problem(capsys):
     assert out.count("val mse") == 6  # one line per epoch, plus the start
     assert hist[0] > 0.1  # the mean predictor's level (the target's variance is 1/6)
     assert hist[-1] < 0.1 * hist[0] and hist[-1] < 0.02, hist
+
+
+def test_w4_benchmark_graph_matches_its_numpy_baseline(monkeypatch, capsys):
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "lstm_benchmark.py"
+    spec = importlib.util.spec_from_file_location("lstm_benchmark", path)
+    lb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lb)
+    monkeypatch.setattr("sys.argv", ["lstm_benchmark.py", "--rounds", "1", "--calls", "2"])
+    lb.main()  # asserts every system against a float64 NumPy reference before timing
+    out = capsys.readouterr().out
+    assert "graphc (numpy)" in out and "NumPy by hand" in out
