@@ -71,6 +71,8 @@ class Plan:
         for j, t in enumerate(roots):
             self.root_slot.setdefault(id(t), j)
         self.out_bufs = [None] * len(roots)
+        self.status: View | None = None  # int64 word: 1 + index in status_nodes of a kernel that found
+        self.status_nodes: list[Node] = []  # an out-of-range index (the program raises after the call)
         self._loop_pos = None   # inside a loop body: every buffer is live for the whole loop step
         self._build()
 
@@ -111,6 +113,16 @@ class Plan:
         pos = self._loop_pos if self._loop_pos is not None else len(self.steps)
         self.touch(list(reads) + list(writes), pos)
         self.steps.append(kernel_or_host)
+
+    def status_view(self, node: Node) -> tuple[View, int]:
+        """The arena word a bounds-checking kernel sets (live for the whole program, never shared),
+        and the code that names `node` in it."""
+        if self.status is None:
+            b = self.new_buffer("arena", 8)
+            self.buffers[b].first, self.buffers[b].last = 0, 1 << 59
+            self.status = View(b, 0, (1,), (1,), "int64")
+        self.status_nodes.append(node)
+        return self.status, len(self.status_nodes)
 
     def materialise(self, v: View, dtype=None) -> View:
         """A contiguous copy of v (converted to dtype)."""
@@ -434,14 +446,16 @@ class Plan:
         t = node.outputs[0]
         x, idx = (v if v.literal is None else self.materialise(v) for v in ins)
         out = self.fresh(t)
-        self.add(gather.take(out, x, idx, node.attrs["axis"]), [x, idx], [out])
+        st, code = self.status_view(node)
+        self.add(gather.take(out, x, idx, node.attrs["axis"], st, code), [x, idx, st], [out])
         self.view[id(t)] = out
 
     def _take_grad(self, node, ins):
         t = node.outputs[0]
         g, idx = (v if v.literal is None else self.materialise(v) for v in (ins[0], ins[2]))
         out = self.fresh(t)
-        self.add(gather.take_grad(out, g, idx, node.attrs["axis"]), [g, idx], [out])
+        st, code = self.status_view(node)
+        self.add(gather.take_grad(out, g, idx, node.attrs["axis"], st, code), [g, idx, st], [out])
         self.view[id(t)] = out
 
     # ---- memory plan -------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ import threading
 
 import numpy as np
 
+from graphc.errors import GraphcError
+from graphc.ir import fmt_loc
+
 from . import gemm, jit, mathlib
 from .irtext import Emitter
 from .kernels import Kernel
@@ -199,12 +202,15 @@ class Specialised:
         self.consts = [c.ctypes.data for c in plan.consts]
         self._keep = plan.consts
         self._tls = threading.local()
+        self._status = None if plan.status is None else plan.buffers[plan.status.buf].offset
 
     def _arena(self) -> np.ndarray:
         a = getattr(self._tls, "arena", None)
         if a is None:   # one per thread: concurrent calls never share scratch memory
             raw = np.empty(self.plan.arena_bytes + 64, np.uint8)
             a = raw[(-raw.ctypes.data) % 64:][:self.plan.arena_bytes or 1]
+            if self._status is not None:
+                a[self._status:self._status + 8] = 0
             self._tls.arena = a
         return a
 
@@ -243,7 +249,19 @@ class Specialised:
                 else:
                     bases = bases or self._bases(inputs, params, outs, self._arena())
                     self._host(seg, bases)
+        if self._status is not None:
+            self._check_status()
         return outs[:self.n_out], outs[self.n_out:]
+
+    def _check_status(self) -> None:
+        """Raise (after resetting it) if a kernel recorded an out-of-range index this call."""
+        word = self._arena()[self._status:self._status + 8].view(np.int64)
+        code = int(word[0])
+        if code:
+            word[0] = 0
+            node = self.plan.status_nodes[code - 1]
+            raise GraphcError(f"IndexError in {node.op.name} at run time: an integer index is out of range "
+                              f"for axis {node.attrs['axis']}\n  node built at {fmt_loc(node.loc)}")
 
     def _bases(self, inputs, params, outs, arena):
         flat = lambda a: a.reshape(-1).view(np.uint8)   # noqa: E731
