@@ -6,9 +6,15 @@ from __future__ import annotations
 from .plan import Plan, ScanLoop
 
 
-def scan(L, node) -> None:
+def scan(L, node, optimize_body: bool = True) -> None:
     from .lower import Lowering
     body = node.attrs["body"]
+    if optimize_body:  # the optimiser leaves scan bodies alone: fuse the step's elementwise work here
+        try:
+            from graphc.passes import optimize
+            body = optimize(body, level=2)
+        except ImportError:
+            pass
     child = Lowering(body)
     child.dt, child.kernels, child.kinds, child.names = L.dt, L.kernels, L.kinds, L.names  # one module
     child.steps, child.buffers = [], []
