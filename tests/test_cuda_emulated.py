@@ -208,3 +208,15 @@ def test_gpu_check_script_dry_run_on_the_emulation(capsys):
     out = capsys.readouterr().out
     assert "FAIL" not in out and out.count("ok  ") == 7
     assert mod.main(["--backend", "cuda"]) == (0 if "cuda" in gc.available_backends() else 2)
+
+
+def test_out_of_range_index_inside_a_scan_body_raises():
+    """The status word is shared with scan bodies: a bad index in any step names the node's line."""
+    x = gc.placeholder("x", (4, 3))
+    i = gc.placeholder("i", (2,), "int64")
+    c, _ = gc.scan(lambda c, xt: (c + gc.take(xt, i), c), gc.zeros_like(x[0, :2]), x)
+    f = gc.function([x, i], c, backend="cuda-emulated")
+    np.testing.assert_array_equal(f(np.ones((4, 3), np.float32), np.array([0, -1])), [4, 4])
+    with pytest.raises(gc.GraphcError, match="take: index out of range") as e:
+        f(np.ones((4, 3), np.float32), np.array([0, 3]))
+    assert "test_cuda_emulated.py" in str(e.value)

@@ -196,11 +196,11 @@ def matmul_kernel(name, comment, a, b, outs, n, k, m, batch_c, a_bstrides, b_bst
                        [f"          v = ({t})A[r * K + q];"], [f"          v = ({t})B[q * N + cc];"], store)
 
 
-def scatter_kernel(name, comment, loop_c, ins, dst, target, accumulate) -> str:
+def scatter_kernel(name, comment, loop_c, ins, dst, target, accumulate, extra_outs=()) -> str:
     """dst[target(c)] (+)= src[i] over src's elements (gradients of indexing; dst is zero-filled first)."""
     coords = [f"c{k}" for k in range(len(loop_c))]
     src = ins[0]
-    lines = [f"// {comment}", signature(name, ins, [dst], THREADS) + " {", grid_stride(cprod(loop_c))]
+    lines = [f"// {comment}", signature(name, ins, [dst, *extra_outs], THREADS) + " {", grid_stride(cprod(loop_c))]
     tl, tidx = target(coords, "    ")
     lines += coords_code("i", loop_c, coords, "    ") + tl
     op = f"atomicAdd(&{dst[0]}[{tidx}], {src[0]}[i]);" if accumulate else f"{dst[0]}[{tidx}] = {src[0]}[i];"

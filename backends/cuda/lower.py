@@ -52,6 +52,8 @@ class Lowering:
         self.kernels: list[str] = []
         self.kinds: dict[str, str] = {}
         self.names: set[str] = set()
+        self.status: int | None = None   # int32 buffer kernels set when an index is out of range
+        self.status_nodes: list = []     # code k (1-based) -> the node whose kernel set it
 
     # ---- buffers -------------------------------------------------------------------------------
     def _name(self, hint: str) -> str:
@@ -78,6 +80,15 @@ class Lowering:
             self.new_buffer(t, "const", "const", value=t.node.attrs["value"])
         return self.buf_of[id(t)]
 
+    def status_arg(self, node) -> tuple[tuple[str, str], int]:
+        """The status word's kernel parameter and this node's error code (the host raises after the call)."""
+        if self.status is None:
+            b = Buffer(len(self.buffers), self._name("gc_status"), "int32", (1,), "status")
+            self.buffers.append(b)
+            self.status = b.id
+        self.status_nodes.append(node)
+        return (self.buffers[self.status].name, "int32"), len(self.status_nodes)
+
     def arg(self, t: Tensor) -> tuple[str, str]:
         return self.buffers[self.buf(t)].name, t.dtype
 
@@ -97,7 +108,8 @@ class Lowering:
         upds = [(self.buf(u), u.shape) for _, u in self.g.updates]
         params = self.g.parameters
         upd_params = [next(i for i, q in enumerate(params) if q is p) for p, _ in self.g.updates]
-        plan = Plan(self.buffers, self.steps, outs, upds, self.dt, self.kinds, upd_params)
+        plan = Plan(self.buffers, self.steps, outs, upds, self.dt, self.kinds, upd_params, self.status,
+                    self.status_nodes)
         return self.source(), plan
 
     def source(self) -> str:
@@ -458,8 +470,9 @@ class Lowering:
         self._launch_pointwise(node, "copy", f"concatenate along axis {axis} -> {y.type_str}", loop_c, ins,
                                [self.buf(t) for t in node.inputs], out, y, element)
 
-    def _take_target(self, xshape, idx_shape, axis, idx_name):
-        """(lines, x offset) for take-shaped coordinates: x[pre, idx[mid], post]."""
+    def _take_target(self, xshape, idx_shape, axis, idx_name, status):
+        """(lines, x offset) for take-shaped coordinates: x[pre, idx[mid], post]; an index outside
+        [-d, d) sets the status word (the host raises) instead of reading anything."""
         xs = contiguous_strides(self.dt.shape(xshape))
         isc = self.dt.shape(idx_shape)
         d = self.dt.dim(xshape[axis])
@@ -467,8 +480,10 @@ class Lowering:
         def target(coords, indent):
             pre, mid, post = coords[:axis], coords[axis:axis + len(isc)], coords[axis + len(isc):]
             ioff = View(0, contiguous_strides(isc)).index(mid)
+            (sname, _), code = status
             lines = [f"{indent}long long q = (long long){idx_name}[{ioff}];",
-                     f"{indent}q = ((q % {d}) + {d}) % {d};  // negative indices count from the end"]
+                     f"{indent}if (q < -{d} || q >= {d}) {{ {sname}[0] = {code}; continue; }}  // out of range",
+                     f"{indent}if (q < 0) q += {d};  // negative indices count from the end"]
             off = View(0, xs[:axis]).index(pre)
             off = cadd(off, cmul("q", xs[axis]))
             off = cadd(off, View(0, xs[axis + 1:]).index(post))
@@ -482,34 +497,41 @@ class Lowering:
         if ia[0] == xa[0]:
             ia = (self._name(ia[0]), ia[1])
         out = self.out_arg(y, "take")
-        target = self._take_target(x.shape, idx.shape, node.attrs["axis"], ia[0])
+        status = self.status_arg(node)
+        target = self._take_target(x.shape, idx.shape, node.attrs["axis"], ia[0], status)
 
         def element(coords, lin, indent):
             lines, off = target(coords, indent)
             return lines, [f"{xa[0]}[{off}]"]
-        self._launch_pointwise(node, "take", f"take along axis {node.attrs['axis']} -> {y.type_str}",
-                               self.dt.shape(y.shape), [xa, ia], [self.buf(x), self.buf(idx)], out, y, element)
+        comment = f"take along axis {node.attrs['axis']} -> {y.type_str}"
+        self.add_kernel(node, "take", lambda k: K.pointwise(k, comment, self.dt.shape(y.shape), [xa, ia],
+                                                            [out, status[0]], element),
+                        [self.buf(x), self.buf(idx), self.buf(y), self.status], [self.buf(y), self.status],
+                        K.grid_1d(lambda dims: _size(y.shape, dims)), (K.THREADS, 1, 1), False)
 
     def scatter(self, node) -> None:
         g, x = node.inputs[0], node.inputs[1]
         y = node.outputs[0]
         ga = self.arg(g)
         out = self.out_arg(y, node.op.name)
-        bufs = [self.buf(g)]
+        bufs, extra, extra_bufs = [self.buf(g)], [], []
         if node.op.name == "take_grad":
             idx = node.inputs[2]
             ia = self.arg(idx)
-            target = self._take_target(x.shape, idx.shape, node.attrs["axis"], ia[0])
+            status = self.status_arg(node)
+            target = self._take_target(x.shape, idx.shape, node.attrs["axis"], ia[0], status)
             ins, accumulate = [ga, ia], True
             bufs.append(self.buf(idx))
+            extra, extra_bufs = [status[0]], [self.status]
         else:
             view = self.getitem_view(x.shape, contiguous_strides(self.dt.shape(x.shape)), node.attrs["index"])
             target, ins, accumulate = (lambda c, ind: ([], view.index(c))), [ga], False
         loop_c = self.dt.shape(g.shape)
         self.steps.append(Fill(self.buf(y), [self.buf(y)]))
         comment = f"{node.op.name}: scatter {g.type_str} into zeros {y.type_str}"
-        self.add_kernel(node, "scatter", lambda k: K.scatter_kernel(k, comment, loop_c, ins, out, target, accumulate),
-                        bufs + [self.buf(y)], [self.buf(y)], K.grid_1d(lambda dims: _size(g.shape, dims)), (K.THREADS, 1, 1), False)
+        self.add_kernel(node, "scatter",
+                        lambda k: K.scatter_kernel(k, comment, loop_c, ins, out, target, accumulate, extra),
+                        bufs + [self.buf(y)] + extra_bufs, [self.buf(y)] + extra_bufs, K.grid_1d(lambda dims: _size(g.shape, dims)), (K.THREADS, 1, 1), False)
 
 
 def _c_functions() -> set:

@@ -17,7 +17,7 @@ def scan(L, node, optimize_body: bool = True) -> None:
             pass
     child = Lowering(body)
     child.dt, child.kernels, child.kinds, child.names = L.dt, L.kernels, L.kinds, L.names  # one module
-    child.steps, child.buffers = [], []
+    child.steps, child.buffers, child.status_nodes = [], [], L.status_nodes  # one list of error codes
     for i, t in enumerate(body.inputs):
         child.new_buffer(t, "input", index=i)
     for n in body.nodes:
@@ -27,4 +27,9 @@ def scan(L, node, optimize_body: bool = True) -> None:
     plan = Plan(child.buffers, child.steps, [(child.buf(o), o.shape) for o in body.outputs], [], L.dt)
     ins = [L.buf(t) for t in node.inputs]
     outs = [L.new_buffer(t, hint="scan") for t in node.outputs]
-    L.steps.append(ScanLoop(node, plan, ins, outs))
+    status = None
+    if child.status is not None:
+        if L.status is None:
+            L.status_arg(node)  # creates the graph's status word (code unused)
+        status = (child.status, L.status)
+    L.steps.append(ScanLoop(node, plan, ins, outs, status))

@@ -68,6 +68,7 @@ class ScanLoop:
     body: "Plan"
     inputs: list[int]
     outputs: list[int]
+    status: tuple | None = None  # (body's status buffer, graph's status buffer): one status word
 
     def describe(self, dims=None) -> str:
         a = self.node.attrs
@@ -84,6 +85,8 @@ class Plan:
     dimtab: DimTable
     kernels: dict = field(default_factory=dict)  # name -> kind
     update_params: list = field(default_factory=list)  # parameter index of each update
+    status: int | None = None       # the int32 status word's buffer (kernels that can fail set it)
+    status_nodes: list = field(default_factory=list)   # error code k -> node (k - 1)
 
     def text(self) -> str:
         lines = [f"buffer {b.id} {b.name}: {b.dtype}{_sh.fmt_shape(b.shape)} ({b.kind})" for b in self.buffers]
@@ -147,8 +150,18 @@ def execute(plan: Plan, mem: Memory, inputs, params, dims):
             env[b.id] = mem.bind(inputs[b.index], b)
         elif b.kind == "param":
             env[b.id] = mem.bind(params[b.index], b)
+    if plan.status is not None:
+        env[plan.status] = mem.alloc("int32", (1,))
+        mem.zero(env[plan.status], "int32", (1,))
     run_steps(plan, mem, env, dims)
     bufs = {b.id: b for b in plan.buffers}
+    if plan.status is not None:
+        code = int(mem.download(env[plan.status], "int32", (1,), copy=True)[0])
+        if code:
+            mem.after_run(env, [])  # frees the call's buffers; no update is applied
+            node = plan.status_nodes[code - 1]
+            raise GraphcError(f"{node.op.name}: index out of range at run time (indices must lie in [-n, n))\n"
+                              f"  node built at {fmt_loc(node.loc)}")
 
     def fetch(bid, shape):
         b = bufs[bid]
@@ -214,6 +227,8 @@ def _scan(step: ScanLoop, env, bufs, mem: Memory, dims):
         for b in body.buffers:
             if b.kind == "input":
                 benv[b.id] = handles[b.index]
+        if step.status:
+            benv[step.status[0]] = env[step.status[1]]
         run_steps(body, mem, benv, bdims)
         res = [benv[bid] for bid, _ in body.outputs]
         carries = res[:nc]
