@@ -125,14 +125,21 @@ def test_missing_input_placeholder_is_reported():
         gc.function([x], x + y)
 
 
-def test_runtime_error_names_the_node():
+def test_runtime_error_names_the_node(backend):
     x = gc.placeholder("x", (3,))
     i = gc.placeholder("i", (2,), "int64")
     c = gc.parameter("c", np.zeros(3, np.float32))
-    f = gc.function([x, i], gc.take(x, i), updates=[(c, c + x)])
-    with pytest.raises(gc.GraphcError, match="take"):
-        f(np.ones(3, np.float32), np.array([0, 7]))
+    f = gc.function([x, i], gc.take(x, i) * 2, updates=[(c, c + x)], backend=backend)
+    for bad in ([0, 7], [-4, 0]):  # out of range either way: an error, never a clamped or wrapped read
+        with pytest.raises(gc.GraphcError, match="take") as e:
+            f(np.ones(3, np.float32), np.array(bad))
+        assert "test_api.py" in str(e.value)
     np.testing.assert_array_equal(c.value, 0)  # a failed call applies no update
+    np.testing.assert_array_equal(f(np.arange(3, dtype=np.float32), np.array([2, -3])), [4, 0])
+    w = gc.placeholder("w", (4, 2), "float64")
+    g = gc.function([w, i], gc.grad(gc.sum(gc.take(w, i) ** 2), w), backend=backend)
+    with pytest.raises(gc.GraphcError, match="take"):
+        g(np.ones((4, 2)), np.array([0, 4]))
 
 
 def test_source_is_readable_python():
