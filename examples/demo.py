@@ -35,7 +35,22 @@ def main(cnn: bool = False, epochs: int | None = None, backend: str = "numpy", d
           + ", ".join(f"{k} x{v}" for k, v in ops.most_common(6)))
     print(f"the loss, summarised by gc.dprint (depth {depth}):")
     gc.dprint(f.graph.outputs[0], depth=depth)
+    _picture(f, "cnn" if cnn else "mlp")
     return acc
+
+
+def _picture(f, name: str) -> None:
+    """Write the optimised training graph as SVG (or as DOT text where Graphviz is not installed)."""
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"{name}_training_graph.svg")
+    try:
+        gc.draw(f, path)
+    except gc.viz.GraphvizNotFound:
+        path = path[:-4] + ".dot"
+        gc.draw(f, path)
+        print("(Graphviz's `dot` is not installed, so the picture is DOT text: apt-get install graphviz)")
+    print(f"\nthe optimised training graph (fused kernels as clusters) is drawn in {path}")
 
 
 if __name__ == "__main__":
