@@ -7,115 +7,11 @@ import pytest
 
 import graphc as gc
 from conftest import TEST_BACKENDS, backend_or_skip
+from fuzz import random_graph  # the generator lives in tests/fuzz.py (shared with the fuzzer)
 
 GRAPHS_PER_CHUNK = 25
 CHUNKS = 6       # 150 graphs (results and gradients) per backend (compiled backends: 50 quick, 100 slow)
 SLOW_CHUNKS = 6  # 150 more on numpy, marked slow
-
-
-def _bounded(t):
-    return gc.tanh(t) * 2.0
-
-
-UNARY = [
-    lambda t: gc.exp(_bounded(t)), gc.tanh, gc.sigmoid, lambda t: -t, gc.abs, gc.sin, gc.relu, gc.softplus,
-    lambda t: gc.sqrt(gc.abs(t) + 1.0), lambda t: gc.log(gc.abs(t) + 1.0), lambda t: gc.log(1.0 + gc.abs(t)),
-    lambda t: gc.exp(_bounded(t)) - 1.0, lambda t: t * t, lambda t: gc.leaky_relu(t, 0.1),
-    lambda t: gc.log(gc.sigmoid(t)), lambda t: t * 1.0 + 0.0, lambda t: -(-t), lambda t: gc.exp(gc.log(gc.abs(t) + 0.5)),
-    lambda t: gc.stop_gradient(t) * 0.5 + t, lambda t: gc.cast(gc.cast(t, "float32"), t.dtype),
-    lambda t: (t - t) + t * 3.0, lambda t: gc.clip(t, -1.0, 1.5), lambda t: gc.rsqrt(t * t + 1.0),
-]
-BINARY = [
-    lambda a, b: a + b, lambda a, b: a - b, lambda a, b: a * b, lambda a, b: a / (gc.abs(b) + 1.0),
-    gc.maximum, gc.minimum, lambda a, b: gc.where(a > b, a, b * 2.0), lambda a, b: (gc.abs(a) + 0.5) ** 2 + b,
-    lambda a, b: a * b + b * a, lambda a, b: gc.exp(_bounded(a)) * gc.sigmoid(b),
-]
-
-
-def _reduce(r, t):
-    if t.ndim == 0:
-        return t
-    axis = int(r.integers(0, t.ndim))
-    kind = int(r.integers(0, 7))
-    keep = bool(r.integers(0, 2))
-    if kind == 0:
-        return gc.sum(t, axis=axis, keepdims=keep)
-    if kind == 1:
-        return gc.mean(t, axis=axis, keepdims=keep)
-    if kind == 2:
-        return gc.max(t, axis=axis, keepdims=keep)
-    if kind == 3:
-        return gc.softmax(t, axis=axis)
-    if kind == 4:
-        return gc.log(gc.softmax(t, axis=axis))
-    if kind == 5:
-        return gc.log(gc.sum(gc.exp(_bounded(t)), axis=axis, keepdims=keep))
-    return gc.logsumexp(t, axis=axis, keepdims=keep)
-
-
-def _reshape_like(r, t):
-    if t.ndim < 2:
-        return t
-    kind = int(r.integers(0, 3))
-    if kind == 0:
-        return t.T.T if r.integers(0, 2) else gc.transpose(gc.transpose(t))
-    if kind == 1 and all(isinstance(d, int) for d in t.shape):
-        return gc.reshape(gc.reshape(t, (-1,)), t.shape)
-    return gc.expand_dims(t, 0)[0]
-
-
-def _matmul(r, t):
-    """t @ W (+ b, then an activation): a GEMM with an epilogue to fuse."""
-    if t.ndim != 2 or not isinstance(t.shape[1], int):
-        return t
-    w = gc.constant(r.standard_normal((t.shape[1], 3)).astype(t.dtype))
-    y = t @ w
-    if r.integers(0, 2):
-        y = y + gc.constant(r.standard_normal(3).astype(t.dtype))
-    return [gc.tanh, gc.relu, gc.sigmoid, lambda v: v][int(r.integers(0, 4))](y)
-
-
-def _shapes(r, seed):
-    """Input shapes broadcasting against a (rows, cols) base: full, row, column, scalar, size-1 dims;
-    a third of the graphs have a symbolic batch dim (named per graph, so graphs can share a function)."""
-    rows = int(r.choice([1, 3, 5]))
-    cols = int(r.choice([1, 4]))
-    sym = bool(r.integers(0, 3) == 0)
-    base = (f"n{seed}" if sym else rows, cols)
-    pool = [base, (cols,), (1, cols), ()]
-    if not sym:
-        pool += [(rows, 1)]
-    n = int(r.integers(1, 4))
-    return [base] + [pool[int(r.integers(0, len(pool)))] for _ in range(n - 1)], rows
-
-
-def random_graph(seed: int, dtype="float64"):
-    """(placeholders, output, input arrays, all tensors built) for a random graph of 3-12 ops."""
-    r = np.random.default_rng(seed)
-    shapes, rows = _shapes(r, seed)
-    phs = [gc.placeholder(f"s{seed}_x{i}", s, dtype) for i, s in enumerate(shapes)]
-    vals = [r.uniform(-2, 2, tuple(rows if isinstance(d, str) else d for d in s)).astype(dtype) for s in shapes]
-    pool = list(phs)
-    for _ in range(int(r.integers(3, 13))):
-        kind = r.random()
-        a = pool[int(r.integers(0, len(pool)))]
-        if kind < 0.4:
-            t = UNARY[int(r.integers(0, len(UNARY)))](a)
-        elif kind < 0.75:
-            b = pool[int(r.integers(0, len(pool)))]
-            try:
-                t = BINARY[int(r.integers(0, len(BINARY)))](a, b)
-            except gc.ShapeError:
-                continue
-        elif kind < 0.85:
-            t = _reduce(r, a)
-        elif kind < 0.93:
-            t = _matmul(r, a)
-        else:
-            t = _reshape_like(r, a)
-        pool.append(t)
-    out = pool[-1] if len(pool) > len(phs) else gc.exp(phs[0])
-    return phs, out, vals, pool
 
 
 def _case(seed, dtype):

@@ -240,7 +240,7 @@ def _np_log_softmax(x, axis):
 
 
 def _np_logsumexp(x, axis, keepdims):
-    m = np.max(x, axis=axis, keepdims=True)
+    m = np.max(x, axis=axis, keepdims=True, initial=-np.inf)  # initial: a size-0 axis gives log(0) = -inf
     m = np.where(np.isfinite(m), m, np.zeros((), x.dtype))
     r = np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True)) + m
     return r if keepdims else np.squeeze(r, axis=axis)
