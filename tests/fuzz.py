@@ -202,7 +202,7 @@ def make_case(seed: int) -> Case | None:
         return None  # rejected when built (max over a size-0 axis): tests/test_ops.py covers the message
     r = np.random.default_rng(seed + 10 ** 6)
     extra = pool[int(r.integers(len(phs), len(pool)))] if len(pool) > len(phs) else out
-    dims = {d: vals[0].shape[0] for d in phs[0].shape if isinstance(d, str)}
+    dims = {str(d): vals[0].shape[0] for d in phs[0].shape if not isinstance(d, int)}  # symbolic batch
     try:
         with np.errstate(all="ignore"):
             evaluate([out, extra], dict(zip(phs, vals)), dims)
