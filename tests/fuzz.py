@@ -217,18 +217,18 @@ def _tol(case: Case) -> dict:
     return dict(rtol=1e-9, atol=1e-10) if "64" in case.kind else dict(rtol=2e-4, atol=2e-5)
 
 
-def check_cases(cases: list, backend: str, level: int) -> list:
+def check_cases(cases: list, backend: str, level: int, **options) -> list:
     """[(seed, message)] for the cases whose results on (backend, level) differ from the reference
     (all cases in one function; a failing batch is split until the failing graphs are isolated)."""
     phs = [p for c in cases for p in c.phs]
     outs = [o for c in cases for o in c.outs]
     try:
-        f = gc.function(phs, outs, backend=backend, optimize=level)
+        f = gc.function(phs, outs, backend=backend, optimize=level, **options)
         with np.errstate(all="ignore"):
             got = f(*[v for c in cases for v in c.vals])
     except Exception as e:  # noqa: BLE001 - any crash is a finding; isolate it below
         if len(cases) > 1:
-            return _split(cases, backend, level)
+            return _split(cases, backend, level, **options)
         return [(cases[0].seed, f"{type(e).__name__}: {e}".splitlines()[0][:300])]
     bad, k = [], 0
     for c in cases:
@@ -243,9 +243,9 @@ def check_cases(cases: list, backend: str, level: int) -> list:
     return bad
 
 
-def _split(cases, backend, level):
+def _split(cases, backend, level, **options):
     half = len(cases) // 2
-    return check_cases(cases[:half], backend, level) + check_cases(cases[half:], backend, level)
+    return check_cases(cases[:half], backend, level, **options) + check_cases(cases[half:], backend, level, **options)
 
 
 def _compare(got, want, tol) -> str | None:
@@ -290,8 +290,9 @@ class Tally:
     failures: list = field(default_factory=list)
 
 
-def fuzz(seeds, backends, grad_every: int = 10, levels=LEVELS, log=print) -> dict:
-    """{backend: Tally} over `seeds`; a case is one graph at one optimisation level."""
+def fuzz(seeds, backends, grad_every: int = 10, levels=LEVELS, log=print, **options) -> dict:
+    """{backend: Tally} over `seeds`; a case is one graph at one optimisation level; `options` go to
+    gc.function (e.g. sanitize="address" for cuda-emulated)."""
     tallies = {b: Tally() for b in backends}
     seeds = list(seeds)
     for i in range(0, len(seeds), CHUNK):
@@ -301,7 +302,7 @@ def fuzz(seeds, backends, grad_every: int = 10, levels=LEVELS, log=print) -> dic
             t.graphs += len(cases)
             for level in levels:
                 t.cases += len(cases)
-                t.failures += [(s, f"optimize={level}: {m}") for s, m in check_cases(cases, b, level)]
+                t.failures += [(s, f"optimize={level}: {m}") for s, m in check_cases(cases, b, level, **options)]
             for c in cases:
                 if grad_every and c.kind == "float64" and c.seed % (grad_every * len(KINDS)) < len(KINDS):
                     m = check_grad(c.seed, b)
@@ -314,16 +315,33 @@ def fuzz(seeds, backends, grad_every: int = 10, levels=LEVELS, log=print) -> dic
     return tallies
 
 
+def asan_env() -> dict:
+    """The environment a Python process needs to load ASan-instrumented kernels."""
+    import subprocess
+    lib = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    return dict(os.environ, LD_PRELOAD=lib, ASAN_OPTIONS="detect_leaks=0")
+
+
+def _reexec_with_asan():
+    with open("/proc/self/maps") as f:
+        if "libasan" not in f.read():
+            os.execve(sys.executable, [sys.executable, *sys.argv], asan_env())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--graphs", type=int, default=200)
     ap.add_argument("--backends", default="numpy,llvm,cuda-emulated")
     ap.add_argument("--seed", type=int, default=0, help="first seed (graphs use seed, seed+1, ...)")
     ap.add_argument("--grad-every", type=int, default=10, help="check gradients of 1 in K float64 graphs")
+    ap.add_argument("--sanitize", choices=["address"], help="cuda-emulated kernels built with ASan")
     a = ap.parse_args(argv)
+    options = {"sanitize": a.sanitize} if a.sanitize else {}
+    if a.sanitize:
+        _reexec_with_asan()
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]
     t0 = time.perf_counter()
-    tallies = fuzz(range(a.seed, a.seed + a.graphs), backends, a.grad_every)
+    tallies = fuzz(range(a.seed, a.seed + a.graphs), backends, a.grad_every, **options)
     print(f"fuzz: seeds {a.seed}..{a.seed + a.graphs - 1} in {time.perf_counter() - t0:.0f} s")
     for b, t in tallies.items():
         print(f"{b:14s} graphs {t.graphs:5d}  cases {t.cases:6d} (x{len(LEVELS)} levels)  "

@@ -17,7 +17,7 @@ class CudaEmulatedBackend(Backend):
 
     def compile(self, graph, options=None) -> Program:
         source, plan = lower(graph)
-        mem = HostMemory(build(source, plan))
+        mem = HostMemory(build(source, plan, sanitize=(options or {}).get("sanitize")))
 
         def run(inputs, params, dims):
             return execute(plan, mem, inputs, params, dims)

@@ -74,13 +74,31 @@ def precompiled_header(cxx: str, header: str) -> str:
     return path
 
 
-def build(source: str, plan: Plan) -> ctypes.CDLL:
+SANITIZERS = {"address": ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]}
+
+
+def sanitize_flags(sanitize: str | None) -> list[str]:
+    """Extra compiler flags for gc.function(..., sanitize="address"); the ASan runtime must already be
+    in the process (LD_PRELOAD), since a Python started without it cannot load an instrumented .so."""
+    if not sanitize:
+        return []
+    if sanitize not in SANITIZERS:
+        raise GraphcError(f"sanitize={sanitize!r}: cuda-emulated supports {sorted(SANITIZERS)}")
+    with open("/proc/self/maps") as f:
+        if "libasan" not in f.read():
+            raise GraphcError("sanitize='address' needs the ASan runtime loaded first: run Python with "
+                              "LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0")
+    return SANITIZERS[sanitize]
+
+
+def build(source: str, plan: Plan, sanitize: str | None = None) -> ctypes.CDLL:
     """The shared library for `source` (cached on disk by a hash of everything that goes into it)."""
     cxx = compiler()
+    flags = FLAGS + sanitize_flags(sanitize)
     with open(HEADER) as f:
         header = f.read()
     tu = f'#include "emulation.h"\n#line 1 "graph.cu"\n' + source + launchers(plan)
-    key = source_key(header, tu, " ".join(FLAGS), cxx)
+    key = source_key(header, tu, " ".join(flags), cxx)
     path = os.path.join(cache_dir("cuda_emulated"), f"{key}.so")
     if not os.path.exists(path):
         with tempfile.TemporaryDirectory() as d:
@@ -88,7 +106,7 @@ def build(source: str, plan: Plan) -> ctypes.CDLL:
             with open(src, "w") as f:
                 f.write(tu)
             inc = os.path.dirname(precompiled_header(cxx, header))
-            r = subprocess.run([cxx, *FLAGS, "-I", inc, src, "-o", out], capture_output=True, text=True)
+            r = subprocess.run([cxx, *flags, "-I", inc, src, "-o", out], capture_output=True, text=True)
             if r.returncode != 0:
                 raise error_with_source(os.path.basename(cxx), r.stderr, source)
             with open(out, "rb") as f:
