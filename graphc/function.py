@@ -201,9 +201,7 @@ class Function:
                     raise GraphcError(f"update of {p.name} produced shape {v.shape}, expected {p.shape}")
             for (p, _), v in zip(self.graph.updates, new):
                 p._value = v
-        outs = [o if isinstance(o, np.ndarray) and o.base is None and o.flags.writeable else np.array(o)
-                for o in outs]
-        return outs[0] if self.single else outs
+        return _owned_outputs(outs, params, values, self.single)
 
     def _debug_run(self, values, dims):
         """mode="debug": evaluate the unoptimised graph node by node, stopping at the first NaN/Inf."""
@@ -246,6 +244,19 @@ class _Null:
 
 
 _NULL = _Null()
+
+
+def _owned_outputs(outs, params, values, single):
+    """Outputs the caller owns: a view, a read-only array, a parameter's or an input's own array, or an
+    array already returned for another output (CSE merges equal outputs) is copied."""
+    seen = {id(v) for v in params} | {id(v) for v in (values.values() if isinstance(values, dict) else values)}
+    res = []
+    for o in outs:
+        if not (isinstance(o, np.ndarray) and o.base is None and o.flags.writeable) or id(o) in seen:
+            o = np.array(o)
+        seen.add(id(o))
+        res.append(o)
+    return res[0] if single else res
 
 
 def function(inputs, outputs=None, updates=None, backend: str = "numpy", optimize: int = 2, **options) -> Function:
