@@ -193,6 +193,17 @@ def check_supported(m) -> None:
         raise UnsupportedOnnx(f"{len(missing)} unsupported ONNX op type(s) in model: {', '.join(missing)}")
 
 
+def initializer_array(init) -> np.ndarray:
+    """An initializer's values; a declared shape its data does not fill (hostile or truncated file)
+    is an OnnxImportError, not a ValueError from NumPy."""
+    from onnx import numpy_helper
+    try:
+        return numpy_helper.to_array(init)
+    except (ValueError, MemoryError) as e:
+        raise OnnxImportError(f"initializer {init.name!r} of declared shape {list(init.dims)}: "
+                              f"its data does not match ({e})") from None
+
+
 def load_onnx(model, name: str | None = None, constants: dict | None = None) -> Graph:
     """Import an ONNX model (path, bytes or ModelProto) as a gc.Graph (inputs, outputs, parameters).
 
@@ -205,7 +216,7 @@ def load_onnx(model, name: str | None = None, constants: dict | None = None) -> 
     env: dict[str, Tensor | None] = {"": None}
     used: set = set()
     for init in g.initializer:
-        a = numpy_helper.to_array(init)
+        a = initializer_array(init)
         dt = onnx_dtype(init.data_type)
         a = np.asarray(a, dtype=dt)
         env[init.name] = gc.parameter(init.name, a, dtype=dt) if dt.startswith("float") else gc.constant(a, dt)
@@ -291,7 +302,7 @@ def import_subgraph(cx: Ctx, graph, inputs: list) -> list:
     env = dict(cx.env)
     for init in graph.initializer:
         from onnx import numpy_helper
-        a = numpy_helper.to_array(init)
+        a = initializer_array(init)
         env[init.name] = gc.constant(np.asarray(a, dtype=onnx_dtype(init.data_type)))
     env.update({vi.name: t for vi, t in zip(graph.input, inputs)})
     try:

@@ -43,7 +43,7 @@ def _constant_of_shape(cx, ins, a):
     from .onnx_import import SUPPORTED_DTYPES
     if v.dtype.name not in SUPPORTED_DTYPES:
         raise cx.unsupported(f"value of dtype {v.dtype.name}")
-    if not _sh.is_static(shape):
+    if not _sh.is_static(shape) or _sh.size(shape) > 1 << 22:  # large: never materialised at import
         return gc.broadcast_to(gc.constant(v, v.dtype.name), shape)
     return gc.constant(np.full(shape, v, dtype=v.dtype), v.dtype.name)
 
