@@ -67,3 +67,21 @@ def test_huge_constant_of_shape_is_refused_with_bounded_memory(tmp_path):
     finally:
         tracemalloc.stop()
     assert peak < 64 << 20  # a 4 TB constant was never allocated
+
+
+def test_graphc_file_with_a_cycle_is_refused(tmp_path):
+    """A .graphc file whose node reads a later node's output (a cycle once resolved) is a clear
+    SerializationError, not a hang or a recursion error."""
+    import json
+    import zipfile
+    from test_serialize import _rewrite
+    x = gc.placeholder("x", (3,), "float64")
+    saved = tmp_path / "ok.graphc"
+    gc.save(gc.Graph([x], [gc.tanh(gc.exp(x))]), saved)
+    with zipfile.ZipFile(saved) as z:
+        doc = json.loads(z.read("graph.json"))
+    doc["graph"]["nodes"][1]["inputs"] = [[2, 0]]  # exp reads tanh, which reads exp
+    bad = tmp_path / "cycle.graphc"
+    _rewrite(saved, bad, {"graph.json": json.dumps(doc).encode()}, fix_digests=True)
+    with pytest.raises(gc.GraphcError, match="reference"):
+        gc.load(bad)
