@@ -49,7 +49,7 @@ def available_backends() -> list[str]:
 
 
 def _check_updates(updates):
-    from .ops.core import Parameter, cast
+    from .ops.core import Parameter, as_tensor, cast
     out = []
     for item in updates or ():
         try:
@@ -58,10 +58,8 @@ def _check_updates(updates):
             raise GraphcError(f"updates must be (parameter, new_value) pairs, got {item!r}") from None
         if not isinstance(p, Parameter):
             raise GraphcError(f"updates: {getattr(p, 'label', p)!r} is not a parameter")
-        from .ops.core import as_tensor
         v = as_tensor(v)
-        if not _sh.canon_shape(v.shape) == p.shape and not (
-                len(v.shape) == len(p.shape) and all(_sh.dims_equal(a, b) for a, b in zip(v.shape, p.shape))):
+        if len(v.shape) != len(p.shape) or not all(_sh.dims_equal(a, b) for a, b in zip(v.shape, p.shape)):
             raise GraphcError(f"updates: new value for {p.name} has shape {_sh.fmt_shape(v.shape)}, "
                               f"expected {_sh.fmt_shape(p.shape)}")
         if v.dtype != p.dtype:
@@ -249,7 +247,7 @@ _NULL = _Null()
 def _owned_outputs(outs, params, values, single):
     """Outputs the caller owns: a view, a read-only array, a parameter's or an input's own array, or an
     array already returned for another output (CSE merges equal outputs) is copied."""
-    seen = {id(v) for v in params} | {id(v) for v in (values.values() if isinstance(values, dict) else values)}
+    seen = {id(v) for v in params} | {id(v) for v in values}
     res = []
     for o in outs:
         if not (isinstance(o, np.ndarray) and o.base is None and o.flags.writeable) or id(o) in seen:
