@@ -7,6 +7,7 @@ import pytest
 
 import graphc as gc
 from graphc.ir import LEAF_OPS, OPS, toposort
+from conftest import TEST_BACKENDS, backend_or_skip
 from op_table import CASES, input_dtype, make_inputs
 
 GRAD_PARAMS = [(c, s) for c in CASES if c.grad for s in c.shapes]
@@ -46,11 +47,11 @@ def test_verify_grad(case, shapes, rng):
 
 @pytest.mark.parametrize("case,shapes", GRAD_PARAMS,
                          ids=[f"{c.name}-{'x'.join(map(str, s))}".replace(" ", "") for c, s in GRAD_PARAMS])
+@pytest.mark.parametrize("backend", [b for b in TEST_BACKENDS if b != "numpy"])
 def test_gradient_graph_on_backend(case, shapes, backend, rng):
-    """The gradient graph compiled by each backend equals the NumPy backend's (whose rules
+    """The gradient graph compiled by each other backend equals the NumPy backend's (whose rules
     test_verify_grad checks against finite differences)."""
-    if backend == "numpy":
-        pytest.skip("the reference itself")
+    backend_or_skip(backend)
     xs = make_inputs(case, shapes, "float64", rng)
     fn, free = _wrap(case, shapes, xs)
     phs = [gc.placeholder(f"x{i}", x.shape, "float64") for i, x in enumerate(free)]
