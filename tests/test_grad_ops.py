@@ -10,7 +10,12 @@ from graphc.ir import LEAF_OPS, OPS, toposort
 from conftest import TEST_BACKENDS, backend_or_skip
 from op_table import CASES, input_dtype, make_inputs
 
-GRAD_PARAMS = [(c, s) for c in CASES if c.grad for s in c.shapes]
+def _has_float_elements(case, shapes) -> bool:
+    return any(int(np.prod(sh)) > 0 for i, sh in enumerate(shapes) if i not in case.int_inputs)
+
+
+# size-0 cases are checked forward in test_ops; a gradient check needs at least one element
+GRAD_PARAMS = [(c, s) for c in CASES if c.grad for s in c.shapes if _has_float_elements(c, s)]
 
 # ops whose gradient is exercised by second-order cases below (gradient graphs of other ops)
 SECOND_ORDER = [
@@ -40,8 +45,6 @@ def _wrap(case, shapes, xs):
 def test_verify_grad(case, shapes, rng):
     xs = make_inputs(case, shapes, "float64", rng)
     fn, free = _wrap(case, shapes, xs)
-    if not free or all(x.size == 0 for x in free):
-        pytest.skip("no differentiable elements")
     gc.verify_grad(fn, free, rng=1)
 
 
