@@ -7,6 +7,20 @@ import pytest
 import graphc as gc
 from graphc.function import BACKENDS, get_backend
 
+try:  # optional independent reference (pip install torch==2.13.0)
+    import torch
+    TF = torch.nn.functional
+except ImportError:
+    torch = TF = None
+needs_torch = pytest.mark.skipif(torch is None, reason="torch==2.13.0 not installed (optional reference)")
+
+
+def run_graph(fn, *arrays):
+    """fn applied to placeholders shaped like `arrays`, compiled (numpy backend) and run on them."""
+    phs = [gc.placeholder(f"a{i}", a.shape, a.dtype.name) for i, a in enumerate(arrays)]
+    return gc.function(phs, fn(*phs))(*arrays)
+
+
 #: backends the parametrised tests run on (each skips with the reason when not usable here)
 TEST_BACKENDS = [b for b in ("numpy", "llvm", "cuda-emulated") if b in BACKENDS]
 

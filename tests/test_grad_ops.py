@@ -14,8 +14,10 @@ def _has_float_elements(case, shapes) -> bool:
     return any(int(np.prod(sh)) > 0 for i, sh in enumerate(shapes) if i not in case.int_inputs)
 
 
-# size-0 cases are checked forward in test_ops; a gradient check needs at least one element
-GRAD_PARAMS = [(c, s) for c in CASES if c.grad for s in c.shapes if _has_float_elements(c, s)]
+#: every differentiable case (size-0 ones included: their gradient graphs must still compile and run)
+ALL_GRAD_PARAMS = [(c, s) for c in CASES if c.grad for s in c.shapes]
+#: finite differences need at least one element
+GRAD_PARAMS = [(c, s) for c, s in ALL_GRAD_PARAMS if _has_float_elements(c, s)]
 
 # ops whose gradient is exercised by second-order cases below (gradient graphs of other ops)
 SECOND_ORDER = [
@@ -48,8 +50,8 @@ def test_verify_grad(case, shapes, rng):
     gc.verify_grad(fn, free, rng=1)
 
 
-@pytest.mark.parametrize("case,shapes", GRAD_PARAMS,
-                         ids=[f"{c.name}-{'x'.join(map(str, s))}".replace(" ", "") for c, s in GRAD_PARAMS])
+@pytest.mark.parametrize("case,shapes", ALL_GRAD_PARAMS,
+                         ids=[f"{c.name}-{'x'.join(map(str, s))}".replace(" ", "") for c, s in ALL_GRAD_PARAMS])
 @pytest.mark.parametrize("backend", [b for b in TEST_BACKENDS if b != "numpy"])
 def test_gradient_graph_on_backend(case, shapes, backend, rng):
     """The gradient graph compiled by each other backend equals the NumPy backend's (whose rules

@@ -8,17 +8,8 @@ import pytest
 
 import graphc as gc
 
-try:
-    import torch
-    TF = torch.nn.functional
-except ImportError:  # optional reference
-    torch = TF = None
-needs_torch = pytest.mark.skipif(torch is None, reason="torch==2.13.0 not installed (optional reference)")
-
-
-def _run(fn, *arrays):
-    phs = [gc.placeholder(f"a{i}", a.shape, a.dtype.name) for i, a in enumerate(arrays)]
-    return gc.function(phs, fn(*phs))(*arrays)
+from conftest import TF, needs_torch, torch
+from conftest import run_graph as _run
 
 
 def _log_softmax(z):

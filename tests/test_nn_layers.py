@@ -10,11 +10,7 @@ import pytest
 import graphc as gc
 
 nn = gc.nn
-try:
-    import torch
-except ImportError:  # optional reference
-    torch = None
-needs_torch = pytest.mark.skipif(torch is None, reason="torch==2.13.0 not installed (optional reference)")
+from conftest import needs_torch, torch
 
 
 def test_layer_signatures_and_shapes():

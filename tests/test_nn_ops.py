@@ -10,17 +10,8 @@ import graphc as gc
 import op_table  # noqa: F401  (first: it collects cases_nn's rows)
 from cases_nn import loop_conv2d
 
-try:
-    import torch
-    TF = torch.nn.functional
-except ImportError:  # optional reference
-    torch = TF = None
-needs_torch = pytest.mark.skipif(torch is None, reason="torch==2.13.0 not installed (optional reference)")
-
-
-def _run(fn, *arrays):
-    phs = [gc.placeholder(f"a{i}", a.shape, a.dtype.name) for i, a in enumerate(arrays)]
-    return gc.function(phs, fn(*phs))(*arrays)
+from conftest import TF, needs_torch, torch
+from conftest import run_graph as _run
 
 
 CONV_CONFIGS = [dict(stride=1, padding=0, dilation=1, groups=1), dict(stride=2, padding=1, dilation=1, groups=1),

@@ -9,11 +9,7 @@ import pytest
 
 import graphc as gc
 
-try:
-    import torch
-except ImportError:  # optional reference
-    torch = None
-needs_torch = pytest.mark.skipif(torch is None, reason="torch==2.13.0 not installed (optional reference)")
+from conftest import needs_torch, torch
 
 A = np.random.default_rng(1).standard_normal((5, 3))
 B = np.random.default_rng(2).standard_normal((5, 2))
