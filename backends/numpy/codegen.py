@@ -20,8 +20,7 @@ from graphc.errors import GraphcError
 from graphc.ir import Graph, fmt_loc
 from graphc.ops.shape_ops import dims_code
 from ..base import Backend, Program
-from . import emit as _emit
-from .fused import emit_fused
+from .fused import emit_fused, node_lines
 
 _ids = itertools.count()
 _SIMPLE = (int, float, bool, str, type(None))
@@ -240,16 +239,7 @@ def _node(em, node, plan):
 def _single(em, node, inputs, target) -> str:
     o = node.outputs[0]
     name = target or em.names.fresh(o.name or node.op.name)
-    lines = None
-    if getattr(node.op, "elementwise", False) or node.op.name == "cast":
-        if target is not None or o.ndim > 0:
-            lines = _emit.emit(node, inputs, target, name)
-    if lines is None and target is not None and node.op.name == "matmul":
-        lines = [f"np.matmul({inputs[0]}, {inputs[1]}, out={target})"]
-    if lines is None:
-        e = em.expr(node, inputs)
-        lines = [f"{target}[...] = {e}" if target else f"{name} = {e}"]
-    for ln in lines:
+    for ln in node_lines(em, node, inputs, target, name):
         em.add(ln, node)
     return name
 

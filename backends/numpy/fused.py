@@ -112,9 +112,9 @@ def _body(em, body, inputs, outs, indent, same_memory):
         if target is not None and any((a == target or a in same_memory) and not _emit.may_alias(n, j)
                                       for j, a in enumerate(args)):
             tmp = em.names.fresh(o.name or n.op.name)  # the spelling would overwrite an input it reads later
-            lines = _lines(em, n, args, None, tmp) + [f"np.copyto({target}, {tmp})"]
+            lines = node_lines(em, n, args, None, tmp) + [f"np.copyto({target}, {tmp})"]
         else:
-            lines = _lines(em, n, args, target, name)
+            lines = node_lines(em, n, args, target, name)
         for ln in lines:
             em.add(ln, n, indent)
         var[id(o)] = name
@@ -137,7 +137,8 @@ def _reuse(n, i, args, last, temps, var) -> str | None:
     return None
 
 
-def _lines(em, n, args, target, name) -> list[str]:
+def node_lines(em, n, args, target, name) -> list[str]:
+    """Source lines computing node `n` into `target` (a planned buffer) or a new variable `name`."""
     lines = None
     if _elementwise(n) and (target is not None or n.outputs[0].ndim > 0):
         lines = _emit.emit(n, args, target, name)

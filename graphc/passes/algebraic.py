@@ -10,7 +10,7 @@ import numpy as np
 from graphc import ops as F
 from .. import shapes as _sh
 from ..ir import Graph
-from .rewrite import const_scalar, is_const, rebuild, same_type
+from .rewrite import const_scalar, is_const, rebuild, same_type, table_rule
 
 
 def _unit(value, *, swap=True):
@@ -142,13 +142,5 @@ RULES = {
 }
 
 
-def _rule(node, ins):
-    for rule in RULES.get(node.op.name, []) + [_drop_broadcasts]:
-        out = rule(node, ins)
-        if out is not None:
-            return out
-    return None
-
-
 def algebraic(graph: Graph, log) -> Graph:
-    return rebuild(graph, _rule, log, "simplified")
+    return rebuild(graph, table_rule(RULES, [_drop_broadcasts]), log, "simplified")

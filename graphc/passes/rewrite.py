@@ -44,6 +44,17 @@ def _adopt(new: Sequence[Tensor], old: Node, done: set) -> None:
         stack.extend(t.node for t in node.inputs)
 
 
+def table_rule(table: dict, extra: Sequence = ()) -> Rule:
+    """A rule trying the per-op rules of `table[op name]`, then `extra`; the first non-None result wins."""
+    def rule(node, ins):
+        for r in list(table.get(node.op.name, ())) + list(extra):
+            out = r(node, ins)
+            if out is not None:
+                return out
+        return None
+    return rule
+
+
 def rebuild(graph: Graph, rule: Rule | None, log=None, name: str = "") -> Graph:
     """A new graph with `rule` applied to every node (inputs first); replacements are re-offered to
     the rule so chains of rewrites finish in one walk. `log[name]` counts firings."""

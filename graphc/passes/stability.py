@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from graphc import ops as F
 from ..ir import Graph, apply
-from .rewrite import is_const, rebuild, same_type
+from .rewrite import is_const, rebuild, same_type, table_rule
 
 #: ops that pick or rearrange elements without arithmetic: log commutes with them
 _GATHERS = ("getitem", "take", "reshape", "transpose", "broadcast_to")
@@ -98,13 +98,5 @@ RULES = {"log": [_log_softmax, _log_sigmoid, _log1p, _logsumexp], "log1p": [_sof
          "mul": [_div_then_mul]}
 
 
-def _rule(node, ins):
-    for rule in RULES.get(node.op.name, ()):
-        out = rule(node, ins)
-        if out is not None:
-            return out
-    return None
-
-
 def stability(graph: Graph, log) -> Graph:
-    return rebuild(graph, _rule, log, "stabilised")
+    return rebuild(graph, table_rule(RULES), log, "stabilised")
