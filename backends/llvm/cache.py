@@ -13,7 +13,7 @@ import tempfile
 
 import graphc
 
-_MAGIC = b"GCLLVM1\n"
+_MAGIC = b"GCLLVM2\n"  # 2: entries written by 1 may hold the empty module's object
 _memory: dict[str, bytes] = {}
 stats = {"hits": 0, "misses": 0, "corrupt": 0, "disk_errors": 0}
 

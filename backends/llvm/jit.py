@@ -86,9 +86,16 @@ def compile_ir(ir: str, names: list[str]) -> Compiled:
         mod.verify()
         if cached is None:
             optimise(mod)
+        mod.name = f"graphc_{key[:16]}"
         # the engine owns (and frees) its target machine: give it its own
         engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), _new_tm())
-        engine.set_object_cache(lambda m, data: _cache.store(key, data), lambda m: cached)
+
+        # the cache callbacks also fire for the engine's empty initial module: only `mod`'s object
+        # belongs under `key` (storing the empty one let a concurrent process load it and crash)
+        def notify(m, data):
+            if m.name == mod.name:
+                _cache.store(key, data)
+        engine.set_object_cache(notify, lambda m: cached if m.name == mod.name else None)
         engine.add_module(mod)
         engine.finalize_object()
         return Compiled(ir, names, cached is not None, engine, mod)
