@@ -20,6 +20,10 @@ class Program:
 
 class Backend:
     name = "?"
+    #: backend-specific gc.function keyword options: name -> one-line description
+    options: dict = {}
+    #: values accepted for gc.function(..., sanitize=...): name -> what it checks
+    sanitizers: dict = {}
 
     def unavailable_reason(self) -> str | None:
         """None when usable on this machine, else a sentence that says why not."""

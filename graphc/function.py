@@ -48,6 +48,42 @@ def available_backends() -> list[str]:
     return out
 
 
+#: gc.function keyword options every backend accepts
+COMMON_OPTIONS = {"mode": "None, or 'debug': check every intermediate for NaN/Inf",
+                  "disable": "names of optimisation passes to skip",
+                  "debug_passes": "check the graph after every pass",
+                  "sanitize": "a native-code checker (backend.sanitizers)"}
+MODES = (None, "debug")
+
+
+def _check_options(backend, options: dict) -> None:
+    """Unknown options and unsupported values are refused, never silently ignored."""
+    known = {**COMMON_OPTIONS, **backend.options, "optimize": ""}
+    for k in options:
+        if k not in known:
+            raise GraphcError(f"gc.function: unknown option {k}= for backend {backend.name!r}; known: "
+                              f"{', '.join(sorted(set(known) - {'optimize'}))}")
+    if options.get("mode") not in MODES:
+        raise GraphcError(f"gc.function: mode={options['mode']!r}; expected None or 'debug'")
+    san = options.get("sanitize")
+    if san is not None and san not in backend.sanitizers:
+        offer = ", ".join(f"{n!r} ({b})" for b, n in _sanitizer_offers()) or "none"
+        raise GraphcError(f"gc.function: sanitize={san!r} is not supported by backend {backend.name!r} "
+                          f"(supported there: {', '.join(map(repr, backend.sanitizers)) or 'none'}; "
+                          f"sanitizers by backend: {offer})")
+
+
+def _sanitizer_offers():
+    """(backend, sanitizer) pairs over every installed backend (for the error message)."""
+    for name, mod in BACKENDS.items():
+        try:
+            be = _loaded.get(name) or importlib.import_module(mod).BACKEND
+        except (ImportError, AttributeError):
+            continue
+        for s in getattr(be, "sanitizers", {}):
+            yield name, s
+
+
 def _check_updates(updates):
     from .ops.core import Parameter, as_tensor, cast
     out = []
@@ -100,6 +136,7 @@ class Function:
         self._specs = [self._input_spec(t) for t in self.graph.inputs]
         self._check_placeholders()
         self.backend = get_backend(backend, for_compile=True)
+        _check_options(self.backend, self.options)
         self.program = self.backend.compile(self.graph, self.options)
         self._lock = threading.Lock()
 

@@ -14,6 +14,7 @@ from .plan import execute
 
 class CudaBackend(Backend):
     name = "cuda"
+    options = {"arch": f"GPU architecture the PTX is compiled for (default {DEFAULT_ARCH})"}
 
     def unavailable_reason(self) -> str | None:
         from .runtime import driver

@@ -11,6 +11,7 @@ from .build import HostMemory, build, compiler
 
 class CudaEmulatedBackend(Backend):
     name = "cuda-emulated"
+    sanitizers = {"address": "kernels built with AddressSanitizer (run Python with the ASan runtime preloaded)"}
 
     def unavailable_reason(self) -> str | None:
         return None if compiler() else "no host C++ compiler (g++ or clang++) found"

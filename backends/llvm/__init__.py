@@ -35,7 +35,7 @@ class LLVMProgram(Program):
         with self._lock:
             spec = self._specs.get(key)
             if spec is None:
-                spec = Specialised(Plan(self.graph, dims))
+                spec = Specialised(Plan(self.graph, dims, bounds=self.options.get("sanitize") == "bounds"))
                 self._specs[key] = spec
                 self.info["fallback_ops"] = sorted(set(self.info["fallback_ops"]) | spec.plan.fallback)
                 self.info["cache_hit"] = spec.compiled.cache_hit
@@ -70,6 +70,8 @@ class LLVMProgram(Program):
 
 class LLVMBackend(Backend):
     name = "llvm"
+    sanitizers = {"bounds": "every load, store, BLAS call and memset checked against its buffer's extent; "
+                            "an out-of-bounds access raises a GraphcError naming the node (slow: debug only)"}
 
     def unavailable_reason(self):
         try:

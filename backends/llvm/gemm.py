@@ -6,7 +6,7 @@ import numpy as np
 
 from . import jit
 from .irtext import VTYPE, literal
-from .kernels import Kernel, load, nest, ptr_at, store
+from .kernels import Kernel, guarded, load, nest, ptr_at, store
 from .views import View, broadcast_strides, contig_strides
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
@@ -65,7 +65,8 @@ def matmul(out: View, a: View, b: View, blas: bool | None = None) -> Kernel:
         ao, bo, oo = offs
         if k == 0:
             nbytes = n * m * np.dtype(out.dtype).itemsize
-            em.raw(f"call void @llvm.memset.p0.i64(ptr {ptr_at(em, P, out, oo)}, i8 0, i64 {nbytes}, i1 false)")
+            guarded(em, [(out, oo, n * m - 1)], lambda: em.raw(
+                f"call void @llvm.memset.p0.i64(ptr {ptr_at(em, P, out, oo)}, i8 0, i64 {nbytes}, i1 false)"))
         elif blas:
             _blas_call(em, P, out, a, b, ao, bo, oo, n, k, m, it)
         else:
@@ -82,19 +83,26 @@ def _blas_call(em, P, out, a, b, ao, bo, oo, n, k, m, it):
     one, zero = literal(1.0, out.dtype), literal(0.0, out.dtype)
     ta, lda = blas_layout(a)
     tb, ldb = blas_layout(b)
-    A, B, C = ptr_at(em, P, a, ao), ptr_at(em, P, b, bo), ptr_at(em, P, out, oo)
+
+    def mat(trans, rows, cols, ld):   # last element offset BLAS touches in a row-major (trans) operand
+        return (rows - 1) * ld + cols - 1 if trans == NO_TRANS else (cols - 1) * ld + rows - 1
     if n == 1 and a.strides[-1] > 0:      # row vector @ matrix: gemv on B
         flip = TRANS if tb == NO_TRANS else NO_TRANS
         rows, cols = (k, m) if tb == NO_TRANS else (m, k)
-        em.raw(f"call void @gc_cblas_{p}gemv(i32 {ROW_MAJOR}, i32 {flip}, {it} {rows}, {it} {cols}, {ty} {one}, "
-               f"ptr {B}, {it} {ldb}, ptr {A}, {it} {a.strides[-1]}, {ty} {zero}, ptr {C}, {it} 1)")
+        spans = [(b, bo, (rows - 1) * ldb + cols - 1), (a, ao, (k - 1) * a.strides[-1]), (out, oo, m - 1)]
+        call = lambda A, B, C: (f"gemv(i32 {ROW_MAJOR}, i32 {flip}, {it} {rows}, {it} {cols}, {ty} {one}, "  # noqa
+                                f"ptr {B}, {it} {ldb}, ptr {A}, {it} {a.strides[-1]}, {ty} {zero}, ptr {C}, {it} 1)")
     elif m == 1 and b.strides[-2] > 0:    # matrix @ column vector: gemv on A
         rows, cols = (n, k) if ta == NO_TRANS else (k, n)
-        em.raw(f"call void @gc_cblas_{p}gemv(i32 {ROW_MAJOR}, i32 {ta}, {it} {rows}, {it} {cols}, {ty} {one}, "
-               f"ptr {A}, {it} {lda}, ptr {B}, {it} {b.strides[-2]}, {ty} {zero}, ptr {C}, {it} 1)")
+        spans = [(a, ao, (rows - 1) * lda + cols - 1), (b, bo, (k - 1) * b.strides[-2]), (out, oo, n - 1)]
+        call = lambda A, B, C: (f"gemv(i32 {ROW_MAJOR}, i32 {ta}, {it} {rows}, {it} {cols}, {ty} {one}, "  # noqa
+                                f"ptr {A}, {it} {lda}, ptr {B}, {it} {b.strides[-2]}, {ty} {zero}, ptr {C}, {it} 1)")
     else:
-        em.raw(f"call void @gc_cblas_{p}gemm(i32 {ROW_MAJOR}, i32 {ta}, i32 {tb}, {it} {n}, {it} {m}, {it} {k}, "
-               f"{ty} {one}, ptr {A}, {it} {lda}, ptr {B}, {it} {ldb}, {ty} {zero}, ptr {C}, {it} {m})")
+        spans = [(a, ao, mat(ta, n, k, lda)), (b, bo, mat(tb, k, m, ldb)), (out, oo, (n - 1) * m + m - 1)]
+        call = lambda A, B, C: (f"gemm(i32 {ROW_MAJOR}, i32 {ta}, i32 {tb}, {it} {n}, {it} {m}, {it} {k}, "  # noqa
+                                f"{ty} {one}, ptr {A}, {it} {lda}, ptr {B}, {it} {ldb}, {ty} {zero}, ptr {C}, {it} {m})")
+    guarded(em, spans, lambda: em.raw(f"call void @gc_cblas_{p}" + call(
+        ptr_at(em, P, a, ao), ptr_at(em, P, b, bo), ptr_at(em, P, out, oo))))
 
 
 def _loop_gemm(em, P, out, a, b, ao, bo, oo, n, k, m):

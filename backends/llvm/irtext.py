@@ -33,6 +33,12 @@ class Emitter:
         self.allocas: list[str] = []
         self.n = 0
         self.prefix = prefix
+        # sanitize="bounds": {buffer id: size in bytes} of the buffers this function may touch, the
+        # status-word pointer and the code that names this kernel (kernels.ptr_at checks every access)
+        self.bounds: dict | None = None
+        self.status: str | None = None
+        self.code = 0
+        self.scratch: str | None = None
 
     def fresh(self, hint: str = "") -> str:
         self.n += 1

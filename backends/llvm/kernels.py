@@ -35,7 +35,34 @@ class Kernel:
 # ---- element access ---------------------------------------------------------------------------------
 
 def ptr_at(em: Emitter, P, v: View, off) -> str:
-    return em(f"getelementptr inbounds {STYPE[v.dtype]}, ptr {P[v.buf]}, i64 {off}")
+    if em.bounds is None:
+        return em(f"getelementptr inbounds {STYPE[v.dtype]}, ptr {P[v.buf]}, i64 {off}")
+    p = em(f"getelementptr {STYPE[v.dtype]}, ptr {P[v.buf]}, i64 {off}")
+    bad = _out_of_bounds(em, v, off, 0)
+    if em.scratch is None:
+        em.scratch = em.alloca("[2 x i64]")
+    return em(f"select i1 {bad}, ptr {em.scratch}, ptr {p}")   # the access lands in scratch, never outside
+
+
+def _out_of_bounds(em: Emitter, v: View, first, last: int) -> str:
+    """sanitize="bounds": i1 true (and the status word set to this kernel's code) when elements
+    first .. first+last of v's buffer are not all inside it. One unsigned compare covers negatives."""
+    n = em.bounds[v.buf] // np.dtype(v.dtype).itemsize - last
+    bad = em(f"icmp uge i64 {first}, {n}") if n > 0 else "true"
+    em.if_(bad, lambda: em.raw(f"store i64 {em.code}, ptr {em.status}"))
+    return bad
+
+
+def guarded(em: Emitter, spans, body) -> None:
+    """body() (a BLAS call or memset), run only if every (view, first element, last offset) span lies
+    inside its buffer; without sanitize="bounds" just body()."""
+    if em.bounds is None:
+        body()
+        return
+    ok = "true"
+    for v, first, last in spans:
+        ok = em(f"and i1 {ok}, {em(f'xor i1 {_out_of_bounds(em, v, first, last)}, true')}")
+    em.if_(ok, body)
 
 
 def load(em: Emitter, P, v: View, off) -> str:
@@ -82,8 +109,8 @@ def fill(em: Emitter, P, v: View, value) -> None:
         return
     if value == 0:
         nbytes = v.size * np.dtype(v.dtype).itemsize
-        off = ptr_at(em, P, v, v.offset)
-        em.raw(f"call void @llvm.memset.p0.i64(ptr {off}, i8 0, i64 {nbytes}, i1 false)")
+        guarded(em, [(v, v.offset, v.size - 1)], lambda: em.raw(
+            f"call void @llvm.memset.p0.i64(ptr {ptr_at(em, P, v, v.offset)}, i8 0, i64 {nbytes}, i1 false)"))
         return
     nest(em, [v.size], [(1,)], [v.offset], lambda offs, _: store(em, P, v, offs[0], literal(value, v.dtype)))
 

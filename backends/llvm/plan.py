@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphc import shapes as _sh
+from graphc.errors import GraphcError
 from graphc.ir import Graph, Node
 
 from . import gather, gemm
@@ -56,8 +57,9 @@ class HostStep:
 
 
 class Plan:
-    def __init__(self, graph: Graph, dims: dict):
+    def __init__(self, graph: Graph, dims: dict, bounds: bool = False):
         self.graph = graph
+        self.bounds = bounds   # sanitize="bounds": every kernel access checked (program.generate)
         self.dims = dict(dims)
         self.bind = {_sh.dim_symbol(k): v for k, v in dims.items()}
         self.buffers: list[Buffer] = []
@@ -71,9 +73,12 @@ class Plan:
         for j, t in enumerate(roots):
             self.root_slot.setdefault(id(t), j)
         self.out_bufs = [None] * len(roots)
-        self.status: View | None = None  # int64 word: 1 + index in status_nodes of a kernel that found
-        self.status_nodes: list[Node] = []  # an out-of-range index (the program raises after the call)
+        self.status: View | None = None  # int64 word: 1 + index in status_errors of the kernel that found
+        self.status_errors: list = []      # a bad index or access: (node, what); the program raises after
         self._loop_pos = None   # inside a loop body: every buffer is live for the whole loop step
+        self._node: Node | None = None   # the node being planned (kernels remember it for error messages)
+        if bounds:
+            self._status_buffer()
         self._build()
 
     # ---- buffers and views -------------------------------------------------------------------------
@@ -112,17 +117,28 @@ class Plan:
     def add(self, kernel_or_host, reads, writes) -> None:
         pos = self._loop_pos if self._loop_pos is not None else len(self.steps)
         self.touch(list(reads) + list(writes), pos)
+        if isinstance(kernel_or_host, K.Kernel):
+            kernel_or_host.node = self._node
         self.steps.append(kernel_or_host)
 
-    def status_view(self, node: Node) -> tuple[View, int]:
-        """The arena word a bounds-checking kernel sets (live for the whole program, never shared),
-        and the code that names `node` in it."""
+    def _status_buffer(self) -> View:
+        """The arena word a checking kernel sets (live for the whole program, never shared)."""
         if self.status is None:
             b = self.new_buffer("arena", 8)
             self.buffers[b].first, self.buffers[b].last = 0, 1 << 59
             self.status = View(b, 0, (1,), (1,), "int64")
-        self.status_nodes.append(node)
-        return self.status, len(self.status_nodes)
+        return self.status
+
+    def status_code(self, node: Node | None, what: str) -> int:
+        """The code a kernel stores in the status word to report `what` about `node`."""
+        self.status_errors.append((node, what))
+        return len(self.status_errors)
+
+    def status_view(self, node: Node) -> tuple[View, int]:
+        """Status word and code for a kernel that checks integer indices (take, take_grad)."""
+        return self._status_buffer(), self.status_code(
+            node, f"IndexError in {node.op.name} at run time: an integer index is out of range for axis "
+                  f"{node.attrs['axis']}")
 
     def materialise(self, v: View, dtype=None) -> View:
         """A contiguous copy of v (converted to dtype)."""
@@ -135,10 +151,10 @@ class Plan:
         g = self.graph
         for i, t in enumerate(g.inputs):
             shape = self.shape(t)
-            b = self.new_buffer("input", 0, i)
+            b = self.new_buffer("input", _nbytes(shape, t.dtype), i)
             self.view[id(t)] = View(b, 0, shape, contig_strides(shape), t.dtype)
         for i, p in enumerate(g.parameters):
-            b = self.new_buffer("param", 0, i)
+            b = self.new_buffer("param", _nbytes(p.shape, p.dtype), i)
             self.view[id(p)] = View(b, 0, p.shape, contig_strides(p.shape), p.dtype)
         for node in g.nodes:
             if node.op.name not in ("placeholder", "parameter"):
@@ -156,6 +172,7 @@ class Plan:
         name = node.op.name
         handler = getattr(self, "_" + name, None)
         ins = [self.view[id(t)] for t in node.inputs]
+        outer, self._node = self._node, (self._node or node)   # a fused body's nodes report the fused node
         try:
             if handler is not None:
                 handler(node, ins)
@@ -167,6 +184,8 @@ class Plan:
                 raise NotLowerable(name)
         except NotLowerable:
             self.host(node, ins)
+        finally:
+            self._node = outer
 
     def host(self, node: Node, ins) -> None:
         self.fallback.add(node.op.name)
@@ -180,7 +199,7 @@ class Plan:
         if a.size == 1:
             self.view[id(t)] = literal_view(a.reshape(-1)[0].item(), a.shape, t.dtype)
             return
-        b = self.new_buffer("const", 0, len(self.consts))
+        b = self.new_buffer("const", a.nbytes, len(self.consts))
         self.consts.append(np.ascontiguousarray(a))
         self.view[id(t)] = View(b, 0, a.shape, contig_strides(a.shape), t.dtype)
 
@@ -362,9 +381,21 @@ class Plan:
         self.view[id(t)] = out
 
     def _slice(self, v: View, axis0_stride_bytes: int) -> tuple[int, View]:
-        """A per-iteration slice v[t] of a (length, ...) view: a buffer that moves by the stride."""
+        """A per-iteration slice v[t] of a (length, ...) view: a buffer that moves by the stride. Its
+        size is one slice's extent; every iteration's window is checked against the parent here."""
         item = np.dtype(v.dtype).itemsize
-        self.buffers.append(Buffer("slice", v.buf, 0, offset=v.offset * item, stride=axis0_stride_bytes))
+        inner = View(None, 0, v.shape[1:], v.strides[1:], v.dtype)
+        lo, hi = _extent(inner)
+        if lo < 0:
+            raise NotLowerable("scan")   # negative inner strides: not a forward window
+        nbytes = (hi + 1) * item if inner.size else 0
+        parent = self.buffers[v.buf]
+        for t in {0, max(v.shape[0] - 1, 0)}:
+            start = v.offset * item + t * axis0_stride_bytes
+            if inner.size and v.shape[0] and not (0 <= start and start + nbytes <= parent.nbytes):
+                raise GraphcError(f"internal error (a graphc bug, please report it): llvm plan of scan step {t} "
+                                  f"reads bytes [{start}, {start + nbytes}) of a {parent.nbytes}-byte buffer")
+        self.buffers.append(Buffer("slice", v.buf, nbytes, offset=v.offset * item, stride=axis0_stride_bytes))
         b = len(self.buffers) - 1
         return b, View(b, 0, v.shape[1:], v.strides[1:], v.dtype)
 
@@ -476,3 +507,14 @@ class Plan:
             live.append((off, off + size, b.last))
             top = max(top, off + size)
         self.arena_bytes = top
+
+
+def _nbytes(shape, dtype) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def _extent(v: View) -> tuple[int, int]:
+    """Lowest and highest element offsets (relative to v.offset) that a non-empty view reaches."""
+    lo = sum((n - 1) * s for n, s in zip(v.shape, v.strides) if s < 0)
+    hi = sum((n - 1) * s for n, s in zip(v.shape, v.strides) if s > 0)
+    return lo, hi

@@ -55,11 +55,18 @@ class Slots:
         return self.base[buf.kind] + buf.index, 0
 
 
-def _kernel_fn(name: str, kern: Kernel) -> str:
+def _kernel_fn(name: str, kern: Kernel, bufs: list, plan: Plan) -> str:
     em = Emitter()
-    P = {b: f"%b{b}" for b in kern.bufs}
+    P = {b: f"%b{b}" for b in bufs}
+    if plan.bounds:   # sanitize="bounds": every access checked against its buffer (kernels.ptr_at)
+        em.bounds = {b: plan.buffers[b].nbytes for b in bufs}
+        em.status = P[plan.status.buf]
+        node = getattr(kern, "node", None)
+        op = f" of node {node.op.name}" if node is not None else ""
+        em.code = plan.status_code(node, f"out-of-bounds memory access in the llvm {kern.name} kernel{op} "
+                                         f"({kern.desc}): a graphc bug, please report it")
     kern.emit(em, P, "%lo", "%hi")
-    params = ", ".join([f"ptr noalias %b{b}" for b in kern.bufs] + ["i64 %lo", "i64 %hi"])
+    params = ", ".join([f"ptr noalias %b{b}" for b in bufs] + ["i64 %lo", "i64 %hi"])
     return em.function(f"define internal void @{name}({params}) nounwind")
 
 
@@ -130,10 +137,11 @@ class _Gen:
             return
         self.count += 1
         kname = f"k{self.count}_{step.name}"
-        self.funcs.append(_kernel_fn(kname, step))
-        for b in step.bufs:
+        bufs = sorted(set(step.bufs) | {self.plan.status.buf}) if self.plan.bounds else step.bufs
+        self.funcs.append(_kernel_fn(kname, step, bufs, self.plan))
+        for b in bufs:
             self.load(em, ptrs, b)
-        args = [ptrs[b] for b in step.bufs]
+        args = [ptrs[b] for b in bufs]
         if parallel and step.split and self.nthreads > 1:
             self.funcs.append(_thunk(kname, step))
             _parallel_call(em, kname, step, args, self.nthreads)
@@ -191,7 +199,8 @@ class Specialised:
     def __init__(self, plan: Plan, per_step: bool = False):
         self.plan = plan
         self.slots = Slots(plan)
-        self.ir, segs = generate(plan, self.slots, num_threads(), per_step)
+        # bounds checking runs kernels on one thread (the parallel thunks pass no status word)
+        self.ir, segs = generate(plan, self.slots, 1 if plan.bounds else num_threads(), per_step)
         names = [v for k, v in segs if k == "native"]
         self.compiled = jit.compile_ir(self.ir, names)
         self.segments = [(k, _ENTRY(self.compiled.addresses[v]) if k == "native" else v) for k, v in segs]
@@ -254,14 +263,14 @@ class Specialised:
         return outs[:self.n_out], outs[self.n_out:]
 
     def _check_status(self) -> None:
-        """Raise (after resetting it) if a kernel recorded an out-of-range index this call."""
+        """Raise (after resetting it) if a kernel recorded a bad index or access this call."""
         word = self._arena()[self._status:self._status + 8].view(np.int64)
         code = int(word[0])
         if code:
             word[0] = 0
-            node = self.plan.status_nodes[code - 1]
-            raise GraphcError(f"IndexError in {node.op.name} at run time: an integer index is out of range "
-                              f"for axis {node.attrs['axis']}\n  node built at {fmt_loc(node.loc)}")
+            node, what = self.plan.status_errors[code - 1]
+            where = f"node built at {fmt_loc(node.loc)}" if node is not None else "(copying an output)"
+            raise GraphcError(f"{what}\n  {where}")
 
     def _bases(self, inputs, params, outs, arena):
         flat = lambda a: a.reshape(-1).view(np.uint8)   # noqa: E731
