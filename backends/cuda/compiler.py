@@ -1,5 +1,6 @@
 """Compile generated CUDA C: nvcc (subprocess) or NVRTC (in-process, through ctypes), to PTX or
-cubin for a chosen architecture, with an on-disk cache keyed by source, options and compiler."""
+cubin for a chosen architecture, with an on-disk cache keyed by source, options and compiler
+(diskcache.py: checksummed entries, atomic writes, a private fallback for an unusable directory)."""
 from __future__ import annotations
 
 import ctypes
@@ -12,21 +13,15 @@ import subprocess
 import tempfile
 
 from graphc.errors import GraphcError
+from .diskcache import FORMAT, atomic_write, cache_dir, load_blob, store_blob  # noqa: F401 (re-exported)
 
 DEFAULT_ARCH = "sm_80"
 
 
-def cache_dir(sub: str) -> str:
-    """$GRAPHC_CACHE_DIR/<sub> (default ~/.cache/graphc/<sub>), created on first use."""
-    root = os.environ.get("GRAPHC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "graphc")
-    path = os.path.join(root, sub)
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
 def source_key(*parts: str) -> str:
+    """A cache key for everything that goes into a build (and the cache format)."""
     h = hashlib.sha256()
-    for p in parts:
+    for p in (*parts, str(FORMAT)):
         h.update(p.encode())
         h.update(b"\0")
     return h.hexdigest()[:32]
@@ -49,31 +44,24 @@ def error_with_source(what: str, log: str, source: str, first_line: int = 1) -> 
     return GraphcError("\n".join(lines))
 
 
-def atomic_write(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path))
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)  # concurrent compiles of the same source both end with a whole file
-
-
 def compile_cuda(source: str, arch: str = DEFAULT_ARCH, target: str = "ptx", options=()) -> bytes:
-    """PTX (text, as bytes) or cubin for `source`; cached on disk."""
+    """PTX (text, as bytes) or cubin for `source`; cached on disk (a damaged entry is recompiled)."""
     if target not in ("ptx", "cubin"):
         raise GraphcError(f"CUDA compile target must be 'ptx' or 'cubin', got {target!r}")
     nvcc = nvcc_path()
     tool = nvcc or "nvrtc"
     key = source_key(source, arch, target, " ".join(options), tool)
-    path = os.path.join(cache_dir("cuda"), f"{key}.{target}")
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            return f.read()
+    name = f"{key}.{target}"
+    cached = load_blob("cuda", name)
+    if cached is not None:
+        return cached
     if nvcc:
         out = _nvcc(nvcc, source, arch, target, options)
     else:
         if target == "cubin":
             raise GraphcError("cubin output needs nvcc; NVRTC here produces PTX")
         out = _nvrtc(source, arch, options)
-    atomic_write(path, out)
+    store_blob("cuda", name, out)
     return out
 
 

@@ -1,5 +1,6 @@
 """Compile the generated CUDA source for the host with g++ and the emulation header, load it with
-ctypes, and run the launch plan on host memory."""
+ctypes, and run the launch plan on host memory. Libraries and the precompiled header are cached
+through backends/cuda/diskcache.py (checked before use, written atomically)."""
 from __future__ import annotations
 
 import ctypes
@@ -11,13 +12,15 @@ import threading
 
 import numpy as np
 
-from backends.cuda.compiler import atomic_write, cache_dir, error_with_source, source_key
+from backends.cuda.compiler import error_with_source, source_key
+from backends.cuda.diskcache import find_files, store_files
 from backends.cuda.plan import Launch, Memory, Plan, ScanLoop
 from backends.cuda.prelude import C_TYPES
 from graphc.errors import GraphcError
 
 HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "emulation.h")
 FLAGS = ["-std=c++17", "-O1", "-fno-strict-aliasing", "-shared", "-fPIC", "-w", "-x", "c++"]
+SUB = "cuda_emulated"  # its directory in the cache
 _load_lock = threading.Lock()
 
 
@@ -56,22 +59,29 @@ def _launches(plan: Plan):
 
 def precompiled_header(cxx: str, header: str) -> str:
     """A copy of the emulation header in the cache with its precompiled form beside it (g++ then
-    skips re-parsing <cmath> and friends: about 40% of each small compile). Falls back to the plain
-    header when the compiler cannot precompile it."""
-    d = os.path.join(cache_dir("cuda_emulated"), "pch-" + source_key(header, " ".join(FLAGS), cxx))
-    path = os.path.join(d, "emulation.h")
-    if os.path.exists(path):
-        return path
-    os.makedirs(d, exist_ok=True)
-    gch = path + ".gch"
-    with tempfile.TemporaryDirectory(dir=d) as tmp:
+    skips re-parsing <cmath> and friends: about 40% of each small compile). Both are checked against
+    their manifest before use, so a damaged .gch is rebuilt rather than handed to g++. Falls back to
+    the plain header when the compiler cannot precompile it."""
+    name = "pch-" + source_key(header, " ".join(FLAGS), cxx)
+    manifest = f"{name}/manifest"
+    d = find_files(SUB, manifest)
+    if d is None:
+        gch = _precompile(cxx) if "g++" in os.path.basename(cxx) else None
+        # None: the entry records that no .gch may sit beside the header (a stray one would be used)
+        d = store_files(SUB, manifest, {"emulation.h.gch": gch, "emulation.h": header.encode()})
+    return os.path.join(d, name, "emulation.h")
+
+
+def _precompile(cxx: str) -> bytes | None:
+    """The precompiled emulation header, or None when the compiler refuses."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "h.gch")
         flags = [f for f in FLAGS if f not in ("-shared", "-x", "c++")]
-        r = subprocess.run([cxx, *flags, "-x", "c++-header", HEADER, "-o", os.path.join(tmp, "h.gch")],
-                           capture_output=True)
-        if r.returncode == 0 and "g++" in os.path.basename(cxx):
-            os.replace(os.path.join(tmp, "h.gch"), gch)
-    atomic_write(path, header.encode())  # last: its presence means the directory is complete
-    return path
+        r = subprocess.run([cxx, *flags, "-x", "c++-header", HEADER, "-o", out], capture_output=True)
+        if r.returncode != 0:
+            return None
+        with open(out, "rb") as f:
+            return f.read()
 
 
 SANITIZERS = {"address": ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]}
@@ -92,29 +102,36 @@ def sanitize_flags(sanitize: str | None) -> list[str]:
 
 
 def build(source: str, plan: Plan, sanitize: str | None = None) -> ctypes.CDLL:
-    """The shared library for `source` (cached on disk by a hash of everything that goes into it)."""
+    """The shared library for `source`, cached on disk by a hash of everything that goes into it. A
+    cached .so is dlopen'ed only after its checksum matches its manifest (a damaged one could crash
+    the process); otherwise it is rebuilt."""
     cxx = compiler()
     flags = FLAGS + sanitize_flags(sanitize)
     with open(HEADER) as f:
         header = f.read()
     tu = f'#include "emulation.h"\n#line 1 "graph.cu"\n' + source + launchers(plan)
     key = source_key(header, tu, " ".join(flags), cxx)
-    path = os.path.join(cache_dir("cuda_emulated"), f"{key}.so")
-    if not os.path.exists(path):
-        with tempfile.TemporaryDirectory() as d:
-            src, out = os.path.join(d, "graph.cpp"), os.path.join(d, "graph.so")
-            with open(src, "w") as f:
-                f.write(tu)
-            inc = os.path.dirname(precompiled_header(cxx, header))
-            r = subprocess.run([cxx, *flags, "-I", inc, src, "-o", out], capture_output=True, text=True)
-            if r.returncode != 0:
-                raise error_with_source(os.path.basename(cxx), r.stderr, source)
-            with open(out, "rb") as f:
-                atomic_write(path, f.read())
+    d = find_files(SUB, f"{key}.manifest")
+    if d is None:
+        d = store_files(SUB, f"{key}.manifest", {f"{key}.so": _compile(cxx, flags, header, tu, source)})
     with _load_lock:
-        lib = ctypes.CDLL(path)
+        lib = ctypes.CDLL(os.path.join(d, f"{key}.so"))
     lib.gc_emu_last_error.restype = ctypes.c_char_p
     return lib
+
+
+def _compile(cxx: str, flags: list[str], header: str, tu: str, source: str) -> bytes:
+    """The shared library's bytes, built in a private temporary directory."""
+    with tempfile.TemporaryDirectory() as d:
+        src, out = os.path.join(d, "graph.cpp"), os.path.join(d, "graph.so")
+        with open(src, "w") as f:
+            f.write(tu)
+        inc = os.path.dirname(precompiled_header(cxx, header))
+        r = subprocess.run([cxx, *flags, "-I", inc, src, "-o", out], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise error_with_source(os.path.basename(cxx), r.stderr, source)
+        with open(out, "rb") as f:
+            return f.read()
 
 
 class HostMemory(Memory):
