@@ -23,7 +23,8 @@ class LLVMProgram(Program):
         self._specs: dict = {}
         self._lock = threading.Lock()
         self._last = None
-        self.info = {"fallback_ops": [], "asm": self._asm, "specialisations": self._specs}
+        # outputs are np.empty arrays made for each call: the caller owns them as they are
+        self.info = {"fallback_ops": [], "asm": self._asm, "specialisations": self._specs, "fresh_outputs": True}
         self.static = not any(_sh.free_symbols(t.shape) for n in graph.nodes for t in n.outputs)
         if self.static:
             self._specialise({})
