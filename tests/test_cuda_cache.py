@@ -205,6 +205,16 @@ def test_damaged_precompiled_header_is_rebuilt(cache, how, runs):
     assert verifies(manifest) and open(gch, "rb").read() != bad
 
 
+def test_header_damaged_after_this_process_checked_it_is_rebuilt(cache, runs):
+    """The process remembers files it already hashed (the .gch is 23 MB) only while their inode, size
+    and mtime are unchanged: damage in place after a check is still caught."""
+    run_emulated(scale=3.0)
+    gch = one(cache / "cuda_emulated" / "pch-*" / "emulation.h.gch")
+    damage(gch, "corrupt")
+    run_emulated(scale=3.5)
+    assert runs == ["so", "pch", "so"] and diskcache.stats["corrupt"] == 1
+
+
 def test_stray_precompiled_header_is_not_used(cache, runs, monkeypatch):
     """When the compiler could not precompile the header, the entry says no .gch may sit beside it;
     a stray one found there later invalidates the entry."""
