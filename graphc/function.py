@@ -243,12 +243,16 @@ class Function:
                 outs, upds = self._debug_run(values, dims)
             else:
                 outs, upds = self.program.run(values, params, dims)
-            new = [np.array(v, dtype=p.dtype, order="C", copy=True) for (p, _), v in zip(self.graph.updates, upds)]
+            fresh = self._fresh and self.options.get("mode") != "debug"
+            new = [v if fresh and v.dtype == p.dtype else np.array(v, dtype=p.dtype, order="C", copy=True)
+                   for (p, _), v in zip(self.graph.updates, upds)]   # fresh arrays become the new values
             for (p, _), v in zip(self.graph.updates, new):
                 if v.shape != p.shape:
                     raise GraphcError(f"update of {p.name} produced shape {v.shape}, expected {p.shape}")
             for (p, _), v in zip(self.graph.updates, new):
                 p._value = v
+        if self._fresh and self.options.get("mode") != "debug":
+            return outs[0] if self.single else outs
         return _owned_outputs(outs, params, values, self.single)
 
     def _debug_run(self, values, dims):
