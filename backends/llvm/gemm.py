@@ -32,27 +32,65 @@ def declarations() -> str:
                    f"{ty}, ptr, {it})")
         out.append(f"declare void @gc_cblas_{p}gemv(i32, i32, {it}, {it}, {ty}, ptr, {it}, ptr, {it}, {ty}, "
                    f"ptr, {it})")
-    return "\n".join(out) + "\n"
+    return "\n".join(out) + "\n" + vector_declarations()
 
 
 def use_blas(a: View, b: View, out: View) -> bool:
     return jit.blas() is not None and out.dtype in ("float32", "float64") and a.dtype == b.dtype == out.dtype
 
 
-#: GRAPHC_LLVM_SMALL_GEMM=1: GEMMs with 2..SMALL_ROWS rows and at most SMALL_MACS multiply-adds use the
-#: vectorised loop instead of BLAS (off by default: on the LSTM step it measured 0.7-1.0x BLAS's time, noisy)
-SMALL_ROWS, SMALL_MACS = 64, 1 << 22
+#: GEMMs with at most this many multiply-adds per product (and more than one row) run the register-blocked
+#: vector micro-kernel below instead of BLAS: for the LSTM step (16x128x512) and LeNet's convolutions
+#: (6x25x784, 16x150x100) BLAS's per-call set-up and thread hand-off cost more than the arithmetic.
+#: GRAPHC_LLVM_SMALL_GEMM=0 always calls BLAS, =1 uses the micro-kernel for every float product.
+SMALL_MACS = 1 << 22
+#: batched micro-kernel products of at least GRAPHC_LLVM_PARALLEL_FLOPS flops split their batch across
+#: threads. Off by default: on the shared 2-core machine (load 6-8) splitting LeNet's second convolution
+#: (31 MFLOP over 64 images) measured 1.2x slower than one thread
+PARALLEL_FLOPS = 1 << 62
+
+
+def _parallel_flops() -> int:
+    import os
+    return int(os.environ.get("GRAPHC_LLVM_PARALLEL_FLOPS", PARALLEL_FLOPS))
+
+
+def vector_shape(dtype: str) -> tuple[int, int, tuple]:
+    """(lanes per vector, vectors per tile row, candidate tile row counts) for this target."""
+    wide = "+avx512f" in _features()
+    lanes = (16 if wide else 8) // (2 if dtype == "float64" else 1)
+    # 4 vectors x 6 rows: 24 accumulators + 4 b vectors + a broadcast fill the 32 AVX-512 registers
+    # (measured on W4 against 3x8, 2x12, 4x4 and 4x5: best or equal)
+    return lanes, (4 if wide else 2), ((6, 5, 4) if wide else (4, 3))
+
+
+_FEATURES: list = []
+
+
+def _features() -> str:
+    """The host CPU's feature string (what jit's target machine is built with)."""
+    if not _FEATURES:
+        import llvmlite.binding as llvm
+        jit.target_machine()
+        _FEATURES.append(llvm.get_host_cpu_features().flatten())
+    return _FEATURES[0]
 
 
 def small(a: View, b: View) -> bool:
+    """Use the vector micro-kernel (gemm_tiles) for a @ b rather than BLAS."""
     import os
     n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
-    return (os.environ.get("GRAPHC_LLVM_SMALL_GEMM", "0") == "1" and a.dtype in ("float32", "float64")
-            and 2 <= n <= SMALL_ROWS and n * k * m <= SMALL_MACS and m >= 16)
+    mode = os.environ.get("GRAPHC_LLVM_SMALL_GEMM", "auto")
+    if a.dtype not in ("float32", "float64") or mode == "0":
+        return False
+    if mode == "1" or jit.blas() is None:
+        return True
+    return n >= 2 and m >= 8 and n * k * m <= SMALL_MACS
 
 
-def matmul(out: View, a: View, b: View, blas: bool | None = None) -> Kernel:
-    """out (contiguous, batch..., n, m) = a (..., n, k) @ b (..., k, m); BLAS needs blas_layout(a/b)."""
+def matmul(out: View, a: View, b: View, blas: bool | str | None = None) -> Kernel:
+    """out (contiguous, batch..., n, m) = a (..., n, k) @ b (..., k, m); BLAS needs blas_layout(a/b);
+    blas="tiles": the vector micro-kernel (b's rows contiguous)."""
     n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
     bshape = out.shape[:-2]
     ast = broadcast_strides(View(a.buf, 0, a.shape[:-2], a.strides[:-2], a.dtype), bshape)
@@ -67,6 +105,8 @@ def matmul(out: View, a: View, b: View, blas: bool | None = None) -> Kernel:
             nbytes = n * m * np.dtype(out.dtype).itemsize
             guarded(em, [(out, oo, n * m - 1)], lambda: em.raw(
                 f"call void @llvm.memset.p0.i64(ptr {ptr_at(em, P, out, oo)}, i8 0, i64 {nbytes}, i1 false)"))
+        elif blas == "tiles":
+            gemm_tiles(em, P, out, a, b, ao, bo, oo, n, k, m)
         elif blas:
             _blas_call(em, P, out, a, b, ao, bo, oo, n, k, m, it)
         else:
@@ -74,8 +114,12 @@ def matmul(out: View, a: View, b: View, blas: bool | None = None) -> Kernel:
 
     def emit(em, P, lo, hi):
         if out.size:
-            nest(em, bshape, [ast, bst, ost], [a.offset, b.offset, out.offset], lambda offs, _: one(em, P, offs))
-    return Kernel("matmul", [out, a, b], emit, None, 2 * n * k * m * max(1, int(np.prod(bshape))))
+            nest(em, bshape, [ast, bst, ost], [a.offset, b.offset, out.offset], lambda offs, _: one(em, P, offs),
+                 lo if bshape else None, hi)
+    flops = 2 * n * k * m * max(1, int(np.prod(bshape)))
+    # a batch of micro-kernel products (convolution over images) splits across threads when large
+    split = bshape[0] if blas == "tiles" and bshape and bshape[0] >= 2 and flops >= _parallel_flops() else None
+    return Kernel("matmul", [out, a, b], emit, split, flops, bshape[0] if bshape else 0)
 
 
 def _blas_call(em, P, out, a, b, ao, bo, oo, n, k, m, it):
@@ -127,3 +171,110 @@ def _loop_gemm(em, P, out, a, b, ao, bo, oo, n, k, m):
             nest(em, [m], [(b.strides[-1],), (1,)], [po[1], co], per_j)
         nest(em, [k], [(a.strides[-1],), (b.strides[-2],)], [offs[0], bo], per_p)
     nest(em, [n], [(a.strides[-2],)], [ao], row)
+
+
+# ---- register-blocked vector micro-kernel ------------------------------------------------------------
+
+def mask(lanes: int, live: int) -> str:
+    return "<" + ", ".join(f"i1 {'true' if i < live else 'false'}" for i in range(lanes)) + ">"
+
+
+def vload(em, P, v: View, off, vt: str, lanes: int, live: int) -> str:
+    p = ptr_at(em, P, v, off, live - 1)
+    if live == lanes:
+        return em(f"load {vt}, ptr {p}, align 4")
+    return em(f"call {vt} @llvm.masked.load.{_vsfx(vt)}.p0(ptr {p}, i32 4, {_vmask_t(vt)} {mask(lanes, live)}, "
+              f"{vt} zeroinitializer)")
+
+
+def vstore(em, P, v: View, off, val: str, vt: str, lanes: int, live: int) -> None:
+    p = ptr_at(em, P, v, off, live - 1)
+    if live == lanes:
+        em.raw(f"store {vt} {val}, ptr {p}, align 4")
+    else:
+        em.raw(f"call void @llvm.masked.store.{_vsfx(vt)}.p0({vt} {val}, ptr {p}, i32 4, {_vmask_t(vt)} "
+               f"{mask(lanes, live)})")
+
+
+def _vsfx(vt: str) -> str:     # "<16 x float>" -> "v16f32"
+    n, _, ty = vt.strip("<>").split()
+    return f"v{n}{'f32' if ty == 'float' else 'f64'}"
+
+
+def _vmask_t(vt: str) -> str:
+    return f"<{vt.strip('<>').split()[0]} x i1>"
+
+
+def vector_declarations() -> str:
+    """Masked vector load/store intrinsics the micro-kernel uses (both dtypes, both widths)."""
+    out = []
+    for n, ty in [(n, ty) for n in (4, 8, 16, 32, 64) for ty in ("float", "double")]:
+        vt = f"<{n} x {ty}>"
+        out.append(f"declare {vt} @llvm.masked.load.{_vsfx(vt)}.p0(ptr, i32, <{n} x i1>, {vt})")
+        out.append(f"declare void @llvm.masked.store.{_vsfx(vt)}.p0({vt}, ptr, i32, <{n} x i1>)")
+    return "\n".join(out) + "\n"
+
+
+def _row_tile(n: int, rows: tuple) -> int:
+    """Tile height: the candidate needing fewest row tiles (ties: the taller)."""
+    return min(rows, key=lambda r: (-(-n // r), -r)) if n >= rows[-1] else n
+
+
+def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m: int) -> None:
+    """out[n, m] = a[n, k] @ b[k, m] by tiles of mr rows x nv vectors held in registers: per step p one
+    row of b's tile is loaded as vectors and every row's a[i, p] broadcast into a fused multiply-add.
+    Column blocks run outermost so b's block (k x nv vectors) stays in L1 across the row tiles; the
+    last partial vector uses masked loads/stores. b's rows must be contiguous (stride 1)."""
+    t, ty = out.dtype, VTYPE[out.dtype]
+    lanes, nv, rows = vector_shape(t)
+    mr = _row_tile(n, rows)
+    vt = f"<{lanes} x {ty}>"
+    sa_r, sa_k, sb_k = a.strides[-2], a.strides[-1], b.strides[-2]
+    nr = nv * lanes
+    full_cols, tail = divmod(m, nr)
+
+    def tile(i0, j0, h: int, vecs: list):
+        """The h x len(vecs) tile at rows i0.., columns j0..; vecs: live lanes per vector."""
+        acc = [[em.alloca(vt) for _ in vecs] for _ in range(h)]
+        for row in acc:
+            for x in row:
+                em.raw(f"store {vt} zeroinitializer, ptr {x}")
+        arow = [em(f"add i64 {ao}, {em(f'mul i64 {em(f_add(i0, r))}, {sa_r}')}") for r in range(h)]
+
+        def step(p):
+            brow = em(f"add i64 {em(f'add i64 {bo}, {em(f_mul(p, sb_k))}')}, {j0}")
+            bv = [vload(em, P, b, em(f"add i64 {brow}, {q * lanes}"), vt, lanes, live)
+                  for q, live in enumerate(vecs)]
+            for r in range(h):
+                av = load(em, P, a, em(f"add i64 {arow[r]}, {em(f_mul(p, sa_k))}"))
+                sp = em(f"shufflevector {vt} {em(f'insertelement {vt} poison, {ty} {av}, i64 0')}, {vt} poison, "
+                        f"<{lanes} x i32> zeroinitializer")
+                for q in range(len(vecs)):
+                    prod = em(f"fmul contract {vt} {sp}, {bv[q]}")
+                    cur = em(f"load {vt}, ptr {acc[r][q]}")
+                    em.raw(f"store {vt} {em(f'fadd contract {vt} {cur}, {prod}')}, ptr {acc[r][q]}")
+        em.loop(k, step)
+        for r in range(h):
+            orow = em(f"add i64 {em(f'add i64 {oo}, {em(f_mul(em(f_add(i0, r)), m))}')}, {j0}")
+            for q, live in enumerate(vecs):
+                vstore(em, P, out, em(f"add i64 {orow}, {q * lanes}"), em(f"load {vt}, ptr {acc[r][q]}"),
+                        vt, lanes, live)
+
+    def rows_of(j0, vecs):
+        full_rows, rest = divmod(n, mr)
+        em.loop(full_rows, lambda ib: tile(em(f"mul i64 {ib}, {mr}"), j0, mr, vecs))
+        if rest:
+            tile(str(full_rows * mr), j0, rest, vecs)
+
+    em.loop(full_cols, lambda jb: rows_of(em(f"mul i64 {jb}, {nr}"), [lanes] * nv))
+    if tail:
+        vecs = [lanes] * (tail // lanes) + ([tail % lanes] if tail % lanes else [])
+        rows_of(str(full_cols * nr), vecs)
+
+
+def f_add(x, c: int) -> str:
+    return f"add i64 {x}, {c}"
+
+
+def f_mul(x, c: int) -> str:
+    return f"mul i64 {x}, {c}"

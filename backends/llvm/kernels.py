@@ -34,13 +34,20 @@ class Kernel:
 
 # ---- element access ---------------------------------------------------------------------------------
 
-def ptr_at(em: Emitter, P, v: View, off) -> str:
+#: bytes of the per-function scratch an out-of-bounds access is redirected to (the widest vector access)
+SCRATCH_BYTES = 256
+
+
+def ptr_at(em: Emitter, P, v: View, off, last: int = 0) -> str:
+    """Pointer to element `off` of v's buffer; an access to elements off .. off+last (a vector load or
+    store: last = lanes - 1) is checked as a whole under sanitize="bounds"."""
     if em.bounds is None:
         return em(f"getelementptr inbounds {STYPE[v.dtype]}, ptr {P[v.buf]}, i64 {off}")
     p = em(f"getelementptr {STYPE[v.dtype]}, ptr {P[v.buf]}, i64 {off}")
-    bad = _out_of_bounds(em, v, off, 0)
+    assert (last + 1) * np.dtype(v.dtype).itemsize <= SCRATCH_BYTES
+    bad = _out_of_bounds(em, v, off, last)
     if em.scratch is None:
-        em.scratch = em.alloca("[2 x i64]")
+        em.scratch = em.alloca(f"[{SCRATCH_BYTES // 8} x i64]")
     return em(f"select i1 {bad}, ptr {em.scratch}, ptr {p}")   # the access lands in scratch, never outside
 
 
@@ -144,9 +151,39 @@ def op_compute(name: str, attrs: dict, out_dtype: str):
     return compute
 
 
+#: edge of the square blocks a transposing copy moves at a time (both sides' lines stay in L1)
+TILE = 16
+
+
 def copy(out: View, src: View) -> Kernel:
     """out = src (with dtype conversion): materialises a strided or broadcast view."""
-    return elementwise([out], [src], lambda em, vals: [_lo.convert(em, vals[0][0], vals[0][1], out.dtype)])
+    conv = lambda em, vals: [_lo.convert(em, vals[0][0], vals[0][1], out.dtype)]   # noqa: E731
+    dims, (ost, sst) = collapse(out.shape, [out.strides, broadcast_strides(src, out.shape)])
+    if len(dims) == 2 and ost[1] == 1 and sst[0] == 1 and abs(sst[1]) > 1 and min(dims) >= TILE and \
+            src.literal is None:
+        return _transpose_copy(out, src, dims, ost, sst, conv)
+    return elementwise([out], [src], conv)
+
+
+def _transpose_copy(out: View, src: View, dims, ost, sst, conv) -> Kernel:
+    """A 2-D copy whose source walks the other axis contiguously (a materialised transpose), by
+    TILE x TILE blocks: a column-order read of the whole source would touch a new cache line per element."""
+    (r, c), t = dims, TILE
+    br, bc = r // t * t, c // t * t
+
+    def block(em, P, shape, strides_o, strides_s, base_o, base_s):
+        def body(offs, _):
+            store(em, P, out, offs[0], conv(em, [(load(em, P, src, offs[1]), src.dtype)])[0])
+        nest(em, shape, [strides_o, strides_s], [base_o, base_s], body)
+
+    def emit(em, P, lo, hi):
+        o0, s0 = out.offset, src.offset
+        block(em, P, (r // t, c // t, t, t), (t * ost[0], t, ost[0], 1), (t, t * sst[1], 1, sst[1]), o0, s0)
+        if c > bc:   # right strip (all rows, the last columns)
+            block(em, P, (r, c - bc), (ost[0], 1), (1, sst[1]), o0 + bc, s0 + bc * sst[1])
+        if r > br:   # bottom strip (the last rows, the tiled columns)
+            block(em, P, (r - br, bc), (ost[0], 1), (1, sst[1]), o0 + br * ost[0], s0 + br)
+    return Kernel("copy", [out, src], emit, None, r * c)
 
 
 # ---- reductions --------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from . import gather, gemm
 from . import kernels as K
 from .irtext import Emitter
 from .lower import NotLowerable
-from .views import View, broadcast_strides, contig_strides, literal_view, view_getitem
+from .views import View, broadcast_strides, collapse, contig_strides, literal_view, view_getitem
 
 ALIGN = 64
 REDUCE = {"sum", "prod", "max", "min"}
@@ -339,18 +339,28 @@ class Plan:
     def _matmul(self, node, ins):
         t = node.outputs[0]
         a, b = (v if v.dtype == t.dtype and v.literal is None else self.materialise(v, t.dtype) for v in ins)
-        if gemm.small(a, b):   # a few rows: the vectorised loop beats BLAS's per-call overhead (LSTM steps)
-            b = b if b.strides[-1] == 1 else self.materialise(b)
+        flat = _rows_collapsed(a, b)
+        if flat is not None:   # (batch..., n, k) @ one (k, m): a single GEMM over batch*n rows
             out = self.fresh(t)
-            self.add(gemm.matmul(out, a, b, blas=False), [a, b], [out])
+            shape = (flat.shape[0], b.shape[-1])
+            self._matmul_views(View(out.buf, out.offset, shape, contig_strides(shape), out.dtype), flat,
+                               View(b.buf, b.offset, b.shape[-2:], b.strides[-2:], b.dtype))
             self.view[id(t)] = out
             return
-        if gemm.use_blas(a, b, View(None, 0, (), (), t.dtype)):
+        out = self.fresh(t)
+        self._matmul_views(out, a, b)
+        self.view[id(t)] = out
+
+    def _matmul_views(self, out: View, a: View, b: View) -> None:
+        """Plan out = a @ b: the vector micro-kernel for small products, else BLAS (or the loop)."""
+        if gemm.small(a, b):   # small products: the micro-kernel beats BLAS's per-call overhead (LSTM steps)
+            b = b if b.strides[-1] == 1 or b.shape[-1] == 1 else self.materialise(b)
+            self.add(gemm.matmul(out, a, b, blas="tiles"), [a, b], [out])
+            return
+        if gemm.use_blas(a, b, out):
             a = a if gemm.blas_layout(a) and min(a.strides[-2:]) >= 0 else self.materialise(a)
             b = b if gemm.blas_layout(b) and min(b.strides[-2:]) >= 0 else self.materialise(b)
-        out = self.fresh(t)
         self.add(gemm.matmul(out, a, b), [a, b], [out])
-        self.view[id(t)] = out
 
     def _conv2d(self, node, ins):
         """im2col into the arena, then out[n] = W (O, C*KH*KW) @ cols[n] as one batched GEMM."""
@@ -362,10 +372,20 @@ class Plan:
         n, c = x.shape[:2]
         o, _, kh, kw = w.shape
         oshape = self.shape(t)
-        cols = self.fresh(None, (n, c, kh, kw) + oshape[2:], x.dtype)
-        self.add(conv.im2col(cols, x, (kh, kw), a["stride"], a["pads"], a["dilation"]), [x], [cols])
         ckk, hw = c * kh * kw, oshape[2] * oshape[3]
         wm = w if w.contiguous else self.materialise(w)
+        if gemm.small(View(None, 0, (o, ckk), (ckk, 1), x.dtype), View(None, 0, (ckk, hw), (hw, 1), x.dtype)):
+            # image by image: im2col of one image, then its product while the columns are in cache
+            cols = self.fresh(None, (c, kh, kw) + oshape[2:], x.dtype)
+            out = self.fresh(t)
+            om = View(out.buf, out.offset, (n, o, hw), contig_strides((n, o, hw)), out.dtype)
+            w2 = View(wm.buf, wm.offset, (o, ckk), (ckk, 1), wm.dtype)
+            self.add(conv.conv_tiles(om, x, w2, cols, (kh, kw), a["stride"], a["pads"], a["dilation"]),
+                     [x, w2], [om, cols])
+            self.view[id(t)] = out
+            return
+        cols = self.fresh(None, (n, c, kh, kw) + oshape[2:], x.dtype)
+        self.add(conv.im2col(cols, x, (kh, kw), a["stride"], a["pads"], a["dilation"]), [x], [cols])
         wm = View(wm.buf, wm.offset, (1, o, ckk), (0, ckk, 1), wm.dtype)
         cm = View(cols.buf, cols.offset, (n, ckk, hw), (ckk * hw, hw, 1), cols.dtype)
         out = self.fresh(t)
@@ -418,7 +438,10 @@ class Plan:
         for cb, c in zip(carry, ins[:nc]):
             self.add(K.copy(cb, c), [c], [cb])
         n_y = len(body.outputs) - nc
-        stacked = [self.fresh(t) for t in node.outputs[nc:]]
+        used = self._consumed()
+        # stacked ys / history nothing reads (inference needs no history): no buffer, no per-step copy
+        live = [id(t) in used for t in node.outputs[nc:]]
+        stacked = [self.fresh(t) if keep else None for t, keep in zip(node.outputs[nc:], live)]
         saved, saved_pos, saved_fb = self.steps, self._loop_pos, set(self.fallback)
         self._loop_pos, self.steps = len(saved), []
         try:
@@ -431,16 +454,21 @@ class Plan:
                 slices.append(b)
             outs = []
             for v in stacked:
+                if v is None:
+                    outs.append(None)
+                    continue
                 b, sv = self._slice(v, v.strides[0] * np.dtype(v.dtype).itemsize if v.shape[0] else 0)
                 slices.append(b)
                 outs.append(sv)
             for hs, cb in zip(outs[n_y:], carry):       # history[t]: the carry entering step t
-                self.add(K.copy(hs, cb), [cb], [hs])
+                if hs is not None:
+                    self.add(K.copy(hs, cb), [cb], [hs])
             self._walk_body(body, {})
             if any(isinstance(st, HostStep) for st in self.steps):
                 raise NotLowerable("scan")
             for y, ys in zip(body.outputs[nc:], outs[:n_y]):
-                self.add(K.copy(ys, self.view[id(y)]), [self.view[id(y)]], [ys])
+                if ys is not None:
+                    self.add(K.copy(ys, self.view[id(y)]), [self.view[id(y)]], [ys])
             carry_bufs = {cb.buf for cb in carry}
             new = [self.view[id(o)] for o in body.outputs[:nc]]
             new = [self.materialise(v) if v.buf in carry_bufs else v for v in new]   # no read-after-write
@@ -452,9 +480,27 @@ class Plan:
             raise
         self.steps, self._loop_pos = saved, saved_pos
         self.add(loop, [], [])
-        self.touch(carry + stacked, len(self.steps) - 1)
+        kept = [v for v in stacked if v is not None]
+        self.touch(carry + kept, len(self.steps) - 1)
         for t, v in zip(node.outputs, carry + stacked):
-            self.view[id(t)] = v
+            if v is not None:
+                self.view[id(t)] = v
+
+    def _consumed(self) -> set:
+        """ids of every tensor some node (at any nesting depth) or the graph's roots read."""
+        if getattr(self, "_used", None) is None:
+            used, todo, seen = {id(t) for t in self.graph.roots}, [self.graph], set()
+            while todo:
+                g = todo.pop()
+                if id(g) in seen:
+                    continue
+                seen.add(id(g))
+                used.update(id(t) for t in g.outputs)
+                for n in g.nodes:
+                    used.update(id(t) for t in n.inputs)
+                    todo.extend(v for v in n.attrs.values() if isinstance(v, Graph))
+            self._used = used
+        return self._used
 
     def _concatenate(self, node, ins):
         t, axis = node.outputs[0], node.attrs["axis"]
@@ -507,6 +553,20 @@ class Plan:
             live.append((off, off + size, b.last))
             top = max(top, off + size)
         self.arena_bytes = top
+
+
+def _rows_collapsed(a: View, b: View) -> View | None:
+    """a (batch..., n, k) as one (batch*n, k) matrix when b has no batch of its own (all batch strides 0)
+    and a's batch and row dims walk memory as a single stride; else None."""
+    if len(a.shape) < 3 or any(s for s in b.strides[:-2]) or a.size == 0:
+        return None
+    if np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) != tuple(a.shape[:-2]):
+        return None
+    dims, (st,) = collapse(a.shape[:-1], [a.strides[:-1]])
+    if len(dims) > 1:
+        return None
+    rows = int(np.prod(a.shape[:-1], dtype=np.int64))
+    return View(a.buf, a.offset, (rows, a.shape[-1]), (st[0] if dims else 0, a.strides[-1]), a.dtype)
 
 
 def _nbytes(shape, dtype) -> int:
