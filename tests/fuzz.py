@@ -1,19 +1,27 @@
 """Differential fuzzing: seeded random well-typed graphs (float64/float32/int32/int64, broadcast,
 size-0/size-1 and symbolic batch dims) run on every backend at optimize=0/1/2 and compared with the
-unoptimised NumPy reference evaluator (graphc.reference.evaluate); for a sample of float64 graphs the
-gradients are checked against central differences (gc.verify_grad) on each backend.
+unoptimised NumPy reference evaluator (graphc.reference.evaluate). Every float graph also gets
+gc.grad of a random projection of its outputs w.r.t. its inputs (and, on a sample, gc.hvp: double
+backprop) compiled the same way and compared with the reference evaluator on the unoptimised gradient
+graph; in float64 the backend's gradient and HVP are also checked against central differences of its
+own cost and gradient along a random direction (input values are redrawn off kinks of
+abs/relu/maximum/where/max; a graph FD cannot check is counted with its reason), and a sample gets
+per-element gc.verify_grad.
 
-    python tests/fuzz.py --graphs 2000 [--backends numpy,llvm,cuda-emulated] [--seed S] [--grad-every K]
+    python tests/fuzz.py --graphs 2000 [--backends numpy llvm cuda-emulated] [--seed S]
+                         [--grad-every K] [--hvp-every K] [--verify-every K] [--sanitize address]
 
-prints per-backend counts of graphs and cases run and every failure with its seed (reproduce one
-with --seed S --graphs 1; turn it into a regression test in tests/test_fuzz.py)."""
+prints per backend the graphs, forward/gradient/FD/HVP cases run and every failure with its seed
+(reproduce one with --seed S --graphs 1; turn it into a regression test in tests/test_fuzz.py).
+`kill PID` (SIGTERM) stops a long run and still prints the tally so far."""
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
-import traceback
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +32,8 @@ from graphc.ir import toposort  # noqa: E402
 from graphc.reference import evaluate  # noqa: E402
 
 LEVELS = (0, 1, 2)
-CHUNK = 20  # graphs compiled into one function per (backend, level); a failing chunk is bisected
+CHUNK = 20  # graphs built together; compiled in batches of up to BATCH_NODES nodes per (backend, level)
+BATCH_NODES = 600  # LLVM's O3 pipeline time grows faster than linearly with the function's size
 
 
 def _bounded(t):
@@ -176,6 +185,33 @@ def random_int_graph(seed: int, dtype="int32", rows=None):
 # seed % 10 picks the kind of graph: mostly float64, then float32, int32/int64, size-0 batch
 KINDS = ["float64"] * 4 + ["float32"] * 2 + ["int32", "int64", "empty64", "empty32"]
 
+# Finite differences: the cost at x + t*FD_STEP*v (v a random direction, t in FD_POINTS), combined
+# by Richardson extrapolation (truncation error O(h^4)), so h can be large enough that rounding in
+# the cost stays far below the tolerance.
+FD_STEP = 1e-4
+FD_POINTS = (-2, -1, 1, 2)
+FD_RTOL = 1e-6  # of sum|g * v| (first order) / of max|Hv| + max|fd| (second order)
+REDRAWS = 4  # fresh input values tried when the generator's lie within the FD stencil of a kink
+# stop_gradient and a round trip through float32 are (by design) not what central differences measure
+NOT_DIFFERENTIABLE_BY_FD = {"stop_gradient", "cast"}
+
+
+@dataclass
+class Grad:
+    """cost = sum(out * p0) + sum(extra * p1) (p: random projections, fed as inputs), its gradient
+    w.r.t. every input and (on a sample) gc.hvp along the FD direction v; `want` holds the reference
+    evaluator's grads + hvps; `fd_skip` says why central differences cannot check this graph."""
+    projs: list
+    proj_vals: list
+    cost: object
+    grads: list
+    direction: list
+    tans: list = field(default_factory=list)
+    hvp_of: list = field(default_factory=list)  # input index of each hvp output
+    hvps: list = field(default_factory=list)
+    want: list = field(default_factory=list)
+    fd_skip: str | None = None
+
 
 @dataclass
 class Case:
@@ -185,11 +221,27 @@ class Case:
     outs: list
     vals: list
     dims: dict
+    want: list = field(default_factory=list)  # the reference evaluator's values of outs
+    grad: Grad | None = None
+    error: str | None = None  # building the gradient graph failed: a finding on every backend
+
+    def nodes(self) -> int:
+        """Nodes of this case's compiled outputs (unoptimised)."""
+        return len(toposort(self.io()[2]))
+
+    def io(self, forward_only: bool = False) -> tuple[list, list, list]:
+        """(placeholders, their values, outputs) of this case in a compiled function."""
+        g = self.grad
+        if g is None or forward_only:
+            return list(self.phs), list(self.vals), list(self.outs)
+        return (self.phs + g.projs + g.tans, self.vals + g.proj_vals + [g.direction[i] for i in g.hvp_of],
+                self.outs + [g.cost] + g.grads + g.hvps)
 
 
-def make_case(seed: int) -> Case | None:
-    """The graph for `seed` (its kind from seed % 10) with its result and one intermediate as outputs;
-    None when the reference itself rejects it (e.g. max over a size-0 axis)."""
+def make_case(seed: int, gradients: bool = True, hvp: bool = False) -> Case | None:
+    """The graph for `seed` (its kind from seed % 10) with its result and one intermediate as outputs,
+    and for float graphs (`gradients`) its gradient graph (+ an HVP); None when the reference itself
+    rejects it (e.g. max over a size-0 axis)."""
     kind = KINDS[seed % len(KINDS)]
     rows = 0 if kind.startswith("empty") else None
     dtype = {"empty64": "float64", "empty32": "float32"}.get(kind, kind)
@@ -203,44 +255,244 @@ def make_case(seed: int) -> Case | None:
     r = np.random.default_rng(seed + 10 ** 6)
     extra = pool[int(r.integers(len(phs), len(pool)))] if len(pool) > len(phs) else out
     dims = {str(d): vals[0].shape[0] for d in phs[0].shape if not isinstance(d, int)}  # symbolic batch
+    case = Case(seed, kind, phs, [out, extra], vals, dims)
     try:
-        with np.errstate(all="ignore"):
-            evaluate([out, extra], dict(zip(phs, vals)), dims)
+        case.want = _reference(case.outs, case)
     except (ValueError, ArithmeticError):
         return None
-    return Case(seed, kind, phs, [out, extra], vals, dims)
+    if gradients and not dtype.startswith("int"):
+        try:
+            add_gradient(case, hvp)
+        except Exception as e:  # noqa: BLE001 - gc.grad failing on a well-typed graph is a finding
+            case.error = f"gradient graph: {type(e).__name__}: {e}".splitlines()[0][:300]
+    return case
 
 
-def _tol(case: Case) -> dict:
+def _reference(outputs, case: Case, extra_feed=None) -> list:
+    feed = {**dict(zip(case.phs, case.vals)), **(extra_feed or {})}
+    with np.errstate(all="ignore"):
+        return evaluate(outputs, feed, case.dims)
+
+
+def add_gradient(case: Case, hvp: bool) -> None:
+    """Attach case.grad: the projected cost, gc.grad of it w.r.t. every input, gc.hvp on a sample; the
+    input values are redrawn (same shapes) when the FD stencil around them would cross a kink."""
+    seed, dtype = case.seed, case.phs[0].dtype
+    r = np.random.default_rng(seed + 3 * 10 ** 6)
+    projs = [gc.placeholder(f"s{seed}_p{k}", o.shape, dtype) for k, o in enumerate(case.outs)]
+    cost = gc.sum(case.outs[0] * projs[0]) + gc.sum(case.outs[1] * projs[1])
+    g = Grad(projs, [r.standard_normal(w.shape).astype(dtype) for w in case.want], cost,
+             gc.grad(cost, case.phs, disconnected="zero"), [r.standard_normal(x.shape).astype(dtype) for x in case.vals])
+    if hvp:
+        used = {id(t) for n in toposort([cost]) for t in n.outputs}
+        g.hvp_of = [i for i, p in enumerate(case.phs) if id(p) in used]
+        g.tans = [gc.placeholder(f"s{seed}_v{i}", case.phs[i].shape, dtype) for i in g.hvp_of]
+        if g.hvp_of:
+            g.hvps = gc.hvp(cost, [case.phs[i] for i in g.hvp_of], g.tans)
+    case.grad = g
+    g.fd_skip = _choose_values(case, r)
+    case.want = _reference(case.outs, case)
+    g.want = _reference(g.grads + g.hvps, case, {**dict(zip(projs, g.proj_vals)),
+                                               **{t: g.direction[i] for t, i in zip(g.tans, g.hvp_of)}})
+
+
+def _choose_values(case: Case, r) -> str | None:
+    """Keep (or redraw, up to REDRAWS times) input values whose FD stencil along the direction crosses
+    no kink (abs/relu/maximum/where/max... keep their branch at every point); the reason FD cannot
+    check this graph, or None. Float32 graphs use a wider stencil: their branches must not flip
+    under rounding between backends either."""
+    on_graph = {n.op.name for n in toposort(case.outs)} & NOT_DIFFERENTIABLE_BY_FD
+    step = FD_STEP if case.phs[0].dtype == "float64" else 1e-2
+    original = case.vals
+    why = None
+    for attempt in range(REDRAWS + 1):
+        if attempt:
+            rr = np.random.default_rng(case.seed + 4 * 10 ** 6 + attempt)
+            case.vals = [rr.uniform(-2, 2, x.shape).astype(x.dtype) for x in original]
+        why = _stencil_problem(case, step)
+        if why is None:
+            break
+    else:
+        case.vals = original
+    if case.phs[0].dtype != "float64":
+        return "float32 (gradients checked against the reference only)"
+    if on_graph:
+        return f"{sorted(on_graph)[0]} on the graph (by design not what central differences measure)"
+    return why
+
+
+def _stencil_problem(case: Case, step: float) -> str | None:
+    """Why the FD stencil x + t*step*v (t in 0 and FD_POINTS) is not smooth: a value is not finite,
+    or a non-smooth node changes branch between its points; None when it is."""
+    nodes = toposort(case.outs)
+    tensors = [t for n in nodes for t in n.outputs]
+    first = None
+    for t in (0,) + FD_POINTS:
+        xs = [(x + t * step * v).astype(x.dtype) for x, v in zip(case.vals, case.grad.direction)]
+        with np.errstate(all="ignore"):
+            env = dict(zip(map(id, tensors), evaluate(tensors, dict(zip(case.phs, xs)), case.dims)))
+        if not all(np.all(np.isfinite(v)) for v in env.values() if v.dtype.kind == "f"):
+            return "non-finite values"
+        states = [_branch(n, env) for n in nodes]
+        if first is None:
+            first = states
+            continue
+        for n, a, b in zip(nodes, first, states):
+            if a is not None and not all(np.array_equal(u, w) for u, w in zip(a, b)):
+                return f"kink of {n.op.name} within the FD stencil ({len(FD_POINTS)} redraws tried)"
+    return None
+
+
+def _branch(node, env):
+    """The branch a non-smooth node takes at these values (None for a smooth node)."""
+    name = node.op.name
+    ins = [env[id(t)] for t in node.inputs]
+    if name in ("abs", "relu", "leaky_relu", "sign"):
+        return [np.sign(ins[0])]
+    if name in ("maximum", "minimum"):
+        return None if node.inputs[0] is node.inputs[1] else [np.sign(ins[0] - ins[1])]
+    if name in ("max", "min"):
+        return [ins[0] == getattr(np, name)(ins[0], axis=node.attrs["axis"], keepdims=True)]
+    if name in ("floor", "ceil", "round", "trunc") or any(t.dtype == "bool" or "int" in t.dtype
+                                                          for t in node.outputs):
+        return [env[id(t)] for t in node.outputs]
+    return None
+
+
+def _tol(case: Case, grad: bool = False) -> dict:
     if case.kind.startswith("int"):
         return dict(rtol=0, atol=0)
-    return dict(rtol=1e-9, atol=1e-10) if "64" in case.kind else dict(rtol=2e-4, atol=2e-5)
+    if "64" in case.kind:
+        return dict(rtol=1e-8, atol=1e-9) if grad else dict(rtol=1e-9, atol=1e-10)
+    return dict(rtol=1e-3, atol=1e-4) if grad else dict(rtol=2e-4, atol=2e-5)
+
+
+def _fd_checked(case: Case) -> bool:
+    return case.grad is not None and case.grad.fd_skip is None
+
+
+def _values_at(cases: list, t: int) -> list:
+    """Every case's input values, those of the FD-checked cases moved to x + t*FD_STEP*v."""
+    vals = []
+    for c in cases:
+        _, v, _ = c.io()
+        if _fd_checked(c):
+            v[:len(c.vals)] = [x + t * FD_STEP * d for x, d in zip(c.vals, c.grad.direction)]
+        vals += v
+    return vals
 
 
 def check_cases(cases: list, backend: str, level: int, **options) -> list:
-    """[(seed, message)] for the cases whose results on (backend, level) differ from the reference
-    (all cases in one function; a failing batch is split until the failing graphs are isolated)."""
-    phs = [p for c in cases for p in c.phs]
-    outs = [o for c in cases for o in c.outs]
+    """[(seed, message)] for the cases whose results on (backend, level) differ from the reference:
+    forward values, gradients and HVPs against the reference evaluator, and the gradients and HVPs
+    against central differences of the backend's own cost/gradient (all cases in one function; a
+    failing batch is split until the failing graphs are isolated)."""
+    ios = [c.io() for c in cases]
     try:
-        f = gc.function(phs, outs, backend=backend, optimize=level, **options)
+        f = gc.function([p for io in ios for p in io[0]], [o for io in ios for o in io[2]], backend=backend,
+                        optimize=level, **options)
         with np.errstate(all="ignore"):
-            got = f(*[v for c in cases for v in c.vals])
+            got = f(*[v for io in ios for v in io[1]])
+            kept = [np.array(a, copy=True) for a in got]
+            moved = {t: f(*_values_at(cases, t)) for t in FD_POINTS} if any(map(_fd_checked, cases)) else {}
     except Exception as e:  # noqa: BLE001 - any crash is a finding; isolate it below
         if len(cases) > 1:
             return _split(cases, backend, level, **options)
-        return [(cases[0].seed, f"{type(e).__name__}: {e}".splitlines()[0][:300])]
+        return [(cases[0].seed, _crash(cases[0], e, backend, level, options))]
     bad, k = [], 0
-    for c in cases:
-        with np.errstate(all="ignore"):
-            want = evaluate(c.outs, dict(zip(c.phs, c.vals)), c.dims)
-        for a, b in zip(got[k:k + len(c.outs)], want):
-            msg = _compare(a, b, _tol(c))
-            if msg:
-                bad.append((c.seed, msg))
-                break
-        k += len(c.outs)
+    for c, io in zip(cases, ios):
+        n = len(io[2])
+        if not all(_same(a, b) for a, b in zip(got[k:k + n], kept[k:k + n])):
+            msg = "a result array was overwritten by a later call of the function"
+        else:
+            msg = _check_case(c, got[k:k + n], {t: m[k:k + n] for t, m in moved.items()})
+        if msg:
+            bad.append((c.seed, msg))
+        k += n
     return bad
+
+
+def _same(a, b) -> bool:
+    return np.array_equal(np.asarray(a), b, equal_nan=np.asarray(a).dtype.kind in "fc")
+
+
+def _crash(case: Case, e: Exception, backend: str, level: int, options: dict) -> str:
+    """The message for a compile/run crash of one case, saying whether its forward graph alone crashes."""
+    msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    if case.grad is None:
+        return msg
+    phs, vals, outs = case.io(forward_only=True)
+    try:
+        with np.errstate(all="ignore"):
+            gc.function(phs, outs, backend=backend, optimize=level, **options)(*vals)
+    except Exception:  # noqa: BLE001
+        return msg
+    return f"gradient graph: {msg}"
+
+
+def _check_case(c: Case, got: list, moved: dict) -> str | None:
+    """The first disagreement of one case's outputs (forward, cost, grads, hvps) with the reference
+    and with central differences; None when all agree."""
+    n = len(c.outs)
+    for a, b in zip(got[:n], c.want):
+        msg = _compare(a, b, _tol(c))
+        if msg:
+            return msg
+    g = c.grad
+    if g is None:
+        return None
+    ng = len(g.grads)
+    grads, hvps = got[n + 1:n + 1 + ng], got[n + 1 + ng:]
+    for i, (a, b) in enumerate(zip(grads, g.want[:ng])):
+        msg = _compare(a, b, _tol(c, grad=True))
+        if msg:
+            return f"gradient wrt input {i}: {msg}"
+    for i, a, b in zip(g.hvp_of, hvps, g.want[ng:]):
+        msg = _compare(a, b, _tol(c, grad=True))
+        if msg:
+            return f"hvp wrt input {i}: {msg}"
+    if moved and g.fd_skip is None:
+        return _fd_first(c, grads, {t: float(m[n]) for t, m in moved.items()}) or \
+            _fd_second(c, hvps, {t: m[n + 1:n + 1 + ng] for t, m in moved.items()})
+    return None
+
+
+def _richardson(f: dict):
+    """d/dt at 0 of the values f[t] at t*FD_STEP (t = +-1, +-2), fourth order, and its rounding scale."""
+    d1 = (f[1] - f[-1]) / (2 * FD_STEP)
+    d2 = (f[2] - f[-2]) / (4 * FD_STEP)
+    return (4 * d1 - d2) / 3
+
+
+def _fd_first(c: Case, grads: list, cost: dict) -> str | None:
+    """<grad, v> against central differences of the backend's cost along v."""
+    terms = [np.asarray(g, np.float64) * v for g, v in zip(grads, c.grad.direction)]
+    sym = float(sum(np.sum(t) for t in terms))
+    scale = float(sum(np.sum(np.abs(t)) for t in terms))
+    num = _richardson(cost)
+    _FD_LOG.append((c.seed, "first", sym, num, scale, cost[1]))
+    if not abs(sym - num) <= FD_RTOL * scale + 1e-9:
+        return (f"gradient vs finite differences: <grad, v> = {sym!r}, central differences {num!r} "
+                f"(sum|grad*v| {scale:.3g}, step {FD_STEP})")
+    return None
+
+
+_FD_LOG = []
+
+
+def _fd_second(c: Case, hvps: list, grads: dict) -> str | None:
+    """gc.hvp(cost, x, v) against central differences of the backend's gradient along v."""
+    for j, (i, hv) in enumerate(zip(c.grad.hvp_of, hvps)):
+        num = _richardson({t: np.asarray(g[i], np.float64) for t, g in grads.items()})
+        hv = np.asarray(hv, np.float64)
+        scale = float(np.max(np.abs(hv), initial=0) + np.max(np.abs(num), initial=0))
+        err = np.abs(hv - num)
+        _FD_LOG.append((c.seed, "second", float(np.max(err, initial=0)), scale))
+        if err.size and not np.max(err) <= FD_RTOL * scale + 1e-9:
+            k = tuple(int(j) for j in np.unravel_index(int(np.argmax(err)), err.shape))
+            return (f"hvp wrt input {i} vs finite differences of the gradient: at {k} hvp {float(hv[k])!r}, "
+                    f"central differences {float(num[k])!r} (max|hvp| + max|fd| {scale:.3g}, step {FD_STEP})")
+    return None
 
 
 def _split(cases, backend, level, **options):
@@ -261,17 +513,14 @@ def _compare(got, want, tol) -> str | None:
     return None
 
 
-# stop_gradient and a round trip through float32 are (by design) not what central differences measure
-NOT_DIFFERENTIABLE_BY_FD = {"stop_gradient", "cast"}
-
-
 def check_grad(seed: int, backend: str) -> str | None:
-    """gc.verify_grad of float64 graph `seed` (the generator rebuilt on verify_grad's placeholders)."""
-    phs, out, vals, _ = random_graph(seed, "float64")
-    if {n.op.name for n in toposort([out])} & NOT_DIFFERENTIABLE_BY_FD:
+    """gc.verify_grad (per element) of float64 graph `seed`, the generator rebuilt on verify_grad's
+    placeholders; "skip" for a graph central differences cannot check."""
+    case = make_case(seed)
+    if case is None or case.grad is None or case.grad.fd_skip:
         return "skip"
     try:
-        gc.verify_grad(lambda *xs: random_graph(seed, "float64", inputs=xs)[1], vals, rtol=1e-4, atol=1e-6,
+        gc.verify_grad(lambda *xs: random_graph(seed, "float64", inputs=xs)[1], case.vals, rtol=1e-4, atol=1e-6,
                        backend=backend)
     except gc.GradientError as e:
         if "does not depend on" in str(e):
@@ -285,34 +534,79 @@ def check_grad(seed: int, backend: str) -> str | None:
 @dataclass
 class Tally:
     graphs: int = 0
-    cases: int = 0
-    grads: int = 0
+    cases: int = 0        # forward: graphs x levels
+    grads: int = 0        # gradient graphs against the reference evaluator: graphs x levels
+    fd: int = 0           # <grad, v> against central differences: graphs x levels
+    hvps: int = 0         # gc.hvp against the reference evaluator: graphs x levels
+    hvp_fd: int = 0       # gc.hvp against central differences of the gradient: graphs x levels
+    verify_grad: int = 0  # per-element gc.verify_grad on a sample of graphs
+    seconds: float = 0.0
+    fd_skipped: Counter = field(default_factory=Counter)  # why FD could not check a graph -> graphs
     failures: list = field(default_factory=list)
 
 
-def fuzz(seeds, backends, grad_every: int = 10, levels=LEVELS, log=print, **options) -> dict:
-    """{backend: Tally} over `seeds`; a case is one graph at one optimisation level; `options` go to
-    gc.function (e.g. sanitize="address" for cuda-emulated)."""
-    tallies = {b: Tally() for b in backends}
+def _sampled(seed: int, every: int) -> bool:
+    """1 in `every` graphs of each kind (0: none)."""
+    return bool(every) and seed % (every * len(KINDS)) < len(KINDS)
+
+
+def fuzz(seeds, backends, grad_every: int = 1, levels=LEVELS, log=print, hvp_every: int = 1,
+         verify_every: int = 10, tallies: dict | None = None, **options) -> dict:
+    """{backend: Tally} over `seeds`; a case is one graph at one optimisation level. Gradient graphs
+    (against the reference and, in float64, central differences) for 1 in `grad_every` float graphs
+    (0: forward values only), gc.hvp for 1 in `hvp_every` of those, per-element gc.verify_grad for 1 in
+    `verify_every` float64 graphs; `options` go to gc.function (e.g. sanitize="address");
+    `tallies` (updated in place) lets a caller keep the counts of an interrupted run."""
+    tallies = {b: Tally() for b in backends} if tallies is None else tallies
     seeds = list(seeds)
     for i in range(0, len(seeds), CHUNK):
-        cases = [c for c in map(make_case, seeds[i:i + CHUNK]) if c is not None]
+        cases = [c for c in (make_case(s, _sampled(s, grad_every), _sampled(s, hvp_every))
+                             for s in seeds[i:i + CHUNK]) if c is not None]
         for b in backends:
-            t = tallies[b]
-            t.graphs += len(cases)
-            for level in levels:
-                t.cases += len(cases)
-                t.failures += [(s, f"optimize={level}: {m}") for s, m in check_cases(cases, b, level, **options)]
-            for c in cases:
-                if grad_every and c.kind == "float64" and c.seed % (grad_every * len(KINDS)) < len(KINDS):
-                    m = check_grad(c.seed, b)
-                    t.grads += m != "skip"
-                    if m and m != "skip":
-                        t.failures.append((c.seed, f"gradient: {m}"))
+            t0, t = time.perf_counter(), tallies[b]
+            _run_chunk(t, cases, b, levels, verify_every, options)
+            t.seconds += time.perf_counter() - t0
         if log:
             log(f"  seeds {seeds[i]}..{seeds[min(i + CHUNK, len(seeds)) - 1]}: " +
                 ", ".join(f"{b} {t.graphs} graphs {len(t.failures)} failures" for b, t in tallies.items()))
     return tallies
+
+
+def _batches(cases: list) -> list:
+    """Consecutive groups of cases of at most BATCH_NODES nodes together (a bigger case alone)."""
+    out, size = [], BATCH_NODES
+    for c in cases:
+        n = c.nodes()
+        if size + n > BATCH_NODES:
+            out.append([])
+            size = 0
+        out[-1].append(c)
+        size += n
+    return out
+
+
+def _run_chunk(t: Tally, cases: list, backend: str, levels, verify_every: int, options: dict) -> None:
+    t.graphs += len(cases)
+    t.failures += [(c.seed, c.error) for c in cases if c.error]
+    graded = [c for c in cases if c.grad is not None]
+    batches = _batches(cases)
+    for c in graded:
+        if c.grad.fd_skip:
+            t.fd_skipped[c.grad.fd_skip.split(" (")[0]] += 1
+    for level in levels:
+        t.cases += len(cases)
+        t.grads += len(graded)
+        t.fd += sum(map(_fd_checked, graded))
+        t.hvps += sum(bool(c.grad.hvps) for c in graded)
+        t.hvp_fd += sum(bool(c.grad.hvps) and _fd_checked(c) for c in graded)
+        for batch in batches:
+            t.failures += [(s, f"optimize={level}: {m}") for s, m in check_cases(batch, backend, level, **options)]
+    for c in cases:
+        if c.kind == "float64" and _sampled(c.seed, verify_every):
+            m = check_grad(c.seed, backend)
+            t.verify_grad += m != "skip"
+            if m and m != "skip":
+                t.failures.append((c.seed, f"verify_grad: {m}"))
 
 
 def asan_env() -> dict:
@@ -328,27 +622,54 @@ def _reexec_with_asan():
             os.execve(sys.executable, [sys.executable, *sys.argv], asan_env())
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--graphs", type=int, default=200)
-    ap.add_argument("--backends", default="numpy,llvm,cuda-emulated")
+    ap.add_argument("--backends", nargs="+", default=["numpy,llvm,cuda-emulated"],
+                    help="backend names (space or comma separated)")
     ap.add_argument("--seed", type=int, default=0, help="first seed (graphs use seed, seed+1, ...)")
-    ap.add_argument("--grad-every", type=int, default=10, help="check gradients of 1 in K float64 graphs")
+    ap.add_argument("--grad-every", type=int, default=1,
+                    help="gradient checks on 1 in K float graphs (0: forward values only)")
+    ap.add_argument("--hvp-every", type=int, default=1, help="gc.hvp checks on 1 in K float graphs (0: none)")
+    ap.add_argument("--verify-every", type=int, default=10,
+                    help="per-element gc.verify_grad on 1 in K float64 graphs (0: none)")
     ap.add_argument("--sanitize", choices=["address"], help="cuda-emulated kernels built with ASan")
     a = ap.parse_args(argv)
     options = {"sanitize": a.sanitize} if a.sanitize else {}
     if a.sanitize:
         _reexec_with_asan()
-    backends = [b.strip() for b in a.backends.split(",") if b.strip()]
+    backends = [b.strip() for arg in a.backends for b in arg.split(",") if b.strip()]
     t0 = time.perf_counter()
-    tallies = fuzz(range(a.seed, a.seed + a.graphs), backends, a.grad_every, **options)
-    print(f"fuzz: seeds {a.seed}..{a.seed + a.graphs - 1} in {time.perf_counter() - t0:.0f} s")
+    tallies = {b: Tally() for b in backends}
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops a long run and still prints its tally
+    try:
+        fuzz(range(a.seed, a.seed + a.graphs), backends, a.grad_every, hvp_every=a.hvp_every,
+             verify_every=a.verify_every, tallies=tallies, **options)
+    except KeyboardInterrupt:  # report what ran so far
+        print(f"interrupted after {next(iter(tallies.values())).graphs} graphs")
+    print(f"fuzz: seeds {a.seed}..{a.seed + a.graphs - 1} in {time.perf_counter() - t0:.0f} s "
+          f"(counts are graphs x {len(LEVELS)} optimize levels, except graphs and verify_grad)")
     for b, t in tallies.items():
-        print(f"{b:14s} graphs {t.graphs:5d}  cases {t.cases:6d} (x{len(LEVELS)} levels)  "
-              f"gradient checks {t.grads:4d}  failures {len(t.failures)}")
+        print(report_line(b, t))
         for seed, msg in t.failures:
             print(f"    FAIL seed {seed} ({KINDS[seed % len(KINDS)]}): {msg}")
+    skipped = next(iter(tallies.values())).fd_skipped if tallies else {}
+    if skipped:
+        print("graphs whose gradients central differences do not check (still checked against the reference):")
+        for why, n in skipped.most_common():
+            print(f"    {n:5d}  {why}")
     return 1 if any(t.failures for t in tallies.values()) else 0
+
+
+def report_line(backend: str, t: Tally) -> str:
+    """One line of the tally: what ran on `backend` and how many failures."""
+    return (f"{backend:14s} graphs {t.graphs:5d}  forward {t.cases:6d}  gradient {t.grads:6d}  FD {t.fd:6d}  "
+            f"HVP {t.hvps:6d} (FD {t.hvp_fd:6d})  verify_grad {t.verify_grad:4d}  failures {len(t.failures)}  "
+            f"{t.seconds:.0f} s")
 
 
 if __name__ == "__main__":

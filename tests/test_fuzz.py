@@ -1,6 +1,6 @@
 """CI slice of the differential fuzzer (tests/fuzz.py): fixed seeds on every backend at optimize
-0/1/2 against the reference evaluator, sampled gradients against finite differences, and the
-regression tests for what the fuzzer found."""
+0/1/2 against the reference evaluator (forward values, gradients and HVPs of every float graph),
+gradients and HVPs against central differences, and the regression tests for what the fuzzer found."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,33 +10,40 @@ import graphc as gc
 import fuzz
 from conftest import TEST_BACKENDS, backend_or_skip
 
-# quick slice (each compiled chunk is one compile per optimize level; cold g++ is ~1-2 s each)
-SLICE = {"numpy": range(0, 200), "llvm": range(0, 40), "cuda-emulated": range(0, 20)}
-SLOW_SLICE = {"numpy": range(200, 1000), "llvm": range(40, 200), "cuda-emulated": range(20, 100)}
+# (seeds, hvp_every, verify_every): every float graph gets its gradient checked (against the reference at
+# each level and, in float64, against central differences); HVPs on 1 in hvp_every; per-element
+# verify_grad on 1 in verify_every float64 graphs. Cold compiles of gradient graphs dominate (LLVM's O3
+# pipeline, g++ for cuda-emulated), so the quick slice checks HVPs on numpy only; the slow one everywhere.
+SLICE = {"numpy": (range(0, 200), 2, 10), "llvm": (range(0, 40), 0, 10), "cuda-emulated": (range(0, 20), 0, 0)}
+SLOW_SLICE = {"numpy": (range(200, 800), 2, 5), "llvm": (range(40, 160), 4, 10),
+              "cuda-emulated": (range(20, 80), 4, 10)}
 
 
-def _fuzz_ok(name, seeds, grad_every=10):
-    t = fuzz.fuzz(seeds, [name], grad_every=grad_every, log=None)[name]
-    assert t.graphs >= 0.9 * len(seeds) and t.grads >= 1, t  # the slice really ran
+def _fuzz_ok(name, seeds, hvp_every, verify_every):
+    t = fuzz.fuzz(seeds, [name], hvp_every=hvp_every, verify_every=verify_every, log=None)[name]
+    levels = len(fuzz.LEVELS)
+    floats = sum(fuzz.KINDS[s % len(fuzz.KINDS)] not in ("int32", "int64") for s in seeds)
+    assert t.graphs >= 0.9 * len(seeds) and t.grads >= 0.9 * floats * levels, t  # the slice really ran
+    assert t.fd >= 0.3 * t.grads and t.hvps >= (1 if hvp_every else 0) and t.verify_grad >= (1 if verify_every else 0), t
     assert not t.failures, "\n".join(f"seed {s}: {m}" for s, m in t.failures)
 
 
 @pytest.mark.parametrize("name", TEST_BACKENDS)
 def test_fuzz_slice_agrees_with_reference(name):
     backend_or_skip(name)
-    _fuzz_ok(name, SLICE[name])
+    _fuzz_ok(name, *SLICE[name])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TEST_BACKENDS)
 def test_fuzz_longer_slice_agrees_with_reference(name):
     backend_or_skip(name)
-    _fuzz_ok(name, SLOW_SLICE[name], grad_every=3)
+    _fuzz_ok(name, *SLOW_SLICE[name])
 
 
 def test_fuzz_slice_covers_every_kind():
     """The slice includes int32/int64, float32 and size-0 graphs, and symbolic batch dims."""
-    cases = [c for c in map(fuzz.make_case, range(200)) if c is not None]
+    cases = [c for c in (fuzz.make_case(s, gradients=False) for s in range(200)) if c is not None]
     assert {c.kind for c in cases} == set(fuzz.KINDS)
     assert sum(bool(c.dims) for c in cases) > 20
     assert any(v.size == 0 for c in cases for v in c.vals)
@@ -88,3 +95,101 @@ def test_gradient_check_sample_catches_a_wrong_gradient(monkeypatch):
     real = OPS["tanh"].vjp
     monkeypatch.setattr(OPS["tanh"], "vjp", lambda node, g: [2.0 * v for v in real(node, g)])
     assert all(fuzz.check_grad(s, "numpy") not in (None, "skip") for s in uses_tanh[:3])
+
+
+def _float64_seeds_using(op: str, n: int) -> list:
+    """The first `n` float64 seeds whose graph uses `op` and whose gradient central differences check."""
+    out = []
+    for s in range(0, 2000, len(fuzz.KINDS)):
+        c = fuzz.make_case(s, hvp=True)
+        if c and c.grad.fd_skip is None and c.grad.hvps and op in {n.op.name for n in fuzz.toposort(c.outs)}:
+            out.append(s)
+            if len(out) == n:
+                return out
+    raise AssertionError(f"no float64 seeds use {op}")
+
+
+def test_every_float_graph_gets_gradient_cases_and_the_tally_counts_them():
+    """Every float graph (float64/float32, size-0 too) gets a gradient case at each level; float64 ones
+    an FD check unless a counted reason says why not; HVPs on the sample."""
+    seeds = range(0, 40)
+    t = fuzz.fuzz(seeds, ["numpy"], hvp_every=1, verify_every=0, log=None)["numpy"]
+    cases = [c for c in map(fuzz.make_case, seeds) if c is not None]
+    floats = [c for c in cases if not c.kind.startswith("int")]
+    assert all(c.grad is not None for c in floats) and not any(c.grad for c in cases if c.kind.startswith("int"))
+    assert t.grads == t.hvps == 3 * len(floats) and t.cases == 3 * len(cases)
+    unchecked = sum(t.fd_skipped.values())
+    assert t.fd == t.hvp_fd == 3 * (len(floats) - unchecked) and t.fd > 0
+    assert t.fd_skipped["float32"] == sum("32" in c.kind for c in floats)  # reasons are counted, not silent
+    assert not t.failures, t.failures
+
+
+def test_finite_differences_catch_a_wrong_first_order_rule(monkeypatch):
+    """tanh's vjp doubled: the gradient graph still matches the reference evaluator (which uses the same
+    rule), but central differences of the backend's own cost catch it, naming the seed."""
+    from graphc.ir import OPS
+    seeds = _float64_seeds_using("tanh", 3)
+    real = OPS["tanh"].vjp
+    monkeypatch.setattr(OPS["tanh"], "vjp", lambda node, g: [2.0 * v for v in real(node, g)])
+    bad = fuzz.check_cases([fuzz.make_case(s) for s in seeds], "numpy", 2)
+    assert [s for s, _ in bad] == seeds and all("finite differences" in m for _, m in bad), bad
+
+
+def test_finite_differences_catch_a_wrong_second_order_rule(monkeypatch):
+    """sigmoid's vjp with its derivative factor under stop_gradient: first order is right (no failure
+    without HVPs), the HVP against central differences of the gradient is not."""
+    import graphc as gc
+    from graphc.ir import OPS
+    seeds = _float64_seeds_using("sigmoid", 3)
+
+    def frozen(node, g):
+        y = node.outputs[0]
+        return [g[0] * gc.stop_gradient(y * (1.0 - y))]
+    monkeypatch.setattr(OPS["sigmoid"], "vjp", frozen)
+    assert not fuzz.check_cases([fuzz.make_case(s) for s in seeds], "numpy", 2)
+    bad = fuzz.check_cases([fuzz.make_case(s, hvp=True) for s in seeds], "numpy", 2)
+    assert [s for s, _ in bad] == seeds and all("hvp" in m and "finite differences" in m for _, m in bad), bad
+
+
+def test_fd_stencil_across_a_kink_is_redrawn_or_counted():
+    """Values on a kink (relu at 0, maximum at a tie, where at a > b) are redrawn away from it; a kink the
+    stencil cannot avoid is a recorded reason, not a silent pass or a false failure."""
+    import graphc as gc
+    x = gc.placeholder("k_x", (3,), "float64")
+    y = gc.placeholder("k_y", (3,), "float64")
+    for out in (gc.relu(x) * y, gc.maximum(x, y), gc.where(x > y, x, y * 2.0)):
+        c = fuzz.Case(0, "float64", [x, y], [out, out], [np.array([0.0, 1e-9, 1.0]), np.zeros(3)], {})
+        c.want = fuzz._reference(c.outs, c)
+        fuzz.add_gradient(c, hvp=True)
+        assert c.grad.fd_skip is None and c.vals[0][0] != 0.0  # redrawn: the stencil is smooth now
+        c.vals = [np.array([0.0, 1e-9, 1.0]), np.zeros(3)]
+        assert "kink of" in fuzz._stencil_problem(c, fuzz.FD_STEP)
+    # abs(x) - abs(x) + ... : every value is on the kink of sign-free abs(x - x): unavoidable, but smooth
+    z = gc.abs(x - x) + x * y
+    c = fuzz.Case(0, "float64", [x, y], [z, z], [np.ones(3), np.ones(3)], {})
+    c.want = fuzz._reference(c.outs, c)
+    fuzz.add_gradient(c, hvp=True)
+    assert c.grad.fd_skip is None  # the branch (sign 0) never changes along the stencil: FD is valid
+    assert not fuzz.check_cases([c], "numpy", 2)
+
+
+def test_fuzzer_reports_results_overwritten_by_a_later_call(monkeypatch):
+    """A compiled function that hands out the same arrays each call (a later call overwrites an earlier
+    result) is caught: the FD evaluations call it again before the comparison."""
+    real = gc.function
+
+    def reusing(*a, **k):
+        f, bufs = real(*a, **k), []
+
+        def call(*xs):
+            ys = [np.array(y) for y in f(*xs)]
+            if not bufs:
+                bufs.extend(ys)
+            for b, y in zip(bufs, ys):
+                b[...] = y
+            return list(bufs)
+        return call
+    monkeypatch.setattr(gc, "function", reusing)
+    c = fuzz.make_case(_float64_seeds_using("tanh", 1)[0])
+    assert [m for _, m in fuzz.check_cases([c], "numpy", 0)] == [
+        "a result array was overwritten by a later call of the function"]
