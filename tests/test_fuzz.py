@@ -41,6 +41,31 @@ def test_fuzz_longer_slice_agrees_with_reference(name):
     _fuzz_ok(name, *SLOW_SLICE[name])
 
 
+EXT = fuzz.EXT_SEED  # seeds from here draw from the wider op set (more gradient rules)
+
+
+def test_fuzz_wider_op_set_slice_agrees_with_reference():
+    _fuzz_ok("numpy", range(EXT, EXT + 100), 2, 10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [b for b in TEST_BACKENDS if b != "numpy"])
+def test_fuzz_wider_op_set_slice_on_compiled_backends(name):
+    backend_or_skip(name)
+    _fuzz_ok(name, *{"llvm": (range(EXT, EXT + 40), 4, 0), "cuda-emulated": (range(EXT, EXT + 12), 0, 0)}[name])
+
+
+def test_wider_op_set_seeds_use_the_extra_ops():
+    """Seeds >= EXT_SEED draw the extra gradient rules; the seeds below keep their graphs."""
+    ops = {n.op.name for s in range(EXT, EXT + 200) if (c := fuzz.make_case(s, gradients=False))
+           for n in fuzz.toposort(c.outs)}
+    assert {"erf", "cos", "expm1", "log1p", "prod", "min", "concatenate", "take", "broadcast_to", "floor",
+            "sign"} <= ops
+    old = {n.op.name for s in range(0, 200) if (c := fuzz.make_case(s, gradients=False))
+           for n in fuzz.toposort(c.outs)}
+    assert not {"erf", "prod", "concatenate", "take"} & old
+
+
 def test_fuzz_slice_covers_every_kind():
     """The slice includes int32/int64, float32 and size-0 graphs, and symbolic batch dims."""
     cases = [c for c in (fuzz.make_case(s, gradients=False) for s in range(200)) if c is not None]
@@ -193,3 +218,54 @@ def test_fuzzer_reports_results_overwritten_by_a_later_call(monkeypatch):
     c = fuzz.make_case(_float64_seeds_using("tanh", 1)[0])
     assert [m for _, m in fuzz.check_cases([c], "numpy", 0)] == [
         "a result array was overwritten by a later call of the function"]
+
+
+@pytest.mark.parametrize("name", TEST_BACKENDS)
+def test_regression_seed_1000360_gradient_of_concatenate_along_a_symbolic_axis(name):
+    """Fuzz seed 1000360: concatenate([a, b]) along the symbolic batch axis built, but its vjp sliced the
+    cotangent with symbolic bounds and gc.grad raised 'slice bounds must be Python ints'. Parts are now
+    cut from the end with static sizes, or by splitting the axis when all parts have the same size."""
+    backend_or_skip(name)
+    case = fuzz.make_case(1000360, hvp=True)
+    assert case.error is None and not fuzz.check_cases([case], name, 0) and not fuzz.check_cases([case], name, 2)
+    rng = np.random.default_rng(0)
+    a, b = gc.placeholder("a", ("n", 3), "float64"), gc.placeholder("b", (2, 3), "float64")
+    for parts, xs in (([a, b], [rng.standard_normal((4, 3)), rng.standard_normal((2, 3))]),
+                      ([b, a, b], [rng.standard_normal((2, 3)), rng.standard_normal((4, 3))]),
+                      ([a, a], [rng.standard_normal((4, 3))])):
+        phs = list(dict.fromkeys(parts))
+        vals = dict(zip(phs, xs))
+        w = rng.standard_normal((sum(vals[p].shape[0] for p in parts), 3))
+        y = gc.concatenate([gc.tanh(p) for p in parts], 0)
+        wp = gc.placeholder("w", y.shape, "float64")
+        got = gc.function(phs + [wp], gc.grad(gc.sum(y * wp), phs), backend=name)(*xs, w)
+        want, off = {id(p): np.zeros_like(vals[p]) for p in phs}, 0
+        for p in parts:
+            k = vals[p].shape[0]
+            want[id(p)] += w[off:off + k] * (1 - np.tanh(vals[p]) ** 2)
+            off += k
+        for g, p in zip(got, phs):
+            np.testing.assert_allclose(g, want[id(p)], rtol=1e-12)
+
+
+def test_gradient_of_concatenate_of_unequal_symbolic_parts_is_a_clear_error():
+    """Two different symbolic sizes along the axis: no static slice reaches the parts; a GradientError
+    names the sizes and the user's line instead of an internal slicing error."""
+    x, y = gc.placeholder("x", ("n", 3), "float64"), gc.placeholder("y", ("m", 3), "float64")
+    with pytest.raises(gc.GradientError, match=r"unequal symbolic sizes n, m along axis 0 \(node built at .*test_fuzz"):
+        gc.grad(gc.sum(gc.concatenate([x, y], 0)), [x, y])
+
+
+@pytest.mark.parametrize("name", TEST_BACKENDS)
+def test_regression_seed_1000929_take_gradient_over_a_size0_batch(name):
+    """Fuzz seed 1000929: take along axis 1 of a (0, 4) tensor; take_grad's NumPy impl reshaped the
+    cotangent with -1, which NumPy cannot infer for a size-0 array (ValueError from the reference)."""
+    backend_or_skip(name)
+    case = fuzz.make_case(1000929, hvp=True)
+    assert case.error is None and not fuzz.check_cases([case], name, 0)
+    x = gc.placeholder("x", ("n", 4), "float64")
+    g = gc.grad(gc.sum(gc.take(x, gc.constant(np.array([3, 0, 3], "int64")), axis=1) ** 2), x)
+    f = gc.function([x], g, backend=name)
+    assert f(np.zeros((0, 4))).shape == (0, 4)
+    np.testing.assert_allclose(f(np.ones((2, 4))), [[2.0, 0, 0, 4.0]] * 2)
+    np.testing.assert_allclose(gc.evaluate([g], {x: np.zeros((0, 4))}, {"n": 0})[0], np.zeros((0, 4)))

@@ -11,7 +11,7 @@ from graphc import ops as F
 from .. import dtypes as _dt
 from .. import shapes as _sh
 from ..errors import DTypeError, GraphcError, ShapeError
-from ..ir import Op, Tensor, apply, register
+from ..ir import Op, Tensor, apply, fmt_loc, register
 from .core import as_tensor
 
 
@@ -193,6 +193,27 @@ def sum_to(x, shape):
     return reshape(x, shape)
 
 
+def _concat_part(g, axis: int, dims: list, k: int, node):
+    """The part of `g` (concatenated along `axis` from parts of sizes `dims`) that is part k. Slice bounds
+    must be ints, so with symbolic sizes the part is cut from whichever end has static sizes up to it, or,
+    when every part has the same size, found by splitting the axis (reshape) and indexing."""
+    head = _sh.canon_dim(builtins.sum(dims[:k], 0))
+    tail = _sh.canon_dim(builtins.sum(dims[k + 1:], 0))
+    with_part = [_sh.canon_dim(head + dims[k]), _sh.canon_dim(dims[k] + tail)]
+    start = None if head == 0 else head if isinstance(head, int) else \
+        -with_part[1] if isinstance(with_part[1], int) else False
+    stop = None if tail == 0 else with_part[0] if isinstance(with_part[0], int) else \
+        -tail if isinstance(tail, int) else False
+    pre = (slice(None),) * axis
+    if start is not False and stop is not False:
+        return g[pre + (slice(start, stop),)]
+    if all(_sh.dims_equal(d, dims[0]) for d in dims):
+        return reshape(g, g.shape[:axis] + (len(dims), dims[0]) + g.shape[axis + 1:])[pre + (k,)]
+    from ..errors import GradientError
+    raise GradientError(f"concatenate: no gradient for parts of unequal symbolic sizes {', '.join(map(str, dims))} "
+                        f"along axis {axis} (node built at {fmt_loc(node.loc)})")
+
+
 @register
 class Concatenate(Op):
     name = "concatenate"
@@ -215,13 +236,10 @@ class Concatenate(Op):
         return f"np.concatenate(({', '.join(args)},), axis={attrs['axis']})"
 
     def vjp(self, node, gouts):
-        g, axis, out, start = gouts[0], node.attrs["axis"], [], 0
-        for t in node.inputs:
-            n = t.shape[axis]
-            key = (slice(None),) * axis + (slice(start, start + n),)
-            out.append(F.cast(g[key], t.dtype) if _dt.is_float(t.dtype) else None)
-            start = start + n
-        return out
+        g, axis = gouts[0], node.attrs["axis"]
+        dims = [t.shape[axis] for t in node.inputs]
+        return [F.cast(_concat_part(g, axis, dims, k, node), t.dtype) if _dt.is_float(t.dtype) else None
+                for k, t in enumerate(node.inputs)]
 
     def jvp(self, node, tangents):
         if all(t is None for t in tangents):
@@ -375,7 +393,8 @@ class TakeGrad(Op):
     def impl(self, g, x, idx, axis):
         out = np.zeros(x.shape, g.dtype)
         moved = np.moveaxis(out, axis, 0)
-        gm = np.moveaxis(g.reshape(g.shape[:axis] + (-1,) + g.shape[axis + idx.ndim:]), axis, 0)
+        # idx.size, not -1: NumPy cannot infer -1 when another axis is 0 (a size-0 batch)
+        gm = np.moveaxis(g.reshape(g.shape[:axis] + (idx.size,) + g.shape[axis + idx.ndim:]), axis, 0)
         np.add.at(moved, idx.reshape(-1) % builtins.max(x.shape[axis], 1), gm)
         return out
 
