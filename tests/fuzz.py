@@ -246,7 +246,8 @@ NOT_DIFFERENTIABLE_BY_FD = {"stop_gradient", "cast"}
 class Grad:
     """cost = sum(out * p0) + sum(extra * p1) (p: random projections, fed as inputs), its gradient
     w.r.t. every input and (on a sample) gc.hvp along the FD direction v; `want` holds the reference
-    evaluator's grads + hvps; `fd_skip` says why central differences cannot check this graph."""
+    evaluator's grads + hvps + jvps; `fd_skip` says why central differences cannot check this graph.
+    The HVP sample also gets gc.jvp of the outputs along v (forward mode)."""
     projs: list
     proj_vals: list
     cost: object
@@ -255,6 +256,7 @@ class Grad:
     tans: list = field(default_factory=list)
     hvp_of: list = field(default_factory=list)  # input index of each hvp output
     hvps: list = field(default_factory=list)
+    jvps: list = field(default_factory=list)
     want: list = field(default_factory=list)
     fd_skip: str | None = None
 
@@ -281,7 +283,7 @@ class Case:
         if g is None or forward_only:
             return list(self.phs), list(self.vals), list(self.outs)
         return (self.phs + g.projs + g.tans, self.vals + g.proj_vals + [g.direction[i] for i in g.hvp_of],
-                self.outs + [g.cost] + g.grads + g.hvps)
+                self.outs + [g.cost] + g.grads + g.hvps + g.jvps)
 
 
 def make_case(seed: int, gradients: bool = True, hvp: bool = False) -> Case | None:
@@ -335,10 +337,11 @@ def add_gradient(case: Case, hvp: bool) -> None:
         g.tans = [gc.placeholder(f"s{seed}_v{i}", case.phs[i].shape, dtype) for i in g.hvp_of]
         if g.hvp_of:
             g.hvps = gc.hvp(cost, [case.phs[i] for i in g.hvp_of], g.tans)
+            g.jvps = gc.jvp(list(case.outs), [case.phs[i] for i in g.hvp_of], g.tans)
     case.grad = g
     g.fd_skip = _choose_values(case, r)
     case.want = _reference(case.outs, case)
-    g.want = _reference(g.grads + g.hvps, case, {**dict(zip(projs, g.proj_vals)),
+    g.want = _reference(g.grads + g.hvps + g.jvps, case, {**dict(zip(projs, g.proj_vals)),
                                                **{t: g.direction[i] for t, i in zip(g.tans, g.hvp_of)}})
 
 
@@ -487,24 +490,25 @@ def _check_case(c: Case, got: list, moved: dict) -> str | None:
     g = c.grad
     if g is None:
         return None
-    ng = len(g.grads)
-    grads, hvps = got[n + 1:n + 1 + ng], got[n + 1 + ng:]
-    for i, (a, b) in enumerate(zip(grads, g.want[:ng])):
+    ng, nh = len(g.grads), len(g.hvps)
+    grads, hvps, jvps = got[n + 1:n + 1 + ng], got[n + 1 + ng:n + 1 + ng + nh], got[n + 1 + ng + nh:]
+    labels = [f"gradient wrt input {i}" for i in range(ng)] + [f"hvp wrt input {i}" for i in g.hvp_of] + \
+        [f"jvp of output {k}" for k in range(len(jvps))]
+    for label, a, b in zip(labels, grads + hvps + jvps, g.want):
         msg = _compare(a, b, _tol(c, grad=True))
         if msg:
-            return f"gradient wrt input {i}: {msg}"
-    for i, a, b in zip(g.hvp_of, hvps, g.want[ng:]):
-        msg = _compare(a, b, _tol(c, grad=True))
-        if msg:
-            return f"hvp wrt input {i}: {msg}"
-    if moved and g.fd_skip is None:
-        return _fd_first(c, grads, {t: float(m[n]) for t, m in moved.items()}) or \
-            _fd_second(c, hvps, {t: m[n + 1:n + 1 + ng] for t, m in moved.items()})
-    return None
+            return f"{label}: {msg}"
+    if not moved or g.fd_skip is not None:
+        return None
+    return _fd_first(c, grads, {t: float(m[n]) for t, m in moved.items()}) or \
+        _fd_vectors(labels[ng:ng + nh], " of the gradient", hvps,
+                    [{t: m[n + 1 + i] for t, m in moved.items()} for i in g.hvp_of]) or \
+        _fd_vectors(labels[ng + nh:], " of the output", jvps, [{t: m[k] for t, m in moved.items()}
+                                                                for k in range(len(jvps))])
 
 
 def _richardson(f: dict):
-    """d/dt at 0 of the values f[t] at t*FD_STEP (t = +-1, +-2), fourth order, and its rounding scale."""
+    """d/dt at 0 of the values f[t] at t*FD_STEP (t = +-1, +-2), fourth order."""
     d1 = (f[1] - f[-1]) / (2 * FD_STEP)
     d2 = (f[2] - f[-2]) / (4 * FD_STEP)
     return (4 * d1 - d2) / 3
@@ -516,28 +520,24 @@ def _fd_first(c: Case, grads: list, cost: dict) -> str | None:
     sym = float(sum(np.sum(t) for t in terms))
     scale = float(sum(np.sum(np.abs(t)) for t in terms))
     num = _richardson(cost)
-    _FD_LOG.append((c.seed, "first", sym, num, scale, cost[1]))
     if not abs(sym - num) <= FD_RTOL * scale + 1e-9:
         return (f"gradient vs finite differences: <grad, v> = {sym!r}, central differences {num!r} "
                 f"(sum|grad*v| {scale:.3g}, step {FD_STEP})")
     return None
 
 
-_FD_LOG = []
-
-
-def _fd_second(c: Case, hvps: list, grads: dict) -> str | None:
-    """gc.hvp(cost, x, v) against central differences of the backend's gradient along v."""
-    for j, (i, hv) in enumerate(zip(c.grad.hvp_of, hvps)):
-        num = _richardson({t: np.asarray(g[i], np.float64) for t, g in grads.items()})
-        hv = np.asarray(hv, np.float64)
-        scale = float(np.max(np.abs(hv), initial=0) + np.max(np.abs(num), initial=0))
-        err = np.abs(hv - num)
-        _FD_LOG.append((c.seed, "second", float(np.max(err, initial=0)), scale))
+def _fd_vectors(labels: list, of: str, syms: list, series: list) -> str | None:
+    """Each directional derivative in `syms` (gc.hvp / gc.jvp along v) against central differences of
+    the backend's values `series[j]` ({t: array at x + t*FD_STEP*v})."""
+    for label, sym, f in zip(labels, syms, series):
+        num = _richardson({t: np.asarray(a, np.float64) for t, a in f.items()})
+        sym = np.asarray(sym, np.float64)
+        scale = float(np.max(np.abs(sym), initial=0) + np.max(np.abs(num), initial=0))
+        err = np.abs(sym - num)
         if err.size and not np.max(err) <= FD_RTOL * scale + 1e-9:
             k = tuple(int(j) for j in np.unravel_index(int(np.argmax(err)), err.shape))
-            return (f"hvp wrt input {i} vs finite differences of the gradient: at {k} hvp {float(hv[k])!r}, "
-                    f"central differences {float(num[k])!r} (max|hvp| + max|fd| {scale:.3g}, step {FD_STEP})")
+            return (f"{label} vs finite differences{of}: at {k} {float(sym[k])!r}, central differences "
+                    f"{float(num[k])!r} (max|sym| + max|fd| {scale:.3g}, step {FD_STEP})")
     return None
 
 
@@ -583,8 +583,8 @@ class Tally:
     cases: int = 0        # forward: graphs x levels
     grads: int = 0        # gradient graphs against the reference evaluator: graphs x levels
     fd: int = 0           # <grad, v> against central differences: graphs x levels
-    hvps: int = 0         # gc.hvp against the reference evaluator: graphs x levels
-    hvp_fd: int = 0       # gc.hvp against central differences of the gradient: graphs x levels
+    hvps: int = 0         # gc.hvp and gc.jvp against the reference evaluator: graphs x levels
+    hvp_fd: int = 0       # gc.hvp / gc.jvp against central differences of the gradient / output
     verify_grad: int = 0  # per-element gc.verify_grad on a sample of graphs
     seconds: float = 0.0
     fd_skipped: Counter = field(default_factory=Counter)  # why FD could not check a graph -> graphs
@@ -714,7 +714,7 @@ def main(argv=None) -> int:
 def report_line(backend: str, t: Tally) -> str:
     """One line of the tally: what ran on `backend` and how many failures."""
     return (f"{backend:14s} graphs {t.graphs:5d}  forward {t.cases:6d}  gradient {t.grads:6d}  FD {t.fd:6d}  "
-            f"HVP {t.hvps:6d} (FD {t.hvp_fd:6d})  verify_grad {t.verify_grad:4d}  failures {len(t.failures)}  "
+            f"HVP+JVP {t.hvps:6d} (FD {t.hvp_fd:6d})  verify_grad {t.verify_grad:4d}  failures {len(t.failures)}  "
             f"{t.seconds:.0f} s")
 
 

@@ -176,6 +176,18 @@ def test_finite_differences_catch_a_wrong_second_order_rule(monkeypatch):
     assert [s for s, _ in bad] == seeds and all("hvp" in m and "finite differences" in m for _, m in bad), bad
 
 
+def test_finite_differences_catch_a_wrong_forward_mode_rule(monkeypatch):
+    """matmul's jvp scaled by 1.5: reverse mode is untouched; gc.jvp of the outputs (on the HVP sample)
+    disagrees with central differences of the outputs."""
+    from graphc.ir import OPS
+    seeds = _float64_seeds_using("matmul", 2)
+    real = OPS["matmul"].jvp
+    monkeypatch.setattr(OPS["matmul"], "jvp", lambda node, ts: [None if r is None else 1.5 * r for r in real(node, ts)])
+    assert not fuzz.check_cases([fuzz.make_case(s) for s in seeds], "numpy", 2)
+    bad = fuzz.check_cases([fuzz.make_case(s, hvp=True) for s in seeds], "numpy", 2)
+    assert [s for s, _ in bad] == seeds and all(m.startswith("jvp of output") for _, m in bad), bad
+
+
 def test_fd_stencil_across_a_kink_is_redrawn_or_counted():
     """Values on a kink (relu at 0, maximum at a tie, where at a > b) are redrawn away from it; a kink the
     stencil cannot avoid is a recorded reason, not a silent pass or a false failure."""
