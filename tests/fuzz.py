@@ -288,7 +288,7 @@ class Case:
 
 def make_case(seed: int, gradients: bool = True, hvp: bool = False) -> Case | None:
     """The graph for `seed` (its kind from seed % 10) with its result and one intermediate as outputs,
-    and for float graphs (`gradients`) its gradient graph (+ an HVP); None when the reference itself
+    and for float graphs (`gradients`) its gradient graph (+ gc.hvp and gc.jvp); None when the reference itself
     rejects it (e.g. max over a size-0 axis)."""
     kind = KINDS[seed % len(KINDS)]
     rows = 0 if kind.startswith("empty") else None
@@ -306,13 +306,15 @@ def make_case(seed: int, gradients: bool = True, hvp: bool = False) -> Case | No
     case = Case(seed, kind, phs, [out, extra], vals, dims)
     try:
         case.want = _reference(case.outs, case)
-    except (ValueError, ArithmeticError):
+    except (ValueError, IndexError, ArithmeticError):
         return None
     if gradients and not dtype.startswith("int"):
+        want = case.want
         try:
             add_gradient(case, hvp)
         except Exception as e:  # noqa: BLE001 - gc.grad failing on a well-typed graph is a finding
             case.error = f"gradient graph: {type(e).__name__}: {e}".splitlines()[0][:300]
+            case.grad, case.vals, case.want = None, vals, want  # the forward case still runs
     return case
 
 
@@ -416,6 +418,16 @@ def _tol(case: Case, grad: bool = False) -> dict:
     return dict(rtol=1e-3, atol=1e-4) if grad else dict(rtol=2e-4, atol=2e-5)
 
 
+def _grad_tol(case: Case, want) -> dict:
+    """Tolerance for a gradient/HVP/JVP array: in float32 normwise (atol a share of the largest element),
+    since second-order graphs cancel and both sides carry float32 rounding of that size (seed 1000264:
+    the float32 reference and llvm are both ~2e-3 off the float64 HVP, in different elements)."""
+    tol = _tol(case, grad=True)
+    if case.phs[0].dtype == "float32":
+        tol["atol"] = max(tol["atol"], 2e-3 * float(np.max(np.abs(want), initial=0)))
+    return tol
+
+
 def _fd_checked(case: Case) -> bool:
     return case.grad is not None and case.grad.fd_skip is None
 
@@ -495,7 +507,7 @@ def _check_case(c: Case, got: list, moved: dict) -> str | None:
     labels = [f"gradient wrt input {i}" for i in range(ng)] + [f"hvp wrt input {i}" for i in g.hvp_of] + \
         [f"jvp of output {k}" for k in range(len(jvps))]
     for label, a, b in zip(labels, grads + hvps + jvps, g.want):
-        msg = _compare(a, b, _tol(c, grad=True))
+        msg = _compare(a, b, _grad_tol(c, b))
         if msg:
             return f"{label}: {msg}"
     if not moved or g.fd_skip is not None:

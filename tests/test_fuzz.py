@@ -188,6 +188,17 @@ def test_finite_differences_catch_a_wrong_forward_mode_rule(monkeypatch):
     assert [s for s, _ in bad] == seeds and all(m.startswith("jvp of output") for _, m in bad), bad
 
 
+def test_a_gradient_graph_that_cannot_be_built_is_a_failure_with_its_seed(monkeypatch):
+    """gc.grad raising on a well-typed graph is a finding on every backend; its forward case still runs."""
+    from graphc.ir import OPS
+
+    def broken(node, g):
+        raise gc.GradientError("no rule")
+    monkeypatch.setattr(OPS["concatenate"], "vjp", broken)
+    t = fuzz.fuzz([0, 1000360], ["numpy"], levels=(0,), log=None)["numpy"]  # seed 0 has no concatenate
+    assert t.failures == [(1000360, "gradient graph: GradientError: no rule")] and t.cases == 2 and t.grads == 1
+
+
 def test_fd_stencil_across_a_kink_is_redrawn_or_counted():
     """Values on a kink (relu at 0, maximum at a tie, where at a > b) are redrawn away from it; a kink the
     stencil cannot avoid is a recorded reason, not a silent pass or a false failure."""
