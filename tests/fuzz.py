@@ -237,6 +237,9 @@ KINDS = ["float64"] * 4 + ["float32"] * 2 + ["int32", "int64", "empty64", "empty
 FD_STEP = 1e-4
 FD_POINTS = (-2, -1, 1, 2)
 FD_RTOL = 1e-6  # of sum|g * v| (first order) / of max|Hv| + max|fd| (second order)
+# plus the rounding floor: float64 rounding of the differenced values (64 ulps of their magnitude),
+# amplified by the stencil's 1.5/h; a wrong rule is off by O(1) of the derivative, far above both
+FD_ROUNDING = 64 * np.finfo(np.float64).eps * 1.5 / FD_STEP
 REDRAWS = 4  # fresh input values tried when the generator's lie within the FD stencil of a kink
 # stop_gradient and a round trip through float32 are (by design) not what central differences measure
 NOT_DIFFERENTIABLE_BY_FD = {"stop_gradient", "cast"}
@@ -512,7 +515,8 @@ def _check_case(c: Case, got: list, moved: dict) -> str | None:
             return f"{label}: {msg}"
     if not moved or g.fd_skip is not None:
         return None
-    return _fd_first(c, grads, {t: float(m[n]) for t, m in moved.items()}) or \
+    mag = sum(float(np.sum(np.abs(np.asarray(o, np.float64) * p))) for o, p in zip(got[:n], g.proj_vals))
+    return _fd_first(c, grads, {t: float(m[n]) for t, m in moved.items()}, mag) or \
         _fd_vectors(labels[ng:ng + nh], " of the gradient", hvps,
                     [{t: m[n + 1 + i] for t, m in moved.items()} for i in g.hvp_of]) or \
         _fd_vectors(labels[ng + nh:], " of the output", jvps, [{t: m[k] for t, m in moved.items()}
@@ -526,13 +530,14 @@ def _richardson(f: dict):
     return (4 * d1 - d2) / 3
 
 
-def _fd_first(c: Case, grads: list, cost: dict) -> str | None:
-    """<grad, v> against central differences of the backend's cost along v."""
+def _fd_first(c: Case, grads: list, cost: dict, mag: float) -> str | None:
+    """<grad, v> against central differences of the backend's cost along v (`mag`: sum|out * p|, the
+    size of the terms the cost sums, for its rounding)."""
     terms = [np.asarray(g, np.float64) * v for g, v in zip(grads, c.grad.direction)]
     sym = float(sum(np.sum(t) for t in terms))
     scale = float(sum(np.sum(np.abs(t)) for t in terms))
     num = _richardson(cost)
-    if not abs(sym - num) <= FD_RTOL * scale + 1e-9:
+    if not abs(sym - num) <= FD_RTOL * scale + FD_ROUNDING * mag + 1e-9:
         return (f"gradient vs finite differences: <grad, v> = {sym!r}, central differences {num!r} "
                 f"(sum|grad*v| {scale:.3g}, step {FD_STEP})")
     return None
@@ -545,8 +550,9 @@ def _fd_vectors(labels: list, of: str, syms: list, series: list) -> str | None:
         num = _richardson({t: np.asarray(a, np.float64) for t, a in f.items()})
         sym = np.asarray(sym, np.float64)
         scale = float(np.max(np.abs(sym), initial=0) + np.max(np.abs(num), initial=0))
+        size = max(float(np.max(np.abs(a), initial=0)) for a in f.values())
         err = np.abs(sym - num)
-        if err.size and not np.max(err) <= FD_RTOL * scale + 1e-9:
+        if err.size and not np.max(err) <= FD_RTOL * scale + FD_ROUNDING * size + 1e-9:
             k = tuple(int(j) for j in np.unravel_index(int(np.argmax(err)), err.shape))
             return (f"{label} vs finite differences{of}: at {k} {float(sym[k])!r}, central differences "
                     f"{float(num[k])!r} (max|sym| + max|fd| {scale:.3g}, step {FD_STEP})")
