@@ -118,6 +118,7 @@ def _shapes(r, seed, rows=None):
 # gelu/elu/var, prod/min reductions, gathers, concatenation, tensor-tensor products), while the graphs
 # of the seeds below it (and the regression tests pinned to them) stay as they were.
 EXT_SEED = 10 ** 6
+SCAN_SEED = 2 * 10 ** 6  # from here also gc.scan loops (BPTT gradients, double backprop through loops)
 EXT_UNARY = [
     gc.cos, gc.erf, lambda t: gc.expm1(_bounded(t)), lambda t: gc.log1p(gc.abs(t)), gc.gelu,
     lambda t: gc.gelu(t, approximate="tanh"), gc.elu, gc.selu, gc.square, lambda t: gc.reciprocal(gc.abs(t) + 1.0),
@@ -131,11 +132,26 @@ EXT_BINARY = [
 ]
 
 
-def _ext_structural(r, t):
-    """Reductions and shape ops of the wider set, on `t` (returns `t` where one does not apply)."""
+def _scan(r, t):
+    """A gc.scan over t's leading axis: carry' = tanh(0.7 * carry + x), y = carry' * x (a tiny RNN);
+    the initial carry depends on t too (sum over the loop axis, zero for a size-0 loop)."""
+    reverse, final = bool(r.integers(0, 2)), bool(r.integers(0, 2))
+
+    def step(carry, x):
+        new = gc.tanh(carry * 0.7 + x)
+        return new, new * x
+    last, ys = gc.scan(step, gc.sum(t, axis=0) * 0.1, t, reverse=reverse)
+    return last if final else ys
+
+
+def _ext_structural(r, t, scan=False):
+    """Reductions and shape ops of the wider set (and gc.scan when `scan`), on `t` (returns `t` where one
+    does not apply)."""
     if t.ndim == 0:
         return t * gc.sigmoid(t)
     axis = int(r.integers(0, t.ndim))
+    if scan and r.integers(0, 2):
+        return _scan(r, t)
     kind = int(r.integers(0, 9))
     if kind == 0:
         return gc.prod(gc.tanh(t) + 1.5, axis=axis, keepdims=bool(r.integers(0, 2)))
@@ -181,7 +197,7 @@ def random_graph(seed: int, dtype="float64", inputs=None, rows=None):
             except gc.ShapeError:
                 continue
         elif kind < 0.85:
-            t = _ext_structural(r, a) if ext and r.integers(0, 2) else _reduce(r, a)
+            t = _ext_structural(r, a, seed >= SCAN_SEED) if ext and r.integers(0, 2) else _reduce(r, a)
         elif kind < 0.93:
             t = _matmul(r, a)
         else:

@@ -55,6 +55,25 @@ def test_fuzz_wider_op_set_slice_on_compiled_backends(name):
     _fuzz_ok(name, *{"llvm": (range(EXT, EXT + 40), 4, 0), "cuda-emulated": (range(EXT, EXT + 12), 0, 0)}[name])
 
 
+def _scan_seeds(n: int) -> list:
+    """The first `n` seeds from SCAN_SEED whose graph has a gc.scan loop."""
+    found = (s for s in range(fuzz.SCAN_SEED, fuzz.SCAN_SEED + 2000)
+             if (c := fuzz.make_case(s, gradients=False)) and "scan" in {n.op.name for n in fuzz.toposort(c.outs)})
+    return [next(found) for _ in range(n)]
+
+
+def test_fuzz_scan_slice_agrees_with_reference():
+    """Graphs with gc.scan loops: BPTT gradients, HVPs (double backprop through the loop) and JVPs."""
+    _fuzz_ok("numpy", _scan_seeds(12), 1, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [b for b in TEST_BACKENDS if b != "numpy"])
+def test_fuzz_scan_slice_on_compiled_backends(name):
+    backend_or_skip(name)
+    _fuzz_ok(name, _scan_seeds(8), 2, 0)
+
+
 def test_wider_op_set_seeds_use_the_extra_ops():
     """Seeds >= EXT_SEED draw the extra gradient rules; the seeds below keep their graphs."""
     ops = {n.op.name for s in range(EXT, EXT + 200) if (c := fuzz.make_case(s, gradients=False))
