@@ -205,7 +205,8 @@ def test_scan_skips_copies_of_stacked_outputs_nobody_reads(rng):
 
 def test_scan_gradient_through_history_still_matches_numpy_backend(rng):
     xs, w = gc.placeholder("xs", (4, 2, 3), "float64"), gc.placeholder("w", (3, 3), "float64")
-    fin, _ = gc.scan(lambda c, xt: (gc.tanh(xt @ w + c @ w), c), gc.broadcast_to(gc.constant(0.5, "float64"), (2, 3)), xs)
+    init = gc.broadcast_to(gc.constant(0.5, "float64"), (2, 3))
+    fin, _ = gc.scan(lambda c, xt: (gc.tanh(xt @ w + c @ w), c), init, xs)
     loss = gc.sum(fin * fin)
     g = gc.grad(loss, [w])
     xv, wv = rng.standard_normal((4, 2, 3)), rng.standard_normal((3, 3))
@@ -255,3 +256,20 @@ def test_a_broken_max_pool_vector_access_is_caught_under_bounds(monkeypatch, rng
     f = _fn([x], gc.max_pool2d(x, 2), bounds=True)
     with pytest.raises(gc.GraphcError, match=r"out-of-bounds memory access in the llvm max_pool2d kernel"):
         f(rng.standard_normal((1, 1, 4, 4)))
+
+
+def test_batched_micro_kernel_products_split_across_threads_when_asked(tiles, monkeypatch, rng):
+    """GRAPHC_LLVM_PARALLEL_FLOPS (off by default): a batch of products runs as two thread chunks."""
+    from backends.llvm import program
+    if program.num_threads() < 2:
+        monkeypatch.setenv("GRAPHC_NUM_THREADS", "2")
+    monkeypatch.setenv("GRAPHC_LLVM_PARALLEL_FLOPS", "1")
+    for batch in (2, 3, 7):
+        a, b = gc.placeholder("a", (batch, 16, 20)), gc.placeholder("b", (batch, 20, 40))
+        f = _fn([a, b], a @ b)
+        x, y = rng.standard_normal((batch, 16, 20)).astype("f4"), rng.standard_normal((batch, 20, 40)).astype("f4")
+        _close(f(x, y), x.astype(np.float64) @ y, "float32")
+        assert "call i32 @pthread_create" in f.source
+    monkeypatch.delenv("GRAPHC_LLVM_PARALLEL_FLOPS")
+    a, b = gc.placeholder("a", (4, 16, 20)), gc.placeholder("b", (4, 20, 40))
+    assert "call i32 @pthread_create" not in _fn([a, b], a @ b).source

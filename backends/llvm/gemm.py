@@ -176,10 +176,12 @@ def _loop_gemm(em, P, out, a, b, ao, bo, oo, n, k, m):
 # ---- register-blocked vector micro-kernel ------------------------------------------------------------
 
 def mask(lanes: int, live: int) -> str:
+    """A constant <lanes x i1> with the first `live` lanes on."""
     return "<" + ", ".join(f"i1 {'true' if i < live else 'false'}" for i in range(lanes)) + ">"
 
 
 def vload(em, P, v: View, off, vt: str, lanes: int, live: int) -> str:
+    """Vector of v's elements off .. off+lanes-1 (only the first `live` read: a masked load; the others 0)."""
     p = ptr_at(em, P, v, off, live - 1)
     if live == lanes:
         return em(f"load {vt}, ptr {p}, align 4")
@@ -188,6 +190,7 @@ def vload(em, P, v: View, off, vt: str, lanes: int, live: int) -> str:
 
 
 def vstore(em, P, v: View, off, val: str, vt: str, lanes: int, live: int) -> None:
+    """Store the first `live` lanes of val to v's elements off ..."""
     p = ptr_at(em, P, v, off, live - 1)
     if live == lanes:
         em.raw(f"store {vt} {val}, ptr {p}, align 4")
@@ -239,14 +242,14 @@ def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
         for row in acc:
             for x in row:
                 em.raw(f"store {vt} zeroinitializer, ptr {x}")
-        arow = [em(f"add i64 {ao}, {em(f'mul i64 {em(f_add(i0, r))}, {sa_r}')}") for r in range(h)]
+        arow = [em(f"add i64 {ao}, {em(f'mul i64 {em(_iadd(i0, r))}, {sa_r}')}") for r in range(h)]
 
         def step(p):
-            brow = em(f"add i64 {em(f'add i64 {bo}, {em(f_mul(p, sb_k))}')}, {j0}")
+            brow = em(f"add i64 {em(f'add i64 {bo}, {em(_imul(p, sb_k))}')}, {j0}")
             bv = [vload(em, P, b, em(f"add i64 {brow}, {q * lanes}"), vt, lanes, live)
                   for q, live in enumerate(vecs)]
             for r in range(h):
-                av = load(em, P, a, em(f"add i64 {arow[r]}, {em(f_mul(p, sa_k))}"))
+                av = load(em, P, a, em(f"add i64 {arow[r]}, {em(_imul(p, sa_k))}"))
                 sp = em(f"shufflevector {vt} {em(f'insertelement {vt} poison, {ty} {av}, i64 0')}, {vt} poison, "
                         f"<{lanes} x i32> zeroinitializer")
                 for q in range(len(vecs)):
@@ -255,7 +258,7 @@ def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
                     em.raw(f"store {vt} {em(f'fadd contract {vt} {cur}, {prod}')}, ptr {acc[r][q]}")
         em.loop(k, step)
         for r in range(h):
-            orow = em(f"add i64 {em(f'add i64 {oo}, {em(f_mul(em(f_add(i0, r)), m))}')}, {j0}")
+            orow = em(f"add i64 {em(f'add i64 {oo}, {em(_imul(em(_iadd(i0, r)), m))}')}, {j0}")
             for q, live in enumerate(vecs):
                 vstore(em, P, out, em(f"add i64 {orow}, {q * lanes}"), em(f"load {vt}, ptr {acc[r][q]}"),
                         vt, lanes, live)
@@ -272,9 +275,9 @@ def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
         rows_of(str(full_cols * nr), vecs)
 
 
-def f_add(x, c: int) -> str:
+def _iadd(x, c: int) -> str:   # IR text of an i64 add / multiply by a constant
     return f"add i64 {x}, {c}"
 
 
-def f_mul(x, c: int) -> str:
+def _imul(x, c: int) -> str:
     return f"mul i64 {x}, {c}"
