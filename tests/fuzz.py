@@ -351,7 +351,8 @@ def add_gradient(case: Case, hvp: bool) -> None:
     projs = [gc.placeholder(f"s{seed}_p{k}", o.shape, dtype) for k, o in enumerate(case.outs)]
     cost = gc.sum(case.outs[0] * projs[0]) + gc.sum(case.outs[1] * projs[1])
     g = Grad(projs, [r.standard_normal(w.shape).astype(dtype) for w in case.want], cost,
-             gc.grad(cost, case.phs, disconnected="zero"), [r.standard_normal(x.shape).astype(dtype) for x in case.vals])
+             gc.grad(cost, case.phs, disconnected="zero"),
+             [r.standard_normal(x.shape).astype(dtype) for x in case.vals])
     if hvp:
         used = {id(t) for n in toposort([cost]) for t in n.outputs}
         g.hvp_of = [i for i, p in enumerate(case.phs) if id(p) in used]
