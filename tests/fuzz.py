@@ -9,7 +9,7 @@ abs/relu/maximum/where/max; a graph FD cannot check is counted with its reason),
 per-element gc.verify_grad.
 
     python tests/fuzz.py --graphs 2000 [--backends numpy llvm cuda-emulated] [--seed S]
-                         [--grad-every K] [--hvp-every K] [--verify-every K] [--sanitize address]
+                         [--grad-every K] [--hvp-every K] [--verify-every K] [--sanitize address|bounds]
 
 prints per backend the graphs, forward/gradient/FD/HVP cases run and every failure with its seed
 (reproduce one with --seed S --graphs 1; turn it into a regression test in tests/test_fuzz.py).
@@ -718,10 +718,11 @@ def main(argv=None) -> int:
     ap.add_argument("--hvp-every", type=int, default=1, help="gc.hvp checks on 1 in K float graphs (0: none)")
     ap.add_argument("--verify-every", type=int, default=10,
                     help="per-element gc.verify_grad on 1 in K float64 graphs (0: none)")
-    ap.add_argument("--sanitize", choices=["address"], help="cuda-emulated kernels built with ASan")
+    ap.add_argument("--sanitize", choices=["address", "bounds"],
+                    help="address: cuda-emulated kernels built with ASan; bounds: llvm accesses checked")
     a = ap.parse_args(argv)
     options = {"sanitize": a.sanitize} if a.sanitize else {}
-    if a.sanitize:
+    if a.sanitize == "address":
         _reexec_with_asan()
     backends = [b.strip() for arg in a.backends for b in arg.split(",") if b.strip()]
     t0 = time.perf_counter()
