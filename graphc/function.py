@@ -140,8 +140,9 @@ class Function:
         self.program = self.backend.compile(self.graph, self.options)
         self._lock = threading.Lock()
         self._plain = not self.graph.updates and self.options.get("mode") != "debug"
-        # a backend whose outputs are new arrays on every call (never an input, a parameter or each other)
-        self._fresh = bool(self.program.info.get("fresh_outputs"))
+        # the backend's outputs are new arrays on every call (never an input, a parameter or each other):
+        # returned as they are, and update values become the parameters' arrays without a copy
+        self._fresh = bool(self.program.info.get("fresh_outputs")) and self.options.get("mode") != "debug"
 
     def _optimise(self, graph, level, options):
         try:
@@ -243,15 +244,14 @@ class Function:
                 outs, upds = self._debug_run(values, dims)
             else:
                 outs, upds = self.program.run(values, params, dims)
-            fresh = self._fresh and self.options.get("mode") != "debug"
-            new = [v if fresh and v.dtype == p.dtype else np.array(v, dtype=p.dtype, order="C", copy=True)
-                   for (p, _), v in zip(self.graph.updates, upds)]   # fresh arrays become the new values
+            new = [v if self._fresh and v.dtype == p.dtype else np.array(v, dtype=p.dtype, order="C", copy=True)
+                   for (p, _), v in zip(self.graph.updates, upds)]
             for (p, _), v in zip(self.graph.updates, new):
                 if v.shape != p.shape:
                     raise GraphcError(f"update of {p.name} produced shape {v.shape}, expected {p.shape}")
             for (p, _), v in zip(self.graph.updates, new):
                 p._value = v
-        if self._fresh and self.options.get("mode") != "debug":
+        if self._fresh:
             return outs[0] if self.single else outs
         return _owned_outputs(outs, params, values, self.single)
 
