@@ -109,9 +109,7 @@ def test_loop_gemm_without_blas_matches_numpy():
             "r = np.random.default_rng(0); x = r.standard_normal((2, 3, 9)).astype('f4');"
             " y = r.standard_normal((9, 4)).astype('f4')\n"
             "np.testing.assert_allclose(f(x, y), x @ y, rtol=1e-5, atol=1e-5); print('ok')\n")
-    env = dict(os.environ, GRAPHC_LLVM_NO_BLAS="1")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+    _run_ok(code, GRAPHC_LLVM_NO_BLAS="1")
 
 
 def test_large_elementwise_kernel_runs_on_two_threads(rng):
@@ -192,6 +190,11 @@ def test_small_gemm_loop_path_matches_numpy(rng):
             "for g, w in zip(f(x, y), [x @ y, x @ y[:, :40].T]):\n"
             "    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)\n"
             "assert 'call void @gc_cblas' not in f.source; print('ok')\n")
-    env = dict(os.environ, GRAPHC_LLVM_SMALL_GEMM="1")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    _run_ok(code, GRAPHC_LLVM_SMALL_GEMM="1")
+
+
+def _run_ok(code: str, **env) -> None:
+    """Run `code` in a new Python process with extra environment variables; it must print ok."""
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
