@@ -2,7 +2,7 @@
 max pooling as a window loop; zero / -inf padding by clamped loads and selects (no padded copy)."""
 from __future__ import annotations
 
-from .gemm import vector_shape, vload, vstore
+from .gemm import mask_type, vector_shape, vload, vstore
 from .irtext import VTYPE, literal
 from .kernels import Kernel, load, nest, store
 from .lower import _fmaxmin
@@ -172,10 +172,10 @@ def max_pool(out: View, x: View, kernel, stride, pads) -> Kernel:
 
 def _vmax(em, vt: str, a: str, b: str) -> str:
     """np.maximum on vectors: NaN in either operand propagates."""
-    m = em(f"select {vt.replace('float', 'i1').replace('double', 'i1')} {em(f'fcmp ogt {vt} {a}, {b}')}, "
-           f"{vt} {a}, {vt} {b}")
+    bt = mask_type(vt)
+    m = em(f"select {bt} {em(f'fcmp ogt {vt} {a}, {b}')}, {vt} {a}, {vt} {b}")
     nan = em(f"fcmp uno {vt} {a}, {a}")
-    return em(f"select {vt.replace('float', 'i1').replace('double', 'i1')} {nan}, {vt} {a}, {vt} {m}")
+    return em(f"select {bt} {nan}, {vt} {a}, {vt} {m}")
 
 
 def _max_pool_vector(out: View, x: View, kernel, stride, lanes: int) -> Kernel:

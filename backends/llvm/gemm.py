@@ -57,23 +57,11 @@ def _parallel_flops() -> int:
 
 def vector_shape(dtype: str) -> tuple[int, int, tuple]:
     """(lanes per vector, vectors per tile row, candidate tile row counts) for this target."""
-    wide = "+avx512f" in _features()
+    wide = "+avx512f" in jit.cpu_features()
     lanes = (16 if wide else 8) // (2 if dtype == "float64" else 1)
     # 4 vectors x 6 rows: 24 accumulators + 4 b vectors + a broadcast fill the 32 AVX-512 registers
     # (measured on W4 against 3x8, 2x12, 4x4 and 4x5: best or equal)
     return lanes, (4 if wide else 2), ((6, 5, 4) if wide else (4, 3))
-
-
-_FEATURES: list = []
-
-
-def _features() -> str:
-    """The host CPU's feature string (what jit's target machine is built with)."""
-    if not _FEATURES:
-        import llvmlite.binding as llvm
-        jit.target_machine()
-        _FEATURES.append(llvm.get_host_cpu_features().flatten())
-    return _FEATURES[0]
 
 
 def small(a: View, b: View) -> bool:
@@ -185,7 +173,7 @@ def vload(em, P, v: View, off, vt: str, lanes: int, live: int) -> str:
     p = ptr_at(em, P, v, off, live - 1)
     if live == lanes:
         return em(f"load {vt}, ptr {p}, align 4")
-    return em(f"call {vt} @llvm.masked.load.{_vsfx(vt)}.p0(ptr {p}, i32 4, {_vmask_t(vt)} {mask(lanes, live)}, "
+    return em(f"call {vt} @llvm.masked.load.{_vsfx(vt)}.p0(ptr {p}, i32 4, {mask_type(vt)} {mask(lanes, live)}, "
               f"{vt} zeroinitializer)")
 
 
@@ -195,7 +183,7 @@ def vstore(em, P, v: View, off, val: str, vt: str, lanes: int, live: int) -> Non
     if live == lanes:
         em.raw(f"store {vt} {val}, ptr {p}, align 4")
     else:
-        em.raw(f"call void @llvm.masked.store.{_vsfx(vt)}.p0({vt} {val}, ptr {p}, i32 4, {_vmask_t(vt)} "
+        em.raw(f"call void @llvm.masked.store.{_vsfx(vt)}.p0({vt} {val}, ptr {p}, i32 4, {mask_type(vt)} "
                f"{mask(lanes, live)})")
 
 
@@ -204,7 +192,7 @@ def _vsfx(vt: str) -> str:     # "<16 x float>" -> "v16f32"
     return f"v{n}{'f32' if ty == 'float' else 'f64'}"
 
 
-def _vmask_t(vt: str) -> str:
+def mask_type(vt: str) -> str:
     return f"<{vt.strip('<>').split()[0]} x i1>"
 
 

@@ -35,6 +35,12 @@ def _new_tm():
                                                   codemodel="jitdefault")
 
 
+def cpu_features() -> str:
+    """The host CPU's feature string the target machine is built with (e.g. "+avx512f,...")."""
+    target_machine()
+    return _state["features"]
+
+
 def target_id() -> str:
     """What the cache key records about the target: triple, CPU, features, LLVM binding version."""
     target_machine()

@@ -95,7 +95,7 @@ class Plan:
         """A new contiguous buffer for tensor t: the output slot if t is a root, else the arena."""
         shape = self.shape(t) if shape is None else shape
         dtype = dtype or t.dtype
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        nbytes = _nbytes(shape, dtype)
         j = self.root_slot.get(id(t)) if t is not None else None
         if j is not None and self.out_bufs[j] is None and dtype == t.dtype:
             b = self.new_buffer("out", nbytes, j)
@@ -162,7 +162,7 @@ class Plan:
         for j, t in enumerate(g.roots):   # roots not computed straight into their output slot
             if self.out_bufs[j] is None or self.view[id(t)].buf != self.out_bufs[j]:
                 shape = self.shape(t)
-                b = self.new_buffer("out", int(np.prod(shape, dtype=np.int64)) * np.dtype(t.dtype).itemsize, j)
+                b = self.new_buffer("out", _nbytes(shape, t.dtype), j)
                 self.out_bufs[j] = b
                 out = View(b, 0, shape, contig_strides(shape), t.dtype)
                 self.add(K.copy(out, self.view[id(t)]), [self.view[id(t)]], [out])
