@@ -118,23 +118,24 @@ def _blas_call(em, P, out, a, b, ao, bo, oo, n, k, m, it):
 
     def mat(trans, rows, cols, ld):   # last element offset BLAS touches in a row-major (trans) operand
         return (rows - 1) * ld + cols - 1 if trans == NO_TRANS else (cols - 1) * ld + rows - 1
+    # the call's arguments with {A}, {B}, {C} for the operand pointers (emitted inside the guard)
     if n == 1 and a.strides[-1] > 0:      # row vector @ matrix: gemv on B
         flip = TRANS if tb == NO_TRANS else NO_TRANS
         rows, cols = (k, m) if tb == NO_TRANS else (m, k)
         spans = [(b, bo, (rows - 1) * ldb + cols - 1), (a, ao, (k - 1) * a.strides[-1]), (out, oo, m - 1)]
-        call = lambda A, B, C: (f"gemv(i32 {ROW_MAJOR}, i32 {flip}, {it} {rows}, {it} {cols}, {ty} {one}, "  # noqa
-                                f"ptr {B}, {it} {ldb}, ptr {A}, {it} {a.strides[-1]}, {ty} {zero}, ptr {C}, {it} 1)")
+        call = (f"gemv(i32 {ROW_MAJOR}, i32 {flip}, {it} {rows}, {it} {cols}, {ty} {one}, ptr {{B}}, {it} {ldb}, "
+                f"ptr {{A}}, {it} {a.strides[-1]}, {ty} {zero}, ptr {{C}}, {it} 1)")
     elif m == 1 and b.strides[-2] > 0:    # matrix @ column vector: gemv on A
         rows, cols = (n, k) if ta == NO_TRANS else (k, n)
         spans = [(a, ao, (rows - 1) * lda + cols - 1), (b, bo, (k - 1) * b.strides[-2]), (out, oo, n - 1)]
-        call = lambda A, B, C: (f"gemv(i32 {ROW_MAJOR}, i32 {ta}, {it} {rows}, {it} {cols}, {ty} {one}, "  # noqa
-                                f"ptr {A}, {it} {lda}, ptr {B}, {it} {b.strides[-2]}, {ty} {zero}, ptr {C}, {it} 1)")
+        call = (f"gemv(i32 {ROW_MAJOR}, i32 {ta}, {it} {rows}, {it} {cols}, {ty} {one}, ptr {{A}}, {it} {lda}, "
+                f"ptr {{B}}, {it} {b.strides[-2]}, {ty} {zero}, ptr {{C}}, {it} 1)")
     else:
         spans = [(a, ao, mat(ta, n, k, lda)), (b, bo, mat(tb, k, m, ldb)), (out, oo, (n - 1) * m + m - 1)]
-        call = lambda A, B, C: (f"gemm(i32 {ROW_MAJOR}, i32 {ta}, i32 {tb}, {it} {n}, {it} {m}, {it} {k}, "  # noqa
-                                f"{ty} {one}, ptr {A}, {it} {lda}, ptr {B}, {it} {ldb}, {ty} {zero}, ptr {C}, {it} {m})")
-    guarded(em, spans, lambda: em.raw(f"call void @gc_cblas_{p}" + call(
-        ptr_at(em, P, a, ao), ptr_at(em, P, b, bo), ptr_at(em, P, out, oo))))
+        call = (f"gemm(i32 {ROW_MAJOR}, i32 {ta}, i32 {tb}, {it} {n}, {it} {m}, {it} {k}, {ty} {one}, "
+                f"ptr {{A}}, {it} {lda}, ptr {{B}}, {it} {ldb}, {ty} {zero}, ptr {{C}}, {it} {m})")
+    guarded(em, spans, lambda: em.raw(f"call void @gc_cblas_{p}" + call.format(
+        A=ptr_at(em, P, a, ao), B=ptr_at(em, P, b, bo), C=ptr_at(em, P, out, oo))))
 
 
 def _loop_gemm(em, P, out, a, b, ao, bo, oo, n, k, m):
