@@ -10,7 +10,7 @@ import sympy
 from graphc import ops as F
 from .. import dtypes as _dt
 from .. import shapes as _sh
-from ..errors import DTypeError, GraphcError, ShapeError
+from ..errors import DTypeError, GradientError, GraphcError, ShapeError
 from ..ir import Op, Tensor, apply, fmt_loc, register
 from .core import as_tensor
 
@@ -199,19 +199,25 @@ def _concat_part(g, axis: int, dims: list, k: int, node):
     when every part has the same size, found by splitting the axis (reshape) and indexing."""
     head = _sh.canon_dim(builtins.sum(dims[:k], 0))
     tail = _sh.canon_dim(builtins.sum(dims[k + 1:], 0))
-    with_part = [_sh.canon_dim(head + dims[k]), _sh.canon_dim(dims[k] + tail)]
-    start = None if head == 0 else head if isinstance(head, int) else \
-        -with_part[1] if isinstance(with_part[1], int) else False
-    stop = None if tail == 0 else with_part[0] if isinstance(with_part[0], int) else \
-        -tail if isinstance(tail, int) else False
+    upto, onward = _sh.canon_dim(head + dims[k]), _sh.canon_dim(dims[k] + tail)
+    start, stop = _static_bound(head, head, onward), _static_bound(tail, upto, tail)
     pre = (slice(None),) * axis
     if start is not False and stop is not False:
         return g[pre + (slice(start, stop),)]
     if all(_sh.dims_equal(d, dims[0]) for d in dims):
         return reshape(g, g.shape[:axis] + (len(dims), dims[0]) + g.shape[axis + 1:])[pre + (k,)]
-    from ..errors import GradientError
     raise GradientError(f"concatenate: no gradient for parts of unequal symbolic sizes {', '.join(map(str, dims))} "
                         f"along axis {axis} (node built at {fmt_loc(node.loc)})")
+
+
+def _static_bound(rest, from_start, to_end):
+    """A slice bound as an int: None when `rest` (the sizes beyond it) is 0, else `from_start` when
+    static, else -`to_end` when static, else False (no static bound)."""
+    if rest == 0:
+        return None
+    if isinstance(from_start, int):
+        return from_start
+    return -to_end if isinstance(to_end, int) else False
 
 
 @register
