@@ -31,3 +31,10 @@ class Backend:
 
     def compile(self, graph, options) -> Program:
         raise NotImplementedError
+
+    def lowered_ops(self) -> frozenset:
+        """The registered ops this backend lowers natively, read off its lowering table (keyed by op).
+        tests/test_lowering_tables.py fails for any op a native backend neither lowers nor declares
+        `host_only` with a reason. The NumPy backend runs every op (its host is NumPy)."""
+        from graphc.ir import OPS
+        return frozenset(OPS.values())

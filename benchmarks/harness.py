@@ -92,7 +92,7 @@ def environment() -> dict:
     except ImportError:
         info["threadpools"] = "threadpoolctl not installed"
     try:
-        from backends.llvm import jit
+        from graphc.backends.llvm import jit
         jit.target_machine()
         b = jit.blas()
         info["llvm"] = {"cpu": jit._state["cpu"], "blas": None if b is None else

@@ -1,4 +1,4 @@
-"""Import-time arithmetic on symbolic shape values (frontends.onnx_import.SymVal).
+"""Import-time arithmetic on symbolic shape values (graphc.frontends.onnx_import.SymVal).
 
 Exporters compute shapes with Shape -> Gather -> Unsqueeze -> Concat chains; with a dynamic batch
 some entries are sympy dims. These rules evaluate such chains on NumPy object arrays, so the

@@ -16,7 +16,6 @@ from .function import Function, available_backends, function  # noqa: F401
 from .printing import dprint, to_networkx  # noqa: F401
 from .reference import evaluate  # noqa: F401
 from . import shapes, dtypes  # noqa: F401
-from frontends.numpy_trace import trace  # noqa: F401,E402
 
 __version__ = "0.1.0"
 float32, float64, int32, int64 = "float32", "float64", "int32", "int64"
@@ -27,10 +26,10 @@ bool_ = "bool"
 _LAZY = {
     "nn": ("graphc.nn", None), "losses": ("graphc.losses", None), "optim": ("graphc.optim", None),
     "init": ("graphc.init", None), "random": ("graphc.ops.random", None), "passes": ("graphc.passes", None),
-    "fit": ("graphc.train", "fit"),
+    "fit": ("graphc.train", "fit"), "trace": ("graphc.frontends.numpy_trace", "trace"),
     "to_dot": ("graphc.viz", "to_dot"), "draw": ("graphc.viz", "draw"),
     "save": ("graphc.serialize", "save"), "load": ("graphc.serialize", "load"),
-    "export_onnx": ("graphc.onnx_export", "export_onnx"), "load_onnx": ("frontends.onnx_import", "load_onnx"),
+    "export_onnx": ("graphc.onnx_export", "export_onnx"), "load_onnx": ("graphc.frontends.onnx_import", "load_onnx"),
 }
 
 

@@ -13,8 +13,8 @@ from .errors import BackendUnavailable, GraphcError, InputError, NumericalError,
 from .ir import Graph, Tensor, fmt_loc
 
 #: backend name -> module that defines BACKEND (loaded on first use; core never imports them eagerly)
-BACKENDS = {"numpy": "backends.numpy", "llvm": "backends.llvm", "cuda": "backends.cuda",
-            "cuda-emulated": "backends.cuda_emulated"}
+BACKENDS = {"numpy": "graphc.backends.numpy", "llvm": "graphc.backends.llvm", "cuda": "graphc.backends.cuda",
+            "cuda-emulated": "graphc.backends.cuda_emulated"}
 _loaded: dict = {}
 
 

@@ -1,6 +1,7 @@
 """The graph IR: Op (definition), Node (one application of an op), Tensor (a value in the graph)."""
 from __future__ import annotations
 
+import enum
 import functools
 import linecache
 import os
@@ -13,9 +14,11 @@ from . import dtypes as _dt
 from . import shapes as _sh
 from .errors import DTypeError, GraphcError, ShapeError
 
+# graphc's own folders (graphc.frontends and graphc.backends live beside graphc/ in a source checkout,
+# inside it when installed from a wheel): frames there are not the user's line
 _PKG_DIRS = tuple(
     os.path.dirname(os.path.abspath(p)) + os.sep
-    for p in (__file__, os.path.join(os.path.dirname(__file__), "..", "frontends", "x"))
+    for p in (__file__, *(os.path.join(os.path.dirname(__file__), "..", sub, "x") for sub in ("frontends", "backends")))
 )
 
 
@@ -36,17 +39,62 @@ def fmt_loc(loc: tuple[str, int]) -> str:
     return f"{fn}:{line}" + (f": {code}" if code else "")
 
 
-class Op:
-    """An op definition: shape/dtype rule, NumPy reference, gradient rules and lowering hints.
+class Trait(enum.Flag):
+    """What an op is, declared once on the op class (`traits = Trait.ELEMENTWISE | Trait.COMMUTATIVE`).
 
-    Subclasses override `infer` and `impl`; `vjp`/`jvp` when differentiable; `np_code` to emit
-    a NumPy expression in generated source. One instance per op, registered by name.
+    Passes and backends ask these (`op.has(Trait.REDUCTION)`, `ops_with(Trait.MONOID)`) or match op
+    objects; they never compare op names. Kinds (an op has at most one, LEAF ops one of INPUT/STATE/CONST):
+    """
+    NONE = 0
+    LEAF = enum.auto()         # no computation: a graph input, parameter or constant
+    INPUT = enum.auto()        # the placeholder leaf (a graph input)
+    STATE = enum.auto()        # the parameter leaf (shared state, written by updates)
+    CONST = enum.auto()        # the constant leaf (attrs["value"])
+    ELEMENTWISE = enum.auto()  # one output element from the same element of each (broadcast) input; cast too
+    REDUCTION = enum.auto()    # reduces attrs["axis"] (sum, max, argmax, logsumexp)
+    NORMALIZATION = enum.auto()  # same shape out, a reduction along attrs["axis"] inside (softmax family)
+    MONOID = enum.auto()       # a reduction by an associative combine with an identity (sum, prod, max, min)
+    MOVEMENT = enum.auto()     # reshape, transpose, broadcast_to, getitem: no arithmetic, may be a view
+    INDEXING = enum.auto()     # data-dependent or multi-source gathers/scatters (take, concatenate, ...)
+    CONTRACTION = enum.auto()  # sums of products over an axis (matmul, convolution and its gradients)
+    WINDOW = enum.auto()       # sliding windows (pooling and its gradients)
+    CONTROL = enum.auto()      # nested graphs in attrs (scan loops, fused bodies)
+    RANDOM = enum.auto()       # draws from a key input
+    SHAPE = enum.auto()        # a query of static/symbolic dims (size_of)
+    # flags
+    COMMUTATIVE = enum.auto()  # f(a, b) == f(b, a) (CSE orders the inputs)
+    FRESH = enum.auto()        # the result is new memory, never a view of an input
+    WRITES_INTO = enum.auto()  # can compute into a buffer it is given (the memory planner may place it)
+    IMPURE = enum.auto()       # not a function of its inputs alone: never merged (CSE) or folded
+    NO_FOLD = enum.auto()      # pure, but never constant-folded (fused kernels)
+
+
+KINDS = (Trait.LEAF | Trait.ELEMENTWISE | Trait.REDUCTION | Trait.NORMALIZATION | Trait.MOVEMENT | Trait.INDEXING | Trait.CONTRACTION
+         | Trait.WINDOW | Trait.CONTROL | Trait.RANDOM | Trait.SHAPE)
+
+
+class Op:
+    """An op definition: shape/dtype rule, NumPy reference, gradient rules and its traits.
+
+    Subclasses override `infer` and `impl`; `vjp`/`jvp` when differentiable; and declare `traits`.
+    Backend spellings (C, NumPy source) live in the backends' lowering tables keyed by the op.
+    One instance per op, registered by name (the name is for printing, serialisation and ONNX).
     """
 
     name: str = "op"
     n_outputs: int = 1  # -1: a variable number (the op returns a tuple)
     differentiable: bool = True
-    elementwise: bool = False
+    traits: Trait = Trait.NONE
+    #: None, or why no native backend lowers this op (it then runs its NumPy impl on the host, e.g. LAPACK)
+    host_only: str | None = None
+
+    def has(self, trait: Trait) -> bool:
+        """True when the op has any of the traits in `trait`."""
+        return bool(self.traits & trait)
+
+    @property
+    def elementwise(self) -> bool:
+        return self.has(Trait.ELEMENTWISE)
     #: C spelling of an elementwise op, e.g. "exp({0})" (used by native backends)
     c: str | None = None
 
@@ -79,8 +127,23 @@ def register(cls):
     inst = cls()
     if inst.name in OPS:
         raise GraphcError(f"op {inst.name!r} registered twice")
+    kinds = inst.traits & (KINDS & ~Trait.LEAF)
+    if kinds and len(list(kinds)) > 1 and not inst.traits & Trait.REDUCTION:
+        raise GraphcError(f"op {inst.name!r} declares several kinds: {kinds}")
     OPS[inst.name] = inst
+    ops_with.cache_clear()
     return inst
+
+
+@functools.lru_cache(maxsize=None)
+def ops_with(trait: Trait, without: Trait = Trait.NONE) -> frozenset:
+    """The registered ops that have any of `trait` and none of `without` (sets like "the reductions"
+    are derived here, never spelled out)."""
+    return frozenset(op for op in OPS.values() if op.has(trait) and not op.has(without))
+
+
+def is_leaf(node: "Node") -> bool:
+    return node.op.has(Trait.LEAF)
 
 
 class Node:
@@ -199,8 +262,6 @@ def toposort(outputs: Iterable[Tensor]) -> list[Node]:
     return order
 
 
-LEAF_OPS = ("placeholder", "parameter", "constant")
-
 
 class Graph:
     """A computation from `inputs` (placeholders) to `outputs`: what gc.function compiles."""
@@ -222,10 +283,10 @@ class Graph:
 
     @property
     def parameters(self) -> list[Tensor]:
-        return [n.outputs[0] for n in self.nodes if n.op.name == "parameter"]
+        return [n.outputs[0] for n in self.nodes if n.op.has(Trait.STATE)]
 
     def compute_nodes(self) -> list[Node]:
-        return [n for n in self.nodes if n.op.name not in LEAF_OPS]
+        return [n for n in self.nodes if not n.op.has(Trait.LEAF)]
 
     def op_names(self) -> list[str]:
         """Compute ops in schedule order (fused groups as `fused[a,b,...]`)."""
@@ -250,6 +311,6 @@ class Graph:
 
 def constant_value(t: Tensor):
     """The NumPy value of a constant tensor, else None."""
-    if t.node.op.name == "constant":
+    if t.node.op.has(Trait.CONST):
         return t.node.attrs["value"]
     return None

@@ -5,7 +5,7 @@ import io
 import sys
 
 from . import shapes as _sh
-from .ir import LEAF_OPS, Graph, Tensor, toposort
+from .ir import Graph, Tensor, Trait, toposort
 
 
 def _fmt_attr(v) -> str:
@@ -28,7 +28,7 @@ def _label(t: Tensor) -> str:
     node = t.node
     op = getattr(node.op, "display_name", lambda n: n.op.name)(node)
     kind = op + _attrs_str(node)
-    if node.op.name in LEAF_OPS:
+    if node.op.has(Trait.LEAF):
         head = f"{t.name or 'const'} [{node.op.name}]"
         if node.op.name == "constant" and t.size == 1:
             head = f"{node.attrs['value'].reshape(-1)[0].item()!r} [constant]"
@@ -78,7 +78,7 @@ def dprint(obj, file=None, depth: int = -1, show_loc: bool = False) -> str:
         n = t.node
         seen = id(n) in ids
         line = f"{prefix}{_label(t)} [id {ident(n)}]"
-        if show_loc and not seen and n.op.name not in LEAF_OPS:
+        if show_loc and not seen and not n.op.has(Trait.LEAF):
             line += f"  <- {n.loc[0]}:{n.loc[1]}"
         if seen and n.inputs:
             out.write(line + " ···\n")

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 import graphc as gc
-from backends.cuda import compiler, diskcache
-from backends.cuda.compiler import compile_cuda, nvcc_path, nvrtc_library
+from graphc.backends.cuda import compiler, diskcache
+from graphc.backends.cuda.compiler import compile_cuda, nvcc_path, nvrtc_library
 from conftest import backend_or_skip
 
 W = (np.arange(12 * 5, dtype=np.float32).reshape(12, 5) - 30) / 40
@@ -218,7 +218,7 @@ def test_header_damaged_after_this_process_checked_it_is_rebuilt(cache, runs):
 def test_stray_precompiled_header_is_not_used(cache, runs, monkeypatch):
     """When the compiler could not precompile the header, the entry says no .gch may sit beside it;
     a stray one found there later invalidates the entry."""
-    monkeypatch.setattr(importlib.import_module("backends.cuda_emulated.build"), "_precompile", lambda cxx: None)
+    monkeypatch.setattr(importlib.import_module("graphc.backends.cuda_emulated.build"), "_precompile", lambda cxx: None)
     shutil.rmtree(one(cache / "cuda_emulated" / "pch-*"))
     run_emulated(scale=3.0)
     pch = one(cache / "cuda_emulated" / "pch-*")
@@ -383,8 +383,8 @@ SCRIPT = r"""
 import json, sys
 import numpy as np
 import graphc as gc
-from backends.cuda import diskcache
-from backends.cuda.compiler import compile_cuda, nvcc_path, nvrtc_library
+from graphc.backends.cuda import diskcache
+from graphc.backends.cuda.compiler import compile_cuda, nvcc_path, nvrtc_library
 W, A = np.array(json.loads(sys.argv[1]), "f4"), np.array(json.loads(sys.argv[2]), "f4")
 x = gc.placeholder("x", (None, 12))
 f = gc.function([x], gc.softmax(gc.tanh(x @ gc.parameter("w", W)) * 1.5, axis=1), backend="cuda-emulated")

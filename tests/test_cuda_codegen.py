@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import graphc as gc
-from backends.cuda import BACKEND as CUDA
-from backends.cuda.compiler import compile_cuda, nvcc_path, nvrtc_library
-from backends.cuda.lower import lower
+from graphc.backends.cuda import BACKEND as CUDA
+from graphc.backends.cuda.compiler import compile_cuda, nvcc_path, nvrtc_library
+from graphc.backends.cuda.lower import lower
 from graphc.ir import Graph
 
 needs_compiler = pytest.mark.skipif(not (nvcc_path() or nvrtc_library()),
@@ -77,7 +77,7 @@ def test_every_kernel_compiles_to_ptx(lowered, arch, tmp_path, monkeypatch):
 @pytest.mark.skipif(nvrtc_library() is None, reason="libnvrtc not found (pip install graphc[cuda])")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_nvrtc_in_process_compiles_every_kernel(lowered, arch, tmp_path, monkeypatch):
-    import backends.cuda.compiler as C
+    import graphc.backends.cuda.compiler as C
     monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(C, "nvcc_path", lambda: None)  # force the NVRTC route
     source, plan = lowered

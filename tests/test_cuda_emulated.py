@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import graphc as gc
-from backends.cuda.cexpr import DimTable
-from backends.cuda.plan import Buffer, Launch, Plan, execute
-from backends.cuda.prelude import PRELUDE
+from graphc.backends.cuda.cexpr import DimTable
+from graphc.backends.cuda.plan import Buffer, Launch, Plan, execute
+from graphc.backends.cuda.prelude import PRELUDE
 from conftest import assert_close, backend_or_skip
 
 
@@ -23,7 +23,7 @@ def _emulated():
 
 def run_kernel(body: str, arrays: list, out_shape, block: int, grid: int = 1, sync: bool = True, dtype="float32"):
     """Compile one hand-written kernel `k(const T* in..., T* out, GcDims gd)` and launch it once."""
-    from backends.cuda_emulated.build import HostMemory, build
+    from graphc.backends.cuda_emulated.build import HostMemory, build
     bufs = [Buffer(i, f"b{i}", a.dtype.name, a.shape, "input", i) for i, a in enumerate(arrays)]
     bufs.append(Buffer(len(arrays), "out", dtype, out_shape))
     step = Launch("k", "test", [b.id for b in bufs], [bufs[-1].id], lambda d: (grid, 1, 1), (block, 1, 1), sync)

@@ -119,7 +119,7 @@ def test_large_elementwise_kernel_runs_on_two_threads(rng):
     a = rng.standard_normal(n).astype(np.float32)
     want = np.tanh(a * 1.5 + 0.5) / (1 + np.exp(-a)) + np.exp(-a * a)
     np.testing.assert_allclose(f(a), want, rtol=1e-5, atol=1e-6)
-    from backends.llvm.program import num_threads
+    from graphc.backends.llvm.program import num_threads
     if num_threads() > 1:
         assert "call i32 @pthread_create" in f.source
     y = gc.placeholder("y", (1000,))

@@ -82,7 +82,7 @@ def test_networks_run_clean_under_bounds_checks(rng):
 def test_a_shifted_view_is_caught_named_and_never_applied(monkeypatch, rng):
     """A planner bug that moves a slice view past its buffer: the access is caught, the error names
     the node and the user's line, and the call applies no update."""
-    import backends.llvm.plan as plan
+    import graphc.backends.llvm.plan as plan
     real = plan.view_getitem
     monkeypatch.setattr(plan, "view_getitem", lambda v, index: _shift(real(v, index), 1000))
     x = gc.placeholder("x", (8,), "float64")
@@ -95,12 +95,12 @@ def test_a_shifted_view_is_caught_named_and_never_applied(monkeypatch, rng):
 
 
 def _shift(v, by):
-    from backends.llvm.views import View
+    from graphc.backends.llvm.views import View
     return View(v.buf, v.offset + by, v.shape, v.strides, v.dtype, v.literal)
 
 
 def test_a_wrong_blas_leading_dimension_is_caught_before_the_call(monkeypatch, rng):
-    import backends.llvm.gemm as gemm
+    import graphc.backends.llvm.gemm as gemm
     real = gemm.blas_layout
 
     def broken(v):
@@ -114,7 +114,7 @@ def test_a_wrong_blas_leading_dimension_is_caught_before_the_call(monkeypatch, r
 
 
 def test_an_unclamped_convolution_window_is_caught(monkeypatch, rng):
-    import backends.llvm.conv as conv
+    import graphc.backends.llvm.conv as conv
     # im2col copies each tap's in-bounds rows and columns: claim every output position is in bounds
     monkeypatch.setattr(conv, "_valid", lambda size, out, k, stride, dil, pad: (0, out))
     x, w = gc.placeholder("x", (1, 1, 5, 5), "float64"), gc.placeholder("w", (2, 1, 3, 3), "float64")

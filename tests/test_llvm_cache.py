@@ -26,7 +26,7 @@ out = f(a)
 t2 = time.perf_counter()
 h = np.tanh(a @ w.value) * SCALE
 e = np.exp(h - h.max(1, keepdims=True)); want = e / e.sum(1, keepdims=True)
-from backends.llvm import cache
+from graphc.backends.llvm import cache
 print(json.dumps({"hit": f.program.info["cache_hit"], "ok": bool(np.allclose(out, want, rtol=1e-5)),
                   "stats": cache.stats, "compile_s": t2 - t1}))
 """

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import graphc as gc
-from backends.llvm import program
+from graphc.backends.llvm import program
 from conftest import backend_or_skip
 
 

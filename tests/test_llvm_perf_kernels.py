@@ -78,7 +78,7 @@ def test_micro_kernel_strided_transposed_and_batched_operands(tiles, rng, dtype)
 
 def test_batch_rows_sharing_one_matrix_are_one_product(rng):
     """(batch, n, k) @ (k, m) is planned as a single (batch*n, k) @ (k, m) GEMM, not a loop of products."""
-    from backends.llvm import program
+    from graphc.backends.llvm import program
     c, b = gc.placeholder("c", (50, 16, 64)), gc.placeholder("b", (64, 96))
     f = _fn([c, b], c @ b)
     x, y = rng.standard_normal((50, 16, 64)).astype("f4"), rng.standard_normal((64, 96)).astype("f4")
@@ -88,7 +88,7 @@ def test_batch_rows_sharing_one_matrix_are_one_product(rng):
 
 
 def test_auto_mode_keeps_blas_for_large_products_and_single_rows(monkeypatch, rng):
-    from backends.llvm import jit
+    from graphc.backends.llvm import jit
     monkeypatch.delenv("GRAPHC_LLVM_SMALL_GEMM", raising=False)
     jit.target_machine()
     if jit.blas() is None:
@@ -104,7 +104,7 @@ def test_auto_mode_keeps_blas_for_large_products_and_single_rows(monkeypatch, rn
 
 def test_blas_mode_never_uses_the_micro_kernel(monkeypatch, rng):
     monkeypatch.setenv("GRAPHC_LLVM_SMALL_GEMM", "0")
-    from backends.llvm import jit
+    from graphc.backends.llvm import jit
     jit.target_machine()
     if jit.blas() is None:
         pytest.skip("no BLAS found")
@@ -237,7 +237,7 @@ def test_lstm_inference_matches_torch_layout_reference(rng):
 
 def test_a_broken_micro_kernel_vector_access_is_caught_under_bounds(tiles, monkeypatch, rng):
     """The micro-kernel's vector loads go through kernels.ptr_at: a wrong offset is caught and named."""
-    import backends.llvm.gemm as gemm
+    import graphc.backends.llvm.gemm as gemm
     real = gemm.vload
     monkeypatch.setattr(gemm, "vload", lambda em, P, v, off, *rest: real(em, P, v, em(f"add i64 {off}, 1000"),
                                                                          *rest))
@@ -248,7 +248,7 @@ def test_a_broken_micro_kernel_vector_access_is_caught_under_bounds(tiles, monke
 
 
 def test_a_broken_max_pool_vector_access_is_caught_under_bounds(monkeypatch, rng):
-    import backends.llvm.conv as conv
+    import graphc.backends.llvm.conv as conv
     real = conv.vload
     monkeypatch.setattr(conv, "vload", lambda em, P, v, off, *rest: real(em, P, v, em(f"add i64 {off}, 64"),
                                                                          *rest))
@@ -260,7 +260,7 @@ def test_a_broken_max_pool_vector_access_is_caught_under_bounds(monkeypatch, rng
 
 def test_batched_micro_kernel_products_split_across_threads_when_asked(tiles, monkeypatch, rng):
     """GRAPHC_LLVM_PARALLEL_FLOPS (off by default): a batch of products runs as two thread chunks."""
-    from backends.llvm import program
+    from graphc.backends.llvm import program
     if program.num_threads() < 2:
         monkeypatch.setenv("GRAPHC_NUM_THREADS", "2")
     monkeypatch.setenv("GRAPHC_LLVM_PARALLEL_FLOPS", "1")

@@ -59,7 +59,7 @@ def test_asan_catches_an_out_of_bounds_write_in_a_kernel():
     """A hand-broken kernel (stores shifted two float4 past the output) aborts with an ASan report
     pointing into graph.cu; the same graph unbroken under ASan is clean (so the report is the bug's)."""
     code = """
-        import numpy as np, graphc as gc, backends.cuda_emulated as ce
+        import numpy as np, graphc as gc, graphc.backends.cuda_emulated as ce
         BROKEN = %s
         real = ce.lower
         def lower(graph):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from backends.base import Backend, Program
+from graphc.backends.base import Backend, Program
 from graphc.errors import BackendUnavailable
 from .compiler import DEFAULT_ARCH, compile_cuda, nvcc_path, nvrtc_library
 from .lower import lower

@@ -3,9 +3,9 @@ emulation header for the CUDA execution model) and run on the CPU, so their sema
 on machines without a GPU."""
 from __future__ import annotations
 
-from backends.base import Backend, Program
-from backends.cuda.lower import lower
-from backends.cuda.plan import execute
+from graphc.backends.base import Backend, Program
+from graphc.backends.cuda.lower import lower
+from graphc.backends.cuda.plan import execute
 from .build import HostMemory, build, compiler
 
 

@@ -12,10 +12,10 @@ import threading
 
 import numpy as np
 
-from backends.cuda.compiler import error_with_source, source_key
-from backends.cuda.diskcache import find_files, store_files
-from backends.cuda.plan import Launch, Memory, Plan, ScanLoop
-from backends.cuda.prelude import C_TYPES
+from graphc.backends.cuda.compiler import error_with_source, source_key
+from graphc.backends.cuda.diskcache import find_files, store_files
+from graphc.backends.cuda.plan import Launch, Memory, Plan, ScanLoop
+from graphc.backends.cuda.prelude import C_TYPES
 from graphc.errors import GraphcError
 
 HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "emulation.h")

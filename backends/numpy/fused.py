@@ -4,7 +4,7 @@ elements, so its temporaries stay in cache instead of streaming whole arrays thr
 from __future__ import annotations
 
 from graphc import shapes as _sh
-from graphc.ir import LEAF_OPS
+from graphc.ir import Trait
 from graphc.ops.shape_ops import dims_code
 from . import emit as _emit
 

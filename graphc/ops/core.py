@@ -8,12 +8,13 @@ import numpy as np
 from .. import dtypes as _dt
 from .. import shapes as _sh
 from ..errors import DTypeError, GraphcError, InputError, ShapeError
-from ..ir import Node, Op, Tensor, apply, register, user_frame
+from ..ir import Node, Op, Tensor, Trait, apply, register, user_frame
 
 _names = itertools.count()
 
 
 class _Leaf(Op):
+    traits = Trait.LEAF
     differentiable = True
 
     def infer(self, inputs, **attrs):
@@ -25,16 +26,19 @@ class _Leaf(Op):
 
 @register
 class PlaceholderOp(_Leaf):
+    traits = Trait.LEAF | Trait.INPUT
     name = "placeholder"
 
 
 @register
 class ParameterOp(_Leaf):
+    traits = Trait.LEAF | Trait.STATE
     name = "parameter"
 
 
 @register
 class ConstantOp(_Leaf):
+    traits = Trait.LEAF | Trait.CONST
     name = "constant"
 
     def impl(self, value):
@@ -133,6 +137,7 @@ def scalar_like(value, like: Tensor) -> Tensor:
 
 @register
 class Cast(Op):
+    traits = Trait.ELEMENTWISE | Trait.FRESH
     name = "cast"
 
     def infer(self, inputs, dtype):
@@ -166,6 +171,7 @@ def cast(x, dtype) -> Tensor:
 
 @register
 class StopGradient(Op):
+    traits = Trait.MOVEMENT
     name = "stop_gradient"
     differentiable = False  # by design: it blocks gradients
 

@@ -14,12 +14,12 @@ from graphc import ops as F
 from .. import dtypes as _dt
 from .. import shapes as _sh
 from ..errors import DTypeError
-from ..ir import Op, apply, register
+from ..ir import Op, Trait, apply, register
 from .core import as_tensor, scalar_like
 
 
 class Elementwise(Op):
-    elementwise = True
+    traits = Trait.ELEMENTWISE | Trait.FRESH
     fn = None            # NumPy callable
     npname: str | None = None  # NumPy spelling in generated source, e.g. "np.exp" or "{0} + {1}"
     dtype_rule = "same"  # same | float | bool | promote | promote_float
@@ -79,9 +79,10 @@ class Elementwise(Op):
         return [F.cast(total, y.dtype)]
 
 
-def _define(name, nin, fn, npname=None, dtype_rule="same", grads=None, c=None, int_ok=True, attrs=()):
+def _define(name, nin, fn, npname=None, dtype_rule="same", grads=None, c=None, int_ok=True, attrs=(),
+            commutative=False):
     cls = type(name.title().replace("_", ""), (Elementwise,), dict(
-        name=name, fn=staticmethod(fn), npname=npname, dtype_rule=dtype_rule,
+        name=name, traits=Elementwise.traits | (Trait.COMMUTATIVE if commutative else Trait.NONE), fn=staticmethod(fn), npname=npname, dtype_rule=dtype_rule,
         grads=staticmethod(grads) if grads else None, c=c, int_ok=int_ok,
         differentiable=grads is not None))
     return register(cls)
@@ -108,8 +109,8 @@ def _unary(name, fn, npname=None, dtype_rule="float", grads=None, c=None, int_ok
     return f
 
 
-def _binary(name, fn, npname, dtype_rule="promote", grads=None, c=None):
-    op = _define(name, 2, fn, npname, dtype_rule, grads, c)
+def _binary(name, fn, npname, dtype_rule="promote", grads=None, c=None, commutative=False):
+    op = _define(name, 2, fn, npname, dtype_rule, grads, c, commutative=commutative)
 
     def f(a, b):
         return apply(op, *_binary_args(a, b))
@@ -192,25 +193,25 @@ def leaky_relu(x, alpha: float = 0.01):
 
 # ---- binary --------------------------------------------------------------------------------
 
-add = _binary("add", np.add, "{0} + {1}", grads=lambda g, a, b, y: (g, g), c="({0} + {1})")
+add = _binary("add", np.add, "{0} + {1}", grads=lambda g, a, b, y: (g, g), c="({0} + {1})", commutative=True)
 sub = _binary("sub", np.subtract, "{0} - {1}", grads=lambda g, a, b, y: (g, -g), c="({0} - {1})")
-mul = _binary("mul", np.multiply, "{0} * {1}", grads=lambda g, a, b, y: (g * b, g * a), c="({0} * {1})")
+mul = _binary("mul", np.multiply, "{0} * {1}", grads=lambda g, a, b, y: (g * b, g * a), c="({0} * {1})", commutative=True)
 div = _binary("div", np.true_divide, "{0} / {1}", "promote_float",
               lambda g, a, b, y: (g / b, -g * y / b), c="({0} / {1})")
 pow = _binary("pow", np.power, "{0} ** {1}",
               grads=lambda g, a, b, y: (g * b * a ** (b - 1), g * y * F.log(a)), c="pow({0}, {1})")
 maximum = _binary("maximum", np.maximum, "np.maximum",
-                  grads=lambda g, a, b, y: (F.where(a >= b, g, 0), F.where(a >= b, 0, g)), c="fmax({0}, {1})")
+                  grads=lambda g, a, b, y: (F.where(a >= b, g, 0), F.where(a >= b, 0, g)), c="fmax({0}, {1})", commutative=True)
 minimum = _binary("minimum", np.minimum, "np.minimum",
-                  grads=lambda g, a, b, y: (F.where(a <= b, g, 0), F.where(a <= b, 0, g)), c="fmin({0}, {1})")
+                  grads=lambda g, a, b, y: (F.where(a <= b, g, 0), F.where(a <= b, 0, g)), c="fmin({0}, {1})", commutative=True)
 less = _binary("less", np.less, "{0} < {1}", "bool", c="({0} < {1})")
 less_equal = _binary("less_equal", np.less_equal, "{0} <= {1}", "bool", c="({0} <= {1})")
 greater = _binary("greater", np.greater, "{0} > {1}", "bool", c="({0} > {1})")
 greater_equal = _binary("greater_equal", np.greater_equal, "{0} >= {1}", "bool", c="({0} >= {1})")
-equal = _binary("equal", np.equal, "{0} == {1}", "bool", c="({0} == {1})")
-not_equal = _binary("not_equal", np.not_equal, "{0} != {1}", "bool", c="({0} != {1})")
-logical_and = _binary("logical_and", np.logical_and, "np.logical_and", "bool", c="({0} && {1})")
-logical_or = _binary("logical_or", np.logical_or, "np.logical_or", "bool", c="({0} || {1})")
+equal = _binary("equal", np.equal, "{0} == {1}", "bool", c="({0} == {1})", commutative=True)
+not_equal = _binary("not_equal", np.not_equal, "{0} != {1}", "bool", c="({0} != {1})", commutative=True)
+logical_and = _binary("logical_and", np.logical_and, "np.logical_and", "bool", c="({0} && {1})", commutative=True)
+logical_or = _binary("logical_or", np.logical_or, "np.logical_or", "bool", c="({0} || {1})", commutative=True)
 
 
 @register

@@ -25,11 +25,12 @@ with the reference evaluator), so semantics never depend on the backend. `displa
 from __future__ import annotations
 
 from ..errors import GradientError
-from ..ir import Graph, Node, Op, Tensor, register
+from ..ir import Graph, Node, Op, Tensor, Trait, register
 
 
 @register
 class Fused(Op):
+    traits = Trait.CONTROL | Trait.FRESH | Trait.WRITES_INTO | Trait.NO_FOLD
     name = "fused"
     n_outputs = -1  # variable: one per body output
     differentiable = False  # built after differentiation (see vjp)

@@ -7,13 +7,14 @@ from graphc import ops as F
 from .. import dtypes as _dt
 from .. import shapes as _sh
 from ..errors import DTypeError, ShapeError
-from ..ir import Op, apply, register
+from ..ir import Op, Trait, apply, register
 from .core import as_tensor
 
 
 @register
 class MatMul(Op):
     """a @ b for a (..., n, k) and b (..., k, m); batch dims broadcast (1-D cases handled by matmul())."""
+    traits = Trait.CONTRACTION | Trait.FRESH | Trait.WRITES_INTO
     name = "matmul"
 
     def infer(self, inputs):

@@ -7,12 +7,14 @@ from graphc import ops as F
 from .. import dtypes as _dt
 from .. import shapes as _sh
 from ..errors import DTypeError, ShapeError
-from ..ir import Op, apply, register
+from ..ir import Op, Trait, apply, register
 from .core import as_tensor
 
 
 @register
 class Solve(Op):
+    traits = Trait.CONTRACTION
+    host_only = "LU factorisation with pivoting (LAPACK gesv through numpy.linalg.solve); no native kernel"
     name = "solve"
 
     def infer(self, inputs):

@@ -27,7 +27,7 @@ from graphc import ops as F
 from .. import dtypes as _dt
 from .. import shapes as _sh
 from ..errors import DTypeError, ShapeError
-from ..ir import Op, Tensor, apply, register
+from ..ir import Op, Tensor, Trait, apply, register
 from .core import as_tensor, cast, constant
 from .shape_ops import eval_shape
 
@@ -166,6 +166,7 @@ def _conv_out_shape(x_shape, kernel, o, stride, pads, dilation):
 
 
 class _ConvBase(Op):
+    traits = Trait.CONTRACTION | Trait.FRESH
     def _attrs(self, node):
         return {k: node.attrs[k] for k in ("stride", "pads", "dilation", "groups")}
 
@@ -299,6 +300,7 @@ def max_pool2d_select_ref(x, g, kernel, stride, pads):
 
 
 class _PoolBase(Op):
+    traits = Trait.WINDOW | Trait.FRESH
     def _attrs(self, node):
         return {k: node.attrs[k] for k in ("kernel", "stride", "pads")}
 

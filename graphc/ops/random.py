@@ -17,7 +17,7 @@ import numpy as np
 from .. import dtypes as _dt
 from .. import shapes as _sh
 from ..errors import DTypeError, GraphcError, ShapeError
-from ..ir import Op, Tensor, apply, register
+from ..ir import Op, Tensor, Trait, apply, register
 from .core import as_tensor, constant, parameter
 from .shape_ops import eval_shape
 from .state import add_implicit_update
@@ -69,6 +69,7 @@ def key(seed: int) -> Tensor:
 
 class _Random(Op):
     """A draw of `shape` from the key input; pure in (key, stream), so no input is differentiable."""
+    traits = Trait.RANDOM | Trait.IMPURE
     differentiable = False
     needs_dims = True
     pure = False  # never merged or folded: two draws with the same key and stream are kept apart anyway

@@ -7,7 +7,7 @@ from graphc import ops as F
 from .. import dtypes as _dt
 from .. import shapes as _sh
 from ..errors import DTypeError, ShapeError
-from ..ir import Op, apply, register
+from ..ir import Op, Trait, apply, register
 from .core import as_tensor, constant
 
 
@@ -23,6 +23,7 @@ def _sum_dtype(d):
 
 class Reduce(Op):
     """A reduction over `axis` (a sorted tuple of non-negative axes) with `keepdims`."""
+    traits = Trait.REDUCTION | Trait.FRESH
     np_fn = ""
     identity_ok = True  # False: reducing over a size-0 axis is an error (max, min)
     c_init = None       # native backends: initial accumulator, combine expression
@@ -59,6 +60,7 @@ def reduction(op, x, axis=None, keepdims=False, **extra):
 
 @register
 class Sum(Reduce):
+    traits = Trait.REDUCTION | Trait.MONOID | Trait.FRESH
     name = "sum"
     np_fn = "sum"
     c_init, c_combine = "0", "({0} + {1})"
@@ -78,6 +80,7 @@ class Sum(Reduce):
 
 @register
 class Prod(Reduce):
+    traits = Trait.REDUCTION | Trait.MONOID | Trait.FRESH
     name = "prod"
     np_fn = "prod"
     c_init, c_combine = "1", "({0} * {1})"
@@ -99,6 +102,7 @@ class Prod(Reduce):
 
 
 class _MaxMin(Reduce):
+    traits = Trait.REDUCTION | Trait.MONOID | Trait.FRESH
     identity_ok = False
 
     def vjp(self, node, gouts):
@@ -125,6 +129,7 @@ class Min(_MaxMin):
 
 
 class _ArgReduce(Op):
+    traits = Trait.REDUCTION | Trait.FRESH
     differentiable = False
     np_fn = ""
 
@@ -221,6 +226,8 @@ def std(x, axis=None, keepdims=False, ddof=0):
 # ---- softmax family --------------------------------------------------------------------------
 
 class _SoftmaxLike(Op):
+    traits = Trait.NORMALIZATION | Trait.FRESH
+
     def infer(self, inputs, axis):
         x = inputs[0]
         if not _dt.is_float(x.dtype):

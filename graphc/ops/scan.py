@@ -45,7 +45,7 @@ from graphc import ops as F
 from .. import dtypes as _dt
 from .. import shapes as _sh
 from ..errors import GraphcError, ShapeError
-from ..ir import LEAF_OPS, Graph, Node, Op, Tensor, make_node, register, toposort
+from ..ir import Graph, Node, Op, Tensor, Trait, make_node, register, toposort
 from .core import as_tensor, placeholder
 
 
@@ -114,7 +114,7 @@ def _close(phs: list[Tensor], outs: list[Tensor]) -> tuple[Graph, list[Tensor]]:
 
     def lift(t: Tensor) -> Tensor:
         if id(t) not in env:
-            if t.node.op.name == "constant":
+            if t.node.op.has(Trait.CONST):
                 env[id(t)] = t  # constants live in the body (scalars become immediates)
             else:
                 env[id(t)] = placeholder(f"inv{len(consts)}", t.shape, t.dtype)
@@ -122,7 +122,7 @@ def _close(phs: list[Tensor], outs: list[Tensor]) -> tuple[Graph, list[Tensor]]:
         return env[id(t)]
 
     for node in nodes:
-        if not any(id(o) in var for o in node.outputs) or node.op.name in LEAF_OPS:
+        if not any(id(o) in var for o in node.outputs) or node.op.has(Trait.LEAF):
             continue
         for o, n in zip(node.outputs, _rebuild(node, [env[id(t)] if id(t) in var else lift(t)
                                                      for t in node.inputs])):
@@ -159,7 +159,7 @@ def inline(body: Graph, args: list[Tensor]) -> list[Tensor]:
     """The body's outputs computed from `args` (tensors standing for body.inputs) as ordinary nodes."""
     env = {id(p): a for p, a in zip(body.inputs, args)}
     for node in body.nodes:
-        if node.op.name in LEAF_OPS:
+        if node.op.has(Trait.LEAF):
             for o in node.outputs:
                 env.setdefault(id(o), o)
             continue
@@ -224,6 +224,7 @@ def _eval(shape, dims: dict) -> tuple[int, ...]:
 
 @register
 class Scan(Op):
+    traits = Trait.CONTROL
     name = "scan"
     n_outputs = -1
     needs_dims = True

@@ -11,7 +11,7 @@ from graphc import ops as F
 from .. import dtypes as _dt
 from .. import shapes as _sh
 from ..errors import DTypeError, GradientError, GraphcError, ShapeError
-from ..ir import Op, Tensor, apply, fmt_loc, register
+from ..ir import Op, Tensor, Trait, apply, fmt_loc, register
 from .core import as_tensor
 
 
@@ -26,6 +26,7 @@ def eval_shape(shape, dims) -> tuple[int, ...]:
 
 
 class _ShapeOp(Op):
+    traits = Trait.MOVEMENT
     def jvp(self, node, tangents):
         """Shape ops are linear: the tangent goes through the same op."""
         if tangents[0] is None:
@@ -222,6 +223,7 @@ def _static_bound(rest, from_start, to_end):
 
 @register
 class Concatenate(Op):
+    traits = Trait.INDEXING | Trait.FRESH
     name = "concatenate"
 
     def infer(self, inputs, axis):
@@ -340,6 +342,7 @@ class GetItem(_ShapeOp):
 @register
 class IndexGrad(Op):
     """zeros_like(x) with `g` written at x[index] (the gradient of basic indexing)."""
+    traits = Trait.INDEXING | Trait.FRESH
     name = "index_grad"
 
     def infer(self, inputs, index):
@@ -362,6 +365,7 @@ class IndexGrad(Op):
 @register
 class Take(Op):
     """x indexed by an integer array along one axis (np.take; negative indices count from the end)."""
+    traits = Trait.INDEXING | Trait.FRESH
     name = "take"
 
     def infer(self, inputs, axis):
@@ -391,6 +395,7 @@ class Take(Op):
 @register
 class TakeGrad(Op):
     """zeros_like(x) with `g` scatter-added at the indices (repeated indices accumulate)."""
+    traits = Trait.INDEXING | Trait.FRESH
     name = "take_grad"
 
     def infer(self, inputs, axis):
@@ -474,6 +479,7 @@ def getitem(x, index):
 @register
 class SizeOf(Op):
     """The number of elements of x over `axes`, as a scalar of `dtype` (symbolic dims at run time)."""
+    traits = Trait.SHAPE | Trait.FRESH
     name = "size_of"
     differentiable = False
 

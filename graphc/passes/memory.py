@@ -14,7 +14,7 @@ import numpy as np
 import sympy
 
 from .. import shapes as _sh
-from ..ir import LEAF_OPS, Graph, Node, Tensor
+from ..ir import Trait, Graph, Node, Tensor
 from .rewrite import users, with_order
 
 #: ops whose result is new memory (everything else may return a view of an input, e.g. reshape)
@@ -62,7 +62,7 @@ def in_place_ok(node: Node, x: Tensor) -> bool:
             _sh.dims_equal(a, b) for a, b in zip(x.shape, out.shape)):
         return False
     if node.op.name == "fused":
-        return all(n.op.name in LEAF_OPS or getattr(n.op, "elementwise", False) or n.op.name == "cast"
+        return all(n.op.has(Trait.LEAF) or getattr(n.op, "elementwise", False) or n.op.name == "cast"
                    for n in node.attrs["body"].nodes)
     return writes_into_buffer(node) and node.op.name != "matmul"
 
@@ -78,7 +78,7 @@ def lifetimes(graph: Graph) -> tuple[dict, dict, set]:
     for i, n in enumerate(graph.nodes):
         for o in n.outputs:
             life[id(o)] = [i, i]
-        if n.op.name not in LEAF_OPS and not fresh(n):
+        if not n.op.has(Trait.LEAF) and not fresh(n):
             for o in n.outputs:  # may alias any input
                 base[id(o)] = [id(t) for t in n.inputs]
     for t_id, readers in users(graph).items():
@@ -114,7 +114,7 @@ def plan_buffers(graph: Graph) -> BufferPlan:
     plan, free = BufferPlan(), {}
     ending: dict[int, list] = {}
     for i, n in enumerate(graph.nodes):
-        if n.op.name in LEAF_OPS:
+        if n.op.has(Trait.LEAF):
             continue
         for o in n.outputs:
             if id(o) in escaping or not fresh(n):
@@ -180,7 +180,7 @@ def memory_plan(graph: Graph, dims: dict | None = None) -> MemoryPlan:
     """The memory report: planned peak (workspace + live self-allocated results) vs naive."""
     plan = plan_buffers(graph)
     life, base, escaping = lifetimes(graph)
-    computed = [(i, o) for i, n in enumerate(graph.nodes) if n.op.name not in LEAF_OPS and fresh(n)
+    computed = [(i, o) for i, n in enumerate(graph.nodes) if not n.op.has(Trait.LEAF) and fresh(n)
                 for o in n.outputs]
     naive = sum((nbytes(o) for _, o in computed), 0)
     ws = sum((d * np.dtype(dt).itemsize for dt, d in plan.buffers), 0)
@@ -213,7 +213,7 @@ def live_peak(graph: Graph, order: list[Node]) -> int:
         last[id(t)] = len(order)
     delta = [0] * (len(order) + 2)
     for i, n in enumerate(order):
-        if n.op.name in LEAF_OPS or not fresh(n):
+        if n.op.has(Trait.LEAF) or not fresh(n):
             continue
         for o in n.outputs:
             b = typical(nbytes(o))
@@ -244,11 +244,11 @@ def _greedy_order(graph: Graph) -> list[Node]:
 
     def score(i):
         n = nodes[i]
-        if n.op.name in LEAF_OPS:
+        if n.op.has(Trait.LEAF):
             return -10 ** 18
         alloc = sum(size[id(o)] for o in n.outputs) if fresh(n) else 0
         freed = sum(size[id(t)] for t in {id(t): t for t in n.inputs}.values()
-                    if remaining.get(id(t)) == 1 and id(t) not in roots and t.node.op.name not in LEAF_OPS)
+                    if remaining.get(id(t)) == 1 and id(t) not in roots and not t.node.op.has(Trait.LEAF))
         return alloc - freed
 
     while ready:

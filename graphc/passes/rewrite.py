@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .. import shapes as _sh
-from ..ir import LEAF_OPS, Graph, Node, Tensor, toposort
+from ..ir import Trait, Graph, Node, Tensor, toposort
 
 #: a rule sees an original node and its (already rewritten) inputs; it returns replacement tensors
 #: for the node's outputs, or None to keep the node
@@ -31,7 +31,7 @@ def with_order(graph: Graph, nodes: list[Node]) -> Graph:
 def _adopt(new: Sequence[Tensor], old: Node, done: set) -> None:
     """Give the nodes a rule built the replaced node's source line (and a replaced output's name)."""
     for t, o in zip(new, old.outputs):
-        if t.name is None and o.name is not None and id(t.node) not in done and t.node.op.name not in LEAF_OPS:
+        if t.name is None and o.name is not None and id(t.node) not in done and not t.node.op.has(Trait.LEAF):
             t.name = o.name
     stack = [t.node for t in new]
     while stack:
@@ -39,7 +39,7 @@ def _adopt(new: Sequence[Tensor], old: Node, done: set) -> None:
         if id(node) in done:
             continue
         done.add(id(node))
-        if node.op.name not in LEAF_OPS:
+        if not node.op.has(Trait.LEAF):
             node.loc = old.loc
         stack.extend(t.node for t in node.inputs)
 
@@ -61,7 +61,7 @@ def rebuild(graph: Graph, rule: Rule | None, log=None, name: str = "") -> Graph:
     env: dict[int, Tensor] = {}
     done = {id(n) for n in graph.nodes}  # nodes already in place (rule-built nodes join as adopted)
     for node in graph.nodes:
-        if node.op.name in LEAF_OPS:
+        if node.op.has(Trait.LEAF):
             for o in node.outputs:
                 env[id(o)] = o
             continue
@@ -89,7 +89,7 @@ def _apply(rule, node, ins, done, log, name, depth=0):
     if log is not None:
         log[name] += 1
     # a replacement may itself match (log(1+exp x) -> log1p(exp x) -> softplus x)
-    if depth < 8 and len(outs) == 1 and fresh[0] and outs[0].node.op.name not in LEAF_OPS:
+    if depth < 8 and len(outs) == 1 and fresh[0] and not outs[0].node.op.has(Trait.LEAF):
         inner = outs[0].node
         again = _apply(rule, inner, list(inner.inputs), done, log, name, depth + 1)
         if again is not None:
