@@ -4,9 +4,12 @@
     eps = gc.random.normal((None, 16), generator=g)   # (N, 16): a fresh draw on every call, reproducible
 
 A draw is a pure function of a key tensor (int64 [seed, counter]) and the draw's stream number, so
-every backend gives the same numbers. A Generator's key is a parameter that every compiled function
-computing one of its draws advances by one per call (an implicit update, graphc.ops.state). A
-constant key (`key=gc.random.key(3)`) gives the same draw on every call (JAX-style, no state).
+every backend gives the same numbers: the generator is counter-based (below), computed by the NumPy
+reference here and by the native kernels (graphc.backends.llvm.random, graphc.backends.cuda.lower_random)
+with the same 64-bit integer arithmetic, so uniform draws are bit-exact everywhere (normal draws up to
+libm's last bits). A Generator's key is a parameter that every compiled function computing one of
+its draws advances by one per call (an implicit update, graphc.ops.state). A constant key
+(`key=gc.random.key(3)`) gives the same draw on every call (JAX-style, no state).
 """
 from __future__ import annotations
 
@@ -67,12 +70,65 @@ def key(seed: int) -> Tensor:
     return constant(np.array([int(seed), 0], np.int64))
 
 
+# ---- the counter-based generator ------------------------------------------------------------------
+# Every element is a hash of (seed, counter, stream word, element index), all uint64 with wrap-around:
+#   mix(z)    = splitmix64's finaliser: z ^= z >> 30; z *= MIX1; z ^= z >> 27; z *= MIX2; z ^= z >> 31
+#   base      = mix(mix(mix(seed ^ SEED_SALT) ^ counter ^ COUNTER_SALT) ^ word ^ WORD_SALT)
+#               word = 2 * stream + kind (kind 0: uniform, 1: normal), so every (key, stream, op) differs
+#   bits(j)   = mix(base + (j + 1) * GAMMA)          (splitmix64's j-th output from state `base`)
+# uniform element j: float32 (bits(j) >> 40) * 2**-24, float64 (bits(j) >> 11) * 2**-53, in [0, 1);
+# normal element j (Box-Muller, in float64, then rounded to the dtype):
+#   u1 = ((bits(2j) >> 11) + 1) * 2**-53 in (0, 1] (never log(0)), u2 = (bits(2j+1) >> 11) * 2**-53,
+#   z  = sqrt(-2 * log(u1)) * cos(TWO_PI * u2)
+# Mix and bit extraction are exact integer operations; the scalings are exact (powers of two), so the
+# only backend differences are libm's log/cos/sqrt in the normal draw (a few ulp at most).
+MIX1, MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+GAMMA = 0x9E3779B97F4A7C15
+SEED_SALT, COUNTER_SALT, WORD_SALT = 0x243F6A8885A308D3, 0x13198A2E03707344, 0xA4093822299F31D0
+TWO_PI = 6.283185307179586   # float64 nearest 2 pi (the literal the kernels spell)
+MASK = (1 << 64) - 1
+
+
+def mix(z: int) -> int:
+    """splitmix64's finaliser on a Python int (uint64 arithmetic)."""
+    z &= MASK
+    z = ((z ^ (z >> 30)) * MIX1) & MASK
+    z = ((z ^ (z >> 27)) * MIX2) & MASK
+    return z ^ (z >> 31)
+
+
+def _mix_array(z: np.ndarray) -> np.ndarray:
+    """mix() on a uint64 array, in place (wrap-around products)."""
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(MIX1)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(MIX2)
+    z ^= z >> np.uint64(31)
+    return z
+
+
+def base_key(seed: int, counter: int, word: int) -> int:
+    """The per-draw state `base` (see above) of key [seed, counter] and stream word."""
+    h = mix(int(seed) ^ SEED_SALT)
+    h = mix(h ^ (int(counter) & MASK) ^ COUNTER_SALT)
+    return mix(h ^ int(word) ^ WORD_SALT)
+
+
+def bits(base: int, index: np.ndarray) -> np.ndarray:
+    """uint64 bits of the draw with state `base` at element indices `index` (uint64 array)."""
+    z = index + np.uint64(1)
+    z *= np.uint64(GAMMA)
+    z += np.uint64(base)
+    return _mix_array(z)
+
+
 class _Random(Op):
     """A draw of `shape` from the key input; pure in (key, stream), so no input is differentiable."""
     traits = Trait.RANDOM | Trait.IMPURE
     differentiable = False
     needs_dims = True
     pure = False  # never merged or folded: two draws with the same key and stream are kept apart anyway
+    kind = 0      # distribution number in the stream word (uniform 0, normal 1)
 
     def infer(self, inputs, shape, dtype, stream):
         k = inputs[0]
@@ -82,9 +138,13 @@ class _Random(Op):
             raise DTypeError(f"{self.name}: dtype must be float, got {dtype}")
         return [(shape, dtype)]
 
-    def _rng(self, k, stream):
-        s, c = (int(v) for v in k)
-        return np.random.default_rng([s & 0xFFFFFFFFFFFFFFFF, c & 0xFFFFFFFFFFFFFFFF, stream])
+    def word(self, stream: int) -> int:
+        """The stream word hashed into the draw's state (compile-time constant of a node)."""
+        return 2 * int(stream) + self.kind
+
+    def _base(self, k, stream) -> int:
+        s, c = (int(v) for v in np.asarray(k).reshape(-1))
+        return base_key(s, c, self.word(stream))
 
     def vjp(self, node, gouts):
         return [None]
@@ -93,17 +153,35 @@ class _Random(Op):
 @register
 class RandomUniform(_Random):
     name = "random_uniform"
+    kind = 0
 
     def impl(self, k, shape, dtype, stream, dims=None):
-        return self._rng(k, stream).random(eval_shape(shape, dims), dtype=np.dtype(dtype))
+        shape = eval_shape(shape, dims)
+        x = bits(self._base(k, stream), np.arange(int(np.prod(shape, dtype=np.int64)), dtype=np.uint64))
+        if np.dtype(dtype) == np.float32:
+            x >>= np.uint64(40)
+            u = x.astype(np.float32)
+            u *= np.float32(2.0 ** -24)
+        else:
+            x >>= np.uint64(11)
+            u = x.astype(np.float64)
+            u *= 2.0 ** -53
+        return u.astype(dtype, copy=False).reshape(shape)
 
 
 @register
 class RandomNormal(_Random):
     name = "random_normal"
+    kind = 1
 
     def impl(self, k, shape, dtype, stream, dims=None):
-        return self._rng(k, stream).standard_normal(eval_shape(shape, dims), dtype=np.dtype(dtype))
+        shape = eval_shape(shape, dims)
+        j = np.arange(int(np.prod(shape, dtype=np.int64)), dtype=np.uint64) * np.uint64(2)
+        base = self._base(k, stream)
+        u1 = ((bits(base, j) >> np.uint64(11)) + np.uint64(1)).astype(np.float64) * (2.0 ** -53)
+        u2 = (bits(base, j + np.uint64(1)) >> np.uint64(11)).astype(np.float64) * (2.0 ** -53)
+        z = np.sqrt(-2.0 * np.log(u1)) * np.cos(TWO_PI * u2)
+        return z.astype(dtype, copy=False).reshape(shape)
 
 
 def _draw(op, shape, dtype, generator, key_, seed_) -> Tensor:

@@ -1,0 +1,91 @@
+"""random_uniform / random_normal as CUDA kernels: graphc.ops.random's counter-based generator
+(splitmix64 finaliser rounds over (seed, counter, stream word, element index)) in CUDA C with the same
+uint64 arithmetic as the NumPy reference, so uniform draws are bit-exact (GPU and emulation) and
+normal draws differ only by the device's log/cos (a few ulp). One grid-stride kernel per draw; each
+thread derives the draw's state from the key once, then hashes its element indices."""
+from __future__ import annotations
+
+from graphc.ops import random as R
+
+from . import kernels as K
+from .cexpr import cprod, eval_dim
+from .prelude import C_TYPES
+
+#: device helpers, defined once per translation unit (the first random kernel carries them)
+HELPERS = f"""#ifndef GC_RANDOM_HELPERS
+#define GC_RANDOM_HELPERS
+// graphc.ops.random's generator: splitmix64's finaliser over (seed, counter, stream word, index)
+__device__ __forceinline__ unsigned long long gc_mix64(unsigned long long z) {{
+  z = (z ^ (z >> 30)) * {R.MIX1:#x}ULL;
+  z = (z ^ (z >> 27)) * {R.MIX2:#x}ULL;
+  return z ^ (z >> 31);
+}}
+__device__ __forceinline__ unsigned long long gc_rng_base(long long seed, long long counter, unsigned long long word) {{
+  unsigned long long h = gc_mix64((unsigned long long)seed ^ {R.SEED_SALT:#x}ULL);
+  h = gc_mix64(h ^ (unsigned long long)counter ^ {R.COUNTER_SALT:#x}ULL);
+  return gc_mix64(h ^ word ^ {R.WORD_SALT:#x}ULL);
+}}
+__device__ __forceinline__ unsigned long long gc_rng_bits(unsigned long long base, unsigned long long j) {{
+  return gc_mix64(base + (j + 1ULL) * {R.GAMMA:#x}ULL);
+}}
+__device__ __forceinline__ double gc_rng_unit(unsigned long long x, unsigned long long plus) {{
+  return (double)((x >> 11) + plus) * {2.0 ** -53!r};  // 2**-53; exact: at most 2**53 * 2**-53
+}}
+__device__ __forceinline__ float gc_uniform_float(unsigned long long base, long long j) {{
+  return (float)(gc_rng_bits(base, (unsigned long long)j) >> 40) * {2.0 ** -24:.17g}f;  // 2**-24
+}}
+__device__ __forceinline__ double gc_uniform_double(unsigned long long base, long long j) {{
+  return gc_rng_unit(gc_rng_bits(base, (unsigned long long)j), 0ULL);
+}}
+// Box-Muller in double: u1 in (0, 1] (never log(0)), u2 in [0, 1); no additions, so no FMA contraction
+__device__ __forceinline__ double gc_normal_double(unsigned long long base, long long j) {{
+  const unsigned long long j2 = 2ULL * (unsigned long long)j;
+  const double u1 = gc_rng_unit(gc_rng_bits(base, j2), 1ULL), u2 = gc_rng_unit(gc_rng_bits(base, j2 + 1ULL), 0ULL);
+  const double r_ = sqrt(-2.0 * log(u1)), c_ = cos({R.TWO_PI!r} * u2);
+  return r_ * c_;
+}}
+__device__ __forceinline__ float gc_normal_float(unsigned long long base, long long j) {{
+  return (float)gc_normal_double(base, j);
+}}
+#endif
+"""
+
+#: op -> C helper name prefix of its distribution
+DRAWS = {R.RandomUniform: "gc_uniform", R.RandomNormal: "gc_normal"}
+
+
+def source(name: str, comment: str, op, key: tuple, out: tuple, n, word: int, helpers: bool = True) -> str:
+    """out[i] = element i of the draw of `op` from key [seed, counter] and `word`, i < n (with the
+    helpers in front when `helpers`: the first random kernel of a translation unit)."""
+    fn = f"{DRAWS[op]}_{C_TYPES[out[1]]}"
+    lines = [HELPERS if helpers else "", f"// {comment}", K.signature(name, [key], [out], K.THREADS) + " {",
+             f"  const unsigned long long r_base = gc_rng_base({key[0]}[0], {key[0]}[1], {word}ULL);",
+             K.grid_stride(n),
+             f"    {out[0]}[i] = {fn}(r_base, i);",
+             "  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def random(L, node) -> None:
+    """Lower one random node on cuda Lowering `L`: a grid-stride kernel over the flat output."""
+    k, y = node.inputs[0], node.outputs[0]
+    ka = L.arg(k)
+    out = L.out_arg(y, node.op.name)
+    n = cprod(L.dt.shape(y.shape))
+    word = node.op.word(node.attrs["stream"])
+    comment = f"{node.op.name} {y.type_str} from key {k.type_str}, stream {node.attrs['stream']}"
+    helpers = not any("GC_RANDOM_HELPERS" in k for k in L.kernels)
+    L.add_kernel(node, "random", lambda kn: source(kn, comment, node.op, ka, out, n, word, helpers),
+                 [L.buf(k), L.buf(y)], [L.buf(y)],
+                 K.grid_1d(lambda dims: _size(y.shape, dims)), (K.THREADS, 1, 1), False)
+
+
+def _size(shape, dims) -> int:
+    s = 1
+    for d in shape:
+        s *= eval_dim(d, dims)
+    return s
+
+
+#: rows of the cuda lowering table (backends/cuda/lower.py reads them): op -> fn(lowering, node)
+LOWERINGS = {R.RandomUniform: random, R.RandomNormal: random}
