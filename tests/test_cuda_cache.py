@@ -1,4 +1,4 @@
-"""The CUDA backends' on-disk cache (backends/cuda/diskcache.py): a corrupt, truncated or
+"""The CUDA backends' entries in the shared on-disk cache (graphc.backends.schedule.cache): a corrupt, truncated or
 other-format entry (the emulation's .so, its precompiled header, nvcc's PTX) is detected and rebuilt,
 never dlopen'ed or handed to g++; an unwritable or uncreatable GRAPHC_CACHE_DIR falls back to a
 private directory with correct results; a read-only pre-filled cache is still used; two processes
@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 import graphc as gc
-from graphc.backends.cuda import compiler, diskcache
+from graphc.backends.cuda import compiler
+from graphc.backends.schedule import cache as diskcache  # (the fixture `cache` is a cache directory)
 from graphc.backends.cuda.compiler import compile_cuda, nvcc_path, nvrtc_library
 from conftest import backend_or_skip
 
@@ -68,6 +69,7 @@ def golden(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def fresh_stats(monkeypatch):
     monkeypatch.setattr(diskcache, "stats", dict.fromkeys(diskcache.stats, 0))
+    monkeypatch.setattr(diskcache, "_warned", [])  # the once-per-process damaged-entry warning
 
 
 @pytest.fixture
@@ -161,7 +163,8 @@ def damage(path: str, how: str) -> bytes:
 def test_damaged_library_is_rebuilt_not_loaded(cache, how, runs, loads):
     so = one(cache / "cuda_emulated" / "*.so")
     bad = damage(so, how)
-    run_emulated()
+    with pytest.warns(RuntimeWarning, match="damaged cache entry .*: does not match its manifest"):
+        run_emulated()
     assert runs == ["so"] and diskcache.stats["corrupt"] == 1
     assert [p for p, _ in loads] == [so]
     loaded = loads[0][1]
@@ -179,7 +182,15 @@ def test_damaged_or_stale_manifest_means_rebuild(cache, how, runs, loads):
         damage(so, "truncated")
     else:
         damage(manifest, how)
-    run_emulated()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        run_emulated()
+    # the one policy: damage warns (once per process), another format or a missing entry does not
+    assert [str(w.message) for w in seen if "damaged" in str(w.message)] == (
+        [] if how in ("stale", "missing") else [f"graphc: damaged cache entry {manifest}: truncated or corrupt, "
+                                                f"its checksum does not match; it is ignored and rebuilt (later "
+                                                f"damaged entries are rebuilt without a warning; graphc.backends."
+                                                f"schedule.cache.stats['corrupt'] counts them)"])
     assert runs == ["so"]
     assert diskcache.stats["corrupt"] == (0 if how == "missing" else 1)
     assert loads[0][1][:4] == b"\x7fELF" and verifies(manifest)
@@ -383,7 +394,7 @@ SCRIPT = r"""
 import json, sys
 import numpy as np
 import graphc as gc
-from graphc.backends.cuda import diskcache
+from graphc.backends.schedule import cache as diskcache
 from graphc.backends.cuda.compiler import compile_cuda, nvcc_path, nvrtc_library
 W, A = np.array(json.loads(sys.argv[1]), "f4"), np.array(json.loads(sys.argv[2]), "f4")
 x = gc.placeholder("x", (None, 12))

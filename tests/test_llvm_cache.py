@@ -1,5 +1,6 @@
-"""The llvm backend's on-disk compile cache: warm hits in a new process, corrupt entries rebuilt,
-concurrent processes, and an unusable directory falling back to memory."""
+"""The llvm backend's object code in the shared on-disk cache (graphc.backends.schedule.cache, sub
+"llvm"): warm hits in a new process, corrupt entries rebuilt (replaced, with one warning), concurrent
+processes, and an unusable directory falling back to a private directory."""
 from __future__ import annotations
 
 import glob
@@ -26,7 +27,7 @@ out = f(a)
 t2 = time.perf_counter()
 h = np.tanh(a @ w.value) * SCALE
 e = np.exp(h - h.max(1, keepdims=True)); want = e / e.sum(1, keepdims=True)
-from graphc.backends.llvm import cache
+from graphc.backends.schedule import cache
 print(json.dumps({"hit": f.program.info["cache_hit"], "ok": bool(np.allclose(out, want, rtol=1e-5)),
                   "stats": cache.stats, "compile_s": t2 - t1}))
 """
@@ -47,13 +48,13 @@ def _run(cache_dir, scale=2.0, wait=True):
 def _result(p):
     out, err = p.communicate(timeout=180)
     assert p.returncode == 0, err
-    return json.loads(out.strip().splitlines()[-1])
+    return dict(json.loads(out.strip().splitlines()[-1]), stderr=err)
 
 
 def test_warm_hit_in_a_new_process(tmp_path):
     cold = _run(tmp_path)
     assert cold["ok"] and not cold["hit"]
-    assert glob.glob(str(tmp_path / "*" / "*.o"))
+    assert glob.glob(str(tmp_path / "llvm" / "*.o"))
     warm = _run(tmp_path)
     assert warm["ok"] and warm["hit"] and warm["stats"]["hits"] == 1
     other = _run(tmp_path, scale=3.0)            # a different graph is a different key
@@ -68,6 +69,7 @@ def test_corrupt_entry_is_detected_and_rebuilt(tmp_path):
         fh.write(b"\xde\xad\xbe\xef" * 8)
     again = _run(tmp_path)
     assert again["ok"] and not again["hit"] and again["stats"]["corrupt"] == 1
+    assert "damaged cache entry" in again["stderr"] and entry in again["stderr"]
     assert _run(tmp_path)["hit"]                 # rebuilt entry is good
 
 
@@ -80,8 +82,11 @@ def test_two_processes_compiling_at_once(tmp_path):
     assert _run(tmp_path)["hit"]
 
 
-def test_unusable_directory_falls_back_to_memory(tmp_path):
+def test_unusable_directory_falls_back_to_a_private_directory(tmp_path):
+    """(Was: to memory. The shared cache's one fallback is a private temporary directory, with a
+    warning, as for the cuda backends.)"""
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     r = _run(blocker / "cache")
     assert r["ok"] and not r["hit"] and r["stats"]["disk_errors"] >= 1
+    assert "cannot be written" in r["stderr"] and "private temporary directory" in r["stderr"]

@@ -1,30 +1,22 @@
 """Compile generated CUDA C: nvcc (subprocess) or NVRTC (in-process, through ctypes), to PTX or
-cubin for a chosen architecture, with an on-disk cache keyed by source, options and compiler
-(diskcache.py: checksummed entries, atomic writes, a private fallback for an unusable directory)."""
+cubin for a chosen architecture, cached in the native backends' shared on-disk cache
+(graphc.backends.schedule.cache, sub "cuda": content-addressed, checksummed entries, atomic writes, a
+private fallback for an unusable directory)."""
 from __future__ import annotations
 
 import ctypes
 import glob
-import hashlib
 import os
 import re
 import shutil
 import subprocess
 import tempfile
 
+from graphc.backends.schedule import cache
 from graphc.errors import GraphcError
-from .diskcache import FORMAT, atomic_write, cache_dir, load_blob, store_blob  # noqa: F401 (re-exported)
 
 DEFAULT_ARCH = "sm_80"
-
-
-def source_key(*parts: str) -> str:
-    """A cache key for everything that goes into a build (and the cache format)."""
-    h = hashlib.sha256()
-    for p in (*parts, str(FORMAT)):
-        h.update(p.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:32]
+CACHE_SUB = "cuda"  # PTX / cubin's directory in the shared cache
 
 
 def nvcc_path() -> str | None:
@@ -49,10 +41,9 @@ def compile_cuda(source: str, arch: str = DEFAULT_ARCH, target: str = "ptx", opt
     if target not in ("ptx", "cubin"):
         raise GraphcError(f"CUDA compile target must be 'ptx' or 'cubin', got {target!r}")
     nvcc = nvcc_path()
-    tool = nvcc or "nvrtc"
-    key = source_key(source, arch, target, " ".join(options), tool)
-    name = f"{key}.{target}"
-    cached = load_blob("cuda", name)
+    tool = f"nvcc {cache.tool_identity(nvcc)}" if nvcc else f"nvrtc {cache.tool_identity(nvrtc_library())}"
+    name = f"{cache.key(source, arch, target, ' '.join(options), tool)}.{target}"
+    cached = cache.load_blob(CACHE_SUB, name)
     if cached is not None:
         return cached
     if nvcc:
@@ -61,7 +52,7 @@ def compile_cuda(source: str, arch: str = DEFAULT_ARCH, target: str = "ptx", opt
         if target == "cubin":
             raise GraphcError("cubin output needs nvcc; NVRTC here produces PTX")
         out = _nvrtc(source, arch, options)
-    store_blob("cuda", name, out)
+    cache.store_blob(CACHE_SUB, name, out)
     return out
 
 

@@ -1,6 +1,7 @@
 """Compile the generated CUDA source for the host with g++ and the emulation header, load it with
-ctypes, and run the launch plan on host memory. Libraries and the precompiled header are cached
-through backends/cuda/diskcache.py (checked before use, written atomically)."""
+ctypes, and run the launch plan on host memory. Libraries and the precompiled header are cached in
+the native backends' shared on-disk cache (graphc.backends.schedule.cache: checked before use, written
+atomically)."""
 from __future__ import annotations
 
 import ctypes
@@ -12,10 +13,10 @@ import threading
 
 import numpy as np
 
-from graphc.backends.cuda.compiler import error_with_source, source_key
-from graphc.backends.cuda.diskcache import find_files, store_files
+from graphc.backends.cuda.compiler import error_with_source
 from graphc.backends.cuda.plan import Launch, Memory, Plan, ScanLoop
 from graphc.backends.cuda.prelude import C_TYPES
+from graphc.backends.schedule.cache import find_files, key as cache_key, store_files, tool_identity
 from graphc.errors import GraphcError
 
 HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "emulation.h")
@@ -62,7 +63,7 @@ def precompiled_header(cxx: str, header: str) -> str:
     skips re-parsing <cmath> and friends: about 40% of each small compile). Both are checked against
     their manifest before use, so a damaged .gch is rebuilt rather than handed to g++. Falls back to
     the plain header when the compiler cannot precompile it."""
-    name = "pch-" + source_key(header, " ".join(FLAGS), cxx)
+    name = "pch-" + cache_key("pch", header, " ".join(FLAGS), tool_identity(cxx))
     manifest = f"{name}/manifest"
     d = find_files(SUB, manifest)
     if d is None:
@@ -110,7 +111,7 @@ def build(source: str, plan: Plan, sanitize: str | None = None) -> ctypes.CDLL:
     with open(HEADER) as f:
         header = f.read()
     tu = f'#include "emulation.h"\n#line 1 "graph.cu"\n' + source + launchers(plan)
-    key = source_key(header, tu, " ".join(flags), cxx)
+    key = cache_key("so", header, tu, " ".join(flags), tool_identity(cxx))
     d = find_files(SUB, f"{key}.manifest")
     if d is None:
         d = store_files(SUB, f"{key}.manifest", {f"{key}.so": _compile(cxx, flags, header, tu, source)})

@@ -5,11 +5,15 @@ import ctypes
 import glob
 import os
 import threading
+import warnings
 
 import llvmlite
 import llvmlite.binding as llvm
 
-from . import cache as _cache
+from graphc.backends.schedule import cache as _cache
+from graphc.errors import GraphcError
+
+CACHE_SUB = "llvm"  # the object code's directory in the shared cache
 
 _lock = threading.RLock()
 _state: dict = {}
@@ -47,6 +51,17 @@ def target_id() -> str:
     return f"{llvm.get_process_triple()}|{_state['cpu']}|{_state['features']}|llvmlite {llvmlite.__version__}"
 
 
+def _pipeline() -> tuple[bool, bool]:
+    """(loop unrolling, loop interleaving) of the O3 pipeline (GRAPHC_LLVM_UNROLL / _INTERLEAVE)."""
+    return os.environ.get("GRAPHC_LLVM_UNROLL", "0") == "1", os.environ.get("GRAPHC_LLVM_INTERLEAVE", "1") == "1"
+
+
+def pipeline_id() -> str:
+    """What the cache key records about the optimisation pipeline (its switches change the code)."""
+    unroll, interleave = _pipeline()
+    return f"O3 loop-vectorize slp-vectorize unroll={int(unroll)} interleave={int(interleave)}"
+
+
 def optimise(module) -> None:
     """Run LLVM's O3 pipeline (new pass manager) with loop and SLP vectorisation on."""
     tm = target_machine()
@@ -55,8 +70,7 @@ def optimise(module) -> None:
     pto.slp_vectorization = True
     # unrolling doubled optimise + codegen time (W5: 0.8 s -> 0.45 s without) for no measured gain;
     # vector interleaving stays on (several accumulators hide FMA/exp latency)
-    pto.loop_unrolling = os.environ.get("GRAPHC_LLVM_UNROLL", "0") == "1"
-    pto.loop_interleaving = os.environ.get("GRAPHC_LLVM_INTERLEAVE", "1") == "1"
+    pto.loop_unrolling, pto.loop_interleaving = _pipeline()
     pb = llvm.create_pass_builder(tm, pto)
     mpm = pb.getModulePassManager()
     mpm.run(module, pb)
@@ -82,12 +96,14 @@ class Compiled:
 
 
 def compile_ir(ir: str, names: list[str]) -> Compiled:
-    """Parse, optimise and JIT `ir`; the object code comes from the on-disk cache when present.
-    Serialised: llvmlite parses into LLVM's global context, which is not thread-safe."""
-    tm = target_machine()
-    key = _cache.key(ir, target_id())
+    """Parse, optimise and JIT `ir`; the object code comes from the shared on-disk cache
+    (graphc.backends.schedule.cache, sub "llvm") when present and intact. Serialised: llvmlite parses
+    into LLVM's global context, which is not thread-safe."""
+    target_machine()
+    key = _cache.key(ir, target_id(), pipeline_id())
+    entry = f"{key}.o"
     with _lock:
-        cached = _cache.load(key)
+        cached = _cache.load_blob(CACHE_SUB, entry)
         mod = llvm.parse_assembly(ir)
         mod.verify()
         if cached is None:
@@ -95,15 +111,21 @@ def compile_ir(ir: str, names: list[str]) -> Compiled:
         mod.name = f"graphc_{key[:16]}"
         # the engine owns (and frees) its target machine: give it its own
         engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), _new_tm())
+        built: list[bytes] = []
 
         # the cache callbacks also fire for the engine's empty initial module: only `mod`'s object
         # belongs under `key` (storing the empty one let a concurrent process load it and crash)
         def notify(m, data):
             if m.name == mod.name:
-                _cache.store(key, data)
+                built.append(bytes(data))
         engine.set_object_cache(notify, lambda m: cached if m.name == mod.name else None)
         engine.add_module(mod)
         engine.finalize_object()
+        if cached is None and built:   # stored outside the callback: its errors reach Python
+            try:
+                _cache.store_blob(CACHE_SUB, entry, built[-1])
+            except GraphcError as e:   # nowhere to write: the code is in memory, only the cache is lost
+                warnings.warn(str(e), RuntimeWarning, stacklevel=2)
         return Compiled(ir, names, cached is not None, engine, mod)
 
 

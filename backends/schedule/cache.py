@@ -1,20 +1,34 @@
-"""The CUDA backends' on-disk cache (PTX/cubin, the emulation's shared libraries and precompiled
-header), to the standard of backends/llvm/cache.py.
+"""The native backends' one on-disk cache of compiled code: llvm's object code, cuda's PTX/cubin, the
+emulation's shared libraries and precompiled header.
 
-- Every entry is checked before use. A *blob* (PTX, cubin, a manifest) is one file: MAGIC (format
-  version) + SHA-256 + payload. A file that must stay as it is on disk (a .so to dlopen, a .gch for
-  g++) cannot carry a header, so a manifest blob lists each file's size and SHA-256 and is written
-  after them. A missing, truncated, corrupt or other-format entry is a miss and is rebuilt: never
-  trusted, never dlopen'ed.
-- Every write is a temporary file renamed over the entry in the same directory (files before their
-  manifest), so concurrent processes only ever see whole files: a .so replaced between its check and
-  its dlopen is another whole build of the same key. A damaged entry is not deleted but replaced by
-  its rebuild, since another process may be about to dlopen or #include the old file (the one
-  removal: a stray file that a manifest says must not exist, such as an unlisted .gch).
-- GRAPHC_CACHE_DIR relocates it (default ~/.cache/graphc). Where that directory cannot be created or
-  written (read-only, under a regular file, ...), entries are still read from it when readable (a
-  pre-filled read-only cache) and written to a private temporary directory for this process, removed
-  at exit, with one RuntimeWarning per directory; if that fails too, a GraphcError says so.
+Layout. $GRAPHC_CACHE_DIR/<sub>/<entry> (default ~/.cache/graphc/<sub>/...), one `sub` per kind of
+code ("llvm", "cuda", "cuda_emulated"). Entries are content-addressed: `key(...)` hashes everything
+that goes into a build (source, compiler identity and flags, target) with the cache FORMAT and the
+graphc version, so a changed input is a new entry, never a stale hit.
+
+Entries. A *blob* (object code, PTX, a manifest) is one file: MAGIC (format) + SHA-256 + payload.
+Files that must stay as they are on disk (a .so to dlopen, a .gch for g++) cannot carry a header: a
+manifest blob lists each one's size and SHA-256 (or that it must be absent) and is written after them.
+
+Writes. Every write is a temporary file in the entry's directory renamed over it, files before their
+manifest, so concurrent processes only ever see whole files (two writers of one key both end with a
+whole file; a .so replaced between its check and its dlopen is another whole build of the same key).
+
+The damaged-entry policy (one, for every backend). An entry is checked on every lookup before it is
+used. One that is missing, of another format (an older graphc's, a header-less one) or damaged
+(truncated, corrupt, a manifest whose files do not match) is a miss: it is never trusted, never
+dlopen'ed, never handed to a compiler. It is recompiled and the rebuild is renamed over it; the
+damaged file is *not* deleted first, since another process may be about to dlopen or #include a
+file of the same name that it already checked (deleting would also race with a concurrent rebuild).
+The one removal: a stray file that a manifest lists as absent (e.g. an unlisted .gch). Every such
+miss counts in stats["corrupt"]; the first damaged entry of the process (current format, wrong
+contents: something really went wrong) also gives one RuntimeWarning, an entry of another format
+(expected after an upgrade) none.
+
+Unusable directory. Where GRAPHC_CACHE_DIR cannot be created or written (read-only, under a regular
+file, disk full), entries are still read from it when readable (a pre-filled read-only cache is used
+without a warning) and written to a private temporary directory of this process, removed at exit,
+with one RuntimeWarning per directory; if that fails too, store_* raise a GraphcError saying so.
 """
 from __future__ import annotations
 
@@ -27,16 +41,48 @@ import tempfile
 import threading
 import warnings
 
+import graphc
 from graphc.errors import GraphcError
 
-FORMAT = 1  # bump when the layout or the meaning of an entry changes: older entries are then rebuilt
-MAGIC = b"GCCUDA%d\n" % FORMAT
+FORMAT = 2  # bump when the layout or the meaning of an entry changes: older entries are then rebuilt
+MAGIC = b"GCACHE%d\n" % FORMAT   # 8 bytes
+_DIGEST = 32
 stats = {"hits": 0, "misses": 0, "corrupt": 0, "disk_errors": 0}
 _unusable: dict[str, OSError | None] = {}  # configured directory -> why it cannot be written (None: usable)
 _private: list[str] = []
 _hashed: dict[str, tuple] = {}  # path -> (stat signature, fingerprint) of files this process hashed
+_warned: list[str] = []         # the damaged entry this process warned about (one warning per process)
 _lock = threading.Lock()
 
+
+# ---- keys ---------------------------------------------------------------------------------------------
+
+def key(*parts: str | bytes) -> str:
+    """The content address of a build: a hash of every part (source, compiler identity, flags,
+    target), the cache format and the graphc version. Parts are length-prefixed, so no two different
+    part lists hash alike."""
+    h = hashlib.sha256()
+    for p in (MAGIC, getattr(graphc, "__version__", "0"), *parts):
+        b = p if isinstance(p, bytes) else str(p).encode()
+        h.update(b"%d:" % len(b))
+        h.update(b)
+    return h.hexdigest()[:40]
+
+
+def tool_identity(path: str | None) -> str:
+    """What a key records about an external compiler or library: its resolved path, size and mtime
+    (an upgrade in place changes them; no subprocess is run)."""
+    if not path:
+        return "none"
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+        return f"{real}|{st.st_size}|{st.st_mtime_ns}"
+    except OSError:
+        return real
+
+
+# ---- directories ----------------------------------------------------------------------------------------
 
 def root() -> str:
     return os.environ.get("GRAPHC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "graphc")
@@ -99,9 +145,23 @@ def _mark_unusable(path: str, err: OSError) -> None:
     stats["disk_errors"] += 1
     if not _unusable.get(path):
         warnings.warn(f"graphc: cache directory {path} cannot be written ({err}); compiled code is cached "
-                      f"in a private temporary directory for this process instead", RuntimeWarning)
+                      f"in a private temporary directory for this process instead", RuntimeWarning, stacklevel=3)
     _unusable[path] = err
 
+
+def _damaged(path: str, why: str) -> None:
+    """Count a damaged entry; warn about the first one of the process."""
+    stats["corrupt"] += 1
+    with _lock:
+        if _warned:
+            return
+        _warned.append(path)
+    warnings.warn(f"graphc: damaged cache entry {path}: {why}; it is ignored and rebuilt (later damaged "
+                  f"entries are rebuilt without a warning; graphc.backends.schedule.cache.stats['corrupt'] "
+                  f"counts them)", RuntimeWarning, stacklevel=4)
+
+
+# ---- files ------------------------------------------------------------------------------------------------
 
 def atomic_write(path: str, data: bytes) -> None:
     """Write `path` whole or not at all: a temporary file in the same directory renamed over it."""
@@ -124,12 +184,19 @@ def pack(payload: bytes) -> bytes:
 
 
 def unpack(blob: bytes) -> bytes | None:
-    """The payload of a blob, or None when its header or checksum is wrong (corrupt, truncated, stale)."""
+    """The payload of a blob, or None when its header or checksum is wrong (damaged or another format)."""
+    return _check(blob)[0]
+
+
+def _check(blob: bytes) -> tuple[bytes | None, str]:
+    """(payload, "") for a good blob, else (None, what is wrong with it)."""
     n = len(MAGIC)
-    head, digest, payload = blob[:n], blob[n:n + 32], blob[n + 32:]
-    if head != MAGIC or len(digest) != 32 or hashlib.sha256(payload).digest() != digest:
-        return None
-    return payload
+    head, digest, payload = blob[:n], blob[n:n + _DIGEST], blob[n + _DIGEST:]
+    if head != MAGIC:
+        return None, "format"
+    if len(digest) != _DIGEST or hashlib.sha256(payload).digest() != digest:
+        return None, "truncated or corrupt, its checksum does not match"
+    return payload, ""
 
 
 def _read(path: str) -> bytes | None:
@@ -144,11 +211,15 @@ def _read_blob(path: str) -> bytes | None:
     blob = _read(path)
     if blob is None:
         return None
-    payload = unpack(blob)
-    if payload is None:
-        stats["corrupt"] += 1
+    payload, why = _check(blob)
+    if why == "format":
+        stats["corrupt"] += 1   # another format: a miss, counted, no warning
+    elif why:
+        _damaged(path, why)
     return payload
 
+
+# ---- blobs ------------------------------------------------------------------------------------------------
 
 def load_blob(sub: str, name: str) -> bytes | None:
     """The checked payload of blob `name`, or None (missing, or damaged: the caller rebuilds it)."""
@@ -163,8 +234,10 @@ def load_blob(sub: str, name: str) -> bytes | None:
 
 def store_blob(sub: str, name: str, payload: bytes) -> None:
     """Write blob `name` atomically (in the private directory when the configured one fails)."""
-    _store(sub, [(name, pack(payload))])
+    _store(sub, [(name, pack(bytes(payload)))])
 
+
+# ---- file sets under a manifest -----------------------------------------------------------------------
 
 def find_files(sub: str, manifest: str) -> str | None:
     """The directory holding the entry whose manifest is `manifest` with every file it lists present
@@ -178,18 +251,19 @@ def find_files(sub: str, manifest: str) -> str | None:
 
 
 def _verified(d: str, manifest: str) -> bool:
-    payload = _read_blob(os.path.join(d, manifest))
+    path = os.path.join(d, manifest)
+    payload = _read_blob(path)
     if payload is None:
         return False
     try:
         listing = json.loads(payload)
     except ValueError:
-        stats["corrupt"] += 1
+        _damaged(path, "unreadable manifest")
         return False
-    base = os.path.dirname(os.path.join(d, manifest))
+    base = os.path.dirname(path)
     for name, want in listing.items():
         if _fingerprint(os.path.join(base, name)) != want:
-            stats["corrupt"] += 1
+            _damaged(os.path.join(base, name), "does not match its manifest")
             return False
     return True
 
@@ -224,13 +298,13 @@ def store_files(sub: str, manifest: str, files: dict[str, bytes | None]) -> str:
     return _store(sub, writes + [(manifest, pack(json.dumps(listing, sort_keys=True).encode()))], removals)
 
 
-def _store(sub: str, writes: list[tuple[str, bytes]], removals: list[str] = ()) -> str:
+def _store(sub: str, writes: list[tuple[str, bytes]], removals=()) -> str:
     d = cache_dir(sub)
     try:
         _write_all(d, writes, removals)
     except OSError as e:
         if d != configured_dir(sub):
-            raise
+            raise _nowhere(sub, e) from e
         _mark_unusable(d, e)
         d = private_dir(sub)
         try:
