@@ -169,10 +169,11 @@ def test_cross_entropy_gradient_is_finite_after_stabilisation(backend):
 
 def check_fused_contract(graph: gc.Graph) -> int:
     """Every fused node has one of the three body forms of graphc/ops/fused.py; returns how many."""
-    from graphc.passes.fusion import EPILOGUE_HEADS, REDUCTIONS, fusible
+    from graphc.ir import Trait
+    from graphc.passes.fusion import EPILOGUE_HEADS, closes_group, fusible
     count = 0
     for node in graph.compute_nodes():
-        if node.op.name != "fused":
+        if node.op is not gc.ops.Fused:
             continue
         count += 1
         body = node.attrs["body"]
@@ -180,16 +181,16 @@ def check_fused_contract(graph: gc.Graph) -> int:
         assert len({id(t) for t in node.inputs}) == len(node.inputs)  # distinct
         assert len({t.name for t in body.inputs}) == len(body.inputs)  # uniquely named
         assert [(t.shape, t.dtype) for t in body.outputs] == [(t.shape, t.dtype) for t in node.outputs]
-        assert all(n.op.name in ("placeholder", "constant") for n in body.nodes if not n.inputs)
-        assert all(n.attrs["value"].size == 1 for n in body.nodes if n.op.name == "constant")
+        assert all(n.op.has(Trait.INPUT | Trait.CONST) for n in body.nodes if not n.inputs)
+        assert all(n.attrs["value"].size == 1 for n in body.nodes if n.op.has(Trait.CONST))
         comp = body.compute_nodes()
         head, tail = comp[0], comp[-1]
-        if head.op.name in EPILOGUE_HEADS:
+        if head.op in EPILOGUE_HEADS:
             assert all(fusible(n) and n.outputs[0].shape == head.outputs[0].shape for n in comp[1:])
-            assert all(t.op.name == "placeholder" for t in head.inputs)
+            assert all(t.op.has(Trait.INPUT) for t in head.inputs)
             assert not {id(t) for t in head.inputs} & {id(t) for n in comp[1:] for t in n.inputs}
             assert all(o is not head.outputs[0] for o in body.outputs)
-        elif tail.op.name in REDUCTIONS:
+        elif closes_group(tail):
             assert all(fusible(n) for n in comp[:-1]) and body.outputs == [tail.outputs[0]]
         else:
             loop = node.outputs[0].shape

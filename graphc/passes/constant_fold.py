@@ -5,20 +5,19 @@ from __future__ import annotations
 import numpy as np
 
 from .. import shapes as _sh
-from ..ir import Graph
+from ..ir import Graph, Trait
 from ..ops.core import constant
 from .rewrite import rebuild
 
 #: results larger than this stay computed at run time (folding would bloat the compiled program)
 MAX_FOLD_ELEMENTS = 1 << 16
-#: ops never folded: random draws, fused kernels, and anything that is not a pure function of its inputs
-NO_FOLD = {"fused"}
+_NEVER_FOLDED = Trait.IMPURE | Trait.NO_FOLD
 
 
 def foldable(op) -> bool:
-    return (op.name not in NO_FOLD and getattr(op, "pure", True) and not getattr(op, "stateful", False)
-            and not op.name.startswith("random")
-            and getattr(op, "n_outputs", 1) == 1)
+    """Never folded: random draws and anything else not a pure function of its inputs (IMPURE), fused
+    kernels (NO_FOLD), multi-output ops."""
+    return not op.has(_NEVER_FOLDED) and op.n_outputs == 1
 
 
 def _static_size(t):
@@ -32,12 +31,12 @@ def _rule(node, ins):
     n = _static_size(out)
     if n is None or n > MAX_FOLD_ELEMENTS:
         return None
-    if node.op.name == "size_of":  # a shape query: needs only static dims, not a constant input
+    if node.op.has(Trait.SHAPE):  # a shape query (size_of): needs only static dims, not a constant input
         axes, x = node.attrs["axes"], ins[0]
         if all(isinstance(x.shape[a], int) for a in axes):
             return [constant(np.asarray(int(np.prod([x.shape[a] for a in axes])), out.dtype), out.dtype)]
         return None
-    if not ins or any(t.node.op.name != "constant" for t in ins):
+    if not ins or any(not t.node.op.has(Trait.CONST) for t in ins):
         return None
     attrs = dict(node.attrs)
     if getattr(node.op, "needs_dims", False):

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ir import Graph, Node, Tensor
+from ..ir import Graph, Node, Tensor, Trait
 from .rewrite import clone
 
-COMMUTATIVE = {"add", "mul", "maximum", "minimum", "equal", "not_equal", "logical_and", "logical_or"}
 #: constants up to this many elements are compared by value
 SMALL_CONST = 4096
 
@@ -29,22 +28,25 @@ def _freeze(v):
         return ("id", id(v))
 
 
+_NEVER_MERGED = Trait.IMPURE | Trait.INPUT | Trait.STATE
+
+
 def pure(op) -> bool:
-    """Two applications with equal inputs give equal results (random draws do not)."""
-    return (getattr(op, "pure", True) and not getattr(op, "stateful", False) and not op.name.startswith("random")
-            and op.name not in ("placeholder", "parameter"))
+    """Two applications with equal inputs give equal results (random draws do not; every graph input
+    and parameter is its own value)."""
+    return not op.has(_NEVER_MERGED)
 
 
 def _key(node: Node, ins: list[Tensor], number: dict[int, int]):
-    if node.op.name == "constant":
+    if node.op.has(Trait.CONST):
         v = node.attrs["value"]
-        return ("constant", _freeze(v)) if v.size <= SMALL_CONST else None
+        return (node.op, _freeze(v)) if v.size <= SMALL_CONST else None
     if not pure(node.op):
         return None
     args = [number[id(t)] for t in ins]
-    if node.op.name in COMMUTATIVE:
+    if node.op.has(Trait.COMMUTATIVE):
         args.sort()
-    return (node.op.name, tuple(args), _freeze(node.attrs))
+    return (node.op, tuple(args), _freeze(node.attrs))
 
 
 def cse(graph: Graph, log) -> Graph:

@@ -1,32 +1,34 @@
 """Dead-code elimination: drop nodes nothing needs, and identities (stop_gradient after
 differentiation, casts to the same dtype, reshapes/broadcasts to the same shape, identity transposes,
-full slices)."""
+full slices), written as pattern rules (graphc/passes/pattern.py): each applies only where the
+result keeps the node's type, so `cast(x) -> x` fires exactly for a cast to x's own dtype."""
 from __future__ import annotations
 
 from ..ir import Graph
-from .rewrite import rebuild, same_type
+from ..ops.core import Cast, StopGradient
+from ..ops.shape_ops import BroadcastTo, GetItem, Reshape, Transpose
+from .pattern import P, Rules, V
+from .rewrite import rebuild
+
+x = V("x")
 
 
-def _is_identity(node, ins) -> bool:
-    name, x = node.op.name, ins[0] if ins else None
-    if name == "stop_gradient":  # the gradient is already built: it is a plain identity now
-        return True
-    if name in ("cast", "reshape", "broadcast_to"):
-        return same_type(x, node.outputs[0])
-    if name == "transpose":
-        return tuple(node.attrs["axes"]) == tuple(range(x.ndim))
-    if name == "getitem":
-        idx = node.attrs["index"]
-        return all(isinstance(i, slice) and i == slice(None) for i in idx) and same_type(x, node.outputs[0])
-    return False
+def _identity_axes(axes) -> bool:
+    return tuple(axes) == tuple(range(len(axes)))
 
 
-def _rule(node, ins):
-    if _is_identity(node, ins):
-        return [ins[0]]
-    return None
+def _full_slices(index) -> bool:
+    return all(isinstance(i, slice) and i == slice(None) for i in index)
+
+
+RULES = Rules([
+    P(StopGradient, x) >> x,  # the gradient is already built: it is a plain identity now
+    P({Cast, Reshape, BroadcastTo}, x) >> x,
+    P(Transpose, x, attrs={"axes": _identity_axes}) >> x,
+    P(GetItem, x, attrs={"index": _full_slices}) >> x,
+])
 
 
 def dce(graph: Graph, log) -> Graph:
     """Rebuild from the outputs and updates (unreachable nodes vanish), skipping identity nodes."""
-    return rebuild(graph, _rule, log, "identity removed")
+    return rebuild(graph, RULES, log, "identity removed")

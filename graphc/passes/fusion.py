@@ -6,22 +6,27 @@ from __future__ import annotations
 import networkx as nx
 
 from .. import shapes as _sh
-from ..ir import Graph, Node, Tensor
+from ..ir import Graph, Node, Tensor, Trait
 from ..ops.core import placeholder
 from ..ops.fused import Fused
+from ..ops.linalg import MatMul
+from ..ops.nn_ops import Conv2d
 from .rewrite import clone, rebuild, users, with_order
 
-#: ops fused besides those marked `elementwise` (cast is elementwise but not an Elementwise row)
-EXTRA_ELEMENTWISE = {"cast"}
-#: reductions that may close a group (their combine step is a plain binary op)
-REDUCTIONS = {"sum", "max", "min", "prod"}
-#: ops whose output can feed an epilogue in the same kernel
-EPILOGUE_HEADS = {"matmul", "conv2d"}
+#: reductions that may close a group: Trait.MONOID (their combine step is a plain binary op)
+CLOSING_REDUCTION = Trait.MONOID
+#: ops whose output can feed an epilogue in the same kernel (the ops every backend heads a kernel with)
+EPILOGUE_HEADS = frozenset({MatMul, Conv2d})
+_LEAF_IN_BODY = Trait.INPUT | Trait.CONST
 
 
 def fusible(node: Node) -> bool:
-    op = node.op
-    return (getattr(op, "elementwise", False) or op.name in EXTRA_ELEMENTWISE) and len(node.outputs) == 1
+    return node.op.has(Trait.ELEMENTWISE) and len(node.outputs) == 1
+
+
+def closes_group(node: Node) -> bool:
+    """A reduction that may end a fused group."""
+    return node.op.has(CLOSING_REDUCTION)
 
 
 def _same_shape(a, b) -> bool:
@@ -50,7 +55,7 @@ class _Fuser:
             if fusible(node):
                 self._grow(node)
         for node in self.graph.nodes:
-            if node.op.name in REDUCTIONS:
+            if closes_group(node):
                 self._close_with(node)
 
     def _grow(self, node):
@@ -138,7 +143,7 @@ def build_fused(members: list[Node], env: dict, outs: list[Tensor], alias: dict 
         for t in m_ins:
             if id(t) in body_env:
                 continue
-            if t.node.op.name == "constant" and t.node.attrs["value"].size == 1:
+            if t.node.op.has(Trait.CONST) and t.node.attrs["value"].size == 1:
                 body_env[id(t)] = t  # scalar constants live in the body as immediates
                 leaves.append(t.node)
                 continue
@@ -212,17 +217,17 @@ def _loop_shape(node: Node):
 
 def _epilogue_rule(counts, roots):
     def rule(node, ins):
-        is_fused = node.op.name == "fused"
+        is_fused = node.op is Fused
         if not (is_fused or fusible(node)):
             return None
-        if is_fused and any(n.op.name not in ("placeholder", "constant") and not fusible(n)
+        if is_fused and any(not n.op.has(_LEAF_IN_BODY) and not fusible(n)
                             for n in node.attrs["body"].nodes):
             return None  # already headed, or closed by a reduction
         for i, (t, old) in enumerate(zip(ins, node.inputs)):
             head = t.node  # counts and roots are about the graph before this pass: look up `old`
             # the epilogue must not read the GEMM's operands (keeps backends' kernel signatures simple)
             shared = {id(x) for x in head.inputs} & {id(x) for x in ins}
-            if (head.op.name in EPILOGUE_HEADS and counts.get(id(old)) == 1 and id(old) not in roots
+            if (head.op in EPILOGUE_HEADS and counts.get(id(old)) == 1 and id(old) not in roots
                     and not shared and _same_shape(t.shape, _loop_shape(node))
                     and t.dtype == node.outputs[0].dtype):
                 return list(_absorb(head, node, i, ins).outputs)
@@ -233,7 +238,7 @@ def _epilogue_rule(counts, roots):
 def _absorb(head: Node, node: Node, i: int, ins: list) -> Node:
     """A fused node: `head` followed by `node` (an elementwise op or fused node) reading it as input i."""
     env = {id(t): t for t in head.inputs}
-    if node.op.name == "fused":
+    if node.op is Fused:
         body = node.attrs["body"]
         env.update({id(p): t for p, t in zip(body.inputs, ins)})
         alias = {id(body.inputs[i]): head.outputs[0]}

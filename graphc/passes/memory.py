@@ -14,14 +14,11 @@ import numpy as np
 import sympy
 
 from .. import shapes as _sh
-from ..ir import Trait, Graph, Node, Tensor
+from ..ir import Graph, Node, Tensor, Trait
+from ..ops.fused import Fused
 from .rewrite import users, with_order
 
-#: ops whose result is new memory (everything else may return a view of an input, e.g. reshape)
-FRESH_OPS = {"fused", "matmul", "cast", "sum", "max", "min", "prod", "softmax", "log_softmax", "logsumexp",
-             "concatenate", "take", "take_grad", "index_grad", "argmax", "argmin", "size_of",
-             "conv2d", "conv2d_grad_input", "conv2d_grad_weight", "max_pool2d", "max_pool2d_grad",
-             "max_pool2d_select"}
+_LEAF_OR_ELEMENTWISE = Trait.LEAF | Trait.ELEMENTWISE
 #: value used for symbolic dims when sizes must be compared (schedule heuristics)
 TYPICAL_DIM = 64
 
@@ -44,15 +41,17 @@ def typical(expr) -> int:
 
 
 def fresh(node: Node) -> bool:
-    return getattr(node.op, "elementwise", False) or node.op.name in FRESH_OPS
+    """The result is new memory (Trait.FRESH); any other op may return a view of an input (reshape)."""
+    return node.op.has(Trait.FRESH)
 
 
 def writes_into_buffer(node: Node) -> bool:
-    """The NumPy backend can compute this node into a given buffer (ufunc out=, matmul out=, fused)."""
+    """The NumPy backend can compute this node into a given buffer (Trait.WRITES_INTO: matmul out=,
+    fused; an elementwise op whose NumPy function is a ufunc: out=)."""
     op = node.op
-    if op.name in ("fused", "matmul"):
+    if op.has(Trait.WRITES_INTO):
         return True
-    return getattr(op, "elementwise", False) and isinstance(getattr(op, "fn", None), np.ufunc)
+    return op.has(Trait.ELEMENTWISE) and isinstance(getattr(op, "fn", None), np.ufunc)
 
 
 def in_place_ok(node: Node, x: Tensor) -> bool:
@@ -61,10 +60,9 @@ def in_place_ok(node: Node, x: Tensor) -> bool:
     if len(node.outputs) != 1 or x.dtype != out.dtype or len(x.shape) != len(out.shape) or not all(
             _sh.dims_equal(a, b) for a, b in zip(x.shape, out.shape)):
         return False
-    if node.op.name == "fused":
-        return all(n.op.has(Trait.LEAF) or getattr(n.op, "elementwise", False) or n.op.name == "cast"
-                   for n in node.attrs["body"].nodes)
-    return writes_into_buffer(node) and node.op.name != "matmul"
+    if node.op is Fused:  # a pure elementwise body reads each element before it writes it
+        return all(n.op.has(_LEAF_OR_ELEMENTWISE) for n in node.attrs["body"].nodes)
+    return writes_into_buffer(node) and node.op.has(Trait.ELEMENTWISE)
 
 
 # ---- lifetimes -------------------------------------------------------------------------------------

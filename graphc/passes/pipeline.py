@@ -1,21 +1,29 @@
-"""The pass pipeline: one visible list of named passes, each with the lowest level that runs it."""
+"""The pass pipeline: one visible list of named passes, each with the lowest level that runs it.
+
+`optimize` is the one place a graph is optimised, nested graphs included: the bodies of control ops
+(scan steps, in attrs) go through the same passes at the same level before the graph around them, so
+every backend compiles the same optimised body (a backend that optimises a body the pipeline already
+optimised at that level gets it back unchanged)."""
 from __future__ import annotations
 
 import os
 import sys
 import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ..errors import GraphcError
-from ..ir import Graph
+from ..ir import Graph, Node, Tensor, Trait
+from ..ops.fused import Fused
 from .algebraic import algebraic
 from .constant_fold import constant_fold
 from .cse import cse
 from .dce import dce
 from .fusion import fusion, gemm_epilogue
 from .memory import schedule
+from .rewrite import rebuild, with_order
 from .stability import stability
 
 
@@ -43,25 +51,81 @@ def _debug_enabled(flag) -> bool:
     return bool(flag) or os.environ.get("GRAPHC_DEBUG_PASSES", "") not in ("", "0")
 
 
+#: graphs `optimize` produced -> (level, disabled passes): optimising one again the same way is a no-op
+#: (a backend compiling a nested body that the pipeline already optimised gets it back as it is)
+_DONE: "weakref.WeakKeyDictionary[Graph, tuple]" = weakref.WeakKeyDictionary()
+
+
 def optimize(graph: Graph, level: int = 2, disable: Sequence[str] = (), debug_passes: bool = False,
              file=None) -> Graph:
     """Run the passes of `level` (0: none, 1: rewrites, 2: + fusion and scheduling) on `graph`;
-    passes named in `disable` are skipped. Returns a new Graph (same inputs and parameters)."""
+    passes named in `disable` are skipped. Returns a new Graph (same inputs and parameters).
+
+    Nested graphs are the pipeline's too: the bodies of control ops (a scan's step) are optimised
+    first, at the same level and with the same passes disabled, whatever the backend. Fused bodies are
+    kernels built by fusion from already optimised nodes (or by hand with gc.ops.fused) and are kept."""
     if level not in (0, 1, 2):
         raise GraphcError(f"optimize must be 0, 1 or 2, got {level!r}")
     disable = set([disable] if isinstance(disable, str) else disable)
     unknown = disable - {p.name for p in PIPELINE}
     if unknown:
         raise GraphcError(f"unknown pass name(s) {sorted(unknown)}; passes are {[p.name for p in PIPELINE]}")
-    debug = _debug_enabled(debug_passes)
-    out = Graph(graph.inputs, graph.outputs, graph.updates, graph.name)
-    for p in PIPELINE:
-        if p.level > level or p.name in disable:
-            continue
-        before, log, t0 = len(out.compute_nodes()), Counter(), time.perf_counter()
-        out = p.run(out, log)
-        if debug:
-            fired = ", ".join(f"{k}: {v}" for k, v in sorted(log.items())) or "nothing fired"
-            print(f"[graphc pass] {p.name:14s} nodes {before:4d} -> {len(out.compute_nodes()):4d}  "
-                  f"({fired}; {1e3 * (time.perf_counter() - t0):.1f} ms)", file=file or sys.stderr)
-    return out
+    return _Optimiser(level, disable, _debug_enabled(debug_passes), file).run(graph)
+
+
+class _Optimiser:
+    def __init__(self, level: int, disable: set, debug: bool, file):
+        self.level, self.disable, self.debug, self.file = level, disable, debug, file
+        self.key = (level, frozenset(disable))
+        self.bodies: dict[int, Graph] = {}  # id(body) -> its optimised body (a body shared stays shared)
+
+    def run(self, graph: Graph, label: str = "") -> Graph:
+        out = Graph(graph.inputs, graph.outputs, graph.updates, graph.name)
+        if _DONE.get(graph) == self.key:  # already optimised this way: same nodes, same schedule
+            _DONE[out] = self.key
+            return with_order(out, graph.nodes)
+        if self.level > 0 and any(_has_bodies(n) for n in out.nodes):
+            out = rebuild(out, lambda node, ins: self._nested(node, ins, label))
+        for p in PIPELINE:
+            if p.level > self.level or p.name in self.disable:
+                continue
+            before, log, t0 = len(out.compute_nodes()), Counter(), time.perf_counter()
+            out = p.run(out, log)
+            if self.debug:
+                fired = ", ".join(f"{k}: {v}" for k, v in sorted(log.items(), key=_rules_last)) or "nothing fired"
+                print(f"[graphc pass] {label}{p.name:14s} nodes {before:4d} -> {len(out.compute_nodes()):4d}  "
+                      f"({fired}; {1e3 * (time.perf_counter() - t0):.1f} ms)", file=self.file or sys.stderr)
+        _DONE[out] = self.key
+        return out
+
+    def _nested(self, node: Node, ins, label: str):
+        """A control node (not fused) whose nested graphs are optimised; None when nothing changed."""
+        if not _has_bodies(node):
+            return None
+        attrs, changed = dict(node.attrs), False
+        for k, v in node.attrs.items():
+            if isinstance(v, Graph):
+                attrs[k] = self.body(v, f"{label}{node.op.name} {k}: ")
+                changed = changed or attrs[k] is not v
+        if not changed:
+            return None
+        new = Node(node.op, ins, attrs, node.loc)
+        new.outputs = tuple(Tensor(new, i, o.shape, o.dtype, o.name) for i, o in enumerate(node.outputs))
+        return list(new.outputs)
+
+    def body(self, body: Graph, label: str) -> Graph:
+        if _DONE.get(body) == self.key:
+            return body
+        if id(body) not in self.bodies:
+            self.bodies[id(body)] = self.run(body, label)
+        return self.bodies[id(body)]
+
+
+def _has_bodies(node: Node) -> bool:
+    """A control node whose nested graphs the pipeline optimises (a fused node's body is a kernel)."""
+    return node.op.has(Trait.CONTROL) and node.op is not Fused
+
+
+def _rules_last(item) -> tuple:
+    """Pass totals first, then the rules that fired (pattern rules are counted by name: `a(x) -> b`)."""
+    return (" -> " in item[0], item[0])

@@ -44,17 +44,6 @@ def _adopt(new: Sequence[Tensor], old: Node, done: set) -> None:
         stack.extend(t.node for t in node.inputs)
 
 
-def table_rule(table: dict, extra: Sequence = ()) -> Rule:
-    """A rule trying the per-op rules of `table[op name]`, then `extra`; the first non-None result wins."""
-    def rule(node, ins):
-        for r in list(table.get(node.op.name, ())) + list(extra):
-            out = r(node, ins)
-            if out is not None:
-                return out
-        return None
-    return rule
-
-
 def rebuild(graph: Graph, rule: Rule | None, log=None, name: str = "") -> Graph:
     """A new graph with `rule` applied to every node (inputs first); replacements are re-offered to
     the rule so chains of rewrites finish in one walk. `log[name]` counts firings."""
@@ -88,6 +77,9 @@ def _apply(rule, node, ins, done, log, name, depth=0):
     _adopt(outs, node, done)
     if log is not None:
         log[name] += 1
+        fired = getattr(rule, "fired", None)  # a pattern.Rules table: count the rule by its name too
+        if fired is not None:
+            log[fired.name] += 1
     # a replacement may itself match (log(1+exp x) -> log1p(exp x) -> softplus x)
     if depth < 8 and len(outs) == 1 and fresh[0] and not outs[0].node.op.has(Trait.LEAF):
         inner = outs[0].node
@@ -114,7 +106,7 @@ def users(graph: Graph) -> dict[int, list[Node]]:
 
 def const_scalar(t: Tensor):
     """The value of a constant whose elements are all equal (a Python number), else None."""
-    if t.node.op.name != "constant":
+    if not t.node.op.has(Trait.CONST):
         return None
     v = t.node.attrs["value"]
     if v.size == 0 or v.size > 4096:
