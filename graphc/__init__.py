@@ -16,6 +16,14 @@ from .function import Function, available_backends, function  # noqa: F401
 from .printing import dprint, to_networkx  # noqa: F401
 from .reference import evaluate  # noqa: F401
 from . import shapes, dtypes  # noqa: F401
+from . import autodiff as _autodiff, ir as _ir, printing as _printing
+
+# the core (graphc.ir) imports nothing above it: the layers above fill in its hooks
+_ir.provide("grad", _autodiff.grad)
+_ir.provide("jvp", _autodiff.jvp)
+_ir.provide("graph_text", _printing.graph_text)
+_ir.provide("to_networkx", _printing.to_networkx)
+_ir.provide("repr_svg", lambda obj: __import__("graphc.viz", fromlist=["repr_svg"]).repr_svg(obj))  # viz on first use
 
 __version__ = "0.1.0"
 float32, float64, int32, int64 = "float32", "float64", "int32", "int64"

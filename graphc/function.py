@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import importlib
 import threading
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 
 from . import dtypes as _dt
 from . import shapes as _sh
 from .errors import BackendUnavailable, GraphcError, InputError, NumericalError, UnknownBackend
-from .ir import Graph, Tensor, fmt_loc
+from .ir import Graph, Tensor, Trait, fmt_loc, hook
 
 #: backend name -> module that defines BACKEND (loaded on first use; core never imports them eagerly)
 BACKENDS = {"numpy": "graphc.backends.numpy", "llvm": "graphc.backends.llvm", "cuda": "graphc.backends.cuda",
@@ -54,23 +55,75 @@ COMMON_OPTIONS = {"mode": "None, or 'debug': check every intermediate for NaN/In
                   "debug_passes": "check the graph after every pass",
                   "sanitize": "a native-code checker (backend.sanitizers)"}
 MODES = (None, "debug")
+LEVELS = (0, 1, 2)
 
 
-def _check_options(backend, options: dict) -> None:
-    """Unknown options and unsupported values are refused, never silently ignored."""
-    known = {**COMMON_OPTIONS, **backend.options, "optimize": ""}
-    for k in options:
-        if k not in known:
-            raise GraphcError(f"gc.function: unknown option {k}= for backend {backend.name!r}; known: "
-                              f"{', '.join(sorted(set(known) - {'optimize'}))}")
-    if options.get("mode") not in MODES:
-        raise GraphcError(f"gc.function: mode={options['mode']!r}; expected None or 'debug'")
-    san = options.get("sanitize")
-    if san is not None and san not in backend.sanitizers:
-        offer = ", ".join(f"{n!r} ({b})" for b, n in _sanitizer_offers()) or "none"
-        raise GraphcError(f"gc.function: sanitize={san!r} is not supported by backend {backend.name!r} "
-                          f"(supported there: {', '.join(map(repr, backend.sanitizers)) or 'none'}; "
-                          f"sanitizers by backend: {offer})")
+@dataclass(frozen=True)
+class CompileOptions:
+    """Every gc.function keyword, checked in one place (`CompileOptions.make`) and handed to the backend.
+
+    `optimize` is read here and nowhere else: `optimise(graph)` runs the pass pipeline at the function's
+    level (on its graph, and on nested bodies a backend compiles itself), and `plan_memory` says whether
+    a backend honours a memory plan. Backends read the other fields, and their own keywords with
+    `option(name, default)` (e.g. cuda's `arch`)."""
+
+    backend: str = "numpy"
+    optimize: int = 2
+    mode: str | None = None
+    disable: tuple[str, ...] = ()
+    debug_passes: bool = False
+    sanitize: str | None = None
+    #: backend-specific keywords, as sorted (name, value) pairs
+    backend_options: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def make(cls, backend: str = "numpy", optimize: int = 2, **options) -> "CompileOptions":
+        """The options of gc.function(..., backend=, optimize=, **options); unknown options and unsupported
+        values are refused with a GraphcError (UnknownBackend/BackendUnavailable for the backend)."""
+        be = get_backend(backend, for_compile=True)
+        known = {**COMMON_OPTIONS, **be.options}
+        for k in options:
+            if k not in known:
+                raise GraphcError(f"gc.function: unknown option {k}= for backend {be.name!r}; known: "
+                                  f"{', '.join(sorted(known))}")
+        mode = options.get("mode")
+        if mode not in MODES:
+            raise GraphcError(f"gc.function: mode={mode!r}; expected None or 'debug'")
+        san = options.get("sanitize")
+        if san is not None and san not in be.sanitizers:
+            offer = ", ".join(f"{n!r} ({b})" for b, n in _sanitizer_offers()) or "none"
+            raise GraphcError(f"gc.function: sanitize={san!r} is not supported by backend {be.name!r} "
+                              f"(supported there: {', '.join(map(repr, be.sanitizers)) or 'none'}; "
+                              f"sanitizers by backend: {offer})")
+        if optimize not in LEVELS:
+            raise GraphcError(f"optimize must be 0, 1 or 2, got {optimize!r}")
+        disable = options.get("disable") or ()
+        disable = (disable,) if isinstance(disable, str) else tuple(disable)
+        from .passes import PIPELINE
+        unknown = set(disable) - {p.name for p in PIPELINE}
+        if unknown:
+            raise GraphcError(f"unknown pass name(s) {sorted(unknown)}; passes are {[p.name for p in PIPELINE]}")
+        extra = tuple(sorted((k, v) for k, v in options.items() if k not in COMMON_OPTIONS))
+        return cls(backend, int(optimize), mode, disable, bool(options.get("debug_passes", False)), san, extra)
+
+    @property
+    def debug(self) -> bool:
+        """mode="debug": the function evaluates the unoptimised graph node by node, checking for NaN/Inf."""
+        return self.mode == "debug"
+
+    @property
+    def plan_memory(self) -> bool:
+        """Whether the backend places intermediates by the memory plan (graphc.passes.memory)."""
+        return self.optimize >= 2
+
+    def optimise(self, graph: Graph) -> Graph:
+        """`graph` through the pass pipeline at this level, skipping `disable` (a new Graph)."""
+        from .passes import optimize as run_passes
+        return run_passes(graph, level=self.optimize, disable=self.disable, debug_passes=self.debug_passes)
+
+    def option(self, name: str, default=None):
+        """A backend-specific keyword's value (`default` when not given)."""
+        return dict(self.backend_options).get(name, default)
 
 
 def _sanitizer_offers():
@@ -120,7 +173,7 @@ class Function:
         outs = [outputs] if self.single else [as_tensor(o) for o in (outputs or [])]
         ins = list(inputs)
         for t in ins:
-            if not isinstance(t, Tensor) or t.node.op.name != "placeholder":
+            if not isinstance(t, Tensor) or not t.node.op.has(Trait.INPUT):
                 raise GraphcError(f"inputs must be placeholders, got {t!r}")
         if len({id(t) for t in ins}) != len(ins):
             raise GraphcError("an input placeholder appears twice")
@@ -130,31 +183,23 @@ class Function:
         upd += _check_updates(implicit_updates(outs + [v for _, v in upd], exclude=[p for p, _ in upd]))
         self.user_graph = Graph(ins, outs, upd, name)
         self.backend_name = backend
-        self.options = dict(options, optimize=optimize)
-        self.graph = self._optimise(self.user_graph, optimize, options)
+        self.options = CompileOptions.make(backend, optimize, **options)
+        self.backend = get_backend(backend, for_compile=True)
+        self.graph = self.options.optimise(self.user_graph)
         self._params = self.graph.parameters
         self._specs = [self._input_spec(t) for t in self.graph.inputs]
         self._check_placeholders()
-        self.backend = get_backend(backend, for_compile=True)
-        _check_options(self.backend, self.options)
         self.program = self.backend.compile(self.graph, self.options)
         self._lock = threading.Lock()
-        self._plain = not self.graph.updates and self.options.get("mode") != "debug"
+        self._plain = not self.graph.updates and not self.options.debug
         # the backend's outputs are new arrays on every call (never an input, a parameter or each other):
         # returned as they are, and update values become the parameters' arrays without a copy
-        self._fresh = bool(self.program.info.get("fresh_outputs")) and self.options.get("mode") != "debug"
-
-    def _optimise(self, graph, level, options):
-        try:
-            from .passes import optimize as run_passes
-        except ImportError:
-            return graph
-        return run_passes(graph, level=level, **{k: v for k, v in options.items() if k in ("disable", "debug_passes")})
+        self._fresh = bool(self.program.info.get("fresh_outputs")) and not self.options.debug
 
     def _check_placeholders(self):
         known = {id(t) for t in self.graph.inputs}
         for node in self.graph.nodes:
-            if node.op.name == "placeholder" and id(node.outputs[0]) not in known:
+            if node.op.has(Trait.INPUT) and id(node.outputs[0]) not in known:
                 t = node.outputs[0]
                 raise GraphcError(f"the outputs depend on placeholder {t.name!r}, which is not among the inputs "
                                   f"(built at {fmt_loc(node.loc)})")
@@ -240,7 +285,7 @@ class Function:
             return _owned_outputs(outs, params, values, self.single)
         with self._lock:
             params = [p.value for p in self._params]
-            if self.options.get("mode") == "debug":
+            if self.options.debug:
                 outs, upds = self._debug_run(values, dims)
             else:
                 outs, upds = self.program.run(values, params, dims)
@@ -280,8 +325,7 @@ class Function:
 
     def _repr_svg_(self):
         """Jupyter shows a compiled function as a picture of its optimised graph."""
-        from .viz import repr_svg
-        return repr_svg(self)
+        return hook("repr_svg")(self)
 
     def __repr__(self):
         return f"<graphc.Function {self.graph.name} backend={self.backend_name} ops={len(self.graph.compute_nodes())}>"

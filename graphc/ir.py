@@ -6,13 +6,13 @@ import functools
 import linecache
 import os
 import sys
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from . import dtypes as _dt
 from . import shapes as _sh
-from .errors import DTypeError, GraphcError, ShapeError
+from .errors import DTypeError, GradientError, GraphcError, ShapeError
 
 # graphc's own folders (graphc.frontends and graphc.backends live beside graphc/ in a source checkout,
 # inside it when installed from a wheel): frames there are not the user's line
@@ -31,6 +31,33 @@ def user_frame() -> tuple[str, int]:
             return fn, f.f_lineno
         f = f.f_back
     return "<unknown>", 0
+
+
+# ---- hooks: functions the layers above the core provide to it ------------------------------------
+# The core (this module, shapes, dtypes, errors) imports nothing above it. Where it offers something an
+# upper layer implements (turning Python values into constants, a graph's text or picture, gradients
+# that a nested graph's vjp needs), that layer registers the function here when it is imported.
+
+#: hook name -> the module that provides it (named in the error when it is missing)
+HOOK_PROVIDERS = {"as_tensor": "graphc.ops", "graph_text": "graphc.printing", "to_networkx": "graphc.printing",
+                  "repr_svg": "graphc.viz", "grad": "graphc.autodiff", "jvp": "graphc.autodiff"}
+_HOOKS: dict[str, Callable] = {}
+
+
+def provide(name: str, fn: Callable) -> None:
+    """Register `fn` as the core's hook `name` (one of HOOK_PROVIDERS); an upper layer calls this at import."""
+    if name not in HOOK_PROVIDERS:
+        raise GraphcError(f"unknown core hook {name!r}; hooks are {', '.join(HOOK_PROVIDERS)}")
+    _HOOKS[name] = fn
+
+
+def hook(name: str) -> Callable:
+    """The function registered as hook `name`; a GraphcError naming its provider when none is."""
+    fn = _HOOKS.get(name)
+    if fn is None:
+        raise GraphcError(f"graphc.ir needs {name!r} from {HOOK_PROVIDERS.get(name, 'an upper layer')}, "
+                          f"which has not been imported (import graphc loads every layer)")
+    return fn
 
 
 def fmt_loc(loc: tuple[str, int]) -> str:
@@ -90,7 +117,7 @@ class Op:
 
     def has(self, trait: Trait) -> bool:
         """True when the op has any of the traits in `trait`."""
-        return bool(self.traits & trait)
+        return (self.traits._value_ & trait._value_) != 0  # on the ints: Flag's `&` builds a member (slow)
 
     @property
     def elementwise(self) -> bool:
@@ -106,14 +133,9 @@ class Op:
 
     def vjp(self, node: "Node", gouts: list) -> list:
         """Gradients for node.inputs (Tensors or None for zero) given output cotangents."""
-        from .errors import GradientError
         raise GradientError(f"op {self.name!r} has no gradient (node built at {fmt_loc(node.loc)})")
 
     jvp = None  # optional: (node, tangents) -> list of output tangents; else derived from vjp
-
-    def np_code(self, args: list[str], attrs: dict) -> str | None:
-        """A NumPy expression for the generated source, or None to call `impl`."""
-        return None
 
     def __repr__(self):
         return f"<op {self.name}>"
@@ -220,8 +242,9 @@ class Tensor:
 
 def make_node(op: Op, inputs: Sequence, attrs: dict | None = None, names=None) -> Node:
     """Check types with the op's rule and build the node; errors name the op and the user's line."""
-    from .ops.core import as_tensor
-    inputs = [as_tensor(x) for x in inputs]
+    if not all(isinstance(x, Tensor) for x in inputs):
+        as_tensor = hook("as_tensor")
+        inputs = [as_tensor(x) for x in inputs]
     attrs = attrs or {}
     loc = user_frame()
     try:
@@ -293,17 +316,14 @@ class Graph:
         return [getattr(n.op, "display_name", lambda n: n.op.name)(n) for n in self.compute_nodes()]
 
     def to_networkx(self):
-        from .printing import to_networkx
-        return to_networkx(self)
+        return hook("to_networkx")(self)
 
     def _repr_svg_(self):
         """Jupyter shows a graph as a picture (None, i.e. the text repr, without Graphviz)."""
-        from .viz import repr_svg
-        return repr_svg(self)
+        return hook("repr_svg")(self)
 
     def __str__(self):
-        from .printing import graph_text
-        return graph_text(self)
+        return hook("graph_text")(self)
 
     def __repr__(self):
         return f"<Graph {self.name}: {len(self.inputs)} inputs, {len(self.outputs)} outputs, {len(self.compute_nodes())} ops>"

@@ -17,10 +17,12 @@ import numpy as np
 
 from graphc import shapes as _sh
 from graphc.errors import GraphcError
-from graphc.ir import Graph, fmt_loc
-from graphc.ops.shape_ops import dims_code
+from graphc.ir import Graph, Trait, fmt_loc
+from graphc.ops.fused import Fused
+from graphc.ops.scan import Scan
 from ..base import Backend, Program
 from .fused import emit_fused, node_lines
+from .spellings import dims_code, expression
 
 _ids = itertools.count()
 _SIMPLE = (int, float, bool, str, type(None))
@@ -84,12 +86,15 @@ class NumpyBackend(Backend):
     name = "numpy"
 
     def compile(self, graph: Graph, options=None) -> Program:
-        options = options or {}
+        """`graph` (already optimised) as generated source; `options`: a graphc.function.CompileOptions."""
+        if options is None:
+            from graphc.function import CompileOptions
+            options = CompileOptions()
         plan = None
-        if options.get("optimize", 2) >= 2:
+        if options.plan_memory:
             from graphc.passes.memory import plan_buffers
             plan = plan_buffers(graph)
-        src, ns, line_nodes = generate(graph, plan)
+        src, ns, line_nodes = generate(graph, plan, options)
         filename = f"<graphc-numpy-{next(_ids)}>"
         linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
         exec(compile(src, filename, "exec"), ns)
@@ -123,7 +128,8 @@ def _failing_node(exc, filename, line_nodes):
 class Emitter:
     """State of one generated function: names, namespace, lines and which node each line runs."""
 
-    def __init__(self):
+    def __init__(self, options=None):
+        self.options = options  # the function's CompileOptions (nested bodies are compiled with them)
         self.names, self.ns, self.var = _Names(), {"np": np, "math": __import__("math")}, {}
         self.lines, self.line_nodes = [], {}
         self.big: dict[int, str] = {}  # id(tensor) -> variable, for results worth a `del`
@@ -135,7 +141,7 @@ class Emitter:
 
     def scalar(self, t) -> str | None:
         """Inline spelling of a 0-d constant."""
-        if t.node.op.name == "constant" and t.node.attrs["value"].ndim == 0:
+        if t.node.op.has(Trait.CONST) and t.node.attrs["value"].ndim == 0:
             v = t.node.attrs["value"]
             return f"np.{v.dtype.name}({v.item() if v.dtype.kind != 'f' else repr(str(v))})"
         return None
@@ -162,8 +168,8 @@ class Emitter:
         return f"{fname}({', '.join(parts)})"
 
     def expr(self, node, inputs) -> str:
-        """A NumPy expression computing a single-output node (np_code, else a call of its impl)."""
-        return node.op.np_code(inputs, node.attrs) or self.impl_call(node, inputs)
+        """A NumPy expression computing a single-output node (its spelling, else a call of its impl)."""
+        return expression(node, inputs) or self.impl_call(node, inputs)
 
 
 def _comment(node) -> str:
@@ -172,9 +178,9 @@ def _comment(node) -> str:
     return f"# {name} -> {o.dtype}{_sh.fmt_shape(o.shape)}  ({fmt_loc(node.loc).split(': ')[0]})"
 
 
-def generate(graph: Graph, plan=None):
+def generate(graph: Graph, plan=None, options=None):
     """(source, namespace, {line number: node}) for `graph_fn(*inputs, *params, _dims, _ws)`."""
-    em = Emitter()
+    em = Emitter(options)
     params = graph.parameters
     args = []
     for t in graph.inputs + params:
@@ -213,21 +219,20 @@ def _target(em, node, plan, o) -> str | None:
 
 def _node(em, node, plan):
     op = node.op
-    if op.name in ("placeholder", "parameter"):
-        if id(node.outputs[0]) not in em.var:
-            raise GraphcError(f"placeholder {node.outputs[0].name!r} is used but not among the function's inputs")
-        return
-    if op.name == "constant":
+    if op.has(Trait.CONST):
         t = node.outputs[0]
         em.var[id(t)] = em.scalar(t) or em.constant(t, t.name or "const")
+        return
+    if op.has(Trait.LEAF):  # placeholders and parameters are the function's arguments
+        if id(node.outputs[0]) not in em.var:
+            raise GraphcError(f"placeholder {node.outputs[0].name!r} is used but not among the function's inputs")
         return
     inputs = [em.var[id(t)] for t in node.inputs]
     em.add(_comment(node))
     targets = [_target(em, node, plan, o) for o in node.outputs]
-    if op.name == "fused":
-        src = plan.in_place.get(id(node.outputs[0])) if plan else None
-        shared = next((i for i, t in enumerate(node.inputs) if id(t) == src), None)
-        outs = emit_fused(em, node, inputs, targets, shared)
+    lower = NODES.get(op)
+    if lower is not None:
+        outs = lower(em, node, inputs, targets, plan)
     else:
         outs = [_single(em, node, inputs, targets[0])] if op.n_outputs == 1 else _multi(em, node, inputs)
     for t, name in zip(node.outputs, outs):
@@ -248,3 +253,22 @@ def _multi(em, node, inputs) -> list[str]:
     out = [em.names.fresh(o.name or f"{node.op.name}_{i}") for i, o in enumerate(node.outputs)]
     em.add(f"{', '.join(out)}{',' if len(out) == 1 else ''} = {em.expr(node, inputs)}", node)
     return out
+
+
+def _fused(em, node, inputs, targets, plan) -> list[str]:
+    src = plan.in_place.get(id(node.outputs[0])) if plan else None
+    shared = next((i for i, t in enumerate(node.inputs) if id(t) == src), None)
+    return emit_fused(em, node, inputs, targets, shared)
+
+
+def _scan(em, node, inputs, targets, plan) -> list[str]:
+    from .scan import scan_runner
+    run = em.names.fresh("_scan")
+    em.ns[run] = scan_runner(node, em.options)
+    out = [em.names.fresh(o.name or f"scan_{i}") for i, o in enumerate(node.outputs)]
+    em.add(f"{', '.join(out)}{',' if len(out) == 1 else ''} = {run}({', '.join(inputs)}, dims=_dims)", node)
+    return out
+
+
+#: ops lowered as more than one expression (the rest: their spelling, else a call of their impl)
+NODES = {Fused: _fused, Scan: _scan}

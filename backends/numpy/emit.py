@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-#: ops whose spelling reads some argument after writing the target (so the target must not alias it)
-_READS_AFTER_WRITE = {"leaky_relu": (0,), "where": (0, 1)}
+from graphc.ops import elementwise as E
+from graphc.ops.core import Cast
+from .spellings import expression
 
 
 def ufunc_name(op) -> str | None:
@@ -22,7 +23,7 @@ def ufunc_name(op) -> str | None:
 
 
 def may_alias(node, i: int) -> bool:
-    return i not in _READS_AFTER_WRITE.get(node.op.name, ())
+    return i not in READS_AFTER_WRITE.get(node.op, ())
 
 
 def _steps(first: str, rest: list[str], args, target, result):
@@ -86,13 +87,18 @@ def _fill(value):
     return emit
 
 
-SPECIAL = {"sigmoid": _sigmoid, "rsqrt": _rsqrt, "relu": _relu, "softplus": _softplus, "leaky_relu": _leaky_relu,
-           "where": _where, "cast": _cast, "zeros_like": _fill(0), "ones_like": _fill(1)}
+#: elementwise ops spelled as several lines (or with an out= form their expression lacks), by op
+SPECIAL = {E.sigmoid.op: _sigmoid, E.rsqrt.op: _rsqrt, E.relu.op: _relu, E.softplus.op: _softplus,
+           E.leaky_relu.op: _leaky_relu, E.Where: _where, Cast: _cast, E.zeros_like.op: _fill(0),
+           E.ones_like.op: _fill(1)}
+
+#: ops whose spelling reads some argument after writing the target (so the target must not alias it)
+READS_AFTER_WRITE = {E.leaky_relu.op: (0,), E.Where: (0, 1)}
 
 
 def emit(node, args: list[str], target: str | None, result: str) -> list[str] | None:
     """Lines for an elementwise node (see the module docstring), or None when there is no spelling."""
-    special = SPECIAL.get(node.op.name)
+    special = SPECIAL.get(node.op)
     if special is not None:
         lines = special(node, args, target, result)
         if lines is not None:
@@ -101,6 +107,6 @@ def emit(node, args: list[str], target: str | None, result: str) -> list[str] | 
     if uf is None or node.attrs:
         return None
     if target is None:
-        expr = node.op.np_code(args, node.attrs)
+        expr = expression(node, args)
         return [f"{result} = {expr or uf + '(' + ', '.join(args) + ')'}"]
     return [f"{uf}({', '.join(args)}, out={target})"]

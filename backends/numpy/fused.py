@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from graphc import shapes as _sh
 from graphc.ir import Trait
-from graphc.ops.shape_ops import dims_code
 from . import emit as _emit
+from .spellings import OUT_SPELLINGS, dims_code, into
 
 #: elements per chunk: a few float32 temporaries of this size fit in a 1 MiB L2 cache (32k-128k measured alike on W2)
 CHUNK = 65536
 
 
 def _elementwise(n) -> bool:
-    return getattr(n.op, "elementwise", False) or n.op.name == "cast"
+    return n.op.has(Trait.ELEMENTWISE)
 
 
 def _chunk_inputs(node):
@@ -90,13 +90,13 @@ def _body(em, body, inputs, outs, indent, same_memory):
     (`same_memory`: input variables that share memory with the output)."""
     var = {id(p): v for p, v in zip(body.inputs, inputs)}
     for n in body.nodes:
-        if n.op.name == "constant":
+        if n.op.has(Trait.CONST):
             t = n.outputs[0]
             var[id(t)] = em.scalar(t) or em.constant(t, "const")
     out_var = {id(t): v for t, v in zip(body.outputs, outs)}
     last, temps = _last_uses(body), set()
     comp = body.compute_nodes()
-    head_into_out = (len(outs) == 1 and comp[0].op.name == "matmul" and len(comp) > 1  # np.matmul has out=
+    head_into_out = (len(outs) == 1 and comp[0].op in OUT_SPELLINGS and len(comp) > 1  # np.matmul has out=
                      and comp[0].outputs[0].shape == body.outputs[0].shape
                      and comp[0].outputs[0].dtype == body.outputs[0].dtype)
     for i, n in enumerate(comp):
@@ -142,8 +142,9 @@ def node_lines(em, n, args, target, name) -> list[str]:
     lines = None
     if _elementwise(n) and (target is not None or n.outputs[0].ndim > 0):
         lines = _emit.emit(n, args, target, name)
-    if lines is None and target is not None and n.op.name == "matmul":
-        lines = [f"np.matmul({args[0]}, {args[1]}, out={target})"]
+    if lines is None and target is not None:
+        line = into(n, args, target)
+        lines = None if line is None else [line]
     if lines is None:
         e = em.expr(n, args)
         lines = [f"{target}[...] = {e}" if target else f"{name} = {e}"]

@@ -1,7 +1,7 @@
 """All op definitions; importing this package registers every op in graphc.ir.OPS.
 
-Each module holds whole op definitions (shape/dtype rule, NumPy reference, gradient rules,
-lowering hints). The functions here are the public constructors re-exported as gc.<name>.
+Each module holds whole op definitions (shape/dtype rule, NumPy reference, gradient rules, traits);
+backend spellings live in the backends' lowering tables, keyed by the op objects defined here. The functions here are the public constructors re-exported as gc.<name>.
 """
 from .core import (Parameter, as_tensor, cast, constant, parameter, placeholder, scalar_like,  # noqa: F401
                    stop_gradient)

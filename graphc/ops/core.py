@@ -8,7 +8,7 @@ import numpy as np
 from .. import dtypes as _dt
 from .. import shapes as _sh
 from ..errors import DTypeError, GraphcError, InputError, ShapeError
-from ..ir import Node, Op, Tensor, Trait, apply, register, user_frame
+from ..ir import Node, Op, Tensor, Trait, apply, provide, register, user_frame
 
 _names = itertools.count()
 
@@ -130,6 +130,9 @@ def as_tensor(x, dtype=None) -> Tensor:
     return constant(x, dtype)
 
 
+provide("as_tensor", as_tensor)  # make_node turns Python values into constants with it
+
+
 def scalar_like(value, like: Tensor) -> Tensor:
     """A Python scalar as a constant with NumPy 2's weak-scalar dtype against `like`."""
     return constant(value, _dt.promote_with_scalar(like.dtype, value))
@@ -145,9 +148,6 @@ class Cast(Op):
 
     def impl(self, x, dtype):
         return x.astype(dtype)
-
-    def np_code(self, args, attrs):
-        return f"{args[0]}.astype(np.{attrs['dtype']})"
 
     def vjp(self, node, gouts):
         x = node.inputs[0]
@@ -180,9 +180,6 @@ class StopGradient(Op):
 
     def impl(self, x):
         return x
-
-    def np_code(self, args, attrs):
-        return args[0]
 
     def vjp(self, node, gouts):
         return [None]

@@ -21,7 +21,6 @@ from .core import as_tensor, scalar_like
 class Elementwise(Op):
     traits = Trait.ELEMENTWISE | Trait.FRESH
     fn = None            # NumPy callable
-    npname: str | None = None  # NumPy spelling in generated source, e.g. "np.exp" or "{0} + {1}"
     dtype_rule = "same"  # same | float | bool | promote | promote_float
     int_ok = True
     grads = None         # (g, *inputs, out) -> tuple of Tensor | None
@@ -41,14 +40,6 @@ class Elementwise(Op):
 
     def impl(self, *args, **attrs):
         return self.fn(*args, **attrs)
-
-    def np_code(self, args, attrs):
-        if self.npname is None:
-            return None
-        if "{" in self.npname:
-            return self.npname.format(*args, **attrs)
-        extra = "".join(f", {k}={v!r}" for k, v in attrs.items())
-        return f"{self.npname}({', '.join(args)}{extra})"
 
     def _partials(self, node, g):
         if self.grads is None or not _dt.is_float(node.outputs[0].dtype):
@@ -79,11 +70,11 @@ class Elementwise(Op):
         return [F.cast(total, y.dtype)]
 
 
-def _define(name, nin, fn, npname=None, dtype_rule="same", grads=None, c=None, int_ok=True, attrs=(),
-            commutative=False):
+def _define(name, nin, fn, dtype_rule="same", grads=None, int_ok=True, attrs=(), commutative=False):
     cls = type(name.title().replace("_", ""), (Elementwise,), dict(
-        name=name, traits=Elementwise.traits | (Trait.COMMUTATIVE if commutative else Trait.NONE), fn=staticmethod(fn), npname=npname, dtype_rule=dtype_rule,
-        grads=staticmethod(grads) if grads else None, c=c, int_ok=int_ok,
+        name=name, traits=Elementwise.traits | (Trait.COMMUTATIVE if commutative else Trait.NONE), fn=staticmethod(fn),
+        dtype_rule=dtype_rule,
+        grads=staticmethod(grads) if grads else None, int_ok=int_ok,
         differentiable=grads is not None))
     return register(cls)
 
@@ -98,8 +89,8 @@ def _binary_args(a, b):
     return as_tensor(a), as_tensor(b)
 
 
-def _unary(name, fn, npname=None, dtype_rule="float", grads=None, c=None, int_ok=True):
-    op = _define(name, 1, fn, npname, dtype_rule, grads, c, int_ok)
+def _unary(name, fn, dtype_rule="float", grads=None, int_ok=True):
+    op = _define(name, 1, fn, dtype_rule, grads, int_ok)
 
     def f(x):
         return apply(op, as_tensor(x))
@@ -109,8 +100,8 @@ def _unary(name, fn, npname=None, dtype_rule="float", grads=None, c=None, int_ok
     return f
 
 
-def _binary(name, fn, npname, dtype_rule="promote", grads=None, c=None, commutative=False):
-    op = _define(name, 2, fn, npname, dtype_rule, grads, c, commutative=commutative)
+def _binary(name, fn, dtype_rule="promote", grads=None, commutative=False):
+    op = _define(name, 2, fn, dtype_rule, grads, commutative=commutative)
 
     def f(a, b):
         return apply(op, *_binary_args(a, b))
@@ -161,29 +152,28 @@ def _ones_like(x):
 
 # ---- unary ---------------------------------------------------------------------------------
 
-neg = _unary("neg", np.negative, "-{0}", "same", lambda g, x, y: (-g,), c="(-{0})")
-abs = _unary("abs", np.abs, "np.abs", "same", lambda g, x, y: (g * F.sign(x),), c="fabs({0})")
-sign = _unary("sign", np.sign, "np.sign", "same", lambda g, x, y: (F.zeros_like(g),), c="sign({0})")
-floor = _unary("floor", np.floor, "np.floor", "same", lambda g, x, y: (F.zeros_like(g),), c="floor({0})")
-exp = _unary("exp", np.exp, "np.exp", grads=lambda g, x, y: (g * y,), c="exp({0})")
-log = _unary("log", np.log, "np.log", grads=lambda g, x, y: (g / x,), c="log({0})")
-log1p = _unary("log1p", np.log1p, "np.log1p", grads=lambda g, x, y: (g / (x + 1),), c="log1p({0})")
-expm1 = _unary("expm1", np.expm1, "np.expm1", grads=lambda g, x, y: (g * (y + 1),), c="expm1({0})")
-sqrt = _unary("sqrt", np.sqrt, "np.sqrt", grads=lambda g, x, y: (g * 0.5 / y,), c="sqrt({0})")
-rsqrt = _unary("rsqrt", _rsqrt, "1 / np.sqrt({0})", grads=lambda g, x, y: (g * -0.5 * y / x,), c="(1/sqrt({0}))")
-sin = _unary("sin", np.sin, "np.sin", grads=lambda g, x, y: (g * F.cos(x),), c="sin({0})")
-cos = _unary("cos", np.cos, "np.cos", grads=lambda g, x, y: (-g * F.sin(x),), c="cos({0})")
-tanh = _unary("tanh", np.tanh, "np.tanh", grads=lambda g, x, y: (g * (1 - y * y),), c="tanh({0})")
-sigmoid = _unary("sigmoid", _sigmoid, None, grads=lambda g, x, y: (g * y * (1 - y),), c="(1/(1+exp(-{0})))")
-softplus = _unary("softplus", _softplus, None, grads=lambda g, x, y: (g * F.sigmoid(x),),
-                  c="({0} > 0 ? {0} + log1p(exp(-{0})) : log1p(exp({0})))")
-erf = _unary("erf", _erf, None, grads=lambda g, x, y: (g * (2 / math.sqrt(math.pi)) * F.exp(-x * x),), c="erf({0})")
-relu = _unary("relu", _relu, None, "same", lambda g, x, y: (F.where(x > 0, g, 0),), c="({0} > 0 ? {0} : 0)")
-zeros_like = _unary("zeros_like", _zeros_like, "np.zeros_like", "same", None, c="0")
-ones_like = _unary("ones_like", _ones_like, "np.ones_like", "same", None, c="1")
+neg = _unary("neg", np.negative, "same", lambda g, x, y: (-g,))
+abs = _unary("abs", np.abs, "same", lambda g, x, y: (g * F.sign(x),))
+sign = _unary("sign", np.sign, "same", lambda g, x, y: (F.zeros_like(g),))
+floor = _unary("floor", np.floor, "same", lambda g, x, y: (F.zeros_like(g),))
+exp = _unary("exp", np.exp, grads=lambda g, x, y: (g * y,))
+log = _unary("log", np.log, grads=lambda g, x, y: (g / x,))
+log1p = _unary("log1p", np.log1p, grads=lambda g, x, y: (g / (x + 1),))
+expm1 = _unary("expm1", np.expm1, grads=lambda g, x, y: (g * (y + 1),))
+sqrt = _unary("sqrt", np.sqrt, grads=lambda g, x, y: (g * 0.5 / y,))
+rsqrt = _unary("rsqrt", _rsqrt, grads=lambda g, x, y: (g * -0.5 * y / x,))
+sin = _unary("sin", np.sin, grads=lambda g, x, y: (g * F.cos(x),))
+cos = _unary("cos", np.cos, grads=lambda g, x, y: (-g * F.sin(x),))
+tanh = _unary("tanh", np.tanh, grads=lambda g, x, y: (g * (1 - y * y),))
+sigmoid = _unary("sigmoid", _sigmoid, grads=lambda g, x, y: (g * y * (1 - y),))
+softplus = _unary("softplus", _softplus, grads=lambda g, x, y: (g * F.sigmoid(x),))
+erf = _unary("erf", _erf, grads=lambda g, x, y: (g * (2 / math.sqrt(math.pi)) * F.exp(-x * x),))
+relu = _unary("relu", _relu, "same", lambda g, x, y: (F.where(x > 0, g, 0),))
+zeros_like = _unary("zeros_like", _zeros_like, "same", None)
+ones_like = _unary("ones_like", _ones_like, "same", None)
 
-_leaky = _define("leaky_relu", 1, _leaky_relu, None, "same",
-                 lambda g, x, y, alpha: (F.where(x >= 0, g, g * alpha),), c="({0} >= 0 ? {0} : {0} * {alpha})")
+_leaky = _define("leaky_relu", 1, _leaky_relu, "same",
+                 lambda g, x, y, alpha: (F.where(x >= 0, g, g * alpha),))
 
 
 def leaky_relu(x, alpha: float = 0.01):
@@ -191,34 +181,35 @@ def leaky_relu(x, alpha: float = 0.01):
     return apply(_leaky, as_tensor(x), alpha=float(alpha))
 
 
+leaky_relu.op = _leaky
+
+
 # ---- binary --------------------------------------------------------------------------------
 
-add = _binary("add", np.add, "{0} + {1}", grads=lambda g, a, b, y: (g, g), c="({0} + {1})", commutative=True)
-sub = _binary("sub", np.subtract, "{0} - {1}", grads=lambda g, a, b, y: (g, -g), c="({0} - {1})")
-mul = _binary("mul", np.multiply, "{0} * {1}", grads=lambda g, a, b, y: (g * b, g * a), c="({0} * {1})", commutative=True)
-div = _binary("div", np.true_divide, "{0} / {1}", "promote_float",
-              lambda g, a, b, y: (g / b, -g * y / b), c="({0} / {1})")
-pow = _binary("pow", np.power, "{0} ** {1}",
-              grads=lambda g, a, b, y: (g * b * a ** (b - 1), g * y * F.log(a)), c="pow({0}, {1})")
-maximum = _binary("maximum", np.maximum, "np.maximum",
-                  grads=lambda g, a, b, y: (F.where(a >= b, g, 0), F.where(a >= b, 0, g)), c="fmax({0}, {1})", commutative=True)
-minimum = _binary("minimum", np.minimum, "np.minimum",
-                  grads=lambda g, a, b, y: (F.where(a <= b, g, 0), F.where(a <= b, 0, g)), c="fmin({0}, {1})", commutative=True)
-less = _binary("less", np.less, "{0} < {1}", "bool", c="({0} < {1})")
-less_equal = _binary("less_equal", np.less_equal, "{0} <= {1}", "bool", c="({0} <= {1})")
-greater = _binary("greater", np.greater, "{0} > {1}", "bool", c="({0} > {1})")
-greater_equal = _binary("greater_equal", np.greater_equal, "{0} >= {1}", "bool", c="({0} >= {1})")
-equal = _binary("equal", np.equal, "{0} == {1}", "bool", c="({0} == {1})", commutative=True)
-not_equal = _binary("not_equal", np.not_equal, "{0} != {1}", "bool", c="({0} != {1})", commutative=True)
-logical_and = _binary("logical_and", np.logical_and, "np.logical_and", "bool", c="({0} && {1})", commutative=True)
-logical_or = _binary("logical_or", np.logical_or, "np.logical_or", "bool", c="({0} || {1})", commutative=True)
+add = _binary("add", np.add, grads=lambda g, a, b, y: (g, g), commutative=True)
+sub = _binary("sub", np.subtract, grads=lambda g, a, b, y: (g, -g))
+mul = _binary("mul", np.multiply, grads=lambda g, a, b, y: (g * b, g * a), commutative=True)
+div = _binary("div", np.true_divide, "promote_float",
+              lambda g, a, b, y: (g / b, -g * y / b))
+pow = _binary("pow", np.power,
+              grads=lambda g, a, b, y: (g * b * a ** (b - 1), g * y * F.log(a)))
+maximum = _binary("maximum", np.maximum,
+                  grads=lambda g, a, b, y: (F.where(a >= b, g, 0), F.where(a >= b, 0, g)), commutative=True)
+minimum = _binary("minimum", np.minimum,
+                  grads=lambda g, a, b, y: (F.where(a <= b, g, 0), F.where(a <= b, 0, g)), commutative=True)
+less = _binary("less", np.less, "bool")
+less_equal = _binary("less_equal", np.less_equal, "bool")
+greater = _binary("greater", np.greater, "bool")
+greater_equal = _binary("greater_equal", np.greater_equal, "bool")
+equal = _binary("equal", np.equal, "bool", commutative=True)
+not_equal = _binary("not_equal", np.not_equal, "bool", commutative=True)
+logical_and = _binary("logical_and", np.logical_and, "bool", commutative=True)
+logical_or = _binary("logical_or", np.logical_or, "bool", commutative=True)
 
 
 @register
 class Where(Elementwise):
     name = "where"
-    c = "({0} ? {1} : {2})"
-    npname = "np.where"
     fn = staticmethod(np.where)
 
     def infer(self, inputs):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from ..errors import GradientError
 from ..ir import Graph, Node, Op, Tensor, Trait, register
+from ..reference import evaluate
 
 
 @register
@@ -39,7 +40,6 @@ class Fused(Op):
         return [(o.shape, o.dtype) for o in body.outputs]
 
     def impl(self, *args, body: Graph, dims=None):
-        from ..reference import evaluate
         return tuple(evaluate(body.outputs, dict(zip(body.inputs, args)), dims))
 
     needs_dims = True

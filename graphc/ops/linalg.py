@@ -32,9 +32,6 @@ class MatMul(Op):
     def impl(self, a, b):
         return np.matmul(a, b)
 
-    def np_code(self, args, attrs):
-        return f"{args[0]} @ {args[1]}"
-
     def vjp(self, node, gouts):
         a, b = node.inputs
         g = gouts[0]

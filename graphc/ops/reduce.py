@@ -24,10 +24,8 @@ def _sum_dtype(d):
 class Reduce(Op):
     """A reduction over `axis` (a sorted tuple of non-negative axes) with `keepdims`."""
     traits = Trait.REDUCTION | Trait.FRESH
-    np_fn = ""
+    fn = None           # the NumPy reduction (np.sum, ...)
     identity_ok = True  # False: reducing over a size-0 axis is an error (max, min)
-    c_init = None       # native backends: initial accumulator, combine expression
-    c_combine = None
 
     def out_dtype(self, d):
         return d
@@ -39,10 +37,7 @@ class Reduce(Op):
         return [(_reduced_shape(x.shape, axis, keepdims), self.out_dtype(x.dtype))]
 
     def impl(self, x, axis, keepdims):
-        return np.asarray(getattr(np, self.np_fn)(x, axis=axis, keepdims=keepdims))
-
-    def np_code(self, args, attrs):
-        return f"np.asarray(np.{self.np_fn}({args[0]}, axis={attrs['axis']!r}, keepdims={attrs['keepdims']}))"
+        return np.asarray(self.fn(x, axis=axis, keepdims=keepdims))
 
     def _expand(self, node, t):
         """`t` (shaped like the output) reshaped to keepdims form, broadcastable against the input."""
@@ -62,8 +57,7 @@ def reduction(op, x, axis=None, keepdims=False, **extra):
 class Sum(Reduce):
     traits = Trait.REDUCTION | Trait.MONOID | Trait.FRESH
     name = "sum"
-    np_fn = "sum"
-    c_init, c_combine = "0", "({0} + {1})"
+    fn = staticmethod(np.sum)
 
     def out_dtype(self, d):
         return _sum_dtype(d)
@@ -82,8 +76,7 @@ class Sum(Reduce):
 class Prod(Reduce):
     traits = Trait.REDUCTION | Trait.MONOID | Trait.FRESH
     name = "prod"
-    np_fn = "prod"
-    c_init, c_combine = "1", "({0} * {1})"
+    fn = staticmethod(np.prod)
 
     def out_dtype(self, d):
         return _sum_dtype(d)
@@ -117,21 +110,19 @@ class _MaxMin(Reduce):
 @register
 class Max(_MaxMin):
     name = "max"
-    np_fn = "max"
-    c_init, c_combine = "-INFINITY", "fmax({0}, {1})"
+    fn = staticmethod(np.max)
 
 
 @register
 class Min(_MaxMin):
     name = "min"
-    np_fn = "min"
-    c_init, c_combine = "INFINITY", "fmin({0}, {1})"
+    fn = staticmethod(np.min)
 
 
 class _ArgReduce(Op):
     traits = Trait.REDUCTION | Trait.FRESH
     differentiable = False
-    np_fn = ""
+    fn = None
 
     def infer(self, inputs, axis, keepdims):
         x = inputs[0]
@@ -144,7 +135,7 @@ class _ArgReduce(Op):
         return [(_reduced_shape(x.shape, (axis,), keepdims), "int64")]
 
     def impl(self, x, axis, keepdims):
-        return np.asarray(getattr(np, self.np_fn)(x, axis=axis, keepdims=keepdims)).astype(np.int64)
+        return np.asarray(self.fn(x, axis=axis, keepdims=keepdims)).astype(np.int64)
 
     def vjp(self, node, gouts):
         return [None]
@@ -152,12 +143,14 @@ class _ArgReduce(Op):
 
 @register
 class ArgMax(_ArgReduce):
-    name = np_fn = "argmax"
+    name = "argmax"
+    fn = staticmethod(np.argmax)
 
 
 @register
 class ArgMin(_ArgReduce):
-    name = np_fn = "argmin"
+    name = "argmin"
+    fn = staticmethod(np.argmin)
 
 
 def _argop(op, x, axis, keepdims):
@@ -288,9 +281,6 @@ class LogSumExp(Reduce):
 
     def impl(self, x, axis, keepdims):
         return np.asarray(_np_logsumexp(x, axis, keepdims))
-
-    def np_code(self, args, attrs):
-        return None
 
     def vjp(self, node, gouts):
         x, y = node.inputs[0], node.outputs[0]

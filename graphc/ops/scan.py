@@ -45,7 +45,8 @@ from graphc import ops as F
 from .. import dtypes as _dt
 from .. import shapes as _sh
 from ..errors import GraphcError, ShapeError
-from ..ir import Graph, Node, Op, Tensor, Trait, make_node, register, toposort
+from ..ir import Graph, Node, Op, Tensor, Trait, hook, make_node, register, toposort
+from ..reference import Interpreter
 from .core import as_tensor, placeholder
 
 
@@ -170,16 +171,15 @@ def inline(body: Graph, args: list[Tensor]) -> list[Tensor]:
 
 # ---- the op -----------------------------------------------------------------------------------
 
-_COMPILED: "weakref.WeakKeyDictionary[Graph, Any]" = weakref.WeakKeyDictionary()
+_INTERPRETERS: "weakref.WeakKeyDictionary[Graph, Any]" = weakref.WeakKeyDictionary()
 
 
-def _compiled(body: Graph):
-    """The body compiled once to generated NumPy code (optimised); reused by every call and step."""
-    fn = _COMPILED.get(body)
-    if fn is None:
-        from ..function import Function
-        fn = _COMPILED[body] = Function(list(body.inputs), list(body.outputs), backend="numpy", name="scan_body")
-    return fn
+def _interpreter(body: Graph):
+    """The body ordered once for the reference interpreter; reused by every call and step."""
+    it = _INTERPRETERS.get(body)
+    if it is None:
+        it = _INTERPRETERS[body] = Interpreter(body)
+    return it
 
 
 def _bind(phs: list[Tensor], shapes: list[tuple], dims: dict | None) -> dict:
@@ -245,22 +245,25 @@ class Scan(Op):
                 [((length,) + o.shape, o.dtype) for o in outs[:n_carry]])
 
     def impl(self, *args, body: Graph, n_carry: int, n_seq: int, reverse: bool, length, dims=None):
+        return self.loop(_interpreter(body).run, args, body, n_carry, n_seq, reverse, length, dims)
+
+    def loop(self, step: Callable, args, body: Graph, n_carry: int, n_seq: int, reverse: bool, length, dims=None):
+        """The loop of a scan node with inputs `args`; `step(body input values, dims) -> body output values`
+        runs the body once (the reference interpreter here; a backend may pass its compiled body)."""
         carries = list(args[:n_carry])
         seqs = args[n_carry:n_carry + n_seq]
         invs = list(args[n_carry + n_seq:])
-        fn = _compiled(body)
         dims = _bind(body.inputs, [c.shape for c in carries] + [s.shape[1:] for s in seqs]
                      + [v.shape for v in invs], dims)
         T = seqs[0].shape[0] if seqs else _eval((length,), dims)[0]
         outs = body.outputs
         ys = [_stacks.empty((T,) + _eval(o.shape, dims), o.dtype) for o in outs[n_carry:]]
         hist = [_stacks.empty((T,) + c.shape, c.dtype) for c in carries]
-        run, params = fn.program.run, [p.value for p in fn._params]
         for i in range(T):
             t = T - 1 - i if reverse else i
             for h, c in zip(hist, carries):
                 h[t] = c
-            res, _ = run(carries + [s[t] for s in seqs] + invs, params, dims)
+            res = step(carries + [s[t] for s in seqs] + invs, dims)
             carries = res[:n_carry]
             for y, r in zip(ys, res[n_carry:]):
                 y[t] = r
@@ -364,13 +367,11 @@ def _forward_tangents(node: Node, tangents: list) -> list:
 
 
 def _jvp(*args):
-    from ..autodiff import jvp
-    return jvp(*args)
+    return hook("jvp")(*args)  # graphc.autodiff (ops never import the transforms above them)
 
 
 def _grad(*args, **kw):
-    from ..autodiff import grad
-    return grad(*args, **kw)
+    return hook("grad")(*args, **kw)
 
 
 # ---- public constructors ----------------------------------------------------------------------

@@ -15,12 +15,6 @@ from ..ir import Op, Tensor, Trait, apply, fmt_loc, register
 from .core import as_tensor
 
 
-def dims_code(shape) -> str:
-    """Python source for a shape whose symbolic dims are variables of the generated function."""
-    parts = [str(d) if isinstance(d, int) else sympy.pycode(d) for d in shape]
-    return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
-
-
 def eval_shape(shape, dims) -> tuple[int, ...]:
     return _sh.evaluate(shape, {_sh.dim_symbol(k): v for k, v in (dims or {}).items()})
 
@@ -48,9 +42,6 @@ class Reshape(_ShapeOp):
 
     def impl(self, x, shape, dims=None):
         return np.reshape(x, eval_shape(shape, dims))
-
-    def np_code(self, args, attrs):
-        return f"{args[0]}.reshape({dims_code(attrs['shape'])})"
 
     def vjp(self, node, gouts):
         return [F.reshape(gouts[0], node.inputs[0].shape)]
@@ -93,9 +84,6 @@ class Transpose(_ShapeOp):
 
     def impl(self, x, axes):
         return np.transpose(x, axes)
-
-    def np_code(self, args, attrs):
-        return f"{args[0]}.transpose({attrs['axes']!r})"
 
     def vjp(self, node, gouts):
         inv = tuple(int(i) for i in np.argsort(node.attrs["axes"]))
@@ -164,9 +152,6 @@ class BroadcastTo(_ShapeOp):
 
     def impl(self, x, shape, dims=None):
         return np.broadcast_to(x, eval_shape(shape, dims))
-
-    def np_code(self, args, attrs):
-        return f"np.broadcast_to({args[0]}, {dims_code(attrs['shape'])})"
 
     def vjp(self, node, gouts):
         return [sum_to(gouts[0], node.inputs[0].shape)]
@@ -240,9 +225,6 @@ class Concatenate(Op):
     def impl(self, *xs, axis):
         return np.concatenate(xs, axis=axis)
 
-    def np_code(self, args, attrs):
-        return f"np.concatenate(({', '.join(args)},), axis={attrs['axis']})"
-
     def vjp(self, node, gouts):
         g, axis = gouts[0], node.attrs["axis"]
         dims = [t.shape[axis] for t in node.inputs]
@@ -293,20 +275,6 @@ def _slice_len(d, s: slice):
     return _sh.canon_dim(sympy.Max(0, sympy.ceiling((hi - lo) / step)))
 
 
-def _index_code(index) -> str:
-    parts = []
-    for it in index:
-        if it is None:
-            parts.append("None")
-        elif isinstance(it, slice):
-            a = "" if it.start is None else str(it.start)
-            b = "" if it.stop is None else str(it.stop)
-            parts.append(f"{a}:{b}" + ("" if it.step is None else f":{it.step}"))
-        else:
-            parts.append(str(it))
-    return ", ".join(parts) + ("," if len(parts) == 1 else "")
-
-
 @register
 class GetItem(_ShapeOp):
     name = "getitem"
@@ -328,9 +296,6 @@ class GetItem(_ShapeOp):
 
     def impl(self, x, index):
         return np.asarray(x[index])
-
-    def np_code(self, args, attrs):
-        return f"{args[0]}[{_index_code(attrs['index'])}]"
 
     def vjp(self, node, gouts):
         return [apply(IndexGrad, gouts[0], node.inputs[0], index=node.attrs["index"])]
@@ -376,9 +341,6 @@ class Take(Op):
 
     def impl(self, x, idx, axis):
         return np.take(x, idx, axis=axis)
-
-    def np_code(self, args, attrs):
-        return f"np.take({args[0]}, {args[1]}, axis={attrs['axis']})"
 
     def vjp(self, node, gouts):
         x, idx = node.inputs
@@ -491,10 +453,6 @@ class SizeOf(Op):
         for a in axes:
             n *= x.shape[a]
         return np.asarray(n, dtype=dtype)
-
-    def np_code(self, args, attrs):
-        prod = " * ".join(f"{args[0]}.shape[{a}]" for a in attrs["axes"]) or "1"
-        return f"np.{attrs['dtype']}({prod})"
 
     def vjp(self, node, gouts):
         return [None]
