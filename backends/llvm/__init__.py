@@ -1,7 +1,8 @@
 """The LLVM backend: the optimised graph compiled with llvmlite to native code for this CPU.
 
 Each set of dim values gets one specialisation (static loop bounds, an arena sized by the memory
-plan) whose kernels run in one native call; ops without a native lowering run their NumPy impl in
+plan) whose kernels run in one native call. Ops are lowered by their row in the lowering table
+(table.PLAN, keyed by op object); ops without a row run their NumPy impl in
 between (listed in `program.info["fallback_ops"]` and at the top of `f.source`).
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..base import Backend, Program
 class LLVMProgram(Program):
     """run(inputs, params, dims): specialises on first use of each dims binding (static graphs: now)."""
 
-    def __init__(self, graph: Graph, options: dict):
+    def __init__(self, graph: Graph, options):
         self.graph = graph
         self.options = options
         self._specs: dict = {}
@@ -36,7 +37,7 @@ class LLVMProgram(Program):
         with self._lock:
             spec = self._specs.get(key)
             if spec is None:
-                spec = Specialised(Plan(self.graph, dims, bounds=self.options.get("sanitize") == "bounds"))
+                spec = Specialised(Plan(self.graph, dims, bounds=self.options.sanitize == "bounds"))
                 self._specs[key] = spec
                 self.info["fallback_ops"] = sorted(set(self.info["fallback_ops"]) | spec.plan.fallback)
                 self.info["cache_hit"] = spec.compiled.cache_hit
@@ -83,7 +84,14 @@ class LLVMBackend(Backend):
         return None
 
     def compile(self, graph: Graph, options=None) -> Program:
-        return LLVMProgram(graph, dict(options or {}))
+        from graphc.function import CompileOptions
+        return LLVMProgram(graph, options if options is not None else CompileOptions(backend="llvm"))
+
+    def lowered_ops(self) -> frozenset:
+        """The ops with a row in the lowering table (table.PLAN: plan handlers, elementwise ops by their
+        scalar row in lower.CODE_FOR_OP); every other op runs its NumPy impl on the host."""
+        from .table import rows
+        return frozenset(rows())
 
 
 BACKEND = LLVMBackend()

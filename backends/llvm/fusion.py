@@ -5,17 +5,21 @@ scalar IR and stores only the tensors used after the region: so matmul + bias + 
 one epilogue loop, and an elementwise group closed by a sum is one loop and one reduction."""
 from __future__ import annotations
 
+from graphc.ir import Trait, ops_with
+from graphc.ops.core import StopGradient
+from graphc.ops.shape_ops import BroadcastTo
+
 from . import lower as _lo
 from .irtext import literal
 
-#: body ops that are the identity per element (their broadcasting is done by the loop's index maps)
-PER_ELEMENT_IDENTITY = {"broadcast_to", "stop_gradient"}
-#: ops that only make a view (no loop): planned in place without closing the open region
-VIEW_OPS = {"getitem", "reshape", "transpose"}
+#: movement ops that are the identity per element (their broadcasting is done by the loop's index maps)
+PER_ELEMENT_IDENTITY = frozenset({BroadcastTo, StopGradient})
+#: the other movement ops only make a view (no loop): planned in place without closing the open region
+VIEW_OPS = ops_with(Trait.MOVEMENT) - PER_ELEMENT_IDENTITY
 
 
 def per_element(n) -> bool:
-    return getattr(n.op, "elementwise", False) or n.op.name == "cast" or n.op.name in PER_ELEMENT_IDENTITY
+    return n.op.has(Trait.ELEMENTWISE) or n.op in PER_ELEMENT_IDENTITY
 
 
 def _fits(shape, full) -> bool:
@@ -36,7 +40,7 @@ def region_compute(nodes, inputs, outputs, shape_of):
     consts = {}
     for n in nodes:
         for t in n.inputs:
-            if t.node.op.name == "constant" and t.node.attrs["value"].size == 1:
+            if t.node.op.has(Trait.CONST) and t.node.attrs["value"].size == 1:
                 consts[id(t)] = (literal(t.node.attrs["value"].reshape(-1)[0].item(), t.dtype), t.dtype)
 
     def compute(em, vals):
@@ -45,11 +49,9 @@ def region_compute(nodes, inputs, outputs, shape_of):
         for n in nodes:
             t = n.outputs[0]
             args = [env[id(x)] for x in n.inputs]
-            if n.op.name in PER_ELEMENT_IDENTITY:
+            if n.op in PER_ELEMENT_IDENTITY:
                 env[id(t)] = args[0]
-            elif n.op.name == "cast":
-                env[id(t)] = (_lo.convert(em, args[0][0], args[0][1], t.dtype), t.dtype)
             else:
-                env[id(t)] = (_lo.lower(em, n.op.name, n.attrs, args, t.dtype), t.dtype)
+                env[id(t)] = (_lo.lower(em, n.op, n.attrs, args, t.dtype), t.dtype)
         return [_lo.convert(em, *env[id(o)], o.dtype) for o in outputs]
     return compute

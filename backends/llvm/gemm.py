@@ -64,8 +64,9 @@ def vector_shape(dtype: str) -> tuple[int, int, tuple]:
     return lanes, (4 if wide else 2), ((6, 5, 4) if wide else (4, 3))
 
 
-def small(a: View, b: View) -> bool:
-    """Use the vector micro-kernel (gemm_tiles) for a @ b rather than BLAS."""
+def small(a: View, b: View, min_rows: int = 2) -> bool:
+    """Use the vector micro-kernel (gemm_tiles) for a @ b rather than BLAS (min_rows=1: also single-row
+    products, e.g. a depthwise convolution's per-channel product, where BLAS would be one gemv call each)."""
     import os
     n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
     mode = os.environ.get("GRAPHC_LLVM_SMALL_GEMM", "auto")
@@ -73,7 +74,7 @@ def small(a: View, b: View) -> bool:
         return False
     if mode == "1" or jit.blas() is None:
         return True
-    return n >= 2 and m >= 8 and n * k * m <= SMALL_MACS
+    return n >= min_rows and m >= 8 and n * k * m <= SMALL_MACS
 
 
 def matmul(out: View, a: View, b: View, blas: bool | str | None = None) -> Kernel:

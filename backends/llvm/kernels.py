@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 
 from graphc import dtypes as _dt
+from graphc.ops import reduce as R
 
 from . import lower as _lo
 from .irtext import STYPE, VTYPE, Emitter, literal
@@ -145,9 +146,9 @@ def elementwise(outs: list[View], ins: list[View], compute) -> Kernel:
     return Kernel("elementwise", outs + ins, emit, split, size, dims[0] if dims else 0)
 
 
-def op_compute(name: str, attrs: dict, out_dtype: str):
+def op_compute(op, attrs: dict, out_dtype: str):
     def compute(em, vals):
-        return [_lo.lower(em, name, attrs, vals, out_dtype)]
+        return [_lo.lower(em, op, attrs, vals, out_dtype)]
     return compute
 
 
@@ -193,29 +194,30 @@ def _split_axes(x: View, axes):
     return kept, [x.shape[a] for a in kept], [x.shape[a] for a in axes]
 
 
+def _lowest(t):
+    return "0xFFF0000000000000" if _dt.is_float(t) else str(np.iinfo(t).min)
+
+
+def _highest(t):
+    return "0x7FF0000000000000" if _dt.is_float(t) else str(np.iinfo(t).max)
+
+
+#: monoid reductions: op -> (identity(dtype) as an IR literal, float combine, integer combine)
 COMBINE = {
-    "sum": (0, lambda em, t, a, b: em(f"{'fadd reassoc' if _dt.is_float(t) else 'add'} {VTYPE[t]} {a}, {b}")),
-    "prod": (1, lambda em, t, a, b: em(f"{'fmul reassoc' if _dt.is_float(t) else 'mul'} {VTYPE[t]} {a}, {b}")),
-    "max": (None, _lo._fmaxmin("ogt")), "min": (None, _lo._fmaxmin("olt")),
+    R.Sum: (lambda t: literal(0, t), _lo._fbin("fadd reassoc"), _lo._ibin("add")),
+    R.Prod: (lambda t: literal(1, t), _lo._fbin("fmul reassoc"), _lo._ibin("mul")),
+    R.Max: (_lowest, _lo._fmaxmin("ogt"), _lo._imaxmin("sgt")),
+    R.Min: (_highest, _lo._fmaxmin("olt"), _lo._imaxmin("slt")),
 }
-ICOMBINE = {"max": _lo._imaxmin("sgt"), "min": _lo._imaxmin("slt")}
 
 
-def _init(name, t):
-    if COMBINE[name][0] is not None:
-        return literal(COMBINE[name][0], t)
-    if _dt.is_float(t):
-        return "0xFFF0000000000000" if name == "max" else "0x7FF0000000000000"
-    info = np.iinfo(t)
-    return str(info.min if name == "max" else info.max)
-
-
-def reduce(name: str, out: View, x: View, axes) -> Kernel:
-    """out = reduce_name(x over axes) (out contiguous; keepdims does not change its layout)."""
+def reduce(op, out: View, x: View, axes) -> Kernel:
+    """out = op(x over axes) for a monoid reduction op (out contiguous; keepdims does not change its layout)."""
     t = out.dtype
     kept, kshape, rshape = _split_axes(x, axes)
-    comb = COMBINE[name][1] if _dt.is_float(t) or name not in ICOMBINE else ICOMBINE[name]
-    init = _init(name, t)
+    identity, fcomb, icomb = COMBINE[op]
+    comb = fcomb if _dt.is_float(t) else icomb
+    init = identity(t)
     kst = [x.strides[a] for a in kept]
     rst = [x.strides[a] for a in axes]
     ost = contig_strides(kshape)
@@ -248,16 +250,20 @@ def reduce(name: str, out: View, x: View, axes) -> Kernel:
             nest(em, rshape, [rst], [offs[0]], inner)
             store(em, P, out, offs[1], em(f"load {VTYPE[t]}, ptr {acc}"))
         nest(em, kshape, [kst, ost], [x.offset, out.offset], per_out)
-    return Kernel(name, [out, x], emit, None, x.size)
+    return Kernel(op.name, [out, x], emit, None, x.size)
 
 
-def arg_reduce(name: str, out: View, x: View, axis) -> Kernel:
+#: argmax / argmin: the predicates (float, signed int, bool) for "v replaces the best so far"
+ARG_BETTER = {R.ArgMax: ("ogt", "sgt", "ugt"), R.ArgMin: ("olt", "slt", "ult")}
+
+
+def arg_reduce(op, out: View, x: View, axis) -> Kernel:
     """argmax/argmin: first index of the extreme value along `axis` (None: flat C order); NaN wins."""
     axes = tuple(range(len(x.shape))) if axis is None else (axis,)
     kept, kshape, rshape = _split_axes(x, axes)
     kst, rst, ost = [x.strides[a] for a in kept], [x.strides[a] for a in axes], contig_strides(kshape)
     t, ty = x.dtype, VTYPE[x.dtype]
-    better = ("ogt", "sgt") if name == "argmax" else ("olt", "slt")
+    better = ARG_BETTER[op]
 
     def emit(em, P, lo, hi):
         def per_out(offs, _):
@@ -275,7 +281,7 @@ def arg_reduce(name: str, out: View, x: View, axis) -> Kernel:
                     nan = em(f"and i1 {em(f'fcmp uno {ty} {v}, {v}')}, {em(f'fcmp ord {ty} {b}, {b}')}")
                     take = em(f"or i1 {gt}, {nan}")
                 elif t == "bool":
-                    take = em(f"icmp {'ugt' if name == 'argmax' else 'ult'} i1 {v}, {b}")
+                    take = em(f"icmp {better[2]} i1 {v}, {b}")
                 else:
                     take = em(f"icmp {better[1]} {ty} {v}, {b}")
                 em.raw(f"store {ty} {em(f'select i1 {take}, {ty} {v}, {ty} {b}')}, ptr {best}")
@@ -286,24 +292,25 @@ def arg_reduce(name: str, out: View, x: View, axis) -> Kernel:
             store(em, P, out, offs[1], em(f"load i64, ptr {bi}"))
         if out.size and x.size:
             nest(em, kshape, [kst, ost], [x.offset, out.offset], per_out)
-    return Kernel(name, [out, x], emit)
+    return Kernel(op.name, [out, x], emit)
 
 
 def _exp(em, t, v):
-    return _lo.UNARY["exp"](em, t, v)
+    return _lo.exp(em, t, v)
 
 
 def _log(em, t, v):
-    return _lo.UNARY["log"](em, t, v)
+    return _lo.log(em, t, v)
 
 
-def softmax_like(name: str, out: View, x: View, axes) -> Kernel:
+def softmax_like(op, out: View, x: View, axes) -> Kernel:
     """softmax / log_softmax (one axis, out shaped like x) and logsumexp (axes; out contiguous)."""
     t, ty = x.dtype, VTYPE[x.dtype]
     kept, kshape, rshape = _split_axes(x, axes)
     kst, rst = [x.strides[a] for a in kept], [x.strides[a] for a in axes]
     full = contig_strides(x.shape)
-    if name == "logsumexp":
+    is_lse, soft = op is R.LogSumExp, op is R.Softmax    # else log_softmax
+    if is_lse:
         ost, orst = contig_strides(kshape), [0] * len(axes)
     else:
         ost, orst = [full[a] for a in kept], [full[a] for a in axes]
@@ -318,22 +325,22 @@ def softmax_like(name: str, out: View, x: View, axes) -> Kernel:
             em.raw(f"store {ty} {mx(em, t, em(f'load {ty}, ptr {m}'), load(em, P, x, o[0]))}, ptr {m}")
         nest(em, rshape, [rst], [offs[0]], pmax)
         mv = em(f"load {ty}, ptr {m}")
-        if name == "logsumexp":   # an all -inf (or +inf) slice: subtract 0 instead
+        if is_lse:   # an all -inf (or +inf) slice: subtract 0 instead
             fin = em(f"fcmp one {ty} {em(f'call {ty} @llvm.fabs.{sfx(t)}({ty} {mv})')}, 0x7FF0000000000000")
             mv = em(f"select i1 {fin}, {ty} {mv}, {ty} {literal(0, t)}")
 
         def psum(o, _):
             e = _exp(em, t, em(f"fsub {ty} {load(em, P, x, o[0])}, {mv}"))
-            if name == "softmax":
+            if soft:
                 store(em, P, out, o[1], e)
             acc = em(f"load {ty}, ptr {s}")
             em.raw(f"store {ty} {em(f'fadd reassoc {ty} {acc}, {e}')}, ptr {s}")
         nest(em, rshape, [rst, orst], [offs[0], offs[1]], psum)
         sv = em(f"load {ty}, ptr {s}")
-        if name == "logsumexp":
+        if is_lse:
             store(em, P, out, offs[1], em(f"fadd {ty} {_log(em, t, sv)}, {mv}"))
             return
-        if name == "softmax":
+        if soft:
             inv = em(f"fdiv {ty} {literal(1.0, t)}, {sv}")
             nest(em, rshape, [orst], [offs[1]],
                  lambda o, _: store(em, P, out, o[0], em(f"fmul {ty} {load(em, P, out, o[0])}, {inv}")))
@@ -345,7 +352,7 @@ def softmax_like(name: str, out: View, x: View, axes) -> Kernel:
     def emit(em, P, lo, hi):
         if out.size:
             nest(em, kshape, [kst, ost], [x.offset, out.offset], lambda offs, _: per_out(em, P, offs))
-    return Kernel(name, [out, x], emit, None, x.size)
+    return Kernel(op.name, [out, x], emit, None, x.size)
 
 
 def sfx(t):

@@ -1,4 +1,4 @@
-"""Scalar lowering table: one entry per elementwise op name -> IR for one element.
+"""Scalar lowering table (`CODE_FOR_OP`): elementwise op object -> IR for one element.
 
 Values are SSA names in register types (irtext.VTYPE); inputs are first converted to the op's
 computation dtype (the output dtype, or the promoted input dtype for comparisons), as NumPy does.
@@ -6,6 +6,8 @@ computation dtype (the output dtype, or the promoted input dtype for comparisons
 from __future__ import annotations
 
 from graphc import dtypes as _dt
+from graphc.ops import elementwise as E
+from graphc.ops.core import Cast
 
 from . import mathlib
 from .irtext import VTYPE, Emitter, literal
@@ -64,11 +66,14 @@ def _call(em, t, name, *args):
     return em(f"call {ty} @{name}({', '.join(f'{ty} {a}' for a in args)})")
 
 
-def _transcendental(name):
+def _transcendental(fn: str):
+    """The math function `fn` (a libm name): inline vector code for float32 where mathlib has it."""
+    f32, (libf, libd) = mathlib.F32.get(fn), mathlib.LIBM[fn]
+
     def f(em, t, x):
-        if t == "float32" and name in mathlib.F32:
-            return mathlib.F32[name](em, x)
-        return _call(em, t, mathlib.LIBM[name][0 if t == "float32" else 1], x)
+        if t == "float32" and f32 is not None:
+            return f32(em, x)
+        return _call(em, t, libf if t == "float32" else libd, x)
     return f
 
 
@@ -144,57 +149,99 @@ def _cmp(fpred, ipred):
     return f
 
 
-FLOAT_ONLY = {"exp", "log", "log1p", "expm1", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid", "softplus",
-              "erf", "pow", "div", "leaky_relu"}
+# ---- row builders: a row is emit(em, attrs, args: [(ssa, dtype)], out dtype) -> ssa ----------------
 
-UNARY = {
-    "neg": _neg, "abs": _fabs, "sign": _sign, "floor": _floor, "sqrt": _sqrt, "relu": _relu,
-    "rsqrt": lambda em, t, x: em(f"fdiv {VTYPE[t]} {literal(1.0, t)}, {_sqrt(em, t, x)}"),
-    "sigmoid": _sigmoid, "softplus": _softplus,
-    "zeros_like": lambda em, t, x: literal(0, t), "ones_like": lambda em, t, x: literal(1, t),
-    "stop_gradient": lambda em, t, x: x, "cast": lambda em, t, x: x,
-    **{n: _transcendental(n) for n in ("exp", "log", "log1p", "expm1", "tanh", "erf", "sin", "cos")},
-}
+def arith(fimpl, iimpl=None, float_only: bool = False):
+    """A row computing in the output dtype (inputs converted as NumPy does): fimpl(em, t, *values) for
+    floats, iimpl for integers (None: not lowered for integers); never for a bool output."""
+    iimpl = None if float_only else (fimpl if iimpl is None else iimpl)
 
-BINARY = {
-    "add": (_fbin("fadd"), _ibin("add")), "sub": (_fbin("fsub"), _ibin("sub")),
-    "mul": (_fbin("fmul"), _ibin("mul")), "div": (_fbin("fdiv"), None),
-    "pow": (lambda em, t, a, b: _call(em, t, mathlib.LIBM["pow"][0 if t == "float32" else 1], a, b), None),
-    "maximum": (_fmaxmin("ogt"), _imaxmin("sgt")), "minimum": (_fmaxmin("olt"), _imaxmin("slt")),
-}
-
-COMPARE = {"less": _cmp("olt", "slt"), "less_equal": _cmp("ole", "sle"), "greater": _cmp("ogt", "sgt"),
-           "greater_equal": _cmp("oge", "sge"), "equal": _cmp("oeq", "eq"), "not_equal": _cmp("une", "ne")}
-
-LOWERED = set(UNARY) | set(BINARY) | set(COMPARE) | {"logical_and", "logical_or", "where", "leaky_relu"}
+    def row(em, attrs, args, out):
+        impl = fimpl if _dt.is_float(out) else iimpl
+        if out == "bool" or impl is None:
+            raise NotLowerable(f"on {out}")
+        return impl(em, out, *[convert(em, v, d, out) for v, d in args])
+    return row
 
 
-def lower(em: Emitter, name: str, attrs: dict, args: list[tuple[str, str]], out: str) -> str:
-    """IR for one element of op `name` on (ssa, dtype) args, producing graphc dtype `out`."""
-    if name not in LOWERED:
-        raise NotLowerable(name)
-    if name in COMPARE:
+def compare(fpred, ipred):
+    """A comparison in the promoted input dtype (bools compared as int32), producing i1."""
+    impl = _cmp(fpred, ipred)
+
+    def row(em, attrs, args, out):
         t = _dt.promote(*[d for _, d in args])
-        if t == "bool":
-            t = "int32"
-        a, b = (convert(em, v, d, t) for v, d in args)
-        return COMPARE[name](em, t, a, b)
-    if name in ("logical_and", "logical_or"):
+        t = "int32" if t == "bool" else t
+        return impl(em, t, *[convert(em, v, d, t) for v, d in args])
+    return row
+
+
+def logical(inst):
+    def row(em, attrs, args, out):
         a, b = (convert(em, v, d, "bool") for v, d in args)
-        return em(f"{'and' if name == 'logical_and' else 'or'} i1 {a}, {b}")
-    if name == "where":
-        c = convert(em, *args[0], "bool")
-        a, b = (convert(em, v, d, out) for v, d in args[1:])
-        return _select(em, out, c, a, b)
-    if out == "bool" or (name in FLOAT_ONLY and not _dt.is_float(out)):
-        raise NotLowerable(f"{name} on {out}")
-    vals = [convert(em, v, d, out) for v, d in args]
-    if name == "leaky_relu":
-        return _leaky(em, out, vals[0], attrs["alpha"])
-    if name in UNARY:
-        return UNARY[name](em, out, vals[0])
-    fimpl, iimpl = BINARY[name]
-    impl = fimpl if _dt.is_float(out) else iimpl
-    if impl is None:
-        raise NotLowerable(f"{name} on {out}")
-    return impl(em, out, *vals)
+        return em(f"{inst} i1 {a}, {b}")
+    return row
+
+
+def _where_row(em, attrs, args, out):
+    c = convert(em, *args[0], "bool")
+    a, b = (convert(em, v, d, out) for v, d in args[1:])
+    return _select(em, out, c, a, b)
+
+
+def _cast_row(em, attrs, args, out):
+    return convert(em, *args[0], out)
+
+
+def _leaky_row(em, attrs, args, out):
+    if not _dt.is_float(out):
+        raise NotLowerable(f"on {out}")
+    return _leaky(em, out, convert(em, *args[0], out), attrs["alpha"])
+
+
+def _fbin_int(finst, iinst):
+    return _fbin(finst), _ibin(iinst)
+
+
+def _pow(em, t, a, b):
+    return _call(em, t, mathlib.LIBM["pow"][0 if t == "float32" else 1], a, b)
+
+
+def _rsqrt(em, t, x):
+    return em(f"fdiv {VTYPE[t]} {literal(1.0, t)}, {_sqrt(em, t, x)}")
+
+
+exp, log = _transcendental("exp"), _transcendental("log")
+
+#: The scalar-spelling table (tinygrad's `code_for_op`): elementwise op -> row. An elementwise op is
+#: native on llvm exactly when it has a row here (a missing one fails tests/test_lowering_tables.py).
+CODE_FOR_OP = {
+    E.neg.op: arith(_neg), E.abs.op: arith(_fabs), E.sign.op: arith(_sign), E.floor.op: arith(_floor),
+    E.relu.op: arith(_relu),
+    E.sqrt.op: arith(_sqrt, float_only=True), E.rsqrt.op: arith(_rsqrt, float_only=True),
+    E.sigmoid.op: arith(_sigmoid, float_only=True), E.softplus.op: arith(_softplus, float_only=True),
+    E.exp.op: arith(exp, float_only=True), E.log.op: arith(log, float_only=True),
+    **{f.op: arith(_transcendental(fn), float_only=True)
+       for f, fn in ((E.log1p, "log1p"), (E.expm1, "expm1"), (E.tanh, "tanh"), (E.erf, "erf"), (E.sin, "sin"),
+                     (E.cos, "cos"))},
+    E.zeros_like.op: arith(lambda em, t, x: literal(0, t)), E.ones_like.op: arith(lambda em, t, x: literal(1, t)),
+    E.add.op: arith(*_fbin_int("fadd", "add")), E.sub.op: arith(*_fbin_int("fsub", "sub")),
+    E.mul.op: arith(*_fbin_int("fmul", "mul")), E.div.op: arith(_fbin("fdiv"), float_only=True),
+    E.pow.op: arith(_pow, float_only=True),
+    E.maximum.op: arith(_fmaxmin("ogt"), _imaxmin("sgt")), E.minimum.op: arith(_fmaxmin("olt"), _imaxmin("slt")),
+    E.less.op: compare("olt", "slt"), E.less_equal.op: compare("ole", "sle"), E.greater.op: compare("ogt", "sgt"),
+    E.greater_equal.op: compare("oge", "sge"), E.equal.op: compare("oeq", "eq"),
+    E.not_equal.op: compare("une", "ne"),
+    E.logical_and.op: logical("and"), E.logical_or.op: logical("or"),
+    E.Where: _where_row, E.leaky_relu.op: _leaky_row, Cast: _cast_row,
+}
+
+
+def lower(em: Emitter, op, attrs: dict, args: list[tuple[str, str]], out: str) -> str:
+    """IR for one element of `op` on (ssa, dtype) args, producing graphc dtype `out`."""
+    row = CODE_FOR_OP.get(op)
+    if row is None:
+        raise NotLowerable(op.name)
+    try:
+        return row(em, attrs, args, out)
+    except NotLowerable as e:
+        raise NotLowerable(f"{op.name} {e}") from None
