@@ -220,3 +220,113 @@ def test_out_of_range_index_inside_a_scan_body_raises():
     with pytest.raises(gc.GraphcError, match="take: index out of range") as e:
         f(np.ones((4, 3), np.float32), np.array([0, 3]))
     assert "test_cuda_emulated.py" in str(e.value)
+
+
+def test_lenet_with_batchnorm_groups_avgpool_and_dropout_trains_without_host_fallback(rng):
+    """The issue's LeNet step: grouped conv, both conv gradients, BatchNorm, both poolings and their
+    gradients, Dropout's random draw and Adam all run as kernels, and agree with the NumPy backend.
+    (No bias before BatchNorm: its gradient is rounding noise, which Adam would normalise to +-lr.)"""
+    nn = gc.nn
+    model = nn.Sequential(nn.Conv2D(2, 4, 3, padding=1, bias=False, seed=0), nn.BatchNorm2D(4), gc.relu,
+                          nn.Conv2D(4, 4, 3, groups=2, seed=1), nn.MaxPool2D(2), nn.AvgPool2D(2), nn.Flatten(),
+                          nn.Dropout(0.3, seed=2), nn.Dense(4 * 2 * 2, 3, seed=3))
+    x = rng.standard_normal((4, 2, 12, 12)).astype(np.float32)
+    y = rng.integers(0, 3, 4)
+    f = _train_compare(model, x, y)
+    assert f.program.info["fallback_ops"] == []
+    assert "HOST FALLBACK" not in f.program.info["plan_text"]
+    assert {"conv", "pool", "random"} <= set(f.program.info["kernels"].values())
+
+
+# ---- the lowering table (backends/cuda/lower.py) and scan bodies as the pipeline leaves them ---------
+
+def _compile_with(lowering, inputs, outputs):
+    """Compile through cuda-emulated with another lowering table (a subclass of its own)."""
+    from graphc.backends.cuda_emulated import CudaEmulatedBackend
+    backend = CudaEmulatedBackend()
+    backend.lowering = lowering
+    graph = gc.function(inputs, outputs).graph  # the optimised graph (numpy's compile is not used)
+    return backend.compile(graph, None)
+
+
+def test_the_table_is_keyed_by_op_and_emulation_inherits_it():
+    from graphc.backends.cuda import BACKEND as CUDA
+    from graphc.backends.cuda.lower import Lowering
+    from graphc.backends.cuda_emulated import BACKEND as EMU, EmulatedLowering
+    from graphc.ir import OPS, Trait
+    assert issubclass(EmulatedLowering, Lowering)
+    assert EMU.lowered_ops() == CUDA.lowered_ops() == frozenset(Lowering.table())
+    for op in CUDA.lowered_ops():
+        assert isinstance(op, gc.Op)
+        # an elementwise op is lowered exactly when it has a C spelling
+        assert not op.has(Trait.ELEMENTWISE) or op in Lowering.C_CODE, op.name
+    assert OPS["solve"] not in CUDA.lowered_ops()  # host_only: stays on the host, reported as a fallback
+
+
+def test_a_subclass_overrides_a_spelling(rng):
+    from graphc.backends.cuda_emulated import EmulatedLowering
+    tanh = gc.ops.elementwise.tanh.op
+
+    class Spelled(EmulatedLowering):
+        C_CODE = {**EmulatedLowering.C_CODE, tanh: "(2 / (1 + exp(-2 * {0})) - 1)"}
+    x = gc.placeholder("x", (5, 7))
+    prog = _compile_with(Spelled, [x], [gc.tanh(x) * 3 + 1])
+    assert "(2 / (1 + exp(-2 *" in prog.source and prog.info["fallback_ops"] == []
+    xs = rng.uniform(-3, 3, (5, 7)).astype(np.float32)
+    assert_close(prog.run([xs], [], {})[0][0], np.tanh(xs) * 3 + 1, backend="cuda-emulated")
+    assert EmulatedLowering.C_CODE[tanh] == "tanh({0})"  # the inherited table is untouched
+
+
+def test_an_op_missing_from_the_table_runs_on_the_host_and_is_reported(rng):
+    """Without its row an elementwise op (even inside a fused group) falls back, and says so."""
+    from graphc.backends.cuda_emulated import EmulatedLowering
+    tanh = gc.ops.elementwise.tanh.op
+
+    class Missing(EmulatedLowering):
+        C_CODE = {op: s for op, s in EmulatedLowering.C_CODE.items() if op is not tanh}
+    assert tanh not in Missing.table()
+    x = gc.placeholder("x", (5, 7))
+    prog = _compile_with(Missing, [x], [gc.tanh(x * 2) + x])
+    assert prog.info["fallback_ops"] == ["tanh"]
+    xs = rng.uniform(-3, 3, (5, 7)).astype(np.float32)
+    assert_close(prog.run([xs], [], {})[0][0], np.tanh(xs * 2) + xs, backend="cuda-emulated")
+
+
+def _scan_with_body(fn, init, xs, level):
+    """gc.scan(fn, init, xs) whose body is optimised at `level` (as the pipeline hands it over)."""
+    from graphc.ir import make_node
+    from graphc.passes import optimize
+    carry, ys = gc.scan(fn, init, xs)
+    node = ys.node
+    body = optimize(node.attrs["body"], level=level) if level else node.attrs["body"]
+    new = make_node(node.op, node.inputs, {**node.attrs, "body": body})
+    return new.outputs[0], new.outputs[1], body
+
+
+@pytest.mark.parametrize("level", [0, 2])
+def test_scan_body_lowered_at_the_level_it_arrives(level, rng):
+    """cuda no longer re-optimises scan bodies: an unoptimised body (unfused ops, a stop_gradient,
+    scalar constants) and a fused one both lower natively and agree with the reference."""
+    x = gc.placeholder("x", (6, 4, 3))
+    w = gc.placeholder("w", (3, 3))
+    h0 = gc.placeholder("h0", (4, 3))
+
+    def step(h, xt):
+        z = gc.tanh(xt @ w + gc.stop_gradient(h) * 0.5) + 1.0
+        return z * 0.25 - h * 0.1, gc.sum(gc.exp(-z * z), axis=1)
+    hN, ys, body = _scan_with_body(step, h0, x, level)
+    names = " ".join(body.op_names())
+    assert ("fused[" in names) == (level == 2), names
+    xs = rng.standard_normal((6, 4, 3)).astype(np.float32)
+    ws = rng.standard_normal((3, 3)).astype(np.float32)
+    hs = rng.standard_normal((4, 3)).astype(np.float32)
+    want = gc.evaluate([hN, ys], {x: xs, w: ws, h0: hs})
+    f = gc.function([x, w, h0], [hN, ys], backend="cuda-emulated", optimize=0)
+    assert f.program.info["fallback_ops"] == []
+    kinds = list(f.program.info["kernels"].values())
+    if level == 0:  # one kernel per op
+        assert "elementwise" in kinds and "fused" not in kinds, kinds
+    else:  # the GEMM with its elementwise epilogue, the reduction with its prologue
+        assert sorted(kinds) == ["matmul", "reduce"], kinds
+    for got, ref in zip(f(xs, ws, hs), want):
+        assert_close(got, ref, backend="cuda-emulated")

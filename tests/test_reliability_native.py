@@ -62,8 +62,8 @@ def test_asan_catches_an_out_of_bounds_write_in_a_kernel():
         import numpy as np, graphc as gc, graphc.backends.cuda_emulated as ce
         BROKEN = %s
         real = ce.lower
-        def lower(graph):
-            source, plan = real(graph)
+        def lower(graph, *table):
+            source, plan = real(graph, *table)
             if BROKEN:
                 source = source.replace("reinterpret_cast<float4*>(t_fused)[i4] =",
                                         "reinterpret_cast<float4*>(t_fused)[i4 + 2] =")

@@ -8,13 +8,17 @@ import threading
 from graphc.backends.base import Backend, Program
 from graphc.errors import BackendUnavailable
 from .compiler import DEFAULT_ARCH, compile_cuda, nvcc_path, nvrtc_library
-from .lower import lower
+from .lower import Lowering, lower
 from .plan import execute
 
 
 class CudaBackend(Backend):
     name = "cuda"
     options = {"arch": f"GPU architecture the PTX is compiled for (default {DEFAULT_ARCH})"}
+    lowering = Lowering  # the lowering table (backends/cuda/lower.py)
+
+    def lowered_ops(self) -> frozenset:
+        return frozenset(self.lowering.table())
 
     def unavailable_reason(self) -> str | None:
         from .runtime import driver
@@ -29,9 +33,10 @@ class CudaBackend(Backend):
         return bool(nvcc_path() or nvrtc_library())
 
     def compile(self, graph, options=None) -> Program:
-        options = options or {}
-        source, plan = lower(graph)
-        arch = options.get("arch", DEFAULT_ARCH)
+        from graphc.function import CompileOptions
+        options = options if options is not None else CompileOptions(backend="cuda")
+        source, plan = lower(graph, self.lowering)
+        arch = options.option("arch", DEFAULT_ARCH)
         ptx = compile_cuda(source, arch, "ptx")
         state = {}
         lock = threading.Lock()

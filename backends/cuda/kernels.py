@@ -6,6 +6,8 @@ Each function returns the kernel's source text. `element(coords, indent)` callba
 through a view or run a fused elementwise prologue without knowing which."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .cexpr import View, cmul, contiguous_strides, coords_code, cprod
 from .prelude import C_TYPES
 
@@ -59,12 +61,26 @@ def pointwise(name, comment, loop_c, ins, outs, element, vec=()) -> str:
     return "\n".join(lines) + "\n"
 
 
-REDUCE = {  # combine functor, identity by dtype kind
-    "sum": ("GcSum()", {"f": "0", "i": "0"}),
-    "prod": ("GcProd()", {"f": "1", "i": "1"}),
-    "max": ("GcMax()", {"f": "-GC_INF", "i": "({t})(1ULL << (8 * sizeof({t}) - 1))"}),
-    "min": ("GcMin()", {"f": "GC_INF", "i": "({t})~(1ULL << (8 * sizeof({t}) - 1))"}),
-}
+@dataclass(frozen=True)
+class Monoid:
+    """A reduction by an associative combine functor (prelude: GcSum, ...) from an identity
+    (`float_identity` for floating accumulators, `int_identity` for integers; `{t}` = the C type)."""
+    combine: str
+    float_identity: str
+    int_identity: str
+
+
+@dataclass(frozen=True)
+class ArgReduce:
+    """argmax (is_max) / argmin: the first index of the extreme value along the flattened axes."""
+    is_max: bool
+
+
+class LogSumExp:
+    """log(sum(exp(x - m))) + m with m the maximum (two passes over the reduced elements)."""
+
+
+LOG_SUM_EXP = LogSumExp()
 
 
 def _row_loops(kept_c, red_c, indent="  "):
@@ -82,8 +98,8 @@ def _split(kept_axes, red_axes, shape_c, indent):
     return [names[a] for a in range(len(shape_c))], kept, red
 
 
-def reduce_kernel(name, comment, kind, shape_c, axes, acc_dt, ins, out, element, threads) -> str:
-    """out[o] = combine over the reduced axes (kind: sum prod max min logsumexp argmax argmin)."""
+def reduce_kernel(name, comment, reducer, shape_c, axes, acc_dt, ins, out, element, threads) -> str:
+    """out[o] = the reduction over the reduced axes (reducer: a Monoid, ArgReduce or LOG_SUM_EXP)."""
     kept = [a for a in range(len(shape_c)) if a not in axes]
     coords, kept_lines, red_lines = _split(kept, list(axes), shape_c, "    ")
     t = C_TYPES[acc_dt]
@@ -99,27 +115,30 @@ def reduce_kernel(name, comment, kind, shape_c, axes, acc_dt, ins, out, element,
         ls += el + [f"      const {t} x_ = ({t})({v});", f"      {update}", "    }"]
         return ls
     kd = "f" if acc_dt.startswith("float") else "i"
-    if kind in REDUCE:
-        fn, ident = REDUCE[kind]
-        idv = ident[kd].format(t=t)
+    if isinstance(reducer, Monoid):
+        fn = reducer.combine
+        idv = (reducer.float_identity if kd == "f" else reducer.int_identity).format(t=t)
         lines += loop(idv, f"acc = {fn}(acc, x_);")
         lines += [f"    acc = gc_block_reduce(acc, {fn}, ({t})({idv}));",
                   f"    if (threadIdx.x == 0) {out[0]}[o] = acc;"]
-    elif kind == "logsumexp":
+    elif isinstance(reducer, LogSumExp):
         lines += loop("-GC_INF", "m = gc_max(m, x_);", "m")
         lines += [f"    m = gc_block_reduce(m, GcMax(), ({t})-GC_INF);",
                   f"    if (!gc_finite(m)) m = 0;  // all -inf (or inf/nan): NumPy's reference does the same"]
         lines += loop("0", "acc += exp(x_ - m);")
         lines += [f"    acc = gc_block_reduce(acc, GcSum(), ({t})0);",
                   f"    if (threadIdx.x == 0) {out[0]}[o] = log(acc) + m;"]
-    else:  # argmax / argmin: index into the flattened reduced axes
+    elif isinstance(reducer, ArgReduce):  # index into the flattened reduced axes
+        is_max = str(reducer.is_max).lower()
         lines += [f"    {t} best = 0; long long bi = -1;",
                   "    for (long long j = threadIdx.x; j < n_red; j += blockDim.x) {"]
         lines += red_lines
         el, v = element(coords, "      ")
-        lines += el + [f"      gc_arg_combine(best, bi, ({t})({v}), j, {str(kind == 'argmax').lower()});", "    }",
-                       f"    bi = gc_block_arg_reduce(best, bi, {str(kind == 'argmax').lower()});",
+        lines += el + [f"      gc_arg_combine(best, bi, ({t})({v}), j, {is_max});", "    }",
+                       f"    bi = gc_block_arg_reduce(best, bi, {is_max});",
                        f"    if (threadIdx.x == 0) {out[0]}[o] = bi;"]
+    else:
+        raise TypeError(f"reduce_kernel: unknown reducer {reducer!r}")
     lines += ["  }", "}"]
     return "\n".join(lines) + "\n"
 

@@ -1,29 +1,73 @@
 """Lower an (optimised) graph to one CUDA C translation unit plus a host-side launch plan.
 
-Every tensor gets a buffer (reshape aliases its input's). Each node becomes one kernel: fused
-elementwise groups and single elementwise/cast ops are pointwise kernels; reductions, the softmax
-family, matmul and the index-mapping ops have their own templates (kernels.py). An op with no
-kernel runs its NumPy impl on the host, listed in Program.info["fallback_ops"]."""
+Every tensor gets a buffer (reshape aliases its input's). Each node becomes one kernel, chosen by
+the op through one registry keyed by op objects (`Lowering.table()`):
+- `C_CODE`: op -> scalar C spelling (tinygrad's `code_for_op`), a template over the operands
+  `{0}, {1}, ...` and the node's attrs (`{alpha}`), or a function (lowering, node, values) -> C
+  expression. Every op spelled here (elementwise ops, cast, views read elementwise) lowers as a
+  pointwise kernel, alone or inside a fused group; `C_INT_CODE` overrides spellings for integers.
+- `REDUCERS`: reduction op -> how the reduction kernel combines (kernels.Monoid / ArgReduce / ...).
+- `LOWERINGS`: every other op -> `fn(lowering, node)` emitting its kernels/steps (this file, plus
+  the rows of lower_nn.py, lower_scan.py and lower_random.py).
+A backend that lowers differently subclasses `Lowering` and overrides entries (cuda_emulated).
+An op outside the table runs its NumPy impl on the host, listed in Program.info["fallback_ops"]."""
 from __future__ import annotations
 
+import functools
 import re
 
 from graphc import dtypes as _dt
-from graphc.ir import Graph, Node, Tensor
+from graphc.ir import Graph, Node, Tensor, Trait
+from graphc.ops import elementwise as E
+from graphc.ops.core import Cast, StopGradient
+from graphc.ops.fused import Fused
+from graphc.ops.linalg import MatMul
+from graphc.ops.reduce import ArgMax, ArgMin, LogSoftmax, LogSumExp, Max, Min, Prod, Softmax, Sum
+from graphc.ops.shape_ops import (BroadcastTo, Concatenate, GetItem, IndexGrad, Reshape, SizeOf, Take, TakeGrad,
+                                  Transpose)
 from . import kernels as K
-from . import lower_scan
-from .lower_nn import NN_LOWERINGS
+from . import lower_nn, lower_random, lower_scan
 from .cexpr import DimTable, View, broadcast_view, c_literal, cadd, cmul, contiguous_strides, cprod, eval_dim
 from .plan import Buffer, Fill, HostOp, Launch, Plan
 from .prelude import C_TYPES, PRELUDE
 
-#: C spellings that differ from the op's own `c` attribute (helpers from the prelude)
-C_OVERRIDES = {"abs": "gc_abs({0})", "sign": "gc_sign({0})", "maximum": "gc_max({0}, {1})",
-               "minimum": "gc_min({0}, {1})"}
+
+def _same_value(L, nd, vals) -> str:
+    """cast, stop_gradient, broadcast_to: the operand converted to the output dtype (the kernel's
+    broadcast view already reads the right element)."""
+    return L._value(nd.inputs[0], vals, nd.outputs[0].dtype)
+
+
+def _size_of(L, nd, vals) -> str:
+    n = cprod([L.dt.dim(nd.inputs[0].shape[a]) for a in nd.attrs["axes"]])
+    return f"(({C_TYPES[nd.outputs[0].dtype]}){n})"
+
+
+#: op -> C spelling of one element (helpers gc_* come from the prelude)
+C_CODE = {
+    E.neg.op: "(-{0})", E.abs.op: "gc_abs({0})", E.sign.op: "gc_sign({0})", E.floor.op: "floor({0})",
+    E.exp.op: "exp({0})", E.log.op: "log({0})", E.log1p.op: "log1p({0})", E.expm1.op: "expm1({0})",
+    E.sqrt.op: "sqrt({0})", E.rsqrt.op: "(1/sqrt({0}))", E.sin.op: "sin({0})", E.cos.op: "cos({0})",
+    E.tanh.op: "tanh({0})", E.sigmoid.op: "(1/(1+exp(-{0})))",
+    E.softplus.op: "({0} > 0 ? {0} + log1p(exp(-{0})) : log1p(exp({0})))", E.erf.op: "erf({0})",
+    E.relu.op: "({0} > 0 ? {0} : 0)", E.zeros_like.op: "0", E.ones_like.op: "1",
+    E.leaky_relu.op: "({0} >= 0 ? {0} : {0} * {alpha})",
+    E.add.op: "({0} + {1})", E.sub.op: "({0} - {1})", E.mul.op: "({0} * {1})", E.div.op: "({0} / {1})",
+    E.pow.op: "pow({0}, {1})", E.maximum.op: "gc_max({0}, {1})", E.minimum.op: "gc_min({0}, {1})",
+    E.less.op: "({0} < {1})", E.less_equal.op: "({0} <= {1})", E.greater.op: "({0} > {1})",
+    E.greater_equal.op: "({0} >= {1})", E.equal.op: "({0} == {1})", E.not_equal.op: "({0} != {1})",
+    E.logical_and.op: "({0} && {1})", E.logical_or.op: "({0} || {1})", E.Where: "({0} ? {1} : {2})",
+    Cast: _same_value, StopGradient: _same_value, BroadcastTo: _same_value, SizeOf: _size_of,
+}
 #: spellings used when the operands are integers (the C math functions take floating point)
-INT_OVERRIDES = {"floor": "{0}", "pow": "gc_ipow({0}, {1})"}
-POINTWISE_EXTRA = ("cast", "stop_gradient", "broadcast_to", "size_of")
-REDUCTIONS = ("sum", "prod", "max", "min", "logsumexp", "argmax", "argmin")
+C_INT_CODE = {E.floor.op: "{0}", E.pow.op: "gc_ipow({0}, {1})"}
+#: reduction op -> the reduction kernel's combine (kernels.py)
+REDUCERS = {
+    Sum: K.Monoid("GcSum()", "0", "0"), Prod: K.Monoid("GcProd()", "1", "1"),
+    Max: K.Monoid("GcMax()", "-GC_INF", "({t})(1ULL << (8 * sizeof({t}) - 1))"),
+    Min: K.Monoid("GcMin()", "GC_INF", "({t})~(1ULL << (8 * sizeof({t}) - 1))"),
+    LogSumExp: K.LOG_SUM_EXP, ArgMax: K.ArgReduce(True), ArgMin: K.ArgReduce(False),
+}
 # names the kernel templates use for locals, and C/C++ keywords: a buffer never takes one
 _RESERVED = re.compile(r"^(i|j|k|n|m|o|s|q|g|c|p|pp|cc|th|tw|kh|kw|oh|ow|ih|iw|bh|bw|xv|inside|n_|M|N|K|"
                        r"t0|tx|ty|bz|row|col|acc|best|bi|x_|gd|A|B|As|Bs|n_out|n_red|nbatch|n4|i4|"
@@ -33,18 +77,25 @@ _RESERVED = re.compile(r"^(i|j|k|n|m|o|s|q|g|c|p|pp|cc|th|tw|kh|kw|oh|ow|ih|iw|b
                        r"true|false|template|typename|namespace|using|operator|sizeof|exp|log|max|min|abs)$")
 
 
-def is_pointwise(node: Node) -> bool:
-    op = node.op
-    if op.name in POINTWISE_EXTRA:
-        return True
-    return bool(op.elementwise) and (op.c is not None or op.name in C_OVERRIDES)
-
-
 class Lowering:
-    """Graph -> (source, Plan)."""
+    """Graph -> (source, Plan). The tables are class attributes: a subclass copies and overrides them."""
+    C_CODE: dict = C_CODE
+    C_INT_CODE: dict = C_INT_CODE
+    REDUCERS: dict = REDUCERS
+    LOWERINGS: dict = {}  # op -> fn(lowering, node); filled at the end of this module
+
+    @classmethod
+    def table(cls) -> dict:
+        """The one registry: op -> fn(lowering, node). Ops with a C spelling lower as pointwise kernels,
+        ops with a reducer as reduction kernels, the rest by their LOWERINGS row."""
+        table = {op: Lowering.lower_pointwise for op in cls.C_CODE}
+        table.update({op: Lowering.lower_reduce for op in cls.REDUCERS})
+        table.update(cls.LOWERINGS)
+        return table
 
     def __init__(self, graph: Graph):
         self.g = graph
+        self._table = self.table()
         self.dt = DimTable()
         self.buffers: list[Buffer] = []
         self.buf_of: dict[int, int] = {}
@@ -59,7 +110,7 @@ class Lowering:
     def _name(self, hint: str) -> str:
         base = re.sub(r"\W", "_", hint or "t")
         base = base if base[:1].isalpha() or base[:1] == "_" else "t_" + base
-        if _RESERVED.match(base) or base in _c_functions():
+        if _RESERVED.match(base) or base in _c_functions(type(self)):
             base += "_"
         name, k = base, 1
         while name in self.names:
@@ -75,7 +126,7 @@ class Lowering:
 
     def buf(self, t: Tensor) -> int:
         if id(t) not in self.buf_of:
-            if t.node.op.name != "constant":
+            if not t.node.op.has(Trait.CONST):
                 raise KeyError(f"no buffer for {t!r}")
             self.new_buffer(t, "const", "const", value=t.node.attrs["value"])
         return self.buf_of[id(t)]
@@ -117,35 +168,22 @@ class Lowering:
                 "// one self-contained translation unit: nvcc -ptx / NVRTC compile it as it is\n")
         return head + PRELUDE + "\n" + self.dt.struct_source() + "\n" + "\n".join(self.kernels)
 
+    def is_pointwise(self, node: Node) -> bool:
+        """True when the node is one scalar C expression per element (it may join a pointwise kernel)."""
+        return node.op in self.C_CODE
+
     def lower_node(self, node: Node) -> None:
-        name = node.op.name
-        if name in ("placeholder", "parameter", "constant") or id(node.outputs[0]) in self.buf_of:
+        if node.op.has(Trait.LEAF) or id(node.outputs[0]) in self.buf_of:
             return
-        if name == "reshape":
-            self.buf_of[id(node.outputs[0])] = self.buf(node.inputs[0])  # contiguous: same memory
-        elif name == "fused":
-            self.lower_fused(node)
-        elif is_pointwise(node):
-            out = node.outputs[0]
-            self.pointwise(node, [node], out.shape, node.inputs, [out])
-        elif name in ("transpose", "getitem"):
-            self.copy_view(node)
-        elif name in REDUCTIONS:
-            self.reduce(node, node.op.name, node.inputs[0], None)
-        elif name in ("softmax", "log_softmax"):
-            self.softmax(node)
-        elif name == "matmul":
-            self.matmul(node)
-        elif name in ("concatenate", "take"):
-            getattr(self, name)(node)
-        elif name in ("take_grad", "index_grad"):
-            self.scatter(node)
-        elif name in NN_LOWERINGS:
-            NN_LOWERINGS[name](self, node)
-        elif name == "scan":
-            lower_scan.scan(self, node)
-        else:
-            self.host(node)
+        self._table.get(node.op, type(self).host)(self, node)
+
+    def lower_pointwise(self, node: Node) -> None:
+        out = node.outputs[0]
+        self.pointwise(node, [node], out.shape, node.inputs, [out])
+
+    def alias(self, node: Node) -> None:
+        """reshape: a contiguous tensor's reshape is the same memory."""
+        self.buf_of[id(node.outputs[0])] = self.buf(node.inputs[0])
 
     def host(self, node: Node) -> None:
         ins = [self.buf(t) for t in node.inputs]
@@ -168,7 +206,7 @@ class Lowering:
         comment = f"{getattr(node.op, 'display_name', lambda n: n.op.name)(node)} -> " + \
                   ", ".join(f"{t.dtype}{list(t.shape)}" for t in out_tensors)
         n = loop_shape
-        self.add_kernel(node, "fused" if node.op.name == "fused" else "elementwise",
+        self.add_kernel(node, "fused" if node.op is Fused else "elementwise",
                         lambda k: K.pointwise(k, comment, loop_c, [(a, d) for a, d, _, _ in ext], outs, element,
                                               _vectorisable(ext, outs, loop_c)),
                         args + [self.buf(t) for t in out_tensors],
@@ -230,24 +268,19 @@ class Lowering:
     def node_expr(self, nd: Node, vals) -> str:
         """The C expression of one pointwise node over already-computed values."""
         op, out = nd.op, nd.outputs[0]
-        if op.name in ("stop_gradient", "broadcast_to"):
-            return self._value(nd.inputs[0], vals, out.dtype)
-        if op.name == "cast":
-            return self._value(nd.inputs[0], vals, out.dtype)
-        if op.name == "size_of":
-            n = cprod([self.dt.dim(nd.inputs[0].shape[a]) for a in nd.attrs["axes"]])
-            return f"(({C_TYPES[out.dtype]}){n})"
+        spell = self.C_CODE[op]
+        if callable(spell):
+            return spell(self, nd, vals)
         ins = nd.inputs
-        if op.name == "where":
+        if op is E.Where:
             want = [None, out.dtype, out.dtype]
         elif getattr(op, "dtype_rule", "same") == "bool":
             want = [_dt.promote(*[t.dtype for t in ins])] * len(ins)
         else:
             want = [out.dtype] * len(ins)
         args = [self._value(t, vals, w) for t, w in zip(ins, want)]
-        spell = C_OVERRIDES.get(op.name, op.c)
-        if want[-1] not in ("float32", "float64") and op.name in INT_OVERRIDES:
-            spell = INT_OVERRIDES[op.name]
+        if want[-1] not in ("float32", "float64"):
+            spell = self.C_INT_CODE.get(op, spell)
         attrs = {k: (repr(float(v)) if isinstance(v, float) else v) for k, v in nd.attrs.items()}
         return f"({C_TYPES[out.dtype]})({spell.format(*args, **attrs)})"
 
@@ -256,15 +289,15 @@ class Lowering:
         comp = body.compute_nodes()
         outs = body.outputs
         alias = [(id(t), id(p)) for p, t in zip(body.inputs, node.inputs)]  # outer tensor -> placeholder
-        if comp and all(is_pointwise(n) for n in comp) and all(o.shape == outs[0].shape for o in outs) \
-                and all(o.node.op.name not in ("placeholder", "constant") for o in outs):
+        if comp and all(self.is_pointwise(n) for n in comp) and all(o.shape == outs[0].shape for o in outs) \
+                and not any(o.node.op.has(Trait.LEAF) for o in outs):
             self._fused_pointwise(node, body, comp, alias)
             return
-        if comp and comp[0].op.name == "matmul" and self._fused_matmul(node, body, comp, alias):
+        if comp and comp[0].op is MatMul and self._fused_matmul(node, body, comp, alias):
             return
         last = comp[-1] if comp else None
-        if last is not None and last.op.name in ("sum", "prod", "max", "min") and len(outs) == 1 \
-                and outs[0] is last.outputs[0] and all(is_pointwise(n) for n in comp[:-1]):
+        if last is not None and last.op in self.REDUCERS and len(outs) == 1 \
+                and outs[0] is last.outputs[0] and all(self.is_pointwise(n) for n in comp[:-1]):
             self._fused_reduce(node, body, comp, alias)
             return
         for p, t in zip(body.inputs, node.inputs):  # run the body op by op
@@ -276,7 +309,7 @@ class Lowering:
 
     def _body_externals(self, node, body, comp, alias, loop_c):
         tensors = list(node.inputs) + [t for n in comp for t in n.inputs
-                                       if t.node.op.name == "constant" and _scalar_const(t) is None]
+                                       if t.node.op.has(Trait.CONST) and _scalar_const(t) is None]
         ext, args = self._externals(tensors, loop_c)
         # body placeholders read the node's inputs with views over the body's own placeholder shapes
         return ext, args
@@ -296,15 +329,20 @@ class Lowering:
 
     def _fused_reduce(self, node, body, comp, alias) -> None:
         red = comp[-1]
-        self.reduce(node, red.op.name, red.inputs[0], (body, comp[:-1], alias), out_tensor=node.outputs[0],
+        self.reduce(node, red.op, red.inputs[0], (body, comp[:-1], alias), out_tensor=node.outputs[0],
                     axes=red.attrs["axis"])
 
     # ---- reductions, softmax, matmul ------------------------------------------------------------
-    def reduce(self, node, kind, x: Tensor, prologue, out_tensor=None, axes=None) -> None:
+    def lower_reduce(self, node) -> None:
+        self.reduce(node, node.op, node.inputs[0], None)
+
+    def reduce(self, node, op, x: Tensor, prologue, out_tensor=None, axes=None) -> None:
+        """Reduction `op` of `x` (through a fused elementwise prologue when given) into out_tensor."""
+        reducer = self.REDUCERS[op]
         out_t = out_tensor if out_tensor is not None else node.outputs[0]
         if axes is None:
             axes = node.attrs["axis"]
-        if kind in ("argmax", "argmin"):
+        if isinstance(reducer, K.ArgReduce):  # one axis (or all): the index into the flattened axes
             axes = tuple(range(x.ndim)) if axes is None else (axes,)
         shape_c = self.dt.shape(x.shape)
         if prologue is None:
@@ -314,21 +352,22 @@ class Lowering:
             body, pre, alias = prologue
             ext, args = self._body_externals(node, body, pre, alias, shape_c)
             element = self._element(pre, ext, [x], shape_c, alias)
-        acc = out_t.dtype if kind in ("sum", "prod", "logsumexp") else x.dtype
+        acc = x.dtype if isinstance(reducer, K.ArgReduce) else out_t.dtype
         acc = "int32" if acc == "bool" else acc
-        out = self.out_arg(out_t, kind)
+        out = self.out_arg(out_t, op.name)
         n_red = cprod([shape_c[a] for a in axes])
         threads = K.reduce_threads(n_red)
         kept = [x.shape[a] for a in range(x.ndim) if a not in axes]
-        comment = f"{kind} over axes {tuple(axes)} of {x.dtype}{list(x.shape)} -> {out_t.dtype}{list(out_t.shape)}"
+        comment = f"{op.name} over axes {tuple(axes)} of {x.dtype}{list(x.shape)} -> {out_t.dtype}{list(out_t.shape)}"
         self.add_kernel(node, "reduce",
-                        lambda k: K.reduce_kernel(k, comment, kind, shape_c, tuple(axes), acc,
+                        lambda k: K.reduce_kernel(k, comment, reducer, shape_c, tuple(axes), acc,
                                                   [(a, d) for a, d, _, _ in ext], out,
                                                   lambda c, ind: _first(element(c, None, ind)), threads),
                         args + [self.buf(out_t)], [self.buf(out_t)],
                         lambda dims: (min(65535, _size(kept, dims)), 1, 1), (threads, 1, 1), True)
 
-    def softmax(self, node) -> None:
+    def softmax(self, node, log: bool = False) -> None:
+        """softmax / log_softmax (log=True) along attrs["axis"]."""
         x, y = node.inputs[0], node.outputs[0]
         axis = node.attrs["axis"]
         shape_c = self.dt.shape(x.shape)
@@ -338,9 +377,12 @@ class Lowering:
         kept = [d for a, d in enumerate(x.shape) if a != axis]
         self.add_kernel(node, "softmax",
                         lambda k: K.softmax_kernel(k, f"{node.op.name} along axis {axis} of {x.dtype}{list(x.shape)}",
-                                                   node.op.name == "log_softmax", shape_c, axis, xa, out, threads),
+                                                   log, shape_c, axis, xa, out, threads),
                         [self.buf(x), self.buf(y)], [self.buf(y)],
                         lambda dims: (min(65535, _size(kept, dims)), 1, 1), (threads, 1, 1), True)
+
+    def log_softmax(self, node) -> None:
+        self.softmax(node, log=True)
 
     def matmul(self, node, a=None, b=None, tail=None) -> None:
         """A GEMM; `tail` = (body nodes, externals, matmul tensor, body outputs, node outputs) fuses an
@@ -387,7 +429,7 @@ class Lowering:
         """fused[matmul, elementwise...]: one GEMM whose store applies the elementwise tail."""
         mm, rest = comp[0], comp[1:]
         y = mm.outputs[0]
-        if not all(is_pointwise(n) for n in rest) or not all(o.shape == y.shape for o in body.outputs):
+        if not all(self.is_pointwise(n) for n in rest) or not all(o.shape == y.shape for o in body.outputs):
             return False
         outer = {id(p): t for p, t in zip(body.inputs, node.inputs)}
 
@@ -395,18 +437,20 @@ class Lowering:
             return outer.get(id(t), t)
         inside = {id(o) for n in comp for o in n.outputs}
         used = [t for n in rest for t in n.inputs if id(t) not in inside]
-        ext_t = [resolve(t) for t in used if not (t.node.op.name == "constant" and _scalar_const(t) is not None)]
+        ext_t = [resolve(t) for t in used if _scalar_const(t) is None]
         ext, args = self._externals(ext_t, self.dt.shape(y.shape))
         self.matmul(node, resolve(mm.inputs[0]), resolve(mm.inputs[1]), (rest, ext, y, body.outputs, args, alias))
         return True
 
     # ---- index mapping ----------------------------------------------------------------------------
-    def view_of(self, node) -> View:
+    def transpose(self, node) -> None:
+        xs = contiguous_strides(self.dt.shape(node.inputs[0].shape))
+        self.copy_view(node, View(0, [xs[a] for a in node.attrs["axes"]]))
+
+    def getitem(self, node) -> None:
         x = node.inputs[0]
         xs = contiguous_strides(self.dt.shape(x.shape))
-        if node.op.name == "transpose":
-            return View(0, [xs[a] for a in node.attrs["axes"]])
-        return self.getitem_view(x.shape, xs, node.attrs["index"])
+        self.copy_view(node, self.getitem_view(x.shape, xs, node.attrs["index"]))
 
     def getitem_view(self, xshape, xs, index) -> View:
         offset, strides, ax = 0, [], 0
@@ -429,10 +473,10 @@ class Lowering:
             ax += 1
         return View(offset, strides + xs[ax:])
 
-    def copy_view(self, node) -> None:
+    def copy_view(self, node, view: View) -> None:
+        """y[coords] = x[view(coords)] (a strided read of the input)."""
         x, y = node.inputs[0], node.outputs[0]
         loop_c = self.dt.shape(y.shape)
-        view = self.view_of(node)
         xa = self.arg(x)
         out = self.out_arg(y, node.op.name)
 
@@ -509,36 +553,38 @@ class Lowering:
                         [self.buf(x), self.buf(idx), self.buf(y), self.status], [self.buf(y), self.status],
                         K.grid_1d(lambda dims: _size(y.shape, dims)), (K.THREADS, 1, 1), False)
 
-    def scatter(self, node) -> None:
-        g, x = node.inputs[0], node.inputs[1]
-        y = node.outputs[0]
+    def take_grad(self, node) -> None:
+        """Scatter-add of the gradient into zeros at the taken positions (checked like take)."""
+        x, idx = node.inputs[1], node.inputs[2]
+        ia = self.arg(idx)
+        status = self.status_arg(node)
+        target = self._take_target(x.shape, idx.shape, node.attrs["axis"], ia[0], status)
+        self.scatter(node, target, [ia], [self.buf(idx)], True, [status[0]], [self.status])
+
+    def index_grad(self, node) -> None:
+        """The gradient written into zeros through getitem's view (positions are distinct)."""
+        x = node.inputs[1]
+        view = self.getitem_view(x.shape, contiguous_strides(self.dt.shape(x.shape)), node.attrs["index"])
+        self.scatter(node, lambda c, ind: ([], view.index(c)), [], [], False, [], [])
+
+    def scatter(self, node, target, ins, in_bufs, accumulate, extra, extra_bufs) -> None:
+        g, y = node.inputs[0], node.outputs[0]
         ga = self.arg(g)
         out = self.out_arg(y, node.op.name)
-        bufs, extra, extra_bufs = [self.buf(g)], [], []
-        if node.op.name == "take_grad":
-            idx = node.inputs[2]
-            ia = self.arg(idx)
-            status = self.status_arg(node)
-            target = self._take_target(x.shape, idx.shape, node.attrs["axis"], ia[0], status)
-            ins, accumulate = [ga, ia], True
-            bufs.append(self.buf(idx))
-            extra, extra_bufs = [status[0]], [self.status]
-        else:
-            view = self.getitem_view(x.shape, contiguous_strides(self.dt.shape(x.shape)), node.attrs["index"])
-            target, ins, accumulate = (lambda c, ind: ([], view.index(c))), [ga], False
         loop_c = self.dt.shape(g.shape)
         self.steps.append(Fill(self.buf(y), [self.buf(y)]))
         comment = f"{node.op.name}: scatter {g.type_str} into zeros {y.type_str}"
         self.add_kernel(node, "scatter",
-                        lambda k: K.scatter_kernel(k, comment, loop_c, ins, out, target, accumulate, extra),
-                        bufs + [self.buf(y)] + extra_bufs, [self.buf(y)] + extra_bufs, K.grid_1d(lambda dims: _size(g.shape, dims)), (K.THREADS, 1, 1), False)
+                        lambda k: K.scatter_kernel(k, comment, loop_c, [ga, *ins], out, target, accumulate, extra),
+                        [self.buf(g), *in_bufs, self.buf(y), *extra_bufs], [self.buf(y), *extra_bufs],
+                        K.grid_1d(lambda dims: _size(g.shape, dims)), (K.THREADS, 1, 1), False)
 
 
-def _c_functions() -> set:
-    """Identifiers called in any op's C spelling (exp, tanh, ...): never used as buffer names."""
-    from graphc.ir import OPS
-    spells = [op.c or "" for op in OPS.values()] + list(C_OVERRIDES.values()) + list(INT_OVERRIDES.values())
-    return set(re.findall(r"([A-Za-z_]\w*)\s*\(", " ".join(spells)))
+@functools.lru_cache(maxsize=None)
+def _c_functions(cls) -> frozenset:
+    """Identifiers called in the C spellings of `cls` (exp, tanh, ...): never used as buffer names."""
+    spells = [v for tab in (cls.C_CODE, cls.C_INT_CODE) for v in tab.values() if isinstance(v, str)]
+    return frozenset(re.findall(r"([A-Za-z_]\w*)\s*\(", " ".join(spells)))
 
 
 def _vectorisable(ext, outs, loop_c) -> list:
@@ -551,7 +597,7 @@ def _vectorisable(ext, outs, loop_c) -> list:
 
 
 def _scalar_const(t: Tensor):
-    if t.node.op.name == "constant" and t.node.attrs["value"].ndim == 0:
+    if t.node.op.has(Trait.CONST) and t.node.attrs["value"].ndim == 0:
         return t.node.attrs["value"]
     return None
 
@@ -568,6 +614,20 @@ def _first(res):
     return lines, vals[0]
 
 
-def lower(graph: Graph) -> tuple[str, Plan]:
-    """The CUDA translation unit and launch plan for `graph`."""
-    return Lowering(graph).run()
+Lowering.LOWERINGS = {
+    Reshape: Lowering.alias,
+    Fused: Lowering.lower_fused,
+    Transpose: Lowering.transpose, GetItem: Lowering.getitem,
+    Softmax: Lowering.softmax, LogSoftmax: Lowering.log_softmax,
+    MatMul: Lowering.matmul,
+    Concatenate: Lowering.concatenate, Take: Lowering.take,
+    TakeGrad: Lowering.take_grad, IndexGrad: Lowering.index_grad,
+    **lower_nn.LOWERINGS,      # conv2d and its gradients, max pooling and its gradients
+    **lower_scan.LOWERINGS,    # scan: a host loop over the body's launch plan
+    **lower_random.LOWERINGS,  # random draws (random_uniform, random_normal)
+}
+
+
+def lower(graph: Graph, lowering: type = Lowering) -> tuple[str, Plan]:
+    """The CUDA translation unit and launch plan for `graph` (`lowering`: the backend's table)."""
+    return lowering(graph).run()

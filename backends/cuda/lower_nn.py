@@ -4,6 +4,7 @@ input coordinates); the input gradient is a gather per input element; max poolin
 the first maximum of each window (PyTorch's tie rule, as in the NumPy reference)."""
 from __future__ import annotations
 
+from graphc.ops.nn_ops import Conv2d, Conv2dGradInput, Conv2dGradWeight, MaxPool2d, MaxPool2dGrad, MaxPool2dSelect
 from . import kernels as K
 from .cexpr import cmul
 from .plan import Fill
@@ -192,5 +193,6 @@ def _gemm_grid(m_fn, n: int, batch: int):
     return grid
 
 
-NN_LOWERINGS = {"conv2d": conv2d, "conv2d_grad_weight": conv2d_grad_weight, "conv2d_grad_input": conv2d_grad_input,
-                "max_pool2d": max_pool2d, "max_pool2d_select": max_pool2d_select, "max_pool2d_grad": max_pool2d_grad}
+#: rows of the cuda lowering table (backends/cuda/lower.py): op -> fn(lowering, node)
+LOWERINGS = {Conv2d: conv2d, Conv2dGradWeight: conv2d_grad_weight, Conv2dGradInput: conv2d_grad_input,
+             MaxPool2d: max_pool2d, MaxPool2dSelect: max_pool2d_select, MaxPool2dGrad: max_pool2d_grad}
