@@ -36,7 +36,8 @@ def _like(v, x) -> gc.Tensor:
 
 _UNARY = {"Abs": gc.abs, "Neg": gc.neg, "Exp": gc.exp, "Log": gc.log, "Sqrt": gc.sqrt, "Sin": gc.sin,
           "Cos": gc.cos, "Tanh": gc.tanh, "Sigmoid": gc.sigmoid, "Erf": gc.erf, "Floor": gc.floor,
-          "Sign": gc.sign, "Relu": gc.relu, "Softplus": gc.softplus, "Reciprocal": gc.reciprocal}
+          "Sign": gc.sign, "Relu": gc.relu, "Softplus": gc.softplus, "Reciprocal": gc.reciprocal,
+          "Atan": gc.atan}
 _BINARY = {"Add": gc.add, "Sub": gc.sub, "Mul": gc.mul, "Equal": gc.equal, "Less": gc.less,
            "LessOrEqual": gc.less_equal, "Greater": gc.greater, "GreaterOrEqual": gc.greater_equal,
            "And": gc.logical_and, "Or": gc.logical_or, "Xor": gc.not_equal}
@@ -190,7 +191,7 @@ def _atanh(cx, ins, a):
 
 @op("Softsign")
 def _softsign(cx, ins, a):
-    return ins[0] / (gc.abs(ins[0]) + 1.0)
+    return gc.softsign(ins[0])
 
 
 @op("Elu")

@@ -193,6 +193,7 @@ CASES += [
     Case("elu", lambda x: gc.elu(x, 0.7), lambda x: _elu(x, 0.7), [[(3, 4)]]),
     Case("selu", gc.selu, lambda x: (N.SELU_SCALE * _elu(x, N.SELU_ALPHA)).astype(x.dtype), [[(3, 4)]]),
     Case("gelu", gc.gelu, _gelu, [[(3, 4)]]),
+    Case("softsign", gc.softsign, lambda x: x / (1 + np.abs(x)), [[(3, 4)], [(0, 2)], [()]]),
     Case("gelu_tanh", lambda x: gc.gelu(x, "tanh"),
          lambda x: (0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))).astype(x.dtype), [[(3, 4)]]),
     Case("maxout", lambda x: gc.maxout(x, 3), lambda x: x.reshape(2, 2, 3, 4).max(2), [[(2, 6, 4)]]),

@@ -46,6 +46,7 @@ CASES = [
     Case("rsqrt", gc.rsqrt, lambda x: 1 / np.sqrt(x), U, domain="pos"),
     Case("sin", gc.sin, np.sin, U),
     Case("cos", gc.cos, np.cos, U),
+    Case("atan", gc.atan, np.arctan, U),
     Case("tanh", gc.tanh, np.tanh, U),
     Case("sigmoid", gc.sigmoid, lambda x: (1 / (1 + np.exp(-x))).astype(x.dtype), U),
     Case("relu", gc.relu, lambda x: np.maximum(x, 0), U),

@@ -47,7 +47,7 @@ def _size_of(L, nd, vals) -> str:
 C_CODE = {
     E.neg.op: "(-{0})", E.abs.op: "gc_abs({0})", E.sign.op: "gc_sign({0})", E.floor.op: "floor({0})",
     E.exp.op: "exp({0})", E.log.op: "log({0})", E.log1p.op: "log1p({0})", E.expm1.op: "expm1({0})",
-    E.sqrt.op: "sqrt({0})", E.rsqrt.op: "(1/sqrt({0}))", E.sin.op: "sin({0})", E.cos.op: "cos({0})",
+    E.sqrt.op: "sqrt({0})", E.rsqrt.op: "(1/sqrt({0}))", E.sin.op: "sin({0})", E.cos.op: "cos({0})", E.atan.op: "atan({0})",
     E.tanh.op: "tanh({0})", E.sigmoid.op: "(1/(1+exp(-{0})))",
     E.softplus.op: "({0} > 0 ? {0} + log1p(exp(-{0})) : log1p(exp({0})))", E.erf.op: "erf({0})",
     E.relu.op: "({0} > 0 ? {0} : 0)", E.zeros_like.op: "0", E.ones_like.op: "1",

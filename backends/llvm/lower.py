@@ -222,7 +222,7 @@ CODE_FOR_OP = {
     E.exp.op: arith(exp, float_only=True), E.log.op: arith(log, float_only=True),
     **{f.op: arith(_transcendental(fn), float_only=True)
        for f, fn in ((E.log1p, "log1p"), (E.expm1, "expm1"), (E.tanh, "tanh"), (E.erf, "erf"), (E.sin, "sin"),
-                     (E.cos, "cos"))},
+                     (E.cos, "cos"), (E.atan, "atan"))},
     E.zeros_like.op: arith(lambda em, t, x: literal(0, t)), E.ones_like.op: arith(lambda em, t, x: literal(1, t)),
     E.add.op: arith(*_fbin_int("fadd", "add")), E.sub.op: arith(*_fbin_int("fsub", "sub")),
     E.mul.op: arith(*_fbin_int("fmul", "mul")), E.div.op: arith(_fbin("fdiv"), float_only=True),

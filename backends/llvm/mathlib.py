@@ -203,7 +203,7 @@ F32 = {"exp": exp_f32, "log": log_f32, "log1p": log1p_f32, "expm1": expm1_f32, "
 #: libm names for functions computed by scalar calls: float32 / float64
 LIBM = {"exp": ("expf", "exp"), "log": ("logf", "log"), "log1p": ("log1pf", "log1p"),
         "expm1": ("expm1f", "expm1"), "tanh": ("tanhf", "tanh"), "erf": ("erff", "erf"),
-        "sin": ("sinf", "sin"), "cos": ("cosf", "cos"), "pow": ("powf", "pow")}
+        "sin": ("sinf", "sin"), "cos": ("cosf", "cos"), "atan": ("atanf", "atan"), "pow": ("powf", "pow")}
 
 DECLARATIONS = """
 declare float @llvm.maxnum.f32(float, float)

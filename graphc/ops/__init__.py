@@ -5,7 +5,7 @@ backend spellings live in the backends' lowering tables, keyed by the op objects
 """
 from .core import (Parameter, as_tensor, cast, constant, parameter, placeholder, scalar_like,  # noqa: F401
                    stop_gradient)
-from .elementwise import (abs, add, clip, cos, div, equal, erf, exp, expm1, floor, greater,  # noqa: F401
+from .elementwise import (abs, add, atan, clip, cos, div, equal, erf, exp, expm1, floor, greater,  # noqa: F401
                           greater_equal, leaky_relu, less, less_equal, log, log1p, logical_and, logical_or,
                           maximum, minimum, mul, neg, not_equal, ones_like, pow, reciprocal, relu, rsqrt,
                           sigmoid, sign, sin, softplus, sqrt, square, sub, tanh, where, zeros_like)
@@ -18,6 +18,6 @@ from .fused import Fused, fused  # noqa: F401,E402
 from .scan import scan  # noqa: F401,E402
 from .nn_ops import (avg_pool2d, batch_norm, conv1d, conv2d, dropout, elu, embedding, gelu,  # noqa: F401,E402
                      heaviside, layer_norm, lp_pool2d, max_pool2d, maxout, noisy_relu, one_hot, selu,
-                     soft_maxout)
+                     soft_maxout, softsign)
 from .linalg_solve import solve  # noqa: F401,E402
 from . import tensor_methods  # noqa: F401,E402

@@ -26,7 +26,7 @@ from numpy.lib.stride_tricks import as_strided
 from graphc import ops as F
 from .. import dtypes as _dt
 from .. import shapes as _sh
-from ..errors import DTypeError, ShapeError
+from ..errors import DTypeError, GraphcError, ShapeError
 from ..ir import Op, Tensor, Trait, apply, register
 from .core import as_tensor, cast, constant
 from .shape_ops import eval_shape
@@ -429,13 +429,19 @@ def selu(x) -> Tensor:
     return SELU_SCALE * elu(x, SELU_ALPHA)
 
 
+def softsign(x) -> Tensor:
+    """x / (1 + |x|): a composition of existing ops (its gradient and native kernels come from its parts)."""
+    x = as_tensor(x)
+    return x / (1.0 + F.abs(x))
+
+
 def gelu(x, approximate: str = "none") -> Tensor:
     """x * Phi(x) (exact, via erf) or the tanh approximation (approximate='tanh')."""
     x = as_tensor(x)
     if approximate == "tanh":
         return 0.5 * x * (1.0 + F.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
     if approximate != "none":
-        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+        raise GraphcError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
     return 0.5 * x * (1.0 + F.erf(x * 0.7071067811865476))
 
 
