@@ -82,7 +82,7 @@ def test_networks_run_clean_under_bounds_checks(rng):
 def test_a_shifted_view_is_caught_named_and_never_applied(monkeypatch, rng):
     """A planner bug that moves a slice view past its buffer: the access is caught, the error names
     the node and the user's line, and the call applies no update."""
-    import graphc.backends.llvm.plan as plan
+    import graphc.backends.schedule.plan as plan   # the shared schedule's getitem row
     real = plan.view_getitem
     monkeypatch.setattr(plan, "view_getitem", lambda v, index: _shift(real(v, index), 1000))
     x = gc.placeholder("x", (8,), "float64")

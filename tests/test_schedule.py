@@ -18,7 +18,7 @@ import pytest
 import graphc as gc
 from graphc.backends.schedule import cache
 from graphc.backends.schedule.arena import ArenaPlan, lower_bound, plan_arena
-from graphc.backends.schedule.names import Names
+from graphc.names import Names
 from conftest import backend_or_skip
 
 
@@ -240,3 +240,217 @@ def test_unusable_directory_falls_back_to_a_private_one(fresh, tmp_path, monkeyp
     assert cache.stats["disk_errors"] == 1
     assert cache.load_blob("llvm", "k.o") == b"code"
     assert os.path.exists(os.path.join(cache.private_dir("llvm"), "k.o"))
+
+
+# ---- the schedule (backends/schedule/plan.py) under a tiny fake backend -------------------------------
+# The fake backend's table is the backend-neutral rows plus two ops (exp, add on floats); its kernels
+# are NumPy calls. `interpret` runs a schedule the way a native runtime does: every buffer in one
+# garbage-filled arena at the planned offsets (slices moved per loop iteration), so a wrong view,
+# lifetime or offset gives a wrong answer, checked against the reference evaluator.
+
+from graphc.backends.schedule.plan import ROWS, NotLowerable, Schedule            # noqa: E402
+from graphc.backends.schedule.steps import HostStep, LoopStep                     # noqa: E402
+from graphc.ir import Graph                                                      # noqa: E402
+
+
+class FakeKernel:
+    def __init__(self, name, out, ins, fn):
+        self.name, self.out, self.ins, self.fn = name, out, list(ins), fn
+        self.bufs = sorted({v.buf for v in [out, *ins] if v.buf is not None})
+        self.node = None
+
+    def run(self, array_of):
+        np.copyto(array_of(self.out), self.fn(*[array_of(v) for v in self.ins]), casting="unsafe")
+
+
+def _unary(fn):
+    def handler(s, node, ins):
+        t = node.outputs[0]
+        out = s.fresh(t)
+        s.add(FakeKernel(node.op.name, out, ins, fn), ins, [out])
+        s.view[id(t)] = out
+    return handler
+
+
+def _add_floats(s, node, ins):
+    if not np.issubdtype(np.dtype(node.outputs[0].dtype), np.floating):
+        raise NotLowerable("add on integers")   # a row that does not cover a case: that node goes to the host
+    _unary(np.add)(s, node, ins)
+
+
+class Fake(Schedule):
+    table = {**ROWS, gc.exp.op: _unary(np.exp), gc.add.op: _add_floats}
+    backend = "fake"
+
+    def copy(self, dst, src):
+        return FakeKernel("copy", dst, [src], lambda x: x)
+
+
+def _array(s, v, bases, at):
+    if v.literal is not None:
+        return np.broadcast_to(np.asarray(v.literal, v.dtype), v.shape)
+    item, b, off = np.dtype(v.dtype).itemsize, s.buffers[v.buf], 0
+    while b.kind == "slice":   # iteration at[id] of a moving window of the parent
+        off += b.offset + at[s.buffers.index(b)] * b.stride
+        b = s.buffers[b.index]
+    base = bases["arena"] if b.kind == "arena" else bases[b.kind][b.index]
+    off += (b.offset if b.kind == "arena" else 0) + v.offset * item
+    if 0 in v.shape:
+        return np.empty(v.shape, v.dtype)
+    return np.ndarray(v.shape, v.dtype, buffer=base, offset=off, strides=[st * item for st in v.strides])
+
+
+def _execute(s, steps, bases, at):
+    for st in steps:
+        if isinstance(st, LoopStep):
+            for i in range(st.length):
+                _execute(s, st.body, bases, {**at, **{b: st.length - 1 - i if st.reverse else i for b in st.slices}})
+        elif isinstance(st, HostStep):
+            st.run(lambda v: _array(s, v, bases, at), s.dims)
+        else:
+            st.run(lambda v: _array(s, v, bases, at))
+
+
+def interpret(s, inputs):
+    flat = lambda a: a.reshape(-1).view(np.uint8)   # noqa: E731
+    outs = [np.empty(s.shape(t), t.dtype) for t in s.graph.roots]
+    arena = np.full(s.arena_bytes + 8, 0xFF, np.uint8)   # garbage: a read before a write shows up as NaN
+    bases = {"input": [flat(np.ascontiguousarray(a)) for a in inputs],
+             "param": [flat(np.ascontiguousarray(p.node.attrs["value"])) for p in s.graph.parameters],
+             "const": [flat(c) for c in s.consts], "out": [flat(o) for o in outs], "arena": arena}
+    _execute(s, s.steps, bases, {})
+    return outs
+
+
+def _check_against_reference(s, ins, outs, values):
+    want = gc.evaluate(outs, dict(zip(ins, values)))
+    for g, w in zip(interpret(s, values), want):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-12)
+
+
+def _kernels(steps):
+    for st in steps:
+        if isinstance(st, LoopStep):
+            yield from _kernels(st.body)
+        elif not isinstance(st, HostStep):
+            yield st
+
+
+def test_schedule_views_share_buffers_and_roots_go_to_output_slots(rng):
+    x = gc.placeholder("x", (4, 6), "float64")
+    e = gc.exp(x)
+    t = gc.transpose(e)                 # a view of e's buffer
+    s_ = t[1:5:2, ::-1]                 # a view of a view
+    y = gc.add(s_, gc.reshape(e, (6, 4))[::3])
+    outs = [y, t, x]
+    s = Fake(Graph([x], outs), {})
+    assert s.view[id(t)].buf == s.view[id(e)].buf == s.view[id(s_)].buf
+    assert s.view[id(t)].strides == (1, 6) and s.view[id(s_)].strides == (2, -6)
+    names = [st.name for st in s.steps]
+    assert names.count("exp") == 1 and names.count("add") == 1
+    assert s.buffers[s.view[id(y)].buf].kind == "out"      # computed straight into its output slot
+    assert names.count("copy") == 2                         # t (a view) and x (an input) are copied out
+    assert s.fallback == set() and all(st.node is not None for st in s.steps[:2])
+    _check_against_reference(s, [x], outs, [rng.standard_normal((4, 6))])
+
+
+def test_schedule_lifetimes_cover_every_use_and_live_buffers_never_share_memory(rng):
+    x = gc.placeholder("x", (8, 16), "float64")
+    h, outs = x, []
+    for k in range(12):    # a chain with side branches of another size: memory can be reused
+        side = gc.exp(h[k % 8:k % 8 + 1])                       # (1, 16), broadcast by add
+        h = gc.exp(gc.add(h, side)) * 0.01 if k % 2 else gc.add(h, side) * 0.1
+        if k == 5:
+            outs.append(side)
+    outs.append(gc.add(h, h))
+    s = Fake(Graph([x], outs), {})
+    assert s.fallback == {"mul"}
+    for i, st in enumerate(s.steps):     # independent: every step lies inside its buffers' lifetimes
+        for b in (st.bufs if not isinstance(st, HostStep) else {v.buf for v in st.ins + st.outs if v.buf is not None}):
+            assert s.buffers[b].first <= i <= s.buffers[b].last, (i, b)
+    arena = [b for b in s.buffers if b.kind == "arena" and b.last >= 0]
+    assert len(arena) > 10
+    for i, b in enumerate(arena):
+        assert b.offset % s.align == 0 and b.offset + b.nbytes <= s.arena_bytes
+        for c in arena[:i]:
+            if b.first <= c.last and c.first <= b.last:
+                assert b.offset + max(b.nbytes, 1) <= c.offset or c.offset + max(c.nbytes, 1) <= b.offset
+    assert s.arena_bytes < sum(-(-b.nbytes // s.align) * s.align for b in arena)   # memory was reused
+    _check_against_reference(s, [x], outs, [rng.standard_normal((8, 16)) * 0.1])
+
+
+def test_schedule_op_without_a_row_or_an_uncovered_case_is_a_host_step(rng):
+    x = gc.placeholder("x", (5,), "float64")
+    i = gc.placeholder("i", (5,), "int64")
+    outs = [gc.exp(gc.tanh(x)), gc.add(i, i)]      # tanh: no row; add on int64: the row raises NotLowerable
+    s = Fake(Graph([x, i], outs), {})
+    hosts = [st for st in s.steps if isinstance(st, HostStep)]
+    assert s.fallback == {"tanh", "add"} and {h.node.op.name for h in hosts} == {"tanh", "add"}
+    assert s.buffers[hosts[1].outs[0].buf].kind == "out"    # a host step also writes its output slot
+    _check_against_reference(s, [x, i], outs, [rng.standard_normal(5), np.arange(5)])
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_schedule_scan_is_a_loop_step_with_moving_slices(rng, reverse):
+    xs = gc.placeholder("xs", (6, 3), "float64")
+    c0 = gc.placeholder("c0", (3,), "float64")
+    (c, ys) = gc.scan(lambda c, x: (gc.add(c, gc.exp(x)), gc.exp(c)), c0, xs, reverse=reverse)
+    s = Fake(Graph([xs, c0], [c, ys]), {})
+    (loop,) = [st for st in s.steps if isinstance(st, LoopStep)]
+    assert loop.length == 6 and loop.reverse == reverse and s.fallback == set()
+    slices = [s.buffers[b] for b in loop.slices]
+    assert [b.kind for b in slices] == ["slice", "slice"]            # xs[t] and ys[t]
+    assert {s.buffers[b.index].kind for b in slices} == {"input", "out"}
+    assert all(b.stride == 3 * 8 and b.nbytes == 3 * 8 for b in slices)
+    assert not any(isinstance(st, HostStep) for st in loop.body)
+    for b in loop.buffers():            # what the body touches is live for the whole loop step
+        pos = s.steps.index(loop)
+        assert s.buffers[b].first <= pos <= s.buffers[b].last
+    _check_against_reference(s, [xs, c0], [c, ys], [rng.standard_normal((6, 3)), rng.standard_normal(3)])
+
+
+def test_schedule_scan_whose_body_needs_the_host_runs_on_the_host(rng):
+    xs = gc.placeholder("xs", (4, 2), "float64")
+    c0 = gc.placeholder("c0", (2,), "float64")
+    c, ys = gc.scan(lambda c, x: (gc.add(c, gc.tanh(x)), c), c0, xs)
+    s = Fake(Graph([xs, c0], [c, ys]), {})
+    assert s.fallback == {"scan"}                 # not tanh: the body's host step was dropped with the loop
+    (host,) = s.steps                             # the carry copies planned before the body are gone too
+    assert isinstance(host, HostStep) and host.node.op.name == "scan"
+    assert [s.buffers[v.buf].kind for v in host.outs] == ["out", "out", "arena"]   # carry, ys, history
+    assert not any(b.kind == "slice" and b.last >= 0 for b in s.buffers)
+    assert sum(b.kind == "arena" and b.last >= 0 for b in s.buffers) == 1
+    _check_against_reference(s, [xs, c0], [c, ys], [rng.standard_normal((4, 2)), rng.standard_normal(2)])
+
+
+def test_schedule_status_codes_name_the_node_and_its_line():
+    x = gc.placeholder("x", (3,), "float64")
+    y = gc.exp(x)                                       # the line the error names
+    s = Fake(Graph([x], [y]), {}, bounds=True)
+    st = s.buffers[s.status.buf]
+    assert st.kind == "arena" and st.first == 0 and st.last >= len(s.steps)    # live for the whole program
+    others = [b for b in s.buffers if b.kind == "arena" and b is not st and b.last >= 0]
+    assert all(b.offset + max(b.nbytes, 1) <= st.offset or st.offset + 8 <= b.offset for b in others)
+    code = s.status_code(y.node, "something went wrong in exp")
+    assert code == 1 and s.status_code(None, "in a copy") == 2
+    err = s.status_error(code)
+    assert isinstance(err, gc.GraphcError) and "something went wrong in exp" in str(err)
+    assert re.search(r"node built at .*test_schedule.py:\d+", str(err))
+
+
+def test_schedule_rows_are_shared_by_the_llvm_table():
+    """llvm's table holds every backend-neutral row it does not override, and llvm's Plan is a Schedule."""
+    backend_or_skip("llvm")
+    from graphc.backends.llvm import plan, table
+    assert issubclass(plan.Plan, Schedule) and plan.Plan.table is table.PLAN
+    assert set(ROWS) <= set(table.PLAN)
+    from graphc.ops.scan import Scan
+    assert table.PLAN[Scan] is ROWS[Scan]     # one scan loop, llvm renders it
+
+
+def test_names_serial_numbers_are_unique_and_skip_taken_names():
+    n = Names()
+    n.reserve("v2")
+    got = [n.serial("v"), n.serial("v"), n.serial("cond"), n.serial("v", "p")]
+    assert got == ["v1", "v3", "cond4", "v5p"]
+    assert n.fresh("v5p") == "v5p1" and len(set(got)) == 4

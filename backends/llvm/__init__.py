@@ -1,9 +1,12 @@
 """The LLVM backend: the optimised graph compiled with llvmlite to native code for this CPU.
 
 Each set of dim values gets one specialisation (static loop bounds, an arena sized by the memory
-plan) whose kernels run in one native call. Ops are lowered by their row in the lowering table
-(table.PLAN, keyed by op object); ops without a row run their NumPy impl in
-between (listed in `program.info["fallback_ops"]` and at the top of `f.source`).
+plan) whose kernels run in one native call. The specialisation is a schedule (plan.Plan, a
+graphc.backends.schedule Schedule: buffers, views, steps, the arena) rendered to LLVM IR
+(program.py) and run by a small runtime (program.Specialised). Ops are lowered by their row in the
+lowering table (table.PLAN, keyed by op object: the schedule's shared rows and llvm's kernel rows);
+ops without a row run their NumPy impl in between (listed in `program.info["fallback_ops"]` and at
+the top of `f.source`).
 """
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ import struct
 
 import numpy as np
 
+from graphc.names import Names
+
 #: graphc dtype -> (IR value type, IR storage type)
 VTYPE = {"float32": "float", "float64": "double", "int32": "i32", "int64": "i64", "bool": "i1"}
 STYPE = {"float32": "float", "float64": "double", "int32": "i32", "int64": "i64", "bool": "i8"}
@@ -31,7 +33,7 @@ class Emitter:
     def __init__(self, prefix: str = "v"):
         self.lines: list[str] = []
         self.allocas: list[str] = []
-        self.n = 0
+        self.names = Names()   # one serial number across values and labels: %v12p, cond13
         self.prefix = prefix
         # sanitize="bounds": {buffer id: size in bytes} of the buffers this function may touch, the
         # status-word pointer and the code that names this kernel (kernels.ptr_at checks every access)
@@ -41,12 +43,10 @@ class Emitter:
         self.scratch: str | None = None
 
     def fresh(self, hint: str = "") -> str:
-        self.n += 1
-        return f"%{self.prefix}{self.n}{hint}"
+        return "%" + self.names.serial(self.prefix, hint)
 
     def label(self, hint: str) -> str:
-        self.n += 1
-        return f"{hint}{self.n}"
+        return self.names.serial(hint)
 
     def __call__(self, text: str, hint: str = "") -> str:
         """Emit `%new = text` and return %new."""

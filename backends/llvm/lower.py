@@ -6,15 +6,12 @@ computation dtype (the output dtype, or the promoted input dtype for comparisons
 from __future__ import annotations
 
 from graphc import dtypes as _dt
+from graphc.backends.schedule.plan import NotLowerable  # noqa: F401  (the shared schedule's: node -> host)
 from graphc.ops import elementwise as E
 from graphc.ops.core import Cast
 
 from . import mathlib
 from .irtext import VTYPE, Emitter, literal
-
-
-class NotLowerable(Exception):
-    """This op/dtype has no native lowering: the node runs on the host (listed in fallback_ops)."""
 
 
 def convert(em: Emitter, v: str, src: str, dst: str) -> str:

@@ -8,13 +8,12 @@ import threading
 
 import numpy as np
 
-from graphc.errors import GraphcError
-from graphc.ir import fmt_loc
+from graphc.backends.schedule.steps import HostStep, LoopStep
 
 from . import gemm, jit, mathlib
 from .irtext import Emitter
 from .kernels import Kernel
-from .plan import HostStep, LoopStep, Plan
+from .plan import Plan
 
 _ENTRY = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 #: kernels stay separate functions: inlined into one entry, O3 time grew super-linearly with graph size
@@ -312,36 +311,15 @@ class Specialised:
         code = int(word[0])
         if code:
             word[0] = 0
-            node, what = self.plan.status_errors[code - 1]
-            where = f"node built at {fmt_loc(node.loc)}" if node is not None else "(copying an output)"
-            raise GraphcError(f"{what}\n  {where}")
+            raise self.plan.status_error(code)
 
     def _bases(self, inputs, params, outs, arena):
         flat = lambda a: a.reshape(-1).view(np.uint8)   # noqa: E731
         return {"input": [flat(a) for a in inputs], "param": [flat(p) for p in params],
                 "const": [flat(c) for c in self.plan.consts], "out": [flat(o) for o in outs], "arena": arena}
 
-    def _array(self, v, bases):
-        if v.literal is not None:
-            return np.broadcast_to(np.asarray(v.literal, v.dtype), v.shape)
-        b = self.plan.buffers[v.buf]
-        base = bases["arena"] if b.kind == "arena" else bases[b.kind][b.index]
-        item = np.dtype(v.dtype).itemsize
-        off = (b.offset if b.kind == "arena" else 0) + v.offset * item
-        if 0 in v.shape:
-            return np.empty(v.shape, v.dtype)
-        return np.ndarray(v.shape, v.dtype, buffer=base, offset=off, strides=[s * item for s in v.strides])
-
     def _host(self, step: HostStep, bases) -> None:
-        node = step.node
-        args = [self._array(v, bases) for v in step.ins]
-        kw = dict(node.attrs)
-        if getattr(node.op, "needs_dims", False):
-            kw["dims"] = self.plan.dims
-        res = node.op.impl(*args, **kw)
-        res = res if isinstance(res, tuple) else (res,)
-        for v, r in zip(step.outs, res):
-            np.copyto(self._array(v, bases), r, casting="unsafe")
+        step.run(lambda v: self.plan.host_array(v, bases), self.plan.dims)
 
 
 def profile(f, *args, repeat: int = 20) -> list[tuple[float, str]]:

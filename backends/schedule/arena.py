@@ -12,6 +12,9 @@ lowest-gap fit among the already placed buffers whose lifetimes overlap the new 
   - by size, largest first (the "greedy by size" offset assignment of Pisarchyk & Lee, "Efficient
     Memory Management for Deep Neural Net Inference", 2020), which usually packs tighter.
 Both cost O(n log n) plus the number of pairs of buffers live at once; the result is never larger than first-fit by first use.
+A caller may add placement orders of its own (`orders=`): e.g. an order that stacks buffers as a
+simpler plan would (groups of equal-size buffers, one slot each), so the result is never larger than
+that plan either.
 """
 from __future__ import annotations
 
@@ -30,9 +33,11 @@ class ArenaPlan:
     slots: list[int]     # bytes each buffer occupies (its size rounded up to the alignment, at least one)
 
 
-def plan_arena(buffers: Sequence[tuple[int, int, int]], align: int = DEFAULT_ALIGN) -> ArenaPlan:
+def plan_arena(buffers: Sequence[tuple[int, int, int]], align: int = DEFAULT_ALIGN,
+               orders: Sequence[Sequence[int]] = ()) -> ArenaPlan:
     """Offsets for `buffers`, each (first step, last step, bytes), in an arena of `total` bytes such
-    that buffers whose lifetimes intersect never overlap in memory."""
+    that buffers whose lifetimes intersect never overlap in memory. `orders`: more placement orders to
+    try (each a permutation of the buffer indices), besides by first use and by size."""
     if align < 1 or align & (align - 1):
         raise GraphcError(f"arena alignment must be a power of two, got {align}")
     blocks = []
@@ -44,9 +49,12 @@ def plan_arena(buffers: Sequence[tuple[int, int, int]], align: int = DEFAULT_ALI
         blocks.append((first, last, -(-max(nbytes, 1) // align) * align))
     by_first = sorted(range(len(blocks)), key=lambda i: (blocks[i][0], i))
     by_size = sorted(range(len(blocks)), key=lambda i: (-blocks[i][2], blocks[i][0], i))
+    for k, order in enumerate(orders):
+        if sorted(order) != list(range(len(blocks))):
+            raise GraphcError(f"arena placement order {k} is not a permutation of the {len(blocks)} buffer indices")
     overlapping = _overlaps(blocks, by_first)
     best = None
-    for order in (by_first, by_size):
+    for order in (by_first, by_size, *orders):
         offsets, total = _place(blocks, order, overlapping)
         if best is None or total < best[1]:
             best = offsets, total
@@ -84,6 +92,18 @@ def _place(blocks, order: list[int], overlapping: list[list[int]]) -> tuple[list
         offsets[i] = off
         total = max(total, off + size)
     return offsets, total
+
+
+def lifetimes(uses: Sequence) -> dict[int, tuple[int, int]]:
+    """(first, last) step of each buffer from `uses`, one iterable of buffer ids per step (the buffers
+    the step reads or writes; a loop step lists every buffer its body touches, so they stay live for
+    the whole loop). Buffers no step uses are absent."""
+    out: dict[int, tuple[int, int]] = {}
+    for step, ids in enumerate(uses):
+        for b in ids:
+            first = out.get(b, (step, step))[0]
+            out[b] = (first, step)
+    return out
 
 
 def lower_bound(buffers: Sequence[tuple[int, int, int]], align: int = DEFAULT_ALIGN) -> int:

@@ -1,0 +1,463 @@
+"""One native schedule: the backend-neutral plan of one specialisation (concrete dims) of an optimised
+graph, which a native backend renders (kernel steps -> LLVM IR / CUDA C) and runs.
+
+Data model
+----------
+- Buffer (steps.Buffer): a block of memory of a kind: `input`, `param`, `const` (the caller's and the
+  graph's arrays, by index), `out` (output slot j of graph.roots), `arena` (scratch memory at a byte
+  offset into one arena), `slice` (one loop iteration's window of a parent buffer). `Schedule.buffers`
+  is the list of them; a buffer is named by its index there.
+- View (views.View): what a tensor is at run time: a buffer id, an element offset, a concrete shape,
+  strides in elements (any sign; 0 broadcasts), a dtype; or a scalar literal broadcast to a shape (no
+  buffer). `Schedule.view` maps id(tensor) -> View. Movement ops only make views (reshape of a
+  contiguous view, transpose, broadcast_to, getitem, stop_gradient): several tensors share one buffer.
+- Steps (`Schedule.steps`, in execution order):
+    kernel steps: the backend's objects, opaque here; each has `bufs` (ids of the buffers it reads
+      or writes) and gets `node` (the node it was planned for, for error messages);
+    steps.HostStep(node, ins, outs): the node's NumPy impl on the host, for an op without a row in
+      the backend's table or a case its row does not cover (the handler raised NotLowerable); the
+      op's name is listed in `Schedule.fallback` (-> program.info["fallback_ops"]);
+    steps.LoopStep(length, reverse, body, slices): gc.scan as a native loop; its body is a list of
+      kernel steps (a body needing the host is not lowered: the whole scan runs on the host), its
+      `slices` are slice buffers that move by a byte stride each iteration (sequences, stacked ys, the
+      carry history).
+- Lifetimes: every buffer records the first and last step index touching it (`touch`, done by `add`);
+  everything a loop body touches is live for the whole loop step. The arena planner
+  (arena.plan_arena) gives buffers with disjoint lifetimes overlapping memory; `arena_bytes` is the
+  total. The status word (below) is live for the whole program.
+- Output slots: a root tensor is computed straight into its output buffer when its node asks `fresh`
+  for it; otherwise (a root that is a view, an input, a constant, a second root of the same tensor)
+  a copy step into the slot is added at the end.
+- Status word (`status`, int64, arena): a kernel that finds a bad index at run time (take, take_grad)
+  or, under sanitize="bounds", a bad memory access stores its code there; `status_code(node, what)`
+  hands out codes (status.StatusCodes), and `status_error(code)` is the GraphcError the runtime raises
+  after the call, naming the node and the user's line that built it.
+
+The walk
+--------
+Leaves get buffers or literals; every other node is planned by its row in the backend's op-keyed table
+(`table`: op object -> handler(schedule, node, ins) that adds steps and sets the views of the node's
+outputs). An op without a row, or a row raising NotLowerable, runs on the host (a HostStep; steps,
+buffers and output slots the row planned before it gave up are dropped). `ROWS`
+below are the backend-neutral rows (constants, views, fused bodies, scan loops, concatenate); a
+backend's table includes them and may override any. A backend provides `copy(dst, src)` (a kernel
+step, converting dtype) and may override `walk_body` (how the nodes of a fused or scan body are
+planned, e.g. fusing per-element runs into one loop).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from graphc import shapes as _sh
+from graphc.errors import GraphcError
+from graphc.ir import Graph, Node, Trait
+from graphc.ops import shape_ops as S
+from graphc.ops.core import ConstantOp, StopGradient
+from graphc.ops.fused import Fused
+from graphc.ops.scan import Scan
+
+from .arena import DEFAULT_ALIGN, plan_arena
+from .status import StatusCodes
+from .steps import Buffer, HostStep, LoopStep
+from .views import (View, broadcast_strides, contig_strides, contiguous_view, extent, literal_view, nbytes,
+                    view_getitem)
+
+__all__ = ["NotLowerable", "ROWS", "row", "Schedule", "Buffer", "HostStep", "LoopStep", "View"]
+
+
+class NotLowerable(Exception):
+    """This op/dtype/case has no native lowering: the node runs on the host (listed in fallback_ops)."""
+
+
+#: the backend-neutral rows: op -> handler(schedule, node, ins)
+ROWS: dict = {}
+
+
+def row(*ops):
+    """Decorator: `fn(schedule, node, ins)` is the backend-neutral row of each of `ops`."""
+    def deco(fn):
+        for op in ops:
+            ROWS[op] = fn
+        return fn
+    return deco
+
+
+class Schedule:
+    """The plan of one specialisation: buffers, views, steps, lifetimes, arena (module docstring)."""
+
+    #: the backend's op-keyed table (op -> handler(schedule, node, ins)); subclasses set their own
+    table: dict = ROWS
+    #: arena offsets are multiples of this
+    align: int = DEFAULT_ALIGN
+    #: the backend's name in messages
+    backend: str = "native"
+
+    def __init__(self, graph: Graph, dims: dict, bounds: bool = False):
+        self.graph = graph
+        self.bounds = bounds   # sanitize="bounds": every kernel access checked (by the renderer)
+        self.dims = dict(dims)
+        self.bind = {_sh.dim_symbol(k): v for k, v in dims.items()}
+        self.buffers: list[Buffer] = []
+        self.steps: list = []
+        self.view: dict[int, View] = {}
+        self.consts: list[np.ndarray] = []
+        self.fallback: set[str] = set()
+        self.kinds = {"input": 0, "param": 0, "const": 0, "out": 0, "arena": 0}
+        roots = graph.roots
+        self.root_slot = {}
+        for j, t in enumerate(roots):
+            self.root_slot.setdefault(id(t), j)
+        self.out_bufs = [None] * len(roots)
+        self.status: View | None = None  # int64 word: the code of the kernel that found a bad index or
+        self.status_codes = StatusCodes()  # access (code -> (node, what)); the program raises after the call
+        self.arena_bytes = 0
+        self._loop_pos = None   # inside a loop body: every buffer is live for the whole loop step
+        self._node: Node | None = None   # the node being planned (kernels remember it for error messages)
+        self._used = None
+        if bounds:
+            self._status_buffer()
+        self._build()
+
+    # ---- what a backend provides -------------------------------------------------------------------
+    def copy(self, dst: View, src: View):
+        """A kernel step writing src into dst (same shape; dtype converted as NumPy's astype)."""
+        raise NotImplementedError(f"{type(self).__name__}.copy")
+
+    def walk_body(self, body: Graph, as_root: dict) -> None:
+        """Plan the nodes of a fused or scan body whose placeholders already have views. `as_root` maps
+        id(body output) -> the outer tensor it is (a backend may compute it straight into an output
+        slot). Default: every node by its row."""
+        for n in body.nodes:
+            if not n.op.has(Trait.INPUT):
+                self.node(n)
+
+    # ---- buffers and views -------------------------------------------------------------------------
+    def shape(self, t) -> tuple:
+        return _sh.evaluate(t.shape, self.bind)
+
+    def new_buffer(self, kind: str, nbytes: int, index=None) -> int:
+        idx = self.kinds[kind] if index is None else index
+        self.kinds[kind] = max(self.kinds[kind], idx + 1)
+        self.buffers.append(Buffer(kind, idx, nbytes))
+        return len(self.buffers) - 1
+
+    def fresh(self, t, shape=None, dtype=None) -> View:
+        """A new contiguous buffer for tensor t: the output slot if t is a root, else the arena."""
+        shape = self.shape(t) if shape is None else shape
+        dtype = dtype or t.dtype
+        size = nbytes(shape, dtype)
+        j = self.root_slot.get(id(t)) if t is not None else None
+        if j is not None and self.out_bufs[j] is None and dtype == t.dtype:
+            b = self.new_buffer("out", size, j)
+            self.out_bufs[j] = b
+        else:
+            b = self.new_buffer("arena", size)
+        return View(b, 0, tuple(shape), contig_strides(shape), dtype)
+
+    def touch(self, views, step: int) -> None:
+        """Views are used at `step`: extend their buffers' (and slices' parents') lifetimes."""
+        for v in views:
+            if v is not None and v.buf is not None:
+                b = self.buffers[v.buf]
+                while True:
+                    b.first, b.last = min(b.first, step), max(b.last, step)
+                    if b.kind != "slice":
+                        break
+                    b = self.buffers[b.index]
+
+    def add(self, step, reads, writes) -> None:
+        """Append a step reading `reads` and writing `writes` (views)."""
+        pos = self._loop_pos if self._loop_pos is not None else len(self.steps)
+        self.touch(list(reads) + list(writes), pos)
+        if not isinstance(step, (HostStep, LoopStep)):
+            step.node = self._node
+        self.steps.append(step)
+
+    def materialise(self, v: View, dtype=None) -> View:
+        """A contiguous copy of v (converted to dtype)."""
+        out = self.fresh(None, v.shape, dtype or v.dtype)
+        self.add(self.copy(out, v), [v], [out])
+        return out
+
+    def slice(self, v: View, axis0_stride_bytes: int) -> tuple[int, View]:
+        """A per-iteration slice v[t] of a (length, ...) view: a buffer that moves by the stride. Its
+        size is one slice's extent; every iteration's window is checked against the parent here."""
+        item = np.dtype(v.dtype).itemsize
+        inner = View(None, 0, v.shape[1:], v.strides[1:], v.dtype)
+        lo, hi = extent(inner)
+        if lo < 0:
+            raise NotLowerable("scan")   # negative inner strides: not a forward window
+        size = (hi + 1) * item if inner.size else 0
+        parent = self.buffers[v.buf]
+        for t in {0, max(v.shape[0] - 1, 0)}:
+            start = v.offset * item + t * axis0_stride_bytes
+            if inner.size and v.shape[0] and not (0 <= start and start + size <= parent.nbytes):
+                raise GraphcError(f"internal error (a graphc bug, please report it): {self.backend} plan of scan "
+                                  f"step {t} reads bytes [{start}, {start + size}) of a {parent.nbytes}-byte buffer")
+        self.buffers.append(Buffer("slice", v.buf, size, offset=v.offset * item, stride=axis0_stride_bytes))
+        b = len(self.buffers) - 1
+        return b, View(b, 0, v.shape[1:], v.strides[1:], v.dtype)
+
+    # ---- run-time status ---------------------------------------------------------------------------
+    def _status_buffer(self) -> View:
+        """The arena word a checking kernel sets (live for the whole program, never shared)."""
+        if self.status is None:
+            b = self.new_buffer("arena", 8)
+            self.buffers[b].first, self.buffers[b].last = 0, 1 << 59
+            self.status = View(b, 0, (1,), (1,), "int64")
+        return self.status
+
+    def status_code(self, node: Node | None, what: str) -> int:
+        """The code a kernel stores in the status word to report `what` about `node`."""
+        return self.status_codes.add(node, what)
+
+    def status_view(self, node: Node) -> tuple[View, int]:
+        """Status word and code for a kernel that checks integer indices (take, take_grad)."""
+        return self._status_buffer(), self.status_code(
+            node, f"IndexError in {node.op.name} at run time: an integer index is out of range for axis "
+                  f"{node.attrs['axis']}")
+
+    def status_error(self, code: int) -> GraphcError:
+        """The error for a non-zero status word: what went wrong, and the node's line."""
+        return self.status_codes.error(code)
+
+    # ---- the walk ----------------------------------------------------------------------------------
+    def _build(self) -> None:
+        g = self.graph
+        for i, t in enumerate(g.inputs):
+            shape = self.shape(t)
+            self.view[id(t)] = contiguous_view(self.new_buffer("input", nbytes(shape, t.dtype), i), shape, t.dtype)
+        for i, p in enumerate(g.parameters):
+            self.view[id(p)] = contiguous_view(self.new_buffer("param", nbytes(p.shape, p.dtype), i), p.shape,
+                                               p.dtype)
+        for node in g.nodes:
+            if not node.op.has(Trait.INPUT | Trait.STATE):
+                self.node(node)
+        for j, t in enumerate(g.roots):   # roots not computed straight into their output slot
+            if self.out_bufs[j] is None or self.view[id(t)].buf != self.out_bufs[j]:
+                shape = self.shape(t)
+                b = self.new_buffer("out", nbytes(shape, t.dtype), j)
+                self.out_bufs[j] = b
+                out = contiguous_view(b, shape, t.dtype)
+                self.add(self.copy(out, self.view[id(t)]), [self.view[id(t)]], [out])
+        self.assign_arena()
+
+    def node(self, node: Node) -> None:
+        """Plan one node by its row in the table; no row, or NotLowerable: a host step (what the row
+        planned before it gave up is dropped)."""
+        handler = self.table.get(node.op)
+        ins = [self.view[id(t)] for t in node.inputs]
+        outer, self._node = self._node, (self._node or node)   # a fused body's nodes report the fused node
+        mark = len(self.steps), len(self.buffers), list(self.out_bufs), set(self.fallback)
+        try:
+            if handler is None:
+                raise NotLowerable(node.op.name)
+            handler(self, node, ins)
+        except NotLowerable:
+            self._drop_since(mark)
+            self.host(node, ins)
+        finally:
+            self._node = outer
+
+    def _drop_since(self, mark) -> None:
+        """Forget the steps, buffers and output slots planned since `mark` (earlier buffers keep lifetimes
+        the dropped steps extended: longer than needed, never too short)."""
+        n_steps, n_bufs, out_bufs, fallback = mark
+        del self.steps[n_steps:]
+        keep = self.status.buf if self.status is not None else None
+        for b in range(n_bufs, len(self.buffers)):
+            if b != keep:
+                self.buffers[b].first, self.buffers[b].last = 1 << 60, -1
+        self.out_bufs[:] = out_bufs
+        self.fallback = fallback
+
+    def host(self, node: Node, ins) -> None:
+        self.fallback.add(node.op.name)
+        outs = [self.fresh(t) for t in node.outputs]
+        for t, v in zip(node.outputs, outs):
+            self.view[id(t)] = v
+        self.add(HostStep(node, ins, outs), ins, outs)
+
+    def consumed(self) -> set:
+        """ids of every tensor some node (at any nesting depth) or the graph's roots read."""
+        if self._used is None:
+            used, todo, seen = {id(t) for t in self.graph.roots}, [self.graph], set()
+            while todo:
+                g = todo.pop()
+                if id(g) in seen:
+                    continue
+                seen.add(id(g))
+                used.update(id(t) for t in g.outputs)
+                for n in g.nodes:
+                    used.update(id(t) for t in n.inputs)
+                    todo.extend(v for v in n.attrs.values() if isinstance(v, Graph))
+            self._used = used
+        return self._used
+
+    # ---- memory plan -------------------------------------------------------------------------------
+    def assign_arena(self) -> None:
+        """Arena offsets from the shared planner: buffers whose step ranges do not overlap share memory."""
+        arena = [b for b in self.buffers if b.kind == "arena" and b.last >= 0]
+        plan = plan_arena([(b.first, b.last, b.nbytes) for b in arena], self.align)
+        for b, off in zip(arena, plan.offsets):
+            b.offset = off
+        self.arena_bytes = plan.total
+
+    # ---- a host-memory runtime's view of the schedule ----------------------------------------------
+    def host_array(self, v: View, bases: dict) -> np.ndarray:
+        """The ndarray view `v` denotes, given host memory `bases` ({kind: [uint8 array per index]},
+        "arena": the arena as uint8)."""
+        if v.literal is not None:
+            return np.broadcast_to(np.asarray(v.literal, v.dtype), v.shape)
+        b = self.buffers[v.buf]
+        base = bases["arena"] if b.kind == "arena" else bases[b.kind][b.index]
+        item = np.dtype(v.dtype).itemsize
+        off = (b.offset if b.kind == "arena" else 0) + v.offset * item
+        if 0 in v.shape:
+            return np.empty(v.shape, v.dtype)
+        return np.ndarray(v.shape, v.dtype, buffer=base, offset=off, strides=[s * item for s in v.strides])
+
+
+# ---- the backend-neutral rows ----------------------------------------------------------------------------
+
+@row(ConstantOp)
+def _constant(s: Schedule, node, ins):
+    t, a = node.outputs[0], node.attrs["value"]
+    if a.size == 1:
+        s.view[id(t)] = literal_view(a.reshape(-1)[0].item(), a.shape, t.dtype)
+        return
+    b = s.new_buffer("const", a.nbytes, len(s.consts))
+    s.consts.append(np.ascontiguousarray(a))
+    s.view[id(t)] = contiguous_view(b, a.shape, t.dtype)
+
+
+@row(S.Reshape)
+def _reshape(s: Schedule, node, ins):
+    v, shape = ins[0], s.shape(node.outputs[0])
+    if v.literal is not None:
+        s.view[id(node.outputs[0])] = literal_view(v.literal, shape, v.dtype)
+        return
+    if not v.contiguous:
+        v = s.materialise(v)
+    s.view[id(node.outputs[0])] = View(v.buf, v.offset, shape, contig_strides(shape), v.dtype)
+
+
+@row(S.Transpose)
+def _transpose(s: Schedule, node, ins):
+    v, axes = ins[0], node.attrs["axes"]
+    s.view[id(node.outputs[0])] = View(v.buf, v.offset, tuple(v.shape[a] for a in axes),
+                                       tuple(v.strides[a] for a in axes), v.dtype, v.literal)
+
+
+@row(S.BroadcastTo)
+def _broadcast_to(s: Schedule, node, ins):
+    v, shape = ins[0], s.shape(node.outputs[0])
+    s.view[id(node.outputs[0])] = View(v.buf, v.offset, shape, broadcast_strides(v, shape), v.dtype, v.literal)
+
+
+@row(S.GetItem)
+def _getitem(s: Schedule, node, ins):
+    s.view[id(node.outputs[0])] = view_getitem(ins[0], node.attrs["index"])
+
+
+@row(StopGradient)
+def _stop_gradient(s: Schedule, node, ins):
+    s.view[id(node.outputs[0])] = ins[0]
+
+
+@row(S.SizeOf)
+def _size_of(s: Schedule, node, ins):
+    n = int(np.prod([ins[0].shape[a] for a in node.attrs["axes"]], dtype=np.int64))
+    s.view[id(node.outputs[0])] = literal_view(n, (), node.attrs["dtype"])
+
+
+@row(S.Concatenate)
+def _concatenate(s: Schedule, node, ins):
+    t, axis = node.outputs[0], node.attrs["axis"]
+    out, start = s.fresh(t), 0
+    for v in ins:
+        n = v.shape[axis]
+        dst = view_getitem(out, (slice(None),) * axis + (slice(start, start + n),))
+        s.add(s.copy(dst, v), [v], [out])
+        start += n
+    s.view[id(t)] = out
+
+
+@row(Fused)
+def _fused(s: Schedule, node, ins):
+    """A fused body planned in place (Schedule.walk_body), its outputs the fused node's."""
+    body = node.attrs["body"]
+    for ph, v in zip(body.inputs, ins):
+        s.view[id(ph)] = v
+    s.walk_body(body, {id(bo): o for bo, o in zip(body.outputs, node.outputs)})
+    for o, bo in zip(node.outputs, body.outputs):
+        s.view[id(o)] = s.view[id(bo)]
+
+
+@row(Scan)
+def _scan(s: Schedule, node, ins):
+    """gc.scan as a native loop: carries in arena buffers, sequences/ys/history by moving slices."""
+    a = node.attrs
+    nc, ns, body = a["n_carry"], a["n_seq"], a["body"]
+    seqs = ins[nc:nc + ns]
+    # invariants read every iteration: make strided views (a hoisted transpose) contiguous once
+    invs = [v if v.literal is not None or v.contiguous else s.materialise(v) for v in ins[nc + ns:]]
+    T = seqs[0].shape[0] if seqs else int(_sh.evaluate((a["length"],), s.bind)[0])
+    concrete = [c.shape for c in ins[:nc]] + [q.shape[1:] for q in seqs] + [v.shape for v in invs]
+    for ph, shp in zip(body.inputs, concrete):
+        for d, val in zip(ph.shape, shp):
+            if not isinstance(d, int) and d.is_Symbol:
+                s.bind.setdefault(d, val)
+    if any(n.op.has(Trait.STATE) for n in body.nodes):
+        raise NotLowerable("scan")
+    carry = [s.fresh(None, c.shape, t.dtype) for c, t in zip(ins[:nc], node.outputs[:nc])]
+    for cb, c in zip(carry, ins[:nc]):
+        s.add(s.copy(cb, c), [c], [cb])
+    n_y = len(body.outputs) - nc
+    used = s.consumed()
+    # stacked ys / history nothing reads (inference needs no history): no buffer, no per-step copy
+    live = [id(t) in used for t in node.outputs[nc:]]
+    stacked = [s.fresh(t) if keep else None for t, keep in zip(node.outputs[nc:], live)]
+    saved, saved_pos = s.steps, s._loop_pos
+    s._loop_pos, s.steps = len(saved), []
+    try:
+        slices = []
+        for ph, v in zip(body.inputs, carry + [None] * ns + list(invs)):
+            if v is not None:
+                s.view[id(ph)] = v
+        for ph, q in zip(body.inputs[nc:nc + ns], seqs):
+            b, s.view[id(ph)] = s.slice(q, q.strides[0] * np.dtype(q.dtype).itemsize)
+            slices.append(b)
+        outs = []
+        for v in stacked:
+            if v is None:
+                outs.append(None)
+                continue
+            b, sv = s.slice(v, v.strides[0] * np.dtype(v.dtype).itemsize if v.shape[0] else 0)
+            slices.append(b)
+            outs.append(sv)
+        for hs, cb in zip(outs[n_y:], carry):       # history[t]: the carry entering step t
+            if hs is not None:
+                s.add(s.copy(hs, cb), [cb], [hs])
+        s.walk_body(body, {})
+        if any(isinstance(st, HostStep) for st in s.steps):
+            raise NotLowerable("scan")
+        for y, ys in zip(body.outputs[nc:], outs[:n_y]):
+            if ys is not None:
+                s.add(s.copy(ys, s.view[id(y)]), [s.view[id(y)]], [ys])
+        carry_bufs = {cb.buf for cb in carry}
+        new = [s.view[id(o)] for o in body.outputs[:nc]]
+        new = [s.materialise(v) if v.buf in carry_bufs else v for v in new]   # no read-after-write
+        for cb, v in zip(carry, new):
+            s.add(s.copy(cb, v), [v], [cb])
+        loop = LoopStep(T, bool(a["reverse"]), s.steps, slices)
+    except NotLowerable:   # Schedule.node drops what was planned and runs the scan on the host
+        s.steps, s._loop_pos = saved, saved_pos
+        raise
+    s.steps, s._loop_pos = saved, saved_pos
+    s.add(loop, [], [])
+    kept = [v for v in stacked if v is not None]
+    s.touch(carry + kept, len(s.steps) - 1)
+    for t, v in zip(node.outputs, carry + stacked):
+        if v is not None:
+            s.view[id(t)] = v

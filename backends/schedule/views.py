@@ -1,0 +1,111 @@
+"""Strided views over buffers (what a schedule hands kernels) and dim collapsing for loop nests.
+
+A View is pure data: concrete shape and strides (in elements, any sign, 0 for broadcast dims), an
+element offset into buffer `buf` (an index into Schedule.buffers), and a dtype; or a scalar literal
+broadcast to a shape (buf None). Movement ops (reshape of a contiguous view, transpose, broadcast,
+basic indexing) only make new views of the same buffer: no data moves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class View:
+    """Elements of buffer `buf` at offset + sum(i_k * strides[k]) (in elements), or a scalar literal."""
+    buf: int | None
+    offset: int
+    shape: tuple
+    strides: tuple
+    dtype: str
+    literal: object = None
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def contiguous(self) -> bool:
+        """Row-major with no gaps (size-1 dims may have any stride)."""
+        if self.literal is not None:
+            return False
+        dims, (st,) = collapse(self.shape, [self.strides])
+        return not dims or (len(dims) == 1 and st[0] == 1)
+
+    def reshape(self, shape) -> "View":
+        return View(self.buf, self.offset, tuple(shape), contig_strides(shape), self.dtype, self.literal)
+
+
+def contig_strides(shape) -> tuple:
+    out, acc = [], 1
+    for d in reversed(shape):
+        out.append(acc)
+        acc *= d
+    return tuple(reversed(out))
+
+
+def contiguous_view(buf: int, shape, dtype: str) -> View:
+    """The whole of buffer `buf` as a row-major array of `shape`."""
+    return View(buf, 0, tuple(shape), contig_strides(shape), dtype)
+
+
+def literal_view(value, shape, dtype) -> View:
+    return View(None, 0, tuple(shape), (0,) * len(shape), dtype, value)
+
+
+def broadcast_strides(v: View, shape) -> tuple:
+    """v's strides when broadcast (NumPy rules, right-aligned) to `shape`."""
+    lead = len(shape) - len(v.shape)
+    out = [0] * lead
+    for d, (n, s) in enumerate(zip(v.shape, v.strides)):
+        out.append(0 if n == 1 and shape[lead + d] != 1 else s)
+    return tuple(out)
+
+
+def collapse(shape, strides_list):
+    """Drop size-1 dims and merge adjacent dims that every operand walks contiguously."""
+    dims = [(n, [s[k] for s in strides_list]) for k, n in enumerate(shape) if n != 1]
+    out: list = []
+    for n, st in dims:
+        if out:
+            pn, pst = out[-1]
+            if all(ps == s * n for ps, s in zip(pst, st)):
+                out[-1] = (pn * n, st)
+                continue
+        out.append((n, st))
+    return [n for n, _ in out], [tuple(st[i] for _, st in out) for i in range(len(strides_list))]
+
+
+def view_getitem(v: View, index) -> View:
+    """Basic indexing (ints, slices, None) of a view: a new view of the same buffer."""
+    off, shape, strides, ax = v.offset, [], [], 0
+    for it in index:
+        if it is None:
+            shape.append(1)
+            strides.append(0)
+            continue
+        n, s = v.shape[ax], v.strides[ax]
+        if isinstance(it, slice):
+            start, stop, step = it.indices(n)
+            m = len(range(start, stop, step))
+            off += start * s if m else 0
+            shape.append(m)
+            strides.append(s * step)
+        else:
+            off += (it % n) * s
+        ax += 1
+    return View(v.buf, off, tuple(shape) + v.shape[ax:], tuple(strides) + v.strides[ax:], v.dtype, v.literal)
+
+
+def nbytes(shape, dtype) -> int:
+    """Bytes of a contiguous array of `shape` and `dtype`."""
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def extent(v: View) -> tuple[int, int]:
+    """Lowest and highest element offsets (relative to v.offset) that a non-empty view reaches."""
+    lo = sum((n - 1) * s for n, s in zip(v.shape, v.strides) if s < 0)
+    hi = sum((n - 1) * s for n, s in zip(v.shape, v.strides) if s > 0)
+    return lo, hi
