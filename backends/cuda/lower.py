@@ -17,6 +17,8 @@ import functools
 import re
 
 from graphc import dtypes as _dt
+from graphc.names import Names
+from graphc.backends.schedule.status import StatusCodes
 from graphc.ir import Graph, Node, Tensor, Trait
 from graphc.ops import elementwise as E
 from graphc.ops.core import Cast, StopGradient
@@ -102,24 +104,15 @@ class Lowering:
         self.steps: list = []
         self.kernels: list[str] = []
         self.kinds: dict[str, str] = {}
-        self.names: set[str] = set()
+        c_functions = _c_functions(type(self))
+        # buffer and kernel-parameter names: one scope for the translation unit (scan bodies share it)
+        self.names = Names(lambda n: bool(_RESERVED.match(n)) or n in c_functions, default="t", sep="")
         self.status: int | None = None   # int32 buffer kernels set when an index is out of range
-        self.status_nodes: list = []     # code k (1-based) -> the node whose kernel set it
+        self.status_codes = StatusCodes()  # code -> (node whose kernel set it, message)
 
     # ---- buffers -------------------------------------------------------------------------------
-    def _name(self, hint: str) -> str:
-        base = re.sub(r"\W", "_", hint or "t")
-        base = base if base[:1].isalpha() or base[:1] == "_" else "t_" + base
-        if _RESERVED.match(base) or base in _c_functions(type(self)):
-            base += "_"
-        name, k = base, 1
-        while name in self.names:
-            name, k = f"{base}{k}", k + 1
-        self.names.add(name)
-        return name
-
     def new_buffer(self, t: Tensor, kind="temp", hint=None, **kw) -> int:
-        b = Buffer(len(self.buffers), self._name(t.name or f"t_{hint or 'tmp'}"), t.dtype, t.shape, kind, **kw)
+        b = Buffer(len(self.buffers), self.names(t.name or f"t_{hint or 'tmp'}"), t.dtype, t.shape, kind, **kw)
         self.buffers.append(b)
         self.buf_of[id(t)] = b.id
         return b.id
@@ -131,14 +124,20 @@ class Lowering:
             self.new_buffer(t, "const", "const", value=t.node.attrs["value"])
         return self.buf_of[id(t)]
 
-    def status_arg(self, node) -> tuple[tuple[str, str], int]:
-        """The status word's kernel parameter and this node's error code (the host raises after the call)."""
+    def status_word(self) -> int:
+        """The int32 status word's buffer (created at first use)."""
         if self.status is None:
-            b = Buffer(len(self.buffers), self._name("gc_status"), "int32", (1,), "status")
+            b = Buffer(len(self.buffers), self.names("gc_status"), "int32", (1,), "status")
             self.buffers.append(b)
             self.status = b.id
-        self.status_nodes.append(node)
-        return (self.buffers[self.status].name, "int32"), len(self.status_nodes)
+        return self.status
+
+    def status_arg(self, node) -> tuple[tuple[str, str], int]:
+        """The status word's kernel parameter and this node's error code for an integer index out of
+        range (the host raises after the call)."""
+        code = self.status_codes.add(node, f"{node.op.name}: index out of range at run time (indices must lie "
+                                           f"in [-n, n))")
+        return (self.buffers[self.status_word()].name, "int32"), code
 
     def arg(self, t: Tensor) -> tuple[str, str]:
         return self.buffers[self.buf(t)].name, t.dtype
@@ -160,7 +159,7 @@ class Lowering:
         params = self.g.parameters
         upd_params = [next(i for i, q in enumerate(params) if q is p) for p, _ in self.g.updates]
         plan = Plan(self.buffers, self.steps, outs, upds, self.dt, self.kinds, upd_params, self.status,
-                    self.status_nodes)
+                    self.status_codes)
         return self.source(), plan
 
     def source(self) -> str:
@@ -220,7 +219,7 @@ class Lowering:
             if _scalar_const(t) is not None or id(t) in seen:
                 continue
             name, dt = self.arg(t)
-            pname = name if name not in [e[0] for e in ext] else self._name(name)
+            pname = name if name not in [e[0] for e in ext] else self.names(name)
             seen[id(t)] = pname
             ext.append((pname, dt, id(t), broadcast_view(self.dt.shape(t.shape), loop_c)))
             args.append(self.buf(t))
@@ -396,14 +395,14 @@ class Lowering:
         n, k, m = self.dt.dim(a.shape[-2]), self.dt.dim(a.shape[-1]), self.dt.dim(b.shape[-1])
         aa, ba = self.arg(a), self.arg(b)
         if ba[0] == aa[0]:  # x @ x: one buffer, two kernel parameters
-            ba = (self._name(ba[0]), ba[1])
+            ba = (self.names(ba[0]), ba[1])
         outs_t = node.outputs if tail is not None else [y]
         outs = [self.out_arg(t, node.op.name) for t in outs_t]
         t = K.TILE
         extra, extra_bufs, epilogue = [], [], None
         if tail is not None:
             nodes, ext, mm_out, body_outs = tail[0], tail[1], tail[2], tail[3]
-            ext = [(self._name(p) if p in (aa[0], ba[0]) else p, d, tid, v) for p, d, tid, v in ext]
+            ext = [(self.names(p) if p in (aa[0], ba[0]) else p, d, tid, v) for p, d, tid, v in ext]
             extra = [(p, d) for p, d, _, _ in ext]
             extra_bufs = tail[4]
             element = self._element(nodes, ext, body_outs, self.dt.shape(y.shape), tail[5],
@@ -494,7 +493,7 @@ class Lowering:
         y, axis = node.outputs[0], node.attrs["axis"]
         loop_c = self.dt.shape(y.shape)
         ins = [self.arg(t) for t in node.inputs]
-        pnames = [n if n not in [q for q, _ in ins[:k]] else self._name(n) for k, (n, _) in enumerate(ins)]
+        pnames = [n if n not in [q for q, _ in ins[:k]] else self.names(n) for k, (n, _) in enumerate(ins)]
         ins = [(p, d) for p, (_, d) in zip(pnames, ins)]
         shapes = [self.dt.shape(t.shape) for t in node.inputs]
         out = self.out_arg(y, "concatenate")
@@ -539,7 +538,7 @@ class Lowering:
         y = node.outputs[0]
         xa, ia = self.arg(x), self.arg(idx)
         if ia[0] == xa[0]:
-            ia = (self._name(ia[0]), ia[1])
+            ia = (self.names(ia[0]), ia[1])
         out = self.out_arg(y, "take")
         status = self.status_arg(node)
         target = self._take_target(x.shape, idx.shape, node.attrs["axis"], ia[0], status)

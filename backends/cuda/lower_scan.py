@@ -16,7 +16,7 @@ def scan(L, node) -> None:
     body = node.attrs["body"]
     child = type(L)(body)  # the same backend's table (cuda_emulated may override entries)
     child.dt, child.kernels, child.kinds, child.names = L.dt, L.kernels, L.kinds, L.names  # one module
-    child.steps, child.buffers, child.status_nodes = [], [], L.status_nodes  # one list of error codes
+    child.steps, child.buffers, child.status_codes = [], [], L.status_codes  # one registry of error codes
     for i, t in enumerate(body.inputs):
         child.new_buffer(t, "input", index=i)
     for n in body.nodes:
@@ -29,9 +29,7 @@ def scan(L, node) -> None:
     outs = [L.new_buffer(t, hint="scan") for t in node.outputs]
     status = None
     if child.status is not None:
-        if L.status is None:
-            L.status_arg(node)  # creates the graph's status word (code unused)
-        status = (child.status, L.status)
+        status = (child.status, L.status_word())  # the body's word is the graph's
     L.steps.append(ScanLoop(node, plan, ins, outs, status))
 
 

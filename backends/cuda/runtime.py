@@ -1,7 +1,8 @@
 """Execution on a real GPU through the CUDA driver API (libcuda via ctypes: no extra dependency).
 
-Device buffers per call for inputs and temporaries; constants uploaded once; parameters kept
-resident between calls, and an update's new value stays on the device as the parameter's copy.
+Temporaries in one device arena per function (the plan's layout; grown when a call needs more),
+device buffers per call for inputs, outputs and update values; constants uploaded once; parameters
+kept resident between calls, and an update's new value stays on the device as the parameter's copy.
 None of this can run on a machine without an NVIDIA driver: the tests skip it with the reason."""
 from __future__ import annotations
 
@@ -95,6 +96,7 @@ class DeviceMemory(Memory):
     """Device pointers as handles. One instance per compiled function; calls are serialised."""
 
     def __init__(self, module: DeviceModule, plan: Plan):
+        super().__init__()
         self.m, self.lib, self.plan = module, module.lib, plan
         self.resident = {}   # param index -> (host array it mirrors, device pointer)
         self.consts = {}     # buffer id -> device pointer
@@ -107,11 +109,8 @@ class DeviceMemory(Memory):
         return p.value
 
     def _upload(self, a: np.ndarray) -> int:
-        a = np.ascontiguousarray(a)
         p = self._alloc_bytes(a.nbytes)
-        if a.nbytes:
-            _call(self.lib, "cuMemcpyHtoD_v2", ctypes.c_uint64(p), a.ctypes.data_as(ctypes.c_void_p),
-                  ctypes.c_size_t(a.nbytes))
+        self.upload(p, a)
         return p
 
     def bind(self, array, buf):
@@ -131,6 +130,21 @@ class DeviceMemory(Memory):
         p = self._upload(array)
         self.temps.append(p)
         return p
+
+    def new_arena(self, nbytes):
+        return self._alloc_bytes(nbytes)
+
+    def free_arena(self, base):
+        self._free(base)
+
+    def place(self, base, offset, dtype, shape):
+        return base + offset
+
+    def upload(self, handle, array):
+        a = np.ascontiguousarray(array)
+        if a.nbytes:
+            _call(self.lib, "cuMemcpyHtoD_v2", ctypes.c_uint64(handle), a.ctypes.data_as(ctypes.c_void_p),
+                  ctypes.c_size_t(a.nbytes))
 
     def alloc(self, dtype, shape):
         p = self._alloc_bytes(int(np.prod(shape)) * np.dtype(dtype).itemsize)

@@ -32,12 +32,13 @@ class CudaEmulatedBackend(Backend):
 
     def compile(self, graph, options=None) -> Program:
         source, plan = lower(graph, self.lowering)
-        mem = HostMemory(build(source, plan, sanitize=options.sanitize if options is not None else None))
+        sanitize = options.sanitize if options is not None else None
+        mem = HostMemory(build(source, plan, sanitize=sanitize), separate=bool(sanitize))
 
         def run(inputs, params, dims):
             return execute(plan, mem, inputs, params, dims)
         return Program(run, source, plan=plan, plan_text=plan.text(), fallback_ops=plan.fallback_ops,
-                       kernels=dict(plan.kernels))
+                       kernels=dict(plan.kernels), memory=mem)
 
 
 BACKEND = CudaEmulatedBackend()

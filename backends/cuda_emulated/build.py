@@ -16,6 +16,7 @@ import numpy as np
 from graphc.backends.cuda.compiler import error_with_source
 from graphc.backends.cuda.plan import Launch, Memory, Plan, ScanLoop
 from graphc.backends.cuda.prelude import C_TYPES
+from graphc.backends.schedule.arena import DEFAULT_ALIGN as ALIGN
 from graphc.backends.schedule.cache import find_files, key as cache_key, store_files, tool_identity
 from graphc.errors import GraphcError
 
@@ -136,11 +137,30 @@ def _compile(cxx: str, flags: list[str], header: str, tu: str, source: str) -> b
 
 
 class HostMemory(Memory):
-    """'Device' memory is host memory: buffers are NumPy arrays; launches call the host launchers."""
+    """'Device' memory is host memory: buffers are NumPy arrays; launches call the host launchers.
+    Calls may run concurrently (ctypes releases the GIL): each thread has its own arena. Under a
+    sanitizer (`separate`), every temporary gets its own allocation instead, so that an overrun
+    lands in a red zone rather than in a neighbouring temporary."""
+    per_thread_arena = True
 
-    def __init__(self, lib: ctypes.CDLL):
+    def __init__(self, lib: ctypes.CDLL, separate: bool = False):
+        super().__init__()
         self.lib = lib
         self.fns = {}
+        self.separate = separate
+
+    def new_arena(self, nbytes):
+        raw = np.empty(nbytes + ALIGN, np.uint8)
+        return raw[(-raw.ctypes.data) % ALIGN:][:nbytes]
+
+    def place(self, base, offset, dtype, shape):
+        if self.separate:
+            return np.empty(shape, dtype)
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        return base[offset:offset + n].view(dtype).reshape(shape)
+
+    def upload(self, handle, array):
+        np.copyto(handle, array.reshape(handle.shape))
 
     def bind(self, array, buf):
         return np.ascontiguousarray(array)
