@@ -1,9 +1,11 @@
 """Generate readable Python/NumPy source for a graph and exec it into a function.
 
-One line per op, named after its tensors. At optimize=2 the backend also honours the memory plan
-(graphc.passes.memory.plan_buffers): planned intermediates are computed with `out=` into workspace
-buffers (one set per thread and dims, reused across calls, never returned), dead results are `del`eted,
-and fused nodes become inline NumPy lines (see fused.py), run in cache-sized chunks.
+One line per op, named after its tensors (unique names from graphc.names.Names). At
+optimize=2 the backend also honours the memory plan (graphc.passes.memory.plan_buffers): planned
+intermediates are computed with `out=` into workspace buffers (views over one byte arena per thread
+and dims, placed by the shared arena planner, see workspace.py; reused across calls, never returned),
+dead results are `del`eted, and fused nodes become inline NumPy lines (see fused.py), run in
+cache-sized chunks.
 """
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import builtins
 import itertools
 import keyword
 import linecache
-import threading
 
 import numpy as np
 
@@ -21,8 +22,9 @@ from graphc.ir import Graph, Trait, fmt_loc
 from graphc.ops.fused import Fused
 from graphc.ops.scan import Scan
 from ..base import Backend, Program
+from graphc.names import Names
 from .fused import emit_fused, node_lines
-from .spellings import dims_code, expression
+from .spellings import expression
 
 _ids = itertools.count()
 _SIMPLE = (int, float, bool, str, type(None))
@@ -40,70 +42,46 @@ def _simple_attr(v) -> bool:
     return False
 
 
-class _Names:
-    """Readable, unique Python identifiers for tensors."""
-
-    def __init__(self):
-        self.used = set(keyword.kwlist) | set(dir(builtins)) | {"np", "math"}  # never shadow max, sum, ...
-        self.count = itertools.count(1)
-
-    def fresh(self, hint: str) -> str:
-        base = hint if hint and hint.isidentifier() else "t"
-        name = base
-        while name in self.used:
-            name = f"{base}{next(self.count)}"
-        self.used.add(name)
-        return name
+#: fixed locals of generated functions (arguments, chunk-loop variables)
+_LOCALS = ("_dims", "_ws", "_step", "_lo", "_hi")
 
 
-class _Workspace(threading.local):
-    """Per-thread workspace buffers, keyed by the symbolic-dim values (the last two kept)."""
-
-    def __init__(self, buffers):
-        self.buffers, self.cache = buffers, {}
-        self.last = (None, None)
-
-    def get(self, dims) -> list:
-        if self.last[0] == dims:  # the common case: same batch size as the previous call
-            return self.last[1]
-        ws = self._lookup(dims)
-        self.last = (dict(dims), ws)
-        return ws
-
-    def _lookup(self, dims) -> list:
-        key = tuple(sorted(dims.items()))
-        ws = self.cache.get(key)
-        if ws is None:
-            binds = {_sh.dim_symbol(k): v for k, v in dims.items()}
-            ws = [np.empty(_sh.evaluate((n,), binds)[0], dt) for dt, n in self.buffers]
-            if len(self.cache) >= 2:
-                self.cache.pop(next(iter(self.cache)))
-            self.cache[key] = ws
-        return ws
+def _reserved() -> frozenset:
+    """Names generated code must not bind: keywords, builtins (never shadow max, sum, ...), the module
+    names and fixed locals of the generated function, and the impls it calls (`_` + op name)."""
+    from graphc.ir import OPS
+    return (frozenset(keyword.kwlist) | frozenset(dir(builtins)) | {"np", "math", "graph_fn", *_LOCALS}
+            | {f"_{name}" for name in OPS})
 
 
 class NumpyBackend(Backend):
     name = "numpy"
+
+    def memory_plan(self, graph: Graph, dims: dict):
+        """The report behind `f.memory_plan(N=64)`: this backend's arena for `graph` (peak vs naive bytes)."""
+        from .workspace import memory_plan
+        return memory_plan(graph, dims)
 
     def compile(self, graph: Graph, options=None) -> Program:
         """`graph` (already optimised) as generated source; `options`: a graphc.function.CompileOptions."""
         if options is None:
             from graphc.function import CompileOptions
             options = CompileOptions()
-        plan = None
+        plan = ws = None
         if options.plan_memory:
             from graphc.passes.memory import plan_buffers
+            from .workspace import Layout, Workspace
             plan = plan_buffers(graph)
+            ws = Workspace(Layout(plan)) if plan.buffers else None
         src, ns, line_nodes = generate(graph, plan, options)
         filename = f"<graphc-numpy-{next(_ids)}>"
         linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
         exec(compile(src, filename, "exec"), ns)
         fn = ns["graph_fn"]
-        ws = _Workspace(plan.buffers if plan else [])
 
         def run(inputs, params, dims):
             try:
-                return fn(*inputs, *params, _dims=dims, _ws=ws.get(dims) if ws.buffers else ())
+                return fn(*inputs, *params, _dims=dims, _ws=ws.get(dims) if ws is not None else ())
             except GraphcError:
                 raise
             except Exception as e:  # map the failing generated line back to the node and user's line
@@ -112,7 +90,7 @@ class NumpyBackend(Backend):
                     raise
                 raise GraphcError(f"{type(e).__name__} in {node.op.name} at run time: {e}\n"
                                   f"  node built at {fmt_loc(node.loc)}") from e
-        return Program(run, src, namespace=ns, plan=plan)
+        return Program(run, src, namespace=ns, plan=plan, workspace=ws)
 
 
 def _failing_node(exc, filename, line_nodes):
@@ -130,7 +108,8 @@ class Emitter:
 
     def __init__(self, options=None):
         self.options = options  # the function's CompileOptions (nested bodies are compiled with them)
-        self.names, self.ns, self.var = _Names(), {"np": np, "math": __import__("math")}, {}
+        self.names = Names(_reserved(), default="t")
+        self.ns, self.var = {"np": np, "math": __import__("math")}, {}
         self.lines, self.line_nodes = [], {}
         self.big: dict[int, str] = {}  # id(tensor) -> variable, for results worth a `del`
 
@@ -190,7 +169,7 @@ def generate(graph: Graph, plan=None, options=None):
                   {s.name for n in graph.nodes for t in n.outputs for s in _sh.free_symbols(t.shape)})
     em.lines.append(f"def graph_fn({', '.join(args)}{', ' if args else ''}*, _dims, _ws):")
     for s in syms:
-        em.names.used.add(s)
+        em.names.reserve(s)
         em.add(f"{s} = _dims[{s!r}]")
     for pos, node in enumerate(graph.nodes):
         _node(em, node, plan)
@@ -205,15 +184,12 @@ def generate(graph: Graph, plan=None, options=None):
 
 
 def _target(em, node, plan, o) -> str | None:
-    """The workspace buffer (as a shaped view) planned for output `o`, bound to a variable; else None."""
+    """The workspace buffer planned for output `o` (a view over the arena with o's dtype and shape),
+    bound to a variable; else None."""
     if plan is None or id(o) not in plan.assign:
         return None
-    k = plan.assign[id(o)]
     name = em.names.fresh(o.name or node.op.name)
-    n = plan.buffers[k][1]
-    view = f"_ws[{k}]" if len(o.shape) == 1 and _sh.dims_equal(o.shape[0], n) else \
-        f"_ws[{k}].reshape({dims_code(o.shape)})"
-    em.add(f"{name} = {view}")
+    em.add(f"{name} = _ws[{plan.assign[id(o)]}]")
     return name
 
 
@@ -263,7 +239,7 @@ def _fused(em, node, inputs, targets, plan) -> list[str]:
 
 def _scan(em, node, inputs, targets, plan) -> list[str]:
     from .scan import scan_runner
-    run = em.names.fresh("_scan")
+    run = em.names.fresh("_run_scan")
     em.ns[run] = scan_runner(node, em.options)
     out = [em.names.fresh(o.name or f"scan_{i}") for i, o in enumerate(node.outputs)]
     em.add(f"{', '.join(out)}{',' if len(out) == 1 else ''} = {run}({', '.join(inputs)}, dims=_dims)", node)

@@ -7,6 +7,7 @@ import networkx as nx
 
 from .. import shapes as _sh
 from ..ir import Graph, Node, Tensor, Trait
+from ..names import Names
 from ..ops.core import placeholder
 from ..ops.fused import Fused
 from ..ops.linalg import MatMul
@@ -122,13 +123,9 @@ class _Fuser:
         return out
 
 
-def _placeholder_for(t: Tensor, i: int, taken: set) -> Tensor:
-    """A body placeholder standing for `t`, named after it (names unique within the body)."""
-    name = t.name if t.name and t.name.isidentifier() and t.name not in taken else f"in{i}"
-    while name in taken:
-        name += "_"
-    taken.add(name)
-    return placeholder(name, t.shape, t.dtype)
+def _placeholder_for(t: Tensor, i: int, names) -> Tensor:
+    """A body placeholder standing for `t`, named after it (`names`: the body's Names, so unique)."""
+    return placeholder(names.fresh(t.name or f"in{i}"), t.shape, t.dtype)
 
 
 def build_fused(members: list[Node], env: dict, outs: list[Tensor], alias: dict | None = None):
@@ -137,7 +134,7 @@ def build_fused(members: list[Node], env: dict, outs: list[Tensor], alias: dict 
     The body's schedule is the members' order (so an epilogue's matmul comes first)."""
     alias = alias or {}
     body_env: dict[int, Tensor] = {}
-    ext, phs, leaves, order, by_outer, taken = [], [], [], [], {}, set()
+    ext, phs, leaves, order, by_outer, names = [], [], [], [], {}, Names(default="in")
     for m in members:
         m_ins = [alias.get(id(t), t) for t in m.inputs]
         for t in m_ins:
@@ -152,7 +149,7 @@ def build_fused(members: list[Node], env: dict, outs: list[Tensor], alias: dict 
                 body_env[id(t)] = by_outer[id(outer)]
                 continue
             ext.append(outer)
-            body_env[id(t)] = by_outer[id(outer)] = _placeholder_for(t, len(phs), taken)
+            body_env[id(t)] = by_outer[id(outer)] = _placeholder_for(t, len(phs), names)
             phs.append(body_env[id(t)])
         new = clone(m, [body_env[id(t)] for t in m_ins])
         order.append(new[0].node)

@@ -1,17 +1,19 @@
-"""Memory planning and scheduling.
+"""Memory planning and scheduling (backend-neutral: lifetimes and in-place decisions).
 
 schedule (a pass): a topological order, chosen greedily to free memory early (the order backends run).
-plan_buffers: which intermediates live in reusable workspace buffers (lifetimes that do not overlap
-share one; an elementwise op whose input dies writes in place), used by the NumPy backend.
-memory_plan: the report behind `f.memory_plan(N=64)` (peak bytes planned vs naive, symbolic in N).
+lifetimes: when each computed tensor is written and last read (views keep their bases alive).
+plan_buffers: which intermediates live in workspace buffers, each with its lifetime (an elementwise op
+whose input dies writes in place, continuing that input's buffer), used by the NumPy backend, which
+places them in one byte arena with the shared planner (backends/numpy/workspace.py, where the report
+behind `f.memory_plan(N=64)` is made).
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 import networkx as nx
 import numpy as np
-import sympy
 
 from .. import shapes as _sh
 from ..ir import Graph, Node, Tensor, Trait
@@ -97,20 +99,42 @@ def lifetimes(graph: Graph) -> tuple[dict, dict, set]:
 # ---- buffer assignment -----------------------------------------------------------------------------
 
 @dataclass
+class Buffer:
+    """A planned workspace buffer: one tensor, or a chain of tensors each computed in place over the
+    one before; live from step `first` (its first write) to step `last` (its last read), inclusive."""
+    dtype: str
+    shape: tuple
+    first: int
+    last: int
+
+    @property
+    def elements(self):
+        return _sh.size(self.shape)
+
+    @property
+    def nbytes(self):
+        return self.elements * np.dtype(self.dtype).itemsize
+
+
+@dataclass
 class BufferPlan:
-    """Workspace buffers ({id: (dtype, elements)}) and which computed tensor lives in which."""
-    buffers: list = field(default_factory=list)       # [(dtype, elements expr)]
+    """Which computed tensors live in workspace buffers (their memory is placed by the backend: the
+    NumPy backend puts them in one byte arena per thread and dims, backends/schedule/arena.py)."""
+    buffers: list = field(default_factory=list)       # [Buffer]
     assign: dict = field(default_factory=dict)        # id(tensor) -> buffer index
     in_place: dict = field(default_factory=dict)      # id(tensor) -> id(input it overwrote)
     free_after: dict = field(default_factory=dict)    # node position -> [id(t)] self-allocated, dead after
 
 
 def plan_buffers(graph: Graph) -> BufferPlan:
-    """Greedy interval assignment in schedule order; buffers are reused by equal (dtype, size)."""
+    """Every intermediate the NumPy backend can compute into a given buffer (not returned, not a view's
+    base that escapes) gets a buffer with its lifetime; an elementwise result whose input dies at its
+    step takes over that input's buffer (in place). Which buffers share memory is decided by lifetimes
+    alone when they are placed in the arena."""
     life, base, escaping = lifetimes(graph)
     aliased = {b for bs in base.values() for b in bs}
-    plan, free = BufferPlan(), {}
-    ending: dict[int, list] = {}
+    plan = BufferPlan()
+    taken: set[int] = set()   # buffers already continued in place at this step
     for i, n in enumerate(graph.nodes):
         if n.op.has(Trait.LEAF):
             continue
@@ -118,84 +142,50 @@ def plan_buffers(graph: Graph) -> BufferPlan:
             if id(o) in escaping or not fresh(n):
                 continue
             if len(n.outputs) == 1 and writes_into_buffer(n):
-                _assign(plan, n, o, i, life, aliased, free, ending)
+                _assign(plan, n, o, i, life, aliased, taken)
             elif life[id(o)][1] > i:
                 plan.free_after.setdefault(life[id(o)][1], []).append(id(o))
-        for t_id in ending.pop(i, ()):  # buffers whose tensor died here are free for later nodes
-            k = plan.assign[t_id]
-            free.setdefault(plan.buffers[k], []).append(k)
+        taken.clear()
     return plan
 
 
-def _assign(plan, n, o, i, life, aliased, free, ending):
-    key = (o.dtype, _sh.size(o.shape))
+def _assign(plan, n, o, i, life, aliased, taken):
     k = None
     for x in n.inputs:  # in place over an input that dies here
-        if (id(x) in plan.assign and life[id(x)][1] == i and id(x) not in aliased and in_place_ok(n, x)
-                and id(x) in ending.get(i, ())):
-            k = plan.assign[id(x)]
-            ending[i].remove(id(x))
+        kx = plan.assign.get(id(x))
+        if (kx is not None and kx not in taken and life[id(x)][1] == i and plan.buffers[kx].last == i
+                and id(x) not in aliased and in_place_ok(n, x)):
+            k = kx
+            taken.add(k)
             plan.in_place[id(o)] = id(x)
+            plan.buffers[k].last = life[id(o)][1]
             break
-    if k is None and free.get(key):
-        k = free[key].pop()
     if k is None:
         k = len(plan.buffers)
-        plan.buffers.append(key)
+        plan.buffers.append(Buffer(o.dtype, tuple(o.shape), i, life[id(o)][1]))
     plan.assign[id(o)] = k
-    ending.setdefault(life[id(o)][1], []).append(id(o))
 
 
-# ---- the report ------------------------------------------------------------------------------------
-
-@dataclass
-class MemoryPlan:
-    """Planned vs naive memory for a compiled graph (bytes; symbolic exprs where dims are symbolic)."""
-    peak_bytes: object        # planned peak, evaluated for the given dims when they were given
-    naive_bytes: object       # every intermediate in its own allocation, kept to the end of the call
-    peak_bytes_expr: object   # the planned peak as an expression in the symbolic dims
-    naive_bytes_expr: object
-    workspace_bytes: object   # reusable buffers (allocated once per thread and dims)
-    buffers: list             # [(dtype, elements)] workspace buffers
-    assignment: dict          # tensor label -> buffer index
-    in_place: list            # labels of tensors computed in place over a dying input
-    dims: dict
-
-    def __str__(self):
-        return (f"MemoryPlan: peak {self.peak_bytes} bytes (naive {self.naive_bytes}); "
-                f"{len(self.buffers)} workspace buffers for {len(self.assignment)} tensors, "
-                f"{len(self.in_place)} computed in place")
-
-
-def _eval(expr, dims):
-    if isinstance(expr, int) or not dims:
-        return expr
-    v = sympy.sympify(expr).subs({_sh.dim_symbol(k): int(v) for k, v in dims.items()})
-    return int(v) if v.is_Integer else v
-
-
-def memory_plan(graph: Graph, dims: dict | None = None) -> MemoryPlan:
-    """The memory report: planned peak (workspace + live self-allocated results) vs naive."""
-    plan = plan_buffers(graph)
-    life, base, escaping = lifetimes(graph)
-    computed = [(i, o) for i, n in enumerate(graph.nodes) if not n.op.has(Trait.LEAF) and fresh(n)
-                for o in n.outputs]
-    naive = sum((nbytes(o) for _, o in computed), 0)
-    ws = sum((d * np.dtype(dt).itemsize for dt, d in plan.buffers), 0)
-    events = {}
-    for i, o in computed:
-        if id(o) not in plan.assign:
-            events.setdefault(i, []).append(nbytes(o))
-            events.setdefault(life[id(o)][1] + 1, []).append(-nbytes(o))
-    live, peaks = ws, [ws]
-    for i in sorted(events):
-        live = live + sum(events[i])
-        peaks.append(live)
-    peak = sympy.Max(*peaks) if any(not isinstance(p, int) for p in peaks) else max(peaks)
-    labels = {id(o): o.label for _, o in computed}
-    return MemoryPlan(_eval(peak, dims), _eval(naive, dims), peak, naive, _eval(ws, dims), plan.buffers,
-                      {labels[t]: k for t, k in plan.assign.items()},
-                      [labels[t] for t in plan.in_place], dict(dims or {}))
+def equal_size_groups(plan: BufferPlan) -> list[int]:
+    """A group for each buffer: buffers of one group have the same dtype and size and disjoint
+    lifetimes, so one slot holds them all in turn (greedy by first use: the fewest slots per size).
+    These slots side by side are a simple placement (sharing only between equal sizes) that the arena
+    placement never exceeds (see backends/numpy/workspace.py)."""
+    bufs = plan.buffers
+    group, free, live, count = [0] * len(bufs), {}, [], 0
+    for k in sorted(range(len(bufs)), key=lambda k: (bufs[k].first, k)):
+        b = bufs[k]
+        while live and live[0][0] < b.first:  # slots whose buffer died before this one starts
+            _, g, key = heapq.heappop(live)
+            free.setdefault(key, []).append(g)
+        key = (b.dtype, b.elements)
+        if free.get(key):
+            g = free[key].pop()
+        else:
+            g, count = count, count + 1
+        group[k] = g
+        heapq.heappush(live, (b.last, g, key))
+    return group
 
 
 # ---- scheduling ------------------------------------------------------------------------------------
