@@ -2,6 +2,8 @@
 
     graphc show model.onnx
     graphc draw model.graphc -o graph.svg
+    graphc draw model.onnx -o model.html       # the interactive viewer, one self-contained page
+    graphc view model.onnx [--port 8000]       # serve that page on http://127.0.0.1:8000/
     graphc convert model.onnx model.graphc
     graphc run model.onnx --input x.npy --backend llvm -o outputs.npz
     graphc bench [benchmark options]
@@ -65,8 +67,22 @@ def cmd_draw(args) -> None:
     import graphc as gc
     g = load_model(args.model)
     obj = gc.function(g, optimize=args.optimize) if args.optimize else g
-    out = gc.draw(obj, args.output, collapse=True if args.collapse else None)
+    if args.output.lower().endswith((".html", ".htm")):
+        out = gc.draw(obj, args.output)
+    else:
+        out = gc.draw(obj, args.output, collapse=True if args.collapse else None)
     print(f"wrote {out}")
+
+
+def cmd_view(args) -> None:
+    import graphc as gc
+    from graphc import viewer
+    g = load_model(args.model)
+    obj = gc.function(g, optimize=args.optimize) if args.optimize else g
+
+    def ready(url):
+        print(f"graphc viewer for {args.model}: {url}  (Ctrl-C stops)", flush=True)
+    viewer.serve(obj, port=args.port, host=args.host, title=os.path.basename(args.model), ready=ready)
 
 
 def cmd_convert(args) -> None:
@@ -115,6 +131,8 @@ def cmd_run(args) -> None:
     values = _read_inputs(g, args.input or [])
     fn = gc.function(g, backend=args.backend)
     outs = fn(*values)
+    if isinstance(outs, np.ndarray):  # a graph saved from a one-output function returns one array
+        outs = [outs]
     names = [t.name or f"output_{i}" for i, t in enumerate(g.outputs)]
     for name, v in zip(names, outs):
         stats = f"min {v.min():.6g} max {v.max():.6g} mean {v.mean():.6g}" if v.size and v.dtype.kind in "fi" else ""
@@ -142,11 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("show", help="summary: inputs, outputs, parameters, op histogram")
     s.add_argument("model")
-    s = sub.add_parser("draw", help="render the graph with Graphviz (.svg, .png, .pdf, .dot)")
+    s = sub.add_parser("draw", help="render the graph with Graphviz (.svg, .png, .pdf, .dot) or as the "
+                                    "interactive viewer page (.html)")
     s.add_argument("model")
     s.add_argument("-o", "--output", default="graph.svg")
     s.add_argument("-O", "--optimize", type=int, default=0, help="draw the graph optimised at this level")
     s.add_argument("--collapse", action="store_true", help="merge repeated layers")
+    s = sub.add_parser("view", help="serve the interactive viewer page for the model and print its URL")
+    s.add_argument("model")
+    s.add_argument("-p", "--port", type=int, default=8000, help="port (0: any free port)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("-O", "--optimize", type=int, default=2,
+                   help="show the graph compiled at this level (fused kernels, memory plan); 0: as loaded")
     s = sub.add_parser("convert", help="convert between .onnx and .graphc")
     s.add_argument("src")
     s.add_argument("dst")
@@ -165,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         return cmd_bench(None, argv[1:])
     args = build_parser().parse_args(argv)
-    handler = {"show": cmd_show, "draw": cmd_draw, "convert": cmd_convert, "run": cmd_run}[args.command]
+    handler = {"show": cmd_show, "draw": cmd_draw, "view": cmd_view, "convert": cmd_convert,
+               "run": cmd_run}[args.command]
     try:
         handler(args)
     except BrokenPipeError:  # output piped into `head`

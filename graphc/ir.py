@@ -40,7 +40,8 @@ def user_frame() -> tuple[str, int]:
 
 #: hook name -> the module that provides it (named in the error when it is missing)
 HOOK_PROVIDERS = {"as_tensor": "graphc.ops", "graph_text": "graphc.printing", "to_networkx": "graphc.printing",
-                  "repr_svg": "graphc.viz", "grad": "graphc.autodiff", "jvp": "graphc.autodiff"}
+                  "repr_svg": "graphc.viz", "repr_html": "graphc.viz",
+                  "grad": "graphc.autodiff", "jvp": "graphc.autodiff"}
 _HOOKS: dict[str, Callable] = {}
 
 
@@ -321,6 +322,10 @@ class Graph:
     def _repr_svg_(self):
         """Jupyter shows a graph as a picture (None, i.e. the text repr, without Graphviz)."""
         return hook("repr_svg")(self)
+
+    def _repr_html_(self):
+        """Jupyter shows a graph in the interactive viewer (graphc.viewer; the SVG is the fallback)."""
+        return hook("repr_html")(self)
 
     def __str__(self):
         return hook("graph_text")(self)

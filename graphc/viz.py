@@ -278,9 +278,14 @@ def render(dot_text: str, fmt: str = "svg") -> bytes:
 
 
 def draw(obj, path, format: str | None = None, **options) -> str:
-    """Render `obj` (see to_dot) to `path`; the format comes from the suffix (.svg .png .pdf .dot)."""
+    """Render `obj` (see to_dot) to `path`; the format comes from the suffix (.svg .png .pdf .dot).
+
+    .html writes the interactive viewer (graphc.viewer: one self-contained page; no Graphviz needed)."""
     path = os.fspath(path)
     fmt = (format or os.path.splitext(path)[1].lstrip(".") or "svg").lower()
+    if fmt in ("html", "htm"):
+        from .viewer import write_html
+        return write_html(obj, path, **options)
     text = to_dot(obj, **options)
     data = text.encode() if fmt in ("dot", "gv") else render(text, fmt)
     with open(path, "wb") as f:
@@ -298,6 +303,13 @@ def repr_svg(obj) -> str | None:
         return to_svg(obj)
     except GraphvizNotFound:
         return None
+
+
+def repr_html(obj) -> str | None:
+    """HTML for Jupyter's _repr_html_: the interactive viewer in an iframe (the SVG stays in the
+    notebook's bundle as the fallback for frontends that do not run its script)."""
+    from .viewer import repr_html as _viewer_html
+    return _viewer_html(obj)
 
 
 # ---- structure export ----------------------------------------------------------------------------
