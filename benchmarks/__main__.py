@@ -1,9 +1,10 @@
-"""python -m benchmarks [--quick] [--only W1,W2] [--json out.json] [--png out.png]
+"""python -m benchmarks [--quick] [--only W1,W2] [--systems S1,S2] [--json out.json] [--png out.png]
 
 Runs W1-W6 on graphc (numpy O0/O2, llvm) and the installed peers, checks every output against a
 float64 NumPy reference before timing, and prints a table (median (min) per call), compile times and
-the BLAS/thread set-up. Unless --keep-env, OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are removed for this
-process only (it re-executes itself and says so), so OpenBLAS picks its kernels for this CPU.
+the BLAS/thread set-up; the results go to a JSON file only when --json names one. Unless --keep-env,
+OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are removed for this process only (it re-executes itself and
+says so), so OpenBLAS picks its kernels for this CPU.
 """
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ SYSTEMS = {
     "pytensor": peers.pytensor_build,
 }
 _ENV_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+#: workload ids for --only (W.all_workloads builds data, so the ids are listed here; a test checks they agree)
+WORKLOAD_IDS = ("W1", "W2", "W3", "W4", "W5", "W6")
+#: --systems groups: a name that stands for several systems
+GROUPS = {"graphc": [s for s in SYSTEMS if s.startswith("graphc")], "peers": [
+    s for s in SYSTEMS if s != "numpy" and not s.startswith("graphc")]}
 
 
 def _args(argv):
@@ -39,16 +45,47 @@ def _args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer samples; skips torch.compile unless --systems")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (the smoke test): checks, no meaningful times")
-    p.add_argument("--only", default="", help="comma-separated workload ids, e.g. W1,W2")
-    p.add_argument("--systems", default="", help="comma-separated systems (default: all)")
-    p.add_argument("--json", default="benchmark_results.json", help="where to write the JSON results")
+    p.add_argument("--only", default="", help=f"comma-separated workload ids: {', '.join(WORKLOAD_IDS)} "
+                   "(default: all)")
+    p.add_argument("--systems", default="", help="comma-separated systems (default: all): " +
+                   ", ".join(repr(s) for s in SYSTEMS) + "; groups: " +
+                   ", ".join(f"{g!r} ({', '.join(m)})" for g, m in GROUPS.items()))
+    p.add_argument("--json", default="", help="also write the results as JSON to this file (default: none)")
     p.add_argument("--png", default="", help="also write a matplotlib chart of the ratios here")
     p.add_argument("--keep-env", action="store_true", help="keep OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE")
     p.add_argument("--threads", type=int, default=0,
                    help="limit every system to N threads (BLAS via threadpoolctl, torch, ONNX Runtime, graphc); "
                         "0 = each system's default")
     p.add_argument("--compile-probe", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.workload_ids = _parse_only(p, args.only)
+    args.system_names = _parse_systems(p, args.systems)
+    return args
+
+
+def _parse_only(p: argparse.ArgumentParser, only: str) -> set[str]:
+    """The workload ids of --only (W1 or a full id such as 'W1 MLP b1'); an unknown one is a usage error."""
+    keep = {s.strip() for s in only.split(",") if s.strip()}
+    bad = sorted(k for k in keep if k.split()[0] not in WORKLOAD_IDS)
+    if bad:
+        p.error(f"--only: unknown workload {', '.join(bad)}; workloads are {', '.join(WORKLOAD_IDS)}")
+    return keep
+
+
+def _parse_systems(p: argparse.ArgumentParser, systems_arg: str) -> list[str]:
+    """The system names of --systems, groups expanded, in the given order; an unknown one is a usage error."""
+    out = []
+    for s in (s.strip() for s in systems_arg.split(",")):
+        if not s:
+            continue
+        names = [s] if s in SYSTEMS else GROUPS.get(s)
+        if names is None:
+            import difflib
+            near = difflib.get_close_matches(s, list(SYSTEMS) + list(GROUPS), n=1, cutoff=0.5)
+            p.error(f"--systems: unknown system {s!r}" + (f" (did you mean {near[0]!r}?)" if near else "") +
+                    f"; systems are {', '.join(repr(k) for k in SYSTEMS)}; groups: {', '.join(map(repr, GROUPS))}")
+        out += [n for n in names if n not in out]
+    return out
 
 
 def _reexec_without_openblas_env(args, argv) -> None:
@@ -65,11 +102,10 @@ def _reexec_without_openblas_env(args, argv) -> None:
 def _selected(args):
     size = "tiny" if args.tiny else "full"
     wls = W.all_workloads(size)
-    if args.only:
-        keep = {s.strip() for s in args.only.split(",")}
+    keep = args.workload_ids
+    if keep:
         wls = [w for w in wls if w.id in keep or w.id.split()[0] in keep]
-    names = [s.strip() for s in args.systems.split(",") if s.strip()] or [
-        s for s in SYSTEMS if not (args.quick and s == "torch.compile")]
+    names = args.system_names or [s for s in SYSTEMS if not (args.quick and s == "torch.compile")]
     return wls, names
 
 
@@ -156,8 +192,9 @@ def _report(args, env, results, names, probe, bw) -> None:
     print(harness.compile_table(results, probe))
     payload = {"environment": env, "results": results, "warm_compile_s": probe, "copy_bandwidth_Bps": bw,
                "quick": args.quick, "tiny": args.tiny}
-    harness.write_json(args.json, payload)
-    print(f"\nJSON: {args.json}")
+    if args.json:
+        harness.write_json(args.json, payload)
+        print(f"\nJSON: {args.json}")
     if args.png:
         why = harness.plot(args.png, results, names)
         print(f"plot: {args.png}" if why is None else f"plot skipped: {why}")

@@ -24,6 +24,7 @@ _ir.provide("jvp", _autodiff.jvp)
 _ir.provide("graph_text", _printing.graph_text)
 _ir.provide("to_networkx", _printing.to_networkx)
 _ir.provide("repr_svg", lambda obj: __import__("graphc.viz", fromlist=["repr_svg"]).repr_svg(obj))  # viz on first use
+_ir.provide("repr_html", lambda obj: __import__("graphc.viz", fromlist=["repr_html"]).repr_html(obj))
 
 __version__ = "0.1.0"
 float32, float64, int32, int64 = "float32", "float64", "int32", "int64"
@@ -34,6 +35,7 @@ bool_ = "bool"
 _LAZY = {
     "nn": ("graphc.nn", None), "losses": ("graphc.losses", None), "optim": ("graphc.optim", None),
     "init": ("graphc.init", None), "random": ("graphc.ops.random", None), "passes": ("graphc.passes", None),
+    "viz": ("graphc.viz", None),
     "fit": ("graphc.train", "fit"), "trace": ("graphc.frontends.numpy_trace", "trace"),
     "to_dot": ("graphc.viz", "to_dot"), "draw": ("graphc.viz", "draw"),
     "save": ("graphc.serialize", "save"), "load": ("graphc.serialize", "load"),
@@ -48,3 +50,8 @@ def __getattr__(name):
         m = importlib.import_module(mod)
         return m if attr is None else getattr(m, attr)
     raise AttributeError(f"module 'graphc' has no attribute {name!r}")
+
+
+def __dir__():
+    """dir(gc) lists the sub-libraries and tools loaded on first use (nn, optim, losses, random, viz, ...)."""
+    return sorted(set(globals()) | set(_LAZY))

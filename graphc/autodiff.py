@@ -156,19 +156,46 @@ def _static_size(t: Tensor, what: str) -> int:
     return n
 
 
-def jacobian(y: Tensor, x: Tensor) -> Tensor:
-    """dy/dx of shape y.shape + x.shape (one reverse pass per element of y)."""
+def _check_wrt(xs, what: str) -> None:
+    if not xs:
+        raise GradientError(f"{what}: wrt is an empty list; give a tensor or a list of tensors")
+    for x in xs:
+        if not isinstance(x, Tensor):
+            raise GradientError(f"{what}: wrt must be a tensor or a list of tensors, got {type(x).__name__}")
+
+
+def jacobian(y: Tensor, x):
+    """dy/dx of shape y.shape + x.shape (one reverse pass per element of y). `x` a list: the list of
+    blocks dy/dx_i, each y.shape + x_i.shape (the same reverse passes serve every block)."""
+    xs, is_list = _as_list(x)
+    _check_wrt(xs, "jacobian")
+    y = F.as_tensor(y)
     n = _static_size(y, "jacobian")
     flat = F.reshape(y, (n,))
-    rows = [grad(flat[i], x, disconnected="zero") for i in range(n)]
-    if not rows:
-        return F.broadcast_to(F.constant(0, x.dtype), y.shape + x.shape)
-    return F.reshape(F.stack(rows, 0), y.shape + x.shape)
+    rows = [grad(flat[i], xs, disconnected="zero") for i in range(n)]
+    out = []
+    for j, xj in enumerate(xs):
+        if not rows:
+            out.append(F.broadcast_to(F.constant(0, xj.dtype), y.shape + xj.shape))
+        else:
+            out.append(F.reshape(F.stack([r[j] for r in rows], 0), y.shape + xj.shape))
+    return out if is_list else out[0]
 
 
-def hessian(cost: Tensor, x: Tensor) -> Tensor:
-    """Second derivatives of a scalar cost w.r.t. x: shape x.shape + x.shape."""
-    return jacobian(grad(cost, x), x)
+def hessian_blocks(grads: Sequence[Tensor], wrt: Sequence[Tensor]) -> list[list[Tensor]]:
+    """H[i][j] = d grads[i] / d wrt[j] (shape grads[i].shape + wrt[j].shape): the Hessian blocks
+    when `grads` are the gradients of one cost with respect to `wrt`."""
+    return [jacobian(g, list(wrt)) for g in grads]
+
+
+def hessian(cost: Tensor, x):
+    """Second derivatives of a scalar cost w.r.t. x: shape x.shape + x.shape. `x` a list of tensors
+    [x_1, ..., x_k] (e.g. a model's parameters): the blocks as a list of k lists, H[i][j] =
+    d2 cost / dx_i dx_j of shape x_i.shape + x_j.shape."""
+    xs, is_list = _as_list(x)
+    _check_wrt(xs, "hessian")
+    blocks = hessian_blocks(grad(cost, xs), xs)
+    return blocks if is_list else blocks[0][0]
 
 
 def hvp(cost: Tensor, wrt, v):

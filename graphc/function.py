@@ -1,6 +1,7 @@
 """gc.function: compile a graph into a callable; input checking, symbolic-dim binding, updates."""
 from __future__ import annotations
 
+import difflib
 import importlib
 import threading
 from dataclasses import dataclass
@@ -53,7 +54,11 @@ def available_backends() -> list[str]:
 COMMON_OPTIONS = {"mode": "None, or 'debug': check every intermediate for NaN/Inf",
                   "disable": "names of optimisation passes to skip",
                   "debug_passes": "check the graph after every pass",
-                  "sanitize": "a native-code checker (backend.sanitizers)"}
+                  "sanitize": "a native-code checker (backend.sanitizers)",
+                  "allow_input_downcast": "convert inputs of a wider dtype of the same kind (float64 data "
+                                          "into a float32 placeholder) instead of refusing them"}
+#: gc.function's own parameters (listed with the options in the unknown-option message)
+SIGNATURE = ("inputs", "outputs", "updates", "backend", "optimize")
 MODES = (None, "debug")
 LEVELS = (0, 1, 2)
 
@@ -73,6 +78,7 @@ class CompileOptions:
     disable: tuple[str, ...] = ()
     debug_passes: bool = False
     sanitize: str | None = None
+    allow_input_downcast: bool = False
     #: backend-specific keywords, as sorted (name, value) pairs
     backend_options: tuple[tuple[str, Any], ...] = ()
 
@@ -84,8 +90,11 @@ class CompileOptions:
         known = {**COMMON_OPTIONS, **be.options}
         for k in options:
             if k not in known:
+                every = sorted(set(known) | set(SIGNATURE) - {"inputs", "outputs"})
+                near = difflib.get_close_matches(k, every, n=1, cutoff=0.6)
                 raise GraphcError(f"gc.function: unknown option {k}= for backend {be.name!r}; known: "
-                                  f"{', '.join(sorted(known))}")
+                                  f"{', '.join(f'{o}=' for o in every)}"
+                                  + (f"; did you mean {near[0]}=?" if near else ""))
         mode = options.get("mode")
         if mode not in MODES:
             raise GraphcError(f"gc.function: mode={mode!r}; expected None or 'debug'")
@@ -103,8 +112,12 @@ class CompileOptions:
         unknown = set(disable) - {p.name for p in PIPELINE}
         if unknown:
             raise GraphcError(f"unknown pass name(s) {sorted(unknown)}; passes are {[p.name for p in PIPELINE]}")
+        downcast = options.get("allow_input_downcast", False)
+        if not isinstance(downcast, bool):
+            raise GraphcError(f"gc.function: allow_input_downcast must be True or False, got {downcast!r}")
         extra = tuple(sorted((k, v) for k, v in options.items() if k not in COMMON_OPTIONS))
-        return cls(backend, int(optimize), mode, disable, bool(options.get("debug_passes", False)), san, extra)
+        return cls(backend, int(optimize), mode, disable, bool(options.get("debug_passes", False)), san, downcast,
+                   extra)
 
     @property
     def debug(self) -> bool:
@@ -161,6 +174,15 @@ def _check_updates(updates):
     return out
 
 
+def _output(o, i: int) -> Tensor:
+    from .ops.core import as_tensor
+    if isinstance(o, Tensor):
+        return o
+    if isinstance(o, (bool, int, float, complex, np.ndarray, np.generic)):
+        return as_tensor(o)   # a constant output
+    raise GraphcError(f"gc.function: output {i} must be a tensor, got {type(o).__name__} {o!r}")
+
+
 class Function:
     """A compiled graph. Call it with arrays for the inputs; returns array(s)."""
 
@@ -168,10 +190,21 @@ class Function:
         from .ops.core import as_tensor
         if isinstance(inputs, Graph):
             g = inputs
-            inputs, outputs, updates = g.inputs, g.outputs, (updates or g.updates)
+            single = getattr(g, "single", False) and len(g.outputs) == 1   # gc.load of a one-output function
+            inputs, outputs, updates = g.inputs, (g.outputs[0] if single else g.outputs), (updates or g.updates)
         self.single = isinstance(outputs, Tensor)
-        outs = [outputs] if self.single else [as_tensor(o) for o in (outputs or [])]
-        ins = list(inputs)
+        if not (outputs is None or self.single or isinstance(outputs, (list, tuple))):
+            raise GraphcError(f"gc.function: outputs must be a tensor or a list of tensors, got "
+                              f"{type(outputs).__name__} {outputs!r}" +
+                              ("; wrap a constant in gc.constant(...)" if isinstance(outputs, (int, float)) else ""))
+        outs = [outputs] if self.single else [_output(o, i) for i, o in enumerate(outputs or [])]
+        try:
+            if isinstance(inputs, Tensor):
+                raise TypeError
+            ins = list(inputs)
+        except TypeError:
+            raise GraphcError(f"gc.function: inputs must be a list of placeholders, got {type(inputs).__name__}"
+                              + (" (write [x])" if isinstance(inputs, Tensor) else "")) from None
         for t in ins:
             if not isinstance(t, Tensor) or not t.node.op.has(Trait.INPUT):
                 raise GraphcError(f"inputs must be placeholders, got {t!r}")
@@ -187,7 +220,7 @@ class Function:
         self.backend = get_backend(backend, for_compile=True)
         self.graph = self.options.optimise(self.user_graph)
         self._params = self.graph.parameters
-        self._specs = [self._input_spec(t) for t in self.graph.inputs]
+        self._specs = [self._input_spec(t, self.options.allow_input_downcast) for t in self.graph.inputs]
         self._check_placeholders()
         self.program = self.backend.compile(self.graph, self.options)
         self._lock = threading.Lock()
@@ -233,23 +266,29 @@ class Function:
         return [self._convert(spec, a, dims) for spec, a in zip(self._specs, args)], dims
 
     @staticmethod
-    def _input_spec(t: Tensor):
-        """(tensor, dtype, [(axis, fixed size)], [(axis, symbol name)]) checked on every call."""
+    def _input_spec(t: Tensor, downcast: bool = False):
+        """(tensor, dtype, [(axis, fixed size)], [(axis, symbol name)], static shape, downcast) checked on
+        every call."""
         fixed = [(ax, d) for ax, d in enumerate(t.shape) if isinstance(d, int)]
         syms = [(ax, d.name) for ax, d in enumerate(t.shape) if not isinstance(d, int) and d.is_Symbol]
         static = tuple(t.shape) if len(fixed) == t.ndim else None
-        return t, np.dtype(t.dtype), fixed, syms, static
+        return t, np.dtype(t.dtype), fixed, syms, static, downcast
 
     @staticmethod
     def _convert(spec, a, dims) -> np.ndarray:
-        t, dtype, fixed, syms, static = spec
+        t, dtype, fixed, syms, static, downcast = spec
         if type(a) is np.ndarray and a.dtype == dtype and a.shape == static:   # the common case, quickly
             fl = a.flags
             if fl.c_contiguous and fl.aligned:
                 return a
         if isinstance(a, np.ndarray):
             if a.dtype != dtype:
-                raise InputError(f"input {t.name!r}: expected dtype {t.dtype}, got {a.dtype}")
+                same_kind = np.can_cast(a.dtype, dtype, "same_kind") or (a.dtype.kind in "iub" and dtype.kind == "f")
+                if not (downcast and same_kind):
+                    fix = (f"; convert it (x.astype({t.dtype!r})) or compile with "
+                           f"gc.function(..., allow_input_downcast=True)") if same_kind else ""
+                    raise InputError(f"input {t.name!r}: expected dtype {t.dtype}, got {a.dtype}{fix}")
+                a = a.astype(dtype)
         else:
             try:
                 raw = np.asarray(a)
@@ -320,12 +359,16 @@ class Function:
         return res[:len(g.outputs)], res[len(g.outputs):]
 
     def memory_plan(self, **dims):
-        from .passes.memory import memory_plan
-        return memory_plan(self.graph, dims)
+        """The NumPy backend's memory plan for this graph (arena peak vs naive bytes, offsets, lifetimes)."""
+        return get_backend("numpy").memory_plan(self.graph, dims)
 
     def _repr_svg_(self):
         """Jupyter shows a compiled function as a picture of its optimised graph."""
         return hook("repr_svg")(self)
+
+    def _repr_html_(self):
+        """Jupyter shows a compiled function in the interactive viewer (kernels, memory plan, fallbacks)."""
+        return hook("repr_html")(self)
 
     def __repr__(self):
         return f"<graphc.Function {self.graph.name} backend={self.backend_name} ops={len(self.graph.compute_nodes())}>"

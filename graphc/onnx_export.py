@@ -165,6 +165,25 @@ def _graph_of(inputs, outputs) -> Graph:
     return Graph(list(inputs), outs)
 
 
+def _used_initializers(nodes, outputs, inits) -> list:
+    """The initialisers some node (or a Scan body, which may read outer names) or output reads: an
+    export rule that makes a constant it ends up not using must not leave it in the model (ONNX
+    Runtime warns about every unused initialiser on every load)."""
+    used = set(outputs)
+
+    def walk(ns):
+        for n in ns:
+            used.update(n.input)
+            for a in n.attribute:
+                if a.HasField("g"):
+                    walk(a.g.node)
+                    used.update(o.name for o in a.g.output)
+                for sub in a.graphs:
+                    walk(sub.node)
+    walk(nodes)
+    return [i for i in inits if i.name in used]
+
+
 def to_onnx(inputs, outputs=None, name: str | None = None):
     """The onnx.ModelProto for a graph (see export_onnx)."""
     import onnx
@@ -179,6 +198,7 @@ def to_onnx(inputs, outputs=None, name: str | None = None):
     outs = ex.run_graph(g, bound)
     out_names = [ex.emit("Identity", [n], hint=t.name or f"output_{i}")[0]  # stable, unique output names
                  for i, (t, n) in enumerate(zip(g.outputs, outs))]
+    ex.inits = _used_initializers(ex.nodes, out_names, ex.inits)
     graph = helper.make_graph(ex.nodes, name or g.name or "graphc", [_value_info(bound[id(t)], t) for t in g.inputs],
                               [_value_info(n, t) for n, t in zip(out_names, g.outputs)], ex.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="graphc",

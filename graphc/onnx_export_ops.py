@@ -66,13 +66,14 @@ def _not_equal(ex, node, ins):
 @exporter("log1p", "expm1", "rsqrt")
 def _composite_unary(ex, node, ins):
     dt = _out_dtype(node)
-    x, one = _in(ex, node, ins, 0, dt), ex.const(np.ones((), dt))
+    x = _in(ex, node, ins, 0, dt)
     op = node.op.name
+    if op == "rsqrt":
+        return [ex.one("Reciprocal", ex.one("Sqrt", x))]
+    one = ex.const(np.ones((), dt))   # made only where used: ONNX Runtime warns about unused initialisers
     if op == "log1p":
         return [ex.one("Log", ex.one("Add", x, one))]
-    if op == "expm1":
-        return [ex.one("Sub", ex.one("Exp", x), one)]
-    return [ex.one("Reciprocal", ex.one("Sqrt", x))]
+    return [ex.one("Sub", ex.one("Exp", x), one)]
 
 
 @exporter("leaky_relu")

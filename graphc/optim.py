@@ -16,6 +16,7 @@ import numpy as np
 
 import graphc as gc
 from graphc import ops as F
+from .autodiff import hessian_blocks
 from .errors import GraphcError
 from .ir import Tensor
 from .ops.core import Parameter, parameter
@@ -131,17 +132,31 @@ class Optimizer:
             grads = clip_by_global_norm(grads, self.clip_norm)
         return grads
 
-    def updates(self, loss, params: Sequence[Parameter], grads: Sequence[Tensor] | None = None) -> list:
-        """(parameter, new value) pairs for one step on `loss`: parameters, state, step counter."""
+    def _start(self, params) -> list[Parameter]:
+        """Check the parameter list and create the step counter (once)."""
         params = list(params)
         if not params:
-            raise GraphcError(f"{self.name}: no parameters to optimise")
+            raise GraphcError(f"{self.name}: no parameters to optimise (a gc.nn.Module registers the layers "
+                              "assigned to its attributes; put lists of layers in gc.nn.ModuleList)")
         for p in params:
             if not isinstance(p, Parameter):
                 raise GraphcError(f"{self.name}: {getattr(p, 'label', p)!r} is not a parameter")
         if self.step is None:
             self.step = parameter(f"{self.name}.step", np.zeros((), params[0].dtype), params[0].dtype)
-        grads = self.gradients(loss, params, grads)
+        return params
+
+    def _given_grads(self, params, grads) -> list[Tensor] | None:
+        if grads is None:
+            return None
+        grads = [F.as_tensor(g) for g in grads]
+        if len(grads) != len(params):
+            raise GraphcError(f"{self.name}: {len(grads)} gradients for {len(params)} parameters")
+        return grads
+
+    def updates(self, loss, params: Sequence[Parameter], grads: Sequence[Tensor] | None = None) -> list:
+        """(parameter, new value) pairs for one step on `loss`: parameters, state, step counter."""
+        params = self._start(params)
+        grads = self.gradients(loss, params, self._given_grads(params, grads))
         t = self.step + 1.0
         lr = self.learning_rate(self.step)
         out = []
@@ -276,49 +291,79 @@ def _split(v: Tensor, params) -> list[Tensor]:
     return out
 
 
+def _decayed_grads(opt: Optimizer, loss, params, grads) -> list[Tensor]:
+    """The gradient of loss + weight_decay/2 * sum(p^2), from `grads` when given (differentiable again)."""
+    gs = grads if grads is not None else gc.grad(loss, params)
+    if opt.weight_decay:
+        gs = [g + opt.weight_decay * p for g, p in zip(gs, params)]
+    return list(gs)
+
+
+def _clipped(opt: Optimizer, gs: list[Tensor]) -> list[Tensor]:
+    if opt.clip_value is not None:
+        gs = clip_by_value(gs, opt.clip_value)
+    if opt.clip_norm is not None:
+        gs = clip_by_global_norm(gs, opt.clip_norm)
+    return gs
+
+
 class Newton(Optimizer):
     """Damped Newton: p -= lr * (H + damping I)^-1 g with the full Hessian from gc.hessian blocks
-    (one reverse pass per parameter element: for small models)."""
+    (one reverse pass per parameter element: for small models).
+
+    Like every optimiser it takes weight_decay (added to the loss as weight_decay/2 * ||p||^2),
+    clip_value / clip_norm (applied to g on the right-hand side; H is the Hessian of the unclipped
+    loss), schedule (lr from the step counter) and grads= (gradients to use; they must be
+    differentiable graphs of the parameters, since H is their Jacobian)."""
 
     def __init__(self, lr: float = 1.0, damping: float = 1e-3, **kw):
         super().__init__(lr, **kw)
         self.damping = damping
 
     def updates(self, loss, params, grads=None):
-        params = list(params)
-        if self.weight_decay:
-            loss = loss + 0.5 * self.weight_decay * _total([F.sum(p * p) for p in params])
-        gs = gc.grad(loss, params)
-        rows = [F.concatenate([F.reshape(gc.jacobian(g, q), (int(np.prod(g.shape)), int(np.prod(q.shape))))
-                               for q in params], 1) for g in gs]
-        h = F.concatenate(rows, 0)
+        params = self._start(params)
+        gs = _decayed_grads(self, loss, params, self._given_grads(params, grads))
+        blocks = hessian_blocks(gs, params)
+        sizes = [int(np.prod(p.shape)) for p in params]
+        h = F.concatenate([F.concatenate([F.reshape(b, (m, n)) for b, n in zip(row, sizes)], 1)
+                           for row, m in zip(blocks, sizes)], 0)
         n = h.shape[0]
-        d = gc.solve(h + gc.constant(self.damping * np.eye(n), h.dtype), _flat(gs))
-        return [(p, p - self.lr * di) for p, di in zip(params, _split(d, params))]
+        d = gc.solve(h + gc.constant(self.damping * np.eye(n), h.dtype), _flat(_clipped(self, gs)))
+        lr = self.learning_rate(self.step)
+        return [(p, p - lr * di) for p, di in zip(params, _split(d, params))] + [(self.step, self.step + 1.0)]
 
 
 class HessianFree(Optimizer):
     """Hessian-free (truncated Newton): solve (H + damping I) d = g by `cg_iters` steps of conjugate
-    gradient, each using a Hessian-vector product (gc.hvp, double backprop; H is never formed)."""
+    gradient, each using a Hessian-vector product (double backprop; H is never formed).
+
+    weight_decay, clip_value / clip_norm (on g, the right-hand side), schedule and grads= (differentiable
+    gradients, whose products with a vector are differentiated for H v) are honoured as in Newton."""
 
     def __init__(self, lr: float = 1.0, damping: float = 1e-2, cg_iters: int = 10, **kw):
         super().__init__(lr, **kw)
+        if isinstance(cg_iters, bool) or not isinstance(cg_iters, int) or cg_iters < 1:
+            raise GraphcError(f"HessianFree: cg_iters must be an integer >= 1, got {cg_iters!r}")
         self.damping, self.cg_iters = damping, cg_iters
 
     def updates(self, loss, params, grads=None):
-        params = list(params)
-        if self.weight_decay:
-            loss = loss + 0.5 * self.weight_decay * _total([F.sum(p * p) for p in params])
-        g = _flat(gc.grad(loss, params))
+        params = self._start(params)
+        gs = _decayed_grads(self, loss, params, self._given_grads(params, grads))
+
+        def hvp(vs):
+            inner = _total([F.sum(g * F.stop_gradient(v)) for g, v in zip(gs, vs)])
+            return _flat(gc.grad(inner, params, disconnected="zero"))
+        g = _flat(_clipped(self, gs))
         x, r = F.zeros_like(g), g
         p = r
         rs = F.sum(r * r)
         for _ in range(self.cg_iters):
-            hp = _flat(gc.hvp(loss, params, [F.stop_gradient(v) for v in _split(p, params)])) + self.damping * p
+            hp = hvp(_split(p, params)) + self.damping * p
             alpha = rs / (F.sum(p * hp) + 1e-30)
             x = x + alpha * p
             r = r - alpha * hp
             rs_new = F.sum(r * r)
             p = r + (rs_new / (rs + 1e-30)) * p
             rs = rs_new
-        return [(q, q - self.lr * d) for q, d in zip(params, _split(x, params))]
+        lr = self.learning_rate(self.step)
+        return [(q, q - lr * d) for q, d in zip(params, _split(x, params))] + [(self.step, self.step + 1.0)]

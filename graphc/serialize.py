@@ -122,11 +122,23 @@ def _dim(d):
     return {kind: [_dim(a) for a in d.args]}
 
 
+def _single(obj) -> bool:
+    """Whether `obj` returns one array rather than a list (a function of one tensor, or one tensor)."""
+    from .function import Function
+    if isinstance(obj, Function):
+        return bool(obj.single)
+    return isinstance(obj, Tensor) or bool(getattr(obj, "single", False))
+
+
 def save(obj, path) -> None:
-    """Write a compiled function's graph (or a gc.Graph / tensors) with its parameter values to `path`."""
+    """Write a compiled function's graph (or a gc.Graph / tensors) with its parameter values to `path`.
+    A function of one output tensor (not a list) reloads as one: `gc.function(gc.load(path))(x)` returns
+    an array, as the saved function did."""
     g = _as_graph(obj)
     w = _Writer()
-    body = json.dumps({"format": FORMAT, "version": VERSION, "graph": w.graph(g)}, sort_keys=True).encode()
+    gd = w.graph(g)
+    gd["single"] = _single(obj) and len(g.outputs) == 1
+    body = json.dumps({"format": FORMAT, "version": VERSION, "graph": gd}, sort_keys=True).encode()
     members = {"graph.json": body}
     for key, a in w.arrays.items():
         buf = io.BytesIO()
@@ -197,8 +209,20 @@ class _Reader:
         return np.require(a, requirements="C")
 
 
+def register_all_ops() -> None:
+    """Import every op module of graphc.ops, so every op graphc defines is in graphc.ir.OPS whatever the
+    user imported (gc.random's ops, for one, are otherwise registered on first use of gc.random)."""
+    import importlib
+    import pkgutil
+    from . import ops
+    for m in pkgutil.iter_modules(ops.__path__):
+        importlib.import_module(f"{ops.__name__}.{m.name}")
+
+
 def load(path) -> Graph:
-    """Read a file written by gc.save: a gc.Graph (inputs, outputs, updates, parameter values)."""
+    """Read a file written by gc.save: a gc.Graph (inputs, outputs, updates, parameter values). The
+    graph's `single` attribute says the saved function returned one array (gc.function honours it)."""
+    register_all_ops()
     path = os.fspath(path)
     if not os.path.exists(path):
         raise SerializationError(f"{path}: no such file")
@@ -216,7 +240,9 @@ def load(path) -> Graph:
         doc = _json(path, r.member("graph.json", MAX_JSON_BYTES))
         _check_header(path, doc)
         try:
-            return _build_graph(r, doc["graph"])
+            g = _build_graph(r, doc["graph"])
+            g.single = doc["graph"].get("single") is True and len(g.outputs) == 1
+            return g
         except SerializationError:
             raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:

@@ -99,5 +99,5 @@ def test_loss_gradients(name, fn, rng):
 def test_loss_errors():
     with pytest.raises(gc.ShapeError, match="without the class axis"):
         gc.losses.cross_entropy(gc.placeholder("z", (4, 3)), gc.placeholder("l", (4, 3), "int64"))
-    with pytest.raises(ValueError, match="reduction"):
+    with pytest.raises(gc.GraphcError, match="reduction must be"):
         gc.losses.mse(gc.placeholder("p", (2,)), 0.0, reduction="avg")

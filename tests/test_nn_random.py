@@ -148,7 +148,7 @@ def test_random_errors():
         gc.random.uniform((2,), seed=1, key=gc.random.key(1))
     with pytest.raises(gc.DTypeError, match="dtype must be float"):
         gc.random.normal((2,), dtype="int32")
-    with pytest.raises(ValueError, match="p must be in"):
+    with pytest.raises(gc.GraphcError, match="p must be in"):
         gc.dropout(gc.placeholder("x", (3,)), 1.0)
 
 

@@ -3,6 +3,7 @@ Embedding, Flatten, activations, and a ResNet basic block. Weights use PyTorch's
 default initialisation (so torch state dicts load), seeded through graphc.init."""
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Callable
 
@@ -10,7 +11,7 @@ import numpy as np
 
 from graphc import ops as F
 from .. import init as _init
-from ..errors import ShapeError
+from ..errors import GraphcError, ShapeError
 from ..ir import fmt_loc, user_frame
 from ..ops import nn_ops as N
 from ..ops.random import Generator
@@ -28,11 +29,28 @@ def _torch_default(shape, fan_in, dtype, rng):
     return _init.uniform(shape, -b, b, dtype, rng)
 
 
-def _weight(shape, init, dtype, rng):
+#: initialiser names a layer's init= accepts (functions of graphc.init)
+INITS = ("zeros", "ones", "normal", "uniform", "xavier_uniform", "xavier_normal", "glorot_uniform",
+         "glorot_normal", "kaiming_uniform", "kaiming_normal", "he_uniform", "he_normal", "orthogonal")
+
+
+def _weight(shape, init, dtype, rng, owner: str = "layer"):
     if init is None:
         return _torch_default(shape, _init.fans(shape)[0], dtype, rng)
-    fn = getattr(_init, init) if isinstance(init, str) else init
-    return fn(shape, dtype=dtype, rng=rng)
+    if isinstance(init, str):
+        if init not in INITS:
+            near = difflib.get_close_matches(init, INITS, n=1)
+            raise GraphcError(f"{owner}: unknown init={init!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+                              + f"; expected None (PyTorch's default), one of {', '.join(INITS)}, "
+                              "or a function (shape, dtype=, rng=) -> array")
+        init = getattr(_init, init)
+    if not callable(init):
+        raise GraphcError(f"{owner}: init must be None, an initialiser name or a function (shape, dtype=, rng=) "
+                          f"-> array, got {type(init).__name__}")
+    w = np.asarray(init(shape, dtype=dtype, rng=rng))
+    if w.shape != tuple(shape):
+        raise ShapeError(f"{owner}: init returned shape {w.shape}, expected {tuple(shape)}")
+    return w
 
 
 class Dense(Module):
@@ -43,7 +61,8 @@ class Dense(Module):
         super().__init__()
         rng = np.random.default_rng(seed) if seed is not None else None
         self.in_features, self.out_features = in_features, out_features
-        self.weight = self.add_param("weight", _weight((out_features, in_features), init, dtype, rng), dtype)
+        self.weight = self.add_param("weight", _weight((out_features, in_features), init, dtype, rng,
+                                                       f"Dense({in_features}, {out_features})"), dtype)
         self.bias = self.add_param("bias", _torch_default((out_features,), in_features, dtype, rng), dtype) \
             if bias else None
 
@@ -77,7 +96,7 @@ class _ConvND(Module):
         self.cfg = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
         shape = (out_channels, in_channels // groups) + k
-        self.weight = self.add_param("weight", _weight(shape, init, dtype, rng), dtype)
+        self.weight = self.add_param("weight", _weight(shape, init, dtype, rng, type(self).__name__), dtype)
         self.bias = self.add_param("bias", _torch_default((out_channels,), _init.fans(shape)[0], dtype, rng),
                                    dtype) if bias else None
 
@@ -178,8 +197,8 @@ class Dropout(Module):
 
     def __init__(self, p: float = 0.5, seed: int | None = None, generator: Generator | None = None):
         super().__init__()
-        if not 0 <= p < 1:
-            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+            raise GraphcError(f"Dropout: p must be a probability in [0, 1), got {p!r}")
         self.p = p
         self.generator = generator or (Generator(seed, f"{self.prefix}.rng") if seed is not None else None)
 
@@ -188,6 +207,24 @@ class Dropout(Module):
 
     def extra_repr(self):
         return f"p={self.p}"
+
+
+class NoisyReLU(Module):
+    """max(0, x + e) in training, e ~ N(0, sigmoid(x)) (Nair & Hinton) or N(0, std^2) when std is given;
+    plain relu at inference (`.eval()` or training=False). A fresh draw every training-mode call."""
+
+    def __init__(self, std: float | None = None, seed: int | None = None, generator: Generator | None = None):
+        super().__init__()
+        if std is not None and (isinstance(std, bool) or not isinstance(std, (int, float)) or std < 0):
+            raise GraphcError(f"NoisyReLU: std must be None or a number >= 0, got {std!r}")
+        self.std = std
+        self.generator = generator or (Generator(seed, f"{self.prefix}.rng") if seed is not None else None)
+
+    def forward(self, x, training):
+        return N.noisy_relu(x, training, std=self.std, generator=self.generator)
+
+    def extra_repr(self):
+        return "" if self.std is None else f"std={self.std}"
 
 
 class Embedding(Module):

@@ -9,45 +9,46 @@ with G gates stacked in torch's order: LSTM (i, f, g, o), GRU (r, z, n), RNN (on
 """
 from __future__ import annotations
 
-import itertools
 import math
-from collections import defaultdict
 
 import numpy as np
 
 from graphc import ops as F
+from .. import init as _init
 from .. import shapes as _sh
 from ..errors import GraphcError, ShapeError
 from ..ops.core import Parameter, as_tensor, constant, parameter
+from .module import Module
 
 
-_counts: defaultdict = defaultdict(itertools.count)
+class _Recurrent(Module):
+    """Shared machinery: parameters, layer/direction stacking, input projection hoisted out of the loop.
 
-
-class _Recurrent:
-    """Shared machinery: parameters, layer/direction stacking, input projection hoisted out of the loop."""
+    A gc.nn.Module (`.train()`/`.eval()`, state dicts, registered when assigned to a parent module);
+    each layer draws its own initial weights (like Dense) unless `seed` is given."""
 
     gates = 1
     kind = "RNN"
+    returns_state = True
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bidirectional: bool = False,
-                 bias: bool = True, dtype: str = "float32", seed: int | None = 0):
-        if min(input_size, hidden_size, num_layers) < 1:
-            raise GraphcError(f"{self.kind}: input_size, hidden_size and num_layers must be >= 1, got "
-                              f"{input_size}, {hidden_size}, {num_layers}")
-        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+                 bias: bool = True, dtype: str = "float32", seed: int | None = None):
+        super().__init__()   # prefix: graph names lstm0.weight_ih_l0, lstm1....
+        sizes = (input_size, hidden_size, num_layers)
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in sizes) or min(sizes) < 1:
+            raise GraphcError(f"{self.kind}: input_size, hidden_size and num_layers must be integers >= 1, got "
+                              f"{input_size!r}, {hidden_size!r}, {num_layers!r}")
+        self.input_size, self.hidden_size, self.num_layers = int(input_size), int(hidden_size), int(num_layers)
         self.bidirectional, self.bias, self.dtype = bool(bidirectional), bool(bias), dtype
         self.num_directions = 2 if bidirectional else 1
-        self.named_params: dict[str, Parameter] = {}  # torch name -> parameter
-        self.prefix = f"{self.kind.lower()}{next(_counts[self.kind])}"  # graph names: lstm0.weight_ih_l0
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(seed) if seed is not None else _init._gen()
         bound = 1.0 / math.sqrt(hidden_size)  # torch's default: U(-1/sqrt(H), 1/sqrt(H)) for every tensor
         for k in range(num_layers):
             n_in = input_size if k == 0 else hidden_size * self.num_directions
             for sfx in self._suffixes():
-                for name, shape in self._shapes(k, sfx, n_in):
-                    value = rng.uniform(-bound, bound, shape)
-                    self.named_params[name] = parameter(f"{self.prefix}.{name}", value, dtype)
+                for name, shape in self._shapes(k, sfx, n_in):  # named_params: torch name -> parameter
+                    self.named_params[name] = parameter(f"{self.prefix}.{name}", rng.uniform(-bound, bound, shape),
+                                                        dtype)
 
     def _suffixes(self):
         return ("", "_reverse") if self.bidirectional else ("",)
@@ -64,23 +65,15 @@ class _Recurrent:
         """Trainable parameters in PyTorch's state_dict order."""
         return list(self.named_params.values())
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return {k: p.get_value() for k, p in self.named_params.items()}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Copy weights by PyTorch name (arrays or anything np.asarray accepts, e.g. torch tensors)."""
-        missing = set(self.named_params) - set(state)
-        extra = set(state) - set(self.named_params)
-        if missing or extra:
-            raise GraphcError(f"{self.kind}.load_state_dict: missing {sorted(missing)}, unexpected {sorted(extra)}")
-        for k, v in state.items():
-            self.named_params[k].set_value(np.asarray(v, dtype=self.dtype))
-
     # ---- the forward computation ------------------------------------------------------------------
 
-    def __call__(self, x, state=None, training: bool = False):
+    def __call__(self, x, state=None, training: bool | None = None):
         """x (N, T, input_size) -> (outputs (N, T, H * dirs), final state); the state is h
-        (layers * dirs, N, H) (LSTM: (h, c)), like torch with batch_first=True."""
+        (layers * dirs, N, H) (LSTM: (h, c)), like torch with batch_first=True. `training` is accepted
+        like every module's (the recurrent layers behave the same in both modes)."""
+        return self.forward(x, self.training if training is None else bool(training), state)
+
+    def forward(self, x, training: bool, state=None):
         x = as_tensor(x)
         if x.ndim != 3 or not (isinstance(x.shape[2], int) and x.shape[2] == self.input_size):
             raise ShapeError(f"{self.kind}: input {x.label} has shape {x.shape}, expected (N, T, {self.input_size})")
@@ -145,9 +138,9 @@ class _Recurrent:
     def _cell(self, carry, xt, w):
         raise NotImplementedError
 
-    def __repr__(self):
-        return (f"{self.kind}({self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
-                f"bidirectional={self.bidirectional})")
+    def extra_repr(self):
+        return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
+                f"bidirectional={self.bidirectional}")
 
 
 class RNN(_Recurrent):

@@ -53,14 +53,18 @@ def _leaf(op: Op, shape, dtype, name, attrs=None, cls=Tensor) -> Tensor:
 
 
 def placeholder(name: str, shape=(), dtype="float32") -> Tensor:
-    """A graph input. `None` dims are symbolic: `N` on axis 0 (the batch), `<name>_<axis>` elsewhere;
-    a string dim names a symbolic dim shared by every tensor that uses the same string."""
+    """A graph input. `None` is the shared batch dim `N` wherever it stands ((None, C), (T, None, C));
+    a second `None` in the same shape is a dim of this input alone (`<name>_<axis>`). A string dim
+    names a symbolic dim shared by every tensor that uses the same string."""
     if not isinstance(name, str) or not name.isidentifier():
         raise GraphcError(f"placeholder name must be a Python identifier, got {name!r}")
-    dims = []
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise ShapeError(f"placeholder {name!r}: shape must be a tuple of dims (ints, None or names), got {shape!r}")
+    dims, batch = [], False
     for i, d in enumerate(shape):
         if d is None:
-            d = _sh.dim_symbol("N") if i == 0 else _sh.dim_symbol(f"{name}_{i}")
+            d = _sh.dim_symbol(f"{name}_{i}") if batch else _sh.dim_symbol("N")
+            batch = True
         dims.append(d)
     return _leaf(PlaceholderOp, tuple(dims), dtype, name)
 

@@ -533,7 +533,7 @@ def dropout(x, p: float = 0.5, training: bool = True, generator=None, key=None) 
     the identity at inference. A fresh mask every call (the generator advances in the graph)."""
     x = as_tensor(x)
     if not 0 <= p < 1:
-        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+        raise GraphcError(f"dropout: p must be in [0, 1), got {p}")
     if not training or p == 0:
         return x
     from .random import uniform
