@@ -106,6 +106,18 @@ def test_no_lazy_imports_up_the_layers_either():
         assert not bad, f"{path.name} imports {bad}"
 
 
+def test_core_ops_transforms_and_compile_never_import_a_backend_or_frontend():
+    """frontends and backends depend on the core, never the reverse: the compile layer reaches a backend
+    only through the registry (graphc.function.BACKENDS, imported by module path on first use)."""
+    g = ROOT / "graphc"
+    paths = [g / f"{m}.py" for m in ("ir", "dtypes", "shapes", "errors", "names", "reference", "autodiff",
+                                     "gradcheck", "function")]
+    paths += sorted((g / "ops").glob("*.py")) + sorted((g / "passes").glob("*.py"))
+    for path in paths:
+        bad = sorted(m for m in _imports(path) if m.startswith(("graphc.backends", "graphc.frontends")))
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
 # ---- the NumPy backend's spelling table --------------------------------------------------------------
 
 def test_spellings_are_keyed_by_registered_ops_and_not_on_the_core_op():
