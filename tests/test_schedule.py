@@ -93,6 +93,15 @@ def test_arena_packs_better_than_first_fit_where_it_can():
     assert plan.total == lower_bound(buffers, 64) < first_fit_by_first_use(buffers, 64)
 
 
+def test_arena_locality_keeps_first_use_placement_unless_another_saves_enough():
+    buffers = [(4, 6, 320), (1, 2, 192), (2, 4, 64)]   # first use: 576 bytes, by size: 384 (-33%)
+    first = first_fit_by_first_use(buffers, 64)
+    for locality, want in ((0.0, 384), (0.25, 384), (0.4, first), (0.9, first)):
+        plan = plan_arena(buffers, 64, locality=locality)
+        check_plan(buffers, plan, 64)
+        assert plan.total == want, (locality, plan.total)
+
+
 def test_arena_zero_sized_and_lifelong_buffers():
     buffers = [(0, 1 << 59, 8), (0, 0, 0), (0, 0, 0), (1, 2, 0)]
     plan = plan_arena(buffers, 64)

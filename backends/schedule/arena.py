@@ -34,10 +34,12 @@ class ArenaPlan:
 
 
 def plan_arena(buffers: Sequence[tuple[int, int, int]], align: int = DEFAULT_ALIGN,
-               orders: Sequence[Sequence[int]] = ()) -> ArenaPlan:
+               orders: Sequence[Sequence[int]] = (), locality: float = 0.0) -> ArenaPlan:
     """Offsets for `buffers`, each (first step, last step, bytes), in an arena of `total` bytes such
     that buffers whose lifetimes intersect never overlap in memory. `orders`: more placement orders to
-    try (each a permutation of the buffer indices), besides by first use and by size."""
+    try (each a permutation of the buffer indices), besides by first use and by size. `locality`: keep
+    the first-use placement (a freed slot is reused by the next buffers, still in cache) unless another
+    order is smaller by more than this fraction of its size (0: the smallest plan wins)."""
     if align < 1 or align & (align - 1):
         raise GraphcError(f"arena alignment must be a power of two, got {align}")
     blocks = []
@@ -53,11 +55,12 @@ def plan_arena(buffers: Sequence[tuple[int, int, int]], align: int = DEFAULT_ALI
         if sorted(order) != list(range(len(blocks))):
             raise GraphcError(f"arena placement order {k} is not a permutation of the {len(blocks)} buffer indices")
     overlapping = _overlaps(blocks, by_first)
-    best = None
-    for order in (by_first, by_size, *orders):
+    best = best_k = None
+    for k, order in enumerate((by_first, by_size, *orders)):
         offsets, total = _place(blocks, order, overlapping)
-        if best is None or total < best[1]:
-            best = offsets, total
+        margin = locality if best_k == 0 else 0.0   # another order must beat first-use by the margin
+        if best is None or total < best[1] * (1.0 - margin):
+            best, best_k = (offsets, total), k
     return ArenaPlan(best[0], best[1], [b[2] for b in blocks])
 
 
