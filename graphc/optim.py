@@ -2,9 +2,11 @@
 (parameter, new value) list for gc.function(..., updates=...). Optimiser state (moments, the step
 counter that drives learning-rate schedules) is parameters too, so it is saved with the model.
 
-First order: SGD (momentum, Nesterov), AdaGrad, RMSProp, Adam, AdamW, QuickProp; second order:
+First order: SGD (momentum, Nesterov), AdaGrad, AdaDelta, RMSProp, Adam, AdamW, QuickProp; second order:
 Newton (damped, H + damping*I, from gc.hessian blocks: small models) and HessianFree (conjugate
-gradient on gc.hvp). Every optimiser takes weight_decay, clip_value, clip_norm and schedule.
+gradient on gc.hvp). Every optimiser takes weight_decay, clip_value, clip_norm and schedule
+(StepLR, ExponentialLR, CosineLR, LinearLR, PolynomialLR, PowerLR: functions of the step counter;
+ReduceLROnPlateau: driven by `.step(val_loss)` each epoch).
 """
 from __future__ import annotations
 
@@ -54,6 +56,121 @@ class CosineLR:
         frac = F.minimum(step, float(self.T_max)) / float(self.T_max)
         return self.eta_min + (lr - self.eta_min) * 0.5 * (1.0 + F.cos(math.pi * frac))
 
+
+
+class LinearLR:
+    """lr * (start_factor + (end_factor - start_factor) * min(step, total_iters) / total_iters)
+    (torch.optim.lr_scheduler.LinearLR: a linear warm-up or decay, then constant)."""
+
+    def __init__(self, start_factor: float = 1.0 / 3, end_factor: float = 1.0, total_iters: int = 5):
+        if isinstance(total_iters, bool) or not isinstance(total_iters, int) or total_iters < 1:
+            raise GraphcError(f"LinearLR: total_iters must be an integer >= 1, got {total_iters!r}")
+        if not 0 < start_factor <= 1 or not 0 <= end_factor <= 1:
+            raise GraphcError(f"LinearLR: expected 0 < start_factor <= 1 and 0 <= end_factor <= 1, got "
+                              f"start_factor={start_factor!r}, end_factor={end_factor!r}")
+        self.start_factor, self.end_factor, self.total_iters = start_factor, end_factor, total_iters
+
+    def __call__(self, lr, step):
+        frac = F.minimum(step, float(self.total_iters)) / float(self.total_iters)
+        return lr * (self.start_factor + (self.end_factor - self.start_factor) * frac)
+
+
+class PolynomialLR:
+    """lr * (1 - min(step, total_iters) / total_iters) ** power (torch.optim.lr_scheduler.PolynomialLR:
+    decays to 0 at total_iters)."""
+
+    def __init__(self, total_iters: int = 5, power: float = 1.0):
+        if isinstance(total_iters, bool) or not isinstance(total_iters, int) or total_iters < 1:
+            raise GraphcError(f"PolynomialLR: total_iters must be an integer >= 1, got {total_iters!r}")
+        self.total_iters, self.power = total_iters, power
+
+    def __call__(self, lr, step):
+        return lr * (1.0 - F.minimum(step, float(self.total_iters)) / float(self.total_iters)) ** self.power
+
+
+class PowerLR:
+    """Power scheduling: lr / (1 + step / steps) ** power (lr halves after `steps` steps with power 1,
+    then falls ever more slowly; the 1/t decay of stochastic approximation)."""
+
+    def __init__(self, steps: float, power: float = 1.0):
+        if isinstance(steps, bool) or not isinstance(steps, (int, float)) or steps <= 0:
+            raise GraphcError(f"PowerLR: steps must be a number > 0, got {steps!r}")
+        self.steps, self.power = steps, power
+
+    def __call__(self, lr, step):
+        return lr / (1.0 + step / float(self.steps)) ** self.power
+
+
+class ReduceLROnPlateau:
+    """Divide the learning rate by 1/factor when a monitored metric stops improving
+    (torch.optim.lr_scheduler.ReduceLROnPlateau, same arguments and rule): call `.step(metric)` once
+    per epoch with the validation loss (mode='min') or score (mode='max'); after more than `patience`
+    epochs without improvement by `threshold` (relative, or absolute with threshold_mode='abs') the
+    learning rate becomes max(lr * factor, min_lr), then `cooldown` epochs pass before counting again.
+
+    The factor applied so far is a parameter (graph state, saved with the model), so compiled training
+    steps pick up the new learning rate without recompiling. One instance serves one optimiser."""
+
+    _made = 0
+
+    def __init__(self, mode: str = "min", factor: float = 0.1, patience: int = 10, threshold: float = 1e-4,
+                 threshold_mode: str = "rel", cooldown: int = 0, min_lr: float = 0.0, eps: float = 1e-8):
+        if mode not in ("min", "max"):
+            raise GraphcError(f"ReduceLROnPlateau: mode must be 'min' or 'max', got {mode!r}")
+        if threshold_mode not in ("rel", "abs"):
+            raise GraphcError(f"ReduceLROnPlateau: threshold_mode must be 'rel' or 'abs', got {threshold_mode!r}")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1:
+            raise GraphcError(f"ReduceLROnPlateau: factor must be a number in (0, 1), got {factor!r}")
+        for what, v in (("patience", patience), ("cooldown", cooldown)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise GraphcError(f"ReduceLROnPlateau: {what} must be an integer >= 0, got {v!r}")
+        self.mode, self.factor, self.patience, self.threshold = mode, factor, patience, threshold
+        self.threshold_mode, self.cooldown, self.min_lr, self.eps = threshold_mode, cooldown, min_lr, eps
+        self.best = math.inf if mode == "min" else -math.inf
+        self.num_bad_epochs = self.cooldown_counter = 0
+        self.base_lr: float | None = None
+        self.scale = parameter(f"reducelronplateau{ReduceLROnPlateau._made}.scale", np.ones((), "float64"),
+                               "float64")
+        ReduceLROnPlateau._made += 1
+
+    def __call__(self, lr, step):
+        if self.base_lr is None:
+            self.base_lr = float(lr)
+        elif float(lr) != self.base_lr:
+            raise GraphcError("ReduceLROnPlateau: one instance serves one optimiser (it was given "
+                              f"lr={self.base_lr} before, now lr={lr})")
+        return lr * F.cast(self.scale, step.dtype)
+
+    @property
+    def lr(self) -> float:
+        """The current learning rate (after the reductions so far)."""
+        if self.base_lr is None:
+            raise GraphcError("ReduceLROnPlateau: not attached to an optimiser yet (pass schedule= and "
+                              "call .updates first)")
+        return self.base_lr * float(self.scale.get_value())
+
+    def _better(self, a: float) -> bool:
+        t, b = self.threshold, self.best
+        if self.mode == "min":
+            return a < (b * (1.0 - t) if self.threshold_mode == "rel" else b - t)
+        return a > (b * (1.0 + t) if self.threshold_mode == "rel" else b + t)
+
+    def step(self, metric) -> None:
+        """Record one epoch's metric (a number or a 0-d array) and reduce the learning rate if due."""
+        a = float(np.asarray(metric))
+        if self._better(a):
+            self.best, self.num_bad_epochs = a, 0
+        else:
+            self.num_bad_epochs += 1
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.num_bad_epochs = 0
+        if self.num_bad_epochs > self.patience:
+            old = self.lr
+            new = max(old * self.factor, self.min_lr)
+            if old - new > self.eps:
+                self.scale.set_value(np.asarray(new / self.base_lr, "float64"))
+            self.cooldown_counter, self.num_bad_epochs = self.cooldown, 0
 
 # ---- the base: clipping, weight decay, state slots ------------------------------------------------
 
@@ -254,6 +371,28 @@ class AdamW(Adam):
 
     def __init__(self, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01, **kw):
         super().__init__(lr, betas, eps, weight_decay=weight_decay, **kw)
+
+
+class AdaDelta(Optimizer):
+    """Zeiler's AdaDelta with torch's update rule (torch.optim.Adadelta):
+    v = rho v + (1 - rho) g^2;  d = sqrt(u + eps) / sqrt(v + eps) * g;  u = rho u + (1 - rho) d^2;
+    p -= lr * d (lr=1.0 is the original method)."""
+
+    def __init__(self, lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6, **kw):
+        super().__init__(lr, **kw)
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 <= rho <= 1:
+            raise GraphcError(f"AdaDelta: rho must be a number in [0, 1], got {rho!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
+            raise GraphcError(f"AdaDelta: eps must be a number > 0, got {eps!r}")
+        self.rho, self.eps = rho, eps
+
+    def rule(self, p, g, lr, t):
+        v, u = self.slot(p, "square_avg"), self.slot(p, "acc_delta")
+        nv = self.rho * v + (1 - self.rho) * g * g
+        d = F.sqrt(u + self.eps) / F.sqrt(nv + self.eps) * g
+        nu = self.rho * u + (1 - self.rho) * d * d
+        return [(p, p - lr * d), (v, nv), (u, nu)]
+
 
 
 class QuickProp(Optimizer):

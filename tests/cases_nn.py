@@ -220,3 +220,116 @@ CASES += [
     Case("solve_mat", lambda a, b: gc.solve(a + gc.constant(4 * np.eye(3), a.dtype), b),
          lambda a, b: np.linalg.solve(a + 4 * np.eye(3, dtype=a.dtype), b), [[(3, 3), (3, 2)]]),
 ]
+
+# ---- activations, pools, losses and metrics of the course notes (issue 17) ----------------------
+
+
+def _prelu(x, w):
+    shp = (-1,) + (1,) * (x.ndim - 2) if w.size > 1 else ()
+    return (np.maximum(x, 0) + w.reshape(shp) * np.minimum(x, 0)).astype(x.dtype)
+
+
+def _pool1d(x, k, s, p, reduce, fill):
+    return loop_pool(x[:, :, None], (1, k), (1, s), (0, p), reduce, fill)[:, :, 0]
+
+
+def _log_softmax(a):
+    m = a.max(-1, keepdims=True)
+    return a - m - np.log(np.exp(a - m).sum(-1, keepdims=True))
+
+
+def _pm1(t, dtype):
+    return (2 * t - 1).astype(dtype)
+
+
+def _kl(lq, p):
+    safe = np.where(p > 0, p, 1)
+    return np.where(p > 0, p * (np.log(safe) - lq), 0).astype(lq.dtype)
+
+
+def _multi_margin(s, y, p=1, margin=1.0):
+    n, k = s.shape
+    out = np.zeros(n, s.dtype)
+    for i in range(n):
+        for j in range(k):
+            if j != y[i]:
+                out[i] += max(0.0, margin - s[i, y[i]] + s[i, j]) ** p
+    return (out / k).astype(s.dtype)
+
+
+def _confusion_macro(s, y, which):
+    pred, k = s.argmax(-1), s.shape[-1]
+    vals = []
+    for c in range(k):
+        tp = np.sum((pred == c) & (y == c))
+        fp = np.sum((pred == c) & (y != c))
+        fn = np.sum((pred != c) & (y == c))
+        num, den = {"p": (tp, tp + fp), "r": (tp, tp + fn), "f": (2 * tp, 2 * tp + fp + fn)}[which]
+        vals.append(num / den if den else 0.0)
+    return np.float32(np.mean(vals))
+
+
+def _confusion_binary(s, t, which):
+    pos, true = s >= 0, t != 0
+    tp, fp, fn = np.sum(pos & true), np.sum(pos & ~true), np.sum(~pos & true)
+    num, den = {"p": (tp, tp + fp), "r": (tp, tp + fn), "f": (2 * tp, 2 * tp + fp + fn)}[which]
+    return np.float32(num / den if den else 0.0)
+
+
+_METRIC = {"p": gc.losses.precision, "r": gc.losses.recall, "f": gc.losses.f1_score}
+
+CASES += [
+    Case("hardtanh", gc.hardtanh, lambda x: np.clip(x, -1, 1), [[(3, 4)], [(5,)], [()]]),
+    Case("hardtanh_range", lambda x: gc.hardtanh(x, -1.0, 2.0), lambda x: np.clip(x, -1, 2), [[(2, 3, 4)]]),
+    Case("prelu", gc.prelu, _prelu, [[(3, 4), (1,)], [(2, 3, 4), (3,)], [(2, 3, 2, 2), (3,)], [(), (1,)]]),
+    Case("max_pool1d", lambda x: gc.max_pool1d(x, 3, 2, 1), lambda x: _pool1d(x, 3, 2, 1, np.max, -np.inf),
+         [[(2, 3, 7)]]),
+    Case("max_pool1d_default_stride", lambda x: gc.max_pool1d(x, 2), lambda x: _pool1d(x, 2, 2, 0, np.max, -np.inf),
+         [[(1, 2, 5)]]),
+    Case("avg_pool1d", lambda x: gc.avg_pool1d(x, 3, 1, 1), lambda x: _pool1d(x, 3, 1, 1, lambda v: v.sum() / 3, 0),
+         [[(2, 3, 6)]]),
+    Case("avg_pool1d_no_pad_count", lambda x: gc.avg_pool1d(x, 3, 2, 1, count_include_pad=False),
+         lambda x: _pool1d(x, 3, 2, 1, np.sum, 0) / _pool1d(np.ones_like(x), 3, 2, 1, np.sum, 0), [[(1, 2, 7)]]),
+    Case("global_avg_pool2d", gc.global_avg_pool2d, lambda x: x.mean((2, 3)), [[(2, 3, 4, 5)], [(1, 2, 1, 1)]]),
+    Case("global_avg_pool2d_keepdims", lambda x: gc.global_avg_pool2d(x, keepdims=True),
+         lambda x: x.mean((2, 3), keepdims=True), [[(2, 3, 2, 3)]]),
+    Case("huber", lambda p, t: gc.losses.huber(p, t, 0.7, reduction="none"),
+         lambda p, t: np.where(np.abs(p - t) <= 0.7, 0.5 * (p - t) ** 2, 0.7 * (np.abs(p - t) - 0.35)).astype(p.dtype),
+         [[(3, 4), (3, 4)], [(5,), (5,)]]),
+    Case("huber_mean", lambda p, t: gc.losses.huber(p, t),
+         lambda p, t: np.mean(np.where(np.abs(p - t) <= 1, 0.5 * (p - t) ** 2, np.abs(p - t) - 0.5)).astype(p.dtype),
+         [[(4, 3), (4, 3)]]),
+    Case("kl_div_batchmean", lambda a, b: gc.losses.kl_div(gc.log_softmax(a), gc.softmax(b)),
+         lambda a, b: (_kl(_log_softmax(a), np.exp(_log_softmax(b))).sum() / a.shape[0]).astype(a.dtype),
+         [[(3, 4), (3, 4)]]),
+    Case("kl_div_zero_targets", lambda a, b: gc.losses.kl_div(a, gc.relu(b), reduction="none"),
+         lambda a, b: _kl(a, np.maximum(b, 0)), [[(3, 4), (3, 4)]]),
+    Case("kl_div_log_target", lambda a, b: gc.losses.kl_div(a, b, reduction="sum", log_target=True),
+         lambda a, b: (np.exp(b) * (b - a)).sum().astype(a.dtype), [[(2, 5), (2, 5)]]),
+    Case("binary_cross_entropy", lambda a, b: gc.losses.binary_cross_entropy(gc.sigmoid(a), gc.sigmoid(b),
+                                                                               reduction="none"),
+         lambda a, b: (-(1 / (1 + np.exp(-b))) * np.log(1 / (1 + np.exp(-a)))
+                       - (1 - 1 / (1 + np.exp(-b))) * np.log(1 - 1 / (1 + np.exp(-a)))).astype(a.dtype),
+         [[(3, 4), (3, 4)]]),
+    Case("hinge", lambda s, t: gc.losses.hinge(s, gc.cast(t, s.dtype) * 2.0 - 1.0, reduction="none"),
+         lambda s, t: np.maximum(0, 1 - _pm1(t, s.dtype) * s), [[(3, 4), (3, 4)], [(6,), (6,)]],
+         int_inputs={1: (0, 2)}),
+    Case("hinge_squared", lambda s, t: gc.losses.hinge(s, gc.cast(t, s.dtype) * 2.0 - 1.0, squared=True),
+         lambda s, t: np.mean(np.maximum(0, 1 - _pm1(t, s.dtype) * s) ** 2).astype(s.dtype), [[(8,), (8,)]],
+         int_inputs={1: (0, 2)}),
+    Case("multi_margin", lambda s, y: gc.losses.multi_margin(s, y, reduction="none"), _multi_margin,
+         [[(4, 5), (4,)]], int_inputs={1: (0, 5)}),
+    Case("multi_margin_p2", lambda s, y: gc.losses.multi_margin(s, y, p=2, margin=0.5, reduction="sum"),
+         lambda s, y: _multi_margin(s, y, 2, 0.5).sum().astype(s.dtype), [[(3, 4), (3,)]], int_inputs={1: (0, 4)}),
+]
+CASES += [
+    Case(f"{name}_macro", lambda s, y, m=m: m(s, y), lambda s, y, w=w: _confusion_macro(s, y, w),
+         [[(12, 3), (12,)]], int_inputs={1: (0, 3)}, grad=False,
+         dtypes=("float32",))
+    for w, m, name in ((w, _METRIC[w], {"p": "precision", "r": "recall", "f": "f1"}[w]) for w in "prf")
+] + [
+    Case(f"{name}_binary", lambda s, t, m=m: m(s, t, threshold=0.0), lambda s, t, w=w: _confusion_binary(s, t, w),
+         [[(10,), (10,)], [(2, 5), (2, 5)]], int_inputs={1: (0, 2)}, grad=False,
+         dtypes=("float32",))
+    for w, m, name in ((w, _METRIC[w], {"p": "precision", "r": "recall", "f": "f1"}[w]) for w in "prf")
+]

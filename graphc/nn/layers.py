@@ -1,6 +1,7 @@
-"""Layers with PyTorch's signatures: Dense, Conv1D/Conv2D, pooling, BatchNorm, LayerNorm, Dropout,
-Embedding, Flatten, activations, and a ResNet basic block. Weights use PyTorch's shapes and
-default initialisation (so torch state dicts load), seeded through graphc.init."""
+"""Layers with PyTorch's signatures: Dense, Conv1D/Conv2D, pooling (1-D, 2-D, global), BatchNorm,
+LayerNorm, Dropout, Embedding, Flatten, activations (PReLU with learnable slopes), and a ResNet basic
+block. Weights use PyTorch's shapes and default initialisation (so torch state dicts load), seeded
+through graphc.init."""
 from __future__ import annotations
 
 import difflib
@@ -134,6 +135,43 @@ class AvgPool2D(Module):
 
     def forward(self, x, training):
         return N.avg_pool2d(x, *self.args)
+
+
+class MaxPool1D(Module):
+    """Max over windows of (N, C, L) (torch.nn.MaxPool1d; stride defaults to the kernel)."""
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        self.args = (kernel_size, stride, padding)
+
+    def forward(self, x, training):
+        return N.max_pool1d(x, *self.args)
+
+
+class AvgPool1D(Module):
+    """Mean over windows of (N, C, L) (torch.nn.AvgPool1d)."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, count_include_pad: bool = True):
+        super().__init__()
+        self.args = (kernel_size, stride, padding, count_include_pad)
+
+    def forward(self, x, training):
+        return N.avg_pool1d(x, *self.args)
+
+
+class GlobalAvgPool2D(Module):
+    """Mean over H and W of NCHW: (N, C), or (N, C, 1, 1) with keepdims=True (torch's
+    AdaptiveAvgPool2d(1))."""
+
+    def __init__(self, keepdims: bool = False):
+        super().__init__()
+        self.keepdims = bool(keepdims)
+
+    def forward(self, x, training):
+        return N.global_avg_pool2d(x, self.keepdims)
+
+    def extra_repr(self):
+        return f"keepdims={self.keepdims}"
 
 
 class LPPool2D(Module):
@@ -281,6 +319,43 @@ SELU = _activation("SELU", N.selu, "scaled ELU")
 GELU = _activation("GELU", N.gelu, "x Phi(x)")
 Maxout = _activation("Maxout", N.maxout, "max over groups of k features")
 Softmax = _activation("Softmax", F.softmax, "softmax over an axis (default last)")
+Softsign = _activation("Softsign", N.softsign, "x / (1 + |x|)")
+
+
+class Hardtanh(Module):
+    """x clipped to [min_val, max_val] (torch.nn.Hardtanh)."""
+
+    def __init__(self, min_val: float = -1.0, max_val: float = 1.0):
+        super().__init__()
+        N.hardtanh(0.0, min_val, max_val)   # check the arguments now, not at the first call
+        self.min_val, self.max_val = min_val, max_val
+
+    def forward(self, x, training):
+        return N.hardtanh(x, self.min_val, self.max_val)
+
+    def extra_repr(self):
+        return f"min_val={self.min_val}, max_val={self.max_val}"
+
+
+class PReLU(Module):
+    """max(0, x) + a * min(0, x) with learnable slopes a (torch.nn.PReLU): `weight` of shape
+    (num_parameters,), all `init`; num_parameters=1 shares one slope, otherwise one per channel (axis 1)."""
+
+    def __init__(self, num_parameters: int = 1, init: float = 0.25, dtype="float32"):
+        super().__init__()
+        if isinstance(num_parameters, bool) or not isinstance(num_parameters, (int, np.integer)) \
+                or num_parameters < 1:
+            raise GraphcError(f"PReLU: num_parameters must be an integer >= 1, got {num_parameters!r}")
+        if isinstance(init, bool) or not isinstance(init, (int, float, np.integer, np.floating)):
+            raise GraphcError(f"PReLU: init must be a number (the initial slope), got {init!r}")
+        self.num_parameters = int(num_parameters)
+        self.weight = self.add_param("weight", np.full(self.num_parameters, float(init)), dtype)
+
+    def forward(self, x, training):
+        return N.prelu(x, self.weight)
+
+    def extra_repr(self):
+        return f"num_parameters={self.num_parameters}"
 
 
 def BasicBlock(in_channels: int, out_channels: int, stride: int = 1, seed: int | None = None) -> Residual:

@@ -16,8 +16,8 @@ from .shape_ops import (broadcast_to, concatenate, expand_dims, flatten, getitem
 from .linalg import dot, matmul  # noqa: F401
 from .fused import Fused, fused  # noqa: F401,E402
 from .scan import scan  # noqa: F401,E402
-from .nn_ops import (avg_pool2d, batch_norm, conv1d, conv2d, dropout, elu, embedding, gelu,  # noqa: F401,E402
-                     heaviside, layer_norm, lp_pool2d, max_pool2d, maxout, noisy_relu, one_hot, selu,
-                     soft_maxout, softsign)
+from .nn_ops import (avg_pool1d, avg_pool2d, batch_norm, conv1d, conv2d, dropout, elu, embedding,  # noqa: F401,E402
+                     gelu, global_avg_pool2d, hardtanh, heaviside, layer_norm, lp_pool2d, max_pool1d,
+                     max_pool2d, maxout, noisy_relu, one_hot, prelu, selu, soft_maxout, softsign)
 from .linalg_solve import solve  # noqa: F401,E402
 from . import tensor_methods  # noqa: F401,E402

@@ -407,7 +407,66 @@ def lp_pool2d(x, p: float, kernel_size, stride=None, padding=0) -> Tensor:
     return _box_sum(F.abs(x) ** float(p), kernel, stride, pads) ** (1.0 / float(p))
 
 
+def _pool1d_args(x, kernel_size, stride, padding, name):
+    """(N, C, L) input and 1-D window arguments as the 2-D pools' (height-1 windows)."""
+    x = as_tensor(x)
+    if x.ndim != 3:
+        raise ShapeError(f"{name}: input must be (N, C, L), got {_sh.fmt_shape(x.shape)}")
+    k = _tuple(kernel_size, 1, "kernel_size")[0]
+    s = k if stride is None else _tuple(stride, 1, "stride")[0]
+    p = _tuple(padding, 1, "padding")[0]
+    return F.expand_dims(x, 2), (1, k), (1, s), (0, p)
+
+
+def max_pool1d(x, kernel_size, stride=None, padding=0) -> Tensor:
+    """Max over windows of (N, C, L) (torch.nn.functional.max_pool1d): max_pool2d on a height-1 image."""
+    x4, k, s, p = _pool1d_args(x, kernel_size, stride, padding, "max_pool1d")
+    return F.squeeze(max_pool2d(x4, k, s, p), 2)
+
+
+def avg_pool1d(x, kernel_size, stride=None, padding=0, count_include_pad: bool = True) -> Tensor:
+    """Mean over windows of (N, C, L) (torch.nn.functional.avg_pool1d): avg_pool2d on a height-1 image."""
+    x4, k, s, p = _pool1d_args(x, kernel_size, stride, padding, "avg_pool1d")
+    return F.squeeze(avg_pool2d(x4, k, s, p, count_include_pad), 2)
+
+
+def global_avg_pool2d(x, keepdims: bool = False) -> Tensor:
+    """Mean over the spatial axes of NCHW: (N, C) (Keras' GlobalAveragePooling2D), or (N, C, 1, 1) with
+    keepdims=True (torch's adaptive_avg_pool2d(x, 1))."""
+    x = as_tensor(x)
+    if x.ndim != 4:
+        raise ShapeError(f"global_avg_pool2d: input must be (N, C, H, W), got {_sh.fmt_shape(x.shape)}")
+    return F.mean(x, (2, 3), keepdims=keepdims)
+
+
 # ---- activations (composites: exact, and their gradients come from the parts) ------------------
+
+def hardtanh(x, min_val: float = -1.0, max_val: float = 1.0) -> Tensor:
+    """x clipped to [min_val, max_val] (torch.nn.functional.hardtanh)."""
+    for v, what in ((min_val, "min_val"), (max_val, "max_val")):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise GraphcError(f"hardtanh: {what} must be a number, got {v!r}")
+    if min_val > max_val:
+        raise GraphcError(f"hardtanh: min_val must be <= max_val, got min_val={min_val}, max_val={max_val}")
+    return F.clip(as_tensor(x), float(min_val), float(max_val))
+
+
+def prelu(x, weight) -> Tensor:
+    """max(0, x) + weight * min(0, x) (torch.nn.functional.prelu): `weight` has one slope, or one per
+    channel (axis 1 of an input of 2 or more dims)."""
+    x, weight = as_tensor(x), as_tensor(weight)
+    if weight.ndim != 1:
+        raise ShapeError(f"prelu: weight must be 1-D (one slope or one per channel), got {weight.type_str}")
+    c = weight.shape[0]
+    if c != 1:
+        if x.ndim < 2 or not _sh.dims_equal(x.shape[1], c):
+            raise ShapeError(f"prelu: {c} slopes need an input with {c} channels on axis 1, got "
+                             f"{_sh.fmt_shape(x.shape)}")
+        weight = F.reshape(weight, (c,) + (1,) * (x.ndim - 2))
+    elif x.ndim == 0:
+        weight = F.reshape(weight, ())
+    return F.relu(x) + weight * F.minimum(x, 0.0)
+
 
 def heaviside(x, value_at_zero: float = 0.0) -> Tensor:
     """Step function: 1 for x > 0, 0 for x < 0, `value_at_zero` at 0 (gradient 0)."""
