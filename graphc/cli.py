@@ -26,15 +26,9 @@ class CliError(Exception):
 
 
 def load_model(path: str):
-    """A gc.Graph from an .onnx or .graphc file (the suffix, else the file's first bytes, decides)."""
-    import graphc as gc
-    if not os.path.exists(path):
-        raise CliError(f"no such file: {path}")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if path.endswith(".graphc") or head == b"PK\x03\x04":
-        return gc.load(path)
-    return gc.load_onnx(path)
+    """A gc.Graph from an .onnx or .graphc file (graphc.serialize.load_model)."""
+    from graphc.serialize import load_model as load
+    return load(path)
 
 
 def _fmt_shape(t) -> str:

@@ -219,6 +219,21 @@ def register_all_ops() -> None:
         importlib.import_module(f"{ops.__name__}.{m.name}")
 
 
+def load_model(path) -> Graph:
+    """A Graph from a saved `.graphc` file or an ONNX model (the suffix, else the file's first bytes,
+    decide; anything not a .graphc zip is read as ONNX). The one loader behind `graphc show/run/...` and
+    the viewer."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise SerializationError(f"no such file: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if path.endswith(".graphc") or head == b"PK\x03\x04":
+        return load(path)
+    from graphc.frontends.onnx_import import load_onnx
+    return load_onnx(path)
+
+
 def load(path) -> Graph:
     """Read a file written by gc.save: a gc.Graph (inputs, outputs, updates, parameter values). The
     graph's `single` attribute says the saved function returned one array (gc.function honours it)."""

@@ -42,16 +42,11 @@ class ViewerError(GraphcError):
 
 
 def _load_path(path: str) -> Graph:
-    if not os.path.exists(path):
-        raise ViewerError(f"no such file: {path}")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    import graphc as gc
-    if path.endswith(".graphc") or head == b"PK\x03\x04":
-        return gc.load(path)
-    if path.endswith(".onnx"):
-        return gc.load_onnx(path)
-    raise ViewerError(f"cannot view {path!r}: expected a .graphc or .onnx file")
+    from .serialize import SerializationError, load_model
+    try:
+        return load_model(path)
+    except SerializationError as e:
+        raise ViewerError(str(e)) from None
 
 
 def _resolve(obj):

@@ -95,7 +95,7 @@ def test_a_shifted_view_is_caught_named_and_never_applied(monkeypatch, rng):
 
 
 def _shift(v, by):
-    from graphc.backends.llvm.views import View
+    from graphc.backends.schedule.views import View
     return View(v.buf, v.offset + by, v.shape, v.strides, v.dtype, v.literal)
 
 

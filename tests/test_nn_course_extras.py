@@ -237,20 +237,7 @@ def test_metrics_match_sklearn():
 
 # ---- AdaDelta and schedules against torch.optim -------------------------------------------------
 
-A = np.random.default_rng(1).standard_normal((5, 3))
-B = np.random.default_rng(2).standard_normal((5, 2))
-W0 = np.random.default_rng(3).standard_normal((3, 2))
-
-
-def _graphc_steps(opt, steps):
-    w = gc.parameter("w", W0, "float64")
-    loss = gc.sum((gc.constant(A) @ w - gc.constant(B)) ** 2)
-    f = gc.function([], loss, updates=opt.updates(loss, [w]))
-    out = []
-    for _ in range(steps):
-        f()
-        out.append(w.get_value())
-    return out
+from test_optim import A, B, W0, run_graphc  # noqa: E402  (the least-squares problem the optimiser tests share)
 
 
 @needs_torch
@@ -260,7 +247,7 @@ def test_adadelta_matches_torch_step_by_step(kw):
     tw = torch.tensor(W0, requires_grad=True)
     topt = torch.optim.Adadelta([tw], **kw)
     ta, tb = torch.tensor(A), torch.tensor(B)
-    for got in _graphc_steps(gc.optim.AdaDelta(**kw), 10):
+    for got in run_graphc(gc.optim.AdaDelta(**kw), 10):
         topt.zero_grad()
         ((ta @ tw - tb) ** 2).sum().backward()
         topt.step()
@@ -270,7 +257,7 @@ def test_adadelta_matches_torch_step_by_step(kw):
 def test_adadelta_defaults_state_and_errors():
     opt = gc.optim.AdaDelta()
     assert (opt.lr, opt.rho, opt.eps) == (1.0, 0.9, 1e-6)
-    _graphc_steps(opt, 2)
+    run_graphc(opt, 2)
     assert sorted(k.rsplit(".", 1)[-1] for k in opt.state_dict()) == ["acc_delta", "square_avg", "step"]
     with pytest.raises(gc.GraphcError, match=r"rho must be a number in \[0, 1\]"):
         gc.optim.AdaDelta(rho=1.5)

@@ -6,7 +6,7 @@ from .gemm import mask_type, vector_shape, vload, vstore
 from .irtext import VTYPE, literal
 from .kernels import Kernel, load, nest, store
 from .lower import _fmaxmin
-from .views import View, contig_strides
+from ..schedule.views import View, contig_strides
 
 
 def _window_pos(em, o: str, k: str, stride: int, dil: int, pad: int, size: int):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from .irtext import VTYPE
 from .kernels import Kernel, fill, load, nest, store
 from .lower import convert
-from .views import View, contig_strides
+from ..schedule.views import View, contig_strides
 
 
 def _wrap(em, idx: str, idx_dtype: str, n: int, P, status: View, code: int) -> str:

@@ -7,7 +7,7 @@ import numpy as np
 from . import jit
 from .irtext import VTYPE, literal
 from .kernels import Kernel, guarded, load, nest, ptr_at, store
-from .views import View, broadcast_strides, contig_strides
+from ..schedule.views import View, broadcast_strides, contig_strides
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 

@@ -14,7 +14,7 @@ from graphc.ops import reduce as R
 
 from . import lower as _lo
 from .irtext import STYPE, VTYPE, Emitter, literal
-from .views import View, broadcast_strides, collapse, contig_strides
+from ..schedule.views import View, broadcast_strides, collapse, contig_strides
 
 #: elementwise kernels at least this large (elements) split their outer loop across threads; below it
 #: thread start-up and contention with OpenBLAS's spinning workers (W5's weight updates) cost more

@@ -17,7 +17,7 @@ from . import kernels as K
 from .irtext import Emitter
 from .lower import CODE_FOR_OP, NotLowerable
 from .table import PLAN, load_row_modules, lowers
-from .views import View, collapse, contig_strides, view_getitem
+from ..schedule.views import View, collapse, contig_strides, view_getitem
 
 
 class Plan(Schedule):

@@ -11,7 +11,7 @@ from graphc.ops import random as R
 from . import kernels as K
 from .irtext import Emitter, fconst
 from .table import lowers
-from .views import View
+from ..schedule.views import View
 
 
 def _i64(c: int) -> str:
