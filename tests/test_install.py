@@ -36,6 +36,12 @@ def test_wheel_top_level_is_only_graphc(wheel):
                  "graphc/frontends/onnx_import.py", "graphc/backends/numpy/__init__.py"):
         assert must in names, must
     assert not any(n.startswith(("backends/", "frontends/", "tests/")) for n in names)
+    # every module of the source tree is in the wheel (pyproject lists the packages explicitly)
+    for folder, pkg in (("graphc", "graphc"), ("backends", "graphc/backends"), ("frontends", "graphc/frontends")):
+        for py in (ROOT / folder).rglob("*.py"):
+            rel = py.relative_to(ROOT / folder).as_posix()
+            if "__pycache__" not in rel:
+                assert f"{pkg}/{rel}" in names, f"{folder}/{rel} is missing from the wheel (pyproject packages?)"
 
 
 def test_wheel_installed_outside_the_repository_compiles_llvm(wheel, tmp_path):
