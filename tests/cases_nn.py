@@ -177,6 +177,23 @@ def _no_pad_avg(x):
         np.ones_like(x), (3, 3), (1, 1), (1, 1), lambda v: v.sum(), 0)
 
 
+def loop_mha(q, k, v, w_in, b_in, w_out, b_out, heads=2):
+    """Multi-head attention by its definition, one (batch, head, query position) at a time."""
+    n, L, E = q.shape
+    S, d = k.shape[1], E // heads
+    wq, wk, wv = w_in[:E], w_in[E:2 * E], w_in[2 * E:]
+    bq, bk, bv = b_in[:E], b_in[E:2 * E], b_in[2 * E:]
+    ctx = np.zeros((n, L, E), q.dtype)
+    for b_, h, i in itertools.product(range(n), range(heads), range(L)):
+        sl = slice(h * d, (h + 1) * d)
+        qi = q[b_, i] @ wq[sl].T + bq[sl]
+        scores = np.array([qi @ (k[b_, j] @ wk[sl].T + bk[sl]) / math.sqrt(d) for j in range(S)])
+        p = np.exp(scores - scores.max())
+        p /= p.sum()
+        ctx[b_, i, sl] = sum(p[j] * (v[b_, j] @ wv[sl].T + bv[sl]) for j in range(S))
+    return (ctx @ w_out.T + b_out).astype(q.dtype)
+
+
 CASES = [c for i, spec in enumerate(_CONV) for c in _conv_case(i, *spec)]
 CASES += [c for i, spec in enumerate(_POOL) for c in _pool_cases(i, *spec)]
 CASES += [
@@ -193,6 +210,9 @@ CASES += [
     Case("elu", lambda x: gc.elu(x, 0.7), lambda x: _elu(x, 0.7), [[(3, 4)]]),
     Case("selu", gc.selu, lambda x: (N.SELU_SCALE * _elu(x, N.SELU_ALPHA)).astype(x.dtype), [[(3, 4)]]),
     Case("gelu", gc.gelu, _gelu, [[(3, 4)]]),
+    Case("multi_head_attention",
+         lambda q, k, v, wi, bi, wo, bo: gc.nn.attention.multi_head_attention(q, k, v, 2, wi, bi, wo, bo)[0],
+         loop_mha, [[(2, 3, 4), (2, 5, 4), (2, 5, 4), (12, 4), (12,), (4, 4), (4,)]]),
     Case("softsign", gc.softsign, lambda x: x / (1 + np.abs(x)), [[(3, 4)], [(0, 2)], [()]]),
     Case("gelu_tanh", lambda x: gc.gelu(x, "tanh"),
          lambda x: (0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))).astype(x.dtype), [[(3, 4)]]),
