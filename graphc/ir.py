@@ -97,8 +97,8 @@ class Trait(enum.Flag):
     NO_FOLD = enum.auto()      # pure, but never constant-folded (fused kernels)
 
 
-KINDS = (Trait.LEAF | Trait.ELEMENTWISE | Trait.REDUCTION | Trait.NORMALIZATION | Trait.MOVEMENT | Trait.INDEXING | Trait.CONTRACTION
-         | Trait.WINDOW | Trait.CONTROL | Trait.RANDOM | Trait.SHAPE)
+KINDS = (Trait.LEAF | Trait.ELEMENTWISE | Trait.REDUCTION | Trait.NORMALIZATION | Trait.MOVEMENT | Trait.INDEXING
+         | Trait.CONTRACTION | Trait.WINDOW | Trait.CONTROL | Trait.RANDOM | Trait.SHAPE)
 
 
 class Op:
@@ -123,8 +123,6 @@ class Op:
     @property
     def elementwise(self) -> bool:
         return self.has(Trait.ELEMENTWISE)
-    #: C spelling of an elementwise op, e.g. "exp({0})" (used by native backends)
-    c: str | None = None
 
     def infer(self, inputs: Sequence["Tensor"], **attrs) -> list[tuple[tuple, str]]:
         raise NotImplementedError
@@ -151,7 +149,7 @@ def register(cls):
     if inst.name in OPS:
         raise GraphcError(f"op {inst.name!r} registered twice")
     kinds = inst.traits & (KINDS & ~Trait.LEAF)
-    if kinds and len(list(kinds)) > 1 and not inst.traits & Trait.REDUCTION:
+    if len(list(kinds)) > 1:
         raise GraphcError(f"op {inst.name!r} declares several kinds: {kinds}")
     OPS[inst.name] = inst
     ops_with.cache_clear()

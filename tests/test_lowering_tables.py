@@ -44,3 +44,18 @@ def test_table_keys_are_ops_not_names():
 
 def test_numpy_runs_every_op():
     assert get_backend("numpy").lowered_ops() >= frozenset(OPS.values())
+
+
+def test_every_op_declares_one_kind_and_two_are_refused():
+    from graphc.ir import KINDS, Op, register
+    for op in OPS.values():
+        kinds = op.traits & KINDS & ~(Trait.INPUT | Trait.STATE | Trait.CONST)
+        assert len(list(kinds)) == 1, f"{op.name}: kinds {kinds}"
+        assert not hasattr(op, "c") and not hasattr(op, "np_code"), f"{op.name} carries a backend spelling"
+
+    class TwoKinds(Op):
+        name = "test_two_kinds"
+        traits = Trait.ELEMENTWISE | Trait.REDUCTION
+    with pytest.raises(gc.GraphcError, match="several kinds"):
+        register(TwoKinds)
+    assert "test_two_kinds" not in OPS
