@@ -84,7 +84,7 @@ class CompileOptions:
 
     @classmethod
     def make(cls, backend: str = "numpy", optimize: int = 2, **options) -> "CompileOptions":
-        """The options of gc.function(..., backend=, optimize=, **options); unknown options and unsupported
+        """The options of ``gc.function(..., backend=, optimize=, **options)``; unknown options and unsupported
         values are refused with a GraphcError (UnknownBackend/BackendUnavailable for the backend)."""
         be = get_backend(backend, for_compile=True)
         known = {**COMMON_OPTIONS, **be.options}

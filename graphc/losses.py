@@ -131,7 +131,7 @@ def mixture_density(logit_pi, mu, log_sigma, target, reduction: str = "mean") ->
 
 
 def l1_penalty(params: Sequence[Tensor]) -> Tensor:
-    """sum of |w| over every parameter."""
+    """``sum of |w|`` over every parameter."""
     return _sum([F.sum(F.abs(p)) for p in params])
 
 
@@ -160,8 +160,8 @@ def _positive_number(loss: str, what: str, v) -> float:
 
 
 def huber(pred, target, delta: float = 1.0, reduction: str = "mean") -> Tensor:
-    """Huber loss (torch.nn.functional.huber_loss): 0.5 d^2 where |d| <= delta, delta (|d| - delta/2)
-    beyond, d = pred - target. Written as 0.5 q^2 + delta (|d| - q), q = min(|d|, delta)."""
+    """Huber loss (torch.nn.functional.huber_loss): ``0.5 d^2`` where ``|d| <= delta``, ``delta (|d| - delta/2)``
+    beyond, ``d = pred - target``. Written as ``0.5 q^2 + delta (|d| - q)``, ``q = min(|d|, delta)``."""
     _check_reduction(reduction, "huber")
     delta = _positive_number("huber", "delta", delta)
     pred, target = _matched("huber", pred, target)

@@ -180,7 +180,7 @@ def clip_by_value(grads: Sequence[Tensor], v: float) -> list[Tensor]:
 
 
 def clip_by_global_norm(grads: Sequence[Tensor], max_norm: float) -> list[Tensor]:
-    """Scale all gradients by min(1, max_norm / (||g||_2 + 1e-6)) (torch.nn.utils.clip_grad_norm_)."""
+    """Scale all gradients by min(1, max_norm / (||g||_2 + 1e-6)) (``torch.nn.utils.clip_grad_norm_``)."""
     norm = F.sqrt(_total([F.sum(g * g) for g in grads]))
     scale = F.minimum(max_norm / (norm + 1e-6), 1.0)
     return [g * F.cast(scale, g.dtype) for g in grads]
@@ -366,7 +366,7 @@ class Adam(Optimizer):
 
 
 class AdamW(Adam):
-    """Adam with decoupled weight decay: p *= 1 - lr * weight_decay before the Adam step."""
+    """Adam with decoupled weight decay: ``p *= 1 - lr * weight_decay`` before the Adam step."""
     decoupled_decay = True
 
     def __init__(self, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01, **kw):
@@ -397,7 +397,7 @@ class AdaDelta(Optimizer):
 
 class QuickProp(Optimizer):
     """Fahlman's QuickProp: per weight, jump to the minimum of the parabola through the last two
-    slopes, dw = dw_prev * g / (g_prev - g), limited to mu * |dw_prev|; plain -lr * g on the first
+    slopes, dw = dw_prev * g / (g_prev - g), limited to ``mu * |dw_prev|``; plain -lr * g on the first
     step and wherever the parabola is undefined (dw_prev = 0 or g_prev = g)."""
 
     def __init__(self, lr: float = 0.01, mu: float = 1.75, **kw):

@@ -319,7 +319,7 @@ SELU = _activation("SELU", N.selu, "scaled ELU")
 GELU = _activation("GELU", N.gelu, "x Phi(x)")
 Maxout = _activation("Maxout", N.maxout, "max over groups of k features")
 Softmax = _activation("Softmax", F.softmax, "softmax over an axis (default last)")
-Softsign = _activation("Softsign", N.softsign, "x / (1 + |x|)")
+Softsign = _activation("Softsign", N.softsign, "``x / (1 + |x|)``")
 
 
 class Hardtanh(Module):

@@ -2,9 +2,11 @@
 and direction, differentiated by back-propagation through time).
 
 Parameters follow PyTorch's names, shapes and gate layout, so `layer.load_state_dict(
-{k: v.numpy() for k, v in torch_lstm.state_dict().items()})` copies a torch.nn.LSTM's weights:
+{k: v.numpy() for k, v in torch_lstm.state_dict().items()})` copies a torch.nn.LSTM's weights::
+
   weight_ih_l{k}[_reverse] (G*H, in), weight_hh_l{k}[_reverse] (G*H, H),
   bias_ih_l{k}[_reverse] (G*H,), bias_hh_l{k}[_reverse] (G*H,)
+
 with G gates stacked in torch's order: LSTM (i, f, g, o), GRU (r, z, n), RNN (one).
 """
 from __future__ import annotations

@@ -400,7 +400,7 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, count_include_pad: bool =
 
 
 def lp_pool2d(x, p: float, kernel_size, stride=None, padding=0) -> Tensor:
-    """p-norm pooling: (sum over the window of |x|^p)^(1/p)."""
+    """p-norm pooling: ``(sum over the window of |x|^p)^(1/p)``."""
     x = as_tensor(x)
     kernel, stride, pads = _pool_args(kernel_size, stride, padding)
     _pool_shape(x, kernel, stride, pads, "lp_pool2d")
@@ -489,7 +489,7 @@ def selu(x) -> Tensor:
 
 
 def softsign(x) -> Tensor:
-    """x / (1 + |x|): a composition of existing ops (its gradient and native kernels come from its parts)."""
+    """``x / (1 + |x|)``: a composition of existing ops (its gradient and native kernels come from its parts)."""
     x = as_tensor(x)
     return x / (1.0 + F.abs(x))
 

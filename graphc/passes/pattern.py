@@ -1,6 +1,6 @@
 """A small pattern language for graph rewrites: each rule is one line `pattern >> replacement`.
 
-Modelled on tinygrad's UPat/PatternMatcher and PyTensor's PatternNodeRewriter (own code):
+Modelled on tinygrad's UPat/PatternMatcher and PyTensor's PatternNodeRewriter (own code)::
 
     x, y = V("x"), V("y")
     neg, sub = lazy(F.neg), lazy(F.sub)
@@ -13,7 +13,8 @@ Modelled on tinygrad's UPat/PatternMatcher and PyTensor's PatternNodeRewriter (o
         P(Trait.ELEMENTWISE) >> drop_broadcasts,          # a rule that needs code: a function
     ])
 
-Patterns
+Patterns::
+
     P(op, *src, name=, dtype=, attrs=, where=, commute=)  a node: `op` is an Op, a public function with
         `.op`, a collection of those, a Trait (any op having it) or None (any op). `src` are patterns for
         the inputs, matched in order (no src: any inputs; a trailing `...`: any further inputs). Inputs
@@ -21,9 +22,10 @@ Patterns
         `attrs` maps an attr name to a value or a predicate; `where` is a predicate on the tensor.
     V(name, dtype=, where=)   any tensor, bound to `name`; a name used twice must be the same tensor.
     Const(value, name=)       a constant whose elements all equal `value` (any such constant: no value).
+
 A `dtype` constraint is a dtype name, a collection of names or a predicate on the name.
 
-Replacements
+Replacements:
     a variable (`x`): the bound tensor; a template: `lazy(fn)(args...)` or arithmetic (+ - * / unary -)
     on variables, with `v.shape`, `v.dtype` and `v.attr("axis")` reading a binding; or a function whose
     parameters are binding names (and optionally `node`, the matched node, and `ins`, its inputs); it
