@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import importlib
 
+from ..schedule.plan import registrar
+
 #: op -> handler(plan, node, ins)
 PLAN: dict = {}
 
@@ -25,13 +27,8 @@ PLAN: dict = {}
 ROW_MODULES = ("random",)
 
 
-def lowers(*ops):
-    """Decorator: `fn(plan, node, ins)` lowers each of `ops`."""
-    def deco(fn):
-        for op in ops:
-            PLAN[op] = fn
-        return fn
-    return deco
+#: decorator: `@lowers(op, ...)` makes `fn(plan, node, ins)` the row of each op
+lowers = registrar(PLAN)
 
 
 def rows() -> dict:

@@ -69,17 +69,21 @@ class NotLowerable(Exception):
     """This op/dtype/case has no native lowering: the node runs on the host (listed in fallback_ops)."""
 
 
+def registrar(table: dict):
+    """A decorator factory for an op-keyed table: `@reg(op, ...)` makes `fn(schedule, node, ins)` the
+    row of each op (backends use it for their own tables, e.g. llvm's `table.lowers`)."""
+    def reg(*ops):
+        def deco(fn):
+            for op in ops:
+                table[op] = fn
+            return fn
+        return deco
+    return reg
+
+
 #: the backend-neutral rows: op -> handler(schedule, node, ins)
 ROWS: dict = {}
-
-
-def row(*ops):
-    """Decorator: `fn(schedule, node, ins)` is the backend-neutral row of each of `ops`."""
-    def deco(fn):
-        for op in ops:
-            ROWS[op] = fn
-        return fn
-    return deco
+row = registrar(ROWS)
 
 
 class Schedule:
