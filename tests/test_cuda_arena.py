@@ -1,8 +1,8 @@
-"""The cuda backends' memory plan: temporaries placed in one arena per set of dim values by the shared
-planner (graphc.backends.schedule.arena), reused between calls, grown for a bigger batch, one per
-thread on the emulation; checked against lifetimes recomputed here from the launch plan's steps.
-Also the shared name generator and status codes as cuda uses them. The device runtime's arena policy
-runs here against a fake driver (no GPU needed)."""
+"""The cuda backends' memory plan: the shared schedule's arena buffers placed per set of dim values by
+the shared planner (Schedule.layout -> graphc.backends.schedule.arena), reused between calls, grown for
+a bigger batch, one per thread on the emulation; checked against lifetimes recomputed here from the
+schedule's steps. Also the shared name generator and status codes as cuda uses them. The device
+runtime's arena policy runs here against a fake driver (no GPU needed)."""
 from __future__ import annotations
 
 import ctypes
@@ -13,51 +13,45 @@ import numpy as np
 import pytest
 
 import graphc as gc
-from graphc.backends.cuda.cexpr import eval_shape
-from graphc.backends.cuda.plan import Fill, HostOp, Launch, Memory, ScanLoop
+from graphc.backends.cuda.executor import Memory
 from graphc.backends.schedule.status import StatusCodes
+from graphc.backends.schedule.steps import HostStep, LoopStep
 from conftest import backend_or_skip
 
 
-def _uses(step) -> set:
-    """The buffers a step touches, read off the step itself (independent of Plan.lifetimes)."""
-    if isinstance(step, Launch):
-        return set(step.args)
-    if isinstance(step, Fill):
-        return {step.buf}
-    if isinstance(step, HostOp):
-        return set(step.inputs) | set(step.outputs)
-    assert isinstance(step, ScanLoop)
-    return set(step.inputs) | set(step.outputs) | ({step.status[1]} if step.status else set())
+def _uses(plan, step) -> set:
+    """The buffers a step touches, read off the step itself (a loop: everything its body touches, and
+    the parents of its slices), independent of the schedule's own lifetimes."""
+    if isinstance(step, HostStep):
+        out = {v.buf for v in step.ins + step.outs if v.buf is not None}
+    elif isinstance(step, LoopStep):
+        out = set().union(*[_uses(plan, st) for st in step.body]) if step.body else set()
+    else:
+        out = set(step.args)
+    for b in list(out):   # a slice keeps its parent live
+        while plan.buffers[b].kind == "slice":
+            b = plan.buffers[b].index
+            out.add(b)
+    return out
 
 
-def check_layout(plan, lay, body=False) -> int:
-    """No two temporaries in use at a common step (or, in a scan body, an output and anything after
-    it is written) share a byte; every temporary any step touches is placed (outputs, update values,
-    inputs, parameters and constants are not); recursively into scan bodies. Returns the number of
-    pairs that share memory (the arena being used)."""
-    bufs = {b.id: b for b in plan.buffers}
+def check_layout(plan, lay) -> int:
+    """No two arena buffers in use at a common top-level step share a byte; every arena buffer a step
+    touches is placed (inputs, parameters, constants and outputs are not in the arena). Returns the
+    number of pairs that share memory (the arena being used)."""
     steps = {}
     for k, st in enumerate(plan.steps):
-        for b in _uses(st):
+        for b in _uses(plan, st):
             steps.setdefault(b, []).append(k)
-    end = len(plan.steps)
-    outs = {bid for bid, _ in plan.outputs + plan.updates}
     regions = {}
-    for bid, ks in steps.items():
-        b = bufs[bid]
-        placed = b.kind == "temp" and (body or bid not in outs)
-        assert (bid in lay.offsets) == placed or (b.kind == "status" and not body), (b, placed)
-        if bid in lay.offsets:
-            n = int(np.prod(eval_shape(b.shape, lay.dims))) * np.dtype(b.dtype).itemsize
-            first, last = min(ks), (end if body and bid in outs else max(ks))
-            if b.kind == "status":
-                first, last = 0, end
-            regions[bid] = (first, last, lay.offsets[bid], max(n, 1))
-    for k, st in enumerate(plan.steps):
-        if isinstance(st, ScanLoop):
-            off, sub = lay.bodies[k]
-            regions[("scan", k)] = (k, k, off, max(sub.total, 1))
+    for b, ks in steps.items():
+        buf = plan.buffers[b]
+        assert (b in lay.offsets) == (buf.kind == "arena"), (b, buf)
+        if b in lay.offsets:
+            first, last = min(ks), max(ks)
+            if plan.status is not None and b == plan.status.buf:
+                first, last = 0, len(plan.steps)
+            regions[b] = (first, last, lay.offsets[b], max(lay.nbytes[b], 1))
     shared = 0
     items = list(regions.items())
     for i, (a, (f1, l1, o1, n1)) in enumerate(items):
@@ -67,9 +61,6 @@ def check_layout(plan, lay, body=False) -> int:
                 assert o1 + n1 <= o2 or o2 + n2 <= o1, f"{a} and {b} are live at once and overlap"
             elif o1 < o2 + n2 and o2 < o1 + n1:
                 shared += 1
-    for k, st in enumerate(plan.steps):
-        if isinstance(st, ScanLoop):
-            shared += check_layout(st.body, lay.bodies[k][1], body=True)
     return shared
 
 
@@ -178,10 +169,12 @@ def test_scan_body_temporaries_have_their_own_arena_inside_the_loop_step():
         for g, w in zip(f(a), ref(a)):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
     plan = f.program.info["plan"]
-    assert any(isinstance(s, ScanLoop) for s in plan.steps)
+    loops = [s for s in plan.steps if isinstance(s, LoopStep)]
+    assert loops and f.program.info["fallback_ops"] == []
     for lay in plan.layouts:
-        assert lay.bodies
         check_layout(plan, lay)
+        body = _uses(plan, loops[0])   # the body's temporaries are in the arena, live for the loop step
+        assert any(b in lay.offsets for b in body)
 
 
 def test_temporaries_written_by_a_host_step_land_in_the_arena():
@@ -196,8 +189,8 @@ def test_temporaries_written_by_a_host_step_land_in_the_arena():
     bb = rng.standard_normal((4, 2))
     np.testing.assert_allclose(f(a, bb), np.exp(np.linalg.solve(a * 2, bb) * 0.5) + 1, rtol=1e-12)
     plan = f.program.info["plan"]
-    host = [s for s in plan.steps if isinstance(s, HostOp)]
-    assert host and any(o in plan.layouts[0].offsets for s in host for o in s.outputs)
+    host = [s for s in plan.steps if isinstance(s, HostStep)]
+    assert host and any(o.buf in plan.layouts[0].offsets for s in host for o in s.outs)
     check_layout(plan, plan.layouts[0])
 
 
@@ -216,7 +209,8 @@ def test_buffer_names_never_take_a_kernel_local_or_a_c_function():
     got, taken = f(*arrays, np.array([2, -1]))
     np.testing.assert_allclose(got, want, rtol=1e-5)
     np.testing.assert_allclose(taken, arrays[0][[2, -1]])
-    buf_names = [b.name for b in f.program.info["plan"].buffers]
+    plan = f.program.info["plan"]
+    buf_names = [plan.cname(b) for b in range(len(plan.buffers))]
     assert len(set(buf_names)) == len(buf_names)
     assert not {"a0", "a1", "v0", "r_c0", "i", "exp"} & set(buf_names)
 
@@ -228,7 +222,7 @@ def test_status_codes_name_the_node_and_its_line():
     f = gc.function([x, i], y, backend="cuda-emulated")
     codes = f.program.info["plan"].status_codes
     assert isinstance(codes, StatusCodes) and len(codes) == 1 and codes[1][0].op.name == "take"
-    with pytest.raises(gc.GraphcError, match=r"take: index out of range(.|\n)*test_cuda_arena.py"):
+    with pytest.raises(gc.GraphcError, match=r"IndexError in take at run time(.|\n)*test_cuda_arena.py"):
         f(np.arange(5, dtype=np.float32), np.array([0, 5]))
     np.testing.assert_allclose(f(np.arange(5, dtype=np.float32), np.array([4, -5])), [8, 0])
     assert "unknown status code 7" in str(codes.error(7))
@@ -259,12 +253,12 @@ def test_device_arena_is_allocated_once_and_grown_for_a_bigger_batch():
     from graphc.backends.cuda.runtime import DeviceMemory
     lib = _FakeDriver()
     mod = type("Module", (), {"lib": lib})()
-    mem = DeviceMemory(mod, plan=None)
+    mem = DeviceMemory(mod)
     a = mem.arena(1000)
     assert mem.arena(10) == a and mem.arena(1000) == a and lib.log == [("alloc", 1000)]
     b = mem.arena(5000)
     assert lib.log == [("alloc", 1000), ("free", a), ("alloc", 5000)] and list(lib.live) == [b]
-    assert mem.place(b, 128, "float32", (4, 4)) == b + 128
+    assert mem.temp(b, 128, 64) == b + 128 and mem.sub(b + 128, 8, 4) == b + 136
 
 
 def test_memory_arena_policy_per_function_or_per_thread():
@@ -291,7 +285,7 @@ def test_memory_arena_policy_per_function_or_per_thread():
 
 
 def test_names_with_a_pattern_of_reserved_words_never_loop_or_collide():
-    from graphc.backends.cuda.lower import Lowering
+    from graphc.backends.cuda.lower import CudaSchedule
     from graphc.names import Names
     reserved = re.compile(r"^([abcevr]\d+|r_.*|exp|i)$")
     names = Names(lambda n: bool(reserved.match(n)))
@@ -299,6 +293,6 @@ def test_names_with_a_pattern_of_reserved_words_never_loop_or_collide():
     assert len(set(got)) == len(got) and not any(reserved.match(n) for n in got)
     assert got[:3] == ["a", "t_a", "t_a1"] and got[3] == "t_r_x" and got[5] == "exp_"
     # the cuda lowering's own predicate: kernel locals and the C functions of its spellings
-    lw = Lowering(gc.Graph([], []))
+    lw = CudaSchedule(gc.Graph([], []))
     picked = [lw.names(h) for h in ["a0", "a0", "tanh", "r_c0", "n"]]
     assert len(set(picked)) == 5 and not {"a0", "tanh", "r_c0", "n"} & set(picked)

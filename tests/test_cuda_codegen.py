@@ -20,7 +20,7 @@ needs_compiler = pytest.mark.skipif(not (nvcc_path() or nvrtc_library()),
                                     reason="no CUDA compiler here (neither nvcc nor libnvrtc)")
 needs_nvcc = pytest.mark.skipif(nvcc_path() is None, reason="nvcc not installed (cubin output needs ptxas)")
 GPU_REASON = CUDA.unavailable_reason()
-ALL_KINDS = {"elementwise", "fused", "reduce", "softmax", "matmul", "copy", "take", "scatter", "conv", "pool"}
+ALL_KINDS = {"elementwise", "fused", "reduce", "softmax", "matmul", "copy", "fill", "take", "scatter", "conv", "pool"}
 
 
 def w2(x, a, b):

@@ -8,17 +8,17 @@ import threading
 from graphc.backends.base import Backend, Program
 from graphc.errors import BackendUnavailable
 from .compiler import DEFAULT_ARCH, compile_cuda, nvcc_path, nvrtc_library
-from .lower import Lowering, lower
-from .plan import execute
+from .executor import execute
+from .lower import CudaSchedule, lower
 
 
 class CudaBackend(Backend):
     name = "cuda"
     options = {"arch": f"GPU architecture the PTX is compiled for (default {DEFAULT_ARCH})"}
-    lowering = Lowering  # the lowering table (backends/cuda/lower.py)
+    lowering = CudaSchedule  # the schedule and its lowering table (backends/cuda/lower.py)
 
     def lowered_ops(self) -> frozenset:
-        return frozenset(self.lowering.table())
+        return frozenset(self.lowering.rows())
 
     def unavailable_reason(self) -> str | None:
         from .runtime import driver
@@ -35,7 +35,7 @@ class CudaBackend(Backend):
     def compile(self, graph, options=None) -> Program:
         from graphc.function import CompileOptions
         options = options if options is not None else CompileOptions(backend="cuda")
-        source, plan = lower(graph, self.lowering)
+        source, sched = lower(graph, self.lowering)
         arch = options.option("arch", DEFAULT_ARCH)
         ptx = compile_cuda(source, arch, "ptx")
         state = {}
@@ -47,15 +47,15 @@ class CudaBackend(Backend):
                 raise BackendUnavailable(f"backend 'cuda' cannot run here: {why} (the graph was compiled "
                                          f"to PTX for {arch}; use backend='cuda-emulated' to run its kernels "
                                          f"on the CPU)")
-            from .runtime import DeviceMemory, DeviceModule, make_current
+            from .runtime import DeviceMemory, make_current
             with lock:  # one device memory state per function: calls are serialised
                 make_current()
                 if "mem" not in state:
-                    state["mem"] = DeviceMemory(_load(source, ptx, list(plan.kernels)), plan)
+                    state["mem"] = DeviceMemory(_load(source, ptx, list(sched.kernels)))
                 mem = state["mem"]
-                return execute(plan, mem, inputs, params, dims)
-        return Program(run, source, plan=plan, plan_text=plan.text(), fallback_ops=plan.fallback_ops,
-                       kernels=dict(plan.kernels), ptx=ptx, arch=arch)
+                return execute(sched, mem, inputs, params, dims)
+        return Program(run, source, plan=sched, plan_text=sched.text(), fallback_ops=sched.fallback_ops,
+                       kernels=dict(sched.kernels), ptx=ptx, arch=arch)
 
 
 def _load(source: str, ptx: bytes, kernels: list):

@@ -92,25 +92,15 @@ class DimTable:
         return "// sizes known only at call time, filled by the host for every call\nstruct GcDims {\n" + body + "};\n"
 
     def values(self, dims: dict) -> np.ndarray:
-        return np.asarray([_value_or_zero(fn, dims) for _, fn, _ in self.fields] or [0], dtype=np.int64)
-
-
-def _value_or_zero(fn, dims) -> int:
-    """A field only a scan body's kernels use is bound inside the loop; elsewhere it is unused."""
-    try:
-        return int(fn(dims))
-    except Exception:  # sympy raises several types for unbound symbols
-        return 0
+        """The struct's values for one binding of the dims (every field is over the graph's own dims: a
+        scan body's symbols are replaced by what they are in the schedule)."""
+        return np.asarray([int(fn(dims)) for _, fn, _ in self.fields] or [0], dtype=np.int64)
 
 
 def eval_dim(d, dims: dict) -> int:
     if isinstance(d, int):
         return d
     return _sh.evaluate((d,), {_sh.dim_symbol(k): v for k, v in (dims or {}).items()})[0]
-
-
-def eval_shape(shape, dims: dict) -> tuple:
-    return tuple(eval_dim(d, dims) for d in shape)
 
 
 def c_literal(value, dtype: str) -> str:
@@ -143,9 +133,6 @@ class View:
         for c, s in zip(coords, self.strides):
             off = cadd(off, cmul(c, s))
         return str(off)
-
-    def is_linear(self, loop_shape_c) -> bool:
-        return self.offset == 0 and [str(s) for s in self.strides] == [str(s) for s in contiguous_strides(loop_shape_c)]
 
 
 def broadcast_view(in_shape_c: list, loop_shape_c: list) -> View:

@@ -16,7 +16,10 @@ TILE = 16
 
 
 def signature(name: str, ins: list, outs: list, threads: int) -> str:
-    """`extern "C"` so the driver (and the emulation's loader) finds the kernel by name."""
+    """`extern "C"` so the driver (and the emulation's loader) finds the kernel by name. One parameter
+    per buffer: a name listed twice (x @ x reads one buffer as both operands) is declared once."""
+    seen = set()
+    ins = [p for p in ins if not (p[0] in seen or seen.add(p[0]))]
     ps = [f"const {C_TYPES[dt]}* __restrict__ {n}" for n, dt in ins]
     ps += [f"{C_TYPES[dt]}* __restrict__ {n}" for n, dt in outs]
     ps.append("GcDims gd")
@@ -29,8 +32,9 @@ def grid_stride(n, indent="  ") -> str:
             f"{indent}     i += (long long)gridDim.x * blockDim.x) {{")
 
 
-def pointwise(name, comment, loop_c, ins, outs, element, vec=()) -> str:
-    """out_k[i] = f_k(inputs at loop coordinate i) over the loop shape (grid-stride loop).
+def pointwise(name, comment, loop_c, ins, outs, element, vec=(), out_index=None) -> str:
+    """out_k[i] = f_k(inputs at loop coordinate i) over the loop shape (grid-stride loop); with
+    `out_index` (one `coords -> index` per output) out_k is written at that index instead of i.
     `element(coords, linear, indent, lane=None) -> (lines, [value per output])`. With `vec` (the
     inputs read linearly; every buffer float32, the others broadcast scalars), a float4 loop does
     16-byte loads/stores when those pointers are 16-byte aligned (always true for device
@@ -53,10 +57,11 @@ def pointwise(name, comment, loop_c, ins, outs, element, vec=()) -> str:
     else:
         lines.append(grid_stride(cprod(loop_c)))
     body, vals = element(coords, "i", "    ")
-    if any(c in "\n".join(body + vals) for c in coords):
+    where = [f(coords) for f in out_index] if out_index else ["i"] * len(outs)
+    if any(c in "\n".join(body + vals + where) for c in coords):
         lines += coords_code("i", loop_c, coords, "    ")
     lines += body
-    lines += [f"    {n}[i] = {v};" for (n, _), v in zip(outs, vals)]
+    lines += [f"    {n}[{w}] = {v};" for (n, _), v, w in zip(outs, vals, where)]
     lines += ["  }", "}"]
     return "\n".join(lines) + "\n"
 

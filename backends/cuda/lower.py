@@ -1,48 +1,60 @@
-"""Lower an (optimised) graph to one CUDA C translation unit plus a host-side launch plan.
+"""cuda's renderer of the shared native schedule: an (optimised) graph -> one CUDA C translation unit plus
+a symbolic `Schedule` (graphc.backends.schedule.plan) whose kernel steps are `Launch`es.
 
-Every tensor gets a buffer (reshape aliases its input's). Each node becomes one kernel, chosen by
-the op through one registry keyed by op objects (`Lowering.table()`):
+The schedule is symbolic (`dims=None`): compiled once for every binding of the graph's dims, every
+size, stride and offset an expression over them; a kernel reads them from the `GcDims gd` struct the
+host fills per call (cexpr.DimTable). The shared walk plans every node by its row in one op-keyed
+table (`CudaSchedule.rows()`); views (reshape, transpose, broadcast_to, getitem, stop_gradient),
+constants, concatenate, scan loops and unfusable fused bodies are the shared rows; cuda's rows:
 - `C_CODE`: op -> scalar C spelling (tinygrad's `code_for_op`), a template over the operands
-  `{0}, {1}, ...` and the node's attrs (`{alpha}`), or a function (lowering, node, values) -> C
-  expression. Every op spelled here (elementwise ops, cast, views read elementwise) lowers as a
-  pointwise kernel, alone or inside a fused group; `C_INT_CODE` overrides spellings for integers.
+  `{0}, {1}, ...` and the node's attrs (`{alpha}`), or a function (schedule, node, values) -> C
+  expression. Every op spelled here lowers as a pointwise kernel, alone or inside a fused group;
+  `C_INT_CODE` overrides spellings for integers.
 - `REDUCERS`: reduction op -> how the reduction kernel combines (kernels.Monoid / ArgReduce / ...).
-- `LOWERINGS`: every other op -> `fn(lowering, node)` emitting its kernels/steps (this file, plus
-  the rows of lower_nn.py, lower_scan.py and lower_random.py).
-A backend that lowers differently subclasses `Lowering` and overrides entries (cuda_emulated).
-An op outside the table runs its NumPy impl on the host, listed in Program.info["fallback_ops"]."""
+- `ROWS`: every other op -> `fn(schedule, node, ins)` (this file, lower_nn.py, lower_random.py),
+  registered with `@lowers(op)` like llvm's.
+A backend that lowers differently subclasses `CudaSchedule` and overrides entries (cuda_emulated).
+An op outside the table runs its NumPy impl on the host, listed in Program.info["fallback_ops"].
+Kernels read their inputs through the schedule's strided views (offset + coordinate . strides) and
+write fresh contiguous buffers (a copy kernel writes any view)."""
 from __future__ import annotations
 
 import functools
 import re
+from dataclasses import dataclass
+from typing import Callable
+
+import sympy
 
 from graphc import dtypes as _dt
-from graphc.names import Names
-from graphc.backends.schedule.status import StatusCodes
+from graphc.backends.schedule.plan import ROWS as SHARED, Schedule, registrar
+from graphc.backends.schedule.steps import HostStep, LoopStep
+from graphc.backends.schedule.views import View, broadcast_strides, contig_strides, is_int, product
 from graphc.ir import Graph, Node, Tensor, Trait
+from graphc.names import Names
 from graphc.ops import elementwise as E
 from graphc.ops.core import Cast, StopGradient
 from graphc.ops.fused import Fused
 from graphc.ops.linalg import MatMul
 from graphc.ops.reduce import ArgMax, ArgMin, LogSoftmax, LogSumExp, Max, Min, Prod, Softmax, Sum
-from graphc.ops.shape_ops import (BroadcastTo, Concatenate, GetItem, IndexGrad, Reshape, SizeOf, Take, TakeGrad,
-                                  Transpose)
+from graphc.ops.shape_ops import BroadcastTo, IndexGrad, SizeOf, Take, TakeGrad
 from . import kernels as K
-from . import lower_nn, lower_random, lower_scan
-from .cexpr import DimTable, View, broadcast_view, c_literal, cadd, cmul, contiguous_strides, cprod, eval_dim
-from .plan import Buffer, Fill, HostOp, Launch, Plan
+from .cexpr import DimTable, broadcast_view, c_literal, cadd, cmul, contiguous_strides, cprod
+from .cexpr import View as CView
 from .prelude import C_TYPES, PRELUDE
 
+__all__ = ["CudaSchedule", "Launch", "lower", "lowers", "ROWS", "C_CODE", "C_INT_CODE", "REDUCERS"]
 
-def _same_value(L, nd, vals) -> str:
+
+def _same_value(s, nd, vals) -> str:
     """cast, stop_gradient, broadcast_to: the operand converted to the output dtype (the kernel's
     broadcast view already reads the right element)."""
-    return L._value(nd.inputs[0], vals, nd.outputs[0].dtype)
+    return s._value(nd.inputs[0], vals, nd.outputs[0].dtype)
 
 
-def _size_of(L, nd, vals) -> str:
-    n = cprod([L.dt.dim(nd.inputs[0].shape[a]) for a in nd.attrs["axes"]])
-    return f"(({C_TYPES[nd.outputs[0].dtype]}){n})"
+def _size_of(s, nd, vals) -> str:
+    n = product(s.dim_values([nd.inputs[0].shape[a] for a in nd.attrs["axes"]]))
+    return f"(({C_TYPES[nd.outputs[0].dtype]}){s.c(n)})"
 
 
 #: op -> C spelling of one element (helpers gc_* come from the prelude)
@@ -78,169 +90,248 @@ _RESERVED = re.compile(r"^(i|j|k|n|m|o|s|q|g|c|p|pp|cc|th|tw|kh|kw|oh|ow|ih|iw|b
                        r"struct|class|union|enum|auto|static|extern|register|volatile|inline|new|delete|this|"
                        r"true|false|template|typename|namespace|using|operator|sizeof|exp|log|max|min|abs)$")
 
+#: cuda's own rows: op -> fn(schedule, node, ins) (the shared rows and the C_CODE / REDUCERS rows are
+#: added by CudaSchedule.rows())
+ROWS: dict = {}
+lowers = registrar(ROWS)
 
-class Lowering:
-    """Graph -> (source, Plan). The tables are class attributes: a subclass copies and overrides them."""
+
+@dataclass
+class Launch:
+    """cuda's kernel step: `kernel<<<grid(ev), block>>>(buffers args..., GcDims)`. `args` are buffer ids
+    in parameter order, `dtypes` their element types, `writes` the ones it writes; `grid(ev)` gives the
+    grid for a binding (`ev` evaluates a size expression); a 0 in it skips the launch (empty tensors)."""
+    kernel: str
+    kind: str      # elementwise | fused | reduce | softmax | matmul | copy | fill | take | scatter | conv | pool | random
+    args: list
+    dtypes: list
+    writes: set
+    grid: Callable
+    block: tuple
+    sync: bool     # uses __syncthreads / warp shuffles (the emulation needs fibers)
+    node: object = None
+
+    @property
+    def bufs(self) -> list:
+        return sorted(set(self.args))
+
+    def describe(self) -> str:
+        return f"launch {self.kernel}<<<grid, {self.block}>>>({', '.join(map(str, self.args))})  [{self.kind}]"
+
+
+class Params:
+    """The buffer parameters of one kernel being written: one per buffer (several views of a buffer
+    share it), in order of first use; the status word and outputs are writable."""
+
+    def __init__(self, s: "CudaSchedule"):
+        self.s, self.order, self.written = s, {}, set()
+
+    def __call__(self, v: View, write: bool = False) -> str:
+        if v.buf not in self.order:
+            self.order[v.buf] = v.dtype
+        if write:
+            self.written.add(v.buf)
+        return self.s.cname(v.buf)
+
+    def ins(self) -> list:
+        return [(self.s.cname(b), d) for b, d in self.order.items() if b not in self.written]
+
+    def outs(self) -> list:
+        return [(self.s.cname(b), d) for b, d in self.order.items() if b in self.written]
+
+    def ids(self) -> tuple[list, list]:
+        """Buffer ids and dtypes in parameter order (inputs, then outputs: the signature's order)."""
+        ins = [(b, d) for b, d in self.order.items() if b not in self.written]
+        outs = [(b, d) for b, d in self.order.items() if b in self.written]
+        return [b for b, _ in ins + outs], [d for _, d in ins + outs]
+
+
+class CudaSchedule(Schedule):
+    """A symbolic Schedule whose kernel steps are CUDA launches; the tables are class attributes (a
+    subclass copies and overrides them)."""
     C_CODE: dict = C_CODE
     C_INT_CODE: dict = C_INT_CODE
     REDUCERS: dict = REDUCERS
-    LOWERINGS: dict = {}  # op -> fn(lowering, node); filled at the end of this module
+    ROWS: dict = ROWS
+    backend = "cuda"
 
     @classmethod
-    def table(cls) -> dict:
-        """The one registry: op -> fn(lowering, node). Ops with a C spelling lower as pointwise kernels,
-        ops with a reducer as reduction kernels, the rest by their LOWERINGS row."""
-        table = {op: Lowering.lower_pointwise for op in cls.C_CODE}
-        table.update({op: Lowering.lower_reduce for op in cls.REDUCERS})
-        table.update(cls.LOWERINGS)
+    def rows(cls) -> dict:
+        """The one registry: op -> fn(schedule, node, ins). The shared rows (views, constants,
+        concatenate, fused bodies, scan), every op with a C spelling as a pointwise kernel (an op with
+        a shared view row keeps it: a view needs no kernel), reductions, then cuda's own rows."""
+        table = dict(SHARED)
+        table.update({op: CudaSchedule._pointwise for op in cls.C_CODE if op not in SHARED})
+        table.update({op: CudaSchedule._reduce for op in cls.REDUCERS})
+        table.update(cls.ROWS)
         return table
 
     def __init__(self, graph: Graph):
-        self.g = graph
-        self._table = self.table()
         self.dt = DimTable()
-        self.buffers: list[Buffer] = []
-        self.buf_of: dict[int, int] = {}
-        self.steps: list = []
-        self.kernels: list[str] = []
-        self.kinds: dict[str, str] = {}
+        self.sources: list[str] = []
+        self.kernels: dict[str, str] = {}   # kernel name -> kind
         c_functions = _c_functions(type(self))
-        # buffer and kernel-parameter names: one scope for the translation unit (scan bodies share it)
+        # buffer and kernel-parameter names: one scope for the translation unit
         self.names = Names(lambda n: bool(_RESERVED.match(n)) or n in c_functions, default="t", sep="")
-        self.status: int | None = None   # int32 buffer kernels set when an index is out of range
-        self.status_codes = StatusCodes()  # code -> (node whose kernel set it, message)
+        self._cname: dict[int, str] = {}
+        self._hint: dict[int, str] = {}
+        self.table = type(self).rows()
+        super().__init__(graph, None)
 
-    # ---- buffers -------------------------------------------------------------------------------
-    def new_buffer(self, t: Tensor, kind="temp", hint=None, **kw) -> int:
-        b = Buffer(len(self.buffers), self.names(t.name or f"t_{hint or 'tmp'}"), t.dtype, t.shape, kind, **kw)
-        self.buffers.append(b)
-        self.buf_of[id(t)] = b.id
-        return b.id
+    @property
+    def dimtab(self) -> DimTable:
+        return self.dt
 
-    def buf(self, t: Tensor) -> int:
-        if id(t) not in self.buf_of:
-            if not t.node.op.has(Trait.CONST):
-                raise KeyError(f"no buffer for {t!r}")
-            self.new_buffer(t, "const", "const", value=t.node.attrs["value"])
-        return self.buf_of[id(t)]
+    @property
+    def fallback_ops(self) -> list[str]:
+        return sorted(self.fallback)
 
-    def status_word(self) -> int:
-        """The int32 status word's buffer (created at first use)."""
-        if self.status is None:
-            b = Buffer(len(self.buffers), self.names("gc_status"), "int32", (1,), "status")
-            self.buffers.append(b)
-            self.status = b.id
-        return self.status
+    # ---- sizes and names ---------------------------------------------------------------------------
+    def c(self, x):
+        """A size (an int or an expression over the dims) as a folded C integer expression."""
+        if is_int(x):
+            return int(x)
+        if x.is_Symbol:
+            return self.dt.dim(x)
+        if x.is_Mul and all(a.is_Integer or a.is_Symbol for a in x.args):
+            return cprod([self.c(a) for a in x.args])
+        if x.is_Add and all(a.is_Integer or a.is_Symbol or a.is_Mul for a in x.args):
+            out = 0
+            for a in x.args:
+                out = cadd(out, self.c(a))
+            return out
+        return self.dt.computed(("expr", x), lambda dims, x=x: int(x.subs(_binding(dims))), str(x))
 
-    def status_arg(self, node) -> tuple[tuple[str, str], int]:
-        """The status word's kernel parameter and this node's error code for an integer index out of
-        range (the host raises after the call)."""
-        code = self.status_codes.add(node, f"{node.op.name}: index out of range at run time (indices must lie "
-                                           f"in [-n, n))")
-        return (self.buffers[self.status_word()].name, "int32"), code
+    def shape_c(self, shape) -> list:
+        return [self.c(d) for d in shape]
 
-    def arg(self, t: Tensor) -> tuple[str, str]:
-        return self.buffers[self.buf(t)].name, t.dtype
+    def fresh(self, t, shape=None, dtype=None) -> View:
+        v = super().fresh(t, shape, dtype)
+        node = self._node
+        hint = (t.name if t is not None else None) or f"t_{node.op.name if node is not None else 'tmp'}"
+        self._hint[v.buf] = hint
+        return v
 
-    def out_arg(self, t: Tensor, hint: str) -> tuple[str, str]:
-        b = self.new_buffer(t, hint=hint)
-        return self.buffers[b].name, t.dtype
+    def cname(self, b: int) -> str:
+        """The C name of buffer b (a kernel parameter): the tensor's name where it has one."""
+        name = self._cname.get(b)
+        if name is None:
+            buf = self.buffers[b]
+            g = self.graph
+            if buf.kind == "input":
+                hint = g.inputs[buf.index].name
+            elif buf.kind == "param":
+                hint = g.parameters[buf.index].name
+            elif buf.kind == "const":
+                hint = "t_const"
+            elif buf.kind == "slice":
+                hint = self.cname(buf.index) + "_t"
+            elif self.status is not None and b == self.status.buf:
+                hint = "gc_status"
+            else:
+                hint = self._hint.get(b) or (g.roots[buf.index].name if buf.kind == "out" else None) or "t_tmp"
+            name = self._cname[b] = self.names(hint or "t")
+        return name
 
-    # ---- driver --------------------------------------------------------------------------------
-    def run(self) -> tuple[str, Plan]:
-        for i, t in enumerate(self.g.inputs):
-            self.new_buffer(t, "input", index=i)
-        for i, p in enumerate(self.g.parameters):
-            self.new_buffer(p, "param", index=i)
-        for node in self.g.nodes:
-            self.lower_node(node)
-        outs = [(self.buf(t), t.shape) for t in self.g.outputs]
-        upds = [(self.buf(u), u.shape) for _, u in self.g.updates]
-        params = self.g.parameters
-        upd_params = [next(i for i, q in enumerate(params) if q is p) for p, _ in self.g.updates]
-        plan = Plan(self.buffers, self.steps, outs, upds, self.dt, self.kinds, upd_params, self.status,
-                    self.status_codes)
-        return self.source(), plan
+    def literal(self, value, dtype: str) -> str:
+        if isinstance(value, sympy.Basic) and not value.is_Number:
+            return f"(({C_TYPES[dtype]}){self.c(value)})"
+        return c_literal(value, dtype)
 
-    def source(self) -> str:
-        head = (f"// graphc: CUDA C for graph '{self.g.name}' ({len(self.kernels)} kernels)\n"
-                "// one self-contained translation unit: nvcc -ptx / NVRTC compile it as it is\n")
-        return head + PRELUDE + "\n" + self.dt.struct_source() + "\n" + "\n".join(self.kernels)
+    def cview(self, v: View) -> CView:
+        return CView(self.c(v.offset), [self.c(s) for s in v.strides])
 
-    def is_pointwise(self, node: Node) -> bool:
-        """True when the node is one scalar C expression per element (it may join a pointwise kernel)."""
-        return node.op in self.C_CODE
+    def dense(self, v: View, dtype: str | None = None) -> View:
+        """v itself when it is a whole buffer in row-major order (what the GEMM, convolution, softmax,
+        take and scatter templates index), else a contiguous copy."""
+        if v.literal is None and v.contiguous and v.offset == 0 and (dtype is None or dtype == v.dtype):
+            return v
+        return self.materialise(v, dtype)
 
-    def lower_node(self, node: Node) -> None:
-        if node.op.has(Trait.LEAF) or id(node.outputs[0]) in self.buf_of:
-            return
-        self._table.get(node.op, type(self).host)(self, node)
+    # ---- kernels -----------------------------------------------------------------------------------
+    def launch(self, kind: str, src_fn, params: Params, grid, block, sync: bool) -> None:
+        """Add kernel `src_fn(name)` launched over `params`' buffers (a step of the schedule)."""
+        step = self.kernel(kind, src_fn, params, grid, block, sync)
+        views = [View(b, 0, (), (), d) for b, d in zip(step.args, step.dtypes)]
+        self.add(step, [v for v in views if v.buf not in step.writes], [v for v in views if v.buf in step.writes])
 
-    def lower_pointwise(self, node: Node) -> None:
-        out = node.outputs[0]
-        self.pointwise(node, [node], out.shape, node.inputs, [out])
+    def kernel(self, kind: str, src_fn, params: Params, grid, block, sync: bool) -> Launch:
+        """Write kernel `src_fn(name)` into the translation unit; its launch (not yet a step)."""
+        node = self._node
+        label = getattr(node.op, "display_name", lambda n: n.op.name)(node) if node is not None else kind
+        kname = re.sub(r"\W+", "_", f"k{len(self.sources)}_{label}").strip("_")[:60]
+        self.sources.append(src_fn(kname))
+        self.kernels[kname] = kind
+        args, dtypes = params.ids()
+        return Launch(kname, kind, args, dtypes, set(params.written), grid, block, sync)
 
-    def alias(self, node: Node) -> None:
-        """reshape: a contiguous tensor's reshape is the same memory."""
-        self.buf_of[id(node.outputs[0])] = self.buf(node.inputs[0])
-
-    def host(self, node: Node) -> None:
-        ins = [self.buf(t) for t in node.inputs]
-        outs = [self.new_buffer(t, hint=node.op.name) for t in node.outputs]
-        self.steps.append(HostOp(node, ins, outs))
-
-    def add_kernel(self, node, kind: str, src_fn, args, outs, grid, block, sync, note="") -> None:
-        kname = f"k{len(self.kernels)}_{getattr(node.op, 'display_name', lambda n: n.op.name)(node)}"
-        kname = re.sub(r"\W+", "_", kname).strip("_")[:60]
-        self.kernels.append(src_fn(kname))
-        self.kinds[kname] = kind
-        self.steps.append(Launch(kname, kind, args, outs, grid, block, sync, note))
-
-    # ---- pointwise (single elementwise ops and fused groups) ---------------------------------
-    def pointwise(self, node, nodes, loop_shape, ext_tensors, out_tensors) -> None:
-        loop_c = self.dt.shape(loop_shape)
-        ext, args = self._externals(ext_tensors, loop_c)
-        outs = [self.out_arg(t, node.op.name) for t in out_tensors]
-        element = self._element(nodes, ext, out_tensors, loop_c)
-        comment = f"{getattr(node.op, 'display_name', lambda n: n.op.name)(node)} -> " + \
-                  ", ".join(f"{t.dtype}{list(t.shape)}" for t in out_tensors)
-        n = loop_shape
-        self.add_kernel(node, "fused" if node.op is Fused else "elementwise",
-                        lambda k: K.pointwise(k, comment, loop_c, [(a, d) for a, d, _, _ in ext], outs, element,
-                                              _vectorisable(ext, outs, loop_c)),
-                        args + [self.buf(t) for t in out_tensors],
-                        [self.buf(t) for t in out_tensors],
-                        K.grid_1d(lambda dims: _size(n, dims)), (K.THREADS, 1, 1), False)
-
-    def _externals(self, tensors, loop_c):
-        """Kernel inputs for the non-scalar-constant tensors, read through broadcast views."""
-        ext, args, seen = [], [], {}
-        for t in tensors:
-            if _scalar_const(t) is not None or id(t) in seen:
-                continue
-            name, dt = self.arg(t)
-            pname = name if name not in [e[0] for e in ext] else self.names(name)
-            seen[id(t)] = pname
-            ext.append((pname, dt, id(t), broadcast_view(self.dt.shape(t.shape), loop_c)))
-            args.append(self.buf(t))
-        return ext, args
-
-    def _element(self, nodes, ext, out_tensors, loop_c, alias=None, preset=None):
-        """element(coords, linear, indent): load the externals, compute the nodes, return outputs."""
-        alias = alias or ()
+    def copy(self, dst: View, src: View) -> Launch:
+        """dst = src (same shape; converted to dst's dtype): a pointwise kernel through both views (the
+        schedule adds the launch)."""
+        P = Params(self)
+        loop = dst.shape
+        load = self._loader(P, {0: src}, loop)
+        out = P(dst, write=True)
+        dv = self.cview(dst)
 
         def element(coords, lin, indent, lane=None):
-            lines, vals = [], dict(preset or {})
-            for k, (pname, dt, tid, view) in enumerate(ext):
-                idx = lin if lin and view.is_linear(loop_c) else view.index(coords)
-                src = f"{pname}[{idx}]"
+            lines, vals = load(coords, lin, indent)
+            return lines, [self._value(0, vals, dst.dtype)]
+        loop_c = self.shape_c(loop)
+        comment = f"copy {src.dtype}{_fmt(src.shape)} -> {dst.dtype}{_fmt(dst.shape)}"
+        linear = dst.offset == 0 and tuple(dst.strides) == contig_strides(loop)
+        return self.kernel("copy", lambda k: K.pointwise(k, comment, loop_c, P.ins(), [(out, dst.dtype)], element,
+                                                         out_index=None if linear else [dv.index]),
+                           P, K.grid_1d(lambda ev: ev(product(loop))), (K.THREADS, 1, 1), False)
+
+    def fill(self, out: View) -> None:
+        """out = 0 (before a scatter)."""
+        P = Params(self)
+        name = P(out, write=True)
+        loop_c = self.shape_c(out.shape)
+
+        def element(coords, lin, indent, lane=None):
+            return [], ["0"]
+        self.launch("fill", lambda k: K.pointwise(k, f"zero-fill {out.dtype}{_fmt(out.shape)}", loop_c, [],
+                                                  [(name, out.dtype)], element),
+                    P, K.grid_1d(lambda ev: ev(product(out.shape))), (K.THREADS, 1, 1), False)
+
+    def _loader(self, P: Params, srcs: dict, loop_shape):
+        """load(coords, lin, indent, lane) -> (lines, vals): each source (key -> View, broadcast into the
+        loop shape) read at the loop coordinates; scalar literals are inlined."""
+        loop_c = self.shape_c(loop_shape)
+        reads, consts = [], {}
+        for key, v in srcs.items():
+            if v.literal is not None:
+                consts[key] = (self.literal(v.literal, v.dtype), v.dtype)
+                continue
+            name = P(v)
+            strides = broadcast_strides(v, loop_shape)
+            linear = v.offset == 0 and tuple(strides) == contig_strides(loop_shape)
+            cv = self.cview(View(v.buf, v.offset, tuple(loop_shape), strides, v.dtype))
+            reads.append((key, name, v.dtype, cv, linear))
+
+        def load(coords, lin, indent, lane=None):
+            lines, vals = [], dict(consts)
+            for k, (key, name, dt, cv, linear) in enumerate(reads):
+                idx = lin if lin and linear else cv.index(coords)
+                src = f"{name}[{idx}]"
                 if lane:  # vector loop: a lane of the float4 load, or a broadcast scalar
-                    src = f"{pname}_4.{lane}" if view.is_linear(loop_c) else f"{pname}[0]"
+                    src = f"{name}_4.{lane}" if linear else f"{name}[{cv.offset}]"
                 lines.append(f"{indent}const {C_TYPES[dt]} a{k} = {src};")
-                vals[tid] = (f"a{k}", dt)
-            for src, dst in alias:
-                if src in vals:
-                    vals[dst] = vals[src]
+                vals[key] = (f"a{k}", dt)
+            return lines, vals
+        load.reads = reads
+        return load
+
+    def _element(self, P: Params, srcs: dict, nodes: list, results: list, loop_shape, preset=None):
+        """element(coords, lin, indent, lane=None) -> (lines, [value of each result]): the sources
+        loaded, the pointwise nodes computed in order (`preset`: values already in C variables)."""
+        load = self._loader(P, srcs, loop_shape)
+
+        def element(coords, lin, indent, lane=None):
+            lines, vals = load(coords, lin, indent, lane)
+            vals.update(preset or {})
             for k, nd in enumerate(nodes):
                 expr = self.node_expr(nd, vals)
                 out = nd.outputs[0]
@@ -249,12 +340,14 @@ class Lowering:
                     continue
                 lines.append(f"{indent}const {C_TYPES[out.dtype]} v{k} = {expr};  // {nd.op.name}")
                 vals[id(out)] = (f"v{k}", out.dtype)
-            return lines, [self._value(t, vals, t.dtype) for t in out_tensors]
+            return lines, [self._value(t, vals, t.dtype) for t in results]
+        element.reads = load.reads
         return element
 
     def _value(self, t, vals, want: str | None) -> str:
-        if id(t) in vals:
-            v, dt = vals[id(t)]
+        key = t if isinstance(t, int) else id(t)
+        if key in vals:
+            v, dt = vals[key]
         else:
             c = _scalar_const(t)
             if c is None:
@@ -283,300 +376,126 @@ class Lowering:
         attrs = {k: (repr(float(v)) if isinstance(v, float) else v) for k, v in nd.attrs.items()}
         return f"({C_TYPES[out.dtype]})({spell.format(*args, **attrs)})"
 
-    def lower_fused(self, node: Node) -> None:
-        body: Graph = node.attrs["body"]
-        comp = body.compute_nodes()
-        outs = body.outputs
-        alias = [(id(t), id(p)) for p, t in zip(body.inputs, node.inputs)]  # outer tensor -> placeholder
-        if comp and all(self.is_pointwise(n) for n in comp) and all(o.shape == outs[0].shape for o in outs) \
-                and not any(o.node.op.has(Trait.LEAF) for o in outs):
-            self._fused_pointwise(node, body, comp, alias)
-            return
-        if comp and comp[0].op is MatMul and self._fused_matmul(node, body, comp, alias):
-            return
-        last = comp[-1] if comp else None
-        if last is not None and last.op in self.REDUCERS and len(outs) == 1 \
-                and outs[0] is last.outputs[0] and all(self.is_pointwise(n) for n in comp[:-1]):
-            self._fused_reduce(node, body, comp, alias)
-            return
-        for p, t in zip(body.inputs, node.inputs):  # run the body op by op
-            self.buf_of[id(p)] = self.buf(t)
-        for bn in body.nodes:
-            self.lower_node(bn)
-        for o, t in zip(outs, node.outputs):
-            self.buf_of[id(t)] = self.buf(o)
+    def is_pointwise(self, node: Node) -> bool:
+        """True when the node is one scalar C expression per element (it may join a pointwise kernel)."""
+        return node.op in self.C_CODE
 
-    def _body_externals(self, node, body, comp, alias, loop_c):
-        tensors = list(node.inputs) + [t for n in comp for t in n.inputs
-                                       if t.node.op.has(Trait.CONST) and _scalar_const(t) is None]
-        ext, args = self._externals(tensors, loop_c)
-        # body placeholders read the node's inputs with views over the body's own placeholder shapes
-        return ext, args
+    def pointwise(self, kind: str, comment: str, srcs: dict, nodes: list, results: list, outs: list,
+                  loop_shape) -> None:
+        """One grid-stride kernel: results[k] (computed from `srcs` through `nodes`) into outs[k] (fresh
+        contiguous views of the loop shape); a float4 loop when everything is float32 and linear."""
+        P = Params(self)
+        element = self._element(P, srcs, nodes, results, loop_shape)
+        onames = [(P(o, write=True), o.dtype) for o in outs]
+        loop_c = self.shape_c(loop_shape)
+        vec = _vectorisable(element.reads, onames)
+        self.launch(kind, lambda k: K.pointwise(k, comment, loop_c, P.ins(), onames, element, vec), P,
+                    K.grid_1d(lambda ev: ev(product(loop_shape))), (K.THREADS, 1, 1), False)
 
-    def _fused_pointwise(self, node, body, comp, alias) -> None:
-        loop_shape = body.outputs[0].shape
-        loop_c = self.dt.shape(loop_shape)
-        ext, args = self._body_externals(node, body, comp, alias, loop_c)
-        element = self._element(comp, ext, body.outputs, loop_c, alias)
-        outs = [self.out_arg(t, "fused") for t in node.outputs]
-        comment = f"{node.op.display_name(node)} -> {node.outputs[0].dtype}{list(loop_shape)}"
-        self.add_kernel(node, "fused",
-                        lambda k: K.pointwise(k, comment, loop_c, [(a, d) for a, d, _, _ in ext], outs, element,
-                                              _vectorisable(ext, outs, loop_c)),
-                        args + [self.buf(t) for t in node.outputs], [self.buf(t) for t in node.outputs],
-                        K.grid_1d(lambda dims: _size(loop_shape, dims)), (K.THREADS, 1, 1), False)
+    # ---- rows --------------------------------------------------------------------------------------
+    def _pointwise(self, node: Node, ins: list) -> None:
+        """An op with a C spelling, alone: one pointwise kernel."""
+        t = node.outputs[0]
+        out = self.fresh(t)
+        comment = f"{node.op.name} -> {t.dtype}{_fmt(out.shape)}"
+        self.pointwise("elementwise", comment, {id(x): v for x, v in zip(node.inputs, ins)}, [node], [t], [out],
+                       out.shape)
+        self.view[id(t)] = out
 
-    def _fused_reduce(self, node, body, comp, alias) -> None:
-        red = comp[-1]
-        self.reduce(node, red.op, red.inputs[0], (body, comp[:-1], alias), out_tensor=node.outputs[0],
-                    axes=red.attrs["axis"])
+    def _reduce(self, node: Node, ins: list) -> None:
+        self.reduce(node.op, node.outputs[0], {id(node.inputs[0]): ins[0]}, [], node.inputs[0], ins[0].shape,
+                    node.attrs["axis"])
 
-    # ---- reductions, softmax, matmul ------------------------------------------------------------
-    def lower_reduce(self, node) -> None:
-        self.reduce(node, node.op, node.inputs[0], None)
-
-    def reduce(self, node, op, x: Tensor, prologue, out_tensor=None, axes=None) -> None:
-        """Reduction `op` of `x` (through a fused elementwise prologue when given) into out_tensor."""
+    def reduce(self, op, out_t: Tensor, srcs: dict, pre: list, x: Tensor, xshape, axes) -> None:
+        """Reduction `op` over `axes` of x (computed from `srcs` through the pointwise prologue `pre`)."""
         reducer = self.REDUCERS[op]
-        out_t = out_tensor if out_tensor is not None else node.outputs[0]
-        if axes is None:
-            axes = node.attrs["axis"]
-        if isinstance(reducer, K.ArgReduce):  # one axis (or all): the index into the flattened axes
-            axes = tuple(range(x.ndim)) if axes is None else (axes,)
-        shape_c = self.dt.shape(x.shape)
-        if prologue is None:
-            ext, args = self._externals([x], shape_c)
-            element = self._element([], ext, [x], shape_c)
-        else:
-            body, pre, alias = prologue
-            ext, args = self._body_externals(node, body, pre, alias, shape_c)
-            element = self._element(pre, ext, [x], shape_c, alias)
+        # argmax/argmin: one axis (or all), the index into the flattened axes
+        axes = tuple(range(len(xshape))) if axes is None else ((axes,) if isinstance(axes, int) else tuple(axes))
         acc = x.dtype if isinstance(reducer, K.ArgReduce) else out_t.dtype
         acc = "int32" if acc == "bool" else acc
-        out = self.out_arg(out_t, op.name)
-        n_red = cprod([shape_c[a] for a in axes])
-        threads = K.reduce_threads(n_red)
-        kept = [x.shape[a] for a in range(x.ndim) if a not in axes]
-        comment = f"{op.name} over axes {tuple(axes)} of {x.dtype}{list(x.shape)} -> {out_t.dtype}{list(out_t.shape)}"
-        self.add_kernel(node, "reduce",
-                        lambda k: K.reduce_kernel(k, comment, reducer, shape_c, tuple(axes), acc,
-                                                  [(a, d) for a, d, _, _ in ext], out,
-                                                  lambda c, ind: _first(element(c, None, ind)), threads),
-                        args + [self.buf(out_t)], [self.buf(out_t)],
-                        lambda dims: (min(65535, _size(kept, dims)), 1, 1), (threads, 1, 1), True)
+        out = self.fresh(out_t)
+        P = Params(self)
+        element = self._element(P, srcs, pre, [x], xshape)
+        oname = (P(out, write=True), out_t.dtype)
+        shape_c = self.shape_c(xshape)
+        threads = K.reduce_threads(cprod([shape_c[a] for a in axes]))
+        kept = [xshape[a] for a in range(len(xshape)) if a not in axes]
+        comment = f"{op.name} over axes {tuple(axes)} of {x.dtype}{_fmt(xshape)} -> {out_t.dtype}{_fmt(out.shape)}"
+        self.launch("reduce", lambda k: K.reduce_kernel(k, comment, reducer, shape_c, tuple(axes), acc, P.ins(), oname,
+                                                        lambda c, ind: _first(element(c, None, ind)), threads),
+                    P, lambda ev: (min(65535, ev(product(kept))), 1, 1), (threads, 1, 1), True)
+        self.view[id(out_t)] = out
 
-    def softmax(self, node, log: bool = False) -> None:
-        """softmax / log_softmax (log=True) along attrs["axis"]."""
-        x, y = node.inputs[0], node.outputs[0]
-        axis = node.attrs["axis"]
-        shape_c = self.dt.shape(x.shape)
-        xa = self.arg(x)
-        out = self.out_arg(y, node.op.name)
-        threads = K.reduce_threads(shape_c[axis])
-        kept = [d for a, d in enumerate(x.shape) if a != axis]
-        self.add_kernel(node, "softmax",
-                        lambda k: K.softmax_kernel(k, f"{node.op.name} along axis {axis} of {x.dtype}{list(x.shape)}",
-                                                   log, shape_c, axis, xa, out, threads),
-                        [self.buf(x), self.buf(y)], [self.buf(y)],
-                        lambda dims: (min(65535, _size(kept, dims)), 1, 1), (threads, 1, 1), True)
-
-    def log_softmax(self, node) -> None:
-        self.softmax(node, log=True)
-
-    def matmul(self, node, a=None, b=None, tail=None) -> None:
-        """A GEMM; `tail` = (body nodes, externals, matmul tensor, body outputs, node outputs) fuses an
-        elementwise epilogue (bias, activation) into the store."""
-        a, b = (a, b) if a is not None else node.inputs
-        y = node.outputs[0] if tail is None else tail[2]
-        batch = y.shape[:-2]
-        batch_c = self.dt.shape(batch)
-        sa = broadcast_view(self.dt.shape(a.shape[:-2]), batch_c).strides
-        sb = broadcast_view(self.dt.shape(b.shape[:-2]), batch_c).strides
-        n, k, m = self.dt.dim(a.shape[-2]), self.dt.dim(a.shape[-1]), self.dt.dim(b.shape[-1])
-        aa, ba = self.arg(a), self.arg(b)
-        if ba[0] == aa[0]:  # x @ x: one buffer, two kernel parameters
-            ba = (self.names(ba[0]), ba[1])
-        outs_t = node.outputs if tail is not None else [y]
-        outs = [self.out_arg(t, node.op.name) for t in outs_t]
+    def matmul(self, a: View, b: View, y: Tensor, epilogue=None) -> None:
+        """A GEMM; `epilogue` = (srcs, nodes, results, tensors) fuses an elementwise tail (bias,
+        activation) into the store: `results[k]` into a fresh buffer for `tensors[k]`."""
+        P = Params(self)
+        a, b = self.dense(a), self.dense(b)
+        yshape = self.shape(y)
+        batch = yshape[:-2]
+        batch_c = self.shape_c(batch)
+        sa = broadcast_view(self.shape_c(a.shape[:-2]), batch_c).strides
+        sb = broadcast_view(self.shape_c(b.shape[:-2]), batch_c).strides
+        n, k, m = self.c(a.shape[-2]), self.c(a.shape[-1]), self.c(b.shape[-1])
+        aa, ba = (P(a), a.dtype), (P(b), b.dtype)
         t = K.TILE
-        extra, extra_bufs, epilogue = [], [], None
-        if tail is not None:
-            nodes, ext, mm_out, body_outs = tail[0], tail[1], tail[2], tail[3]
-            ext = [(self.names(p) if p in (aa[0], ba[0]) else p, d, tid, v) for p, d, tid, v in ext]
-            extra = [(p, d) for p, d, _, _ in ext]
-            extra_bufs = tail[4]
-            element = self._element(nodes, ext, body_outs, self.dt.shape(y.shape), tail[5],
-                                    preset={id(mm_out): ("acc", mm_out.dtype)})
+        ep = None
+        tensors = [y] if epilogue is None else epilogue[3]
+        outs_v = [self.fresh(o) for o in tensors]
+        if epilogue is not None:
+            srcs, nodes, results, _ = epilogue
+            element = self._element(P, srcs, nodes, results, yshape, preset={id(y): ("acc", y.dtype)})
 
-            def epilogue(bcoords, ind):
+            def ep(bcoords, ind):
                 lines, vals = element(bcoords + ["row", "col"], "i", ind)
                 return [f"{ind}const long long i = bz * M * N + row * N + col;", *lines,
                         *[f"{ind}{o[0]}[i] = {v};" for o, v in zip(outs, vals)]]
+        outs = [(P(o, write=True), o.dtype) for o in outs_v]
+        comment = f"matmul {a.dtype}{_fmt(a.shape)} @ {b.dtype}{_fmt(b.shape)} -> {y.dtype}{_fmt(yshape)} " \
+                  f"(16x16 shared-memory tiles)"
+        if epilogue is not None:
+            comment += f", epilogue {self._node.op.display_name(self._node)}"
+        extra = [x for x in P.ins() if x[0] not in (aa[0], ba[0])]
 
-        def grid(dims):
-            nn, mm = eval_dim(y.shape[-2], dims), eval_dim(y.shape[-1], dims)
-            return ((mm + t - 1) // t, (nn + t - 1) // t, min(65535, _size(batch, dims)))
-        comment = f"matmul {a.type_str} @ {b.type_str} -> {y.type_str} (16x16 shared-memory tiles)"
-        if tail is not None:
-            comment += f", epilogue {node.op.display_name(node)}"
-        self.add_kernel(node, "matmul",
-                        lambda kn: K.matmul_kernel(kn, comment, aa, ba, outs, n, k, m, batch_c, sa, sb, extra, epilogue),
-                        [self.buf(a), self.buf(b), *extra_bufs, *[self.buf(o) for o in outs_t]],
-                        [self.buf(o) for o in outs_t], grid, (t, t, 1), True)
+        def grid(ev):
+            nn, mm = ev(yshape[-2]), ev(yshape[-1])
+            return ((mm + t - 1) // t, (nn + t - 1) // t, min(65535, ev(product(batch))))
+        self.launch("matmul", lambda kn: K.matmul_kernel(kn, comment, aa, ba, outs, n, k, m, batch_c, sa, sb, extra, ep),
+                    P, grid, (t, t, 1), True)
+        for o, v in zip(tensors, outs_v):
+            self.view[id(o)] = v
 
-    def _fused_matmul(self, node, body, comp, alias) -> bool:
-        """fused[matmul, elementwise...]: one GEMM whose store applies the elementwise tail."""
-        mm, rest = comp[0], comp[1:]
-        y = mm.outputs[0]
-        if not all(self.is_pointwise(n) for n in rest) or not all(o.shape == y.shape for o in body.outputs):
-            return False
-        outer = {id(p): t for p, t in zip(body.inputs, node.inputs)}
+    def scatter(self, out: View, src: View, target, extra: list, kind: str = "scatter", comment: str = "") -> None:
+        """out = 0, then out[target(c)] += src[c] over src's elements; `target(P, names)` returns the
+        kernel's `(coords, indent) -> (lines, index)` given the names of the `extra` views it reads."""
+        self.fill(out)
+        src = self.dense(src)
+        P = Params(self)
+        P(src)
+        names = [P(v) for v in extra]
+        oname = (P(out, write=True), out.dtype)
+        tgt = target(P, names)
+        loop_c = self.shape_c(src.shape)
+        comment = comment or f"{self._node.op.name}: scatter {src.dtype}{_fmt(src.shape)} into zeros " \
+                             f"{out.dtype}{_fmt(out.shape)}"
+        self.launch(kind, lambda k: K.scatter_kernel(k, comment, loop_c, P.ins(), oname, tgt, True,
+                                                          [o for o in P.outs() if o[0] != oname[0]]),
+                    P, K.grid_1d(lambda ev: ev(product(src.shape))), (K.THREADS, 1, 1), False)
 
-        def resolve(t):
-            return outer.get(id(t), t)
-        inside = {id(o) for n in comp for o in n.outputs}
-        used = [t for n in rest for t in n.inputs if id(t) not in inside]
-        ext_t = [resolve(t) for t in used if _scalar_const(t) is None]
-        ext, args = self._externals(ext_t, self.dt.shape(y.shape))
-        self.matmul(node, resolve(mm.inputs[0]), resolve(mm.inputs[1]), (rest, ext, y, body.outputs, args, alias))
-        return True
+    def status_param(self, node, P: Params):
+        """The status word's kernel parameter and this node's error code for an integer index out of
+        range (the host raises after the call)."""
+        st, code = self.status_view(node)
+        return P(st, write=True), code
 
-    # ---- index mapping ----------------------------------------------------------------------------
-    def transpose(self, node) -> None:
-        xs = contiguous_strides(self.dt.shape(node.inputs[0].shape))
-        self.copy_view(node, View(0, [xs[a] for a in node.attrs["axes"]]))
 
-    def getitem(self, node) -> None:
-        x = node.inputs[0]
-        xs = contiguous_strides(self.dt.shape(x.shape))
-        self.copy_view(node, self.getitem_view(x.shape, xs, node.attrs["index"]))
+def _binding(dims: dict) -> dict:
+    from graphc import shapes as _sh
+    return {_sh.dim_symbol(k): v for k, v in dims.items()}
 
-    def getitem_view(self, xshape, xs, index) -> View:
-        offset, strides, ax = 0, [], 0
-        for it in index:
-            if it is None:
-                strides.append(0)
-                continue
-            d = xshape[ax]
-            if isinstance(it, slice):
-                start = it.indices(d)[0] if isinstance(d, int) else self.dt.computed(
-                    ("start", d, it.start, it.step), lambda dims, d=d, s=it: s.indices(eval_dim(d, dims))[0],
-                    f"start of {it} on {d}")
-                offset = cadd(offset, cmul(start, xs[ax]))
-                strides.append(cmul(it.step or 1, xs[ax]))
-            else:
-                i = it if it >= 0 or not isinstance(d, int) else d + it
-                if i < 0:
-                    i = self.dt.computed(("idx", d, it), lambda dims, d=d, it=it: eval_dim(d, dims) + it, f"{d}{it}")
-                offset = cadd(offset, cmul(i, xs[ax]))
-            ax += 1
-        return View(offset, strides + xs[ax:])
 
-    def copy_view(self, node, view: View) -> None:
-        """y[coords] = x[view(coords)] (a strided read of the input)."""
-        x, y = node.inputs[0], node.outputs[0]
-        loop_c = self.dt.shape(y.shape)
-        xa = self.arg(x)
-        out = self.out_arg(y, node.op.name)
-
-        def element(coords, lin, indent):
-            return [], [f"{xa[0]}[{view.index(coords)}]"]
-        self._launch_pointwise(node, "copy", f"{node.op.name} {x.type_str} -> {y.type_str}", loop_c, [xa],
-                               [self.buf(x)], out, y, element)
-
-    def _launch_pointwise(self, node, kind, comment, loop_c, ins, in_bufs, out, y, element) -> None:
-        self.add_kernel(node, kind, lambda k: K.pointwise(k, comment, loop_c, ins, [out], element),
-                        in_bufs + [self.buf(y)], [self.buf(y)],
-                        K.grid_1d(lambda dims: _size(y.shape, dims)), (K.THREADS, 1, 1), False)
-
-    def concatenate(self, node) -> None:
-        y, axis = node.outputs[0], node.attrs["axis"]
-        loop_c = self.dt.shape(y.shape)
-        ins = [self.arg(t) for t in node.inputs]
-        pnames = [n if n not in [q for q, _ in ins[:k]] else self.names(n) for k, (n, _) in enumerate(ins)]
-        ins = [(p, d) for p, (_, d) in zip(pnames, ins)]
-        shapes = [self.dt.shape(t.shape) for t in node.inputs]
-        out = self.out_arg(y, "concatenate")
-        ct = C_TYPES[y.dtype]
-
-        def element(coords, lin, indent):
-            lines, start, ca = [f"{indent}{ct} v;"], 0, coords[axis]
-            for k, ((name, _), sc) in enumerate(zip(ins, shapes)):
-                end = cadd(start, sc[axis])
-                local = list(coords)
-                local[axis] = ca if start == 0 else f"({ca} - {start})"
-                idx = View(0, contiguous_strides(sc)).index(local)
-                cond = f"if ({ca} < {end}) " if k < len(ins) - 1 else ""
-                lines.append(f"{indent}{'else ' if k else ''}{cond}v = ({ct}){name}[{idx}];")
-                start = end
-            return lines, ["v"]
-        self._launch_pointwise(node, "copy", f"concatenate along axis {axis} -> {y.type_str}", loop_c, ins,
-                               [self.buf(t) for t in node.inputs], out, y, element)
-
-    def _take_target(self, xshape, idx_shape, axis, idx_name, status):
-        """(lines, x offset) for take-shaped coordinates: x[pre, idx[mid], post]; an index outside
-        [-d, d) sets the status word (the host raises) instead of reading anything."""
-        xs = contiguous_strides(self.dt.shape(xshape))
-        isc = self.dt.shape(idx_shape)
-        d = self.dt.dim(xshape[axis])
-
-        def target(coords, indent):
-            pre, mid, post = coords[:axis], coords[axis:axis + len(isc)], coords[axis + len(isc):]
-            ioff = View(0, contiguous_strides(isc)).index(mid)
-            (sname, _), code = status
-            lines = [f"{indent}long long q = (long long){idx_name}[{ioff}];",
-                     f"{indent}if (q < -{d} || q >= {d}) {{ {sname}[0] = {code}; continue; }}  // out of range",
-                     f"{indent}if (q < 0) q += {d};  // negative indices count from the end"]
-            off = View(0, xs[:axis]).index(pre)
-            off = cadd(off, cmul("q", xs[axis]))
-            off = cadd(off, View(0, xs[axis + 1:]).index(post))
-            return lines, str(off)
-        return target
-
-    def take(self, node) -> None:
-        x, idx = node.inputs
-        y = node.outputs[0]
-        xa, ia = self.arg(x), self.arg(idx)
-        if ia[0] == xa[0]:
-            ia = (self.names(ia[0]), ia[1])
-        out = self.out_arg(y, "take")
-        status = self.status_arg(node)
-        target = self._take_target(x.shape, idx.shape, node.attrs["axis"], ia[0], status)
-
-        def element(coords, lin, indent):
-            lines, off = target(coords, indent)
-            return lines, [f"{xa[0]}[{off}]"]
-        comment = f"take along axis {node.attrs['axis']} -> {y.type_str}"
-        self.add_kernel(node, "take", lambda k: K.pointwise(k, comment, self.dt.shape(y.shape), [xa, ia],
-                                                            [out, status[0]], element),
-                        [self.buf(x), self.buf(idx), self.buf(y), self.status], [self.buf(y), self.status],
-                        K.grid_1d(lambda dims: _size(y.shape, dims)), (K.THREADS, 1, 1), False)
-
-    def take_grad(self, node) -> None:
-        """Scatter-add of the gradient into zeros at the taken positions (checked like take)."""
-        x, idx = node.inputs[1], node.inputs[2]
-        ia = self.arg(idx)
-        status = self.status_arg(node)
-        target = self._take_target(x.shape, idx.shape, node.attrs["axis"], ia[0], status)
-        self.scatter(node, target, [ia], [self.buf(idx)], True, [status[0]], [self.status])
-
-    def index_grad(self, node) -> None:
-        """The gradient written into zeros through getitem's view (positions are distinct)."""
-        x = node.inputs[1]
-        view = self.getitem_view(x.shape, contiguous_strides(self.dt.shape(x.shape)), node.attrs["index"])
-        self.scatter(node, lambda c, ind: ([], view.index(c)), [], [], False, [], [])
-
-    def scatter(self, node, target, ins, in_bufs, accumulate, extra, extra_bufs) -> None:
-        g, y = node.inputs[0], node.outputs[0]
-        ga = self.arg(g)
-        out = self.out_arg(y, node.op.name)
-        loop_c = self.dt.shape(g.shape)
-        self.steps.append(Fill(self.buf(y), [self.buf(y)]))
-        comment = f"{node.op.name}: scatter {g.type_str} into zeros {y.type_str}"
-        self.add_kernel(node, "scatter",
-                        lambda k: K.scatter_kernel(k, comment, loop_c, [ga, *ins], out, target, accumulate, extra),
-                        [self.buf(g), *in_bufs, self.buf(y), *extra_bufs], [self.buf(y), *extra_bufs],
-                        K.grid_1d(lambda dims: _size(g.shape, dims)), (K.THREADS, 1, 1), False)
+def _fmt(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
 @functools.lru_cache(maxsize=None)
@@ -586,26 +505,19 @@ def _c_functions(cls) -> frozenset:
     return frozenset(re.findall(r"([A-Za-z_]\w*)\s*\(", " ".join(spells)))
 
 
-def _vectorisable(ext, outs, loop_c) -> list:
+def _vectorisable(reads, outs) -> list:
     """Names of the inputs a float4 loop loads: all buffers float32, each read at the loop's own
-    linear index or a broadcast scalar (offset 0, all strides 0); [] when that does not hold."""
-    lin = [p for p, _, _, v in ext if v.is_linear(loop_c)]
-    ok = lin and all(d == "float32" and (v.is_linear(loop_c) or (v.offset == 0 and not any(v.strides)))
-                     for _, d, _, v in ext) and all(d == "float32" for _, d in outs)
+    linear index or a broadcast scalar (all strides 0); [] when that does not hold."""
+    lin = [n for _, n, _, _, linear in reads if linear]
+    ok = lin and all(d == "float32" and (linear or not any(v.strides)) for _, _, d, v, linear in reads) \
+        and all(d == "float32" for _, d in outs)
     return lin if ok else []
 
 
-def _scalar_const(t: Tensor):
-    if t.node.op.has(Trait.CONST) and t.node.attrs["value"].ndim == 0:
+def _scalar_const(t):
+    if isinstance(t, Tensor) and t.node.op.has(Trait.CONST) and t.node.attrs["value"].ndim == 0:
         return t.node.attrs["value"]
     return None
-
-
-def _size(shape, dims) -> int:
-    n = 1
-    for d in shape:
-        n *= eval_dim(d, dims)
-    return n
 
 
 def _first(res):
@@ -613,20 +525,191 @@ def _first(res):
     return lines, vals[0]
 
 
-Lowering.LOWERINGS = {
-    Reshape: Lowering.alias,
-    Fused: Lowering.lower_fused,
-    Transpose: Lowering.transpose, GetItem: Lowering.getitem,
-    Softmax: Lowering.softmax, LogSoftmax: Lowering.log_softmax,
-    MatMul: Lowering.matmul,
-    Concatenate: Lowering.concatenate, Take: Lowering.take,
-    TakeGrad: Lowering.take_grad, IndexGrad: Lowering.index_grad,
-    **lower_nn.LOWERINGS,      # conv2d and its gradients, max pooling and its gradients
-    **lower_scan.LOWERINGS,    # scan: a host loop over the body's launch plan
-    **lower_random.LOWERINGS,  # random draws (random_uniform, random_normal)
-}
+# ---- cuda's rows --------------------------------------------------------------------------------------
+
+@lowers(Fused)
+def _fused(s: CudaSchedule, node, ins):
+    """A fused body as one kernel: all pointwise (one loop), a GEMM with a pointwise tail (its store),
+    or a pointwise prologue into a reduction; any other body is planned node by node (shared row)."""
+    body: Graph = node.attrs["body"]
+    for ph, v in zip(body.inputs, ins):
+        s.view[id(ph)] = v
+    for n in body.nodes:
+        if n.op.has(Trait.CONST):
+            s.node(n)
+    comp = body.compute_nodes()
+    outs = body.outputs
+    srcs = {id(t): s.view[id(t)] for n in comp for t in n.inputs
+            if t.node.op.has(Trait.LEAF) and _scalar_const(t) is None}
+    yshape = s.shape(outs[0])
+    if comp and all(s.is_pointwise(n) for n in comp) and all(s.shape(o) == yshape for o in outs) \
+            and not any(o.node.op.has(Trait.LEAF) for o in outs):
+        vs = [s.fresh(t) for t in node.outputs]
+        comment = f"{node.op.display_name(node)} -> {node.outputs[0].dtype}{_fmt(yshape)}"
+        s.pointwise("fused", comment, srcs, comp, outs, vs, yshape)
+        for t, v in zip(node.outputs, vs):
+            s.view[id(t)] = v
+        return
+    if comp and comp[0].op is MatMul and len(comp) > 1 and all(s.is_pointwise(n) for n in comp[1:]) \
+            and all(s.shape(o) == s.shape(comp[0].outputs[0]) for o in outs) \
+            and not any(o.node.op.has(Trait.LEAF) for o in outs):
+        mm = comp[0]
+        a, b = (s.view[id(t)] for t in mm.inputs)
+        rest_srcs = {id(t): s.view[id(t)] for n in comp[1:] for t in n.inputs
+                     if t.node.op.has(Trait.LEAF) and _scalar_const(t) is None}
+        s.matmul(a, b, mm.outputs[0], (rest_srcs, comp[1:], outs, list(node.outputs)))
+        return
+    last = comp[-1] if comp else None
+    if last is not None and last.op in s.REDUCERS and len(outs) == 1 and outs[0] is last.outputs[0] \
+            and all(s.is_pointwise(n) for n in comp[:-1]):
+        x = last.inputs[0]
+        s.reduce(last.op, node.outputs[0], srcs, comp[:-1], x, s.shape(x), last.attrs["axis"])
+        return
+    SHARED[Fused](s, node, ins)
 
 
-def lower(graph: Graph, lowering: type = Lowering) -> tuple[str, Plan]:
-    """The CUDA translation unit and launch plan for `graph` (`lowering`: the backend's table)."""
-    return lowering(graph).run()
+@lowers(Softmax, LogSoftmax)
+def _softmax(s: CudaSchedule, node, ins):
+    """softmax / log_softmax along attrs["axis"]: one block per row."""
+    y = node.outputs[0]
+    x = s.dense(ins[0])
+    axis = node.attrs["axis"]
+    P = Params(s)
+    xa = (P(x), x.dtype)
+    out = s.fresh(y)
+    oa = (P(out, write=True), y.dtype)
+    shape_c = s.shape_c(x.shape)
+    threads = K.reduce_threads(shape_c[axis])
+    kept = [d for a, d in enumerate(x.shape) if a != axis]
+    log = node.op is LogSoftmax
+    s.launch("softmax", lambda k: K.softmax_kernel(k, f"{node.op.name} along axis {axis} of {x.dtype}{_fmt(x.shape)}",
+                                                   log, shape_c, axis, xa, oa, threads),
+             P, lambda ev: (min(65535, ev(product(kept))), 1, 1), (threads, 1, 1), True)
+    s.view[id(y)] = out
+
+
+@lowers(MatMul)
+def _matmul(s: CudaSchedule, node, ins):
+    s.matmul(ins[0], ins[1], node.outputs[0])
+
+
+def _take_target(s: CudaSchedule, x: View, idx: View, axis: int, iname: str, status):
+    """(lines, x offset) for take-shaped coordinates: x[pre, idx[mid], post]; an index outside
+    [-d, d) sets the status word (the host raises) instead of reading anything."""
+    xs = contiguous_strides(s.shape_c(x.shape))
+    isc = s.shape_c(idx.shape)
+    d = s.c(x.shape[axis])
+
+    def target(coords, indent):
+        pre, mid, post = coords[:axis], coords[axis:axis + len(isc)], coords[axis + len(isc):]
+        iidx = CView(0, contiguous_strides(isc)).index(mid)
+        sname, code = status
+        lines = [f"{indent}long long q = (long long){iname}[{iidx}];",
+                 f"{indent}if (q < -{d} || q >= {d}) {{ {sname}[0] = {code}; continue; }}  // out of range",
+                 f"{indent}if (q < 0) q += {d};  // negative indices count from the end"]
+        off = CView(0, xs[:axis]).index(pre)
+        off = cadd(off, cmul("q", xs[axis]))
+        off = cadd(off, CView(0, xs[axis + 1:]).index(post))
+        return lines, str(off)
+    return target
+
+
+@lowers(Take)
+def _take(s: CudaSchedule, node, ins):
+    y = node.outputs[0]
+    x, idx = s.dense(ins[0]), s.dense(ins[1])
+    P = Params(s)
+    xa, ia = (P(x), x.dtype), (P(idx), idx.dtype)
+    out = s.fresh(y)
+    oa = (P(out, write=True), y.dtype)
+    status = s.status_param(node, P)
+    target = _take_target(s, x, idx, node.attrs["axis"], ia[0], status)
+
+    def element(coords, lin, indent, lane=None):
+        lines, off = target(coords, indent)
+        return lines, [f"{xa[0]}[{off}]"]
+    comment = f"take along axis {node.attrs['axis']} -> {y.dtype}{_fmt(out.shape)}"
+    loop_c = s.shape_c(out.shape)
+    s.launch("take", lambda k: K.pointwise(k, comment, loop_c, P.ins(), P.outs(), element),
+             P, K.grid_1d(lambda ev: ev(product(out.shape))), (K.THREADS, 1, 1), False)
+    s.view[id(y)] = out
+
+
+@lowers(TakeGrad)
+def _take_grad(s: CudaSchedule, node, ins):
+    """Scatter-add of the gradient into zeros at the taken positions (checked like take)."""
+    t = node.outputs[0]
+    g, idx = ins[0], s.dense(ins[2])
+    out = s.fresh(t)
+
+    def target(P, names):
+        status = s.status_param(node, P)
+        return _take_target(s, View(out.buf, 0, out.shape, contig_strides(out.shape), out.dtype), idx,
+                            node.attrs["axis"], names[0], status)
+    s.scatter(out, g, target, [idx])
+    s.view[id(t)] = out
+
+
+@lowers(IndexGrad)
+def _index_grad(s: CudaSchedule, node, ins):
+    """The gradient written into zeros through getitem's view (positions are distinct)."""
+    from graphc.backends.schedule.views import view_getitem
+    t = node.outputs[0]
+    out = s.fresh(t)
+    s.fill(out)
+    dst = view_getitem(out, node.attrs["index"])
+    s.add(s.copy(dst, ins[0]), [ins[0]], [out])
+    s.view[id(t)] = out
+
+
+def _load_row_modules() -> None:
+    from . import lower_nn, lower_random   # noqa: F401  (their @lowers rows)
+
+
+_load_row_modules()
+
+
+def refuse_dtypes(graph: Graph) -> None:
+    """float16/bfloat16 and the 8/16-bit and unsigned integers have no CUDA C rows yet (C_TYPES): a
+    DTypeError at compile time naming the tensor, never a wrong kernel."""
+    from graphc.errors import DTypeError
+    from graphc.ir import fmt_loc
+    for node in graph.nodes:
+        for t in node.inputs + node.outputs:
+            if t.dtype not in C_TYPES:
+                raise DTypeError(f"backend 'cuda' does not support dtype {t.dtype} yet (tensor {t.label} of "
+                                 f"{node.op.name}, built at {fmt_loc(node.loc)}); it supports "
+                                 f"{', '.join(C_TYPES)}: use backend='llvm' or 'numpy', or cast first")
+        for v in node.attrs.values():
+            if isinstance(v, Graph):
+                refuse_dtypes(v)
+
+
+def lower(graph: Graph, schedule: type = CudaSchedule) -> tuple[str, CudaSchedule]:
+    """The CUDA translation unit and the symbolic schedule for `graph` (`schedule`: the backend's table)."""
+    refuse_dtypes(graph)
+    s = schedule(graph)
+    head = (f"// graphc: CUDA C for graph '{graph.name}' ({len(s.sources)} kernels)\n"
+            "// one self-contained translation unit: nvcc -ptx / NVRTC compile it as it is\n")
+    return head + PRELUDE + "\n" + s.dt.struct_source() + "\n" + "\n".join(s.sources), s
+
+
+def text(s: CudaSchedule) -> str:
+    """The schedule as text: buffers, then steps (launches, host steps, loops)."""
+    from graphc.ir import fmt_loc
+    lines = [f"buffer {b} {s.cname(b)}: {buf.nbytes} bytes ({buf.kind})" for b, buf in enumerate(s.buffers)]
+
+    def steps(sts, ind):
+        for st in sts:
+            if isinstance(st, HostStep):
+                lines.append(f"{ind}HOST FALLBACK {st.node.op.name} (NumPy impl; node built at {fmt_loc(st.node.loc)})")
+            elif isinstance(st, LoopStep):
+                lines.append(f"{ind}loop scan over {st.length} steps ({'reversed' if st.reverse else 'forward'}):")
+                steps(st.body, ind + "    ")
+            else:
+                lines.append(ind + st.describe())
+    steps(s.steps, "")
+    return "\n".join(lines)
+
+
+CudaSchedule.text = text

@@ -5,15 +5,35 @@ the first maximum of each window (PyTorch's tie rule, as in the NumPy reference)
 from __future__ import annotations
 
 from graphc.ops.nn_ops import Conv2d, Conv2dGradInput, Conv2dGradWeight, MaxPool2d, MaxPool2dGrad, MaxPool2dSelect
+from graphc.backends.schedule.views import product
 from . import kernels as K
 from .cexpr import cmul
-from .plan import Fill
+from .lower import Params, lowers
 from .prelude import C_TYPES
 
 
-def _conv_dims(L, x_shape, w_shape, y_shape, attrs):
+def _inputs(s, node, ins):
+    """(Params, dense input views): the templates index whole row-major buffers."""
+    P = Params(s)
+    vs = [s.dense(v) for v in ins]
+    return P, vs, [(P(v), v.dtype) for v in vs]
+
+
+def _output(s, P, t):
+    out = s.fresh(t)
+    s.view[id(t)] = out
+    return out, (P(out, write=True), t.dtype)
+
+
+def _pointwise(s, kind, comment, P, out, element):
+    loop_c = s.shape_c(out.shape)
+    s.launch(kind, lambda k: K.pointwise(k, comment, loop_c, P.ins(), P.outs(), element), P,
+             K.grid_1d(lambda ev: ev(product(out.shape))), (K.THREADS, 1, 1), False)
+
+
+def _conv_dims(s, x_shape, w_shape, y_shape, attrs):
     """Named C expressions for the convolution's sizes (runtime ones come from GcDims)."""
-    d = L.dt.dim
+    d = s.c
     g = attrs["groups"]
     (sh, sw), (dh, dw) = attrs["stride"], attrs["dilation"]
     (ph, _), (pw, _) = attrs["pads"]
@@ -34,53 +54,51 @@ def _im2col_lines(z, x, row, col, ind):
             f"{ind}  v = {x}[((n_ * {z['C']} + g * {z['Cg']} + c) * {z['H']} + ih) * {z['W']} + iw];"]
 
 
-def conv2d(L, node) -> None:
-    x, w = node.inputs
+@lowers(Conv2d)
+def conv2d(s, node, ins) -> None:
     y = node.outputs[0]
-    z = _conv_dims(L, x.shape, w.shape, y.shape, node.attrs)
-    xa, wa = L.arg(x), L.arg(w)
-    out = L.out_arg(y, "conv2d")
+    P, (x, w), (xa, wa) = _inputs(s, node, ins)
+    yv, out = _output(s, P, y)
+    z = _conv_dims(s, x.shape, w.shape, yv.shape, node.attrs)
     kk = z["Cg"] * z["KH"] * z["KW"]
     m = cmul(z["N"], cmul(z["OH"], z["OW"]))
     ind = "          "
     store = [f"      const long long n_ = row / ({z['OH']} * {z['OW']}), p = row % ({z['OH']} * {z['OW']});",
              f"      {out[0]}[(n_ * {z['O']} + g * {z['Og']} + col) * ({z['OH']} * {z['OW']}) + p] = acc;"]
-    comment = f"conv2d {x.type_str} * {w.type_str} -> {y.type_str}: implicit GEMM per group"
-    L.add_kernel(node, "conv", lambda k: K.gemm_kernel(
+    comment = f"conv2d {_ts(x)} * {_ts(w)} -> {_ts(yv)}: implicit GEMM per group"
+    s.launch("conv", lambda k: K.gemm_kernel(
         k, comment, [xa, wa], [out], y.dtype, m, z["Og"], kk, z["G"], ["    const long long g = bz;"],
         _im2col_lines(z, xa[0], "r", "q", ind), [f"{ind}v = {wa[0]}[(g * {z['Og']} + cc) * {kk} + q];"], store),
-        [L.buf(x), L.buf(w), L.buf(y)], [L.buf(y)],
-        _gemm_grid(lambda dims: _numel((y.shape[0], y.shape[2], y.shape[3]), dims), z["Og"], z["G"]),
+        P, _gemm_grid(lambda ev: ev(product((yv.shape[0], yv.shape[2], yv.shape[3]))), z["Og"], z["G"]),
         (K.TILE, K.TILE, 1), True)
 
 
-def conv2d_grad_weight(L, node) -> None:
-    x, gy = node.inputs
+@lowers(Conv2dGradWeight)
+def conv2d_grad_weight(s, node, ins) -> None:
     gw = node.outputs[0]
-    z = _conv_dims(L, x.shape, gw.shape, gy.shape, node.attrs)
-    z["O"] = gy.shape[1]
-    xa, ga = L.arg(x), L.arg(gy)
-    out = L.out_arg(gw, "conv2d_grad_weight")
+    P, (x, gy), (xa, ga) = _inputs(s, node, ins)
+    gwv, out = _output(s, P, gw)
+    z = _conv_dims(s, x.shape, gwv.shape, gy.shape, node.attrs)
+    z["O"] = s.c(gy.shape[1])
     kk = z["Cg"] * z["KH"] * z["KW"]
     p = cmul(z["N"], cmul(z["OH"], z["OW"]))
     ind = "          "
     a_lines = [f"{ind}const long long n_ = q / ({z['OH']} * {z['OW']}), pp = q % ({z['OH']} * {z['OW']});",
                f"{ind}v = {ga[0]}[(n_ * {z['O']} + g * {z['Og']} + r) * ({z['OH']} * {z['OW']}) + pp];"]
-    comment = f"conv2d weight gradient {x.type_str}, {gy.type_str} -> {gw.type_str}: implicit GEMM per group"
-    L.add_kernel(node, "conv", lambda k: K.gemm_kernel(
+    comment = f"conv2d weight gradient {_ts(x)}, {_ts(gy)} -> {_ts(gwv)}: implicit GEMM per group"
+    s.launch("conv", lambda k: K.gemm_kernel(
         k, comment, [xa, ga], [out], gw.dtype, z["Og"], kk, p, z["G"], ["    const long long g = bz;"],
         a_lines, _im2col_lines(z, xa[0], "q", "cc", ind),
         [f"      {out[0]}[(g * {z['Og']} + row) * {kk} + col] = acc;"]),
-        [L.buf(x), L.buf(gy), L.buf(gw)], [L.buf(gw)], _gemm_grid(lambda dims: z["Og"], kk, z["G"]),
-        (K.TILE, K.TILE, 1), True)
+        P, _gemm_grid(lambda ev: z["Og"], kk, z["G"]), (K.TILE, K.TILE, 1), True)
 
 
-def conv2d_grad_input(L, node) -> None:
-    gy, w = node.inputs
+@lowers(Conv2dGradInput)
+def conv2d_grad_input(s, node, ins) -> None:
     gx = node.outputs[0]
-    z = _conv_dims(L, gx.shape, w.shape, gy.shape, node.attrs)
-    ga, wa = L.arg(gy), L.arg(w)
-    out = L.out_arg(gx, "conv2d_grad_input")
+    P, (gy, w), (ga, wa) = _inputs(s, node, ins)
+    gxv, out = _output(s, P, gx)
+    z = _conv_dims(s, gxv.shape, w.shape, gy.shape, node.attrs)
     t = C_TYPES[gx.dtype]
 
     def element(cs, lin, ind):
@@ -97,12 +115,11 @@ def conv2d_grad_input(L, node) -> None:
                 f"{ind}      acc += {ga[0]}[(({n_} * {z['O']} + g * {z['Og']} + o) * {z['OH']} + oh) * {z['OW']} + ow]",
                 f"{ind}           * {wa[0]}[((g * {z['Og']} + o) * {z['Cg']} + c) * {z['KH'] * z['KW']} + kh * {z['KW']} + kw];",
                 f"{ind}    }}"], ["acc"]
-    L._launch_pointwise(node, "conv", f"conv2d input gradient -> {gx.type_str}: gather per input element",
-                        L.dt.shape(gx.shape), [ga, wa], [L.buf(gy), L.buf(w)], out, gx, element)
+    _pointwise(s, "conv", f"conv2d input gradient -> {_ts(gxv)}: gather per input element", P, gxv, element)
 
 
-def _pool_dims(L, x, y, attrs):
-    d = L.dt.dim
+def _pool_dims(s, x, y, attrs):
+    d = s.c
     (kh, kw), (sh, sw), ((ph, _), (pw, _)) = attrs["kernel"], attrs["stride"], attrs["pads"]
     return dict(C=d(x.shape[1]), H=d(x.shape[2]), W=d(x.shape[3]), OH=d(y.shape[2]), OW=d(y.shape[3]),
                 KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw)
@@ -121,11 +138,12 @@ def _argmax_lines(z, x, t, nc, oh, ow, ind):
             f"{ind}const bool inside = bh >= 0 && bh < {z['H']} && bw >= 0 && bw < {z['W']};"]
 
 
-def max_pool2d(L, node) -> None:
-    x, y = node.inputs[0], node.outputs[0]
-    z = _pool_dims(L, x, y, node.attrs)
-    xa = L.arg(x)
-    out = L.out_arg(y, "max_pool2d")
+@lowers(MaxPool2d)
+def max_pool2d(s, node, ins) -> None:
+    y = node.outputs[0]
+    P, (x,), (xa,) = _inputs(s, node, ins)
+    yv, out = _output(s, P, y)
+    z = _pool_dims(s, x, yv, node.attrs)
     t = C_TYPES[y.dtype]
 
     def element(cs, lin, ind):
@@ -137,62 +155,50 @@ def max_pool2d(L, node) -> None:
                 f"{ind}    if (ih >= 0 && ih < {z['H']} && iw >= 0 && iw < {z['W']})",
                 f"{ind}      best = gc_max(best, {xa[0]}[(({n_} * {z['C']} + {c}) * {z['H']} + ih) * {z['W']} + iw]);",
                 f"{ind}  }}"], ["best"]
-    L._launch_pointwise(node, "pool", f"max_pool2d {x.type_str} -> {y.type_str}", L.dt.shape(y.shape), [xa],
-                        [L.buf(x)], out, y, element)
+    _pointwise(s, "pool", f"max_pool2d {_ts(x)} -> {_ts(yv)}", P, yv, element)
 
 
-def max_pool2d_select(L, node) -> None:
-    x, g = node.inputs
+@lowers(MaxPool2dSelect)
+def max_pool2d_select(s, node, ins) -> None:
     y = node.outputs[0]
-    z = _pool_dims(L, x, y, node.attrs)
-    xa, ga = L.arg(x), L.arg(g)
-    out = L.out_arg(y, "max_pool2d_select")
+    P, (x, g), (xa, ga) = _inputs(s, node, ins)
+    yv, out = _output(s, P, y)
+    z = _pool_dims(s, x, yv, node.attrs)
 
     def element(cs, lin, ind):
         n_, c, oh, ow = cs
         nc = f"({n_} * {z['C']} + {c})"
         return _argmax_lines(z, xa[0], C_TYPES[x.dtype], nc, oh, ow, ind) + [
             f"{ind}const {C_TYPES[y.dtype]} v = inside ? {ga[0]}[({nc} * {z['H']} + bh) * {z['W']} + bw] : 0;"], ["v"]
-    L._launch_pointwise(node, "pool", f"max_pool2d_select -> {y.type_str}", L.dt.shape(y.shape), [xa, ga],
-                        [L.buf(x), L.buf(g)], out, y, element)
+    _pointwise(s, "pool", f"max_pool2d_select -> {_ts(yv)}", P, yv, element)
 
 
-def max_pool2d_grad(L, node) -> None:
-    x, gy = node.inputs
+@lowers(MaxPool2dGrad)
+def max_pool2d_grad(s, node, ins) -> None:
     gx = node.outputs[0]
-    z = _pool_dims(L, x, gy, node.attrs)
-    xa, ga = L.arg(x), L.arg(gy)
-    out = L.out_arg(gx, "max_pool2d_grad")
+    x = s.dense(ins[0])
+    out = s.fresh(gx)
+    s.view[id(gx)] = out
+    z = _pool_dims(s, x, ins[1], node.attrs)
+
+    xname = s.cname(x.buf)
 
     def target(cs, ind):
         n_, c, oh, ow = cs
         nc = f"({n_} * {z['C']} + {c})"
-        return _argmax_lines(z, xa[0], C_TYPES[x.dtype], nc, oh, ow, ind) + [f"{ind}if (!inside) continue;"], \
+        return _argmax_lines(z, xname, C_TYPES[x.dtype], nc, oh, ow, ind) + [f"{ind}if (!inside) continue;"], \
             f"({nc} * {z['H']} + bh) * {z['W']} + bw"
-    L.steps.append(Fill(L.buf(gx), [L.buf(gx)]))
-    loop_c = L.dt.shape(gy.shape)
-    comment = f"max_pool2d_grad: route {gy.type_str} to each window's maximum (overlaps accumulate)"
-    L.add_kernel(node, "pool", lambda k: K.scatter_kernel(k, comment, loop_c, [ga, xa], out, target, True),
-                 [L.buf(gy), L.buf(x), L.buf(gx)], [L.buf(gx)],
-                 K.grid_1d(lambda dims: _numel(gy.shape, dims)), (K.THREADS, 1, 1), False)
+    s.scatter(out, ins[1], lambda P, names: target, [x], kind="pool",
+              comment=f"max_pool2d_grad: route {_ts(ins[1])} to each window's maximum (overlaps accumulate)")
 
 
-def _numel(shape, dims):
-    from .cexpr import eval_dim
-    n = 1
-    for d in shape:
-        n *= eval_dim(d, dims)
-    return n
+def _ts(v) -> str:
+    return f"{v.dtype}[{', '.join(str(d) for d in v.shape)}]"
 
 
 def _gemm_grid(m_fn, n: int, batch: int):
     """Grid for gemm_kernel: (column tiles, row tiles, batch); `m_fn(dims)` gives the row count."""
-    def grid(dims):
-        m = m_fn(dims)
+    def grid(ev):
+        m = m_fn(ev)
         return ((n + K.TILE - 1) // K.TILE, (m + K.TILE - 1) // K.TILE, min(65535, batch))
     return grid
-
-
-#: rows of the cuda lowering table (backends/cuda/lower.py): op -> fn(lowering, node)
-LOWERINGS = {Conv2d: conv2d, Conv2dGradWeight: conv2d_grad_weight, Conv2dGradInput: conv2d_grad_input,
-             MaxPool2d: max_pool2d, MaxPool2dSelect: max_pool2d_select, MaxPool2dGrad: max_pool2d_grad}

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from graphc.ops import random as R
 
+from graphc.backends.schedule.views import product
 from . import kernels as K
-from .cexpr import cprod, eval_dim
+from .lower import Params, lowers
 from .prelude import C_TYPES
 
 #: device helpers, defined once per translation unit (the first random kernel carries them)
@@ -66,26 +67,19 @@ def source(name: str, comment: str, op, key: tuple, out: tuple, n, word: int, he
     return "\n".join(lines) + "\n"
 
 
-def random(L, node) -> None:
-    """Lower one random node on cuda Lowering `L`: a grid-stride kernel over the flat output."""
-    k, y = node.inputs[0], node.outputs[0]
-    ka = L.arg(k)
-    out = L.out_arg(y, node.op.name)
-    n = cprod(L.dt.shape(y.shape))
+@lowers(R.RandomUniform, R.RandomNormal)
+def random(s, node, ins) -> None:
+    """A random node on the cuda schedule `s`: a grid-stride kernel over the flat output."""
+    y = node.outputs[0]
+    key = s.dense(ins[0])
+    P = Params(s)
+    ka = (P(key), key.dtype)
+    out = s.fresh(y)
+    oa = (P(out, write=True), y.dtype)
+    n = s.c(product(out.shape))
     word = node.op.word(node.attrs["stream"])
-    comment = f"{node.op.name} {y.type_str} from key {k.type_str}, stream {node.attrs['stream']}"
-    helpers = not any("GC_RANDOM_HELPERS" in k for k in L.kernels)
-    L.add_kernel(node, "random", lambda kn: source(kn, comment, node.op, ka, out, n, word, helpers),
-                 [L.buf(k), L.buf(y)], [L.buf(y)],
-                 K.grid_1d(lambda dims: _size(y.shape, dims)), (K.THREADS, 1, 1), False)
-
-
-def _size(shape, dims) -> int:
-    s = 1
-    for d in shape:
-        s *= eval_dim(d, dims)
-    return s
-
-
-#: rows of the cuda lowering table (backends/cuda/lower.py reads them): op -> fn(lowering, node)
-LOWERINGS = {R.RandomUniform: random, R.RandomNormal: random}
+    comment = f"{node.op.name} {y.dtype}{list(out.shape)} from key {key.dtype}{list(key.shape)}, stream {node.attrs['stream']}"
+    helpers = not any("GC_RANDOM_HELPERS" in src for src in s.sources)
+    s.launch("random", lambda kn: source(kn, comment, node.op, ka, oa, n, word, helpers), P,
+             K.grid_1d(lambda ev: ev(product(out.shape))), (K.THREADS, 1, 1), False)
+    s.view[id(y)] = out

@@ -13,7 +13,7 @@ import threading
 import numpy as np
 
 from graphc.errors import BackendUnavailable, GraphcError
-from .plan import Memory, Plan
+from .executor import Memory
 
 _lock = threading.Lock()
 _driver = {}
@@ -95,12 +95,12 @@ class DeviceModule:
 class DeviceMemory(Memory):
     """Device pointers as handles. One instance per compiled function; calls are serialised."""
 
-    def __init__(self, module: DeviceModule, plan: Plan):
+    def __init__(self, module: DeviceModule, plan=None):
         super().__init__()
-        self.m, self.lib, self.plan = module, module.lib, plan
+        self.m, self.lib = module, module.lib
         self.resident = {}   # param index -> (host array it mirrors, device pointer)
-        self.consts = {}     # buffer id -> device pointer
-        self.temps = []
+        self.consts = {}     # (schedule id, const index) -> device pointer
+        self.temps = []      # this call's input copies and output buffers
         self.lock = threading.Lock()
 
     def _alloc_bytes(self, nbytes: int) -> int:
@@ -110,23 +110,23 @@ class DeviceMemory(Memory):
 
     def _upload(self, a: np.ndarray) -> int:
         p = self._alloc_bytes(a.nbytes)
-        self.upload(p, a)
+        self.write(p, np.ascontiguousarray(a).reshape(-1).view(np.uint8))
         return p
 
-    def bind(self, array, buf):
-        if buf.kind == "param":
-            held = self.resident.get(buf.index)
+    def bind(self, array, kind, key):
+        if kind == "param":
+            held = self.resident.get(key)
             if held is not None and (held[0] is array or np.array_equal(held[0], array)):
                 return held[1]  # unchanged since it was uploaded (or computed here by an update)
             if held is not None:
                 self._free(held[1])
             p = self._upload(array)
-            self.resident[buf.index] = (array, p)
+            self.resident[key] = (array, p)
             return p
-        if buf.kind == "const":  # keyed by the Buffer object: a scan body's plan numbers its own
-            if id(buf) not in self.consts:
-                self.consts[id(buf)] = (buf, self._upload(array))
-            return self.consts[id(buf)][1]
+        if kind == "const":
+            if key not in self.consts:
+                self.consts[key] = self._upload(array)
+            return self.consts[key]
         p = self._upload(array)
         self.temps.append(p)
         return p
@@ -137,57 +137,49 @@ class DeviceMemory(Memory):
     def free_arena(self, base):
         self._free(base)
 
-    def place(self, base, offset, dtype, shape):
-        return base + offset
+    def sub(self, handle, offset, nbytes):
+        return handle + offset
 
-    def upload(self, handle, array):
-        a = np.ascontiguousarray(array)
-        if a.nbytes:
-            _call(self.lib, "cuMemcpyHtoD_v2", ctypes.c_uint64(handle), a.ctypes.data_as(ctypes.c_void_p),
-                  ctypes.c_size_t(a.nbytes))
-
-    def alloc(self, dtype, shape):
-        p = self._alloc_bytes(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    def alloc(self, nbytes):
+        p = self._alloc_bytes(nbytes)
         self.temps.append(p)
         return p
 
     def pointer(self, handle) -> int:
         return handle
 
-    def download(self, handle, dtype, shape, copy):
-        a = np.empty(shape, dtype)
-        if a.nbytes:
+    def read(self, handle, nbytes, copy):
+        a = np.empty(nbytes, np.uint8)
+        if nbytes:
             _call(self.lib, "cuMemcpyDtoH_v2", a.ctypes.data_as(ctypes.c_void_p), ctypes.c_uint64(handle),
-                  ctypes.c_size_t(a.nbytes))
+                  ctypes.c_size_t(nbytes))
         return a
 
-    def zero(self, handle, dtype, shape):
-        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if n:
-            _call(self.lib, "cuMemsetD8_v2", ctypes.c_uint64(handle), ctypes.c_ubyte(0), ctypes.c_size_t(n))
+    def write(self, handle, data):
+        a = np.ascontiguousarray(data)
+        if a.nbytes:
+            _call(self.lib, "cuMemcpyHtoD_v2", ctypes.c_uint64(handle), a.ctypes.data_as(ctypes.c_void_p),
+                  ctypes.c_size_t(a.nbytes))
+
+    def zero(self, handle, nbytes):
+        if nbytes:
+            _call(self.lib, "cuMemsetD8_v2", ctypes.c_uint64(handle), ctypes.c_ubyte(0), ctypes.c_size_t(nbytes))
 
     def launch(self, kernel, grid, block, params, sync):
         _call(self.lib, "cuLaunchKernel", self.m.fns[kernel], *[ctypes.c_uint(v) for v in grid],
               *[ctypes.c_uint(v) for v in block], ctypes.c_uint(0), None, params, None)
 
-    def offset(self, handle, dtype, start, count):
-        return handle + start * np.dtype(dtype).itemsize
-
-    def copy(self, dst, src, dtype, count):
-        n = count * np.dtype(dtype).itemsize
-        if n:
-            _call(self.lib, "cuMemcpyDtoD_v2", ctypes.c_uint64(dst), ctypes.c_uint64(src), ctypes.c_size_t(n))
-
-    def after_run(self, env, updates):
+    def after_run(self, outs, updates):
         """Keep each update's device buffer as its parameter's resident copy; free the rest."""
         keep = set()
-        for (bid, _), pidx, host in zip(self.plan.updates, self.plan.update_params, updates):
-            if self.plan.buffers[bid].kind == "temp" and env[bid] not in keep:
-                old = self.resident.get(pidx)
-                if old is not None and old[1] != env[bid]:
-                    self._free(old[1])
-                self.resident[pidx] = (host, env[bid])
-                keep.add(env[bid])
+        for pidx, handle, host in updates:
+            if handle in keep:
+                continue
+            old = self.resident.get(pidx)
+            if old is not None and old[1] != handle:
+                self._free(old[1])
+            self.resident[pidx] = (host, handle)
+            keep.add(handle)
         for p in self.temps:
             if p not in keep:
                 self._free(p)

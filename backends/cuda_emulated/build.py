@@ -14,7 +14,8 @@ import threading
 import numpy as np
 
 from graphc.backends.cuda.compiler import error_with_source
-from graphc.backends.cuda.plan import Launch, Memory, Plan, ScanLoop
+from graphc.backends.cuda.executor import Memory
+from graphc.backends.schedule.steps import HostStep, LoopStep
 from graphc.backends.cuda.prelude import C_TYPES
 from graphc.backends.schedule.arena import DEFAULT_ALIGN as ALIGN
 from graphc.backends.schedule.cache import find_files, key as cache_key, store_files, tool_identity
@@ -31,17 +32,16 @@ def compiler() -> str | None:
         shutil.which("g++") or shutil.which("clang++")
 
 
-def launchers(plan: Plan) -> str:
+def launchers(steps) -> str:
     """One `extern "C" gc_launch_<kernel>` per kernel: unpacks cuLaunchKernel-style void** params."""
     out, done = ["\n// ---- host launchers (emulation only) ----"], set()
-    for step, plan in _launches(plan):
+    for step in _launches(steps):
         if step.kernel in done:
             continue
         done.add(step.kernel)
         casts = []
-        for k, b in enumerate(step.args):
-            ct = C_TYPES[plan.buffers[b].dtype]
-            casts.append(f"*({'' if b in step.outputs else 'const '}{ct}**)p[{k}]")
+        for k, (b, dt) in enumerate(zip(step.args, step.dtypes)):
+            casts.append(f"*({'' if b in step.writes else 'const '}{C_TYPES[dt]}**)p[{k}]")
         casts.append(f"*(GcDims*)p[{len(step.args)}]")
         out.append(f'extern "C" int gc_launch_{step.kernel}(unsigned gx, unsigned gy, unsigned gz, '
                    f'unsigned bx, unsigned by, unsigned bz, void** p) {{\n'
@@ -50,13 +50,13 @@ def launchers(plan: Plan) -> str:
     return "\n".join(out) + "\n"
 
 
-def _launches(plan: Plan):
-    """(launch, its plan) for every kernel launch, scan bodies included."""
-    for step in plan.steps:
-        if isinstance(step, Launch):
-            yield step, plan
-        elif isinstance(step, ScanLoop):
+def _launches(steps):
+    """Every kernel launch of a schedule's steps, loop bodies included."""
+    for step in steps:
+        if isinstance(step, LoopStep):
             yield from _launches(step.body)
+        elif not isinstance(step, HostStep):
+            yield step
 
 
 def precompiled_header(cxx: str, header: str) -> str:
@@ -103,7 +103,7 @@ def sanitize_flags(sanitize: str | None) -> list[str]:
     return SANITIZERS[sanitize]
 
 
-def build(source: str, plan: Plan, sanitize: str | None = None) -> ctypes.CDLL:
+def build(source: str, steps: list, sanitize: str | None = None) -> ctypes.CDLL:
     """The shared library for `source`, cached on disk by a hash of everything that goes into it. A
     cached .so is dlopen'ed only after its checksum matches its manifest (a damaged one could crash
     the process); otherwise it is rebuilt."""
@@ -111,7 +111,7 @@ def build(source: str, plan: Plan, sanitize: str | None = None) -> ctypes.CDLL:
     flags = FLAGS + sanitize_flags(sanitize)
     with open(HEADER) as f:
         header = f.read()
-    tu = f'#include "emulation.h"\n#line 1 "graph.cu"\n' + source + launchers(plan)
+    tu = f'#include "emulation.h"\n#line 1 "graph.cu"\n' + source + launchers(steps)
     key = cache_key("so", header, tu, " ".join(flags), tool_identity(cxx))
     d = find_files(SUB, f"{key}.manifest")
     if d is None:
@@ -137,7 +137,7 @@ def _compile(cxx: str, flags: list[str], header: str, tu: str, source: str) -> b
 
 
 class HostMemory(Memory):
-    """'Device' memory is host memory: buffers are NumPy arrays; launches call the host launchers.
+    """'Device' memory is host memory: buffers are uint8 NumPy arrays; launches call the host launchers.
     Calls may run concurrently (ctypes releases the GIL): each thread has its own arena. Under a
     sanitizer (`separate`), every temporary gets its own allocation instead, so that an overrun
     lands in a red zone rather than in a neighbouring temporary."""
@@ -153,36 +153,31 @@ class HostMemory(Memory):
         raw = np.empty(nbytes + ALIGN, np.uint8)
         return raw[(-raw.ctypes.data) % ALIGN:][:nbytes]
 
-    def place(self, base, offset, dtype, shape):
-        if self.separate:
-            return np.empty(shape, dtype)
-        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        return base[offset:offset + n].view(dtype).reshape(shape)
+    def temp(self, base, offset, nbytes):
+        return np.empty(nbytes, np.uint8) if self.separate else base[offset:offset + nbytes]
 
-    def upload(self, handle, array):
-        np.copyto(handle, array.reshape(handle.shape))
+    def sub(self, handle, offset, nbytes):
+        return handle[offset:offset + nbytes]
 
-    def bind(self, array, buf):
-        return np.ascontiguousarray(array)
+    def bind(self, array, kind, key):
+        a = np.ascontiguousarray(array)
+        return a.reshape(-1).view(np.uint8)
 
-    def alloc(self, dtype, shape):
-        return np.empty(shape, dtype)
+    def alloc(self, nbytes):
+        return np.empty(nbytes, np.uint8)   # exactly sized: an overrun reaches ASan's red zone
 
     def pointer(self, handle) -> int:
         return handle.ctypes.data
 
-    def download(self, handle, dtype, shape, copy):
-        a = handle.reshape(shape)
+    def read(self, handle, nbytes, copy):
+        a = handle[:nbytes]
         return a.copy() if copy else a
 
-    def zero(self, handle, dtype, shape):
-        handle.fill(0)
+    def write(self, handle, data):
+        handle[:data.size] = data
 
-    def offset(self, handle, dtype, start, count):
-        return handle.reshape(-1)[start:start + count]
-
-    def copy(self, dst, src, dtype, count):
-        np.copyto(dst.reshape(-1)[:count], src.reshape(-1)[:count])
+    def zero(self, handle, nbytes):
+        handle[:nbytes] = 0
 
     def launch(self, kernel, grid, block, params, sync):
         fn = self.fns.get(kernel)

@@ -1,5 +1,8 @@
-"""One native schedule: the backend-neutral plan of one specialisation (concrete dims) of an optimised
-graph, which a native backend renders (kernel steps -> LLVM IR / CUDA C) and runs.
+"""One native schedule: the backend-neutral plan of an optimised graph, which a native backend renders
+(kernel steps -> LLVM IR / CUDA C) and runs. A schedule is either concrete (built for one binding of the
+graph's dims: every size an int; llvm builds one per specialisation) or symbolic (`dims=None`: built
+once, shapes/strides/offsets/byte sizes are sympy expressions over the dims, evaluated per call; the
+arena is placed per binding by `layout(dims)`; cuda compiles once for every batch size).
 
 Data model
 ----------
@@ -7,7 +10,7 @@ Data model
   graph's arrays, by index), `out` (output slot j of graph.roots), `arena` (scratch memory at a byte
   offset into one arena), `slice` (one loop iteration's window of a parent buffer). `Schedule.buffers`
   is the list of them; a buffer is named by its index there.
-- View (views.View): what a tensor is at run time: a buffer id, an element offset, a concrete shape,
+- View (views.View): what a tensor is at run time: a buffer id, an element offset, a shape,
   strides in elements (any sign; 0 broadcasts), a dtype; or a scalar literal broadcast to a shape (no
   buffer). `Schedule.view` maps id(tensor) -> View. Movement ops only make views (reshape of a
   contiguous view, transpose, broadcast_to, getitem, stop_gradient): several tensors share one buffer.
@@ -17,14 +20,16 @@ Data model
     steps.HostStep(node, ins, outs): the node's NumPy impl on the host, for an op without a row in
       the backend's table or a case its row does not cover (the handler raised NotLowerable); the
       op's name is listed in `Schedule.fallback` (-> program.info["fallback_ops"]);
-    steps.LoopStep(length, reverse, body, slices): gc.scan as a native loop; its body is a list of
+    steps.LoopStep(length, reverse, body, slices): gc.scan as a native loop (length: an int or an
+      expression); its body is a list of
       kernel steps (a body needing the host is not lowered: the whole scan runs on the host), its
       `slices` are slice buffers that move by a byte stride each iteration (sequences, stacked ys, the
       carry history).
 - Lifetimes: every buffer records the first and last step index touching it (`touch`, done by `add`);
   everything a loop body touches is live for the whole loop step. The arena planner
   (arena.plan_arena) gives buffers with disjoint lifetimes overlapping memory; `arena_bytes` is the
-  total. The status word (below) is live for the whole program.
+  total (symbolic: `layout(dims)` places the arena for one binding, cached). The status word (below)
+  is live for the whole program.
 - Output slots: a root tensor is computed straight into its output buffer when its node asks `fresh`
   for it; otherwise (a root that is a view, an input, a constant, a second root of the same tensor)
   a copy step into the slot is added at the end.
@@ -59,8 +64,8 @@ from graphc.ops.scan import Scan
 from .arena import DEFAULT_ALIGN, plan_arena
 from .status import StatusCodes
 from .steps import Buffer, HostStep, LoopStep
-from .views import (View, broadcast_strides, contig_strides, contiguous_view, extent, literal_view, nbytes,
-                    view_getitem)
+from .views import (View, as_int, broadcast_strides, contig_strides, contiguous_view, extent, is_int, literal_view,
+                    nbytes, product, view_getitem, view_slice)
 
 __all__ = ["NotLowerable", "ROWS", "row", "Schedule", "Buffer", "HostStep", "LoopStep", "View"]
 
@@ -100,11 +105,14 @@ class Schedule:
     #: the backend's name in messages
     backend: str = "native"
 
-    def __init__(self, graph: Graph, dims: dict, bounds: bool = False):
+    def __init__(self, graph: Graph, dims: dict | None, bounds: bool = False):
         self.graph = graph
         self.bounds = bounds   # sanitize="bounds": every kernel access checked (by the renderer)
-        self.dims = dict(dims)
-        self.bind = {_sh.dim_symbol(k): v for k, v in dims.items()}
+        self.symbolic = dims is None   # sizes are expressions over the dims, evaluated per call
+        self.dims = dict(dims or {})
+        # concrete: symbol -> int; symbolic: a scan body's own symbols -> the outer expressions they are
+        self.bind = {_sh.dim_symbol(k): v for k, v in self.dims.items()}
+        self._layouts: dict = {}
         self.buffers: list[Buffer] = []
         self.steps: list = []
         self.view: dict[int, View] = {}
@@ -141,7 +149,20 @@ class Schedule:
 
     # ---- buffers and views -------------------------------------------------------------------------
     def shape(self, t) -> tuple:
-        return _sh.evaluate(t.shape, self.bind)
+        return self.dim_values(t.shape)
+
+    def dim_values(self, dims) -> tuple:
+        """Dims (ints or sympy expressions) as this schedule sees them: ints when concrete; symbolic:
+        expressions over the graph's own dims (a scan body's symbols replaced by what they are)."""
+        if not self.symbolic:
+            return _sh.evaluate(dims, self.bind)
+        return tuple(d if isinstance(d, int) else as_int(d.xreplace(self.bind)) for d in dims)
+
+    def evaluate(self, x, dims: dict) -> int:
+        """A size of this schedule (an int or an expression over the dims) for the binding `dims`."""
+        if is_int(x):
+            return int(x)
+        return int(x.subs({_sh.dim_symbol(k): v for k, v in dims.items()}))
 
     def new_buffer(self, kind: str, nbytes: int, index=None) -> int:
         idx = self.kinds[kind] if index is None else index
@@ -195,14 +216,16 @@ class Schedule:
         lo, hi = extent(inner)
         if lo < 0:
             raise NotLowerable("scan")   # negative inner strides: not a forward window
-        size = (hi + 1) * item if inner.size else 0
+        size = (hi + 1) * item if not is_int(inner.size) or inner.size else 0
         parent = self.buffers[v.buf]
-        for t in {0, max(v.shape[0] - 1, 0)}:
+        static = all(is_int(x) for x in (v.shape[0], size, axis0_stride_bytes, v.offset, parent.nbytes))
+        for t in {0, max(v.shape[0] - 1, 0)} if static else ():
             start = v.offset * item + t * axis0_stride_bytes
             if inner.size and v.shape[0] and not (0 <= start and start + size <= parent.nbytes):
                 raise GraphcError(f"internal error (a graphc bug, please report it): {self.backend} plan of scan "
                                   f"step {t} reads bytes [{start}, {start + size}) of a {parent.nbytes}-byte buffer")
-        self.buffers.append(Buffer("slice", v.buf, size, offset=v.offset * item, stride=axis0_stride_bytes))
+        self.buffers.append(Buffer("slice", v.buf, as_int(size), offset=as_int(v.offset * item),
+                                   stride=as_int(axis0_stride_bytes)))
         b = len(self.buffers) - 1
         return b, View(b, 0, v.shape[1:], v.strides[1:], v.dtype)
 
@@ -248,7 +271,8 @@ class Schedule:
                 self.out_bufs[j] = b
                 out = contiguous_view(b, shape, t.dtype)
                 self.add(self.copy(out, self.view[id(t)]), [self.view[id(t)]], [out])
-        self.assign_arena()
+        if not self.symbolic:
+            self.assign_arena()
 
     def node(self, node: Node) -> None:
         """Plan one node by its row in the table; no row, or NotLowerable: a host step (what the row
@@ -311,6 +335,26 @@ class Schedule:
             b.offset = off
         self.arena_bytes = plan.total
 
+    def layout(self, dims: dict) -> "Layout":
+        """A symbolic schedule's arena for one binding of the dims (cached per binding): every byte size
+        evaluated, the arena buffers placed by the same planner."""
+        key = tuple(sorted(dims.items()))
+        lay = self._layouts.get(key)
+        if lay is None:
+            if len(self._layouts) >= 64:   # many batch sizes: keep the cache bounded
+                self._layouts.clear()
+            sizes = [self.evaluate(b.nbytes, dims) for b in self.buffers]
+            arena = [i for i, b in enumerate(self.buffers) if b.kind == "arena" and b.last >= 0]
+            plan = plan_arena([(self.buffers[i].first, self.buffers[i].last, sizes[i]) for i in arena], self.align,
+                              locality=self.arena_locality)
+            lay = self._layouts[key] = Layout(dict(dims), plan.total, dict(zip(arena, plan.offsets)), sizes)
+        return lay
+
+    @property
+    def layouts(self) -> list:
+        """The layouts placed so far (one per binding called with)."""
+        return list(self._layouts.values())
+
     # ---- a host-memory runtime's view of the schedule ----------------------------------------------
     def host_array(self, v: View, bases: dict) -> np.ndarray:
         """The ndarray view `v` denotes, given host memory `bases` ({kind: [uint8 array per index]},
@@ -324,6 +368,19 @@ class Schedule:
         if 0 in v.shape:
             return np.empty(v.shape, v.dtype)
         return np.ndarray(v.shape, v.dtype, buffer=base, offset=off, strides=[s * item for s in v.strides])
+
+
+class Layout:
+    """A symbolic schedule's memory for one binding of the dims: `nbytes[b]` of every buffer, the arena
+    buffers' byte `offsets` ({buffer id: offset}) and the arena's `total`."""
+
+    def __init__(self, dims: dict, total: int, offsets: dict, nbytes: list):
+        self.dims, self.total, self.offsets, self.nbytes = dims, total, offsets, nbytes
+
+    @property
+    def temps_bytes(self) -> int:
+        """What the arena buffers would take with an allocation each."""
+        return sum(self.nbytes[b] for b in self.offsets)
 
 
 # ---- the backend-neutral rows ----------------------------------------------------------------------------
@@ -375,7 +432,7 @@ def _stop_gradient(s: Schedule, node, ins):
 
 @row(S.SizeOf)
 def _size_of(s: Schedule, node, ins):
-    n = int(np.prod([ins[0].shape[a] for a in node.attrs["axes"]], dtype=np.int64))
+    n = product(ins[0].shape[a] for a in node.attrs["axes"])
     s.view[id(node.outputs[0])] = literal_view(n, (), node.attrs["dtype"])
 
 
@@ -385,9 +442,9 @@ def _concatenate(s: Schedule, node, ins):
     out, start = s.fresh(t), 0
     for v in ins:
         n = v.shape[axis]
-        dst = view_getitem(out, (slice(None),) * axis + (slice(start, start + n),))
+        dst = view_slice(out, axis, start, n)
         s.add(s.copy(dst, v), [v], [out])
-        start += n
+        start = as_int(start + n)
     s.view[id(t)] = out
 
 
@@ -410,7 +467,7 @@ def _scan(s: Schedule, node, ins):
     seqs = ins[nc:nc + ns]
     # invariants read every iteration: make strided views (a hoisted transpose) contiguous once
     invs = [v if v.literal is not None or v.contiguous else s.materialise(v) for v in ins[nc + ns:]]
-    T = seqs[0].shape[0] if seqs else int(_sh.evaluate((a["length"],), s.bind)[0])
+    T = seqs[0].shape[0] if seqs else s.dim_values((a["length"],))[0]
     concrete = [c.shape for c in ins[:nc]] + [q.shape[1:] for q in seqs] + [v.shape for v in invs]
     for ph, shp in zip(body.inputs, concrete):
         for d, val in zip(ph.shape, shp):
@@ -427,7 +484,9 @@ def _scan(s: Schedule, node, ins):
     live = [id(t) in used for t in node.outputs[nc:]]
     stacked = [s.fresh(t) if keep else None for t, keep in zip(node.outputs[nc:], live)]
     saved, saved_pos = s.steps, s._loop_pos
-    s._loop_pos, s.steps = len(saved), []
+    # a nested loop's steps live at the OUTERMOST loop's position in the top-level step list (lifetimes
+    # are indices there; the enclosing body's list index would collide with top-level steps)
+    s._loop_pos, s.steps = (len(saved) if saved_pos is None else saved_pos), []
     try:
         slices = []
         for ph, v in zip(body.inputs, carry + [None] * ns + list(invs)):
@@ -441,7 +500,8 @@ def _scan(s: Schedule, node, ins):
             if v is None:
                 outs.append(None)
                 continue
-            b, sv = s.slice(v, v.strides[0] * np.dtype(v.dtype).itemsize if v.shape[0] else 0)
+            b, sv = s.slice(v, v.strides[0] * np.dtype(v.dtype).itemsize if not is_int(v.shape[0]) or v.shape[0]
+                            else 0)
             slices.append(b)
             outs.append(sv)
         for hs, cb in zip(outs[n_y:], carry):       # history[t]: the carry entering step t
@@ -465,7 +525,7 @@ def _scan(s: Schedule, node, ins):
     s.steps, s._loop_pos = saved, saved_pos
     s.add(loop, [], [])
     kept = [v for v in stacked if v is not None]
-    s.touch(carry + kept, len(s.steps) - 1)
+    s.touch(carry + kept, len(s.steps) - 1 if saved_pos is None else saved_pos)
     for t, v in zip(node.outputs, carry + stacked):
         if v is not None:
             s.view[id(t)] = v

@@ -21,7 +21,9 @@ class Buffer:
       slice: one iteration's window of a parent buffer (index = the parent's buffer id) inside a
              LoopStep: bytes [offset + t * stride, ... + nbytes) of the parent at iteration t.
     first / last: the steps (top-level step indices, inclusive) that read or write it; a buffer used inside
-    a loop step is live for the whole loop step."""
+    a loop step is live for the whole loop step. In a symbolic schedule nbytes (and a slice's offset and
+    stride) may be sympy expressions over the dims; an arena buffer's offset is then per binding
+    (Schedule.layout), not here."""
     kind: str
     index: int
     nbytes: int
@@ -33,7 +35,8 @@ class Buffer:
 
 @dataclass
 class LoopStep:
-    """A native loop (gc.scan): `body` steps run `length` times; slice buffers move per iteration."""
+    """A native loop (gc.scan): `body` steps run `length` times (an int, or an expression in a symbolic
+    schedule); slice buffers move per iteration."""
     length: int
     reverse: bool
     body: list

@@ -1,15 +1,19 @@
 """Strided views over buffers (what a schedule hands kernels) and dim collapsing for loop nests.
 
-A View is pure data: concrete shape and strides (in elements, any sign, 0 for broadcast dims), an
-element offset into buffer `buf` (an index into Schedule.buffers), and a dtype; or a scalar literal
-broadcast to a shape (buf None). Movement ops (reshape of a contiguous view, transpose, broadcast,
-basic indexing) only make new views of the same buffer: no data moves.
+A View is pure data: shape and strides (in elements, any sign, 0 for broadcast dims), an element
+offset into buffer `buf` (an index into Schedule.buffers), and a dtype; or a scalar literal broadcast
+to a shape (buf None). Movement ops (reshape of a contiguous view, transpose, broadcast, basic
+indexing) only make new views of the same buffer: no data moves. In a concrete schedule every size is
+an int; in a symbolic one (compiled once for every binding of the dims, cuda) a shape, stride, offset
+or literal may be a sympy expression over the graph's dims (`is_int` tells them apart), evaluated per
+call.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+import sympy
 
 
 @dataclass(frozen=True)
@@ -23,8 +27,8 @@ class View:
     literal: object = None
 
     @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+    def size(self):
+        return product(self.shape)
 
     @property
     def contiguous(self) -> bool:
@@ -36,6 +40,24 @@ class View:
 
     def reshape(self, shape) -> "View":
         return View(self.buf, self.offset, tuple(shape), contig_strides(shape), self.dtype, self.literal)
+
+
+def is_int(x) -> bool:
+    """A concrete size (an int), not an expression over dims."""
+    return isinstance(x, (int, np.integer)) or (isinstance(x, sympy.Basic) and x.is_Integer)
+
+
+def as_int(x):
+    """A sympy Integer as an int; anything else unchanged."""
+    return int(x) if isinstance(x, sympy.Basic) and x.is_Integer else x
+
+
+def product(xs):
+    """The product of sizes (an int when they all are, else a sympy expression)."""
+    n = 1
+    for d in xs:
+        n = n * d
+    return as_int(n)
 
 
 def contig_strides(shape) -> tuple:
@@ -79,7 +101,8 @@ def collapse(shape, strides_list):
 
 
 def view_getitem(v: View, index) -> View:
-    """Basic indexing (ints, slices, None) of a view: a new view of the same buffer."""
+    """Basic indexing (ints, slices, None) of a view: a new view of the same buffer (a symbolic dim
+    gives a symbolic start and length, as graphc.ops.shape_ops infers them)."""
     off, shape, strides, ax = v.offset, [], [], 0
     for it in index:
         if it is None:
@@ -87,21 +110,36 @@ def view_getitem(v: View, index) -> View:
             strides.append(0)
             continue
         n, s = v.shape[ax], v.strides[ax]
-        if isinstance(it, slice):
-            start, stop, step = it.indices(n)
+        if isinstance(it, slice) and is_int(n):
+            start, stop, step = it.indices(int(n))
             m = len(range(start, stop, step))
             off += start * s if m else 0
             shape.append(m)
             strides.append(s * step)
+        elif isinstance(it, slice):
+            from graphc.ops.shape_ops import _slice_len   # raises for a negative step on a symbolic dim
+            m = _slice_len(n, it)
+            start = 0 if it.start is None else (sympy.Min(it.start, n) if it.start >= 0 else
+                                                sympy.Max(0, n + it.start))
+            off += start * s
+            shape.append(m)
+            strides.append(s * (it.step or 1))
         else:
-            off += (it % n) * s
+            off += (it % n if is_int(n) else (it if it >= 0 else n + it)) * s
         ax += 1
-    return View(v.buf, off, tuple(shape) + v.shape[ax:], tuple(strides) + v.strides[ax:], v.dtype, v.literal)
+    return View(v.buf, as_int(off), tuple(shape) + v.shape[ax:], tuple(strides) + v.strides[ax:], v.dtype,
+                v.literal)
 
 
-def nbytes(shape, dtype) -> int:
-    """Bytes of a contiguous array of `shape` and `dtype`."""
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+def view_slice(v: View, axis: int, start, n) -> View:
+    """Elements [start, start + n) of axis `axis` of v (start and n may be expressions)."""
+    shape = v.shape[:axis] + (n,) + v.shape[axis + 1:]
+    return View(v.buf, as_int(v.offset + start * v.strides[axis]), shape, v.strides, v.dtype, v.literal)
+
+
+def nbytes(shape, dtype):
+    """Bytes of a contiguous array of `shape` and `dtype` (an expression when the shape is symbolic)."""
+    return product(shape) * np.dtype(dtype).itemsize
 
 
 def extent(v: View) -> tuple[int, int]:
