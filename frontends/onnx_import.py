@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 
 import graphc as gc
+from graphc import dtypes as _dt
 from graphc import shapes as _sh
 from graphc.errors import GraphcError
 from graphc.ir import Graph, Tensor, constant_value
 
-SUPPORTED_DTYPES = {"float32", "float64", "int32", "int64", "bool"}
+SUPPORTED_DTYPES = set(_dt.SUPPORTED)   # float16/bfloat16, (u)int8..64, float32/64, bool
 
 
 class OnnxImportError(GraphcError):

@@ -1,14 +1,34 @@
-"""Dtypes are NumPy dtype names; promotion follows NumPy 2 (NEP 50: Python scalars are weak)."""
+"""Dtypes are NumPy dtype names; promotion follows NumPy 2 (NEP 50: Python scalars are weak).
+
+bfloat16 is `ml_dtypes.bfloat16` (the type JAX uses; importing ml_dtypes registers it with NumPy, so
+`np.dtype("bfloat16")` and `np.result_type` know it). float16 and bfloat16 are storage types: every op
+computes them in float32 and rounds each result to the tensor's dtype (as NumPy's float16 loops,
+ml_dtypes and torch on CPU do); reductions and contractions accumulate in float32 (`via_float32`).
+"""
 from __future__ import annotations
 
+import functools
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
 import numpy as np
 
 from .errors import DTypeError
 
-SUPPORTED = ("float32", "float64", "int32", "int64", "bool")
-FLOATS = ("float32", "float64")
-INTS = ("int32", "int64")
+FLOATS = ("float16", "bfloat16", "float32", "float64")
+SIGNED = ("int8", "int16", "int32", "int64")
+UNSIGNED = ("uint8", "uint16", "uint32", "uint64")
+INTS = SIGNED + UNSIGNED
+SUPPORTED = FLOATS + INTS + ("bool",)
+#: storage-only floats: computed in float32, rounded on store
+HALF = ("float16", "bfloat16")
 default_float = "float32"
+
+bfloat16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def np_dtype(d: str) -> np.dtype:
+    """The NumPy dtype of a graphc dtype name (bfloat16 included)."""
+    return bfloat16 if d == "bfloat16" else np.dtype(d)
 
 
 def as_dtype(d) -> str:
@@ -30,9 +50,35 @@ def is_int(d: str) -> bool:
     return d in INTS
 
 
+def is_unsigned(d: str) -> bool:
+    return d in UNSIGNED
+
+
+def is_half(d: str) -> bool:
+    return d in HALF
+
+
+def compute_dtype(d: str) -> str:
+    """The dtype arithmetic on `d` runs in: float32 for float16/bfloat16, else `d` itself."""
+    return "float32" if d in HALF else d
+
+
+def itemsize(d: str) -> int:
+    return np_dtype(d).itemsize
+
+
+@functools.lru_cache(maxsize=None)
+def _promote2(a: str, b: str) -> str:
+    return np.result_type(np_dtype(a), np_dtype(b)).name
+
+
 def promote(*dtypes: str) -> str:
-    """NumPy's result_type over graphc dtypes."""
-    return np.result_type(*[np.dtype(d) for d in dtypes]).name
+    """NumPy's result_type over graphc dtypes (bfloat16 with ml_dtypes' rules: bfloat16 with float16 is
+    float32, with bool/int8/uint8 stays bfloat16, with wider integers widens as float16 does)."""
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = _promote2(out, d)
+    return out
 
 
 def promote_with_scalar(dtype: str, value) -> str:
@@ -47,5 +93,47 @@ def promote_with_scalar(dtype: str, value) -> str:
 
 
 def float_of(dtype: str) -> str:
-    """The float dtype an op like exp or mean produces from `dtype` (NumPy's rule)."""
+    """The float dtype true division and mean produce from `dtype` (NumPy: integers give float64)."""
     return dtype if is_float(dtype) else "float64"
+
+
+def ufunc_float_of(dtype: str) -> str:
+    """The float dtype a float ufunc (exp, sqrt, ...) produces from `dtype` under NumPy's rules: the
+    smallest float holding it exactly (bool/int8/uint8 -> float16, int16/uint16 -> float32, else float64)."""
+    return dtype if is_float(dtype) else promote(dtype, "float16")
+
+
+def sum_dtype(dtype: str) -> str:
+    """NumPy's accumulator for sum/prod: bool and narrow signed ints give int64, narrow unsigned uint64."""
+    if dtype == "bool" or dtype in SIGNED:
+        return "int64"
+    if dtype in UNSIGNED:
+        return "uint64"
+    return dtype
+
+
+def upcast(a):
+    """An array's float16/bfloat16 values as float32 (other arrays unchanged)."""
+    if isinstance(a, np.ndarray | np.generic) and a.dtype.name in HALF:
+        return np.asarray(a, np.float32)
+    return a
+
+
+def via_float32(impl):
+    """Decorate a NumPy reference `impl(self, *arrays, **attrs)` whose NumPy code would accumulate in
+    (or lacks loops for) float16/bfloat16: such arguments are computed in float32 and each float result
+    is rounded to the promoted dtype of the array arguments (the op's dtype rule must be that promotion:
+    reductions, contractions, convolutions; not for index arguments)."""
+    @functools.wraps(impl)
+    def wrapper(self, *args, **attrs):
+        dts = [a.dtype.name for a in args if isinstance(a, np.ndarray | np.generic)]
+        if not any(d in HALF for d in dts):
+            return impl(self, *args, **attrs)
+        target = np_dtype(promote(*dts))
+        res = impl(self, *[upcast(a) for a in args], **attrs)
+
+        def back(r):
+            r = np.asarray(r)
+            return r.astype(target) if r.dtype.kind == "f" and r.dtype != target else r
+        return tuple(back(r) for r in res) if isinstance(res, tuple | list) else back(res)
+    return wrapper

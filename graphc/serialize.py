@@ -25,6 +25,7 @@ import zipfile
 import numpy as np
 import sympy
 
+from . import dtypes as _dt
 from . import shapes as _sh
 from .errors import GraphcError
 from .ir import OPS, Graph, Node, Tensor, toposort
@@ -59,6 +60,10 @@ class _Writer:
         self.arrays: dict[str, np.ndarray] = {}
 
     def array(self, a: np.ndarray) -> str:
+        if a.dtype.name == "bfloat16":   # .npy has no bfloat16: its bits as uint16, the name says so
+            key = f"arrays/{len(self.arrays)}.bfloat16.npy"
+            self.arrays[key] = np.require(a, requirements="C").view(np.uint16)
+            return key
         key = f"arrays/{len(self.arrays)}.npy"
         self.arrays[key] = np.require(a, requirements="C")
         return key
@@ -200,12 +205,14 @@ class _Reader:
                                      else np.lib.format.read_array_header_2_0(buf))
         except (ValueError, OSError, EOFError) as e:
             raise self.fail(f"{key}: not a valid .npy array ({e})") from None
-        if dtype.hasobject or dtype.name not in ("float32", "float64", "int32", "int64", "bool"):
+        if dtype.hasobject or dtype.name not in _dt.SUPPORTED or (key.endswith(".bfloat16.npy") and dtype != np.uint16):
             raise self.fail(f"{key}: unsupported array dtype {dtype}")
         need = int(np.prod(shape, dtype=object)) * dtype.itemsize
         if need != len(data) - buf.tell():  # checked before NumPy allocates anything
             raise self.fail(f"{key}: header declares shape {shape} ({need} bytes) but holds {len(data) - buf.tell()}")
         a = np.load(io.BytesIO(data), allow_pickle=False)
+        if key.endswith(".bfloat16.npy"):
+            a = a.view(_dt.bfloat16)
         return np.require(a, requirements="C")
 
 

@@ -13,6 +13,8 @@ per-element gc.verify_grad.
 
 prints per backend the graphs, forward/gradient/FD/HVP cases run and every failure with its seed
 (reproduce one with --seed S --graphs 1; turn it into a regression test in tests/test_fuzz.py).
+Seeds from DTYPE_SEED on draw the other dtypes (float16, bfloat16, int8/16, uint8/16/32/64 and graphs
+mixing integer widths and signedness): `python tests/fuzz.py --seed 3000000 --graphs 500`.
 `kill PID` (SIGTERM) stops a long run and still prints the tally so far."""
 from __future__ import annotations
 
@@ -174,6 +176,16 @@ def _ext_structural(r, t, scan=False):
     return gc.mean(t * t)
 
 
+def _no_unify(t):
+    """`t`, or a ShapeError (skipped like any) when building it unified a symbolic dim with a concrete one
+    ((n, 4) + (n,) needs n == 4, see gc.shapes.DimConstraint): the drawn values have their own row count,
+    so graphs stay as they were before dims unified."""
+    from graphc.function import graph_constraints
+    if graph_constraints(gc.Graph([], [t])):
+        raise gc.ShapeError("unifies a symbolic dim with a concrete one")
+    return t
+
+
 def random_graph(seed: int, dtype="float64", inputs=None, rows=None):
     """(placeholders, output, input arrays, all tensors built) for a random graph of 3-12 ops.
     `inputs` replaces the placeholders (gc.verify_grad's); `rows` overrides the batch size."""
@@ -193,7 +205,7 @@ def random_graph(seed: int, dtype="float64", inputs=None, rows=None):
         elif kind < 0.75:
             b = pool[int(r.integers(0, len(pool)))]
             try:
-                t = binary[int(r.integers(0, len(binary)))](a, b)
+                t = _no_unify(binary[int(r.integers(0, len(binary)))](a, b))
             except gc.ShapeError:
                 continue
         elif kind < 0.85:
@@ -207,8 +219,14 @@ def random_graph(seed: int, dtype="float64", inputs=None, rows=None):
     return phs, out, vals, pool
 
 
+def _unsigned(t) -> bool:
+    return t.dtype.startswith("uint")
+
+
 INT_UNARY = [lambda t: -t, gc.abs, lambda t: t * 2, lambda t: gc.maximum(t, 0), lambda t: t - 1,
-             lambda t: gc.clip(t, -4, 4), lambda t: gc.cast(gc.cast(t, "float64"), t.dtype)]
+             lambda t: gc.clip(t, *((1, 9) if _unsigned(t) else (-4, 4))),
+             # (unsigned values wrap to large ones, which float64 would round: through int64 instead)
+             lambda t: gc.cast(gc.cast(t, "int64" if _unsigned(t) else "float64"), t.dtype)]
 INT_BINARY = [lambda a, b: a + b, lambda a, b: a - b, gc.maximum, gc.minimum,
               lambda a, b: gc.where(a > b, a, b), lambda a, b: gc.where(a >= b, b - a, a * 0 + 1)]
 
@@ -221,11 +239,15 @@ def _int_reduce(r, t):
 
 
 def random_int_graph(seed: int, dtype="int32", rows=None):
-    """Like random_graph over integer inputs (small values, no products of tensors: no overflow)."""
+    """Like random_graph over integer inputs (small values, no products of tensors: no overflow in int32/
+    int64; the narrow and unsigned dtypes wrap, as NumPy's do). dtype "intmix": each input its own integer
+    dtype (mixed widths and signedness promote as NumPy's; int64 with uint64 is float64)."""
     r = np.random.default_rng(seed)
     shapes, rows = _shapes(r, seed, rows)
-    phs = [gc.placeholder(f"i{seed}_x{i}", s, dtype) for i, s in enumerate(shapes)]
-    vals = [r.integers(-5, 6, tuple(rows if isinstance(d, str) else d for d in s)).astype(dtype) for s in shapes]
+    dts = [str(r.choice(MIX_INTS)) if dtype == "intmix" else dtype for _ in shapes]
+    phs = [gc.placeholder(f"i{seed}_x{i}", s, d) for i, (s, d) in enumerate(zip(shapes, dts))]
+    vals = [r.integers(-5, 6, tuple(rows if isinstance(d, str) else d for d in s)).astype(d)
+            for s, d in zip(shapes, dts)]
     pool = list(phs)
     for _ in range(int(r.integers(3, 10))):
         kind, a = r.random(), pool[int(r.integers(0, len(pool)))]
@@ -234,7 +256,7 @@ def random_int_graph(seed: int, dtype="int32", rows=None):
         elif kind < 0.85:
             b = pool[int(r.integers(0, len(pool)))]
             try:
-                t = INT_BINARY[int(r.integers(0, len(INT_BINARY)))](a, b)
+                t = _no_unify(INT_BINARY[int(r.integers(0, len(INT_BINARY)))](a, b))
             except gc.ShapeError:
                 continue
         else:
@@ -246,6 +268,21 @@ def random_int_graph(seed: int, dtype="int32", rows=None):
 
 # seed % 10 picks the kind of graph: mostly float64, then float32, int32/int64, size-0 batch
 KINDS = ["float64"] * 4 + ["float32"] * 2 + ["int32", "int64", "empty64", "empty32"]
+# from DTYPE_SEED on: the half floats (computed in float32, rounded per op) and the other integer dtypes
+DTYPE_SEED = 3 * 10 ** 6
+DTYPE_KINDS = ["float16", "bfloat16", "float16", "bfloat16", "int8", "uint8", "int16", "uint16", "uint64",
+               "intmix"]
+MIX_INTS = ["int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64"]
+HALF_EPS = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
+
+
+def kind_of(seed: int) -> str:
+    kinds = DTYPE_KINDS if seed >= DTYPE_SEED else KINDS
+    return kinds[seed % len(kinds)]
+
+
+def is_int_kind(kind: str) -> bool:
+    return kind.startswith(("int", "uint"))
 
 # Finite differences: the cost at x + t*FD_STEP*v (v a random direction, t in FD_POINTS), combined
 # by Richardson extrapolation (truncation error O(h^4)), so h can be large enough that rounding in
@@ -309,11 +346,11 @@ def make_case(seed: int, gradients: bool = True, hvp: bool = False) -> Case | No
     """The graph for `seed` (its kind from seed % 10) with its result and one intermediate as outputs,
     and for float graphs (`gradients`) its gradient graph (+ gc.hvp and gc.jvp); None when the reference itself
     rejects it (e.g. max over a size-0 axis)."""
-    kind = KINDS[seed % len(KINDS)]
+    kind = kind_of(seed)
     rows = 0 if kind.startswith("empty") else None
     dtype = {"empty64": "float64", "empty32": "float32"}.get(kind, kind)
     try:
-        if dtype.startswith("int"):
+        if is_int_kind(dtype):
             phs, out, vals, pool = random_int_graph(seed, dtype, rows)
         else:
             phs, out, vals, pool = random_graph(seed, dtype, rows=rows)
@@ -327,7 +364,7 @@ def make_case(seed: int, gradients: bool = True, hvp: bool = False) -> Case | No
         case.want = _reference(case.outs, case)
     except (ValueError, IndexError, ArithmeticError):
         return None
-    if gradients and not dtype.startswith("int"):
+    if gradients and not is_int_kind(dtype):
         want = case.want
         try:
             add_gradient(case, hvp)
@@ -386,7 +423,7 @@ def _choose_values(case: Case, r) -> str | None:
     else:
         case.vals = original
     if case.phs[0].dtype != "float64":
-        return "float32 (gradients checked against the reference only)"
+        return f"{case.phs[0].dtype} (gradients checked against the reference only)"
     if on_graph:
         return f"{sorted(on_graph)[0]} on the graph (by design not what central differences measure)"
     return why
@@ -402,7 +439,7 @@ def _stencil_problem(case: Case, step: float) -> str | None:
         xs = [(x + t * step * v).astype(x.dtype) for x, v in zip(case.vals, case.grad.direction)]
         with np.errstate(all="ignore"):
             env = dict(zip(map(id, tensors), evaluate(tensors, dict(zip(case.phs, xs)), case.dims)))
-        if not all(np.all(np.isfinite(v)) for v in env.values() if v.dtype.kind == "f"):
+        if not all(np.all(np.isfinite(v)) for v in env.values() if v.dtype.kind == "f" or v.dtype.name == "bfloat16"):
             return "non-finite values"
         states = [_branch(n, env) for n in nodes]
         if first is None:
@@ -430,9 +467,15 @@ def _branch(node, env):
     return None
 
 
-def _tol(case: Case, grad: bool = False) -> dict:
-    if case.kind.startswith("int"):
+def _tol(case: Case, grad: bool = False, want=None) -> dict:
+    if is_int_kind(case.kind):
         return dict(rtol=0, atol=0)
+    eps = HALF_EPS.get(case.phs[0].dtype)
+    if eps is not None:   # a few roundings of the half dtype, normwise (backends differ in float32 libm ulps)
+        k = 32 if grad else 8
+        big = float(np.max(np.abs(np.asarray(want, np.float64)), initial=0, where=np.isfinite(
+            np.asarray(want, np.float64)))) if want is not None and np.size(want) else 0.0
+        return dict(rtol=k * eps, atol=k * eps * max(1.0, big))
     if "64" in case.kind:
         return dict(rtol=1e-8, atol=1e-9) if grad else dict(rtol=1e-9, atol=1e-10)
     return dict(rtol=1e-3, atol=1e-4) if grad else dict(rtol=2e-4, atol=2e-5)
@@ -442,7 +485,7 @@ def _grad_tol(case: Case, want) -> dict:
     """Tolerance for a gradient/HVP/JVP array: in float32 normwise (atol a share of the largest element),
     since second-order graphs cancel and both sides carry float32 rounding of that size (seed 1000264:
     the float32 reference and llvm are both ~2e-3 off the float64 HVP, in different elements)."""
-    tol = _tol(case, grad=True)
+    tol = _tol(case, grad=True, want=want)
     if case.phs[0].dtype == "float32":
         tol["atol"] = max(tol["atol"], 2e-3 * float(np.max(np.abs(want), initial=0)))
     return tol
@@ -494,7 +537,8 @@ def check_cases(cases: list, backend: str, level: int, **options) -> list:
 
 
 def _same(a, b) -> bool:
-    return np.array_equal(np.asarray(a), b, equal_nan=np.asarray(a).dtype.kind in "fc")
+    return np.array_equal(np.asarray(a), b, equal_nan=np.asarray(a).dtype.kind in "fc" or
+                          np.asarray(a).dtype.name == "bfloat16")
 
 
 def _crash(case: Case, e: Exception, backend: str, level: int, options: dict) -> str:
@@ -516,7 +560,7 @@ def _check_case(c: Case, got: list, moved: dict) -> str | None:
     and with central differences; None when all agree."""
     n = len(c.outs)
     for a, b in zip(got[:n], c.want):
-        msg = _compare(a, b, _tol(c))
+        msg = _compare(a, b, _tol(c, want=b))
         if msg:
             return msg
     g = c.grad
@@ -587,6 +631,8 @@ def _compare(got, want, tol) -> str | None:
         return f"shape {got.shape} != reference {want.shape}"
     if got.dtype != want.dtype:
         return f"dtype {got.dtype} != reference {want.dtype}"
+    if got.dtype.name in HALF_EPS:   # (np.isclose cannot promote bfloat16 with a Python float)
+        got, want = got.astype(np.float64), want.astype(np.float64)
     try:
         np.testing.assert_allclose(got, want, **tol)
     except AssertionError as e:
@@ -738,7 +784,7 @@ def main(argv=None) -> int:
     for b, t in tallies.items():
         print(report_line(b, t))
         for seed, msg in t.failures:
-            print(f"    FAIL seed {seed} ({KINDS[seed % len(KINDS)]}): {msg}")
+            print(f"    FAIL seed {seed} ({kind_of(seed)}): {msg}")
     skipped = next(iter(tallies.values())).fd_skipped if tallies else {}
     if skipped:
         print("graphs whose gradients central differences do not check (still checked against the reference):")

@@ -23,7 +23,7 @@ SLOW_SLICE = {"numpy": (range(200, 800), 2, 5), "llvm": (range(40, 160), 4, 10),
 def _fuzz_ok(name, seeds, hvp_every, verify_every):
     t = fuzz.fuzz(seeds, [name], hvp_every=hvp_every, verify_every=verify_every, log=None)[name]
     levels = len(fuzz.LEVELS)
-    floats = sum(fuzz.KINDS[s % len(fuzz.KINDS)] not in ("int32", "int64") for s in seeds)
+    floats = sum(not fuzz.is_int_kind(fuzz.kind_of(s)) for s in seeds)
     assert t.graphs >= 0.9 * len(seeds) and t.grads >= 0.9 * floats * levels, t  # the slice really ran
     assert t.fd >= 0.3 * t.grads and t.hvps >= bool(hvp_every) and t.verify_grad >= bool(verify_every), t
     assert not t.failures, "\n".join(f"seed {s}: {m}" for s, m in t.failures)
@@ -54,6 +54,20 @@ def test_fuzz_wider_op_set_slice_agrees_with_reference():
 def test_fuzz_wider_op_set_slice_on_compiled_backends(name):
     backend_or_skip(name)
     _fuzz_ok(name, *{"llvm": (range(EXT, EXT + 40), 4, 0), "cuda-emulated": (range(EXT, EXT + 12), 0, 0)}[name])
+
+
+@pytest.mark.parametrize("name", ["numpy", "llvm"])
+def test_fuzz_other_dtypes_slice_agrees_with_reference(name):
+    """Seeds from DTYPE_SEED: float16/bfloat16 graphs (gradients, HVPs) and int8/uint8/int16/uint16/uint64
+    and mixed-integer graphs (bit for bit, wrap-around included) against the reference evaluator."""
+    backend_or_skip(name)
+    kinds = {fuzz.kind_of(s) for s in range(fuzz.DTYPE_SEED, fuzz.DTYPE_SEED + 10)}
+    assert {"float16", "bfloat16", "uint8", "uint64", "intmix"} <= kinds
+    seeds = range(fuzz.DTYPE_SEED, fuzz.DTYPE_SEED + (60 if name == "numpy" else 20))
+    t = fuzz.fuzz(seeds, [name], hvp_every=2, verify_every=0, log=None)[name]
+    floats = sum(not fuzz.is_int_kind(fuzz.kind_of(s)) for s in seeds)
+    assert t.graphs >= 0.9 * len(seeds) and t.grads >= 0.9 * floats * len(fuzz.LEVELS) and t.hvps, t
+    assert not t.failures, "\n".join(f"seed {s}: {m}" for s, m in t.failures)
 
 
 def _scan_seeds(n: int) -> list:

@@ -5,26 +5,34 @@ import struct
 
 import numpy as np
 
+from graphc import dtypes as _dt
 from graphc.names import Names
 
-#: graphc dtype -> (IR value type, IR storage type)
-VTYPE = {"float32": "float", "float64": "double", "int32": "i32", "int64": "i64", "bool": "i1"}
-STYPE = {"float32": "float", "float64": "double", "int32": "i32", "int64": "i64", "bool": "i8"}
+#: graphc dtype -> IR value type (the register type: float16/bfloat16 are computed as float, see
+#: kernels.load/store and round_half) and IR storage type (bool is a byte, bfloat16 its 16 bits)
+VTYPE = {"float16": "float", "bfloat16": "float", "float32": "float", "float64": "double",
+         "int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64",
+         "uint8": "i8", "uint16": "i16", "uint32": "i32", "uint64": "i64", "bool": "i1"}
+STYPE = {**VTYPE, "float16": "half", "bfloat16": "i16", "bool": "i8"}
 
 
 def fconst(value: float, dtype: str) -> str:
-    """An exact IR literal for a float (float literals are written as the hex of a double)."""
-    v = float(np.float32(value)) if dtype == "float32" else float(value)
+    """An exact IR literal for a float (float literals are written as the hex of a double); the value is
+    first rounded to `dtype` (float16/bfloat16 values are held in float registers)."""
+    v = float(value) if dtype == "float64" else float(np.asarray(value, _dt.np_dtype(dtype)))
     return "0x%016X" % struct.unpack("<Q", struct.pack("<d", v))[0]
 
 
 def literal(value, dtype: str) -> str:
-    """IR literal of a Python/NumPy scalar in graphc dtype `dtype` (a register value)."""
-    if dtype in ("float32", "float64"):
+    """IR literal of a Python/NumPy scalar in graphc dtype `dtype` (a register value); integers wrap to
+    the dtype's width and are written signed (the IR's integers have no sign)."""
+    if _dt.is_float(dtype):
         return fconst(float(value), dtype)
     if dtype == "bool":
         return "true" if bool(value) else "false"
-    return str(int(value))
+    bits = 8 * _dt.itemsize(dtype)
+    v = int(value) % (1 << bits)
+    return str(v - (1 << bits) if v >= 1 << (bits - 1) else v)
 
 
 class Emitter:

@@ -74,15 +74,26 @@ def guarded(em: Emitter, spans, body) -> None:
 
 
 def load(em: Emitter, P, v: View, off) -> str:
+    """The element as a register value (VTYPE): float16/bfloat16 are widened to float here, inside the
+    kernel's loop (F16C vcvtph2ps; bfloat16 by a shift), never by a separate pass over memory."""
     if v.literal is not None:
         return literal(v.literal, v.dtype)
     x = em(f"load {STYPE[v.dtype]}, ptr {ptr_at(em, P, v, off)}")
+    if v.dtype == "float16":
+        return em(f"fpext half {x} to float")
+    if v.dtype == "bfloat16":
+        return _lo.bf16_value(em, x)
     return em(f"icmp ne i8 {x}, 0") if v.dtype == "bool" else x
 
 
 def store(em: Emitter, P, v: View, off, val: str) -> None:
+    """Store a register value; float16/bfloat16 round to nearest even here (vcvtps2ph; bfloat16 bits)."""
     if v.dtype == "bool":
         val = em(f"zext i1 {val} to i8")
+    elif v.dtype == "float16":
+        val = em(f"fptrunc float {val} to half")
+    elif v.dtype == "bfloat16":
+        val = _lo.bf16_bits(em, val)
     em.raw(f"store {STYPE[v.dtype]} {val}, ptr {ptr_at(em, P, v, off)}")
 
 
@@ -195,11 +206,11 @@ def _split_axes(x: View, axes):
 
 
 def _lowest(t):
-    return "0xFFF0000000000000" if _dt.is_float(t) else str(np.iinfo(t).min)
+    return "0xFFF0000000000000" if _dt.is_float(t) else literal(np.iinfo(t).min, t)
 
 
 def _highest(t):
-    return "0x7FF0000000000000" if _dt.is_float(t) else str(np.iinfo(t).max)
+    return "0x7FF0000000000000" if _dt.is_float(t) else literal(np.iinfo(t).max, t)
 
 
 #: monoid reductions: op -> (identity(dtype) as an IR literal, float combine, integer combine)
@@ -221,7 +232,8 @@ def reduce(op, out: View, x: View, axes) -> Kernel:
     kst = [x.strides[a] for a in kept]
     rst = [x.strides[a] for a in axes]
     ost = contig_strides(kshape)
-    outer_layout = axes and kept and max(axes) < min(kept)
+    # (not for float16/bfloat16: their sums accumulate in a float32 register, not in the stored output)
+    outer_layout = axes and kept and max(axes) < min(kept) and not _dt.is_half(t)
 
     def emit(em, P, lo, hi):
         if out.size == 0:
@@ -264,6 +276,7 @@ def arg_reduce(op, out: View, x: View, axis) -> Kernel:
     kst, rst, ost = [x.strides[a] for a in kept], [x.strides[a] for a in axes], contig_strides(kshape)
     t, ty = x.dtype, VTYPE[x.dtype]
     better = ARG_BETTER[op]
+    ipred = better[2] if _dt.is_unsigned(t) else better[1]
 
     def emit(em, P, lo, hi):
         def per_out(offs, _):
@@ -283,7 +296,7 @@ def arg_reduce(op, out: View, x: View, axis) -> Kernel:
                 elif t == "bool":
                     take = em(f"icmp {better[2]} i1 {v}, {b}")
                 else:
-                    take = em(f"icmp {better[1]} {ty} {v}, {b}")
+                    take = em(f"icmp {ipred} {ty} {v}, {b}")
                 em.raw(f"store {ty} {em(f'select i1 {take}, {ty} {v}, {ty} {b}')}, ptr {best}")
                 old = em(f"load i64, ptr {bi}")
                 em.raw(f"store i64 {em(f'select i1 {take}, i64 {k}, i64 {old}')}, ptr {bi}")
@@ -296,11 +309,11 @@ def arg_reduce(op, out: View, x: View, axis) -> Kernel:
 
 
 def _exp(em, t, v):
-    return _lo.exp(em, t, v)
+    return _lo.exp(em, _dt.compute_dtype(t), v)
 
 
 def _log(em, t, v):
-    return _lo.log(em, t, v)
+    return _lo.log(em, _dt.compute_dtype(t), v)
 
 
 def softmax_like(op, out: View, x: View, axes) -> Kernel:
@@ -356,4 +369,4 @@ def softmax_like(op, out: View, x: View, axes) -> Kernel:
 
 
 def sfx(t):
-    return "f32" if t == "float32" else "f64"
+    return "f64" if t == "float64" else "f32"

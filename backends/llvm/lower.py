@@ -14,8 +14,58 @@ from . import mathlib
 from .irtext import VTYPE, Emitter, literal
 
 
+def _signed(d: str) -> bool:
+    return d in _dt.SIGNED
+
+
+def _bf16_round_bits(em: Emitter, v: str) -> str:
+    """The float's bits (i32) rounded to bfloat16 (round to nearest even, low 16 bits zero); NaN becomes
+    the quiet NaN 0x7FC0 with its sign (as ml_dtypes does)."""
+    b = em(f"bitcast float {v} to i32")
+    lsb = em(f"and i32 {em(f'lshr i32 {b}, 16')}, 1")
+    bias = em(f"add i32 {lsb}, 32767")
+    r = em(f"and i32 {em(f'add i32 {b}, {bias}')}, -65536")
+    nan = em(f"or i32 {em(f'and i32 {b}, -2147483648')}, 2143289344")
+    return em(f"select i1 {em(f'fcmp uno float {v}, {v}')}, i32 {nan}, i32 {r}")
+
+
+def bf16_bits(em: Emitter, v: str) -> str:
+    """A float register value as its bfloat16 storage (i16)."""
+    return em(f"trunc i32 {em(f'lshr i32 {_bf16_round_bits(em, v)}, 16')} to i16")
+
+
+def bf16_value(em: Emitter, h: str) -> str:
+    """bfloat16 storage (i16) as a float register value (exact: the high half of a float)."""
+    w = em(f"zext i16 {h} to i32")
+    return em(f"bitcast i32 {em(f'shl i32 {w}, 16')} to float")
+
+
+def round_half(em: Emitter, v: str, d: str) -> str:
+    """A float register value rounded to float16/bfloat16 `d` and held as a float again (F16C
+    vcvtps2ph/vcvtph2ps for float16, integer rounding for bfloat16); other dtypes unchanged."""
+    if d == "float16":
+        return em(f"fpext half {em(f'fptrunc float {v} to half')} to float")
+    if d == "bfloat16":
+        return em(f"bitcast i32 {_bf16_round_bits(em, v)} to float")
+    return v
+
+
+def _f64_to_odd_f32(em: Emitter, v: str) -> str:
+    """double -> float rounded to odd (truncate, then set the last bit if inexact): rounding that float
+    to float16/bfloat16 is then the correctly rounded double -> half conversion (no double rounding)."""
+    t = em(f"fptrunc double {v} to float")
+    back = em(f"fpext float {t} to double")
+    ab = em(f"call double @llvm.fabs.f64(double {back})")
+    av = em(f"call double @llvm.fabs.f64(double {v})")
+    over = em(f"zext i1 {em(f'fcmp ogt double {ab}, {av}')} to i32")
+    bits = em(f"sub i32 {em(f'bitcast float {t} to i32')}, {over}")
+    sticky = em(f"zext i1 {em(f'fcmp one double {back}, {v}')} to i32")
+    return em(f"bitcast i32 {em(f'or i32 {bits}, {sticky}')} to float")
+
+
 def convert(em: Emitter, v: str, src: str, dst: str) -> str:
-    """NumPy astype semantics between register types."""
+    """NumPy astype semantics between register types (float16/bfloat16 values live in float registers,
+    rounded to their dtype; conversions to them round once, correctly, as NumPy and ml_dtypes do)."""
     if src == dst:
         return v
     s, d = VTYPE[src], VTYPE[dst]
@@ -26,12 +76,31 @@ def convert(em: Emitter, v: str, src: str, dst: str) -> str:
     if src == "bool":
         return em(f"uitofp i1 {v} to {d}") if _dt.is_float(dst) else em(f"zext i1 {v} to {d}")
     if _dt.is_float(src) and _dt.is_float(dst):
-        return em(f"{'fpext' if dst == 'float64' else 'fptrunc'} {s} {v} to {d}")
+        if dst == "float64":
+            return em(f"fpext float {v} to double")
+        if src == "float64":
+            return round_half(em, _f64_to_odd_f32(em, v), dst) if _dt.is_half(dst) else \
+                em(f"fptrunc double {v} to float")
+        return round_half(em, v, dst)       # between float registers: float32/float16/bfloat16
     if _dt.is_float(dst):
-        return em(f"sitofp {s} {v} to {d}")
+        inst = "sitofp" if _signed(src) else "uitofp"
+        if _dt.is_half(dst):   # via double (exact below 2**53), then one correct rounding
+            return round_half(em, _f64_to_odd_f32(em, em(f"{inst} {s} {v} to double")), dst)
+        return em(f"{inst} {s} {v} to {d}")
     if _dt.is_float(src):
-        return em(f"fptosi {s} {v} to {d}")
-    return em(f"{'sext' if dst == 'int64' else 'trunc'} {s} {v} to {d}")
+        # C casts as NumPy compiles them on x86: narrow targets through a wider signed conversion, wrapping
+        if dst == "uint64":
+            return em(f"fptoui {s} {v} to i64")
+        if dst in ("int32", "int64"):
+            return em(f"fptosi {s} {v} to {d}")
+        wide = "i64" if dst == "uint32" else "i32"
+        return em(f"trunc {wide} {em(f'fptosi {s} {v} to {wide}')} to {d}")
+    bs, bd = _dt.itemsize(src), _dt.itemsize(dst)
+    if bs == bd:
+        return v
+    if bd < bs:
+        return em(f"trunc {s} {v} to {d}")
+    return em(f"{'sext' if _signed(src) else 'zext'} {s} {v} to {d}")
 
 
 def _fbin(inst):
@@ -54,8 +123,14 @@ def _fmaxmin(pred):
     return f
 
 
+def int_pred(pred: str, t: str) -> str:
+    """An icmp predicate for integer dtype t: the signed one (slt, sge, ...) becomes unsigned (ult, uge)
+    for unsigned dtypes."""
+    return "u" + pred[1:] if pred[0] == "s" and _dt.is_unsigned(t) else pred
+
+
 def _imaxmin(pred):
-    return lambda em, t, a, b: _select(em, t, em(f"icmp {pred} {VTYPE[t]} {a}, {b}"), a, b)
+    return lambda em, t, a, b: _select(em, t, em(f"icmp {int_pred(pred, t)} {VTYPE[t]} {a}, {b}"), a, b)
 
 
 def _call(em, t, name, *args):
@@ -97,6 +172,8 @@ def _softplus(em, t, x):
 def _fabs(em, t, x):
     if _dt.is_float(t):
         return em(f"call {VTYPE[t]} @llvm.fabs.{'f32' if t == 'float32' else 'f64'}({VTYPE[t]} {x})")
+    if _dt.is_unsigned(t):
+        return x
     neg = em(f"sub {VTYPE[t]} 0, {x}")
     return _select(em, t, em(f"icmp slt {VTYPE[t]} {x}, 0"), neg, x)
 
@@ -107,6 +184,8 @@ def _sign(em, t, x):
     if _dt.is_float(t):
         r = _select(em, t, em(f"fcmp olt {ty} {x}, {z}"), m1, x)   # NaN and 0 pass through
         return _select(em, t, em(f"fcmp ogt {ty} {x}, {z}"), one, r)
+    if _dt.is_unsigned(t):
+        return _select(em, t, em(f"icmp ne {ty} {x}, 0"), one, z)
     r = _select(em, t, em(f"icmp slt {ty} {x}, 0"), m1, z)
     return _select(em, t, em(f"icmp sgt {ty} {x}, 0"), one, r)
 
@@ -122,6 +201,8 @@ def _sqrt(em, t, x):
 
 
 def _relu(em, t, x):
+    if _dt.is_unsigned(t):
+        return x
     ty, z = VTYPE[t], literal(0, t)
     neg = em(f"fcmp olt {ty} {x}, {z}") if _dt.is_float(t) else em(f"icmp slt {ty} {x}, 0")
     return _select(em, t, neg, z, x)
@@ -142,7 +223,7 @@ def _cmp(fpred, ipred):
         ty = VTYPE[t]
         if _dt.is_float(t):
             return em(f"fcmp {fpred} {ty} {a}, {b}")
-        return em(f"icmp {ipred} {ty} {a}, {b}")
+        return em(f"icmp {int_pred(ipred, t)} {ty} {a}, {b}")
     return f
 
 
@@ -157,7 +238,8 @@ def arith(fimpl, iimpl=None, float_only: bool = False):
         impl = fimpl if _dt.is_float(out) else iimpl
         if out == "bool" or impl is None:
             raise NotLowerable(f"on {out}")
-        return impl(em, out, *[convert(em, v, d, out) for v, d in args])
+        # float16/bfloat16: computed in float32 registers, the result rounded to the dtype
+        return round_half(em, impl(em, _dt.compute_dtype(out), *[convert(em, v, d, out) for v, d in args]), out)
     return row
 
 
@@ -168,8 +250,22 @@ def compare(fpred, ipred):
     def row(em, attrs, args, out):
         t = _dt.promote(*[d for _, d in args])
         t = "int32" if t == "bool" else t
-        return impl(em, t, *[convert(em, v, d, t) for v, d in args])
+        (a, da), (b, db) = args
+        if _dt.is_float(t) and _dt.is_int(da) and _dt.is_int(db):
+            return _mixed_sign_compare(em, fpred, ipred, a, da, b, db)
+        return impl(em, _dt.compute_dtype(t), *[convert(em, v, d, t) for v, d in args])
     return row
+
+
+def _mixed_sign_compare(em, fpred, ipred, a, da, b, db):
+    """int64 against uint64 (whose promotion is float64): compared exactly, as NumPy 2 does. A negative
+    signed value is below every unsigned one; otherwise both compare as unsigned 64-bit integers."""
+    a = convert(em, a, da, "int64" if _signed(da) else "uint64")
+    b = convert(em, b, db, "int64" if _signed(db) else "uint64")
+    uns = em(f"icmp {int_pred(ipred, 'uint64')} i64 {a}, {b}")
+    neg, when_neg = (a, ipred in ("slt", "sle", "ne")) if _signed(da) else (b, ipred in ("sgt", "sge", "ne"))
+    is_neg = em(f"icmp slt i64 {neg}, 0")
+    return em(f"select i1 {is_neg}, i1 {'true' if when_neg else 'false'}, i1 {uns}")
 
 
 def logical(inst):
@@ -192,7 +288,7 @@ def _cast_row(em, attrs, args, out):
 def _leaky_row(em, attrs, args, out):
     if not _dt.is_float(out):
         raise NotLowerable(f"on {out}")
-    return _leaky(em, out, convert(em, *args[0], out), attrs["alpha"])
+    return round_half(em, _leaky(em, _dt.compute_dtype(out), convert(em, *args[0], out), attrs["alpha"]), out)
 
 
 def _fbin_int(finst, iinst):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from graphc import dtypes as _dt
 from graphc.backends.schedule.plan import ROWS, Schedule
 from graphc.ir import Trait, ops_with
 from graphc.ops import nn_ops as NN
@@ -124,17 +125,22 @@ class Plan(Schedule):
     @lowers(MatMul)
     def _matmul(self, node, ins):
         t = node.outputs[0]
-        a, b = (v if v.dtype == t.dtype and v.literal is None else self.materialise(v, t.dtype) for v in ins)
+        # float16/bfloat16: the operands converted to float32 once (O(nk + km) against the product's O(nkm)),
+        # a float32 product, rounded once into the output
+        ct = _dt.compute_dtype(t.dtype)
+        a, b = (v if v.dtype == ct and v.literal is None else self.materialise(v, ct) for v in ins)
+        out = self.fresh(t) if ct == t.dtype else self.fresh(None, self.shape(t), ct)
         flat = _rows_collapsed(a, b)
         if flat is not None:   # (batch..., n, k) @ one (k, m): a single GEMM over batch*n rows
-            out = self.fresh(t)
             shape = (flat.shape[0], b.shape[-1])
             self._matmul_views(View(out.buf, out.offset, shape, contig_strides(shape), out.dtype), flat,
                                View(b.buf, b.offset, b.shape[-2:], b.strides[-2:], b.dtype))
-            self.view[id(t)] = out
-            return
-        out = self.fresh(t)
-        self._matmul_views(out, a, b)
+        else:
+            self._matmul_views(out, a, b)
+        if ct != t.dtype:
+            rounded = self.fresh(t)
+            self.add(K.copy(rounded, out), [out], [rounded])
+            out = rounded
         self.view[id(t)] = out
 
     def _matmul_views(self, out: View, a: View, b: View) -> None:
@@ -161,6 +167,8 @@ class Plan(Schedule):
         x, w = (v if v.literal is None else self.materialise(v) for v in ins)
         if x.dtype != w.dtype or x.dtype != t.dtype:
             raise NotLowerable("conv2d")
+        if _dt.is_half(t.dtype):   # (its GEMM would accumulate in the half dtype: the host computes it in float32)
+            raise NotLowerable(f"conv2d on {t.dtype}")
         g = a["groups"]
         n, c = x.shape[:2]
         o, cg, kh, kw = w.shape
@@ -200,6 +208,8 @@ class Plan(Schedule):
         gy, w = (v if v.contiguous else self.materialise(v) for v in ins)
         if gy.dtype != w.dtype or gy.dtype != t.dtype:
             raise NotLowerable("conv2d_grad_input")
+        if _dt.is_half(t.dtype):   # (its GEMM would accumulate in the half dtype: the host computes it in float32)
+            raise NotLowerable(f"conv2d_grad_input on {t.dtype}")
         g = a["groups"]
         n, o, oh, ow = gy.shape
         _, cg, kh, kw = w.shape
@@ -225,6 +235,8 @@ class Plan(Schedule):
         gy = ins[1] if ins[1].contiguous else self.materialise(ins[1])
         if x.dtype != gy.dtype or x.dtype != t.dtype:
             raise NotLowerable("conv2d_grad_weight")
+        if _dt.is_half(t.dtype):   # (its GEMM would accumulate in the half dtype: the host computes it in float32)
+            raise NotLowerable(f"conv2d_grad_weight on {t.dtype}")
         g = a["groups"]
         n, c = x.shape[:2]
         kh, kw = a["kernel"]

@@ -10,6 +10,7 @@ from graphc.ops import random as R
 
 from . import kernels as K
 from .irtext import Emitter, fconst
+from .lower import convert
 from .table import lowers
 from ..schedule.views import View
 
@@ -52,10 +53,12 @@ def _unit_f64(em: Emitter, x: str, plus_one: bool = False) -> str:
 
 
 def uniform(em: Emitter, base: str, j: str, dtype: str) -> str:
+    """(bits(j) >> (64 - p)) * 2**-p, p = the dtype's significand bits (exact; float16/bfloat16 in float)."""
     x = _bits(em, base, j)
-    if dtype == "float32":
-        f = em(f"uitofp i64 {em(f'lshr i64 {x}, 40')} to float")
-        return em(f"fmul float {f}, {fconst(2.0 ** -24, 'float32')}")
+    p = R.UNIFORM_BITS[dtype]
+    if p <= 24:
+        f = em(f"uitofp i64 {em(f'lshr i64 {x}, {64 - p}')} to float")
+        return em(f"fmul float {f}, {fconst(2.0 ** -p, 'float32')}")
     return _unit_f64(em, x)
 
 
@@ -69,7 +72,7 @@ def normal(em: Emitter, base: str, j: str, dtype: str) -> str:
     theta = em(f"fmul double {fconst(R.TWO_PI, 'float64')}, {u2}")
     c = em(f"call double @cos(double {theta})")
     z = em(f"fmul double {r}, {c}")
-    return z if dtype == "float64" else em(f"fptrunc double {z} to float")
+    return convert(em, z, "float64", dtype)   # one rounding to the dtype (float16/bfloat16 included)
 
 
 #: op -> the element function of its distribution

@@ -13,6 +13,7 @@ import builtins
 import itertools
 import keyword
 import linecache
+import time
 
 import numpy as np
 
@@ -67,17 +68,26 @@ class NumpyBackend(Backend):
         if options is None:
             from graphc.function import CompileOptions
             options = CompileOptions()
+        from graphc.passes import pass_times
+        t0 = time.perf_counter()
         plan = ws = None
         if options.plan_memory:
             from graphc.passes.memory import plan_buffers
             from .workspace import Layout, Workspace
             plan = plan_buffers(graph)
             ws = Workspace(Layout(plan)) if plan.buffers else None
+        t1 = time.perf_counter()
         src, ns, line_nodes = generate(graph, plan, options)
+        t2 = time.perf_counter()
         filename = f"<graphc-numpy-{next(_ids)}>"
         linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
         exec(compile(src, filename, "exec"), ns)
         fn = ns["graph_fn"]
+        # seconds per phase: the pass pipeline (gc.function ran it), the memory plan, source generation,
+        # Python's compile of the source
+        times = {"passes": pass_times(graph).get("total", 0.0), "memory_plan": t1 - t0, "codegen": t2 - t1,
+                 "python_compile": time.perf_counter() - t2}
+        times["total"] = sum(times.values())
 
         def run(inputs, params, dims):
             try:
@@ -90,7 +100,7 @@ class NumpyBackend(Backend):
                     raise
                 raise GraphcError(f"{type(e).__name__} in {node.op.name} at run time: {e}\n"
                                   f"  node built at {fmt_loc(node.loc)}") from e
-        return Program(run, src, namespace=ns, plan=plan, workspace=ws)
+        return Program(run, src, namespace=ns, plan=plan, workspace=ws, compile_time=times)
 
 
 def _failing_node(exc, filename, line_nodes):
@@ -120,7 +130,7 @@ class Emitter:
 
     def scalar(self, t) -> str | None:
         """Inline spelling of a 0-d constant."""
-        if t.node.op.has(Trait.CONST) and t.node.attrs["value"].ndim == 0:
+        if t.node.op.has(Trait.CONST) and t.node.attrs["value"].ndim == 0 and t.dtype != "bfloat16":
             v = t.node.attrs["value"]
             return f"np.{v.dtype.name}({v.item() if v.dtype.kind != 'f' else repr(str(v))})"
         return None

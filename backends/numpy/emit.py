@@ -11,7 +11,7 @@ import numpy as np
 
 from graphc.ops import elementwise as E
 from graphc.ops.core import Cast
-from .spellings import expression
+from .spellings import dtype_code, expression, half_node
 
 
 def ufunc_name(op) -> str | None:
@@ -75,7 +75,7 @@ def _where(node, args, target, result):
 def _cast(node, args, target, result):
     dt = node.attrs["dtype"]
     if target is None:
-        return [f"{result} = {args[0]}.astype(np.{dt})"]
+        return [f"{result} = {args[0]}.astype({dtype_code(dt)})"]
     return [f"np.copyto({target}, {args[0]}, casting='unsafe')"]
 
 
@@ -98,6 +98,8 @@ READS_AFTER_WRITE = {E.leaky_relu.op: (0,), E.Where: (0, 1)}
 
 def emit(node, args: list[str], target: str | None, result: str) -> list[str] | None:
     """Lines for an elementwise node (see the module docstring), or None when there is no spelling."""
+    if half_node(node) and node.op is not Cast:
+        return None   # float16/bfloat16: the op's impl (float32 compute, one rounding)
     special = SPECIAL.get(node.op)
     if special is not None:
         lines = special(node, args, target, result)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from graphc import shapes as _sh
 from graphc.ir import Trait
 from . import emit as _emit
-from .spellings import OUT_SPELLINGS, dims_code, into
+from .spellings import OUT_SPELLINGS, dims_code, dtype_code, into
 
 #: elements per chunk: a few float32 temporaries of this size fit in a 1 MiB L2 cache (32k-128k measured alike on W2)
 CHUNK = 65536
@@ -46,7 +46,7 @@ def emit_fused(em, node, inputs: list[str], targets: list, shared: int | None = 
     for o, tgt in zip(node.outputs, targets):
         if tgt is None:
             tgt = em.names.fresh(o.name or "fused")
-            em.add(f"{tgt} = np.empty({dims_code(o.shape)}, np.{o.dtype})")
+            em.add(f"{tgt} = np.empty({dims_code(o.shape)}, {dtype_code(o.dtype)})")
         outs.append(tgt)
     sliced = _chunk_inputs(node)
     if sliced is None:
@@ -97,6 +97,7 @@ def _body(em, body, inputs, outs, indent, same_memory):
     last, temps = _last_uses(body), set()
     comp = body.compute_nodes()
     head_into_out = (len(outs) == 1 and comp[0].op in OUT_SPELLINGS and len(comp) > 1  # np.matmul has out=
+                     and into(comp[0], ["a"] * len(comp[0].inputs), "o") is not None
                      and comp[0].outputs[0].shape == body.outputs[0].shape
                      and comp[0].outputs[0].dtype == body.outputs[0].dtype)
     for i, n in enumerate(comp):

@@ -11,11 +11,29 @@ from __future__ import annotations
 
 import sympy
 
+from graphc import dtypes as _dt
+from graphc.ir import Trait
 from graphc.ops import elementwise as E
 from graphc.ops.core import Cast, StopGradient
 from graphc.ops.linalg import MatMul
 from graphc.ops.reduce import Max, Min, Prod, Sum
 from graphc.ops.shape_ops import BroadcastTo, Concatenate, GetItem, Reshape, SizeOf, Take, Transpose
+
+
+def dtype_code(name: str) -> str:
+    """Python source for a graphc dtype (bfloat16 is not a NumPy attribute: it is looked up by name)."""
+    return f"np.{name}" if name != "bfloat16" else "np.dtype('bfloat16')"
+
+
+def half_node(node) -> bool:
+    """Whether `node` reads or writes float16/bfloat16: those are computed by the op's impl (in float32,
+    rounded once, accumulating in float32) rather than by NumPy's own half-precision spellings."""
+    return any(_dt.is_half(t.dtype) for t in node.inputs + node.outputs)
+
+
+#: ops whose spelling only moves or selects elements (exact in any dtype, so kept for float16/bfloat16)
+def _moves_only(op) -> bool:
+    return op.has(Trait.MOVEMENT | Trait.SHAPE) or op in (Cast, Concatenate, GetItem, Take)
 
 
 def dims_code(shape) -> str:
@@ -50,7 +68,7 @@ def _reduce(fn: str):
 
 def _size_of(args, attrs):
     prod = " * ".join(f"{args[0]}.shape[{a}]" for a in attrs["axes"]) or "1"
-    return f"np.{attrs['dtype']}({prod})"
+    return f"np.asarray({prod}, {dtype_code(attrs['dtype'])})"
 
 
 SPELLINGS: dict = {
@@ -66,7 +84,7 @@ SPELLINGS: dict = {
     E.greater_equal.op: "{0} >= {1}", E.equal.op: "{0} == {1}", E.not_equal.op: "{0} != {1}",
     E.logical_and.op: _call("np.logical_and"), E.logical_or.op: _call("np.logical_or"),
     E.Where: _call("np.where"),
-    Cast: lambda args, attrs: f"{args[0]}.astype(np.{attrs['dtype']})",
+    Cast: lambda args, attrs: f"{args[0]}.astype({dtype_code(attrs['dtype'])})",
     # reductions (argmax/argmin, logsumexp and the softmax family call their impl)
     Sum: _reduce("np.sum"), Prod: _reduce("np.prod"), Max: _reduce("np.max"), Min: _reduce("np.min"),
     # movement and indexing
@@ -91,7 +109,7 @@ OUT_SPELLINGS: dict = {
 def expression(node, args: list[str]) -> str | None:
     """The NumPy expression for single-output `node` on argument expressions `args`, or None (call impl)."""
     row = SPELLINGS.get(node.op)
-    if row is None:
+    if row is None or (half_node(node) and not _moves_only(node.op)):
         return None
     if isinstance(row, str):
         return row.format(*args)
@@ -101,4 +119,4 @@ def expression(node, args: list[str]) -> str | None:
 def into(node, args: list[str], out: str) -> str | None:
     """A line computing `node` into the array `out`, or None when the op has no such spelling."""
     row = OUT_SPELLINGS.get(node.op)
-    return None if row is None else row.format(*args, out=out)
+    return None if row is None or half_node(node) else row.format(*args, out=out)

@@ -19,5 +19,7 @@ from .scan import scan  # noqa: F401,E402
 from .nn_ops import (avg_pool1d, avg_pool2d, batch_norm, conv1d, conv2d, dropout, elu, embedding,  # noqa: F401,E402
                      gelu, global_avg_pool2d, hardtanh, heaviside, layer_norm, lp_pool2d, max_pool1d,
                      max_pool2d, maxout, noisy_relu, one_hot, prelu, selu, soft_maxout, softsign)
+from .nn_ops import avg_pool3d, conv3d, conv_transpose2d, max_pool3d  # noqa: F401,E402
+from .nn_ops import pnorm_pool, rbf  # noqa: F401,E402
 from .linalg_solve import solve  # noqa: F401,E402
 from . import tensor_methods  # noqa: F401,E402

@@ -139,7 +139,13 @@ provide("as_tensor", as_tensor)  # make_node turns Python values into constants 
 
 def scalar_like(value, like: Tensor) -> Tensor:
     """A Python scalar as a constant with NumPy 2's weak-scalar dtype against `like`."""
-    return constant(value, _dt.promote_with_scalar(like.dtype, value))
+    dtype = _dt.promote_with_scalar(like.dtype, value)
+    if isinstance(value, int) and _dt.is_int(dtype):
+        info = np.iinfo(dtype)
+        if not info.min <= value <= info.max:   # NumPy 2 raises too (uint8_tensor + 300, + -1)
+            raise DTypeError(f"Python integer {value} is out of bounds for {like.label} of dtype {dtype} "
+                             f"(range {info.min}..{info.max}); cast the tensor first")
+    return constant(value, dtype)
 
 
 @register

@@ -18,6 +18,9 @@ from ..ir import Op, Trait, apply, register
 from .core import as_tensor, scalar_like
 
 
+_HALF = (np.dtype(np.float16), _dt.bfloat16)
+
+
 class Elementwise(Op):
     traits = Trait.ELEMENTWISE | Trait.FRESH
     fn = None            # NumPy callable
@@ -30,15 +33,26 @@ class Elementwise(Op):
         dts = [t.dtype for t in inputs]
         if not self.int_ok and not all(_dt.is_float(d) for d in dts):
             raise DTypeError(f"{self.name} needs float inputs, got {', '.join(dts)}")
+        return [(shape, self.out_dtype(dts))]
+
+    def out_dtype(self, dts) -> str:
+        """The result dtype for input dtypes `dts` (NumPy's rule for this kind of ufunc)."""
         rule = self.dtype_rule
         if rule == "bool":
-            return [(shape, "bool")]
+            return "bool"
         d = _dt.promote(*dts)
-        if rule in ("float", "promote_float"):
-            d = _dt.float_of(d)
-        return [(shape, d)]
+        if rule == "float":
+            return _dt.ufunc_float_of(d)      # exp(int8) is float16, exp(int32) float64
+        if rule == "promote_float":
+            return _dt.float_of(d)            # true division of integers is float64
+        return d
 
     def impl(self, *args, **attrs):
+        if any(getattr(a, "dtype", None) in _HALF for a in args):
+            # float16/bfloat16: compute in float32, round the result once (as NumPy's float16 loops do)
+            out = self.out_dtype([np.asarray(a).dtype.name for a in args])
+            r = np.asarray(self.fn(*[_dt.upcast(a) for a in args], **attrs))
+            return r if out == "bool" else r.astype(_dt.np_dtype(out), copy=False)
         return self.fn(*args, **attrs)
 
     def _partials(self, node, g):
@@ -219,6 +233,9 @@ class Where(Elementwise):
             raise DTypeError(f"where: condition must be bool, got {cond.dtype}")
         shape = _sh.broadcast_shapes(cond.shape, a.shape, b.shape, op="where")
         return [(shape, _dt.promote(a.dtype, b.dtype))]
+
+    def out_dtype(self, dts) -> str:
+        return _dt.promote(*dts[1:])
 
     @staticmethod
     def grads(g, cond, a, b, y):

@@ -29,6 +29,7 @@ class MatMul(Op):
         batch = _sh.broadcast_shapes(a.shape[:-2], b.shape[:-2], op="matmul")
         return [(batch + (a.shape[-2], b.shape[-1]), _dt.promote(a.dtype, b.dtype))]
 
+    @_dt.via_float32   # float16/bfloat16 products accumulate in float32
     def impl(self, a, b):
         return np.matmul(a, b)
 

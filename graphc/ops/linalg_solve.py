@@ -27,6 +27,7 @@ class Solve(Op):
             raise DTypeError(f"solve: a and b must be floats of one dtype, got {a.dtype}, {b.dtype}")
         return [(b.shape, b.dtype)]
 
+    @_dt.via_float32   # LAPACK has no float16/bfloat16 routines
     def impl(self, a, b):
         return np.linalg.solve(a, b)
 

@@ -53,10 +53,13 @@ def out_dim(size, k: int, s: int, d: int, lo: int, hi: int):
 
 
 def resolve_padding(padding, spatial, kernel, stride, dilation) -> tuple:
-    """((lo, hi) per spatial axis) from an int, ints, pairs, 'valid' or 'same'."""
+    """((lo, hi) per spatial axis) from an int, ints, pairs, 'valid', 'same' or 'full' (kernel - 1 on each
+    side, dilated)."""
     n = len(kernel)
     if padding == "valid":
         return ((0, 0),) * n
+    if padding == "full":  # Theano's border mode: every partial overlap, output size + d(k-1)
+        return tuple((d * (k - 1), d * (k - 1)) for k, d in zip(kernel, dilation))
     if padding == "same":
         pads = []
         for size, k, s, d in zip(spatial, kernel, stride, dilation):
@@ -69,7 +72,7 @@ def resolve_padding(padding, spatial, kernel, stride, dilation) -> tuple:
             pads.append((total // 2, total - total // 2))
         return tuple(pads)
     if isinstance(padding, str):
-        raise ShapeError(f"padding must be an int, a tuple, 'same' or 'valid', got {padding!r}")
+        raise ShapeError(f"padding must be an int, a tuple, 'same', 'valid' or 'full', got {padding!r}")
     if isinstance(padding, (int, np.integer)):
         return ((int(padding), int(padding)),) * n
     padding = tuple(padding)
@@ -188,6 +191,7 @@ class Conv2d(_ConvBase):
                              f"{groups}; out channels {w.shape[0]} must divide by groups")
         return [(_conv_out_shape(x.shape, w.shape[2:], w.shape[0], stride, pads, dilation), x.dtype)]
 
+    @_dt.via_float32   # float16/bfloat16 computed in float32
     def impl(self, x, w, stride, pads, dilation, groups):
         return conv2d_ref(x, w, stride, pads, dilation, groups)
 
@@ -209,6 +213,7 @@ class Conv2dGradInput(_ConvBase):
         _check_float(self.name, gy, w)
         return [((gy.shape[0], w.shape[1] * groups) + tuple(x_hw), gy.dtype)]
 
+    @_dt.via_float32   # float16/bfloat16 computed in float32
     def impl(self, gy, w, x_hw, stride, pads, dilation, groups, dims=None):
         return conv2d_grad_input_ref(gy, w, eval_shape(x_hw, dims), stride, pads, dilation, groups)
 
@@ -229,6 +234,7 @@ class Conv2dGradWeight(_ConvBase):
         _check_float(self.name, x, gy)
         return [((gy.shape[1], x.shape[1] // groups) + tuple(kernel), x.dtype)]
 
+    @_dt.via_float32   # float16/bfloat16 computed in float32
     def impl(self, x, gy, kernel, stride, pads, dilation, groups):
         return conv2d_grad_weight_ref(x, gy, kernel, stride, pads, dilation, groups)
 
@@ -241,7 +247,7 @@ class Conv2dGradWeight(_ConvBase):
 
 def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
     """2-D cross-correlation on NCHW input with (O, C/groups, KH, KW) filters (torch.nn.functional.conv2d);
-    padding: int, (ph, pw), ((top, bottom), (left, right)), 'same' or 'valid'."""
+    padding: int, (ph, pw), ((top, bottom), (left, right)), 'same', 'valid' or 'full'."""
     x, w = as_tensor(x), as_tensor(w)
     if w.ndim != 4:
         raise ShapeError(f"conv2d: weight must be (O, C/groups, KH, KW), got {_sh.fmt_shape(w.shape)}")
@@ -323,6 +329,7 @@ class MaxPool2d(_PoolBase):
     def infer(self, inputs, kernel, stride, pads):
         return [(_pool_shape(inputs[0], kernel, stride, pads, self.name), inputs[0].dtype)]
 
+    @_dt.via_float32   # float16/bfloat16 computed in float32
     def impl(self, x, kernel, stride, pads):
         win, _ = _pool_windows(x, kernel, stride, pads, -np.inf)
         return np.ascontiguousarray(win.max(axis=-1))
@@ -339,6 +346,7 @@ class MaxPool2dGrad(_PoolBase):
     def infer(self, inputs, kernel, stride, pads):
         return [(inputs[0].shape, inputs[1].dtype)]
 
+    @_dt.via_float32   # float16/bfloat16 computed in float32
     def impl(self, x, gy, kernel, stride, pads):
         return max_pool2d_grad_ref(x, gy, kernel, stride, pads)
 
@@ -354,6 +362,7 @@ class MaxPool2dSelect(_PoolBase):
     def infer(self, inputs, kernel, stride, pads):
         return [(_pool_shape(inputs[0], kernel, stride, pads, self.name), inputs[1].dtype)]
 
+    @_dt.via_float32   # float16/bfloat16 computed in float32
     def impl(self, x, g, kernel, stride, pads):
         return max_pool2d_select_ref(x, g, kernel, stride, pads)
 
@@ -437,6 +446,151 @@ def global_avg_pool2d(x, keepdims: bool = False) -> Tensor:
     if x.ndim != 4:
         raise ShapeError(f"global_avg_pool2d: input must be (N, C, H, W), got {_sh.fmt_shape(x.shape)}")
     return F.mean(x, (2, 3), keepdims=keepdims)
+
+
+# ---- 3-D convolution, transposed convolution, 3-D pooling: compositions of the 2-D ops ------------
+# (native on every backend by construction; gradients by autodiff of the parts)
+
+def _zeros_along(x, axis: int, n: int):
+    """Zeros shaped like x with `n` entries on `axis` (symbolic dims kept)."""
+    z = F.zeros_like(F.getitem(x, (slice(None),) * axis + (slice(0, 1),)))
+    return F.broadcast_to(z, x.shape[:axis] + (n,) + x.shape[axis + 1:])
+
+
+def _pad_axis(x, axis: int, lo: int, hi: int):
+    """Zero padding of one axis by concatenation."""
+    parts = ([_zeros_along(x, axis, lo)] if lo else []) + [x] + ([_zeros_along(x, axis, hi)] if hi else [])
+    return F.concatenate(parts, axis) if len(parts) > 1 else x
+
+
+def _static(name, what, *dims):
+    for d in dims:
+        if not isinstance(d, int):
+            raise ShapeError(f"{name}: {what} must be static, got {d}")
+
+
+def conv3d(x, w, bias=None, stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
+    """3-D cross-correlation on (N, C, D, H, W) with (O, C/groups, KD, KH, KW) filters
+    (torch.nn.functional.conv3d); padding: int, 3 ints, 3 (lo, hi) pairs, 'same', 'valid' or 'full'.
+
+    Composition: the KD depth taps of each output depth are stacked into the channel axis and the
+    output depths folded into the batch, so it is ONE conv2d over (N*OD, KD*C, H, W) with
+    (O, KD*C/groups, KH, KW) filters (memory: KD/stride_d copies of the input)."""
+    x, w = as_tensor(x), as_tensor(w)
+    if x.ndim != 5 or w.ndim != 5:
+        raise ShapeError(f"conv3d: input must be (N, C, D, H, W) and weight (O, C/groups, KD, KH, KW), got "
+                         f"{_sh.fmt_shape(x.shape)} and {_sh.fmt_shape(w.shape)}")
+    _check_float("conv3d", x, w)
+    _static("conv3d", "channels, depth and kernel sizes", x.shape[1], x.shape[2], *w.shape)
+    groups = int(groups)
+    o, cg, kd = w.shape[:3]
+    c = x.shape[1]
+    if groups < 1 or c != cg * groups or o % groups:
+        raise ShapeError(f"conv3d: input has {c} channels, weight expects {cg} x groups {groups}; out channels "
+                         f"{o} must divide by groups")
+    stride, dilation = _tuple(stride, 3, "stride"), _tuple(dilation, 3, "dilation")
+    pads = resolve_padding(padding, x.shape[2:], w.shape[2:], stride, dilation)
+    od = out_dim(x.shape[2], kd, stride[0], dilation[0], *pads[0])
+    xt = _pad_axis(F.transpose(x, (0, 2, 1, 3, 4)), 1, *pads[0])     # (N, Dp, C, H, W)
+    n, h, wd = x.shape[0], x.shape[3], x.shape[4]
+    taps = [F.getitem(xt, (slice(None), slice(k * dilation[0], k * dilation[0] + stride[0] * (od - 1) + 1,
+                                                 stride[0]))) for k in range(kd)]
+    s = F.stack(taps, 2) if kd > 1 else F.expand_dims(taps[0], 2)  # (N, OD, KD, C, H, W)
+    if groups > 1 and kd > 1:  # channel order (group, tap, channel-in-group): groups stay contiguous
+        s = F.transpose(F.reshape(s, (-1, kd, groups, cg * h * wd)), (0, 2, 1, 3))
+    x2 = F.reshape(s, (-1, kd * c, h, wd))                           # (N*OD, KD*C, H, W)
+    w2 = F.reshape(F.transpose(w, (0, 2, 1, 3, 4)), (o, kd * cg) + tuple(w.shape[3:]))
+    y = conv2d(x2, w2, None, stride[1:], pads[1:], dilation[1:], groups)  # (N*OD, O, OH, OW)
+    y = F.transpose(F.reshape(y, (n, od) + tuple(y.shape[1:])), (0, 2, 1, 3, 4))
+    return y if bias is None else y + F.reshape(as_tensor(bias), (-1, 1, 1, 1))
+
+
+def conv_transpose2d(x, w, bias=None, stride=1, padding=0, output_padding=0, groups: int = 1,
+                     dilation=1) -> Tensor:
+    """Transposed 2-D convolution (torch.nn.functional.conv_transpose2d): x (N, Cin, H, W), weight in
+    torch's layout (Cin, Cout/groups, KH, KW), output size (H-1)*s - 2p + d*(k-1) + output_padding + 1.
+
+    It is the adjoint of conv2d in its input, i.e. the conv2d_grad_input op with the weight read as a
+    conv2d weight (O=Cin, C/groups=Cout/groups): native on every backend."""
+    x, w = as_tensor(x), as_tensor(w)
+    if x.ndim != 4 or w.ndim != 4:
+        raise ShapeError(f"conv_transpose2d: input must be (N, Cin, H, W) and weight (Cin, Cout/groups, KH, KW), "
+                         f"got {_sh.fmt_shape(x.shape)} and {_sh.fmt_shape(w.shape)}")
+    _check_float("conv_transpose2d", x, w)
+    _static("conv_transpose2d", "channels and kernel sizes", x.shape[1], *w.shape)
+    groups = int(groups)
+    if groups < 1 or x.shape[1] != w.shape[0] or w.shape[0] % groups:
+        raise ShapeError(f"conv_transpose2d: input has {x.shape[1]} channels, weight {_sh.fmt_shape(w.shape)} "
+                         f"expects {w.shape[0]} (divisible by groups={groups})")
+    stride, dilation = _tuple(stride, 2, "stride"), _tuple(dilation, 2, "dilation")
+    pad, opad = _tuple(padding, 2, "padding"), _tuple(output_padding, 2, "output_padding")
+    hw, pads, extra = [], [], []
+    for i in range(2):
+        s, d, p, op, k = stride[i], dilation[i], pad[i], opad[i], w.shape[2 + i]
+        if min(s, d) < 1 or p < 0 or not 0 <= op < max(s, d):
+            raise ShapeError(f"conv_transpose2d: stride {stride} and dilation {dilation} must be >= 1, padding "
+                             f"{pad} >= 0 and output_padding {opad} below max(stride, dilation)")
+        size = (x.shape[2 + i] - 1) * s - 2 * p + d * (k - 1) + op + 1
+        # the conv2d whose input gradient this is: pads (p, p - op) make its output exactly x's size;
+        # rows past the full scatter (op > p) are zeros, appended after
+        e = builtins.max(op - p, 0)
+        size_in = size - e
+        if isinstance(size_in, int) and size_in < 1:
+            raise ShapeError(f"conv_transpose2d: output size {size} along axis {2 + i} is not positive "
+                             f"(input {x.shape[2 + i]}, kernel {k}, stride {s}, padding {p})")
+        hw.append(_sh.canon_dim(size_in))
+        pads.append((p, builtins.max(p - op, 0)))
+        extra.append(e)
+    y = apply(Conv2dGradInput, x, w, x_hw=tuple(hw), stride=stride, pads=tuple(pads), dilation=dilation,
+              groups=groups)
+    for i, e in enumerate(extra):
+        y = _pad_axis(y, 2 + i, 0, e)
+    return y if bias is None else y + F.reshape(as_tensor(bias), (-1, 1, 1))
+
+
+def _pool3d_args(x, kernel_size, stride, padding, name):
+    x = as_tensor(x)
+    if x.ndim != 5:
+        raise ShapeError(f"{name}: input must be (N, C, D, H, W), got {_sh.fmt_shape(x.shape)}")
+    if not _dt.is_float(x.dtype):
+        raise DTypeError(f"{name}: input must be float, got {x.dtype}")
+    _static(name, "channels and depth", x.shape[1], x.shape[2])
+    kernel = _tuple(kernel_size, 3, "kernel_size")
+    stride = kernel if stride is None else _tuple(stride, 3, "stride")
+    pad = _tuple(padding, 3, "padding")
+    if any(p < 0 or p > k // 2 for k, p in zip(kernel, pad)) or min(kernel + stride) < 1:
+        raise ShapeError(f"{name}: kernel {kernel} and stride {stride} must be >= 1 and padding {pad} at most half "
+                         "the kernel")
+    return x, kernel, stride, pad
+
+
+def _pool3d(x, kernel, stride, pad, pool2d):
+    """A 3-D pool as two 2-D pools (max and window means are separable): over (H, W) with depth folded
+    into the channels, then over depth with (N*C, 1, D, OH*OW) images and (KD, 1) windows. Only
+    reshapes between them, no copies."""
+    n, c, d = x.shape[:3]
+    y = pool2d(F.reshape(x, (-1, c * d) + tuple(x.shape[3:])), kernel[1:], stride[1:], pad[1:])
+    oh, ow = y.shape[2:]
+    y = pool2d(F.reshape(y, (-1, 1, d, oh * ow)), (kernel[0], 1), (stride[0], 1), (pad[0], 0))
+    return F.reshape(y, (n, c, y.shape[2], oh, ow))
+
+
+def max_pool3d(x, kernel_size, stride=None, padding=0) -> Tensor:
+    """Max over (KD, KH, KW) windows of (N, C, D, H, W) (torch.nn.functional.max_pool3d; stride defaults
+    to the kernel; padding counts as -inf, at most half the kernel)."""
+    x, kernel, stride, pad = _pool3d_args(x, kernel_size, stride, padding, "max_pool3d")
+    return _pool3d(x, kernel, stride, pad, max_pool2d)
+
+
+def avg_pool3d(x, kernel_size, stride=None, padding=0, count_include_pad: bool = True) -> Tensor:
+    """Mean over (KD, KH, KW) windows of (N, C, D, H, W) (torch.nn.functional.avg_pool3d). Without
+    count_include_pad the divisor is the number of real cells, a product over the axes, so the two
+    2-D means compose exactly."""
+    x, kernel, stride, pad = _pool3d_args(x, kernel_size, stride, padding, "avg_pool3d")
+    if not count_include_pad and any(pad) and not _sh.is_static(x.shape[3:]):
+        raise ShapeError("avg_pool3d(count_include_pad=False) with padding needs static spatial dims")
+    return _pool3d(x, kernel, stride, pad,
+                   lambda t, k, s, p: avg_pool2d(t, k, s, p, count_include_pad=count_include_pad))
 
 
 # ---- activations (composites: exact, and their gradients come from the parts) ------------------
@@ -534,6 +688,54 @@ def soft_maxout(x, pieces: int, axis: int = 1) -> Tensor:
     """Smooth maxout: logsumexp over groups of `pieces` consecutive features."""
     y, ax = _pieces(x, pieces, axis)
     return F.logsumexp(y, ax)
+
+
+def pnorm_args(group_size, p, owner: str = "pnorm_pool") -> None:
+    """Check pnorm_pool's group_size (an int >= 1) and p (a finite number >= 1)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1:
+        raise GraphcError(f"{owner}: group_size must be an integer >= 1, got {group_size!r}")
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) or not p >= 1 \
+            or not np.isfinite(p):
+        raise GraphcError(f"{owner}: p must be a finite number >= 1, got {p!r}")
+
+
+def pnorm_pool(x, group_size: int, p: float = 2.0, axis: int = 1) -> Tensor:
+    """p-norm units (Gulcehre et al.'s learned-norm pooling with a fixed p; Kaldi's p-norm): the
+    features along `axis` in groups of `group_size` consecutive units, each group reduced to
+    ``(sum |x_i|^p)^(1/p)`` (size C -> C / group_size). A group of zeros gives 0 with gradient 0 (the
+    subgradient; the plain formula would give 0 * inf)."""
+    pnorm_args(group_size, p)
+    x = as_tensor(x)
+    if not _dt.is_float(x.dtype):
+        raise DTypeError(f"pnorm_pool: {x.label} must be floating point, got {x.dtype}")
+    axis = _sh.normalize_axis(axis, x.ndim, "pnorm_pool")
+    c = x.shape[axis]
+    if not isinstance(c, int) or c % int(group_size):
+        raise ShapeError(f"pnorm_pool: axis {axis} of {x.label} {_sh.fmt_shape(x.shape)} has size {c}, not a "
+                         f"multiple of group_size={group_size}")
+    g = int(group_size)
+    y = F.reshape(x, x.shape[:axis] + (c // g, g) + x.shape[axis + 1:])
+    p = float(p)
+    s = F.sum(y * y if p == 2.0 else F.abs(y) ** p, axis + 1)
+    pos = s > 0
+    safe = F.where(pos, s, F.ones_like(s))
+    return F.where(pos, F.sqrt(safe) if p == 2.0 else safe ** (1.0 / p), F.zeros_like(s))
+
+
+def rbf(x, centres, gamma) -> Tensor:
+    """Gaussian radial basis units: ``exp(-gamma_j * ||x - c_j||^2)`` for x (..., in), centres
+    (out, in) and gamma a scalar or (out,) (one width per unit); returns (..., out)."""
+    x, centres, gamma = as_tensor(x), as_tensor(centres), as_tensor(gamma)
+    if centres.ndim != 2:
+        raise ShapeError(f"rbf: centres must be (out_features, in_features), got {centres.type_str}")
+    if x.ndim < 1 or not _sh.dims_equal(x.shape[-1], centres.shape[1]):
+        raise ShapeError(f"rbf: input {x.label} has shape {_sh.fmt_shape(x.shape)}, its last dim should be "
+                         f"in_features={centres.shape[1]} (centres {_sh.fmt_shape(centres.shape)})")
+    if gamma.ndim > 1 or (gamma.ndim == 1 and not _sh.dims_equal(gamma.shape[0], centres.shape[0])):
+        raise ShapeError(f"rbf: gamma must be a scalar or one width per unit ({centres.shape[0]},), got "
+                         f"{_sh.fmt_shape(gamma.shape)}")
+    d = F.expand_dims(x, -2) - centres
+    return F.exp(-(gamma * F.sum(d * d, -1)))
 
 
 # ---- normalisation, dropout, embedding, one_hot --------------------------------------------------

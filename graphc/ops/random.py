@@ -76,7 +76,8 @@ def key(seed: int) -> Tensor:
 #   base      = mix(mix(mix(seed ^ SEED_SALT) ^ counter ^ COUNTER_SALT) ^ word ^ WORD_SALT)
 #               word = 2 * stream + kind (kind 0: uniform, 1: normal), so every (key, stream, op) differs
 #   bits(j)   = mix(base + (j + 1) * GAMMA)          (splitmix64's j-th output from state `base`)
-# uniform element j: float32 (bits(j) >> 40) * 2**-24, float64 (bits(j) >> 11) * 2**-53, in [0, 1);
+# uniform element j: (bits(j) >> (64 - p)) * 2**-p with p the dtype's significand bits (UNIFORM_BITS:
+#   float64 53, float32 24, float16 11, bfloat16 8), exact in the dtype and in [0, 1) (never rounds to 1);
 # normal element j (Box-Muller, in float64, then rounded to the dtype):
 #   u1 = ((bits(2j) >> 11) + 1) * 2**-53 in (0, 1] (never log(0)), u2 = (bits(2j+1) >> 11) * 2**-53,
 #   z  = sqrt(-2 * log(u1)) * cos(TWO_PI * u2)
@@ -87,6 +88,7 @@ GAMMA = 0x9E3779B97F4A7C15
 SEED_SALT, COUNTER_SALT, WORD_SALT = 0x243F6A8885A308D3, 0x13198A2E03707344, 0xA4093822299F31D0
 TWO_PI = 6.283185307179586   # float64 nearest 2 pi (the literal the kernels spell)
 MASK = (1 << 64) - 1
+UNIFORM_BITS = {"float64": 53, "float32": 24, "float16": 11, "bfloat16": 8}
 
 
 def mix(z: int) -> int:
@@ -158,15 +160,15 @@ class RandomUniform(_Random):
     def impl(self, k, shape, dtype, stream, dims=None):
         shape = eval_shape(shape, dims)
         x = bits(self._base(k, stream), np.arange(int(np.prod(shape, dtype=np.int64)), dtype=np.uint64))
-        if np.dtype(dtype) == np.float32:
-            x >>= np.uint64(40)
+        p = UNIFORM_BITS[dtype]
+        x >>= np.uint64(64 - p)
+        if p <= 24:
             u = x.astype(np.float32)
-            u *= np.float32(2.0 ** -24)
+            u *= np.float32(2.0 ** -p)
         else:
-            x >>= np.uint64(11)
             u = x.astype(np.float64)
-            u *= 2.0 ** -53
-        return u.astype(dtype, copy=False).reshape(shape)
+            u *= 2.0 ** -p
+        return u.astype(_dt.np_dtype(dtype), copy=False).reshape(shape)
 
 
 @register
@@ -181,7 +183,7 @@ class RandomNormal(_Random):
         u1 = ((bits(base, j) >> np.uint64(11)) + np.uint64(1)).astype(np.float64) * (2.0 ** -53)
         u2 = (bits(base, j + np.uint64(1)) >> np.uint64(11)).astype(np.float64) * (2.0 ** -53)
         z = np.sqrt(-2.0 * np.log(u1)) * np.cos(TWO_PI * u2)
-        return z.astype(dtype, copy=False).reshape(shape)
+        return z.astype(_dt.np_dtype(dtype), copy=False).reshape(shape)
 
 
 def _draw(op, shape, dtype, generator, key_, seed_) -> Tensor:

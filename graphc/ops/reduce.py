@@ -18,7 +18,7 @@ def _reduced_shape(shape, axes, keepdims):
 
 
 def _sum_dtype(d):
-    return "int64" if d in ("bool", "int32") else d
+    return _dt.sum_dtype(d)   # NumPy: bool and narrow signed ints sum to int64, narrow unsigned to uint64
 
 
 class Reduce(Op):
@@ -36,6 +36,7 @@ class Reduce(Op):
             raise ShapeError(f"{self.name}: reduction over a size-0 axis has no identity")
         return [(_reduced_shape(x.shape, axis, keepdims), self.out_dtype(x.dtype))]
 
+    @_dt.via_float32   # float16/bfloat16 accumulate in float32, rounded once
     def impl(self, x, axis, keepdims):
         return np.asarray(self.fn(x, axis=axis, keepdims=keepdims))
 
@@ -134,6 +135,7 @@ class _ArgReduce(Op):
             raise ShapeError(f"argmax over a size-0 axis {axis}")
         return [(_reduced_shape(x.shape, (axis,), keepdims), "int64")]
 
+    @_dt.via_float32
     def impl(self, x, axis, keepdims):
         return np.asarray(self.fn(x, axis=axis, keepdims=keepdims)).astype(np.int64)
 
@@ -250,6 +252,7 @@ def _np_logsumexp(x, axis, keepdims):
 class Softmax(_SoftmaxLike):
     name = "softmax"
 
+    @_dt.via_float32
     def impl(self, x, axis):
         return _np_softmax(x, axis)
 
@@ -262,6 +265,7 @@ class Softmax(_SoftmaxLike):
 class LogSoftmax(_SoftmaxLike):
     name = "log_softmax"
 
+    @_dt.via_float32
     def impl(self, x, axis):
         return _np_log_softmax(x, axis)
 
@@ -279,6 +283,7 @@ class LogSumExp(Reduce):
             raise DTypeError(f"logsumexp needs a float input, got {inputs[0].dtype}")
         return super().infer(inputs, axis, keepdims)
 
+    @_dt.via_float32
     def impl(self, x, axis, keepdims):
         return np.asarray(_np_logsumexp(x, axis, keepdims))
 

@@ -145,10 +145,7 @@ class BroadcastTo(_ShapeOp):
 
     def infer(self, inputs, shape):
         x = inputs[0]
-        got = _sh.broadcast_shapes(x.shape, shape, op="broadcast_to")
-        if len(got) != len(shape) or not all(_sh.dims_equal(a, b) for a, b in zip(got, shape)):
-            raise ShapeError(f"broadcast_to: cannot broadcast {_sh.fmt_shape(x.shape)} to {_sh.fmt_shape(shape)}")
-        return [(shape, x.dtype)]
+        return [(_sh.broadcast_to_shape(x.shape, shape), x.dtype)]
 
     def impl(self, x, shape, dims=None):
         return np.broadcast_to(x, eval_shape(shape, dims))
@@ -176,7 +173,10 @@ def sum_to(x, shape):
             axes.append(lead + i)
     if axes:
         x = F.sum(x, axes, keepdims=True)
-    return reshape(x, shape)
+    if _sh.dims_equal(_sh.size(x.shape), _sh.size(shape)):
+        return reshape(x, shape)
+    # a concrete dim of `x` where `shape` has the symbolic dim it was unified with (N == 8): same size
+    return broadcast_to(reshape(x, x.shape[lead:]), shape)
 
 
 def _concat_part(g, axis: int, dims: list, k: int, node):
