@@ -1,8 +1,10 @@
-"""python -m benchmarks [--quick] [--only W1,W2] [--systems S1,S2] [--json out.json] [--png out.png]
+"""python -m benchmarks [--quick] [--only W1,W2] [--systems S1,S2] [--json out.json] [--png out.png] [--save]
 
-Runs W1-W6 on graphc (numpy O0/O2, llvm) and the installed peers, checks every output against a
-float64 NumPy reference before timing, and prints a table (median (min) per call), compile times and
-the BLAS/thread set-up; the results go to a JSON file only when --json names one. Unless --keep-env,
+Runs W1-W10 (benchmarks/WORKLOADS.md) on graphc (numpy O0/O2, llvm) and the installed peers, checks
+every output against a float64 reference before timing, and prints a table (median (min) per call),
+compile times and the BLAS/thread set-up. Nothing is written unless asked: --json/--png name files,
+--save writes benchmarks/results/<cpu>.json and .png (one pair per CPU model, kept in the repository).
+--quick leaves W10 (ResNet-18) out unless --only names it. Unless --keep-env,
 OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are removed for this process only (it re-executes itself and
 says so), so OpenBLAS picks its kernels for this CPU.
 """
@@ -33,8 +35,13 @@ SYSTEMS = {
     "pytensor": peers.pytensor_build,
 }
 _ENV_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-#: workload ids for --only (W.all_workloads builds data, so the ids are listed here; a test checks they agree)
-WORKLOAD_IDS = ("W1", "W2", "W3", "W4", "W5", "W6")
+#: workload ids for --only, in order (W.BUILDERS builds each one's data only when it is selected)
+WORKLOAD_IDS = tuple(W.BUILDERS)
+#: workloads --quick leaves out unless --only names them (slow to build and to run)
+SLOW = ("W10",)
+#: where --save writes (GRAPHC_BENCH_RESULTS_DIR overrides it, for tests)
+RESULTS_DIR = os.environ.get("GRAPHC_BENCH_RESULTS_DIR") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                         "results")
 #: --systems groups: a name that stands for several systems
 GROUPS = {"graphc": [s for s in SYSTEMS if s.startswith("graphc")], "peers": [
     s for s in SYSTEMS if s != "numpy" and not s.startswith("graphc")]}
@@ -52,6 +59,9 @@ def _args(argv):
                    ", ".join(f"{g!r} ({', '.join(m)})" for g, m in GROUPS.items()))
     p.add_argument("--json", default="", help="also write the results as JSON to this file (default: none)")
     p.add_argument("--png", default="", help="also write a matplotlib chart of the ratios here")
+    p.add_argument("--save", action="store_true",
+                   help="write benchmarks/results/<cpu>.json and <cpu>.png (the per-CPU results kept in the "
+                        "repository)")
     p.add_argument("--keep-env", action="store_true", help="keep OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE")
     p.add_argument("--threads", type=int, default=0,
                    help="limit every system to N threads (BLAS via threadpoolctl, torch, ONNX Runtime, graphc); "
@@ -101,10 +111,10 @@ def _reexec_without_openblas_env(args, argv) -> None:
 
 def _selected(args):
     size = "tiny" if args.tiny else "full"
-    wls = W.all_workloads(size)
     keep = args.workload_ids
-    if keep:
-        wls = [w for w in wls if w.id in keep or w.id.split()[0] in keep]
+    if not keep and args.quick:
+        keep = {k for k in WORKLOAD_IDS if k not in SLOW}
+    wls = W.selected_workloads(size, keep)
     names = args.system_names or [s for s in SYSTEMS if not (args.quick and s == "torch.compile")]
     return wls, names
 
@@ -144,7 +154,10 @@ def main(argv=None) -> int:
     for wl in wls:
         row = {}
         for s in names:
-            row[s] = harness.measure(s, SYSTEMS[s], wl, args.quick or args.tiny)
+            if s == "torch.compile" and wl.id.startswith("W10") and s not in args.system_names:
+                row[s] = {"status": "skipped (compiles for minutes; --systems torch.compile runs it)"}
+            else:
+                row[s] = harness.measure(s, SYSTEMS[s], wl, args.quick or args.tiny)
             print(f"  {wl.id:8s} {s:16s} {_short(row[s])}", file=sys.stderr, flush=True)
         results[wl.id] = row
     probe = _warm_probe(argv, cache) if "graphc-llvm" in names else {}
@@ -198,6 +211,12 @@ def _report(args, env, results, names, probe, bw) -> None:
     if args.png:
         why = harness.plot(args.png, results, names)
         print(f"plot: {args.png}" if why is None else f"plot skipped: {why}")
+    if args.save:
+        os.makedirs(RESULTS_DIR, exist_ok=True)
+        base = os.path.join(RESULTS_DIR, harness.cpu_slug(env["processor"]))
+        harness.write_json(base + ".json", payload)
+        why = harness.plot(base + ".png", results, names)
+        print(f"\nsaved: {base}.json" + (f", {base}.png" if why is None else f" (plot skipped: {why})"))
 
 
 if __name__ == "__main__":

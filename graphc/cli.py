@@ -6,7 +6,9 @@
     graphc view model.onnx [--port 8000]       # serve that page on http://127.0.0.1:8000/
     graphc convert model.onnx model.graphc
     graphc run model.onnx --input x.npy --backend llvm -o outputs.npz
+    graphc explain model.onnx --shape x=8,3,224,224 [--backend llvm]   # time per kernel vs the roofline
     graphc bench [benchmark options]
+    graphc launch -n 4 python train.py --epochs 3   # N processes under MPI (graphc.distributed)
 
 Errors print one line (`graphc: error: ...`) and exit with status 1.
 """
@@ -136,6 +138,47 @@ def cmd_run(args) -> None:
         print(f"wrote {args.output}")
 
 
+def _parse_shapes(specs: list[str]) -> dict:
+    """--shape x=8,3,224,224 (repeatable) -> {'x': (8, 3, 224, 224)}."""
+    out = {}
+    for spec in specs:
+        name, _, dims = spec.partition("=")
+        try:
+            out[name] = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
+        except ValueError:
+            raise CliError(f"--shape {spec!r}: expected NAME=D0,D1,... (e.g. x=8,3,224,224)") from None
+        if not name or not out[name]:
+            raise CliError(f"--shape {spec!r}: expected NAME=D0,D1,... (e.g. x=8,3,224,224)")
+    return out
+
+
+def cmd_explain(args) -> None:
+    """Compile a model and print f.explain(): per kernel, its ops, FLOPs, bytes, roofline and measured time."""
+    import graphc as gc
+    from graphc.explain import example_inputs
+    g = load_model(args.model)
+    fn = gc.function(g, backend=args.backend, optimize=args.optimize)
+    if args.input:
+        values = _read_inputs(g, args.input)
+    else:
+        shapes = _parse_shapes(args.shape or [])
+        unknown = sorted(set(shapes) - {t.name for t in g.inputs})
+        if unknown:
+            raise CliError(f"--shape names {unknown}, which are not inputs; inputs: "
+                           + ", ".join(f"{t.name} {t.dtype}{_fmt_shape(t)}" for t in g.inputs))
+        dims = {}   # symbolic dims given by a --shape (N from x=8,...) apply to every input
+        for t in g.inputs:
+            if t.name in shapes and len(shapes[t.name]) == len(t.shape):
+                dims.update({str(d): v for d, v in zip(t.shape, shapes[t.name]) if not isinstance(d, int)})
+        values = example_inputs(fn, dims)
+        rng = np.random.default_rng(0)
+        for i, t in enumerate(g.inputs):
+            if t.name in shapes:
+                values[i] = (rng.standard_normal(shapes[t.name]) if np.dtype(t.dtype).kind == "f" else
+                             np.zeros(shapes[t.name])).astype(t.dtype)
+    print(fn.explain(*values, repeat=args.repeat))
+
+
 def cmd_bench(args, rest: list[str]) -> int:
     """Delegates to `python -m benchmarks` (the benchmark table) from the source checkout."""
     import importlib.util
@@ -147,6 +190,14 @@ def cmd_bench(args, rest: list[str]) -> int:
               file=sys.stderr)
         return 1
     return subprocess.call([sys.executable, "-m", "benchmarks", *rest], env=env)
+
+
+def cmd_launch(args) -> int:
+    """Start N processes of COMMAND with the installed MPI runtime (graphc.distributed.launch)."""
+    from graphc.distributed.launch import launch
+    if args.n is None:
+        raise CliError("launch: give the number of processes with -n N")
+    return launch(args.n, args.cmdline, timeout=args.timeout)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,7 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-i", "--input", action="append", help="x.npy, name=x.npy or inputs.npz (repeatable)")
     s.add_argument("-b", "--backend", default="numpy")
     s.add_argument("-o", "--output", help="write the outputs to this .npz")
+    s = sub.add_parser("explain", help="compile the model and print where a call's time goes: per kernel, the "
+                                       "ops fused, FLOPs, bytes, roofline vs measured time, what bounds it")
+    s.add_argument("model")
+    s.add_argument("-s", "--shape", action="append", metavar="NAME=D0,D1,...",
+                   help="run on random data of this shape (repeatable; binds symbolic dims such as the batch; "
+                        "inputs not named: their own shape, free dims 1)")
+    s.add_argument("-i", "--input", action="append", help="x.npy, name=x.npy or inputs.npz (instead of --shape)")
+    s.add_argument("-b", "--backend", default="llvm")
+    s.add_argument("-O", "--optimize", type=int, default=2)
+    s.add_argument("-r", "--repeat", type=int, default=10, help="profiled runs (the medians are shown)")
     sub.add_parser("bench", help="the benchmark table (python -m benchmarks)", add_help=False)
+    s = sub.add_parser("launch", help="run COMMAND on N processes under MPI, like mpiexec (a COMMAND ending in "
+                                      ".py, or python, runs with this interpreter)")
+    s.add_argument("-n", "--np", dest="n", type=int, help="number of processes")
+    s.add_argument("--timeout", type=float, default=None, help="stop the whole job after this many seconds")
+    s.add_argument("cmdline", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command and its arguments")
     return p
 
 
@@ -185,9 +251,11 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(None, argv[1:])
     args = build_parser().parse_args(argv)
     handler = {"show": cmd_show, "draw": cmd_draw, "view": cmd_view, "convert": cmd_convert,
-               "run": cmd_run}[args.command]
+               "run": cmd_run, "launch": cmd_launch, "explain": cmd_explain}[args.command]
     try:
-        handler(args)
+        rc = handler(args)
+        if args.command == "launch":
+            return rc
     except BrokenPipeError:  # output piped into `head`
         return 0
     except (CliError, GraphcError, OSError) as e:

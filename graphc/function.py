@@ -11,7 +11,7 @@ import numpy as np
 
 from . import dtypes as _dt
 from . import shapes as _sh
-from .errors import BackendUnavailable, GraphcError, InputError, NumericalError, UnknownBackend
+from .errors import BackendUnavailable, GraphcError, InputError, NumericalError, ShapeError, UnknownBackend
 from .ir import Graph, Tensor, Trait, fmt_loc, hook
 
 #: backend name -> module that defines BACKEND (loaded on first use; core never imports them eagerly)
@@ -220,7 +220,20 @@ class Function:
         self.backend = get_backend(backend, for_compile=True)
         self.graph = self.options.optimise(self.user_graph)
         self._params = self.graph.parameters
-        self._specs = [self._input_spec(t, self.options.allow_input_downcast) for t in self.graph.inputs]
+        # dims the graph's shape rules unified with concrete ones ((N, 4) * (8, 4) needs N == 8): checked on
+        # every call, a symbol where an input binds it, an expression once every input is bound
+        required, self._dim_checks = {}, []
+        for node, c in graph_constraints(self.user_graph) + graph_constraints(self.graph):
+            if c.dim.is_Symbol:
+                value, first, fc = required.setdefault(c.dim.name, (c.value, node, c))
+                if value != c.value:
+                    raise ShapeError(f"dim {c.dim} is unified with {value} ({fc.why}, built at {fmt_loc(first.loc)}) "
+                                     f"and with {c.value} ({c.why}, built at {fmt_loc(node.loc)})")
+            if all(c != k for _, k in self._dim_checks):
+                self._dim_checks.append((node, c))
+        self._specs = [self._input_spec(t, self.options.allow_input_downcast, required) for t in self.graph.inputs]
+        bound = {name for spec in self._specs for _, name, _ in spec[3]}
+        self._dim_checks = [(n, c) for n, c in self._dim_checks if not (c.dim.is_Symbol and c.dim.name in bound)]
         self._check_placeholders()
         self.program = self.backend.compile(self.graph, self.options)
         self._lock = threading.Lock()
@@ -263,14 +276,33 @@ class Function:
             raise InputError(f"expected {len(ins)} inputs ({', '.join(t.name for t in ins)}), got "
                              f"{sum(a is not None for a in args)}")
         dims: dict = {}
-        return [self._convert(spec, a, dims) for spec, a in zip(self._specs, args)], dims
+        values = [self._convert(spec, a, dims) for spec, a in zip(self._specs, args)]
+        if self._dim_checks:
+            self._check_dims(dims)
+        return values, dims
+
+    def _check_dims(self, dims):
+        """Every constraint a shape rule recorded (a symbolic dim unified with a concrete one) holds for the
+        dims bound from this call's inputs (a symbol an input binds was checked already, by `_convert`)."""
+        for node, c in self._dim_checks:
+            if c.holds(dims) is False:
+                syms = sorted(str(s) for s in c.dim.free_symbols)
+                by = next((f"input {t.name!r} axis {ax}" for t, *_ in self._specs
+                           for ax, d in enumerate(t.shape) if not isinstance(d, int) and str(d) in syms), "the inputs")
+                got = c.dim.subs({_sh.dim_symbol(k): v for k, v in dims.items()})
+                raise InputError(f"{by}: dim {c.dim} is {got} ({', '.join(f'{k}={dims[k]}' for k in syms if k in dims)})"
+                                 f", expected {c.value}: the graph unified {c.dim} with {c.value} ({c.why}), "
+                                 f"built at {fmt_loc(node.loc)}")
 
     @staticmethod
-    def _input_spec(t: Tensor, downcast: bool = False):
-        """(tensor, dtype, [(axis, fixed size)], [(axis, symbol name)], static shape, downcast) checked on
-        every call."""
+    def _input_spec(t: Tensor, downcast: bool = False, required=None):
+        """(tensor, dtype, [(axis, fixed size)], [(axis, symbol name, required)], static shape, downcast)
+        checked on every call; `required` is {symbol name: (value, node, constraint)}: the symbol's value
+        the graph's shape rules unified it with (None where it is free)."""
+        required = required or {}
         fixed = [(ax, d) for ax, d in enumerate(t.shape) if isinstance(d, int)]
-        syms = [(ax, d.name) for ax, d in enumerate(t.shape) if not isinstance(d, int) and d.is_Symbol]
+        syms = [(ax, d.name, required.get(d.name)) for ax, d in enumerate(t.shape)
+                if not isinstance(d, int) and d.is_Symbol]
         static = tuple(t.shape) if len(fixed) == t.ndim else None
         return t, np.dtype(t.dtype), fixed, syms, static, downcast
 
@@ -306,10 +338,14 @@ class Function:
             if shape[ax] != d:
                 raise InputError(f"input {t.name!r}: expected shape {_sh.fmt_shape(t.shape)}, got {shape} "
                                  f"(axis {ax})")
-        for ax, name in syms:
+        for ax, name, req in syms:
             if dims.setdefault(name, shape[ax]) != shape[ax]:
                 raise InputError(f"input {t.name!r}: dim {name} is {shape[ax]} on axis {ax}, but {dims[name]} "
                                  f"from an earlier input")
+            if req is not None and shape[ax] != req[0]:
+                value, node, c = req
+                raise InputError(f"input {t.name!r}: dim {name} is {shape[ax]} on axis {ax} (shape {shape}), expected "
+                                 f"{value}: the graph unified {name} with {value} ({c.why}), built at {fmt_loc(node.loc)}")
         # native backends read raw buffers: non-contiguous or misaligned arrays are copied
         fl = a.flags
         return a if fl.c_contiguous and fl.aligned else np.require(a, requirements=["C", "A"])
@@ -362,6 +398,13 @@ class Function:
         """The NumPy backend's memory plan for this graph (arena peak vs naive bytes, offsets, lifetimes)."""
         return get_backend("numpy").memory_plan(self.graph, dims)
 
+    def explain(self, *args, repeat: int = 10, **dims):
+        """Where a call's time goes, one row per kernel: the ops fused into it, FLOPs and bytes, the time the
+        roofline of this host predicts and the time measured (a profiled run on `args`, or on random inputs
+        with symbolic dims bound by `dims`), what bounds it, and why a neighbouring op stayed unfused.
+        `print(f.explain(N=64))` shows the table (graphc/explain.py)."""
+        return hook("explain")(self, *args, repeat=repeat, **dims)
+
     def _repr_svg_(self):
         """Jupyter shows a compiled function as a picture of its optimised graph."""
         return hook("repr_svg")(self)
@@ -372,6 +415,19 @@ class Function:
 
     def __repr__(self):
         return f"<graphc.Function {self.graph.name} backend={self.backend_name} ops={len(self.graph.compute_nodes())}>"
+
+
+def graph_constraints(graph: Graph) -> list:
+    """(node, shapes.DimConstraint) for every constraint the nodes of `graph` (nested bodies included)
+    recorded when their shape rules unified a symbolic dim with a concrete one."""
+    out, seen, stack = [], set(), [graph]
+    while stack:
+        g = stack.pop()
+        for node in g.nodes:
+            out.extend((node, c) for c in getattr(node, "constraints", ()))
+            stack.extend(v for v in node.attrs.values() if isinstance(v, Graph) and id(v) not in seen)
+            seen.update(id(v) for v in node.attrs.values() if isinstance(v, Graph))
+    return out
 
 
 def _owned_outputs(outs, params, values, single):

@@ -35,6 +35,12 @@ def test_workload_references_agree_with_numpy_by_hand():
     sys.path.insert(0, ROOT)
     import numpy as np
     from benchmarks import systems, workloads
-    for wl in workloads.all_workloads("tiny"):
-        out = systems.numpy_build(wl)()
+    checked = []
+    for wl in workloads.selected_workloads("tiny"):
+        try:
+            out = systems.numpy_build(wl)()
+        except systems.Missing:   # W10: a torch model, not written in NumPy
+            continue
         np.testing.assert_allclose(out, wl.reference, rtol=2e-3, atol=1e-4, err_msg=wl.id)
+        checked.append(wl.id.split()[0])
+    assert sorted(set(checked)) == sorted(f"W{i}" for i in range(1, 10))

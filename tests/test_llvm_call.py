@@ -75,8 +75,9 @@ def test_threads_calling_at_once_each_get_their_own_results(rng):
 
 
 def test_kernels_stay_separate_functions():
-    """Kernels are noinline: O3 on one huge inlined entry made compile time grow super-linearly."""
+    """Kernels are functions of their own (each compiled as its own module): O3 on one huge inlined entry
+    made compile time grow super-linearly."""
     x = gc.placeholder("x", (8,), "float64")
     f = gc.function([x], gc.exp(x).sum() * x, backend="llvm", disable=["fusion"])
-    kernels = [ln for ln in f.source.splitlines() if ln.startswith("define internal void @k")]
+    kernels = [ln for ln in f.source.splitlines() if ln.startswith("define void @k_")]
     assert len(kernels) >= 2 and all("noinline" in ln for ln in kernels)

@@ -11,9 +11,11 @@ the top of `f.source`).
 from __future__ import annotations
 
 import threading
+import time
 
 from graphc import shapes as _sh
 from graphc.ir import Graph
+from graphc.passes import pass_times
 
 from ..base import Backend, Program
 
@@ -40,10 +42,19 @@ class LLVMProgram(Program):
         with self._lock:
             spec = self._specs.get(key)
             if spec is None:
-                spec = Specialised(Plan(self.graph, dims, bounds=self.options.sanitize == "bounds"))
+                t0 = time.perf_counter()
+                plan = Plan(self.graph, dims, bounds=self.options.sanitize == "bounds")
+                t1 = time.perf_counter()
+                spec = Specialised(plan)
                 self._specs[key] = spec
                 self.info["fallback_ops"] = sorted(set(self.info["fallback_ops"]) | spec.plan.fallback)
                 self.info["cache_hit"] = spec.compiled.cache_hit
+                # this specialisation's kernel steps, distinct kernel functions, kernels whose object code
+                # came from the cache, and seconds per phase (passes: once per graph, in gc.function)
+                self.info.update(kernels=spec.kernel_calls, kernel_functions=spec.kernel_functions,
+                                 kernels_from_cache=spec.compiled.kernels_from_cache)
+                times = {"passes": pass_times(self.graph).get("total", 0.0), "plan": t1 - t0, **spec.times}
+                self.info["compile_time"] = {**times, "total": sum(times.values())}
             self._last = spec
         return spec
 

@@ -3,8 +3,11 @@ runtime: one pointer table per call, a per-thread arena, outputs allocated fresh
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
+import re
 import threading
+import time
 
 import numpy as np
 
@@ -72,9 +75,15 @@ class Slots:
         return self.base[buf.kind] + buf.index, 0
 
 
-def _kernel_fn(name: str, kern: Kernel, bufs: list, plan: Plan) -> str:
+#: the name a kernel's definition is generated with, replaced by its content-derived name (_Gen.kernel)
+_SELF = "@__graphc_kernel__"
+
+
+def _kernel_fn(kern: Kernel, bufs: list, plan: Plan) -> str:
+    """The kernel's definition, named _SELF, its buffer parameters by position (%b0, %b1, ...): two
+    steps with the same body, shapes and dtypes get the same text, so one function serves both."""
     em = Emitter()
-    P = {b: f"%b{b}" for b in bufs}
+    P = {b: f"%b{i}" for i, b in enumerate(bufs)}
     if plan.bounds:   # sanitize="bounds": every access checked against its buffer (kernels.ptr_at)
         em.bounds = {b: plan.buffers[b].nbytes for b in bufs}
         em.status = P[plan.status.buf]
@@ -83,13 +92,16 @@ def _kernel_fn(name: str, kern: Kernel, bufs: list, plan: Plan) -> str:
         em.code = plan.status_code(node, f"out-of-bounds memory access in the llvm {kern.name} kernel{op} "
                                          f"({kern.desc}): a graphc bug, please report it")
     kern.emit(em, P, "%lo", "%hi")
-    params = ", ".join([f"ptr noalias %b{b}" for b in bufs] + ["i64 %lo", "i64 %hi"])
-    return em.function(f"define internal void @{name}({params}) nounwind{NOINLINE}")
+    params = ", ".join([f"ptr noalias %b{i}" for i in range(len(bufs))] + ["i64 %lo", "i64 %hi"])
+    return em.function(f"define void {_SELF}({params}) nounwind{NOINLINE}")
 
 
-def _thunk(name: str, kern: Kernel) -> str:
+def _declaration(name: str, n_ptrs: int) -> str:
+    return f"declare void @{name}({', '.join(['ptr noalias'] * n_ptrs + ['i64', 'i64'])}) nounwind\n"
+
+
+def _thunk(name: str, nb: int) -> str:
     """A pthread start routine: unpacks [pointers..., lo, hi] and runs the kernel on that range."""
-    nb = len(kern.bufs)
     lines = [f"define internal ptr @{name}_thunk(ptr %a) nounwind {{"]
     args = []
     for i in range(nb + 2):
@@ -106,7 +118,7 @@ def _thunk(name: str, kern: Kernel) -> str:
 
 def _parallel_call(em: Emitter, name: str, kern: Kernel, ptrs: list[str], nthreads: int) -> None:
     """Split the outer loop: threads 1..T-1 via pthread_create, chunk 0 on the caller, then join."""
-    n, nb = kern.split, len(kern.bufs)
+    n, nb = kern.split, len(ptrs)
     bounds = [n * t // nthreads for t in range(nthreads + 1)]
     tids = []
     for t in range(1, nthreads):
@@ -135,12 +147,28 @@ def _parallel_call(em: Emitter, name: str, kern: Kernel, ptrs: list[str], nthrea
 
 
 class _Gen:
-    """Emits segment functions; kernels become internal functions called with buffer pointers."""
+    """Emits segment functions; kernels are functions called with buffer pointers. Identical kernels
+    (same text: body, shapes, dtypes) are one function, named after a hash of its text, defined once
+    and called from every step that needs it."""
 
     def __init__(self, plan: Plan, slots: Slots, nthreads: int):
         self.plan, self.slots, self.nthreads = plan, slots, nthreads
-        self.funcs: list[str] = []
-        self.count = 0
+        self.funcs: list[str] = []                  # the entry module's functions (thunks, entries)
+        self.kernels: dict[str, str] = {}           # kernel definition (named _SELF) -> its name
+        self.defs: list[tuple[str, str, int]] = []  # (name, definition, pointer parameters), in order
+        self.thunks: set[str] = set()
+        self.calls = 0                              # kernel steps (a step in a scan body counts once)
+
+    def kernel(self, step, bufs) -> str:
+        """The name of the function computing `step` over `bufs` (defined at its first use)."""
+        text = _kernel_fn(step, bufs, self.plan)
+        name = self.kernels.get(text)
+        if name is None:
+            digest = hashlib.sha1(text.encode()).hexdigest()[:16]
+            name = f"k_{digest}_{re.sub(r'[^A-Za-z0-9_]', '_', step.name)}"
+            self.kernels[text] = name
+            self.defs.append((name, text.replace(_SELF, "@" + name, 1), len(bufs)))
+        return name
 
     def load(self, em, ptrs, b) -> None:
         if b not in ptrs:
@@ -152,15 +180,16 @@ class _Gen:
         if isinstance(step, LoopStep):
             self.loop(em, ptrs, step)
             return
-        self.count += 1
-        kname = f"k{self.count}_{step.name}"
+        self.calls += 1
         bufs = sorted(set(step.bufs) | {self.plan.status.buf}) if self.plan.bounds else step.bufs
-        self.funcs.append(_kernel_fn(kname, step, bufs, self.plan))
+        kname = self.kernel(step, bufs)
         for b in bufs:
             self.load(em, ptrs, b)
         args = [ptrs[b] for b in bufs]
         if parallel and step.split and self.nthreads > 1:
-            self.funcs.append(_thunk(kname, step))
+            if kname not in self.thunks:
+                self.thunks.add(kname)
+                self.funcs.append(_thunk(kname, len(bufs)))
             _parallel_call(em, kname, step, args, self.nthreads)
         else:
             em.raw(f"call void @{kname}({', '.join(f'ptr {a}' for a in args)}, i64 0, i64 {step.outer})")
@@ -184,8 +213,30 @@ class _Gen:
         em.loop(loop.length, body)
 
 
-def generate(plan: Plan, slots: Slots, nthreads: int, per_step: bool = False) -> tuple[str, list]:
-    """(module IR, segments): a segment is ('native', entry name) or ('host', HostStep).
+class Module:
+    """The generated code of one specialisation: the declarations every module starts with (`head`),
+    one definition per distinct kernel (each compiled as its own module, cached on disk by its text:
+    shared by every graph that has it) and the entry module's functions (entries, thread thunks, the
+    call wrapper), which call the kernels. `ir` is all of it as one module (f.source, f.asm)."""
+
+    def __init__(self, head: str, kernels: list[tuple[str, str, int]], entry: str, calls: int):
+        self.head, self.kernels, self.entry, self.calls = head, kernels, entry, calls
+
+    @property
+    def ir(self) -> str:
+        return self.head + "".join(text + "\n" for _, text, _ in self.kernels) + self.entry
+
+    @property
+    def entry_ir(self) -> str:
+        return self.head + "".join(_declaration(n, k) for n, _, k in self.kernels) + self.entry
+
+    @property
+    def kernel_irs(self) -> list[str]:
+        return [self.head + text for _, text, _ in self.kernels]
+
+
+def generate(plan: Plan, slots: Slots, nthreads: int, per_step: bool = False) -> tuple[Module, list]:
+    """(module, segments): a segment is ('native', entry name) or ('host', HostStep).
     per_step=True gives every kernel its own entry (for profiling)."""
     gen, segments, cur = _Gen(plan, slots, nthreads), [], None
     for step in plan.steps:
@@ -194,31 +245,86 @@ def generate(plan: Plan, slots: Slots, nthreads: int, per_step: bool = False) ->
             segments.append(("host", step))
             continue
         if cur is None or per_step:
-            cur = (f"graphc_entry_{len(segments)}", Emitter(), {})
+            cur = (f"graphc_entry_{len(segments)}", [])
             segments.append(("native", cur))
-        gen.step(cur[1], cur[2], step)
+        cur[1].append(step)
     out = []
     for kind, val in segments:
         if kind == "native":
-            name, em, _ = val
-            gen.funcs.append(em.function(f"define void @{name}(ptr %ptrs) nounwind"))
+            name, steps = val
+            parts = [steps[i:i + ENTRY_PART] for i in range(0, len(steps), ENTRY_PART)]
+            if len(parts) == 1:
+                gen.funcs.append(_entry(gen, name, steps))
+            else:   # the entry calls its parts in order
+                em = Emitter()
+                for k, part in enumerate(parts):
+                    gen.funcs.append(_entry(gen, f"{name}_part{k}", part, "internal "))
+                    em.raw(f"call void @{name}_part{k}(ptr %ptrs)")
+                gen.funcs.append(em.function(f"define void @{name}(ptr %ptrs) nounwind"))
             out.append(("native", name))
         else:
             out.append(("host", val))
-    if len(out) == 1 and out[0][0] == "native" and DATA_OFFSET is not None:
+    n_arrays = plan.kinds["input"] + plan.kinds["param"] + plan.kinds["out"]
+    if len(out) == 1 and out[0][0] == "native" and DATA_OFFSET is not None and (
+            TUPLE_ITEMS is not None or n_arrays <= CALL_ARGS_MAX):
         gen.funcs.append(_call_wrapper(plan, slots, out[0][1]))
     head = (mathlib.DECLARATIONS + gemm.declarations() +
             "declare i32 @pthread_create(ptr, ptr, ptr, ptr)\ndeclare i32 @pthread_join(i64, ptr)\n")
-    return head + "\n".join(gen.funcs), out
+    return Module(head, gen.defs, "\n".join(gen.funcs), gen.calls), out
+
+
+#: native steps per entry function at most: a longer run of steps is split into parts that the entry
+#: calls in order (one function of 720 calls, each loading its buffers' pointers once, took LLVM's
+#: register allocator 12 s on an 80-layer MLP step; the parts' time grows linearly)
+ENTRY_PART = 48
+
+
+def _entry(gen: _Gen, name: str, steps: list, linkage: str = "") -> str:
+    """A function running `steps` in order on the pointer table %ptrs."""
+    em, ptrs = Emitter(), {}
+    for step in steps:
+        gen.step(em, ptrs, step)
+    return em.function(f"define {linkage}void @{name}(ptr %ptrs) nounwind{NOINLINE if linkage else ''}")
+
+
+def _tuple_items_offset() -> int | None:
+    """Byte offset of a tuple object's item pointers (PyTupleObject.ob_item: 24 on 64-bit CPython),
+    found by probing; None if it cannot be confirmed (many arrays then go the slower way)."""
+    probe = (object(), object(), object())
+    for off in range(8, 64, 8):
+        if all(ctypes.c_void_p.from_address(id(probe) + off + 8 * i).value == id(x) for i, x in enumerate(probe)):
+            return off
+    return None
+
+
+TUPLE_ITEMS = _tuple_items_offset()
+#: up to this many arrays, graphc_call takes each as an argument; more (an 80-layer model's parameters
+#: and optimiser state: ~1,000) come as one tuple the wrapper walks in a loop (a function of 965
+#: arguments took LLVM 8 s to compile)
+CALL_ARGS_MAX = 64
 
 
 def _call_wrapper(plan: Plan, slots: Slots, entry: str) -> str:
     """graphc_call(table, input, parameter and output arrays...): stores each ndarray object's data
     pointer in its table slot, then runs the entry. One ctypes call per run instead of a ctypes address
-    lookup per array (about 1 us each)."""
+    lookup per array (about 1 us each). With more than CALL_ARGS_MAX arrays: graphc_call(table, tuple of
+    the arrays), the same stores in two loops."""
     slot_ids = (list(range(plan.kinds["input"] + plan.kinds["param"])) +
                 [slots.base["out"] + j for j in range(plan.kinds["out"])])
     em = Emitter()
+    if len(slot_ids) > CALL_ARGS_MAX:
+        n_in = plan.kinds["input"] + plan.kinds["param"]
+        for first, count, slot0 in ((0, n_in, 0), (n_in, plan.kinds["out"], slots.base["out"])):
+            def store(j, first=first, slot0=slot0):
+                item = em(f"add i64 {j}, {first}")
+                off = em(f"add i64 {em(f'mul i64 {item}, 8')}, {TUPLE_ITEMS}")
+                arr = em(f"load ptr, ptr {em(f'getelementptr i8, ptr %a0, i64 {off}')}")
+                data = em(f"load ptr, ptr {em(f'getelementptr i8, ptr {arr}, i64 {DATA_OFFSET}')}")
+                slot = em(f"add i64 {j}, {slot0}")
+                em.raw(f"store ptr {data}, ptr {em(f'getelementptr ptr, ptr %ptrs, i64 {slot}')}")
+            em.loop(count, store)
+        em.raw(f"call void @{entry}(ptr %ptrs)")
+        return em.function("define void @graphc_call(ptr %ptrs, ptr %a0) nounwind")
     for k, slot in enumerate(slot_ids):
         data = em(f"load ptr, ptr {em(f'getelementptr i8, ptr %a{k}, i64 {DATA_OFFSET}')}")
         em.raw(f"store ptr {data}, ptr {em(f'getelementptr ptr, ptr %ptrs, i64 {slot}')}")
@@ -234,14 +340,24 @@ class Specialised:
         self.plan = plan
         self.slots = Slots(plan)
         # bounds checking runs kernels on one thread (the parallel thunks pass no status word)
-        self.ir, segs = generate(plan, self.slots, 1 if plan.bounds else num_threads(), per_step)
+        t0 = time.perf_counter()
+        mod, segs = generate(plan, self.slots, 1 if plan.bounds else num_threads(), per_step)
+        lowering = time.perf_counter() - t0
+        self.ir = mod.ir
         names = [v for k, v in segs if k == "native"]
-        wrapped = "@graphc_call(" in self.ir
-        self.compiled = jit.compile_ir(self.ir, names + ["graphc_call"] * wrapped)
+        wrapped = "@graphc_call(" in mod.entry
+        self.compiled = jit.compile_program(mod.head, mod.kernel_irs, mod.entry_ir, self.ir,
+                                            names + ["graphc_call"] * wrapped)
+        #: kernel steps planned, and distinct kernel functions compiled for them
+        self.kernel_calls, self.kernel_functions = mod.calls, len(mod.kernels)
+        #: seconds per phase: IR generation, then LLVM's (jit.compile_program: optimisation, machine code,
+        #: loading; zero optimisation and machine code when the cache had the program)
+        self.times = {"lowering": lowering, **self.compiled.times}
         self.segments = [(k, _ENTRY(self.compiled.addresses[v]) if k == "native" else v) for k, v in segs]
         self.single = len(self.segments) == 1 and self.segments[0][0] == "native"
         n_arrays = plan.kinds["input"] + plan.kinds["param"] + plan.kinds["out"]
-        self.call = (ctypes.CFUNCTYPE(None, ctypes.c_void_p, *[ctypes.py_object] * n_arrays)(
+        self.packed = n_arrays > CALL_ARGS_MAX   # graphc_call takes one tuple of the arrays
+        self.call = (ctypes.CFUNCTYPE(None, ctypes.c_void_p, *[ctypes.py_object] * (1 if self.packed else n_arrays))(
             self.compiled.addresses["graphc_call"]) if wrapped else None)
         g = plan.graph
         self.roots = [(plan.shape(t), np.dtype(t.dtype)) for t in g.roots]
@@ -279,7 +395,10 @@ class Specialised:
         table = self._table()
         tls = self._tls
         if self.call is not None:   # data pointers of inputs, parameters and outputs filled in natively
-            self.call(tls.addr, *inputs, *params, *outs)
+            if self.packed:
+                self.call(tls.addr, (*inputs, *params, *outs))
+            else:
+                self.call(tls.addr, *inputs, *params, *outs)
             if self._status is not None:
                 self._check_status()
             return outs[:self.n_out], outs[self.n_out:]
@@ -346,3 +465,52 @@ def profile(f, *args, repeat: int = 20) -> list[tuple[float, str]]:
         label = f"host {seg.node.op.name}" if kind == "host" else f"{step.name} {getattr(step, 'desc', '')}"
         times.append((float(np.median(ts)), label))
     return times
+
+
+_NOP: list = []
+
+
+def _nop_entry():
+    """An empty native entry, called the way step_times calls a step (its cost is the timing overhead)."""
+    if not _NOP:
+        c = jit.compile_ir("define void @graphc_nop(ptr %p) nounwind {\n  ret void\n}\n", ["graphc_nop"])
+        _NOP.append((c, _ENTRY(c.addresses["graphc_nop"])))
+    return _NOP[0][1]
+
+
+def step_times(spec: Specialised, inputs, params):
+    """A per-step profiler of one specialisation (f.explain()): the same plan compiled with one native
+    entry per top-level step (the kernels are the same functions; a scan loop is one step), bound to
+    `inputs`/`params`. Returns (steps, run, overhead): run() runs every step once, in order, and returns
+    each one's seconds (perf_counter around the call from the host); `overhead` is the median time of an
+    empty native entry called the same way (what a native step's figure includes beyond its kernels)."""
+    import time
+    prof = Specialised(spec.plan, per_step=True)
+    outs = [np.empty(s, d) for s, d in prof.roots]
+    arena = prof._arena()
+    addrs = ([a.ctypes.data for a in inputs] + [p.ctypes.data for p in params] + prof.consts +
+             [o.ctypes.data for o in outs] + [arena.ctypes.data])
+    table = (ctypes.c_void_p * len(addrs))(*addrs)
+    addr = ctypes.addressof(table)
+    bases = prof._bases(inputs, params, outs, arena)
+    clock = time.perf_counter
+
+    def run() -> list[float]:
+        out = []
+        for kind, seg in prof.segments:
+            t0 = clock()
+            if kind == "native":
+                seg(addr)
+            else:
+                prof._host(seg, bases)
+            out.append(clock() - t0)
+        if prof._status is not None:
+            prof._check_status()
+        return out
+    nop, ts = _nop_entry(), []
+    for _ in range(101):
+        t0 = clock()
+        nop(addr)
+        ts.append(clock() - t0)
+    run.keep = (table, outs, arena, inputs, params)   # the table points into these
+    return list(prof.plan.steps), run, float(np.median(ts))

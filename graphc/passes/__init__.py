@@ -7,4 +7,4 @@ Passes ask op traits (`op.has(Trait.X)`) or compare op objects, never op names. 
 memory.plan_buffers plans workspace buffers and their lifetimes (placed by the NumPy backend in one arena:
 backends/numpy/workspace.py, which also makes the `f.memory_plan()` report).
 """
-from .pipeline import PIPELINE, Pass, optimize  # noqa: F401
+from .pipeline import PIPELINE, Pass, optimize, pass_times  # noqa: F401

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir import Graph, Node, Tensor, Trait
-from .rewrite import clone
+from .rewrite import clone, unchanged_order
 
 #: constants up to this many elements are compared by value
 SMALL_CONST = 4096
@@ -46,7 +46,7 @@ def _key(node: Node, ins: list[Tensor], number: dict[int, int]):
     args = [number[id(t)] for t in ins]
     if node.op.has(Trait.COMMUTATIVE):
         args.sort()
-    return (node.op, tuple(args), _freeze(node.attrs))
+    return (node.op, tuple(args), _freeze(node.attrs) if node.attrs else ())
 
 
 def cse(graph: Graph, log) -> Graph:
@@ -54,6 +54,7 @@ def cse(graph: Graph, log) -> Graph:
     env: dict[int, Tensor] = {}
     number: dict[int, int] = {}  # id(tensor) -> value number
     table: dict = {}
+    changed = False
     for node in graph.nodes:
         ins = [env[id(t)] for t in node.inputs]
         key = _key(node, ins, number)
@@ -64,8 +65,9 @@ def cse(graph: Graph, log) -> Graph:
             outs = clone(node, ins) if node.inputs else node.outputs
             if key is not None:
                 table[key] = outs
+        changed = changed or outs is not node.outputs
         for o, n in zip(node.outputs, outs):
             env[id(o)] = n
             number.setdefault(id(n), len(number))
-    return Graph(graph.inputs, [env[id(t)] for t in graph.outputs],
-                 [(p, env[id(v)]) for p, v in graph.updates], graph.name)
+    return unchanged_order(graph, Graph(graph.inputs, [env[id(t)] for t in graph.outputs],
+                                        [(p, env[id(v)]) for p, v in graph.updates], graph.name), changed)

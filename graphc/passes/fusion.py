@@ -8,17 +8,22 @@ import networkx as nx
 from .. import shapes as _sh
 from ..ir import Graph, Node, Tensor, Trait
 from ..names import Names
-from ..ops.core import placeholder
+from ..ops.core import PlaceholderOp
 from ..ops.fused import Fused
 from ..ops.linalg import MatMul
 from ..ops.nn_ops import Conv2d
-from .rewrite import clone, rebuild, users, with_order
+from .rewrite import clone, outputs_like, rebuild, users, with_order
 
 #: reductions that may close a group: Trait.MONOID (their combine step is a plain binary op)
 CLOSING_REDUCTION = Trait.MONOID
 #: ops whose output can feed an epilogue in the same kernel (the ops every backend heads a kernel with)
 EPILOGUE_HEADS = frozenset({MatMul, Conv2d})
 _LEAF_IN_BODY = Trait.INPUT | Trait.CONST
+#: elementwise ops in one group at most. A native kernel's compile time grows with its body (llvm: a few
+#: ms per op), while identical kernels compile once: a long run of ops is cut into groups of this size,
+#: so a chain that repeats a pattern (a 20,000-op chain of sin, *, +, tanh) is a few distinct kernels,
+#: not one enormous one. Groups of real models are far smaller; a cut costs one store and one load.
+MAX_GROUP_OPS = 128
 
 
 def fusible(node: Node) -> bool:
@@ -35,14 +40,25 @@ def _same_shape(a, b) -> bool:
 
 
 class _Group:
-    def __init__(self, node: Node):
+    """A group being grown: its members, loop shape, whether a reduction closed it, the nodes outside
+    it that read a member (`out`, id -> node: kept up to date as groups merge) and whether a member's
+    result is a root."""
+    __slots__ = ("members", "shape", "reduced", "out", "root")
+
+    def __init__(self, node: Node, readers, root: bool):
         self.members = [node]
         self.shape = node.outputs[0].shape
         self.reduced = False
+        self.out = {id(u): u for o in node.outputs for u in readers.get(id(o), ())}
+        self.root = root
 
 
 class _Fuser:
-    """Greedy grouping in schedule order with a cycle check (no path leaves a group and comes back)."""
+    """Greedy grouping in schedule order with a cycle check (no path leaves a group and comes back).
+
+    Near-linear: merging moves the smaller group into the larger (each node moves O(log n) times), a
+    group keeps the set of its outside readers, so the cycle check walks from those readers only
+    (a group counts as one vertex), never over a group's members."""
 
     def __init__(self, graph: Graph):
         self.graph = graph
@@ -60,39 +76,55 @@ class _Fuser:
                 self._close_with(node)
 
     def _grow(self, node):
-        g = _Group(node)
+        g = _Group(node, self.users, any(id(o) in self.roots for o in node.outputs))
         self.group[id(node)] = g
+        here = self.pos[id(node)]
         for t in node.inputs:
             pg = self.group.get(id(t.node))
             if pg is None or pg is g or pg.reduced or not _same_shape(pg.shape, g.shape):
                 continue
-            here = self.pos[id(node)]
+            if len(pg.members) + len(g.members) > MAX_GROUP_OPS:
+                continue
             if self._path_outside(pg, g, here) or self._path_outside(g, pg, here):
                 continue
-            pg.members.extend(g.members)
-            for m in g.members:
-                self.group[id(m)] = pg
-            g = pg
+            g = self._merge(pg, g)
+
+    def _merge(self, a: _Group, b: _Group) -> _Group:
+        """One group of a and b (the larger absorbs the smaller; the result keeps a's loop shape)."""
+        big, small = (a, b) if len(a.members) >= len(b.members) else (b, a)
+        for k, u in small.out.items():
+            if self.group.get(k) is not big:
+                big.out[k] = u
+        for m in small.members:
+            self.group[id(m)] = big
+            big.out.pop(id(m), None)
+        big.members.extend(small.members)
+        big.root = big.root or small.root
+        big.shape = a.shape
+        return big
 
     def _path_outside(self, src: _Group, dst: _Group, frontier: int) -> bool:
         """Is there a path from src to dst through nodes in neither group? Other groups count as one
         vertex (entering a member leaves from any member), since each will run as one kernel. Only
         nodes up to `frontier` (the node being grouped) are in groups, so later nodes are dead ends."""
-        inside = {id(m) for m in src.members} | {id(m) for m in dst.members}
-        dst_ids = {id(m) for m in dst.members}
-        stack = [u for m in src.members for u in self.users.get(id(m.outputs[0]), ()) if id(u) not in inside]
+        group, pos = self.group, self.pos
+        stack = [u for k, u in src.out.items() if group.get(k) is not dst]
         seen = set()
         while stack:
             n = stack.pop()
-            if id(n) in dst_ids:
-                return True
-            if id(n) in seen or id(n) in inside or self.pos[id(n)] > frontier:
+            if pos[id(n)] > frontier:
                 continue
-            seen.add(id(n))
-            g = self.group.get(id(n))
-            for m in (g.members if g is not None else (n,)):
-                seen.add(id(m))
-                for o in m.outputs:
+            g = group.get(id(n))
+            if g is dst:
+                return True
+            key = id(g) if g is not None else id(n)
+            if key in seen:
+                continue
+            seen.add(key)
+            if g is not None:
+                stack.extend(g.out.values())
+            else:
+                for o in n.outputs:
                     stack.extend(self.users.get(id(o), ()))
         return False
 
@@ -102,16 +134,15 @@ class _Fuser:
         g = self.group.get(id(t.node))
         if g is None or g.reduced or not _same_shape(g.shape, t.shape):
             return
-        ids = {id(m) for m in g.members}
-        for m in g.members:
-            o = m.outputs[0]
-            if id(o) in self.roots or any(id(u) not in ids and u is not red for u in self.users.get(id(o), ())):
-                return
+        if g.root or any(u is not red for u in g.out.values()):
+            return
         if len(self.users.get(id(t), ())) != 1:
             return
         g.members.append(red)
         g.reduced = True
         self.group[id(red)] = g
+        g.out = {id(u): u for o in red.outputs for u in self.users.get(id(o), ())}
+        g.root = any(id(o) in self.roots for o in red.outputs)
 
     def groups(self) -> list[_Group]:
         seen, out = set(), []
@@ -124,8 +155,12 @@ class _Fuser:
 
 
 def _placeholder_for(t: Tensor, i: int, names) -> Tensor:
-    """A body placeholder standing for `t`, named after it (`names`: the body's Names, so unique)."""
-    return placeholder(names.fresh(t.name or f"in{i}"), t.shape, t.dtype)
+    """A body placeholder standing for `t`, named after it (`names`: the body's Names, so unique), with
+    t's (canonical) type and t's source line (no stack walk per placeholder)."""
+    node = Node(PlaceholderOp, (), {}, t.node.loc)
+    node.outputs = outputs_like(node, (t,))
+    node.outputs[0].name = names.fresh(t.name or f"in{i}")
+    return node.outputs[0]
 
 
 def build_fused(members: list[Node], env: dict, outs: list[Tensor], alias: dict | None = None):
@@ -158,7 +193,7 @@ def build_fused(members: list[Node], env: dict, outs: list[Tensor], alias: dict 
     body = Graph(phs, [body_env[id(alias.get(id(o), o))] for o in outs], name="fused")
     with_order(body, [p.node for p in phs] + leaves + order)
     node = Node(Fused, ext, {"body": body}, members[-1].loc)
-    node.outputs = tuple(Tensor(node, i, o.shape, o.dtype, o.name) for i, o in enumerate(outs))
+    node.outputs = outputs_like(node, outs)
     return node
 
 
@@ -252,3 +287,87 @@ def gemm_epilogue(graph: Graph, log) -> Graph:
     counts = {k: len(v) for k, v in users(graph).items()}
     roots = {id(t) for t in graph.roots}
     return rebuild(graph, _epilogue_rule(counts, roots), log, "epilogues fused")
+
+
+# ---- why two neighbouring kernels stayed apart (read by f.explain; decides nothing) ------------------
+
+def _kernel_kind(node: Node) -> str:
+    """'head' (a GEMM/conv, alone or with its epilogue), 'reduced' (a group closed by a reduction),
+    'elementwise' (an op or group), 'reduction' (a closing reduction on its own) or 'other'."""
+    if node.op in EPILOGUE_HEADS:
+        return "head"
+    if node.op is Fused:
+        body = [n for n in node.attrs["body"].nodes if not n.op.has(_LEAF_IN_BODY)]
+        if body and body[0].op in EPILOGUE_HEADS:
+            return "head"
+        return "reduced" if body and not fusible(body[-1]) else "elementwise"
+    return "elementwise" if fusible(node) else "reduction" if closes_group(node) else "other"
+
+
+def _loop_of(node: Node):
+    """The loop shape a node's elementwise part runs over (a closing reduction's input shape)."""
+    if node.op is Fused:
+        body = [n for n in node.attrs["body"].nodes if not n.op.has(_LEAF_IN_BODY)]
+        return (body[0].outputs[0] if fusible(body[0]) or body[0].op in EPILOGUE_HEADS else body[0].inputs[0]).shape
+    return node.inputs[0].shape if closes_group(node) else node.outputs[0].shape
+
+
+def unfused_reason(producer: Node, consumer: Node, readers: dict, roots: set) -> str | None:
+    """Why `consumer` (reading an output of `producer`) is not in the producer's kernel, by the rules of
+    this module, on the optimised graph (`readers`: id(tensor) -> reading nodes; `roots`: ids of the
+    graph's result tensors). None when neither rule could have joined them (e.g. two GEMMs)."""
+    kp, kc = _kernel_kind(producer), _kernel_kind(consumer)
+    name = lambda n: n.op.display_name(n) if hasattr(n.op, "display_name") else n.op.name   # noqa: E731
+    p, c = name(producer), name(consumer)
+    if kc == "head":
+        if kp == "other" or (kp == "head" and _operand_of_head(producer, consumer)):
+            return None   # a GEMM/convolution reading its operand: nothing to fuse
+        return (f"{c} has its own GEMM/convolution at its head (one per kernel)" if kp == "head" else
+                f"{c} starts a kernel: fusion appends epilogues after a GEMM/convolution, never work before one")
+    if kc == "other" or kp == "other":
+        if kc == "other" and kp == "other":
+            return None
+        n = consumer if kc == "other" else producer
+        return (f"{n.op.name} is not elementwise: its own kernel (a group takes elementwise ops and one closing "
+                f"{'/'.join(sorted(o.name for o in _closing_ops()))})")
+    t = next((o for o in producer.outputs if any(i is o for i in consumer.inputs)), producer.outputs[0])
+    if not _same_shape(_loop_of(producer), _loop_of(consumer)):
+        from ..shapes import fmt_shape
+        return (f"loop shapes differ ({p} runs over {fmt_shape(_loop_of(producer))}, {c} over "
+                f"{fmt_shape(_loop_of(consumer))}): a group has one iteration space")
+    if kp in ("reduced", "reduction"):
+        return f"{p} ends with a reduction: a group closes at its reduction"
+    if kp == "head" and producer.op in EPILOGUE_HEADS:
+        if kc == "reduced":
+            return f"{c} ends with a reduction: an epilogue is elementwise only"
+        n_read = len(readers.get(id(t), ()))
+        if n_read > 1 or id(t) in roots:
+            return (f"the {p} result is read by {n_read} ops{' and returned' if id(t) in roots else ''}: an "
+                    f"epilogue must be its only reader")
+        if {id(x) for x in producer.inputs} & {id(x) for x in consumer.inputs}:
+            return f"{c} reads the {p}'s own operands (epilogues may not)"
+        if t.dtype != consumer.outputs[0].dtype:
+            return f"{c} changes the dtype ({t.dtype} -> {consumer.outputs[0].dtype})"
+    if kc in ("reduction", "reduced") and (len(readers.get(id(t), ())) > 1 or id(t) in roots):
+        return f"{p}'s result is also read elsewhere or returned: a reduction closes a group only as its one reader"
+    size = sum(len(n.attrs["body"].compute_nodes()) if n.op is Fused else 1 for n in (producer, consumer))
+    if size > MAX_GROUP_OPS:
+        return (f"together {size} ops: a group holds at most MAX_GROUP_OPS = {MAX_GROUP_OPS} (longer runs are "
+                f"cut so that their repeated parts compile once)")
+    return f"fusing {p} with {c} would form a cycle (another path between them runs through a separate kernel)"
+
+
+def _operand_of_head(producer: Node, consumer: Node) -> bool:
+    """Does the consumer's GEMM/convolution itself read an output of `producer` (not just its epilogue)?"""
+    outs = {id(o) for o in producer.outputs}
+    if consumer.op is not Fused:
+        return any(id(t) in outs for t in consumer.inputs)
+    body = consumer.attrs["body"]
+    ph = {id(p) for p, t in zip(body.inputs, consumer.inputs) if id(t) in outs}
+    head = next(n for n in body.nodes if not n.op.has(_LEAF_IN_BODY))
+    return any(id(t) in ph for t in head.inputs)
+
+
+def _closing_ops():
+    from ..ir import ops_with
+    return ops_with(CLOSING_REDUCTION)

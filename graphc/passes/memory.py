@@ -12,7 +12,6 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
-import networkx as nx
 import numpy as np
 
 from .. import shapes as _sh
@@ -215,41 +214,60 @@ def live_peak(graph: Graph, order: list[Node]) -> int:
 
 
 def _greedy_order(graph: Graph) -> list[Node]:
+    """Greedy list scheduling: of the ready nodes, the one with the lowest (bytes allocated - bytes
+    freed, position) next. A node's score only falls (an input's last other reader is scheduled), so a
+    heap with a fresh entry pushed on each fall gives the same order as a scan of the ready list, in
+    O(n log n)."""
     nodes = graph.nodes
-    dag = nx.DiGraph()
-    dag.add_nodes_from(range(len(nodes)))
     index = {id(n): i for i, n in enumerate(nodes)}
+    succ: list[list[int]] = [[] for _ in nodes]
+    indeg = [0] * len(nodes)
     for i, n in enumerate(nodes):
-        for t in n.inputs:
-            dag.add_edge(index[id(t.node)], i)
+        for j in {index[id(t.node)] for t in n.inputs}:
+            succ[j].append(i)
+            indeg[i] += 1
     readers = users(graph)
     remaining = {t_id: len(v) for t_id, v in readers.items()}  # readers not yet scheduled
     size = {id(o): typical(nbytes(o)) for n in nodes for o in n.outputs}
     roots = {id(t) for t in graph.roots}
-    indeg = dict(dag.in_degree())
-    ready = [(0, i) for i in range(len(nodes)) if indeg[i] == 0]
-    order = []
+    fresh_alloc = [sum(size[id(o)] for o in n.outputs) if fresh(n) else 0 for n in nodes]
+    # leaves, and ops that start asynchronous work (`schedule_early`: a collective's start), go as soon as ready
+    leaf = [n.op.has(Trait.LEAF) or getattr(n.op, "schedule_early", False) for n in nodes]
+    distinct_ins = [list({id(t): t for t in n.inputs}.values()) for n in nodes]
+    freeable = {id(t) for n in nodes for t in n.inputs if id(t) not in roots and not t.node.op.has(Trait.LEAF)}
 
     def score(i):
-        n = nodes[i]
-        if n.op.has(Trait.LEAF):
+        if leaf[i]:
             return -10 ** 18
-        alloc = sum(size[id(o)] for o in n.outputs) if fresh(n) else 0
-        freed = sum(size[id(t)] for t in {id(t): t for t in n.inputs}.values()
-                    if remaining.get(id(t)) == 1 and id(t) not in roots and not t.node.op.has(Trait.LEAF))
-        return alloc - freed
+        freed = sum(size[id(t)] for t in distinct_ins[i] if remaining.get(id(t)) == 1 and id(t) in freeable)
+        return fresh_alloc[i] - freed
 
+    ready = [(score(i), i) for i in range(len(nodes)) if indeg[i] == 0]
+    heapq.heapify(ready)
+    is_ready = [indeg[i] == 0 for i in range(len(nodes))]
+    done = [False] * len(nodes)
+    order = []
     while ready:
-        best = min(ready, key=lambda r: (score(r[1]), r[1]))
-        ready.remove(best)
-        i = best[1]
+        sc, i = heapq.heappop(ready)
+        if done[i] or sc != score(i):
+            continue   # scheduled already, or a stale entry (a fresher, lower one was pushed)
+        done[i] = True
         order.append(nodes[i])
-        for t in {id(t): t for t in nodes[i].inputs}.values():
-            remaining[id(t)] = remaining.get(id(t), 1) - 1
-        for j in dag.successors(i):
+        for t in distinct_ins[i]:
+            left = remaining.get(id(t), 1) - 1
+            remaining[id(t)] = left
+            if left == 1 and id(t) in freeable:   # its last reader now frees it: that reader's score fell
+                for r in readers[id(t)]:
+                    k = index[id(r)]
+                    if not done[k]:
+                        if is_ready[k]:
+                            heapq.heappush(ready, (score(k), k))
+                        break
+        for j in succ[i]:
             indeg[j] -= 1
             if indeg[j] == 0:
-                ready.append((0, j))
+                is_ready[j] = True
+                heapq.heappush(ready, (score(j), j))
     return order
 
 

@@ -335,6 +335,15 @@ def match(pattern: Pattern, t: Tensor) -> dict | None:
 
 # ---- rules and rule tables ----------------------------------------------------------------------
 
+def _input_op_check(p):
+    """What an input pattern needs of the op of the tensor's node: a predicate, or None (anything)."""
+    if isinstance(p, P) and p.ops is not None:
+        return p.op_ok
+    if isinstance(p, Const):
+        return _is_const
+    return None
+
+
 def _names(p) -> set:
     """The binding names a pattern binds, or a template reads."""
     if isinstance(p, V):
@@ -375,6 +384,27 @@ class Rule:
                 raise GraphcError(f"rule {pattern!r}: the replacement {replacement!r} uses {sorted(unknown)}, "
                                   "which the pattern does not bind")
         self.name = name or f"{pattern!r} -> {self._show_replacement()}"
+        # a cheap necessary condition on the inputs' ops (which input patterns need a node of some op or
+        # a constant), tried before the full match: most nodes fail it, and a pass offers every node to
+        # every rule of its op
+        src = pattern.src or ()
+        self._needs = tuple(_input_op_check(q) for q in src) if any(_input_op_check(q) for q in src) else None
+
+    def quick(self, node: Node, ins) -> bool:
+        """False when the pattern cannot match `node` with inputs `ins` (a check of the inputs' ops only)."""
+        needs = self._needs
+        if needs is None:
+            return True
+        n = len(needs)
+        if len(ins) < n:
+            return False
+        if self.pattern.commute and _commutes(node.op):
+            if n != 2:
+                return True
+            a, b = ins[0].node.op, ins[1].node.op
+            return ((needs[0] is None or needs[0](a)) and (needs[1] is None or needs[1](b))) or (
+                (needs[0] is None or needs[0](b)) and (needs[1] is None or needs[1](a)))
+        return all(c is None or c(t.node.op) for c, t in zip(needs, ins))
 
     def _show_replacement(self) -> str:
         if isinstance(self.replacement, _Expr):
@@ -432,6 +462,8 @@ class Rules:
 
     def __call__(self, node: Node, ins) -> list[Tensor] | None:
         for r in self.for_op(node.op):
+            if not r.quick(node, ins):
+                continue
             out = r.apply(node, ins, op_known=True)
             if out is not None:
                 self.fired = r

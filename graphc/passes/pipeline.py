@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ..errors import GraphcError
-from ..ir import Graph, Node, Tensor, Trait
+from ..ir import Graph, Node, Trait
 from ..ops.fused import Fused
 from .algebraic import algebraic
 from .constant_fold import constant_fold
@@ -23,7 +23,7 @@ from .cse import cse
 from .dce import dce
 from .fusion import fusion, gemm_epilogue
 from .memory import schedule
-from .rewrite import rebuild, with_order
+from .rewrite import outputs_like, rebuild, with_order
 from .stability import stability
 
 
@@ -54,6 +54,14 @@ def _debug_enabled(flag) -> bool:
 #: graphs `optimize` produced -> (level, disabled passes): optimising one again the same way is a no-op
 #: (a backend compiling a nested body that the pipeline already optimised gets it back as it is)
 _DONE: "weakref.WeakKeyDictionary[Graph, tuple]" = weakref.WeakKeyDictionary()
+#: graphs `optimize` produced -> seconds spent per pass ("total": the whole call, nested bodies included)
+_TIMES: "weakref.WeakKeyDictionary[Graph, dict]" = weakref.WeakKeyDictionary()
+
+
+def pass_times(graph: Graph) -> dict:
+    """Seconds `optimize` spent making `graph`: {"total": ..., pass name: ...} ({} for a graph it did
+    not make). Backends report the total as the "passes" phase of program.info["compile_time"]."""
+    return dict(_TIMES.get(graph, {}))
 
 
 def optimize(graph: Graph, level: int = 2, disable: Sequence[str] = (), debug_passes: bool = False,
@@ -70,7 +78,11 @@ def optimize(graph: Graph, level: int = 2, disable: Sequence[str] = (), debug_pa
     unknown = disable - {p.name for p in PIPELINE}
     if unknown:
         raise GraphcError(f"unknown pass name(s) {sorted(unknown)}; passes are {[p.name for p in PIPELINE]}")
-    return _Optimiser(level, disable, _debug_enabled(debug_passes), file).run(graph)
+    t0 = time.perf_counter()
+    opt = _Optimiser(level, disable, _debug_enabled(debug_passes), file)
+    out = opt.run(graph)
+    _TIMES[out] = {"total": time.perf_counter() - t0, **opt.times}
+    return out
 
 
 class _Optimiser:
@@ -78,6 +90,7 @@ class _Optimiser:
         self.level, self.disable, self.debug, self.file = level, disable, debug, file
         self.key = (level, frozenset(disable))
         self.bodies: dict[int, Graph] = {}  # id(body) -> its optimised body (a body shared stays shared)
+        self.times: dict[str, float] = {}   # pass name -> seconds (nested bodies included)
 
     def run(self, graph: Graph, label: str = "") -> Graph:
         out = Graph(graph.inputs, graph.outputs, graph.updates, graph.name)
@@ -89,8 +102,9 @@ class _Optimiser:
         for p in PIPELINE:
             if p.level > self.level or p.name in self.disable:
                 continue
-            before, log, t0 = len(out.compute_nodes()), Counter(), time.perf_counter()
+            before, log, t0 = len(out.compute_nodes()) if self.debug else 0, Counter(), time.perf_counter()
             out = p.run(out, log)
+            self.times[p.name] = self.times.get(p.name, 0.0) + time.perf_counter() - t0
             if self.debug:
                 fired = ", ".join(f"{k}: {v}" for k, v in sorted(log.items(), key=_rules_last)) or "nothing fired"
                 print(f"[graphc pass] {label}{p.name:14s} nodes {before:4d} -> {len(out.compute_nodes()):4d}  "
@@ -110,7 +124,7 @@ class _Optimiser:
         if not changed:
             return None
         new = Node(node.op, ins, attrs, node.loc)
-        new.outputs = tuple(Tensor(new, i, o.shape, o.dtype, o.name) for i, o in enumerate(node.outputs))
+        new.outputs = outputs_like(new, node.outputs)
         return list(new.outputs)
 
     def body(self, body: Graph, label: str) -> Graph:

@@ -13,12 +13,38 @@ from ..ir import Trait, Graph, Node, Tensor, toposort
 Rule = Callable[[Node, list], "list[Tensor] | None"]
 
 
+def _plain_tensor_fields() -> bool:
+    """Does Tensor.__init__ set exactly node, index, shape, dtype and name (so `outputs_like` may copy
+    already canonical types without re-checking them)?"""
+    probe = Tensor(None, 0, (), "float32")
+    return type(probe) is Tensor and set(vars(probe)) == {"node", "index", "shape", "dtype", "name"}
+
+
+_FAST_TENSORS = _plain_tensor_fields()
+
+
+def outputs_like(node: Node, like: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """Output tensors of `node` with the shapes, dtypes and names of `like` (tensors of an existing node:
+    their types are canonical already, so they are copied, not re-checked; a pass builds many)."""
+    if not _FAST_TENSORS:
+        return tuple(Tensor(node, i, o.shape, o.dtype, o.name) for i, o in enumerate(like))
+    out = []
+    new = Tensor.__new__
+    for i, o in enumerate(like):
+        t = new(Tensor)
+        t.node, t.index, t.shape, t.dtype, t.name = node, i, o.shape, o.dtype, o.name
+        out.append(t)
+    return tuple(out)
+
+
 def clone(node: Node, inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
     """`node` applied to `inputs` (same shapes/dtypes as before), keeping attrs, names and source line."""
     if all(a is b for a, b in zip(inputs, node.inputs)):
         return node.outputs
     new = Node(node.op, inputs, node.attrs, node.loc)
-    new.outputs = tuple(Tensor(new, i, o.shape, o.dtype, o.name) for i, o in enumerate(node.outputs))
+    if getattr(node, "constraints", None):
+        new.constraints = node.constraints
+    new.outputs = outputs_like(new, node.outputs)
     return new.outputs
 
 
@@ -49,6 +75,7 @@ def rebuild(graph: Graph, rule: Rule | None, log=None, name: str = "") -> Graph:
     the rule so chains of rewrites finish in one walk. `log[name]` counts firings."""
     env: dict[int, Tensor] = {}
     done = {id(n) for n in graph.nodes}  # nodes already in place (rule-built nodes join as adopted)
+    changed = False
     for node in graph.nodes:
         if node.op.has(Trait.LEAF):
             for o in node.outputs:
@@ -59,10 +86,17 @@ def rebuild(graph: Graph, rule: Rule | None, log=None, name: str = "") -> Graph:
         if outs is None:
             outs = clone(node, ins)
             done.add(id(outs[0].node))
+        changed = changed or outs is not node.outputs
         for o, n in zip(node.outputs, outs):
             env[id(o)] = n
-    return Graph(graph.inputs, [env[id(t)] for t in graph.outputs],
-                 [(p, env[id(v)]) for p, v in graph.updates], graph.name)
+    return unchanged_order(graph, Graph(graph.inputs, [env[id(t)] for t in graph.outputs],
+                                        [(p, env[id(v)]) for p, v in graph.updates], graph.name), changed)
+
+
+def unchanged_order(old: Graph, new: Graph, changed: bool) -> Graph:
+    """`new`; when a pass changed no node (`changed` False: `new` has `old`'s nodes), with `old`'s order
+    (no new topological sort: a pass that finds nothing to do costs one walk)."""
+    return new if changed else with_order(new, old.nodes)
 
 
 def _apply(rule, node, ins, done, log, name, depth=0):
