@@ -25,6 +25,7 @@ _ir.provide("graph_text", _printing.graph_text)
 _ir.provide("to_networkx", _printing.to_networkx)
 _ir.provide("repr_svg", lambda obj: __import__("graphc.viz", fromlist=["repr_svg"]).repr_svg(obj))  # viz on first use
 _ir.provide("repr_html", lambda obj: __import__("graphc.viz", fromlist=["repr_html"]).repr_html(obj))
+_ir.provide("explain", lambda f, *a, **k: __import__("graphc.explain", fromlist=["explain"]).explain(f, *a, **k))
 
 __version__ = "0.1.0"
 float32, float64, int32, int64 = "float32", "float64", "int32", "int64"
@@ -35,7 +36,8 @@ bool_ = "bool"
 _LAZY = {
     "nn": ("graphc.nn", None), "losses": ("graphc.losses", None), "optim": ("graphc.optim", None),
     "init": ("graphc.init", None), "random": ("graphc.ops.random", None), "passes": ("graphc.passes", None),
-    "viz": ("graphc.viz", None),
+    "viz": ("graphc.viz", None), "distributed": ("graphc.distributed", None),
+    "preprocessing": ("graphc.preprocessing", None),
     "fit": ("graphc.train", "fit"), "trace": ("graphc.frontends.numpy_trace", "trace"),
     "to_dot": ("graphc.viz", "to_dot"), "draw": ("graphc.viz", "draw"),
     "save": ("graphc.serialize", "save"), "load": ("graphc.serialize", "load"),

@@ -41,7 +41,7 @@ def user_frame() -> tuple[str, int]:
 #: hook name -> the module that provides it (named in the error when it is missing)
 HOOK_PROVIDERS = {"as_tensor": "graphc.ops", "graph_text": "graphc.printing", "to_networkx": "graphc.printing",
                   "repr_svg": "graphc.viz", "repr_html": "graphc.viz",
-                  "grad": "graphc.autodiff", "jvp": "graphc.autodiff"}
+                  "grad": "graphc.autodiff", "jvp": "graphc.autodiff", "explain": "graphc.explain"}
 _HOOKS: dict[str, Callable] = {}
 
 
@@ -170,14 +170,16 @@ def is_leaf(node: "Node") -> bool:
 class Node:
     """One application of an op to input tensors; immutable once built."""
 
-    __slots__ = ("op", "inputs", "attrs", "outputs", "loc", "__weakref__")
+    __slots__ = ("op", "inputs", "attrs", "outputs", "loc", "constraints", "__weakref__")
 
-    def __init__(self, op: Op, inputs: Sequence["Tensor"], attrs: dict, loc=None):
+    def __init__(self, op: Op, inputs: Sequence["Tensor"], attrs: dict, loc=None, constraints=()):
         self.op = op
         self.inputs = tuple(inputs)
         self.attrs = dict(attrs)
         self.loc = loc or user_frame()
         self.outputs: tuple[Tensor, ...] = ()
+        #: shapes.DimConstraint's its shape rule recorded (a symbolic dim unified with a concrete one)
+        self.constraints = tuple(constraints)
 
     def __repr__(self):
         return f"Node({self.op.name}, {[t.label for t in self.inputs]})"
@@ -247,11 +249,12 @@ def make_node(op: Op, inputs: Sequence, attrs: dict | None = None, names=None) -
     attrs = attrs or {}
     loc = user_frame()
     try:
-        types = op.infer(inputs, **attrs)
+        with _sh.recording_constraints() as constraints:
+            types = op.infer(inputs, **attrs)
     except (ShapeError, DTypeError) as e:
         shown = ", ".join(f"{t.label}: {t.type_str}" for t in inputs)
         raise type(e)(f"{e}\n  op: {op.name}({shown})\n  built at {fmt_loc(loc)}") from None
-    node = Node(op, inputs, attrs, loc)
+    node = Node(op, inputs, attrs, loc, constraints)
     node.outputs = tuple(
         Tensor(node, i, s, d, (names[i] if names else None)) for i, (s, d) in enumerate(types)
     )

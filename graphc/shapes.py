@@ -1,7 +1,10 @@
 """Shapes: tuples of ints or sympy expressions over named symbolic dims."""
 from __future__ import annotations
 
+import contextlib
 import itertools
+import threading
+from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import sympy
@@ -69,8 +72,70 @@ def size(shape):
     return canon_dim(n) if not isinstance(n, int) else n
 
 
+@dataclass(frozen=True)
+class DimConstraint:
+    """`dim == value`, required when building a node unified a symbolic dim with a concrete one
+    (`(N, 4) * (8, 4)` is `(8, 4)` if N is 8). The node keeps it (`Node.constraints`) and
+    `gc.function` checks it against the dims bound from the inputs on every call."""
+    dim: object          # sympy expression over symbolic dims
+    value: int
+    why: str             # e.g. "mul: shapes (N, 4), (8, 4) (axis -2)"
+
+    def holds(self, bindings: Mapping) -> bool | None:
+        """True/False under `bindings` ({symbol or name: int}); None when they do not determine it."""
+        subs = {(dim_symbol(k) if isinstance(k, str) else k): v for k, v in bindings.items()}
+        v = sympy.sympify(self.dim).subs(subs)
+        return bool(int(v) == self.value) if v.is_Integer else None
+
+    def __str__(self):
+        return f"{self.dim} == {self.value}"
+
+
+_recording = threading.local()
+
+
+@contextlib.contextmanager
+def recording_constraints():
+    """Collect the DimConstraints shape rules make inside the block (ir.make_node wraps each op's
+    `infer` in one and stores them on the node)."""
+    stack = _recording.__dict__.setdefault("stack", [])
+    found: list[DimConstraint] = []
+    stack.append(found)
+    try:
+        yield found
+    finally:
+        stack.pop()
+
+
+def require_equal(dim, value: int, why: str) -> None:
+    """Record that symbolic `dim` must equal the concrete `value` at call time (see DimConstraint).
+    A dim that can never be `value` (symbolic dims are positive) is a ShapeError now."""
+    if value < 1:
+        raise ShapeError(f"{why}: the symbolic dim {dim} cannot be {value} (symbolic dims are positive)")
+    stack = getattr(_recording, "stack", None)
+    if stack:
+        c = DimConstraint(dim, int(value), why)
+        if c not in stack[-1]:
+            stack[-1].append(c)
+
+
+def _unify(cur, d, why):
+    """The dim two non-1 dims broadcast to: equal dims, or a symbolic dim against a concrete one (the
+    concrete one, recording the constraint; `why()` describes it); None when they cannot unify (two
+    different ints, two different symbolic dims)."""
+    if dims_equal(cur, d):
+        return cur
+    if isinstance(cur, int) != isinstance(d, int):
+        concrete, sym = (cur, d) if isinstance(cur, int) else (d, cur)
+        require_equal(sym, concrete, why())
+        return concrete
+    return None
+
+
 def broadcast_shapes(*shapes, op: str = "broadcast") -> tuple:
-    """NumPy broadcasting; a symbolic dim only broadcasts against 1 or an equal dim."""
+    """NumPy broadcasting over symbolic dims. A symbolic dim broadcasts against 1 (it stays), an equal
+    dim, or a concrete dim: `(N, 4)` with `(8, 4)` is `(8, 4)` and records `N == 8`, checked at call time
+    (see DimConstraint). Two different symbolic dims (or two different ints, neither 1) do not broadcast."""
     ndim = max((len(s) for s in shapes), default=0)
     out = []
     for i in range(ndim):
@@ -81,13 +146,32 @@ def broadcast_shapes(*shapes, op: str = "broadcast") -> tuple:
                 continue
             if isinstance(cur, int) and cur == 1:
                 cur = d
-            elif not dims_equal(cur, d):
+                continue
+            got = _unify(cur, d, lambda: f"{op}: shapes {', '.join(fmt_shape(s) for s in shapes)} (axis {i - ndim})")
+            if got is None:
                 shown = ", ".join(fmt_shape(s) for s in shapes)
                 why = "" if isinstance(cur, int) and isinstance(d, int) else \
-                    "; a symbolic dim only broadcasts against 1 or an equal dim"
+                    "; two different symbolic dims only broadcast against 1 or each other"
                 raise ShapeError(f"{op}: shapes {shown} do not broadcast (axis {i - ndim}: {cur} vs {d}{why})")
+            cur = got
         out.append(cur)
     return tuple(out)
+
+
+def broadcast_to_shape(shape, target, op: str = "broadcast_to") -> tuple:
+    """Check that `shape` broadcasts to `target` (NumPy rules, right-aligned) and return `target`. A
+    symbolic dim meeting a different concrete dim (either side) records the constraint that they are equal."""
+    shown = f"{fmt_shape(shape)} to {fmt_shape(target)}"
+    lead = len(target) - len(shape)
+    if lead < 0:
+        raise ShapeError(f"{op}: cannot broadcast {shown} (more dims than the target)")
+    for i, d in enumerate(shape):
+        t = target[lead + i]
+        if isinstance(d, int) and d == 1:
+            continue
+        if _unify(d, t, lambda: f"{op}: {shown} (axis {i - len(shape)})") is None:
+            raise ShapeError(f"{op}: cannot broadcast {shown} (axis {i - len(shape)}: {d} vs {t})")
+    return tuple(target)
 
 
 def normalize_axis(axis: int, ndim: int, op: str = "op") -> int:

@@ -348,3 +348,28 @@ def test_reduce_on_plateau_errors():
     _lrs(s, 1, lr=0.5)
     with pytest.raises(gc.GraphcError, match="one instance serves one optimiser"):
         _lrs(s, 1, lr=0.1)
+
+
+@needs_torch
+@pytest.mark.parametrize("use_val", [True, False], ids=["val_loss", "train_loss"])
+def test_fit_steps_reduce_on_plateau(use_val):
+    """gc.fit steps a ReduceLROnPlateau schedule once per epoch on val_loss (loss without validation
+    data): the learning rates it used equal torch's scheduler replayed on the same history."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(48, 5)).astype("float32"), rng.integers(0, 3, 48)
+    model = gc.nn.Sequential(gc.nn.Dense(5, 3, seed=1))
+    sched = gc.optim.ReduceLROnPlateau(patience=0, factor=0.5, threshold=0.05)
+    opt = gc.optim.SGD(0.5, schedule=sched)
+    lrs = []
+    hist = gc.fit(model, gc.losses.cross_entropy, opt, x, y, epochs=6, batch_size=16, progress=False,
+                  validation_data=(x[:16], y[:16]) if use_val else None,
+                  log=lambda epoch, m: lrs.append(opt.current_lr()))
+    p = torch.zeros(1, requires_grad=True)
+    topt = torch.optim.SGD([p], 0.5)
+    tsched = torch.optim.lr_scheduler.ReduceLROnPlateau(topt, patience=0, factor=0.5, threshold=0.05)
+    want = []
+    for m in hist["val_loss" if use_val else "loss"]:
+        tsched.step(m)
+        want.append(topt.param_groups[0]["lr"])
+    assert lrs == pytest.approx(want, rel=1e-12)
+    assert min(want) < 0.5   # the run did reduce the rate at least once (else the test proves nothing)

@@ -5,5 +5,8 @@ from .layers import (ELU, GELU, SELU, AvgPool1D, AvgPool2D, BasicBlock, BatchNor
                      Hardtanh, Lambda, LayerNorm, LeakyReLU, Linear, LPPool2D, Maxout, MaxPool1D, MaxPool2D,
                      NoisyReLU, PReLU, ReLU, Sigmoid, Softmax, Softplus, Softsign, Tanh)
 from .recurrent import GRU, LSTM, RNN  # noqa: F401
-from .attention import MultiheadAttention, TransformerEncoderLayer, multi_head_attention  # noqa: F401
+from .conv import AvgPool3D, Conv3D, ConvTranspose2D, MaxPool3D  # noqa: F401
+from .attention import (MultiheadAttention, TransformerEncoder, TransformerEncoderLayer,  # noqa: F401
+                        multi_head_attention)
+from .units import RBF, Highway, PNormPool  # noqa: F401
 from ..ops import nn_ops as functional  # noqa: F401

@@ -2,8 +2,9 @@
 weights as arguments), `MultiheadAttention` and `TransformerEncoderLayer`.
 
 Both modules load a torch `state_dict()` unchanged (`in_proj_weight` (3E, E), `in_proj_bias` (3E,),
-`out_proj.weight/bias`; the encoder layer adds `self_attn.*`, `linear1`, `linear2`, `norm1`, `norm2`)
-and compute what torch computes: scaled dot-product attention per head, boolean masks (True = may
+`out_proj.weight/bias`, or `q_proj_weight`/`k_proj_weight`/`v_proj_weight` when kdim/vdim differ from
+embed_dim; the encoder layer adds `self_attn.*`, `linear1`, `linear2`, `norm1`, `norm2`; the encoder stacks
+them as `layers.0.*`, `layers.1.*`, ... and an optional final `norm.*`) and compute what torch computes: scaled dot-product attention per head, boolean masks (True = may
 not attend) or float masks (added to the scores), dropout on the attention weights in training.
 Everything is built from differentiable graphc ops, so it compiles on every backend."""
 from __future__ import annotations
@@ -20,9 +21,9 @@ from ..ir import Tensor
 from ..ops import nn_ops as N
 from ..ops.random import Generator
 from .layers import Dense, Dropout, LayerNorm, _at
-from .module import Module
+from .module import Module, ModuleList, _is_layer, call_layer
 
-__all__ = ["multi_head_attention", "MultiheadAttention", "TransformerEncoderLayer"]
+__all__ = ["multi_head_attention", "MultiheadAttention", "TransformerEncoderLayer", "TransformerEncoder"]
 
 
 def _fmt(shape) -> str:
@@ -63,11 +64,14 @@ def _add_mask(scores, m, what: str, expected: str, shown=None) -> Tensor:
 def multi_head_attention(query, key, value, num_heads: int, in_proj_weight, in_proj_bias=None,
                          out_proj_weight=None, out_proj_bias=None, key_padding_mask=None, attn_mask=None,
                          need_weights: bool = True, average_attn_weights: bool = True, dropout_p: float = 0.0,
-                         training: bool = False, generator: Generator | None = None):
+                         training: bool = False, generator: Generator | None = None, q_proj_weight=None,
+                         k_proj_weight=None, v_proj_weight=None):
     """torch.nn.functional.multi_head_attention_forward in batch-first layout.
 
     query (N, L, E), key (N, S, E), value (N, S, E); in_proj_weight (3E, E) stacks W_q, W_k, W_v
-    (in_proj_bias (3E,)); out_proj_weight (E, E). key_padding_mask (N, S) and attn_mask (L, S) or
+    (in_proj_bias (3E,)); out_proj_weight (E, E). With in_proj_weight=None the projections are separate
+    (torch's use_separate_proj_weight): q_proj_weight (E, E), k_proj_weight (E, kdim) for a key
+    (N, S, kdim), v_proj_weight (E, vdim) for a value (N, S, vdim). key_padding_mask (N, S) and attn_mask (L, S) or
     (N * num_heads, L, S): bool (True = not attended) or float (added to the scores). Returns
     (out (N, L, E), weights): weights are (N, L, S) averaged over heads, (N, num_heads, L, S) with
     average_attn_weights=False, or None with need_weights=False."""
@@ -76,18 +80,34 @@ def multi_head_attention(query, key, value, num_heads: int, in_proj_weight, in_p
         if t.ndim != 3:
             raise ShapeError(f"multi_head_attention: {name} {t.label} has shape {_fmt(t.shape)}, expected "
                              "(batch, seq, embed_dim)" + _at())
-    w_in = F.as_tensor(in_proj_weight)
     E = q.shape[-1]
-    if w_in.ndim != 2 or not _same(w_in.shape[1], E) or not _same(w_in.shape[0], 3 * E):
-        raise ShapeError(f"multi_head_attention: in_proj_weight has shape {_fmt(w_in.shape)}, expected "
-                         f"(3 * embed_dim, embed_dim) = ({3 * E}, {E})" + _at())
+    separate = in_proj_weight is None
+    if separate:
+        if q_proj_weight is None or k_proj_weight is None or v_proj_weight is None:
+            raise GraphcError("multi_head_attention: give in_proj_weight, or all of q_proj_weight, k_proj_weight "
+                              "and v_proj_weight (separate projections)" + _at())
+        w_sep = [F.as_tensor(w) for w in (q_proj_weight, k_proj_weight, v_proj_weight)]
+        for name, w, t in zip(("q_proj_weight", "k_proj_weight", "v_proj_weight"), w_sep, (q, k, v)):
+            if w.ndim != 2 or not _same(w.shape[0], E) or not _same(w.shape[1], t.shape[-1]):
+                raise ShapeError(f"multi_head_attention: {name} has shape {_fmt(w.shape)}, expected (embed_dim, "
+                                 f"{name[0]}dim) = ({E}, {t.shape[-1]}) for a {dict(q='query', k='key', v='value')[name[0]]}"
+                                 f" of shape {_fmt(t.shape)}" + _at())
+    else:
+        if q_proj_weight is not None or k_proj_weight is not None or v_proj_weight is not None:
+            raise GraphcError("multi_head_attention: give in_proj_weight or the separate q/k/v_proj_weight, "
+                              "not both" + _at())
+        w_in = F.as_tensor(in_proj_weight)
+        if w_in.ndim != 2 or not _same(w_in.shape[1], E) or not _same(w_in.shape[0], 3 * E):
+            raise ShapeError(f"multi_head_attention: in_proj_weight has shape {_fmt(w_in.shape)}, expected "
+                             f"(3 * embed_dim, embed_dim) = ({3 * E}, {E})" + _at())
     if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1 or E % num_heads:
         raise GraphcError(f"multi_head_attention: num_heads must be a positive int dividing embed_dim={E}, "
                           f"got {num_heads!r}" + _at())
     for name, t in (("key", k), ("value", v)):
-        if not _same(t.shape[-1], E):
+        if not separate and not _same(t.shape[-1], E):
             raise ShapeError(f"multi_head_attention: {name} {t.label} has shape {_fmt(t.shape)}, last dim should "
-                             f"be embed_dim={E} (kdim/vdim other than embed_dim are not supported)" + _at())
+                             f"be embed_dim={E} (a {name} of another size needs separate projection weights: "
+                             f"MultiheadAttention(..., {name[0]}dim=))" + _at())
         if not _same(t.shape[0], q.shape[0]):
             raise ShapeError(f"multi_head_attention: {name} {t.label} has batch {t.shape[0]}, query has "
                              f"{q.shape[0]}" + _at())
@@ -100,7 +120,7 @@ def multi_head_attention(query, key, value, num_heads: int, in_proj_weight, in_p
     b_in = None if in_proj_bias is None else F.as_tensor(in_proj_bias)
 
     def proj(x, i):
-        w = w_in[i * E:(i + 1) * E]
+        w = w_sep[i] if separate else w_in[i * E:(i + 1) * E]
         y = F.matmul(x, F.transpose(w))
         if b_in is not None:
             y = y + b_in[i * E:(i + 1) * E]
@@ -140,7 +160,7 @@ def multi_head_attention(query, key, value, num_heads: int, in_proj_weight, in_p
     if dropout_p and training:
         attn = N.dropout(attn, dropout_p, True, generator=generator)
     out = F.matmul(attn, vh)                              # (B, H, L, hd)
-    out = F.reshape(F.transpose(out, (0, 2, 1, 3)), (B, L, E))
+    out = F.reshape(F.transpose(out, (0, 2, 1, 3)), (-1, L, E))   # a mask may have fixed a symbolic batch
     if out_proj_weight is not None:
         out = F.matmul(out, F.transpose(F.as_tensor(out_proj_weight)))
     if out_proj_bias is not None:
@@ -157,16 +177,21 @@ class MultiheadAttention(Module):
     batch_first=True (graphc's default; torch's is False) takes (N, L, E); False takes (L, N, E).
     An unbatched (L, E) query works too. key and value default to the query (self-attention), so the
     layer also works inside Sequential (which keeps `out`). Parameters: `in_proj_weight` (3E, E),
-    `in_proj_bias` (3E,), `out_proj.weight` (E, E), `out_proj.bias` (E,), torch's initialisation."""
+    `in_proj_bias` (3E,), `out_proj.weight` (E, E), `out_proj.bias` (E,), torch's initialisation.
+    kdim / vdim (the key's and value's feature sizes, embed_dim by default) other than embed_dim give
+    torch's separate projections instead of `in_proj_weight`: `q_proj_weight` (E, E), `k_proj_weight`
+    (E, kdim), `v_proj_weight` (E, vdim)."""
 
     #: returns (out, weights); Sequential passes `out` on
     returns_state = True
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  batch_first: bool = True, dtype="float32", seed: int | None = None,
-                 generator: Generator | None = None):
+                 generator: Generator | None = None, kdim: int | None = None, vdim: int | None = None):
         super().__init__()
-        for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+        kdim = embed_dim if kdim is None else kdim
+        vdim = embed_dim if vdim is None else vdim
+        for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads), ("kdim", kdim), ("vdim", vdim)):
             if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
                 raise GraphcError(f"MultiheadAttention: {name} must be a positive int, got {val!r}")
         if embed_dim % num_heads:
@@ -178,8 +203,16 @@ class MultiheadAttention(Module):
         self.dropout, self.batch_first = float(dropout), bool(batch_first)
         rng = np.random.default_rng(seed) if seed is not None else None
         E = self.embed_dim
-        self.in_proj_weight = self.add_param("in_proj_weight", _init.xavier_uniform((3 * E, E), dtype=dtype, rng=rng),
-                                             dtype)
+        self.kdim, self.vdim = int(kdim), int(vdim)
+        self.separate = self.kdim != E or self.vdim != E       # torch: not _qkv_same_embed_dim
+        if self.separate:
+            self.in_proj_weight = None
+            for name, d in (("q_proj_weight", E), ("k_proj_weight", self.kdim), ("v_proj_weight", self.vdim)):
+                setattr(self, name, self.add_param(name, _init.xavier_uniform((E, d), dtype=dtype, rng=rng), dtype))
+        else:
+            self.q_proj_weight = self.k_proj_weight = self.v_proj_weight = None
+            self.in_proj_weight = self.add_param("in_proj_weight",
+                                                 _init.xavier_uniform((3 * E, E), dtype=dtype, rng=rng), dtype)
         self.in_proj_bias = self.add_param("in_proj_bias", np.zeros(3 * E), dtype) if bias else None
         self.out_proj = Dense(E, E, bias=bias, dtype=dtype, seed=None if seed is None else seed + 1)
         if bias:
@@ -216,7 +249,8 @@ class MultiheadAttention(Module):
                              + _at())
         out, w = multi_head_attention(q, k, v, self.num_heads, self.in_proj_weight, self.in_proj_bias,
                                       self.out_proj.weight, self.out_proj.bias, key_padding_mask, attn_mask,
-                                      need_weights, average_attn_weights, self.dropout, training, self.generator)
+                                      need_weights, average_attn_weights, self.dropout, training, self.generator,
+                                      self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
         if unbatched:
             out = F.squeeze(out, 0)
             w = None if w is None else F.squeeze(w, 0)
@@ -226,7 +260,7 @@ class MultiheadAttention(Module):
 
     def extra_repr(self):
         return (f"{self.embed_dim}, {self.num_heads}, dropout={self.dropout}, bias={self.in_proj_bias is not None}, "
-                f"batch_first={self.batch_first}")
+                f"batch_first={self.batch_first}" + (f", kdim={self.kdim}, vdim={self.vdim}" if self.separate else ""))
 
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": N.gelu}
@@ -244,6 +278,10 @@ class TransformerEncoderLayer(Module):
                  activation: str | Callable = "relu", layer_norm_eps: float = 1e-5, batch_first: bool = True,
                  norm_first: bool = False, bias: bool = True, dtype="float32", seed: int | None = None):
         super().__init__()
+        # what TransformerEncoder needs to make copies (torch deep-copies the layer)
+        self.config = dict(d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout,
+                           activation=activation, layer_norm_eps=layer_norm_eps, batch_first=batch_first,
+                           norm_first=norm_first, bias=bias, dtype=dtype, seed=seed)
         if isinstance(activation, str):
             if activation not in _ACTIVATIONS:
                 raise GraphcError(f"TransformerEncoderLayer: activation must be 'relu', 'gelu' or a function of a "
@@ -300,3 +338,50 @@ class TransformerEncoderLayer(Module):
     def extra_repr(self):
         return (f"{self.d_model}, {self.nhead}, dim_feedforward={self.dim_feedforward}, "
                 f"norm_first={self.norm_first}")
+
+
+class TransformerEncoder(Module):
+    """torch.nn.TransformerEncoder: `num_layers` copies of `encoder_layer` (same initial weights, as
+    torch's deep copies), applied in order, then the optional final `norm` (e.g. gc.nn.LayerNorm(d)).
+
+    Called like every graphc layer, `enc(src, mask=None, src_key_padding_mask=None, training=None)`
+    (torch's `mask` (L, L) and `src_key_padding_mask` (N, L) reach every layer). State-dict keys are
+    torch's: `layers.0.self_attn.in_proj_weight`, ..., `layers.{num_layers-1}.norm2.bias`, `norm.weight`,
+    `norm.bias`, so a torch encoder's `state_dict()` loads unchanged."""
+
+    def __init__(self, encoder_layer: TransformerEncoderLayer, num_layers: int, norm=None):
+        super().__init__()
+        if not isinstance(encoder_layer, TransformerEncoderLayer):
+            raise GraphcError(f"TransformerEncoder: encoder_layer must be a gc.nn.TransformerEncoderLayer (it is "
+                              f"copied num_layers times), got {type(encoder_layer).__name__}")
+        if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
+            raise GraphcError(f"TransformerEncoder: num_layers must be a positive int, got {num_layers!r}")
+        if norm is not None and not _is_layer(norm) and not callable(norm):
+            raise GraphcError(f"TransformerEncoder: norm must be None or a layer (e.g. gc.nn.LayerNorm(d_model)), "
+                              f"got {type(norm).__name__}")
+        state = encoder_layer.state_dict()
+        layers = []
+        for i in range(int(num_layers)):
+            cfg = dict(encoder_layer.config)
+            if cfg["seed"] is not None:     # independent dropout streams per copy
+                cfg["seed"] = cfg["seed"] + 1000 * (i + 1)
+            layer = TransformerEncoderLayer(**cfg)
+            layer.load_state_dict(state)
+            layer.activation = encoder_layer.activation
+            layer.train(encoder_layer.training)
+            layers.append(layer)
+        self.layers = ModuleList(layers)
+        self.num_layers = int(num_layers)
+        self.norm = norm
+
+    def __call__(self, src, mask=None, src_key_padding_mask=None, training: bool | None = None):
+        return self.forward(src, self.training if training is None else bool(training), mask, src_key_padding_mask)
+
+    def forward(self, x, training, mask=None, src_key_padding_mask=None):
+        out = F.as_tensor(x)
+        for layer in self.layers:
+            out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, training=training)
+        return out if self.norm is None else call_layer(self.norm, out, training)
+
+    def extra_repr(self):
+        return f"num_layers={self.num_layers}"
