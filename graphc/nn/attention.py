@@ -57,7 +57,8 @@ def _add_mask(scores, m, what: str, expected: str, shown=None) -> Tensor:
         return scores + m
     except ShapeError:
         raise ShapeError(f"multi_head_attention: {what} has shape {_fmt(shown or m.shape)}, expected {expected}; "
-                         "a mask for a symbolic batch must have that batch too (e.g. a placeholder with None)"
+                         "(a mask with a fixed batch fixes a symbolic batch to that size, checked at call time; "
+                         "a mask with another symbolic batch does not broadcast)"
                          + _at()) from None
 
 
