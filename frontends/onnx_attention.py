@@ -119,25 +119,134 @@ def _rotary(cx, ins, a):
     """RoPE: rotate pairs (halves, or interleaved neighbours) of each head by position angles."""
     x, cos, sin = ins[:3]
     pos = ins[3] if len(ins) > 3 else None
-    shape4 = x.ndim == 4
-    t = gc.transpose(x, (0, 2, 1, 3)) if shape4 else x          # (B, S, H, D) or (B, S, hidden)
-    if not shape4:
-        b, s, hidden = t.shape
-        t = gc.reshape(t, (b, s, a["num_heads"], hidden // a["num_heads"]))
-    d = t.shape[3]
-    rd = a.get("rotary_embedding_dim", 0) or d
-    if pos is not None:
-        cos, sin = gc.take(cos, pos, 0), gc.take(sin, pos, 0)
-    cos, sin = gc.expand_dims(cos, 2), gc.expand_dims(sin, 2)  # (B, S, 1, rd/2)
-    rot, keep = t[:, :, :, :rd], t[:, :, :, rd:]
-    if a.get("interleaved", 0):
-        x1, x2 = rot[:, :, :, 0::2], rot[:, :, :, 1::2]
-    else:
-        x1, x2 = rot[:, :, :, :rd // 2], rot[:, :, :, rd // 2:]
-    real, imag = cos * x1 - sin * x2, sin * x1 + cos * x2
-    if a.get("interleaved", 0):
-        rot = gc.reshape(gc.stack([real, imag], -1), rot.shape)
-    else:
-        rot = gc.concatenate([real, imag], -1)
-    out = gc.concatenate([rot, keep], -1) if rd < d else rot
-    return gc.transpose(out, (0, 2, 1, 3)) if shape4 else gc.reshape(out, x.shape)
+    return gc.nn_ops.rotary_embedding(x, cos, sin, pos, bool(a.get("interleaved", 0)),
+                                      a.get("rotary_embedding_dim", 0) or None, a.get("num_heads"))
+
+
+def _f32(t):
+    """Half-precision tensors computed in float32 (as the ONNX reference does), others as they are."""
+    return gc.cast(t, "float32") if t is not None and t.dtype in ("float16", "bfloat16") else t
+
+
+@op("ai.onnx.preview.FlexAttention")
+def _flex_attention(cx, ins, a):
+    """softmax(score_mod(scale * Q K^T)) -> prob_mod -> @ V, K/V heads shared by query-head groups."""
+    from .onnx_import import import_subgraph
+    Q, K, V = ins[:3]
+    reps = Q.shape[1] // K.shape[1]
+    K, V = _repeat_heads(K, reps), _repeat_heads(V, reps)
+    prec = "float64" if Q.dtype == "float64" else "float32"
+    if a.get("softmax_precision"):
+        from .onnx_import import onnx_dtype
+        prec = onnx_dtype(a["softmax_precision"])
+    scale = a.get("scale", 1 / np.sqrt(Q.shape[3]))
+    s = np.sqrt(scale)
+    scores = gc.cast(gc.matmul(Q * s, gc.transpose(K * s, (0, 1, 3, 2))), prec)
+    if "score_mod" in a:
+        scores = import_subgraph(cx, a["score_mod"], [scores])[0]
+    p = _safe_softmax(scores)
+    if "prob_mod" in a:
+        p = import_subgraph(cx, a["prob_mod"], [p])[0]
+    return gc.matmul(gc.cast(p, Q.dtype), V)
+
+
+@op("LinearAttention")
+def _linear_attention(cx, ins, a):
+    """Recurrent linear attention, unrolled over the (static) sequence: per step the state
+    S (B, Hkv, Dk, Dv) decays by exp(g) (gated), is corrected towards v by beta (delta rule),
+    takes k (x) v, and is read by the scaled query (K/V heads shared by query-head groups)."""
+    ins = list(ins) + [None] * (6 - len(ins))
+    q, k, v, past, decay, beta = ins[:6]
+    hq, hkv = a["q_num_heads"], a["kv_num_heads"]
+    rule = a.get("update_rule", "gated_delta")
+    out_dtype, state_dtype = q.dtype, (past.dtype if past is not None else q.dtype)
+    q4, k4, v4 = (_f32(_heads(t, h)) for t, h in ((q, hq), (k, hkv), (v, hkv)))
+    b, _, t_len, dk = k4.shape
+    dv = v4.shape[3]
+    if decay is not None:
+        decay = _f32(decay)
+        decay = _heads(decay, hkv) if decay.shape[2] == hkv * dk else \
+            gc.transpose(gc.reshape(decay, (b, t_len, hkv, 1)), (0, 2, 1, 3))
+    if beta is not None:
+        beta = gc.transpose(gc.reshape(_f32(beta), (b, t_len, beta.shape[2], 1)), (0, 2, 1, 3))
+    state = _f32(past) if past is not None else gc.constant(np.zeros((b, hkv, dk, dv), np.float32))
+    scale = a.get("scale", 0.0) or 1 / np.sqrt(q4.shape[3])
+    group = hq // hkv
+    outs = []
+    for i in range(t_len):
+        k_t, v_t = k4[:, :, i, :], v4[:, :, i, :]                       # (B, Hkv, Dk), (B, Hkv, Dv)
+        if rule in ("gated", "gated_delta"):
+            state = state * gc.expand_dims(gc.exp(decay[:, :, i, :]), -1)
+        if rule in ("delta", "gated_delta"):
+            retrieved = gc.squeeze(gc.matmul(gc.expand_dims(k_t, 2), state), 2)   # (B, Hkv, Dv)
+            v_t = beta[:, :, i, :] * (v_t - retrieved)
+        state = state + gc.expand_dims(k_t, -1) * gc.expand_dims(v_t, 2)
+        read = _repeat_heads(state, group)                                # (B, Hq, Dk, Dv)
+        outs.append(gc.squeeze(gc.matmul(gc.expand_dims(q4[:, :, i, :], 2), read), 2) * scale)
+    y = gc.stack(outs, 2)                                                 # (B, Hq, T, Dv)
+    y = gc.reshape(gc.transpose(y, (0, 2, 1, 3)), (b, t_len, hq * dv))
+    return [gc.cast(y, out_dtype), gc.cast(state, state_dtype)][:cx.n_out]
+
+
+@op("CausalConvWithState")
+def _causal_conv_with_state(cx, ins, a):
+    """Depthwise causal 1-D convolution over [past_state, input] (kernel k), optional SiLU; the
+    last k - 1 positions of that padded input are the present state."""
+    ins = list(ins) + [None] * (4 - len(ins))
+    x, w, bias, past = ins[:4]
+    b, c, length = x.shape
+    k = w.shape[2]
+    if past is None:
+        past = gc.constant(np.zeros((b, c, k - 1), x.dtype))
+    padded = gc.concatenate([past, x], 2) if k > 1 else x
+    xf, wf = _f32(padded), _f32(w)
+    y = None
+    for j in range(k):
+        term = xf[:, :, j:j + length] * gc.reshape(wf[:, 0, j], (c, 1))
+        y = term if y is None else y + term
+    if bias is not None:
+        y = y + gc.reshape(_f32(bias), (c, 1))
+    y = gc.cast(y, x.dtype)
+    if a.get("activation", "none") in ("silu", "swish"):
+        yf = _f32(y)
+        y = gc.cast(yf * gc.sigmoid(yf), x.dtype)
+    present = padded[:, :, padded.shape[2] - (k - 1):] if k > 1 else gc.constant(np.zeros((b, c, 0), x.dtype))
+    return [y, present][:cx.n_out]
+
+
+@op("SwiGLU")
+def _swiglu(cx, ins, a):
+    """a * sigmoid(alpha * a) * b (the sigmoid rounded to the input dtype, as the reference does)."""
+    x, y = ins[:2]
+    alpha = a.get("alpha", 1.0)
+    gate = gc.cast(gc.sigmoid(_f32(x) * alpha), x.dtype)
+    return x * gate * y
+
+
+@op("TensorScatter")
+def _tensor_scatter(cx, ins, a):
+    """KV-cache write: present[b, ..., write_indices[b] + j (mod max_len if circular), ...] = update[b, ..., j, ...]."""
+    past, update = ins[0], ins[1]
+    idx = ins[2] if len(ins) > 2 else None
+    axis = a.get("axis", -2) % past.ndim
+    max_len, seq = past.shape[axis], update.shape[axis]
+    if idx is None:
+        idx = gc.constant(np.zeros((past.shape[0],), np.int64))
+    idx = gc.cast(idx, "int64")
+    shape = [1] * past.ndim
+    shape[0] = past.shape[0]
+    start = gc.reshape(idx, tuple(shape) + (1,))                          # (B, 1.., 1) + update axis
+    pos_shape = [1] * (past.ndim + 1)
+    pos_shape[axis] = max_len
+    src_shape = [1] * (past.ndim + 1)
+    src_shape[-1] = seq
+    pos = gc.constant(np.arange(max_len, dtype=np.int64).reshape(pos_shape))
+    j = gc.constant(np.arange(seq, dtype=np.int64).reshape(src_shape))
+    target = start + j
+    if a.get("mode", "linear") == "circular":
+        target = gc.where(gc.greater_equal(target, max_len), target - max_len, target)
+    hit = gc.equal(pos, target)                                           # (..., max_len at axis, ..., seq)
+    upd = gc.expand_dims(gc.transpose(update, tuple(i for i in range(update.ndim) if i != axis) + (axis,)), axis)
+    written = gc.sum(gc.where(hit, upd, gc.zeros_like(upd)), -1)
+    any_hit = gc.max(gc.cast(hit, "int32"), -1)
+    return gc.where(gc.greater(any_hit, 0), gc.cast(written, past.dtype), past)

@@ -184,6 +184,7 @@ def _op_key(node) -> str:
 def _converter(node):
     """The converter for a node (ops of other domains are registered as 'domain.OpType')."""
     from .onnx_ops import CONVERTERS
+    from . import onnx_quant  # noqa: F401  (registers QuantizeLinear, QLinearMatMul, ... on first use)
     return CONVERTERS.get(_op_key(node))
 
 

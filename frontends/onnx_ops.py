@@ -37,10 +37,13 @@ def _like(v, x) -> gc.Tensor:
 _UNARY = {"Abs": gc.abs, "Neg": gc.neg, "Exp": gc.exp, "Log": gc.log, "Sqrt": gc.sqrt, "Sin": gc.sin,
           "Cos": gc.cos, "Tanh": gc.tanh, "Sigmoid": gc.sigmoid, "Erf": gc.erf, "Floor": gc.floor,
           "Sign": gc.sign, "Relu": gc.relu, "Softplus": gc.softplus, "Reciprocal": gc.reciprocal,
-          "Atan": gc.atan}
+          "Atan": gc.atan, "Tan": gc.tan, "Asin": gc.asin, "Acos": gc.acos, "Sinh": gc.sinh, "Cosh": gc.cosh,
+          "Asinh": gc.asinh, "Acosh": gc.acosh, "Atanh": gc.atanh, "Ceil": gc.ceil, "Round": gc.round,
+          "BitwiseNot": gc.bitwise_not, "IsNaN": gc.isnan}
 _BINARY = {"Add": gc.add, "Sub": gc.sub, "Mul": gc.mul, "Equal": gc.equal, "Less": gc.less,
            "LessOrEqual": gc.less_equal, "Greater": gc.greater, "GreaterOrEqual": gc.greater_equal,
-           "And": gc.logical_and, "Or": gc.logical_or, "Xor": gc.not_equal}
+           "And": gc.logical_and, "Or": gc.logical_or, "Xor": gc.not_equal,
+           "BitwiseAnd": gc.bitwise_and, "BitwiseOr": gc.bitwise_or, "BitwiseXor": gc.bitwise_xor}
 
 
 def _unary(fn):
@@ -65,8 +68,10 @@ def _identity(cx, ins, a):
 @op("Div")
 def _div(cx, ins, a):
     x, y = ins
-    if _dt.is_int(x.dtype):  # C-style truncating integer division
-        return gc.cast(gc.div(x, y), x.dtype)
+    if _dt.is_unsigned(x.dtype):
+        return gc.floor_divide(x, y)
+    if _dt.is_int(x.dtype):  # C-style division, truncating toward zero: x - fmod(x, y) is an exact multiple
+        return gc.floor_divide(x - gc.fmod(x, y), y)
     return gc.div(x, y)
 
 
@@ -81,33 +86,16 @@ def _pow(cx, ins, a):
 
 @op("Mod")
 def _mod(cx, ins, a):
-    x, y = ins
-    if _dt.is_int(x.dtype):
-        q = gc.div(gc.cast(x, "float64"), gc.cast(y, "float64"))
-        q = gc.sign(q) * gc.floor(gc.abs(q)) if a.get("fmod", 0) else gc.floor(q)
-        return x - gc.cast(q, x.dtype) * y
-    if a.get("fmod", 0):  # C fmod: truncated quotient, the result takes the dividend's sign
-        q = x / y
-        r = x - gc.sign(q) * gc.floor(gc.abs(q)) * y
-        return gc.where(gc.logical_and(_is_inf(y), _isfinite(x)), x, r)
-    return _float_mod(x, y)
+    """fmod=0: the divisor's sign (np.mod, Python's %); fmod=1: the dividend's (np.fmod, C's fmod)."""
+    return (gc.fmod if a.get("fmod", 0) else gc.mod)(ins[0], ins[1])
 
 
-def _is_inf(x):
-    return gc.equal(gc.abs(x), _like(np.inf, x))
-
-
-def _isfinite(x):
-    return gc.less(gc.abs(x), _like(np.inf, x))
-
-
-def _float_mod(x, y):
-    """NumPy's float mod: floored quotient; the result takes the divisor's sign (zeros too)."""
-    r = x - gc.floor(x / y) * y
-    same = gc.logical_or(gc.equal(x, 0.0), gc.equal(gc.less(x, 0.0), gc.less(y, 0.0)))
-    r = gc.where(gc.logical_and(_is_inf(y), _isfinite(x)), gc.where(same, x, y), r)
-    signed_zero = gc.where(gc.less(y, 0.0), _like(-0.0, x), _like(0.0, x))
-    return gc.where(gc.equal(r, 0.0), signed_zero, r)
+@op("BitShift")
+def _bit_shift(cx, ins, a):
+    direction = a.get("direction", "")
+    if direction not in ("LEFT", "RIGHT"):
+        raise cx.unsupported(f"direction {direction!r} (LEFT or RIGHT)")
+    return (gc.left_shift if direction == "LEFT" else gc.right_shift)(ins[0], ins[1])
 
 
 @op("Not")
@@ -137,56 +125,6 @@ def _mean(cx, ins, a):
 @op("Where")
 def _where(cx, ins, a):
     return gc.where(ins[0], ins[1], ins[2])
-
-
-@op("Ceil")
-def _ceil(cx, ins, a):
-    return -gc.floor(-ins[0])
-
-
-@op("Round")
-def _round(cx, ins, a):
-    """Round half to even: floor(x + 0.5), one less where that lands on an odd number at a tie."""
-    x = ins[0]
-    r = gc.floor(x + 0.5)
-    tie = gc.equal(r - x, 0.5)
-    odd = gc.not_equal(r - 2.0 * gc.floor(r * 0.5), 0.0)
-    return gc.where(gc.logical_and(tie, odd), r - 1.0, r)
-
-
-@op("Tan")
-def _tan(cx, ins, a):
-    return gc.sin(ins[0]) / gc.cos(ins[0])
-
-
-@op("Sinh")
-def _sinh(cx, ins, a):
-    x = ins[0]
-    return (gc.exp(x) - gc.exp(-x)) * 0.5
-
-
-@op("Cosh")
-def _cosh(cx, ins, a):
-    x = ins[0]
-    return (gc.exp(x) + gc.exp(-x)) * 0.5
-
-
-@op("Asinh")
-def _asinh(cx, ins, a):
-    x = ins[0]
-    return gc.sign(x) * gc.log(gc.abs(x) + gc.sqrt(x * x + 1.0))
-
-
-@op("Acosh")
-def _acosh(cx, ins, a):
-    x = ins[0]
-    return gc.log(x + gc.sqrt(x * x - 1.0))
-
-
-@op("Atanh")
-def _atanh(cx, ins, a):
-    x = ins[0]
-    return 0.5 * gc.log((1.0 + x) / (1.0 - x))
 
 
 @op("Softsign")
@@ -269,11 +207,6 @@ def _gelu(cx, ins, a):
 def _shrink(cx, ins, a):
     x, lambd, bias = ins[0], a.get("lambd", 0.5), a.get("bias", 0.0)
     return gc.where(gc.less(x, -lambd), x + bias, gc.where(gc.greater(x, lambd), x - bias, 0.0))
-
-
-@op("IsNaN")
-def _isnan(cx, ins, a):
-    return gc.not_equal(ins[0], ins[0])
 
 
 @op("IsInf")

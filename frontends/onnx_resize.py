@@ -1,4 +1,4 @@
-"""ONNX Resize (nearest, linear, cubic; every coordinate transformation) as one matmul per axis.
+"""ONNX Resize (nearest, linear, cubic, antialiased; every coordinate transformation) as one matmul per axis.
 
 Interpolation along one axis is linear in the input, so it is a constant (out, in) matrix built
 at import time from the spec's rules (coordinate transform, neighbour choice, coefficients, edge
@@ -33,7 +33,26 @@ def _x_original(x, n_in, scale, n_out, mode, roi):
     return (x + 0.5) / scale - 0.5  # half_pixel
 
 
-def _coeffs(ratio, mode, a):
+def _antialias_coeffs(ratio, scale, mode, a):
+    """Downsampling with antialias: the linear/cubic kernel stretched by 1/scale (wider footprint),
+    renormalised to sum 1 (the spec's rule; upsampling keeps the plain kernel)."""
+    s = min(scale, 1.0)
+    if mode == "linear":
+        start = math.floor(-1 / s) + 1
+        z = (np.arange(start, 2 - start) - ratio) * s
+        c = np.clip(1 - np.abs(z), 0, 1)
+    else:
+        A = a.get("cubic_coeff_a", -0.75)
+        start = math.floor(-2 / s) + 1
+        z = np.abs((np.arange(start, 2 - start) - ratio) * s)
+        c = np.where(z <= 1, ((A + 2) * z - (A + 3)) * z * z + 1,
+                     np.where(z < 2, ((A * z - 5 * A) * z + 8 * A) * z - 4 * A, 0.0))
+    return c / c.sum()
+
+
+def _coeffs(ratio, mode, a, scale=1.0):
+    if a.get("antialias", 0) and mode in ("linear", "cubic"):
+        return _antialias_coeffs(ratio, scale, mode, a)
     if mode == "nearest":
         if float(ratio).is_integer():
             return np.array([0.0, 1.0])
@@ -61,7 +80,7 @@ def resize_matrix(n_in: int, n_out: int, scale: float, a: dict, roi=None):
             extra[x] = a.get("extrapolation_value", 0.0)
             continue
         base = math.floor(xo)
-        c = _coeffs(1.0 if float(xo).is_integer() else xo - base, mode, a)
+        c = _coeffs(1.0 if float(xo).is_integer() else xo - base, mode, a, scale)
         k, pad = len(c), math.ceil(len(c) / 2)
         cands = range(max(-pad, base - k), min(n_in + pad, base + k + 2))
         idx = sorted(sorted(cands, key=lambda i: (abs(xo - i), i))[:k])  # nearest k, lower index first
@@ -93,8 +112,6 @@ def _targets(cx, x, ins, a):
 @op("Resize")
 def _resize(cx, ins, a):
     x = ins[0]
-    if a.get("antialias", 0):
-        raise cx.unsupported("antialiased resize")
     if cx.opset < 11:
         ins = [x, None, ins[1]]
     if not _sh.is_static(x.shape):

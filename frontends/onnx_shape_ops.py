@@ -310,19 +310,7 @@ def _one_hot(cx, ins, a):
 def _cumsum(cx, ins, a):
     x = ins[0]
     axis = _sh.normalize_axis(int(cx.const(ins[1], "axis").reshape(-1)[0]), x.ndim, "cumsum")
-    n = x.shape[axis]
-    if not isinstance(n, int):
-        raise cx.unsupported("cumsum along a symbolic axis")
-    # out[j] = sum_i x[i] * M[i, j]: M is triangular (strict when exclusive, flipped when reverse)
-    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
-    excl, rev = a.get("exclusive", 0), a.get("reverse", 0)
-    mask = (i >= j) if rev else (i <= j)
-    if excl:
-        mask &= i != j
-    perm = [k for k in range(x.ndim) if k != axis] + [axis]
-    xt = gc.transpose(x, perm)
-    y = gc.matmul(xt, gc.constant(mask.astype(x.dtype)))
-    return gc.transpose(y, tuple(int(p) for p in np.argsort(perm)))
+    return gc.cumsum(x, axis, dtype=x.dtype, exclusive=bool(a.get("exclusive", 0)), reverse=bool(a.get("reverse", 0)))
 
 
 @op("CumProd")
@@ -347,43 +335,7 @@ def _cumprod(cx, ins, a):
 
 @op("Einsum")
 def _einsum(cx, ins, a):
-    """Einsum as broadcast products and sums: operands aligned on the union of their indices."""
-    eq = a["equation"].replace(" ", "")
-    lhs, arrow, rhs = eq.partition("->")
-    terms = lhs.split(",")
-    ell_rank = max((t.ndim - (len(s) - 3) for s, t in zip(terms, ins) if "..." in s), default=0)
-    ell = "".join(chr(0x100 + i) for i in range(ell_rank))  # letters for the broadcast dims
-    specs = []
-    for s, t in zip(terms, ins):
-        k = t.ndim - (len(s) - 3) if "..." in s else 0
-        specs.append(s.replace("...", ell[ell_rank - k:]))
-    if not arrow:
-        counts = {c: "".join(specs).count(c) for c in "".join(specs)}
-        rhs = "..." + "".join(sorted(c for c, k in counts.items() if k == 1 and c not in ell))
-    out = rhs.replace("...", ell)
-    ops = [_einsum_diagonals(s, t) for s, t in zip(specs, ins)]
-    letters = list(out) + sorted({c for s, _t in ops for c in s} - set(out))
-    prod = None
-    for s, t in ops:
-        present = [c for c in letters if c in s]
-        t = gc.transpose(t, tuple(s.index(c) for c in present)) if present != list(s) else t
-        shape = tuple(t.shape[present.index(c)] if c in present else 1 for c in letters)
-        t = gc.reshape(t, shape)
-        prod = t if prod is None else prod * t
-    contracted = tuple(range(len(out), len(letters)))
-    return gc.sum(prod, contracted) if contracted else prod
-
-
-def _einsum_diagonals(spec: str, t):
-    """Take the diagonal for each index repeated within one operand ("ii->i")."""
-    while len(set(spec)) < len(spec):
-        c = next(ch for ch in spec if spec.count(ch) > 1)
-        p, q = spec.index(c), spec.index(c, spec.index(c) + 1)
-        n = t.shape[p]
-        eye = np.eye(n, dtype=t.dtype).reshape([n if i in (p, q) else 1 for i in range(t.ndim)])
-        t = gc.sum(t * gc.constant(eye), q)
-        spec = spec[:q] + spec[q + 1:]
-    return spec, t
+    return gc.einsum(a["equation"], *ins)
 
 
 @op("CenterCropPad")

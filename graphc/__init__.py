@@ -38,6 +38,7 @@ _LAZY = {
     "init": ("graphc.init", None), "random": ("graphc.ops.random", None), "passes": ("graphc.passes", None),
     "viz": ("graphc.viz", None), "distributed": ("graphc.distributed", None),
     "preprocessing": ("graphc.preprocessing", None),
+    "quantize": ("graphc.quantization", "quantize"),
     "fit": ("graphc.train", "fit"), "trace": ("graphc.frontends.numpy_trace", "trace"),
     "to_dot": ("graphc.viz", "to_dot"), "draw": ("graphc.viz", "draw"),
     "save": ("graphc.serialize", "save"), "load": ("graphc.serialize", "load"),

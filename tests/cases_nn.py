@@ -353,3 +353,114 @@ CASES += [
          dtypes=("float32",))
     for w, m, name in ((w, _METRIC[w], {"p": "precision", "r": "recall", "f": "f1"}[w]) for w in "prf")
 ]
+
+
+# ---- rms_norm, rotary_embedding, grid_sample, affine_grid (loop references of the definitions) ----
+
+def _rms_ref(x, w, eps=1e-5):
+    y = x / np.sqrt(np.mean(x.astype(np.float64) ** 2, -1, keepdims=True) + eps)
+    return (y * w).astype(x.dtype)
+
+
+def _rope_ref(x, cos, sin, pos=None, interleaved=False, rd=None):
+    """x (B, H, S, D); cos/sin (B, S, R/2) or (P, R/2) at pos (B, S): rotate each pair by its angle."""
+    if pos is not None:
+        cos, sin = cos[pos], sin[pos]
+    out = x.copy()
+    d = x.shape[3]
+    rd = rd or d
+    for b, h, s in itertools.product(*map(range, x.shape[:3])):
+        for i in range(rd // 2):
+            j, k = (2 * i, 2 * i + 1) if interleaved else (i, i + rd // 2)
+            c, sn = cos[b, s, i], sin[b, s, i]
+            out[b, h, s, j] = c * x[b, h, s, j] - sn * x[b, h, s, k]
+            out[b, h, s, k] = sn * x[b, h, s, j] + c * x[b, h, s, k]
+    return out
+
+
+def _keys(t, a=-0.75):
+    t = abs(t)
+    if t <= 1:
+        return ((a + 2) * t - (a + 3)) * t * t + 1
+    if t < 2:
+        return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    return 0.0
+
+
+def _fold(u, size, pad, align):
+    """A source coordinate under border/reflection padding (the definition, step by step)."""
+    if pad == "border":
+        return min(max(u, 0.0), size - 1.0)
+    if pad == "reflection":
+        lo, hi = (0.0, size - 1.0) if align else (-0.5, size - 0.5)
+        span = hi - lo
+        if span <= 0:
+            return 0.0
+        while u < lo or u > hi:
+            u = 2 * lo - u if u < lo else 2 * hi - u
+        return min(max(u, 0.0), size - 1.0)
+    return u
+
+
+def loop_grid_sample(x, grid, mode="bilinear", pad="zeros", align=False):
+    n, c, h, w = x.shape
+    oh, ow = grid.shape[1:3]
+    y = np.zeros((n, c, oh, ow), np.float64)
+
+    def px(b, ch, i, j):
+        if pad != "zeros":
+            i, j = int(_fold(i, h, pad, align)), int(_fold(j, w, pad, align))
+        return x[b, ch, i, j] if 0 <= i < h and 0 <= j < w else 0.0
+    for b, i, j in itertools.product(range(n), range(oh), range(ow)):
+        gx, gy = grid[b, i, j]
+        ux = (gx + 1) / 2 * (w - 1) if align else ((gx + 1) * w - 1) / 2
+        uy = (gy + 1) / 2 * (h - 1) if align else ((gy + 1) * h - 1) / 2
+        for ch in range(c):
+            if mode == "bicubic":
+                x0, y0 = math.floor(ux), math.floor(uy)
+                y[b, ch, i, j] = sum(_keys(ux - (x0 + dx)) * _keys(uy - (y0 + dy)) * px(b, ch, y0 + dy, x0 + dx)
+                                     for dx in range(-1, 3) for dy in range(-1, 3))
+                continue
+            fx, fy = _fold(ux, w, pad, align), _fold(uy, h, pad, align)
+            if mode == "nearest":
+                y[b, ch, i, j] = px(b, ch, int(np.rint(fy)), int(np.rint(fx)))
+                continue
+            x0, y0 = math.floor(fx), math.floor(fy)
+            tx, ty = fx - x0, fy - y0
+            y[b, ch, i, j] = ((1 - tx) * (1 - ty) * px(b, ch, y0, x0) + tx * (1 - ty) * px(b, ch, y0, x0 + 1)
+                              + (1 - tx) * ty * px(b, ch, y0 + 1, x0) + tx * ty * px(b, ch, y0 + 1, x0 + 1))
+    return y.astype(x.dtype)
+
+
+def loop_affine_grid(theta, size, align=False):
+    n, _, h, w = size
+
+    def lin(s):
+        v = np.linspace(-1, 1, s) if s > 1 else np.zeros(s)
+        return v if align else v * (s - 1) / s
+    out = np.zeros((n, h, w, 2), theta.dtype)
+    for b, i, j in itertools.product(range(n), range(h), range(w)):
+        out[b, i, j] = theta[b] @ np.array([lin(w)[j], lin(h)[i], 1.0])
+    return out
+
+
+CASES += [
+    Case("rms_norm", lambda x, w: gc.rms_norm(x, (4,), w, 1e-5), _rms_ref, [[(3, 4), (4,)], [(2, 3, 4), (4,)]]),
+    Case("rotary_embedding", lambda x, c, s: gc.rotary_embedding(x, c, s),
+         lambda x, c, s: _rope_ref(x, c, s), [[(1, 2, 3, 4), (1, 3, 2), (1, 3, 2)]]),
+    Case("rotary_embedding_interleaved_partial", lambda x, c, s, p: gc.rotary_embedding(
+        x, c, s, p, interleaved=True, rotary_dim=4),
+        lambda x, c, s, p: _rope_ref(x, c, s, p, True, 4), [[(2, 1, 3, 6), (5, 2), (5, 2), (2, 3)]],
+        int_inputs={3: (0, 5)}),
+] + [
+    Case(f"grid_sample_{mode}_{pad}{'_align' if align else ''}",
+         lambda x, g, mode=mode, pad=pad, align=align: gc.grid_sample(x, g, mode, pad, align),
+         lambda x, g, mode=mode, pad=pad, align=align: loop_grid_sample(x, g, mode, pad, align),
+         [[(2, 2, 3, 4), (2, 2, 3, 2)]], grad=mode != "nearest")
+    for mode, pad, align in (("bilinear", "zeros", False), ("bilinear", "border", True),
+                             ("bilinear", "reflection", False), ("nearest", "reflection", True),
+                             ("bicubic", "zeros", False), ("bicubic", "reflection", True))
+] + [
+    Case("affine_grid", lambda t: gc.affine_grid(t, (2, 1, 3, 4)), lambda t: loop_affine_grid(t, (2, 1, 3, 4)),
+         [[(2, 2, 3)]]),
+]

@@ -18,7 +18,7 @@ class Case:
     ref: Callable                    # numpy arrays -> array (independent reference)
     shapes: list                     # list of tuples of input shapes
     dtypes: tuple = ("float32", "float64")
-    domain: str = "any"              # any | pos | unit (in (-1, 1)) | int index
+    domain: str = "any"              # any | pos | unit (in (-1, 1)) | gt1 (above 1) | int index
     grad: bool = True                # verify_grad on float64
     int_inputs: dict = field(default_factory=dict)  # position -> (low, high) for integer inputs
     grad_wrt: tuple | None = None    # positions to differentiate (default: all float inputs)
@@ -47,6 +47,14 @@ CASES = [
     Case("sin", gc.sin, np.sin, U),
     Case("cos", gc.cos, np.cos, U),
     Case("atan", gc.atan, np.arctan, U),
+    Case("tan", gc.tan, np.tan, U, domain="unit"),
+    Case("asin", gc.asin, np.arcsin, U, domain="unit"),
+    Case("acos", gc.acos, np.arccos, U, domain="unit"),
+    Case("sinh", gc.sinh, np.sinh, U),
+    Case("cosh", gc.cosh, np.cosh, U),
+    Case("asinh", gc.asinh, np.arcsinh, U),
+    Case("acosh", gc.acosh, np.arccosh, U, domain="gt1"),
+    Case("atanh", gc.atanh, np.arctanh, U, domain="unit"),
     Case("tanh", gc.tanh, np.tanh, U),
     Case("sigmoid", gc.sigmoid, lambda x: (1 / (1 + np.exp(-x))).astype(x.dtype), U),
     Case("relu", gc.relu, lambda x: np.maximum(x, 0), U),
@@ -55,6 +63,9 @@ CASES = [
     Case("erf", gc.erf, _erf, U),
     Case("sign", gc.sign, np.sign, U),
     Case("floor", gc.floor, np.floor, U),
+    Case("ceil", gc.ceil, np.ceil, U),
+    Case("trunc", gc.trunc, np.trunc, U),
+    Case("round", lambda x: gc.round(x * 2), lambda x: np.round(x * 2), U),
     Case("square", gc.square, np.square, U),
     Case("add", lambda a, b: a + b, np.add, B),
     Case("sub", lambda a, b: a - b, np.subtract, B),
@@ -64,6 +75,18 @@ CASES = [
     Case("pow_scalar", lambda a: a ** 3, lambda a: a ** 3, U),
     Case("rsub_scalar", lambda a: 2.0 - a, lambda a: 2.0 - a, U),
     Case("rdiv_scalar", lambda a: 1.0 / a, lambda a: 1.0 / a, U, domain="pos"),
+    Case("mod", gc.mod, np.mod, B),
+    Case("fmod", gc.fmod, np.fmod, B),
+    Case("floor_divide", gc.floor_divide, np.floor_divide, B),
+    Case("int_mod_div", lambda a, b: gc.mod(a, b) * 10000 + gc.fmod(a, -b) * 100 + gc.floor_divide(a, -b) + a // b,
+         lambda a, b: np.mod(a, b) * 10000 + np.fmod(a, -b) * 100 + np.floor_divide(a, -b) + a // b,
+         [[(3, 4), (3, 4)], [(2, 3), (3,)]], dtypes=("int64",), grad=False, int_inputs={0: (-50, 50), 1: (1, 8)}),
+    Case("bitwise", lambda a, b: (a & b) ^ (a | ~b) ^ gc.left_shift(a, b) ^ gc.right_shift(a, b) ^ (a >> 3) ^ (a << 2),
+         lambda a, b: (a & b) ^ (a | ~b) ^ np.left_shift(a, b) ^ np.right_shift(a, b) ^ (a >> 3) ^ (a << 2),
+         [[(3, 4), (3, 4)], [(2, 3), (3,)]], dtypes=("int64",), grad=False,
+         int_inputs={0: (-2 ** 40, 2 ** 40), 1: (0, 70)}),
+    Case("isnan_isinf", lambda x: gc.cast(gc.isnan(gc.log(x)) | gc.isinf(1 / (x * 0)) & gc.isfinite(x), x.dtype),
+         lambda x: (np.isnan(np.log(x)) | np.isinf(1 / (x * 0)) & np.isfinite(x)).astype(x.dtype), U, grad=False),
     Case("maximum", gc.maximum, np.maximum, B),
     Case("minimum", gc.minimum, np.minimum, B),
     Case("where", lambda a, b: gc.where(a > b, a, b * 2), lambda a, b: np.where(a > b, a, b * 2), B),
@@ -85,6 +108,12 @@ CASES = [
     Case("var", lambda x: gc.var(x, axis=0), lambda x: np.var(x, 0), [[(5, 3)]]),
     Case("var_ddof", lambda x: gc.var(x, ddof=1), lambda x: np.var(x, ddof=1), [[(4, 3)]]),
     Case("std", lambda x: gc.std(x, axis=1), lambda x: np.std(x, 1), [[(3, 5)]]),
+    Case("cumsum", lambda x: gc.cumsum(x, axis=-1), lambda x: np.cumsum(x, -1), [[(3, 4)], [(2, 0)], [(5,)], [(2, 3, 4)]]),
+    Case("cumsum_excl_rev", lambda x: gc.cumsum(x, axis=0, exclusive=True, reverse=True),
+         lambda x: np.flip(np.cumsum(np.flip(x, 0), 0), 0) - x, [[(4, 3)], [(2, 3, 4)]]),
+    Case("cumsum_flat", lambda x: gc.cumsum(x.T), lambda x: np.cumsum(x.T), [[(3, 4)]]),
+    Case("cumsum_int", lambda a: gc.cumsum(a, axis=1, exclusive=True), lambda a: np.cumsum(a, 1) - a, [[(3, 4)]],
+         dtypes=("int64",), grad=False, int_inputs={0: (-100, 100)}),
     Case("argmax", lambda x: gc.cast(gc.argmax(x, axis=1), x.dtype), lambda x: np.argmax(x, 1).astype(x.dtype),
          [[(3, 4)], [(1, 5)]], grad=False),
     Case("argmin_all", lambda x: gc.cast(gc.argmin(x), x.dtype), lambda x: np.asarray(np.argmin(x)).astype(x.dtype),
@@ -102,6 +131,11 @@ CASES = [
          [[(3, 4), (4, 5)], [(4,), (4, 2)], [(3, 4), (4,)], [(2, 3, 4), (4, 2)], [(2, 1, 3, 4), (3, 4, 2)],
           [(0, 3), (3, 2)], [(4,), (4,)]]),
     Case("dot", gc.dot, np.dot, [[(3, 4), (4, 2)], [(), (3,)]]),
+    Case("einsum", lambda a, b: gc.einsum("bij,bkj->bik", a, b), lambda a, b: np.einsum("bij,bkj->bik", a, b),
+         [[(2, 3, 4), (2, 5, 4)], [(1, 3, 4), (3, 2, 4)]]),
+    Case("einsum_diag", lambda a, b: gc.einsum("...ii,i->...i", a, b), lambda a, b: np.einsum("...ii,i->...i", a, b),
+         [[(2, 3, 3), (3,)]]),
+    Case("diagonal", lambda x: gc.diagonal(x, 1, 0, 2), lambda x: np.diagonal(x, 1, 0, 2), [[(3, 2, 4)]]),
     Case("reshape", lambda x: x.reshape(2, -1), lambda x: x.reshape(2, -1), [[(2, 6)], [(4, 3)]]),
     Case("transpose", lambda x: x.T, lambda x: x.T, [[(3, 4)], [(2, 3, 4)]]),
     Case("transpose_axes", lambda x: x.transpose(1, 2, 0), lambda x: x.transpose(1, 2, 0), [[(2, 3, 4)]]),
@@ -156,6 +190,10 @@ def make_inputs(case: Case, shapes, dtype, rng):
             continue
         if case.domain == "pos":
             a = rng.uniform(0.5, 2.0, size=s)
+        elif case.domain == "unit":
+            a = rng.uniform(-0.9, 0.9, size=s)
+        elif case.domain == "gt1":
+            a = rng.uniform(1.2, 3.0, size=s)
         else:
             a = rng.uniform(-2.0, 2.0, size=s)
             # keep away from kinks (relu, abs, max ties, floor) so finite differences are valid

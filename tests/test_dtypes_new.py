@@ -22,12 +22,23 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 HALVES = ["float16", "bfloat16"]
 NEW_INTS = ["int8", "uint8", "int16", "uint16", "uint32", "uint64"]
 ALL_INTS = ["int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64"]
-#: the backends that run the new dtypes (cuda refuses them at compile time: test_cuda_refuses_new_dtypes)
-BACKENDS = ["numpy", "llvm"]
+#: the backends that run the new dtypes (cuda's kernels run here through cuda-emulated; nvcc compiles
+#: them in test_dtypes_cuda.py)
+BACKENDS = ["numpy", "llvm", "cuda-emulated"]
+
+
+#: the op table and gradient table compile one function per row on these; cuda-emulated runs the same
+#: rows batched into a few functions (test_dtypes_cuda.py: one host compile per batch, not per row)
+PER_ROW_BACKENDS = ["numpy", "llvm"]
 
 
 @pytest.fixture(params=BACKENDS)
 def be(request):
+    return backend_or_skip(request.param)
+
+
+@pytest.fixture(params=PER_ROW_BACKENDS)
+def be_row(request):
     return backend_or_skip(request.param)
 
 
@@ -232,28 +243,41 @@ def _half_params():
     return out
 
 
-@pytest.mark.parametrize("case,shapes,dtype", _half_params())
-def test_op_table_in_half_precision(case, shapes, dtype, be, rng):
-    """Every float op-table row (first shape) in float16/bfloat16 on numpy and llvm: the result dtype is
-    the half dtype and the values are the row's NumPy reference computed in float32 on the same
-    (half-representable) inputs, within a few roundings of the half dtype."""
+def half_row(case, shapes, dtype, rng, prefix="x"):
+    """An op-table row in `dtype`: (placeholders, inputs, output tensor, reference). The inputs are the
+    row's float32 inputs rounded to the dtype; the reference is the row's NumPy reference computed in
+    float32 on them. The output's dtype is checked: the half dtype where float32 gives float32 (metrics
+    stay float32), else the same (float64, int64, ...)."""
     xs32 = make_inputs(case, shapes, "float32", rng)
     xs = [x.astype(npdt(dtype)) if i not in case.int_inputs else x for i, x in enumerate(xs32)]
-    phs = [gc.placeholder(f"x{i}", x.shape, x.dtype.name) for i, x in enumerate(xs)]
+    phs = [gc.placeholder(f"{prefix}{i}", x.shape, x.dtype.name) for i, x in enumerate(xs)]
     out = case.fn(*phs)
     with np.errstate(all="ignore"):
         want = np.asarray(case.ref(*[x.astype(np.float32) if x.dtype == npdt(dtype) else x for x in xs]))
     out32 = case.fn(*[gc.placeholder(f"y{i}", x.shape, "float32" if x.dtype == npdt(dtype) else x.dtype.name)
                       for i, x in enumerate(xs)])
-    # the half dtype where float32 gives float32 (metrics stay float32), else the same (float64, int64, ...)
     assert out.dtype in ((dtype, "float32") if out32.dtype == "float32" else (out32.dtype,)), out.dtype
-    got = gc.function(phs, out, backend=be)(*xs)
-    assert got.shape == want.shape
-    assert got.dtype == npdt(out.dtype)
+    return phs, xs, out, want
+
+
+def check_half_row(case, dtype, got, out, want, where):
+    """A row's result within a few roundings of the half dtype of its float32 reference."""
+    assert got.shape == want.shape, f"{case.name} {dtype} on {where}"
+    assert got.dtype == npdt(out.dtype), f"{case.name} {dtype} on {where}"
     k = 4 * LOOSE.get(case.name, 1)
     scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
     np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), rtol=k * EPS[dtype],
-                               atol=k * EPS[dtype] * scale, err_msg=f"{case.name} {dtype} on {be}")
+                               atol=k * EPS[dtype] * scale, err_msg=f"{case.name} {dtype} on {where}")
+
+
+@pytest.mark.parametrize("case,shapes,dtype", _half_params())
+def test_op_table_in_half_precision(case, shapes, dtype, be_row, rng):
+    """Every float op-table row (first shape) in float16/bfloat16 on numpy and llvm: the result dtype is
+    the half dtype and the values are the row's NumPy reference computed in float32 on the same
+    (half-representable) inputs, within a few roundings of the half dtype."""
+    phs, xs, out, want = half_row(case, shapes, dtype, rng)
+    got = gc.function(phs, out, backend=be_row)(*xs)
+    check_half_row(case, dtype, got, out, want, be_row)
 
 
 @pytest.mark.parametrize("dtype", HALVES)
@@ -300,28 +324,44 @@ def _grad_params():
     return out
 
 
-@pytest.mark.parametrize("case,shapes,dtype", _grad_params())
-def test_gradients_in_half_precision(case, shapes, dtype, be, rng):
-    """gc.grad of each differentiable float row in float16/bfloat16 (float32 compute, rounded on store)
-    against the float64 gradient at the same inputs (loose: each op rounds its result)."""
+def half_grad_row(case, shapes, dtype, rng, prefix="x"):
+    """A differentiable row's gradient graph in `dtype`: (placeholders, inputs, gradient tensors, the
+    float64 gradients at the same inputs from the NumPy backend); None for a row with an empty input."""
     xs = [x.astype(npdt(dtype)) for x in make_inputs(case, shapes, "float32", rng)]
     if any(x.size == 0 for x in xs):
-        pytest.skip("empty input")
+        return None
 
-    def grads_of(d, backend):
-        phs = [gc.placeholder(f"x{i}", x.shape, d) for i, x in enumerate(xs)]
+    def grads_of(d):
+        phs = [gc.placeholder(f"{prefix}{i}", x.shape, d) for i, x in enumerate(xs)]
         out = case.fn(*phs)
         proj = np.linspace(-1, 1, max(1, int(np.prod(out.shape)))).reshape(out.shape)
         cost = gc.sum(out * gc.constant(proj, d))
-        return gc.function(phs, gc.grad(cost, phs), backend=backend)(*[x.astype(npdt(d)) for x in xs])
-    want = grads_of("float64", "numpy")
-    got = grads_of(dtype, be)
+        return phs, gc.grad(cost, phs)
+    phs64, g64 = grads_of("float64")
+    want = gc.function(phs64, g64, backend="numpy")(*[x.astype(np.float64) for x in xs])
+    phs, grads = grads_of(dtype)
+    return phs, xs, grads, want
+
+
+def check_half_grads(case, dtype, got, want, where):
     k = 8 * LOOSE.get(case.name, 1)
     for g, w in zip(got, want):
-        assert g.dtype == npdt(dtype)
+        assert g.dtype == npdt(dtype), f"{case.name} {dtype} on {where}"
         scale = max(1.0, float(np.max(np.abs(w)))) if w.size else 1.0
         np.testing.assert_allclose(g.astype(np.float64), w, rtol=k * EPS[dtype], atol=k * EPS[dtype] * scale,
-                                   err_msg=f"{case.name} {dtype} on {be}")
+                                   err_msg=f"{case.name} {dtype} on {where}")
+
+
+@pytest.mark.parametrize("case,shapes,dtype", _grad_params())
+def test_gradients_in_half_precision(case, shapes, dtype, be_row, rng):
+    """gc.grad of each differentiable float row in float16/bfloat16 (float32 compute, rounded on store)
+    against the float64 gradient at the same inputs (loose: each op rounds its result)."""
+    row = half_grad_row(case, shapes, dtype, rng)
+    if row is None:
+        pytest.skip("empty input")
+    phs, xs, grads, want = row
+    got = gc.function(phs, grads, backend=be_row)(*xs)
+    check_half_grads(case, dtype, got, want, be_row)
 
 
 # ---- a float16 and a bfloat16 MLP train ------------------------------------------------------------------
@@ -358,15 +398,41 @@ def test_half_mlp_trains_close_to_float32(dtype, be):
     assert abs(acc - ref_acc) <= 0.1
 
 
-# ---- cuda refuses the new dtypes --------------------------------------------------------------------------
+# ---- a float16 and a bfloat16 LeNet-like step: convolutions and pools native --------------------------------
 
-@pytest.mark.parametrize("d", ["float16", "bfloat16", "uint8", "int16"])
-def test_cuda_refuses_new_dtypes(d):
-    from graphc.backends.cuda.lower import lower
-    x = gc.placeholder("x", (3,), d)
-    g = gc.function([x], x + x, backend="numpy").graph
-    with pytest.raises(gc.DTypeError, match=f"does not support dtype {d}"):
-        lower(g)
+def _lenet_step(dtype, backend):
+    """Loss and gradients of a LeNet-like step: conv2d + bias + relu, max pooling, conv-based average and
+    L2 pooling, a dense layer, log_softmax."""
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((4, 1, 12, 12)).astype(npdt(dtype))
+    y = rng.integers(0, 3, 4)
+    w1 = gc.parameter("w1", rng.normal(0, 0.3, (4, 1, 3, 3)), dtype=dtype)
+    b1 = gc.parameter("b1", rng.normal(0, 0.1, 4), dtype=dtype)
+    w2 = gc.parameter("w2", rng.normal(0, 0.3, (3, 4 * 5 * 5)), dtype=dtype)
+    x = gc.placeholder("x", (None, 1, 12, 12), dtype)
+    t = gc.placeholder("t", (None,), "int64")
+    h = gc.max_pool2d(gc.relu(gc.conv2d(x, w1) + gc.reshape(b1, (1, 4, 1, 1))), 2)
+    h = gc.avg_pool2d(h, 3, stride=1, padding=1) + gc.lp_pool2d(h, 2.0, 3, stride=1, padding=1)
+    logits = gc.reshape(h, (-1, 4 * 5 * 5)) @ gc.transpose(w2)
+    loss = -gc.mean(gc.sum(gc.log_softmax(logits, axis=1) * gc.one_hot(t, 3, dtype), axis=1))
+    f = gc.function([x, t], [loss, *gc.grad(loss, [w1, b1, w2, x])], backend=backend)
+    return f, f(X, y)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "numpy"])
+@pytest.mark.parametrize("dtype", HALVES)
+def test_half_lenet_step_is_native(dtype, backend):
+    """conv2d, its input and weight gradients, max/avg/L2 pooling in float16/bfloat16 run as kernels (float32
+    compute, one rounding per result: nothing on the host) and equal the NumPy backend within the dtype's
+    rounding."""
+    f, got = _lenet_step(dtype, backend_or_skip(backend))
+    assert f.program.info["fallback_ops"] == []
+    _, want = _lenet_step(dtype, "numpy")
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == npdt(dtype)
+        scale = max(1.0, float(np.max(np.abs(w.astype(np.float64)))))
+        np.testing.assert_allclose(g.astype(np.float64), w.astype(np.float64), rtol=8 * EPS[dtype],
+                                   atol=8 * EPS[dtype] * scale)
 
 
 # ---- files, random draws ------------------------------------------------------------------------------------

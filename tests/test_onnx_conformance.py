@@ -12,12 +12,19 @@ pytest.importorskip("onnx", reason="onnx is not installed")
 from graphc.frontends.onnx_backend import GraphcBackend, run_suite  # noqa: E402
 from tests.conftest import backend_or_skip  # noqa: E402
 
-MIN_NODE_PASSES = 1240  # the issue asks for >= 700; 1243 pass today
+MIN_NODE_PASSES = 1575  # issue 14 asks for >= 1450 (ONNX Runtime: 1310); 1581 pass on numpy and llvm today
+
+
+#: cases whose expected outputs are wrong beyond the case's tolerance (they fail on ONNX Runtime too):
+#: the inverse complex DFT's outputs hold ~2e-7 of float32 FFT rounding noise where the exact value is
+#: 0 (atol 1e-7); graphc computes ~1e-15 there. They must fail with exactly that mismatch, nothing else.
+DISPUTED = {"test_dft_inverse": "Mismatched elements: 10 / 200", "test_dft_inverse_opset19": "Mismatched elements: 10 / 200"}
 
 
 def _report(kind, backend, res):
     print(f"\nONNX {kind} suite on {backend}: {res.summary()}")
-    assert not res.failed, "supported cases failing:\n" + "\n".join(f"{k}: {v}" for k, v in sorted(res.failed.items()))
+    failed = {k: v for k, v in res.failed.items() if not (k in DISPUTED and DISPUTED[k] in v)}
+    assert not failed, "supported cases failing:\n" + "\n".join(f"{k}: {v}" for k, v in sorted(failed.items()))
 
 
 @pytest.fixture(scope="module")

@@ -103,6 +103,9 @@ def eval_dim(d, dims: dict) -> int:
     return _sh.evaluate((d,), {_sh.dim_symbol(k): v for k, v in (dims or {}).items()})[0]
 
 
+_SMALL_INTS = {"int8": "signed char", "uint8": "unsigned char", "int16": "short", "uint16": "unsigned short"}
+
+
 def c_literal(value, dtype: str) -> str:
     """A C literal of `dtype` for a NumPy scalar (exact for float32: shortest round-trip digits)."""
     v = np.asarray(value).item()
@@ -113,12 +116,20 @@ def c_literal(value, dtype: str) -> str:
     if dtype == "int64":
         v = int(v)
         return f"{v}LL" if v >= 0 else ("(-9223372036854775807LL - 1)" if v == -2**63 else f"({v}LL)")
-    ctype = "float" if dtype == "float32" else "double"
+    if dtype == "uint64":
+        return f"{int(v)}ULL"
+    if dtype == "uint32":
+        return f"{int(v)}u"
+    if dtype in _SMALL_INTS:   # int8 .. uint16: an int literal converted to the type
+        return f"(({_SMALL_INTS[dtype]}){int(v)})"
+    # float16/bfloat16 values are floats in registers (exact in float32)
+    single = dtype in ("float32", "float16", "bfloat16")
+    ctype = "float" if single else "double"
     if math.isnan(v):
         return f"(({ctype})GC_NAN)"
     if math.isinf(v):
         return f"(({ctype})GC_INF)" if v > 0 else f"(-({ctype})GC_INF)"
-    s = str(np.float32(v)) + "f" if dtype == "float32" else repr(float(v))
+    s = str(np.float32(v)) + "f" if single else repr(float(v))
     return s if not s.startswith("-") else f"({s})"
 
 

@@ -86,6 +86,22 @@ def nvrtc_library() -> str | None:
     return None
 
 
+def nvrtc_include_options(source: str) -> list[str]:
+    """-I for a directory holding cuda_fp16.h / cuda_bf16.h (a toolkit's include, or the nvidia wheels'),
+    when the source includes them (float16/bfloat16 graphs) and one is found: NVRTC versions without
+    them built in find them there."""
+    if "#include <cuda_fp16.h>" not in source:
+        return []
+    dirs = sorted(glob.glob("/usr/local/cuda*/include")) + sorted(glob.glob("/usr/include"))
+    for mod in ("nvidia.cuda_runtime", "nvidia.cuda_nvrtc"):
+        try:
+            import importlib
+            dirs += [os.path.join(d, "include") for d in importlib.import_module(mod).__path__]
+        except ImportError:
+            pass
+    return [f"-I{d}" for d in dirs if os.path.exists(os.path.join(d, "cuda_fp16.h"))][:1]
+
+
 def _nvrtc(source, arch, options) -> bytes:
     lib_path = nvrtc_library()
     if lib_path is None:
@@ -94,7 +110,7 @@ def _nvrtc(source, arch, options) -> bytes:
     prog = ctypes.c_void_p()
     _check(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"graph.cu", 0, None, None))
     opts = [f"--gpu-architecture={arch.replace('sm_', 'compute_')}".encode(), b"-std=c++17",
-            *[o.encode() for o in options]]
+            *[o.encode() for o in (*options, *nvrtc_include_options(source))]]
     arr = (ctypes.c_char_p * len(opts))(*opts)
     rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
     if rc != 0:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from graphc import dtypes as _dt
 from .cexpr import View, cmul, contiguous_strides, coords_code, cprod
-from .prelude import C_TYPES
+from .prelude import C_TYPES, VALUE_TYPES, load, store
 
 THREADS = 256
 TILE = 16
@@ -33,7 +34,8 @@ def grid_stride(n, indent="  ") -> str:
 
 
 def pointwise(name, comment, loop_c, ins, outs, element, vec=(), out_index=None) -> str:
-    """out_k[i] = f_k(inputs at loop coordinate i) over the loop shape (grid-stride loop); with
+    """out_k[i] = f_k(inputs at loop coordinate i) over the loop shape (grid-stride loop); values are
+    register values (prelude.VALUE_TYPES), stored with prelude.store; with
     `out_index` (one `coords -> index` per output) out_k is written at that index instead of i.
     `element(coords, linear, indent, lane=None) -> (lines, [value per output])`. With `vec` (the
     inputs read linearly; every buffer float32, the others broadcast scalars), a float4 loop does
@@ -61,7 +63,7 @@ def pointwise(name, comment, loop_c, ins, outs, element, vec=(), out_index=None)
     if any(c in "\n".join(body + vals + where) for c in coords):
         lines += coords_code("i", loop_c, coords, "    ")
     lines += body
-    lines += [f"    {n}[{w}] = {v};" for (n, _), v, w in zip(outs, vals, where)]
+    lines += [f"    {n}[{w}] = {store(v, dt)};" for (n, dt), v, w in zip(outs, vals, where)]
     lines += ["  }", "}"]
     return "\n".join(lines) + "\n"
 
@@ -107,7 +109,7 @@ def reduce_kernel(name, comment, reducer, shape_c, axes, acc_dt, ins, out, eleme
     """out[o] = the reduction over the reduced axes (reducer: a Monoid, ArgReduce or LOG_SUM_EXP)."""
     kept = [a for a in range(len(shape_c)) if a not in axes]
     coords, kept_lines, red_lines = _split(kept, list(axes), shape_c, "    ")
-    t = C_TYPES[acc_dt]
+    t = VALUE_TYPES[acc_dt]   # float16/bfloat16 accumulate in float, rounded once on store
     lines = [f"// {comment}", signature(name, ins, [out], threads) + " {"]
     lines += _row_loops([shape_c[a] for a in kept], [shape_c[a] for a in axes])
     lines += kept_lines
@@ -119,20 +121,20 @@ def reduce_kernel(name, comment, reducer, shape_c, axes, acc_dt, ins, out, eleme
         el, v = element(coords, "      ")
         ls += el + [f"      const {t} x_ = ({t})({v});", f"      {update}", "    }"]
         return ls
-    kd = "f" if acc_dt.startswith("float") else "i"
+    kd = "f" if _dt.is_float(acc_dt) else "i"
     if isinstance(reducer, Monoid):
         fn = reducer.combine
         idv = (reducer.float_identity if kd == "f" else reducer.int_identity).format(t=t)
         lines += loop(idv, f"acc = {fn}(acc, x_);")
         lines += [f"    acc = gc_block_reduce(acc, {fn}, ({t})({idv}));",
-                  f"    if (threadIdx.x == 0) {out[0]}[o] = acc;"]
+                  f"    if (threadIdx.x == 0) {out[0]}[o] = {store('acc', out[1])};"]
     elif isinstance(reducer, LogSumExp):
         lines += loop("-GC_INF", "m = gc_max(m, x_);", "m")
         lines += [f"    m = gc_block_reduce(m, GcMax(), ({t})-GC_INF);",
                   f"    if (!gc_finite(m)) m = 0;  // all -inf (or inf/nan): NumPy's reference does the same"]
         lines += loop("0", "acc += exp(x_ - m);")
         lines += [f"    acc = gc_block_reduce(acc, GcSum(), ({t})0);",
-                  f"    if (threadIdx.x == 0) {out[0]}[o] = log(acc) + m;"]
+                  f"    if (threadIdx.x == 0) {out[0]}[o] = {store('log(acc) + m', out[1])};"]
     elif isinstance(reducer, ArgReduce):  # index into the flattened reduced axes
         is_max = str(reducer.is_max).lower()
         lines += [f"    {t} best = 0; long long bi = -1;",
@@ -149,8 +151,10 @@ def reduce_kernel(name, comment, reducer, shape_c, axes, acc_dt, ins, out, eleme
 
 
 def softmax_kernel(name, comment, log, shape_c, axis, x, out, threads) -> str:
-    """Row-wise (log-)softmax along `axis`: block max, block sum of exp(x - max), then write."""
-    t = C_TYPES[out[1]]
+    """Row-wise (log-)softmax along `axis`: block max, block sum of exp(x - max), then write (float16/
+    bfloat16 in float, rounded once on store)."""
+    t = VALUE_TYPES[out[1]]
+    xk = load(f"{x[0]}[k]", x[1])
     kept = [a for a in range(len(shape_c)) if a != axis]
     coords, kept_lines, red_lines = _split(kept, [axis], shape_c, "    ")
     idx = View(0, contiguous_strides(shape_c)).index(coords)
@@ -160,11 +164,11 @@ def softmax_kernel(name, comment, log, shape_c, axis, x, out, threads) -> str:
     def loop(body):
         return ["    for (long long j = threadIdx.x; j < n_red; j += blockDim.x) {", *red_lines,
                 f"      const long long k = {idx};", f"      {body}", "    }"]
-    lines += [f"    {t} m = -GC_INF;"] + loop(f"m = gc_max(m, {x[0]}[k]);")
+    lines += [f"    {t} m = -GC_INF;"] + loop(f"m = gc_max(m, ({t}){xk});")
     lines += [f"    m = gc_block_reduce(m, GcMax(), ({t})-GC_INF);", f"    {t} s = 0;"]
-    lines += loop(f"s += exp({x[0]}[k] - m);")
+    lines += loop(f"s += exp({xk} - m);")
     lines += ["    s = gc_block_reduce(s, GcSum(), (" + t + ")0);"]
-    write = f"{out[0]}[k] = {x[0]}[k] - m - log(s);" if log else f"{out[0]}[k] = exp({x[0]}[k] - m) / s;"
+    write = f"{out[0]}[k] = {store(f'{xk} - m - log(s)' if log else f'exp({xk} - m) / s', out[1])};"
     lines += loop(write) + ["  }", "}"]
     return "\n".join(lines) + "\n"
 
@@ -172,8 +176,9 @@ def softmax_kernel(name, comment, log, shape_c, axis, x, out, threads) -> str:
 def gemm_kernel(name, comment, ins, outs, acc_dt, M, N, K, nbatch, batch_lines, a_lines, b_lines, store) -> str:
     """Tiled GEMM skeleton (16x16 tiles through shared memory, blockIdx.z strides over a batch).
     Loaders fill `v` for A[r, q] / B[q, cc] (zero outside), so convolutions use it as implicit GEMM;
-    `store` writes `acc` for (row, col)."""
-    t = C_TYPES[acc_dt]
+    `store` writes `acc` for (row, col). `acc_dt` is the output's dtype (float16/bfloat16 accumulate
+    in float: its register type)."""
+    t = VALUE_TYPES[acc_dt]
     lines = [f"// {comment}", signature(name, ins, outs, TILE * TILE) + " {",
              f"  __shared__ {t} As[{TILE}][{TILE + 1}];  // +1 column: no shared-memory bank conflicts",
              f"  __shared__ {t} Bs[{TILE}][{TILE + 1}];",
@@ -208,26 +213,36 @@ def matmul_kernel(name, comment, a, b, outs, n, k, m, batch_c, a_bstrides, b_bst
     """Batched C = A @ B (batch dims broadcast through the per-operand batch strides).
     `epilogue(batch_coords, indent)` replaces the plain store: a fused elementwise tail applied to
     `acc` before writing (bias, activation), reading `extra` inputs."""
-    t = C_TYPES[outs[0][1]]
+    t = VALUE_TYPES[outs[0][1]]
     bcoords = [f"b{q}" for q in range(len(batch_c))]
     aoff = View(0, a_bstrides).index(bcoords)
     boff = View(0, b_bstrides).index(bcoords)
     batch = coords_code("bz", batch_c, bcoords, "    ") + [
         f"    const {C_TYPES[a[1]]}* A = {a[0]} + {aoff} * M * K;",
         f"    const {C_TYPES[b[1]]}* B = {b[0]} + {boff} * K * N;"]
-    store = epilogue(bcoords, "      ") if epilogue else [f"      {outs[0][0]}[bz * M * N + row * N + col] = acc;"]
+    st = epilogue(bcoords, "      ") if epilogue else \
+        [f"      {outs[0][0]}[bz * M * N + row * N + col] = {store('acc', outs[0][1])};"]
     return gemm_kernel(name, comment, [a, b, *extra], outs, outs[0][1], n, m, k, cprod(batch_c), batch,
-                       [f"          v = ({t})A[r * K + q];"], [f"          v = ({t})B[q * N + cc];"], store)
+                       [f"          v = ({t}){load('A[r * K + q]', a[1])};"],
+                       [f"          v = ({t}){load('B[q * N + cc]', b[1])};"], st)
 
 
 def scatter_kernel(name, comment, loop_c, ins, dst, target, accumulate, extra_outs=()) -> str:
-    """dst[target(c)] (+)= src[i] over src's elements (gradients of indexing; dst is zero-filled first)."""
+    """dst[target(c)] (+)= src[i] over src's elements (gradients of indexing; dst is zero-filled first).
+    Accumulation is an atomicAdd on dst's type (float, double, int, unsigned, 64-bit integers; a
+    float16/bfloat16 destination is a float32 buffer, converted afterwards: lower.CudaSchedule.scatter)."""
     coords = [f"c{k}" for k in range(len(loop_c))]
     src = ins[0]
     lines = [f"// {comment}", signature(name, ins, [dst, *extra_outs], THREADS) + " {", grid_stride(cprod(loop_c))]
     tl, tidx = target(coords, "    ")
     lines += coords_code("i", loop_c, coords, "    ") + tl
-    op = f"atomicAdd(&{dst[0]}[{tidx}], {src[0]}[i]);" if accumulate else f"{dst[0]}[{tidx}] = {src[0]}[i];"
+    val = f"({VALUE_TYPES[dst[1]]}){load(f'{src[0]}[i]', src[1])}"
+    if not accumulate:
+        op = f"{dst[0]}[{tidx}] = {store(val, dst[1])};"
+    elif dst[1] == "int64":   # no signed 64-bit atomicAdd: the two's complement sum is the unsigned one
+        op = f"atomicAdd((unsigned long long*)&{dst[0]}[{tidx}], (unsigned long long){val});"
+    else:
+        op = f"atomicAdd(&{dst[0]}[{tidx}], {val if src[1] != dst[1] else src[0] + '[i]'});"
     lines += [f"    {op}", "  }", "}"]
     return "\n".join(lines) + "\n"
 

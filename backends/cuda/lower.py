@@ -27,7 +27,7 @@ from typing import Callable
 import sympy
 
 from graphc import dtypes as _dt
-from graphc.backends.schedule.plan import ROWS as SHARED, Schedule, registrar
+from graphc.backends.schedule.plan import ROWS as SHARED, NotLowerable, Schedule, registrar
 from graphc.backends.schedule.steps import HostStep, LoopStep
 from graphc.backends.schedule.views import View, broadcast_strides, contig_strides, is_int, product
 from graphc.ir import Graph, Node, Tensor, Trait
@@ -41,7 +41,8 @@ from graphc.ops.shape_ops import BroadcastTo, IndexGrad, SizeOf, Take, TakeGrad
 from . import kernels as K
 from .cexpr import DimTable, broadcast_view, c_literal, cadd, cmul, contiguous_strides, cprod
 from .cexpr import View as CView
-from .prelude import C_TYPES, PRELUDE
+from .prelude import C_TYPES, HALF_PRELUDE, PRELUDE, VALUE_TYPES, convert, rounded, store, uses_half
+from .prelude import load as c_load
 
 __all__ = ["CudaSchedule", "Launch", "lower", "lowers", "ROWS", "C_CODE", "C_INT_CODE", "REDUCERS"]
 
@@ -54,7 +55,7 @@ def _same_value(s, nd, vals) -> str:
 
 def _size_of(s, nd, vals) -> str:
     n = product(s.dim_values([nd.inputs[0].shape[a] for a in nd.attrs["axes"]]))
-    return f"(({C_TYPES[nd.outputs[0].dtype]}){s.c(n)})"
+    return f"(({VALUE_TYPES[nd.outputs[0].dtype]}){s.c(n)})"
 
 
 #: op -> C spelling of one element (helpers gc_* come from the prelude)
@@ -73,15 +74,61 @@ C_CODE = {
     E.logical_and.op: "({0} && {1})", E.logical_or.op: "({0} || {1})", E.Where: "({0} ? {1} : {2})",
     Cast: _same_value, StopGradient: _same_value, BroadcastTo: _same_value, SizeOf: _size_of,
 }
-#: spellings used when the operands are integers (the C math functions take floating point)
-C_INT_CODE = {E.floor.op: "{0}", E.pow.op: "gc_ipow({0}, {1})"}
+#: spellings used when the operands are integers (the C math functions take floating point; products
+#: wrap at the type's width: unsigned short * unsigned short would overflow C's int)
+C_INT_CODE = {E.floor.op: "{0}", E.pow.op: "gc_ipow({0}, {1})", E.mul.op: "gc_imul({0}, {1})"}
+
+
+def _mod_spellings() -> tuple[dict, dict]:
+    """np.remainder / np.fmod / np.floor_divide (float and integer spellings, NumPy's definitions: the
+    float ones as npy_remainder / npy_floor_divide compute them; an integer x % 0, x // 0, x % -1 is 0,
+    x // -1 is -x wrapping) and the shifts (0, or -1 for a negative signed value, past the bit width)."""
+    m, b = "fmod({0}, {1})", "({1})"
+    wrong = f"(({b} < 0) != ({m} < 0))"
+    fmod_floored = f"({b} == 0 ? {m} : ({m} != 0 ? ({wrong} ? {m} + {b} : {m}) : ({b} < 0 ? -0.0 : 0.0)))"
+    div = f"(({{0}} - {m}) / {b} - (({m} != 0 && {wrong}) ? 1 : 0))"
+    snapped = f"(floor({div}) + (({div} - floor({div})) > 0.5 ? 1 : 0))"
+    ffloordiv = f"({b} == 0 ? {{0}} / {b} : ({div} != 0 ? {snapped} : (signbit({{0}} / {b}) ? -0.0 : 0.0)))"
+    bad = f"({b} == 0 || ({b} < 0 && {b} == -1))"      # never evaluate x % 0 or MIN % -1 (x86 traps)
+    rem = f"(({{0}}) % {b})"
+    ifix = f"({rem} != 0 && (({rem} < 0) != ({b} < 0)))"
+    imod = f"({bad} ? 0 : ({ifix} ? {rem} + {b} : {rem}))"
+    ifloordiv = (f"({b} == 0 ? 0ULL : ({b} < 0 && {b} == -1) ? 0ULL - (unsigned long long)({{0}}) : "
+                 f"(unsigned long long)(({{0}}) / {b} - ({ifix} ? 1 : 0)))")
+    width = "(8 * sizeof({0}))"
+    floats = {E.mod.op: fmod_floored, E.fmod.op: m, E.floor_divide.op: ffloordiv}
+    ints = {E.mod.op: imod, E.fmod.op: f"({bad} ? 0 : {rem})", E.floor_divide.op: ifloordiv,
+            E.left_shift.op: f"((unsigned long long)({{1}}) < {width} ? (unsigned long long)({{0}}) << ({{1}}) : 0ULL)",
+            E.right_shift.op: f"((unsigned long long)({{1}}) < {width} ? ({{0}}) >> ({{1}}) : (({{0}}) < 0 ? -1 : 0))"}
+    return floats, ints
+
+
+def _bitwise_not(s, nd, vals) -> str:
+    t = nd.outputs[0].dtype
+    x = s._value(nd.inputs[0], vals, t)
+    return f"(!{x})" if t == "bool" else f"(({C_TYPES[t]})~{x})"
+
+
+C_CODE.update({
+    **{f.op: f"{f.__name__}({{0}})" for f in (E.tan, E.asin, E.acos, E.sinh, E.cosh, E.asinh, E.acosh, E.atanh,
+                                              E.ceil, E.trunc)},
+    E.round.op: "rint({0})", **_mod_spellings()[0], **{op: s for op, s in _mod_spellings()[1].items()
+                                                       if op in (E.left_shift.op, E.right_shift.op)},
+    E.bitwise_and.op: "({0} & {1})", E.bitwise_or.op: "({0} | {1})", E.bitwise_xor.op: "({0} ^ {1})",
+    E.bitwise_not.op: _bitwise_not})
+C_INT_CODE.update({E.ceil.op: "{0}", E.trunc.op: "{0}", E.round.op: "{0}", **_mod_spellings()[1]})
 #: reduction op -> the reduction kernel's combine (kernels.py)
 REDUCERS = {
     Sum: K.Monoid("GcSum()", "0", "0"), Prod: K.Monoid("GcProd()", "1", "1"),
-    Max: K.Monoid("GcMax()", "-GC_INF", "({t})(1ULL << (8 * sizeof({t}) - 1))"),
-    Min: K.Monoid("GcMin()", "GC_INF", "({t})~(1ULL << (8 * sizeof({t}) - 1))"),
+    Max: K.Monoid("GcMax()", "-GC_INF", "gc_lowest<{t}>()"), Min: K.Monoid("GcMin()", "GC_INF", "gc_highest<{t}>()"),
     LogSumExp: K.LOG_SUM_EXP, ArgMax: K.ArgReduce(True), ArgMin: K.ArgReduce(False),
 }
+#: comparisons spelled `({0} op {1})`: a signed integer against uint64 (NumPy promotes the pair to float64)
+#: is compared exactly instead, the spelling applied to (three-way comparison, 0)
+EXACT_COMPARE = frozenset({E.less.op, E.less_equal.op, E.greater.op, E.greater_equal.op, E.equal.op,
+                           E.not_equal.op})
+#: dtypes a scatter can accumulate with atomicAdd (float16/bfloat16 go through a float32 buffer)
+ATOMIC_DTYPES = frozenset({"float32", "float64", "int32", "uint32", "int64", "uint64"})
 # names the kernel templates use for locals, and C/C++ keywords: a buffer never takes one
 _RESERVED = re.compile(r"^(i|j|k|n|m|o|s|q|g|c|p|pp|cc|th|tw|kh|kw|oh|ow|ih|iw|bh|bw|xv|inside|n_|M|N|K|"
                        r"t0|tx|ty|bz|row|col|acc|best|bi|x_|gd|A|B|As|Bs|n_out|n_red|nbatch|n4|i4|"
@@ -235,7 +282,7 @@ class CudaSchedule(Schedule):
 
     def literal(self, value, dtype: str) -> str:
         if isinstance(value, sympy.Basic) and not value.is_Number:
-            return f"(({C_TYPES[dtype]}){self.c(value)})"
+            return f"(({VALUE_TYPES[dtype]}){self.c(value)})"
         return c_literal(value, dtype)
 
     def cview(self, v: View) -> CView:
@@ -318,7 +365,7 @@ class CudaSchedule(Schedule):
                 src = f"{name}[{idx}]"
                 if lane:  # vector loop: a lane of the float4 load, or a broadcast scalar
                     src = f"{name}_4.{lane}" if linear else f"{name}[{cv.offset}]"
-                lines.append(f"{indent}const {C_TYPES[dt]} a{k} = {src};")
+                lines.append(f"{indent}const {VALUE_TYPES[dt]} a{k} = {c_load(src, dt) if not lane else src};")
                 vals[key] = (f"a{k}", dt)
             return lines, vals
         load.reads = reads
@@ -338,7 +385,7 @@ class CudaSchedule(Schedule):
                 if expr in [v for v, _ in vals.values()]:
                     vals[id(out)] = (expr, out.dtype)
                     continue
-                lines.append(f"{indent}const {C_TYPES[out.dtype]} v{k} = {expr};  // {nd.op.name}")
+                lines.append(f"{indent}const {VALUE_TYPES[out.dtype]} v{k} = {expr};  // {nd.op.name}")
                 vals[id(out)] = (f"v{k}", out.dtype)
             return lines, [self._value(t, vals, t.dtype) for t in results]
         element.reads = load.reads
@@ -355,7 +402,7 @@ class CudaSchedule(Schedule):
             v, dt = c_literal(c, t.dtype), t.dtype
         if want is None or want == dt:
             return v
-        return f"({v} != 0)" if want == "bool" else f"(({C_TYPES[want]}){v})"
+        return convert(v, dt, want)
 
     def node_expr(self, nd: Node, vals) -> str:
         """The C expression of one pointwise node over already-computed values."""
@@ -368,13 +415,24 @@ class CudaSchedule(Schedule):
             want = [None, out.dtype, out.dtype]
         elif getattr(op, "dtype_rule", "same") == "bool":
             want = [_dt.promote(*[t.dtype for t in ins])] * len(ins)
+            if op in EXACT_COMPARE and _dt.is_float(want[0]) and all(_dt.is_int(t.dtype) for t in ins):
+                return spell.format(self._exact_compare(ins, vals), "0")
         else:
             want = [out.dtype] * len(ins)
         args = [self._value(t, vals, w) for t, w in zip(ins, want)]
-        if want[-1] not in ("float32", "float64"):
+        if not _dt.is_float(want[-1]):
             spell = self.C_INT_CODE.get(op, spell)
         attrs = {k: (repr(float(v)) if isinstance(v, float) else v) for k, v in nd.attrs.items()}
-        return f"({C_TYPES[out.dtype]})({spell.format(*args, **attrs)})"
+        # a float16/bfloat16 result: computed in float, rounded to its dtype (as every later op reads it)
+        return rounded(f"({VALUE_TYPES[out.dtype]})({spell.format(*args, **attrs)})", out.dtype)
+
+    def _exact_compare(self, ins, vals) -> str:
+        """An integer pair NumPy promotes to float64 (a signed integer and uint64) compared exactly: the
+        three-way comparison (-1, 0, 1) of the two values, to be compared with 0 by the op's spelling."""
+        a, b = ins
+        if a.dtype in _dt.SIGNED:
+            return f"gc_cmp_su({self._value(a, vals, 'int64')}, {self._value(b, vals, 'uint64')})"
+        return f"(-gc_cmp_su({self._value(b, vals, 'int64')}, {self._value(a, vals, 'uint64')}))"
 
     def is_pointwise(self, node: Node) -> bool:
         """True when the node is one scalar C expression per element (it may join a pointwise kernel)."""
@@ -444,12 +502,12 @@ class CudaSchedule(Schedule):
         outs_v = [self.fresh(o) for o in tensors]
         if epilogue is not None:
             srcs, nodes, results, _ = epilogue
-            element = self._element(P, srcs, nodes, results, yshape, preset={id(y): ("acc", y.dtype)})
+            element = self._element(P, srcs, nodes, results, yshape, preset={id(y): (rounded("acc", y.dtype), y.dtype)})
 
             def ep(bcoords, ind):
                 lines, vals = element(bcoords + ["row", "col"], "i", ind)
                 return [f"{ind}const long long i = bz * M * N + row * N + col;", *lines,
-                        *[f"{ind}{o[0]}[i] = {v};" for o, v in zip(outs, vals)]]
+                        *[f"{ind}{o[0]}[i] = {store(v, o[1])};" for o, v in zip(outs, vals)]]
         outs = [(P(o, write=True), o.dtype) for o in outs_v]
         comment = f"matmul {a.dtype}{_fmt(a.shape)} @ {b.dtype}{_fmt(b.shape)} -> {y.dtype}{_fmt(yshape)} " \
                   f"(16x16 shared-memory tiles)"
@@ -467,7 +525,16 @@ class CudaSchedule(Schedule):
 
     def scatter(self, out: View, src: View, target, extra: list, kind: str = "scatter", comment: str = "") -> None:
         """out = 0, then out[target(c)] += src[c] over src's elements; `target(P, names)` returns the
-        kernel's `(coords, indent) -> (lines, index)` given the names of the `extra` views it reads."""
+        kernel's `(coords, indent) -> (lines, index)` given the names of the `extra` views it reads.
+        A float16/bfloat16 `out` accumulates in a float32 buffer, rounded once into out (as the NumPy
+        reference computes it); a dtype without an atomic add (bool, 8/16-bit integers) runs on the host."""
+        if _dt.is_half(out.dtype):
+            acc = self.fresh(None, out.shape, "float32")
+            self.scatter(acc, src, target, extra, kind, comment)
+            self.add(self.copy(out, acc), [acc], [out])
+            return
+        if out.dtype not in ATOMIC_DTYPES:
+            raise NotLowerable(f"{self._node.op.name} accumulating {out.dtype}")
         self.fill(out)
         src = self.dense(src)
         P = Params(self)
@@ -627,7 +694,7 @@ def _take(s: CudaSchedule, node, ins):
 
     def element(coords, lin, indent, lane=None):
         lines, off = target(coords, indent)
-        return lines, [f"{xa[0]}[{off}]"]
+        return lines, [c_load(f"{xa[0]}[{off}]", x.dtype)]
     comment = f"take along axis {node.attrs['axis']} -> {y.dtype}{_fmt(out.shape)}"
     loop_c = s.shape_c(out.shape)
     s.launch("take", lambda k: K.pointwise(k, comment, loop_c, P.ins(), P.outs(), element),
@@ -663,15 +730,26 @@ def _index_grad(s: CudaSchedule, node, ins):
 
 
 def _load_row_modules() -> None:
-    from . import lower_nn, lower_random   # noqa: F401  (their @lowers rows)
+    from . import lower_cumulative, lower_nn, lower_quant, lower_random   # noqa: F401  (their @lowers rows)
 
 
 _load_row_modules()
 
 
+def graph_dtypes(graph: Graph, out: set | None = None) -> set:
+    """Every dtype of a tensor of `graph` (nested bodies included)."""
+    out = set() if out is None else out
+    for node in graph.nodes:
+        out.update(t.dtype for t in node.inputs + node.outputs)
+        for v in node.attrs.values():
+            if isinstance(v, Graph):
+                graph_dtypes(v, out)
+    return out
+
+
 def refuse_dtypes(graph: Graph) -> None:
-    """float16/bfloat16 and the 8/16-bit and unsigned integers have no CUDA C rows yet (C_TYPES): a
-    DTypeError at compile time naming the tensor, never a wrong kernel."""
+    """A dtype without a C type (C_TYPES; today every graphc dtype has one) is a DTypeError at compile
+    time naming the tensor, never a wrong kernel."""
     from graphc.errors import DTypeError
     from graphc.ir import fmt_loc
     for node in graph.nodes:
@@ -691,7 +769,8 @@ def lower(graph: Graph, schedule: type = CudaSchedule) -> tuple[str, CudaSchedul
     s = schedule(graph)
     head = (f"// graphc: CUDA C for graph '{graph.name}' ({len(s.sources)} kernels)\n"
             "// one self-contained translation unit: nvcc -ptx / NVRTC compile it as it is\n")
-    return head + PRELUDE + "\n" + s.dt.struct_source() + "\n" + "\n".join(s.sources), s
+    half = HALF_PRELUDE if uses_half(graph_dtypes(graph)) else ""
+    return head + half + PRELUDE + "\n" + s.dt.struct_source() + "\n" + "\n".join(s.sources), s
 
 
 def text(s: CudaSchedule) -> str:

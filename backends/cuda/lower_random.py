@@ -10,7 +10,7 @@ from graphc.ops import random as R
 from graphc.backends.schedule.views import product
 from . import kernels as K
 from .lower import Params, lowers
-from .prelude import C_TYPES
+from .prelude import C_TYPES, convert, store
 
 #: device helpers, defined once per translation unit (the first random kernel carries them)
 HELPERS = f"""#ifndef GC_RANDOM_HELPERS
@@ -55,14 +55,34 @@ __device__ __forceinline__ float gc_normal_float(unsigned long long base, long l
 DRAWS = {R.RandomUniform: "gc_uniform", R.RandomNormal: "gc_normal"}
 
 
+def _half_draw(dtype: str):
+    """The value of element i of a draw in float16/bfloat16 (a float): uniform keeps the top p bits
+    (R.UNIFORM_BITS) scaled by 2**-p, exact; normal is the float64 draw rounded once to the dtype."""
+    p = R.UNIFORM_BITS[dtype]
+
+    def value(op) -> str:
+        if op is R.RandomUniform:
+            return f"((float)(gc_rng_bits(r_base, (unsigned long long)i) >> {64 - p}) * {2.0 ** -p!r}f)"
+        return convert("gc_normal_double(r_base, i)", "float64", dtype)
+    return value
+
+
+#: float16/bfloat16 -> fn(op) -> the C value of element i
+HALF_DRAWS = {d: _half_draw(d) for d in ("float16", "bfloat16")}
+
+
 def source(name: str, comment: str, op, key: tuple, out: tuple, n, word: int, helpers: bool = True) -> str:
     """out[i] = element i of the draw of `op` from key [seed, counter] and `word`, i < n (with the
     helpers in front when `helpers`: the first random kernel of a translation unit)."""
-    fn = f"{DRAWS[op]}_{C_TYPES[out[1]]}"
+    dt = out[1]
+    if dt in HALF_DRAWS:   # float16/bfloat16: the reference's draws (uniform: p-bit, exact; normal: rounded once)
+        value = HALF_DRAWS[dt](op)
+    else:
+        value = f"{DRAWS[op]}_{C_TYPES[dt]}(r_base, i)"
     lines = [HELPERS if helpers else "", f"// {comment}", K.signature(name, [key], [out], K.THREADS) + " {",
              f"  const unsigned long long r_base = gc_rng_base({key[0]}[0], {key[0]}[1], {word}ULL);",
              K.grid_stride(n),
-             f"    {out[0]}[i] = {fn}(r_base, i);",
+             f"    {out[0]}[i] = {store(value, dt)};",
              "  }", "}"]
     return "\n".join(lines) + "\n"
 

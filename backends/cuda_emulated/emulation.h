@@ -259,4 +259,65 @@ template <class T> inline T atomicAdd(T* p, T v) { T old = *p; *p = old + v; ret
 inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
 inline int __float_as_int(float f) { int i; memcpy(&i, &f, 4); return i; }
 
+
+// float16 / bfloat16 on the host: the storage types of cuda_fp16.h / cuda_bf16.h (two bytes each) and
+// the conversions the generated kernels use, rounding exactly as the device's cvt.rn.f16.f32 /
+// cvt.rn.bf16.f32 do: to nearest, ties to even, subnormals kept, overflow to infinity, every NaN to
+// the canonical NaN 0x7fff
+struct __half { unsigned short __x; };
+struct __nv_bfloat16 { unsigned short __x; };
+inline float __half2float(__half h) {
+  const unsigned sign = (unsigned)(h.__x & 0x8000u) << 16, e = (h.__x >> 10) & 0x1fu, m = h.__x & 0x3ffu;
+  unsigned u;
+  if (e == 0x1fu) u = sign | 0x7f800000u | (m << 13);            // inf, NaN (payload kept)
+  else if (e != 0) u = sign | ((e + 112u) << 23) | (m << 13);     // normal: rebias 15 -> 127
+  else if (m == 0) u = sign;                                      // +-0
+  else {                                                          // subnormal: m * 2**-24, exact in float
+    float f = (float)m * 5.9604644775390625e-08f;
+    memcpy(&u, &f, 4);
+    u |= sign;
+  }
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+inline __half __float2half_rn(float f) {
+  unsigned u;
+  memcpy(&u, &f, 4);
+  const unsigned sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  unsigned short r;
+  if (a > 0x7f800000u) r = 0x7fffu;                               // NaN
+  else if (a >= 0x47800000u) r = (unsigned short)(sign | 0x7c00u);  // >= 65536 (and inf): inf
+  else if (a < 0x38800000u) {                                     // below 2**-14: subnormal or zero
+    // the 10 mantissa bits land at the bottom of a float whose exponent makes its ulp 2**-24; the
+    // float addition rounds to nearest even (the host's default rounding, no flush to zero at -O1)
+    float x;
+    memcpy(&x, &a, 4);
+    x += 0.5f;                                                    // ulp(0.5) = 2**-24
+    unsigned v;
+    memcpy(&v, &x, 4);
+    r = (unsigned short)(sign | (v - 0x3f000000u));
+  } else {                                                        // normal (65520 and up round to inf)
+    const unsigned odd = (a >> 13) & 1u;
+    r = (unsigned short)(sign | ((a + 0xc8000fffu + odd) >> 13));  // rebias 127 -> 15, round half to even
+  }
+  __half h;
+  h.__x = r;
+  return h;
+}
+inline float __bfloat162float(__nv_bfloat16 b) {
+  const unsigned u = (unsigned)b.__x << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  unsigned u;
+  memcpy(&u, &f, 4);
+  __nv_bfloat16 b;
+  b.__x = (u & 0x7fffffffu) > 0x7f800000u ? (unsigned short)0x7fffu
+                                          : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  return b;
+}
+
 extern "C" const char* gc_emu_last_error() { return gc_emu::last_error; }

@@ -31,6 +31,8 @@ class LLVMProgram(Program):
         self._last = None
         # outputs are np.empty arrays made for each call: the caller owns them as they are
         self.info = {"fallback_ops": [], "asm": self._asm, "specialisations": self._specs, "fresh_outputs": True}
+        from .tune import target_info   # the host's ISA, vector width, tiles, thread split per kernel kind
+        self.info["target"] = target_info(graph)
         self.static = not any(_sh.free_symbols(t.shape) for n in graph.nodes for t in n.outputs)
         if self.static:
             self._specialise({})

@@ -25,18 +25,19 @@ def _valid(size: int, out: int, k: int, stride: int, dil: int, pad: int) -> tupl
     return lo, hi
 
 
-def _im2col_image(cols: View, x: View, kernel, stride, pads, dilation, out_hw=None, layout=None):
+def _im2col_image(cols: View, x: View, kernel, stride, pads, dilation, out_hw=None, layout=None, pad_value=0):
     """image(em, P, cols element, x element): emits the columns of one image. The taps (kh, kw) are
     unrolled: each one's in-bounds output rows and columns are constant ranges, so the copy is a plain
     (vectorisable) row loop and the padding border plain zero stores. `layout`: the element strides of
     (channel, tap, output position) in cols; default (kh*kw*oh*ow, oh*ow, 1), i.e. (c, kh, kw, oh, ow);
-    conv2d_grad_weight writes the patch-rows layout (oh, ow, c, kh, kw): (kh*kw, 1, c*kh*kw)."""
+    conv2d_grad_weight writes the patch-rows layout (oh, ow, c, kh, kw): (kh*kw, 1, c*kh*kw). Padding reads
+    `pad_value` (an integer convolution's input zero point)."""
     n, c, h, w = x.shape
     kh, kw = kernel
     oh, ow = cols.shape[-2:] if out_hw is None else out_hw
     cst, tst, pst = layout or (kh * kw * oh * ow, oh * ow, 1)
     t = x.dtype
-    zero = literal(0, t)
+    zero = literal(pad_value, t)
 
     def zeros(em, P, base, count: int):
         nest(em, [count], [(pst,)], [base], lambda o, _: store(em, P, cols, o[0], zero))
@@ -71,10 +72,10 @@ def _im2col_image(cols: View, x: View, kernel, stride, pads, dilation, out_hw=No
     return image
 
 
-def im2col(cols: View, x: View, kernel, stride, pads, dilation, out_hw=None, layout=None) -> Kernel:
+def im2col(cols: View, x: View, kernel, stride, pads, dilation, out_hw=None, layout=None, pad_value=0) -> Kernel:
     """cols[n, c, kh, kw, oh, ow] = x[n, c, oh*s + kh*d - pad, ow*s + kw*d - pad] (0 outside); with
     `layout` (see _im2col_image) the same values in another order (each image's block contiguous)."""
-    image = _im2col_image(cols, x, kernel, stride, pads, dilation, out_hw, layout)
+    image = _im2col_image(cols, x, kernel, stride, pads, dilation, out_hw, layout, pad_value)
     per = cols.size // max(1, x.shape[0])
 
     def emit(em, P, lo, hi):

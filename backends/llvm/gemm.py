@@ -32,6 +32,9 @@ def declarations() -> str:
                    f"{ty}, ptr, {it})")
         out.append(f"declare void @gc_cblas_{p}gemv(i32, i32, {it}, {it}, {ty}, ptr, {it}, ptr, {it}, {ty}, "
                    f"ptr, {it})")
+    from . import tune
+    if tune.set_threads_symbol() is not None:   # OpenBLAS's thread count for one call (tune.py)
+        out.append("declare i32 @gc_blas_set_threads(i32)")
     return "\n".join(out) + "\n" + vector_declarations()
 
 
@@ -56,9 +59,12 @@ def _parallel_flops() -> int:
 
 
 def vector_shape(dtype: str) -> tuple[int, int, tuple]:
-    """(lanes per vector, vectors per tile row, candidate tile row counts) for this target."""
-    wide = "+avx512f" in jit.cpu_features()
-    lanes = (16 if wide else 8) // (2 if dtype == "float64" else 1)
+    """(lanes per vector, vectors per tile row, candidate tile row counts) for this target (tune.isa():
+    the host's, or GRAPHC_LLVM_ISA's)."""
+    from . import tune
+    kind = tune.isa()
+    wide = kind == "avx512"
+    lanes = (16 if wide else 4 if kind == "sse" else 8) // (2 if dtype == "float64" else 1)
     # 4 vectors x 6 rows: 24 accumulators + 4 b vectors + a broadcast fill the 32 AVX-512 registers
     # (measured on W4 against 3x8, 2x12, 4x4 and 4x5: best or equal)
     return lanes, (4 if wide else 2), ((6, 5, 4) if wide else (4, 3))
@@ -77,9 +83,24 @@ def small(a: View, b: View, min_rows: int = 2) -> bool:
     return n >= min_rows and m >= 8 and n * k * m <= SMALL_MACS
 
 
-def matmul(out: View, a: View, b: View, blas: bool | str | None = None) -> Kernel:
+def gemv_ok(a: View, b: View, out: View) -> bool:
+    """Use graphc's matrix-vector loop (gemv) for a @ b: float, n == 1 or m == 1, a vector of at least two
+    outputs or k. Not when GRAPHC_LLVM_SMALL_GEMM forces BLAS (0) or the micro-kernel (1) for every product,
+    nor with GRAPHC_LLVM_GEMV=0."""
+    import os
+    n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
+    if os.environ.get("GRAPHC_LLVM_GEMV", "1") == "0" or os.environ.get("GRAPHC_LLVM_SMALL_GEMM", "auto") != "auto":
+        return False
+    if not (n == 1 or m == 1):
+        return False
+    return a.dtype in ("float32", "float64") and a.dtype == b.dtype == out.dtype and k >= 1
+
+
+def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads: int | None = None) -> Kernel:
     """out (contiguous, batch..., n, m) = a (..., n, k) @ b (..., k, m); BLAS needs blas_layout(a/b);
-    blas="tiles": the vector micro-kernel (b's rows contiguous)."""
+    blas="tiles": the vector micro-kernel (b's rows contiguous); blas="gemv": graphc's matrix-vector loop
+    (n == 1 or m == 1, gemv_form(a, b) not None). `threads`: OpenBLAS's thread count for each BLAS call
+    (None: tune.blas_threads by the product's size)."""
     n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
     bshape = out.shape[:-2]
     ast = broadcast_strides(View(a.buf, 0, a.shape[:-2], a.strides[:-2], a.dtype), bshape)
@@ -87,31 +108,55 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None) -> Kerne
     ost = contig_strides(bshape + (n * m,))[:-1] if bshape else ()
     blas = use_blas(a, b, out) if blas is None else blas
     it = "i64" if jit.blas() is None or jit.blas()["ilp64"] else "i32"
+    flops = 2 * n * k * m * max(1, int(np.prod(bshape)))
+    if blas is True and threads is None:
+        from . import tune
+        threads = tune.blas_threads(2 * n * k * m)
+    form = gemv_form(a, b) if blas == "gemv" else None
+    if blas == "gemv" and form is None:
+        raise ValueError("gemv needs n == 1 or m == 1 and a unit stride")
+    from . import tune
+    # one matrix-vector product (no batch) of enough work: its output blocks split across threads
+    par = bool(form) and not bshape and flops >= tune.GEMV_PARALLEL_FLOPS and tune.threads() > 1
+    blocks = gemv_blocks(form, n, m, par) if form else 0
 
-    def one(em, P, offs):
+    def one(em, P, offs, lo=None, hi=None):
         ao, bo, oo = offs
         if k == 0:
             nbytes = n * m * np.dtype(out.dtype).itemsize
             guarded(em, [(out, oo, n * m - 1)], lambda: em.raw(
                 f"call void @llvm.memset.p0.i64(ptr {ptr_at(em, P, out, oo)}, i8 0, i64 {nbytes}, i1 false)"))
+        elif form:
+            gemv(em, P, out, a, b, ao, bo, oo, n, k, m, form, "0" if lo is None else lo,
+                 blocks if hi is None else hi, par)
         elif blas == "tiles":
             gemm_tiles(em, P, out, a, b, ao, bo, oo, n, k, m)
         elif blas:
-            _blas_call(em, P, out, a, b, ao, bo, oo, n, k, m, it)
+            _blas_call(em, P, out, a, b, ao, bo, oo, n, k, m, it, threads)
         else:
             _loop_gemm(em, P, out, a, b, ao, bo, oo, n, k, m)
+
+    if form and not bshape:
+        def emit_gemv(em, P, lo, hi):
+            if out.size:
+                one(em, P, (a.offset, b.offset, out.offset), lo, hi)
+        split = blocks if par and blocks >= 2 else None
+        kern = Kernel("gemv", [out, a, b], emit_gemv, split, flops, blocks)
+        kern.threads = split and tune.threads()
+        return kern
 
     def emit(em, P, lo, hi):
         if out.size:
             nest(em, bshape, [ast, bst, ost], [a.offset, b.offset, out.offset], lambda offs, _: one(em, P, offs),
                  lo if bshape else None, hi)
-    flops = 2 * n * k * m * max(1, int(np.prod(bshape)))
     # a batch of micro-kernel products (convolution over images) splits across threads when large
     split = bshape[0] if blas == "tiles" and bshape and bshape[0] >= 2 and flops >= _parallel_flops() else None
-    return Kernel("matmul", [out, a, b], emit, split, flops, bshape[0] if bshape else 0)
+    kern = Kernel("gemv" if form else "matmul", [out, a, b], emit, split, flops, bshape[0] if bshape else 0)
+    kern.threads = threads if blas is True else None
+    return kern
 
 
-def _blas_call(em, P, out, a, b, ao, bo, oo, n, k, m, it):
+def _blas_call(em, P, out, a, b, ao, bo, oo, n, k, m, it, threads=None):
     ty, p = VTYPE[out.dtype], "s" if out.dtype == "float32" else "d"
     one, zero = literal(1.0, out.dtype), literal(0.0, out.dtype)
     ta, lda = blas_layout(a)
@@ -135,8 +180,17 @@ def _blas_call(em, P, out, a, b, ao, bo, oo, n, k, m, it):
         spans = [(a, ao, mat(ta, n, k, lda)), (b, bo, mat(tb, k, m, ldb)), (out, oo, (n - 1) * m + m - 1)]
         call = (f"gemm(i32 {ROW_MAJOR}, i32 {ta}, i32 {tb}, {it} {n}, {it} {m}, {it} {k}, {ty} {one}, "
                 f"ptr {{A}}, {it} {lda}, ptr {{B}}, {it} {ldb}, {ty} {zero}, ptr {{C}}, {it} {m})")
-    guarded(em, spans, lambda: em.raw(f"call void @gc_cblas_{p}" + call.format(
-        A=ptr_at(em, P, a, ao), B=ptr_at(em, P, b, bo), C=ptr_at(em, P, out, oo))))
+    from . import tune
+    pin = threads is not None and tune.set_threads_symbol() is not None
+
+    def body():
+        # OpenBLAS's thread count for this call only (tune.py: its pool stalls on a busy machine), restored after
+        prev = em(f"call i32 @gc_blas_set_threads(i32 {threads})") if pin else None
+        em.raw(f"call void @gc_cblas_{p}" + call.format(A=ptr_at(em, P, a, ao), B=ptr_at(em, P, b, bo),
+                                                         C=ptr_at(em, P, out, oo)))
+        if pin:
+            em(f"call i32 @gc_blas_set_threads(i32 {prev})")
+    guarded(em, spans, body)
 
 
 def _loop_gemm(em, P, out, a, b, ao, bo, oo, n, k, m):
@@ -161,6 +215,122 @@ def _loop_gemm(em, P, out, a, b, ao, bo, oo, n, k, m):
             nest(em, [m], [(b.strides[-1],), (1,)], [po[1], co], per_j)
         nest(em, [k], [(a.strides[-1],), (b.strides[-2],)], [offs[0], bo], per_p)
     nest(em, [n], [(a.strides[-2],)], [ao], row)
+
+
+# ---- matrix-vector products (batch 1) ---------------------------------------------------------------
+
+#: output columns per block of an axpy-form GEMV at most (the block's partial sums stay in L1; one block
+#: reads the matrix's rows whole, in order: (1 x 784) @ (784 x 512) took 39 us in blocks of 256 columns,
+#: 2x the time of the same bytes read in order) and rows of the matrix folded into each pass over the block
+GEMV_BLOCK, GEMV_UNROLL = 4096, 8
+#: outputs per group of a dot-form GEMV (one pass over the vector feeds this many dot products)
+GEMV_DOTS = 4
+
+
+def gemv_form(a: View, b: View) -> dict | None:
+    """How a @ b with n == 1 (or m == 1) reads as a matrix-vector product out[j] = sum_p vec[p] * mat(j, p):
+    kind "axpy" when the matrix's outputs are contiguous (x @ W, W row-major: the matrix is streamed
+    row by row, which is already the order a packed copy would have, so no copy is made), "dot" when its
+    p axis is (x @ W.T: one contiguous dot product per output); None for other layouts or n, m > 1."""
+    n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
+    if n == 1:
+        vec, vs, L, s_out, s_p = "a", a.strides[-1], m, b.strides[-1], b.strides[-2]
+    elif m == 1:
+        vec, vs, L, s_out, s_p = "b", b.strides[-2], n, a.strides[-2], a.strides[-1]
+    else:
+        return None
+    if a.dtype not in ("float32", "float64") or a.dtype != b.dtype:
+        return None
+    if s_out == 1 and L > 1:
+        kind = "axpy"
+    elif s_p == 1 or k == 1:
+        kind = "dot"
+    else:
+        return None
+    return {"kind": kind, "vec": vec, "vs": vs, "L": L, "s_out": s_out, "s_p": s_p}
+
+
+def gemv_block(form: dict, split: bool = False) -> int:
+    """Columns per block of an axpy-form GEMV (the unit threads split: one block per thread when split)."""
+    from . import tune
+    L = form["L"]
+    if split and L >= 128:
+        return min(GEMV_BLOCK, -(-L // (tune.threads() * 64)) * 64)
+    return min(GEMV_BLOCK, L)
+
+
+def gemv_blocks(form: dict, n: int, m: int, split: bool = False) -> int:
+    L = form["L"]
+    return -(-L // gemv_block(form, split)) if form["kind"] == "axpy" else -(-L // GEMV_DOTS)
+
+
+def gemv(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m: int, form: dict, lo, hi,
+         split: bool = False) -> None:
+    """out[j] = sum_p vec[p] * mat(j, p) for the output blocks lo .. hi-1 (gemv_form, gemv_blocks)."""
+    t, ty = out.dtype, VTYPE[out.dtype]
+    vec, mat = (a, b) if form["vec"] == "a" else (b, a)
+    vo, mo = (ao, bo) if form["vec"] == "a" else (bo, ao)
+    L, vs, s_out, s_p = form["L"], form["vs"], form["s_out"], form["s_p"]
+    zero = literal(0.0, t)
+
+    def at(base, *terms):   # IR of base + sum(index * stride)
+        x = str(base)
+        for i, st in terms:
+            if st == 0:
+                continue
+            x = em(f"add i64 {x}, {i if st == 1 else em(f'mul i64 {i}, {st}')}")
+        return x
+
+    if form["kind"] == "axpy":
+        width = gemv_block(form, split)
+
+        def block(blk):
+            j0 = em(f"mul i64 {blk}, {width}")
+            j1 = em(f"add i64 {j0}, {width}")
+            j1 = em(f"select i1 {em(f'icmp slt i64 {j1}, {L}')}, i64 {j1}, i64 {L}")
+            em.loop(j1, lambda j: store(em, P, out, at(oo, (j, 1)), zero), start=j0)
+
+            def rows(p0, u):   # out[j0:j1] += sum over p0 .. p0+u-1 of vec[p] * mat(j, p)
+                xs = [load(em, P, vec, at(vo, (em(f"add i64 {p0}, {q}"), vs))) for q in range(u)]
+                rbase = [at(mo, (em(f"add i64 {p0}, {q}"), s_p)) for q in range(u)]
+
+                def col(j):
+                    oj = at(oo, (j, 1))
+                    acc = load(em, P, out, oj)
+                    for q in range(u):
+                        acc = em(f"fadd contract {ty} {acc}, "
+                                 f"{em(f'fmul contract {ty} {xs[q]}, {load(em, P, mat, at(rbase[q], (j, 1)))}')}")
+                    store(em, P, out, oj, acc)
+                em.loop(j1, col, start=j0)
+            full, rest = divmod(k, GEMV_UNROLL)
+            em.loop(full, lambda pp: rows(em(f"mul i64 {pp}, {GEMV_UNROLL}"), GEMV_UNROLL))
+            if rest:
+                rows(str(full * GEMV_UNROLL), rest)
+        em.loop(hi, block, start=lo)
+        return
+
+    groups, tail = divmod(L, GEMV_DOTS)
+
+    def group(j0, h):
+        accs = [em.alloca(ty) for _ in range(h)]
+        for x in accs:
+            em.raw(f"store {ty} {zero}, ptr {x}")
+        rbase = [at(mo, (em(f"add i64 {j0}, {q}"), s_out)) for q in range(h)]
+
+        def step(p):
+            xv = load(em, P, vec, at(vo, (p, vs)))
+            for q in range(h):
+                prod = em(f"fmul contract {ty} {xv}, {load(em, P, mat, at(rbase[q], (p, s_p)))}")
+                cur = em(f"load {ty}, ptr {accs[q]}")
+                em.raw(f"store {ty} {em(f'fadd reassoc contract {ty} {cur}, {prod}')}, ptr {accs[q]}")
+        em.loop(k, step)
+        for q in range(h):
+            store(em, P, out, at(oo, (em(f"add i64 {j0}, {q}"), 1)), em(f"load {ty}, ptr {accs[q]}"))
+
+    top = em(f"select i1 {em(f'icmp slt i64 {hi}, {groups}')}, i64 {hi}, i64 {groups}")
+    em.loop(top, lambda g: group(em(f"mul i64 {g}, {GEMV_DOTS}"), GEMV_DOTS), start=lo)
+    if tail:
+        em.if_(em(f"icmp sgt i64 {hi}, {groups}"), lambda: group(str(groups * GEMV_DOTS), tail))
 
 
 # ---- register-blocked vector micro-kernel ------------------------------------------------------------

@@ -303,6 +303,123 @@ def _rsqrt(em, t, x):
     return em(f"fdiv {VTYPE[t]} {literal(1.0, t)}, {_sqrt(em, t, x)}")
 
 
+def _fround(intrinsic: str):
+    """floor/ceil/trunc/roundeven: an LLVM intrinsic on floats, the identity on integers."""
+    def f(em, t, x):
+        if not _dt.is_float(t):
+            return x
+        return em(f"call {VTYPE[t]} @llvm.{intrinsic}.{'f32' if t == 'float32' else 'f64'}({VTYPE[t]} {x})")
+    return f
+
+
+def _safe_divisor(em, t, b):
+    """(b', bad): b' is b, or 1 where b == 0 or (signed) b == -1, so sdiv/srem never trap (LLVM: undefined
+    on 0 and on MIN / -1); the callers fix those lanes up as NumPy defines them."""
+    ty = VTYPE[t]
+    bad = em(f"icmp eq {ty} {b}, 0")
+    if _signed(t):
+        bad = em(f"or i1 {bad}, {em(f'icmp eq {ty} {b}, -1')}")
+    return _select(em, t, bad, literal(1, t), b), bad
+
+
+def _wrong_sign(em, ty, r, b):
+    """i1: the truncated remainder r is nonzero and its sign differs from the divisor's (floored fix-up)."""
+    differ = em(f"xor i1 {em(f'icmp slt {ty} {r}, 0')}, {em(f'icmp slt {ty} {b}, 0')}")
+    return em(f"and i1 {em(f'icmp ne {ty} {r}, 0')}, {differ}")
+
+
+def _imod(floored: bool):
+    """Integer np.remainder (floored: the divisor's sign) or np.fmod (truncated); x % 0 and x % -1 are 0."""
+    def f(em, t, a, b):
+        ty = VTYPE[t]
+        bs, _ = _safe_divisor(em, t, b)
+        r = em(f"{'srem' if _signed(t) else 'urem'} {ty} {a}, {bs}")
+        if not (floored and _signed(t)):
+            return r
+        return _select(em, t, _wrong_sign(em, ty, r, b), em(f"add {ty} {r}, {b}"), r)
+    return f
+
+
+def _ifloordiv(em, t, a, b):
+    """Integer np.floor_divide: x // 0 is 0, x // -1 is -x (wrapping), else the floored quotient."""
+    ty = VTYPE[t]
+    bs, _ = _safe_divisor(em, t, b)
+    if not _signed(t):
+        return _select(em, t, em(f"icmp eq {ty} {b}, 0"), literal(0, t), em(f"udiv {ty} {a}, {bs}"))
+    q, r = em(f"sdiv {ty} {a}, {bs}"), em(f"srem {ty} {a}, {bs}")
+    q = _select(em, t, _wrong_sign(em, ty, r, b), em(f"sub {ty} {q}, 1"), q)
+    q = _select(em, t, em(f"icmp eq {ty} {b}, -1"), em(f"sub {ty} 0, {a}"), q)
+    return _select(em, t, em(f"icmp eq {ty} {b}, 0"), literal(0, t), q)
+
+
+def _copysign0(em, t, like):
+    """+0.0 or -0.0 with the sign of `like`."""
+    ty, sfx = VTYPE[t], ("f32" if t == "float32" else "f64")
+    return em(f"call {ty} @llvm.copysign.{sfx}({ty} {literal(0.0, t)}, {ty} {like})")
+
+
+def _fmod_floored(em, t, a, b):
+    """np.remainder on floats (NumPy's npy_remainder): fmod, moved into the divisor's sign; a zero result
+    takes the divisor's sign; x % 0 is NaN."""
+    ty = VTYPE[t]
+    m = em(f"frem {ty} {a}, {b}")
+    z = literal(0, t)
+    wrong = em(f"xor i1 {em(f'fcmp olt {ty} {b}, {z}')}, {em(f'fcmp olt {ty} {m}, {z}')}")
+    moved = _select(em, t, wrong, em(f"fadd {ty} {m}, {b}"), m)
+    r = _select(em, t, em(f"fcmp une {ty} {m}, {z}"), moved, _copysign0(em, t, b))
+    return _select(em, t, em(f"fcmp oeq {ty} {b}, {z}"), m, r)
+
+
+def _ffloordiv(em, t, a, b):
+    """np.floor_divide on floats (NumPy's npy_floor_divide / npy_divmod): (a - fmod(a, b)) / b, one less
+    where fmod has the wrong sign, snapped to the nearest integer; a / b where b == 0."""
+    ty, z = VTYPE[t], literal(0, t)
+    m = em(f"frem {ty} {a}, {b}")
+    div = em(f"fdiv {ty} {em(f'fsub {ty} {a}, {m}')}, {b}")
+    differ = em(f"xor i1 {em(f'fcmp olt {ty} {b}, {z}')}, {em(f'fcmp olt {ty} {m}, {z}')}")
+    wrong = em(f"and i1 {em(f'fcmp une {ty} {m}, {z}')}, {differ}")
+    div = _select(em, t, wrong, em(f"fsub {ty} {div}, {literal(1.0, t)}"), div)
+    fl = _fround("floor")(em, t, div)
+    up = em(f"fcmp ogt {ty} {em(f'fsub {ty} {div}, {fl}')}, {literal(0.5, t)}")
+    fl = _select(em, t, up, em(f"fadd {ty} {fl}, {literal(1.0, t)}"), fl)
+    q = em(f"fdiv {ty} {a}, {b}")
+    r = _select(em, t, em(f"fcmp une {ty} {div}, {z}"), fl, _copysign0(em, t, q))
+    return _select(em, t, em(f"fcmp oeq {ty} {b}, {z}"), q, r)
+
+
+def _bits(t: str) -> int:
+    return 8 * _dt.itemsize(t)
+
+
+def _shl(em, t, a, b):
+    """np.left_shift: 0 when the shift (as unsigned) is the bit width or more (LLVM: poison)."""
+    ty = VTYPE[t]
+    ok = em(f"icmp ult {ty} {b}, {_bits(t)}")
+    return _select(em, t, ok, em(f"shl {ty} {a}, {b}"), literal(0, t))
+
+
+def _shr(em, t, a, b):
+    """np.right_shift: arithmetic on signed integers (a too-large shift gives 0 or -1), logical on unsigned."""
+    ty = VTYPE[t]
+    ok = em(f"icmp ult {ty} {b}, {_bits(t)}")
+    if _signed(t):
+        return em(f"ashr {ty} {a}, {_select(em, t, ok, b, literal(_bits(t) - 1, t))}")
+    return _select(em, t, ok, em(f"lshr {ty} {a}, {b}"), literal(0, t))
+
+
+def bitwise(inst):
+    """and/or/xor on integers, or on bools (i1) where both inputs are bool."""
+    def row(em, attrs, args, out):
+        a, b = (convert(em, v, d, out) for v, d in args)
+        return em(f"{inst} {'i1' if out == 'bool' else VTYPE[out]} {a}, {b}")
+    return row
+
+
+def _bitwise_not_row(em, attrs, args, out):
+    x = convert(em, *args[0], out)
+    return em(f"xor {'i1' if out == 'bool' else VTYPE[out]} {x}, {'true' if out == 'bool' else -1}")
+
+
 exp, log = _transcendental("exp"), _transcendental("log")
 
 #: The scalar-spelling table (tinygrad's `code_for_op`): elementwise op -> row. An elementwise op is
@@ -315,7 +432,14 @@ CODE_FOR_OP = {
     E.exp.op: arith(exp, float_only=True), E.log.op: arith(log, float_only=True),
     **{f.op: arith(_transcendental(fn), float_only=True)
        for f, fn in ((E.log1p, "log1p"), (E.expm1, "expm1"), (E.tanh, "tanh"), (E.erf, "erf"), (E.sin, "sin"),
-                     (E.cos, "cos"), (E.atan, "atan"))},
+                     (E.cos, "cos"), (E.atan, "atan"), (E.tan, "tan"), (E.asin, "asin"), (E.acos, "acos"),
+                     (E.sinh, "sinh"), (E.cosh, "cosh"), (E.asinh, "asinh"), (E.acosh, "acosh"), (E.atanh, "atanh"))},
+    E.ceil.op: arith(_fround("ceil")), E.trunc.op: arith(_fround("trunc")), E.round.op: arith(_fround("roundeven")),
+    E.mod.op: arith(_fmod_floored, _imod(True)), E.fmod.op: arith(_fbin("frem"), _imod(False)),
+    E.floor_divide.op: arith(_ffloordiv, _ifloordiv),
+    E.left_shift.op: arith(None, _shl), E.right_shift.op: arith(None, _shr),
+    E.bitwise_and.op: bitwise("and"), E.bitwise_or.op: bitwise("or"), E.bitwise_xor.op: bitwise("xor"),
+    E.bitwise_not.op: _bitwise_not_row,
     E.zeros_like.op: arith(lambda em, t, x: literal(0, t)), E.ones_like.op: arith(lambda em, t, x: literal(1, t)),
     E.add.op: arith(*_fbin_int("fadd", "add")), E.sub.op: arith(*_fbin_int("fsub", "sub")),
     E.mul.op: arith(*_fbin_int("fmul", "mul")), E.div.op: arith(_fbin("fdiv"), float_only=True),

@@ -203,12 +203,21 @@ F32 = {"exp": exp_f32, "log": log_f32, "log1p": log1p_f32, "expm1": expm1_f32, "
 #: libm names for functions computed by scalar calls: float32 / float64
 LIBM = {"exp": ("expf", "exp"), "log": ("logf", "log"), "log1p": ("log1pf", "log1p"),
         "expm1": ("expm1f", "expm1"), "tanh": ("tanhf", "tanh"), "erf": ("erff", "erf"),
-        "sin": ("sinf", "sin"), "cos": ("cosf", "cos"), "atan": ("atanf", "atan"), "pow": ("powf", "pow")}
+        "sin": ("sinf", "sin"), "cos": ("cosf", "cos"), "atan": ("atanf", "atan"), "pow": ("powf", "pow"),
+        "tan": ("tanf", "tan"), "asin": ("asinf", "asin"), "acos": ("acosf", "acos"), "sinh": ("sinhf", "sinh"),
+        "cosh": ("coshf", "cosh"), "asinh": ("asinhf", "asinh"), "acosh": ("acoshf", "acosh"),
+        "atanh": ("atanhf", "atanh")}
 
 DECLARATIONS = """
 declare float @llvm.maxnum.f32(float, float)
 declare float @llvm.minnum.f32(float, float)
 declare float @llvm.roundeven.f32(float)
+declare double @llvm.roundeven.f64(double)
+declare float @llvm.ceil.f32(float)
+declare double @llvm.ceil.f64(double)
+declare float @llvm.trunc.f32(float)
+declare double @llvm.trunc.f64(double)
+declare double @llvm.copysign.f64(double, double)
 declare float @llvm.fabs.f32(float)
 declare double @llvm.fabs.f64(double)
 declare float @llvm.copysign.f32(float, float)

@@ -144,15 +144,25 @@ class Plan(Schedule):
         self.view[id(t)] = out
 
     def _matmul_views(self, out: View, a: View, b: View) -> None:
-        """Plan out = a @ b: the vector micro-kernel for small products, else BLAS (or the loop)."""
+        """Plan out = a @ b: graphc's matrix-vector loop for batch-1 products (n or m == 1), the vector
+        micro-kernel for small products, else BLAS (its thread count per call: tune.blas_threads_for) or
+        the loop."""
+        if gemm.gemv_ok(a, b, out):   # batch 1: no BLAS call, no thread hand-off
+            if gemm.gemv_form(a, b) is None:
+                a, b = (v if v.contiguous else self.materialise(v) for v in (a, b))
+            self.add(gemm.matmul(out, a, b, blas="gemv"), [a, b], [out])
+            return
         if gemm.small(a, b):   # small products: the micro-kernel beats BLAS's per-call overhead (LSTM steps)
             b = b if b.strides[-1] == 1 or b.shape[-1] == 1 else self.materialise(b)
             self.add(gemm.matmul(out, a, b, blas="tiles"), [a, b], [out])
             return
+        threads = None
         if gemm.use_blas(a, b, out):
+            from . import tune
             a = a if gemm.blas_layout(a) and min(a.strides[-2:]) >= 0 else self.materialise(a)
             b = b if gemm.blas_layout(b) and min(b.strides[-2:]) >= 0 else self.materialise(b)
-        self.add(gemm.matmul(out, a, b), [a, b], [out])
+            threads, _ = tune.blas_threads_for(self, a.shape[-2], a.shape[-1], b.shape[-1], a.dtype)
+        self.add(gemm.matmul(out, a, b, threads=threads), [a, b], [out])
 
     def _conv_tiles(self, n: int, k: int, m: int, dtype: str, min_rows: int = 2) -> bool:
         """Whether the per-image (per-group) (n x k) @ (k x m) products of a convolution use the micro-kernel."""
@@ -164,11 +174,9 @@ class Plan(Schedule):
         group, its O/g filters times its C/g channels' columns)."""
         from . import conv
         t, a = node.outputs[0], node.attrs
-        x, w = (v if v.literal is None else self.materialise(v) for v in ins)
-        if x.dtype != w.dtype or x.dtype != t.dtype:
+        if ins[0].dtype != ins[1].dtype or ins[0].dtype != t.dtype:
             raise NotLowerable("conv2d")
-        if _dt.is_half(t.dtype):   # (its GEMM would accumulate in the half dtype: the host computes it in float32)
-            raise NotLowerable(f"conv2d on {t.dtype}")
+        ct, (x, w) = self._compute_operands(t, ins, lambda v: v.literal is None)
         g = a["groups"]
         n, c = x.shape[:2]
         o, cg, kh, kw = w.shape
@@ -178,16 +186,16 @@ class Plan(Schedule):
         if self._conv_tiles(og, ckk, hw, x.dtype, 2 if g == 1 else 1):
             # image by image: im2col of one image, then its product while the columns are in cache
             cols = self.fresh(None, (c, kh, kw) + oshape[2:], x.dtype)
-            out = self.fresh(t)
+            out = self._compute_out(t, ct)
             om = View(out.buf, out.offset, (n, o, hw), contig_strides((n, o, hw)), out.dtype)
             w2 = View(wm.buf, wm.offset, (o, ckk), (ckk, 1), wm.dtype)
             self.add(conv.conv_tiles(om, x, w2, cols, (kh, kw), a["stride"], a["pads"], a["dilation"], g),
                      [x, w2], [om, cols])
-            self.view[id(t)] = out
+            self._store_rounded(t, out)
             return
         cols = self.fresh(None, (n, c, kh, kw) + oshape[2:], x.dtype)
         self.add(conv.im2col(cols, x, (kh, kw), a["stride"], a["pads"], a["dilation"]), [x], [cols])
-        out = self.fresh(t)
+        out = self._compute_out(t, ct)
         if g == 1:
             wm = View(wm.buf, wm.offset, (1, o, ckk), (0, ckk, 1), wm.dtype)
             cm = View(cols.buf, cols.offset, (n, ckk, hw), (ckk * hw, hw, 1), cols.dtype)
@@ -197,6 +205,26 @@ class Plan(Schedule):
             cm = View(cols.buf, cols.offset, (n, g, ckk, hw), contig_strides((n, g, ckk, hw)), cols.dtype)
             om = View(out.buf, out.offset, (n, g, og, hw), contig_strides((n, g, og, hw)), out.dtype)
         self.add(gemm.matmul(om, wm, cm), [wm, cm], [om])
+        self._store_rounded(t, out)
+
+    # float16/bfloat16 convolutions: the operands converted to float32 once (O(input + weights) against
+    # the product's O(input * kernel volume)), the float32 kernels, the result rounded once on store
+    def _compute_operands(self, t, ins, keep) -> tuple:
+        """(compute dtype of t, the operand views in it): a view is kept when it is already in the
+        compute dtype and `keep(view)` holds, else materialised (converted) into the arena."""
+        ct = _dt.compute_dtype(t.dtype)
+        return ct, [v if v.dtype == ct and keep(v) else self.materialise(v, ct) for v in ins]
+
+    def _compute_out(self, t, ct: str) -> View:
+        """Where a kernel computing t in `ct` writes: t's own buffer, or a float32 arena buffer."""
+        return self.fresh(t) if ct == t.dtype else self.fresh(None, self.shape(t), ct)
+
+    def _store_rounded(self, t, out: View) -> None:
+        """t is `out` (rounded into a fresh buffer of t's dtype when computed in float32)."""
+        if out.dtype != t.dtype:
+            rounded = self.fresh(t)
+            self.add(K.copy(rounded, out), [out], [rounded])
+            out = rounded
         self.view[id(t)] = out
 
     @lowers(NN.Conv2dGradInput)
@@ -205,11 +233,9 @@ class Plan(Schedule):
         products, else BLAS) into the arena, then a col2im kernel (split by image across threads when large)."""
         from . import conv
         t, a = node.outputs[0], node.attrs
-        gy, w = (v if v.contiguous else self.materialise(v) for v in ins)
-        if gy.dtype != w.dtype or gy.dtype != t.dtype:
+        if ins[0].dtype != ins[1].dtype or ins[0].dtype != t.dtype:
             raise NotLowerable("conv2d_grad_input")
-        if _dt.is_half(t.dtype):   # (its GEMM would accumulate in the half dtype: the host computes it in float32)
-            raise NotLowerable(f"conv2d_grad_input on {t.dtype}")
+        ct, (gy, w) = self._compute_operands(t, ins, lambda v: v.contiguous)
         g = a["groups"]
         n, o, oh, ow = gy.shape
         _, cg, kh, kw = w.shape
@@ -217,13 +243,13 @@ class Plan(Schedule):
         args = ((kh, kw), a["stride"], a["pads"], a["dilation"])
         # (measured on LeNet's second layer: a per-image kernel fusing the micro-kernel product and col2im
         # ran 1.7x slower than the batched product (micro-kernel or BLAS) followed by col2im)
-        cols = self.fresh(None, (n, g, ckk, hw), t.dtype)
+        cols = self.fresh(None, (n, g, ckk, hw), ct)
         wt = View(w.buf, w.offset, (1, g, ckk, og), (0, og * ckk, 1, ckk), w.dtype)
         gm = View(gy.buf, gy.offset, (n, g, og, hw), (o * hw, og * hw, hw, 1), gy.dtype)
         self._matmul_views(cols, wt, gm)
-        gx = self.fresh(t)
+        gx = self._compute_out(t, ct)
         self.add(conv.col2im(gx, cols, *args, (oh, ow)), [cols], [gx])
-        self.view[id(t)] = gx
+        self._store_rounded(t, gx)
 
     @lowers(NN.Conv2dGradWeight)
     def _conv2d_grad_weight(self, node, ins):
@@ -231,31 +257,29 @@ class Plan(Schedule):
         rows = im2col(x) in patch-rows layout (N*OH*OW, C*KH*KW), gy reordered to (O, N*OH*OW)."""
         from . import conv
         t, a = node.outputs[0], node.attrs
-        x = ins[0] if ins[0].literal is None else self.materialise(ins[0])
-        gy = ins[1] if ins[1].contiguous else self.materialise(ins[1])
-        if x.dtype != gy.dtype or x.dtype != t.dtype:
+        if ins[0].dtype != ins[1].dtype or ins[0].dtype != t.dtype:
             raise NotLowerable("conv2d_grad_weight")
-        if _dt.is_half(t.dtype):   # (its GEMM would accumulate in the half dtype: the host computes it in float32)
-            raise NotLowerable(f"conv2d_grad_weight on {t.dtype}")
+        ct, (x,) = self._compute_operands(t, ins[:1], lambda v: v.literal is None)
+        _, (gy,) = self._compute_operands(t, ins[1:], lambda v: v.contiguous)
         g = a["groups"]
         n, c = x.shape[:2]
         kh, kw = a["kernel"]
         o, oh, ow = gy.shape[1:]
         og, kk, hw = o // g, kh * kw, oh * ow
         ckk = c // g * kk
-        rows = self.fresh(None, (n * hw, c * kk), t.dtype)
+        rows = self.fresh(None, (n * hw, c * kk), ct)
         self.add(conv.im2col(rows, x, (kh, kw), a["stride"], a["pads"], a["dilation"], (oh, ow), (kk, 1, c * kk)),
                  [x], [rows])
         if n == 1:
             gt = gy
         else:
-            gt = self.fresh(None, (o, n, hw), t.dtype)
+            gt = self.fresh(None, (o, n, hw), ct)
             self.add(K.copy(gt, View(gy.buf, gy.offset, (o, n, hw), (hw, o * hw, 1), gy.dtype)), [gy], [gt])
-        gw = self.fresh(t)
+        gw = self._compute_out(t, ct)
         self._matmul_views(View(gw.buf, gw.offset, (g, og, ckk), contig_strides((g, og, ckk)), gw.dtype),
                            View(gt.buf, gt.offset, (g, og, n * hw), (og * n * hw, n * hw, 1), gt.dtype),
                            View(rows.buf, rows.offset, (g, n * hw, ckk), (ckk, c * kk, 1), rows.dtype))
-        self.view[id(t)] = gw
+        self._store_rounded(t, gw)
 
     @lowers(NN.MaxPool2d)
     def _max_pool2d(self, node, ins):

@@ -13,7 +13,7 @@ import numpy as np
 
 from graphc.backends.schedule.steps import HostStep, LoopStep
 
-from . import gemm, jit, mathlib
+from . import gemm, jit, mathlib, table
 from .irtext import Emitter
 from .kernels import Kernel
 from .plan import Plan
@@ -268,7 +268,7 @@ def generate(plan: Plan, slots: Slots, nthreads: int, per_step: bool = False) ->
     if len(out) == 1 and out[0][0] == "native" and DATA_OFFSET is not None and (
             TUPLE_ITEMS is not None or n_arrays <= CALL_ARGS_MAX):
         gen.funcs.append(_call_wrapper(plan, slots, out[0][1]))
-    head = (mathlib.DECLARATIONS + gemm.declarations() +
+    head = (mathlib.DECLARATIONS + gemm.declarations() + "".join(table.DECLARATIONS) +
             "declare i32 @pthread_create(ptr, ptr, ptr, ptr)\ndeclare i32 @pthread_join(i64, ptr)\n")
     return Module(head, gen.defs, "\n".join(gen.funcs), gen.calls), out
 

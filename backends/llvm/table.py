@@ -23,8 +23,12 @@ from ..schedule.plan import registrar
 PLAN: dict = {}
 
 #: modules of this package that add rows with @lowers (imported by `rows()`; a missing one is an ImportError,
-#: never a silent gap). random draws (random_uniform / random_normal) get their rows in random.py.
-ROW_MODULES = ("random",)
+#: never a silent gap). random draws (random_uniform / random_normal) get their rows in random.py, cumsum in
+#: cumulative.py, the int8 GEMM (matmul_integer, qlinear_*, conv_integer, quantize_linear) in qgemm.py.
+ROW_MODULES = ("random", "cumulative", "qgemm")
+
+#: module-level IR declarations (intrinsics) that row modules' kernels call: added to every module's head
+DECLARATIONS: list = []
 
 
 #: decorator: `@lowers(op, ...)` makes `fn(plan, node, ins)` the row of each op

@@ -77,6 +77,7 @@ SPELLINGS: dict = {
     E.exp.op: _call("np.exp"), E.log.op: _call("np.log"), E.log1p.op: _call("np.log1p"),
     E.expm1.op: _call("np.expm1"), E.sqrt.op: _call("np.sqrt"), E.rsqrt.op: "1 / np.sqrt({0})",
     E.sin.op: _call("np.sin"), E.cos.op: _call("np.cos"), E.tanh.op: _call("np.tanh"),
+    E.round.op: _call("np.round"),
     E.zeros_like.op: _call("np.zeros_like"), E.ones_like.op: _call("np.ones_like"),
     E.add.op: "{0} + {1}", E.sub.op: "{0} - {1}", E.mul.op: "{0} * {1}", E.div.op: "{0} / {1}",
     E.pow.op: "{0} ** {1}", E.maximum.op: _call("np.maximum"), E.minimum.op: _call("np.minimum"),

@@ -229,6 +229,24 @@ class LayerNorm(Module):
         return N.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
 
 
+class RMSNorm(Module):
+    """torch.nn.RMSNorm: x / sqrt(mean(x^2) + eps) over the trailing `normalized_shape` axes, times an
+    elementwise `weight` (ones at first); eps=None is the machine epsilon of the input's dtype."""
+
+    def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
+                 dtype="float32"):
+        super().__init__()
+        self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        self.eps = eps
+        self.weight = self.add_param("weight", np.ones(self.normalized_shape), dtype) if elementwise_affine else None
+
+    def forward(self, x, training):
+        return N.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+    def extra_repr(self):
+        return f"{self.normalized_shape}, eps={self.eps}"
+
+
 class Dropout(Module):
     """Inverted dropout with probability p in training; the identity at inference. Its generator's
     state is graph state: every training-mode call of a compiled function draws a fresh mask."""

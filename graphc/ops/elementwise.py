@@ -24,8 +24,9 @@ _HALF = (np.dtype(np.float16), _dt.bfloat16)
 class Elementwise(Op):
     traits = Trait.ELEMENTWISE | Trait.FRESH
     fn = None            # NumPy callable
-    dtype_rule = "same"  # same | float | bool | promote | promote_float
+    dtype_rule = "same"  # same | float | bool | promote | promote_float | promote_int
     int_ok = True
+    float_ok = True      # False: integer/bool only (bitwise ops, shifts)
     grads = None         # (g, *inputs, out) -> tuple of Tensor | None
 
     def infer(self, inputs, **attrs):
@@ -33,7 +34,11 @@ class Elementwise(Op):
         dts = [t.dtype for t in inputs]
         if not self.int_ok and not all(_dt.is_float(d) for d in dts):
             raise DTypeError(f"{self.name} needs float inputs, got {', '.join(dts)}")
-        return [(shape, self.out_dtype(dts))]
+        out = self.out_dtype(dts)
+        if not self.float_ok and _dt.is_float(out):
+            raise DTypeError(f"{self.name} needs integer or bool inputs (NumPy has no {self.name} for floats), "
+                             f"got {', '.join(dts)}" + (f" (they promote to {out})" if out not in dts else ""))
+        return [(shape, out)]
 
     def out_dtype(self, dts) -> str:
         """The result dtype for input dtypes `dts` (NumPy's rule for this kind of ufunc)."""
@@ -45,6 +50,8 @@ class Elementwise(Op):
             return _dt.ufunc_float_of(d)      # exp(int8) is float16, exp(int32) float64
         if rule == "promote_float":
             return _dt.float_of(d)            # true division of integers is float64
+        if rule == "promote_int":
+            return "int8" if d == "bool" else d   # mod, floor_divide, shifts of bools compute in int8
         return d
 
     def impl(self, *args, **attrs):
@@ -84,11 +91,11 @@ class Elementwise(Op):
         return [F.cast(total, y.dtype)]
 
 
-def _define(name, nin, fn, dtype_rule="same", grads=None, int_ok=True, attrs=(), commutative=False):
+def _define(name, nin, fn, dtype_rule="same", grads=None, int_ok=True, attrs=(), commutative=False, float_ok=True):
     cls = type(name.title().replace("_", ""), (Elementwise,), dict(
         name=name, traits=Elementwise.traits | (Trait.COMMUTATIVE if commutative else Trait.NONE), fn=staticmethod(fn),
         dtype_rule=dtype_rule,
-        grads=staticmethod(grads) if grads else None, int_ok=int_ok,
+        grads=staticmethod(grads) if grads else None, int_ok=int_ok, float_ok=float_ok,
         differentiable=grads is not None))
     return register(cls)
 
@@ -103,24 +110,24 @@ def _binary_args(a, b):
     return as_tensor(a), as_tensor(b)
 
 
-def _unary(name, fn, dtype_rule="float", grads=None, int_ok=True):
-    op = _define(name, 1, fn, dtype_rule, grads, int_ok)
+def _unary(name, fn, dtype_rule="float", grads=None, int_ok=True, float_ok=True, doc=None):
+    op = _define(name, 1, fn, dtype_rule, grads, int_ok, float_ok=float_ok)
 
     def f(x):
         return apply(op, as_tensor(x))
     f.__name__ = name
-    f.__doc__ = f"Elementwise {name} (NumPy semantics)."
+    f.__doc__ = doc or f"Elementwise {name} (NumPy semantics)."
     f.op = op
     return f
 
 
-def _binary(name, fn, dtype_rule="promote", grads=None, commutative=False):
-    op = _define(name, 2, fn, dtype_rule, grads, commutative=commutative)
+def _binary(name, fn, dtype_rule="promote", grads=None, commutative=False, float_ok=True, doc=None):
+    op = _define(name, 2, fn, dtype_rule, grads, commutative=commutative, float_ok=float_ok)
 
     def f(a, b):
         return apply(op, *_binary_args(a, b))
     f.__name__ = name
-    f.__doc__ = f"Elementwise {name} with broadcasting (NumPy semantics)."
+    f.__doc__ = doc or f"Elementwise {name} with broadcasting (NumPy semantics)."
     f.op = op
     return f
 
@@ -170,6 +177,13 @@ neg = _unary("neg", np.negative, "same", lambda g, x, y: (-g,))
 abs = _unary("abs", np.abs, "same", lambda g, x, y: (g * F.sign(x),))
 sign = _unary("sign", np.sign, "same", lambda g, x, y: (F.zeros_like(g),))
 floor = _unary("floor", np.floor, "same", lambda g, x, y: (F.zeros_like(g),))
+ceil = _unary("ceil", np.ceil, "same", lambda g, x, y: (F.zeros_like(g),))
+trunc = _unary("trunc", np.trunc, "same", lambda g, x, y: (F.zeros_like(g),),
+               doc="Elementwise rounding toward zero (np.trunc); integers unchanged.")
+round = _unary("round", np.round, "same", lambda g, x, y: (F.zeros_like(g),),
+               doc="Elementwise rounding to the nearest integer, halves to even (np.round); integers unchanged.")
+bitwise_not = _unary("bitwise_not", np.invert, "same", float_ok=False,
+                     doc="Elementwise bitwise NOT (np.invert / ~x): logical NOT on bool, two's complement on integers.")
 exp = _unary("exp", np.exp, grads=lambda g, x, y: (g * y,))
 log = _unary("log", np.log, grads=lambda g, x, y: (g / x,))
 log1p = _unary("log1p", np.log1p, grads=lambda g, x, y: (g / (x + 1),))
@@ -179,6 +193,19 @@ rsqrt = _unary("rsqrt", _rsqrt, grads=lambda g, x, y: (g * -0.5 * y / x,))
 sin = _unary("sin", np.sin, grads=lambda g, x, y: (g * F.cos(x),))
 atan = _unary("atan", np.arctan, grads=lambda g, x, y: (g / (1 + x * x),))
 cos = _unary("cos", np.cos, grads=lambda g, x, y: (-g * F.sin(x),))
+tan = _unary("tan", np.tan, grads=lambda g, x, y: (g * (1 + y * y),))
+asin = _unary("asin", np.arcsin, grads=lambda g, x, y: (g * F.rsqrt(1 - x * x),),
+              doc="Elementwise arcsine (np.arcsin): NaN outside [-1, 1].")
+acos = _unary("acos", np.arccos, grads=lambda g, x, y: (-g * F.rsqrt(1 - x * x),),
+              doc="Elementwise arccosine (np.arccos): NaN outside [-1, 1].")
+sinh = _unary("sinh", np.sinh, grads=lambda g, x, y: (g * F.cosh(x),))
+cosh = _unary("cosh", np.cosh, grads=lambda g, x, y: (g * F.sinh(x),))
+asinh = _unary("asinh", np.arcsinh, grads=lambda g, x, y: (g * F.rsqrt(x * x + 1),),
+               doc="Elementwise inverse hyperbolic sine (np.arcsinh).")
+acosh = _unary("acosh", np.arccosh, grads=lambda g, x, y: (g * F.rsqrt(x * x - 1),),
+               doc="Elementwise inverse hyperbolic cosine (np.arccosh): NaN below 1.")
+atanh = _unary("atanh", np.arctanh, grads=lambda g, x, y: (g / (1 - x * x),),
+               doc="Elementwise inverse hyperbolic tangent (np.arctanh): +-inf at +-1, NaN outside.")
 tanh = _unary("tanh", np.tanh, grads=lambda g, x, y: (g * (1 - y * y),))
 sigmoid = _unary("sigmoid", _sigmoid, grads=lambda g, x, y: (g * y * (1 - y),))
 softplus = _unary("softplus", _softplus, grads=lambda g, x, y: (g * F.sigmoid(x),))
@@ -220,6 +247,44 @@ equal = _binary("equal", np.equal, "bool", commutative=True)
 not_equal = _binary("not_equal", np.not_equal, "bool", commutative=True)
 logical_and = _binary("logical_and", np.logical_and, "bool", commutative=True)
 logical_or = _binary("logical_or", np.logical_or, "bool", commutative=True)
+mod = _binary("mod", np.remainder, "promote_int",
+              lambda g, a, b, y: (g, -g * F.floor_divide(a, b)),
+              doc="Elementwise remainder with the divisor's sign (np.mod, Python's %): a - floor(a / b) * b; "
+                  "an integer modulo 0 is 0, a float one NaN.")
+fmod = _binary("fmod", np.fmod, "promote_int",
+               lambda g, a, b, y: (g, -g * F.trunc(a / b)),
+               doc="Elementwise remainder with the dividend's sign (np.fmod, C's fmod and %): a - trunc(a / b) * b; "
+                   "an integer modulo 0 is 0, a float one NaN.")
+floor_divide = _binary("floor_divide", np.floor_divide, "promote_int",
+                       lambda g, a, b, y: (F.zeros_like(g), F.zeros_like(g)),
+                       doc="Elementwise floor(a / b) (np.floor_divide, Python's //) in the promoted dtype; an "
+                           "integer divided by 0 is 0; integer results wrap (int8 -128 // -1 is -128).")
+_bitwise_and = _binary("bitwise_and", np.bitwise_and, float_ok=False, commutative=True)
+_bitwise_or = _binary("bitwise_or", np.bitwise_or, float_ok=False, commutative=True)
+bitwise_xor = _binary("bitwise_xor", np.bitwise_xor, float_ok=False, commutative=True,
+                      doc="Elementwise bitwise XOR (np.bitwise_xor / a ^ b) of integers or bools.")
+left_shift = _binary("left_shift", np.left_shift, "promote_int", float_ok=False,
+                     doc="Elementwise a << b (np.left_shift): bits shifted out are lost; a shift by the bit "
+                         "width or more (or a negative one) gives 0.")
+right_shift = _binary("right_shift", np.right_shift, "promote_int", float_ok=False,
+                      doc="Elementwise a >> b (np.right_shift): arithmetic for signed integers (a shift by the "
+                          "bit width or more gives 0 or -1), logical for unsigned ones (0).")
+
+
+def bitwise_and(a, b):
+    """Elementwise bitwise AND (np.bitwise_and / a & b) of integers or bools (logical_and for two bools)."""
+    a, b = _binary_args(a, b)
+    return logical_and(a, b) if a.dtype == b.dtype == "bool" else _bitwise_and(a, b)
+
+
+def bitwise_or(a, b):
+    """Elementwise bitwise OR (np.bitwise_or / a | b) of integers or bools (logical_or for two bools)."""
+    a, b = _binary_args(a, b)
+    return logical_or(a, b) if a.dtype == b.dtype == "bool" else _bitwise_or(a, b)
+
+
+bitwise_and.op, bitwise_or.op = _bitwise_and.op, _bitwise_or.op
+invert = bitwise_not
 
 
 @register
@@ -265,6 +330,28 @@ def clip(x, lo=None, hi=None):
 
 def square(x):
     return mul(x, x)
+
+
+def isnan(x):
+    """Elementwise x is NaN (np.isnan): False for integers and bools."""
+    x = as_tensor(x)
+    return not_equal(x, x)
+
+
+def isinf(x):
+    """Elementwise x is +-inf (np.isinf): False for integers and bools."""
+    x = as_tensor(x)
+    if not _dt.is_float(x.dtype):
+        return not_equal(x, x)
+    return equal(abs(x), np.inf)
+
+
+def isfinite(x):
+    """Elementwise x is neither NaN nor +-inf (np.isfinite): True for integers and bools."""
+    x = as_tensor(x)
+    if not _dt.is_float(x.dtype):
+        return equal(x, x)
+    return less(abs(x), np.inf)
 
 
 def reciprocal(x):

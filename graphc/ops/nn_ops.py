@@ -18,6 +18,7 @@ Everything else here is a composite of existing ops (avg/lp pooling are depthwis
 from __future__ import annotations
 
 import builtins
+import itertools
 
 import numpy as np
 import sympy
@@ -814,3 +815,221 @@ def one_hot(labels, num_classes: int, dtype: str = "float32") -> Tensor:
         raise DTypeError(f"one_hot: labels must be integers, got {labels.dtype}")
     classes = constant(np.arange(num_classes, dtype=labels.dtype))
     return cast(F.equal(F.expand_dims(labels, -1), classes), dtype)
+
+
+# ---- RMS normalisation, rotary position embedding, grid sampling ---------------------------------
+
+def rms_norm(x, normalized_shape, weight=None, eps: float | None = None) -> Tensor:
+    """x / sqrt(mean(x^2) + eps) over the trailing `normalized_shape` axes, times `weight`
+    (torch.nn.functional.rms_norm; eps=None is the machine epsilon of x's dtype, as in torch).
+    float16/bfloat16 inputs are normalised in float32 and rounded once."""
+    x = as_tensor(x)
+    if not _dt.is_float(x.dtype):
+        raise DTypeError(f"rms_norm: x must be floating point, got {x.dtype}")
+    shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
+    if len(shape) > x.ndim or tuple(x.shape[x.ndim - len(shape):]) != tuple(shape):
+        raise ShapeError(f"rms_norm: normalized_shape {shape} must be the trailing dims of x {x.label} "
+                         f"of shape {_sh.fmt_shape(x.shape)}")
+    if eps is None:
+        eps = float(np.finfo(_dt.np_dtype(x.dtype)).eps)
+    axes = tuple(range(x.ndim - len(shape), x.ndim))
+    xf = cast(x, _dt.compute_dtype(x.dtype))
+    y = cast(xf * F.rsqrt(F.mean(xf * xf, axes, keepdims=True) + eps), x.dtype)
+    return y * weight if weight is not None else y
+
+
+def rotary_embedding(x, cos, sin, position_ids=None, interleaved: bool = False, rotary_dim: int | None = None,
+                     num_heads: int | None = None) -> Tensor:
+    """Rotary position embedding (RoPE), the ONNX RotaryEmbedding op.
+
+    x: (B, H, S, D), or (B, S, H*D) with `num_heads`; cos, sin: (max_position, R/2) gathered at the
+    integer `position_ids` (B, S), or already (B, S, R/2) when position_ids is None. The first R =
+    `rotary_dim` (default D) features of each head rotate in pairs: halves (x[i], x[i + R/2]) or, with
+    `interleaved`, neighbours (x[2i], x[2i + 1]); the rest pass through."""
+    x, cos, sin = as_tensor(x), as_tensor(cos), as_tensor(sin)
+    if x.ndim == 3:
+        if not num_heads:
+            raise ShapeError(f"rotary_embedding: a 3-D x {x.label} of shape {_sh.fmt_shape(x.shape)} needs num_heads")
+        b, s, hidden = x.shape
+        t = F.reshape(x, (b, s, num_heads, hidden // num_heads))
+    elif x.ndim == 4:
+        t = F.transpose(x, (0, 2, 1, 3))                                  # (B, S, H, D)
+    else:
+        raise ShapeError(f"rotary_embedding: x must be (B, H, S, D) or (B, S, H*D), got {_sh.fmt_shape(x.shape)}")
+    d = t.shape[3]
+    rd = int(rotary_dim or d)
+    if rd % 2 or rd > d:
+        raise ShapeError(f"rotary_embedding: rotary_dim {rd} must be even and at most the head size {d}")
+    if position_ids is not None:
+        position_ids = as_tensor(position_ids)
+        cos, sin = F.take(cos, position_ids, 0), F.take(sin, position_ids, 0)
+    cos, sin = F.expand_dims(cos[..., :rd // 2], 2), F.expand_dims(sin[..., :rd // 2], 2)   # (B, S, 1, R/2)
+    rot, keep = t[:, :, :, :rd], t[:, :, :, rd:]
+    if interleaved:
+        x1, x2 = rot[:, :, :, 0::2], rot[:, :, :, 1::2]
+    else:
+        x1, x2 = rot[:, :, :, :rd // 2], rot[:, :, :, rd // 2:]
+    real, imag = cos * x1 - sin * x2, sin * x1 + cos * x2
+    rot = F.reshape(F.stack([real, imag], -1), rot.shape) if interleaved else F.concatenate([real, imag], -1)
+    out = F.concatenate([rot, keep], -1) if rd < d else rot
+    out = cast(out, x.dtype)
+    return F.transpose(out, (0, 2, 1, 3)) if x.ndim == 4 else F.reshape(out, x.shape)
+
+
+def _unnormalize(g, size: int, align_corners: bool):
+    return (g + 1) * ((size - 1) / 2) if align_corners else ((g + 1) * size - 1) / 2
+
+
+def _reflect(u, twice_lo: float, twice_hi: float):
+    """torch's reflect_coordinates: fold u into [lo, hi] by reflecting at both ends."""
+    if twice_lo == twice_hi:
+        return F.zeros_like(u)
+    lo, span = twice_lo / 2, (twice_hi - twice_lo) / 2
+    a = F.abs(u - lo)
+    flips = F.floor(a / span)
+    extra = a - flips * span
+    even = F.equal(flips - F.floor(flips / 2) * 2, 0.0)
+    return F.where(even, extra + lo, span - extra + lo)
+
+
+def _pad_coord(u, size: int, padding_mode: str, align_corners: bool):
+    """Source coordinate after border/reflection padding (torch's compute_coordinates)."""
+    if padding_mode == "border":
+        return F.clip(u, 0.0, float(size - 1))
+    if padding_mode == "reflection":
+        u = _reflect(u, 0.0, 2.0 * (size - 1)) if align_corners else _reflect(u, -1.0, 2.0 * size - 1)
+        return F.clip(u, 0.0, float(size - 1))
+    return u
+
+
+def _round_half_even(u):
+    r = F.floor(u + 0.5)
+    odd = F.equal(r - F.floor(r / 2) * 2, 1.0)
+    return F.where(F.logical_and(F.equal(r - u, 0.5), odd), r - 1, r)
+
+
+def _cubic_weights(t, a: float = -0.75):
+    """Keys' cubic convolution weights of the taps at -1, 0, 1, 2 for a fraction t in [0, 1)."""
+    def near(z):   # |z| <= 1
+        return ((a + 2) * z - (a + 3)) * z * z + 1
+
+    def far(z):    # 1 < |z| < 2
+        return ((a * z - 5 * a) * z + 8 * a) * z - 4 * a
+    return [far(t + 1), near(t), near(1 - t), far(2 - t)]
+
+
+_GRID_MODES = {"bilinear": "bilinear", "linear": "bilinear", "nearest": "nearest", "bicubic": "bicubic",
+               "cubic": "bicubic"}
+
+
+def grid_sample(x, grid, mode: str = "bilinear", padding_mode: str = "zeros", align_corners: bool = False) -> Tensor:
+    """Sample x (N, C, *spatial) at the normalised coordinates grid (N, *out, k), k = len(spatial),
+    grid[..., 0] indexing the last spatial axis (torch.nn.functional.grid_sample, any number of
+    spatial axes). mode: bilinear (linear), nearest (ties to even) or bicubic (Keys, a = -0.75);
+    padding_mode: zeros, border or reflection. -> (N, C, *out). Gradients reach x (scatter-add) and
+    the grid (through the interpolation weights)."""
+    x, grid = as_tensor(x), as_tensor(grid)
+    mode_ = _GRID_MODES.get(mode)
+    if mode_ is None:
+        raise GraphcError(f"grid_sample: mode must be one of bilinear, nearest, bicubic, got {mode!r}")
+    if padding_mode not in ("zeros", "border", "reflection"):
+        raise GraphcError(f"grid_sample: padding_mode must be zeros, border or reflection, got {padding_mode!r}")
+    _check_float("grid_sample", x)
+    _check_float("grid_sample", grid)
+    k = x.ndim - 2
+    if k < 1 or grid.ndim != k + 2 or grid.shape[-1] != k:
+        raise ShapeError(f"grid_sample: x {x.label} of shape {_sh.fmt_shape(x.shape)} needs a grid of shape "
+                         f"(N, *out, {k}) (rank {k + 2}), got {_sh.fmt_shape(grid.shape)}")
+    _static("grid_sample", "x's channel and spatial dims", *x.shape[1:])
+    n, spatial = x.shape[0], tuple(x.shape[2:])
+    if not _sh.dims_equal(grid.shape[0], n):
+        grid = F.broadcast_to(grid, (n,) + tuple(grid.shape[1:]))
+    out = tuple(grid.shape[1:-1])
+    _static("grid_sample", "the grid's dims", *out)
+    m = int(np.prod(out, dtype=np.int64))
+    g = F.reshape(cast(grid, _dt.compute_dtype(grid.dtype)), (n, m, k))
+    coords = [_unnormalize(g[:, :, k - 1 - i], size, align_corners) for i, size in enumerate(spatial)]
+    if isinstance(n, int):
+        y = sample_at(x, coords, mode_, padding_mode, align_corners)
+    else:   # a symbolic batch: one image per step of a loop (the gather's batch offsets need N)
+        from .scan import scan
+
+        def step(carry, item):
+            xi, *ci = item
+            return carry, sample_at(F.expand_dims(xi, 0), [F.expand_dims(u, 0) for u in ci], mode_,
+                                    padding_mode, align_corners)[0]
+        _, y = scan(step, None, (x, *coords))
+    return F.reshape(y, (n, x.shape[1]) + out)
+
+
+def sample_at(x, coords, mode: str = "bilinear", padding_mode: str = "zeros", align_corners: bool = False) -> Tensor:
+    """x (N, C, *spatial) read at pixel coordinates: coords[i] (N, M) is the (fractional) index along
+    spatial axis i. -> (N, C, M) in x's dtype. The interpolation and padding rules of grid_sample
+    (align_corners only decides where reflection folds). One gather of every tap, weights summed."""
+    n, c, spatial = x.shape[0], x.shape[1], tuple(x.shape[2:])
+    k = len(spatial)
+    strides = [int(np.prod(spatial[i + 1:], dtype=np.int64)) for i in range(k)]
+    taps = []        # per spatial axis: list of (index (N, M) float, weight (N, M) or None)
+    for i, size in enumerate(spatial):
+        u = coords[i]
+        if mode == "nearest":
+            taps.append([(_round_half_even(_pad_coord(u, size, padding_mode, align_corners)), None)])
+        elif mode == "bilinear":
+            u = _pad_coord(u, size, padding_mode, align_corners)
+            i0 = F.floor(u)
+            t = u - i0
+            taps.append([(i0, 1 - t), (i0 + 1, t)])
+        else:
+            i0 = F.floor(u)
+            ws = _cubic_weights(u - i0)
+            axis_taps = []
+            for o, w in zip((-1, 0, 1, 2), ws):
+                j = i0 + o
+                if padding_mode != "zeros":   # each tap index folded back inside (torch's get_value_bounded)
+                    j = F.floor(_pad_coord(j, size, padding_mode, align_corners))
+                axis_taps.append((j, w))
+            taps.append(axis_taps)
+    idx_all, w_all = [], []
+    for combo in itertools.product(*taps):
+        flat, weight, valid = None, None, None
+        for i, (j, w) in enumerate(combo):
+            inside = F.logical_and(F.greater_equal(j, 0.0), F.less_equal(j, float(spatial[i] - 1)))
+            valid = inside if valid is None else F.logical_and(valid, inside)
+            ji = cast(F.clip(F.stop_gradient(j), 0.0, float(spatial[i] - 1)), "int64")
+            term = ji * strides[i] if strides[i] != 1 else ji
+            flat = term if flat is None else flat + term
+            if w is not None:
+                weight = w if weight is None else weight * w
+        if weight is None:
+            weight = F.ones_like(coords[0])
+        idx_all.append(flat)
+        w_all.append(F.where(valid, weight, 0.0))
+    p = int(np.prod(spatial, dtype=np.int64))
+    idx = F.stack(idx_all, 1)                                            # (N, T, M)
+    base = constant((np.arange(n * c, dtype=np.int64) * p).reshape(n, c, 1, 1))
+    vals = F.take(F.reshape(x, (n * c * p,)), base + F.expand_dims(idx, 1), 0)   # (N, C, T, M)
+    w = F.expand_dims(F.stack(w_all, 1), 1)                              # (N, 1, T, M)
+    y = F.sum(cast(vals, w.dtype) * w, 2)
+    return cast(y, x.dtype)
+
+
+def affine_grid(theta, size, align_corners: bool = False) -> Tensor:
+    """The sampling grid of an affine map (torch.nn.functional.affine_grid): theta (N, 2, 3) with size
+    (N, C, H, W) gives (N, H, W, 2); theta (N, 3, 4) with size (N, C, D, H, W) gives (N, D, H, W, 3)."""
+    theta = as_tensor(theta)
+    size = tuple(int(s) for s in size)
+    k = len(size) - 2
+    if k < 1 or theta.ndim != 3 or tuple(theta.shape[1:]) != (k, k + 1):
+        raise ShapeError(f"affine_grid: size {size} needs theta of shape (N, {k}, {k + 1}), "
+                         f"got {_sh.fmt_shape(theta.shape)}")
+
+    def lin(s):
+        v = np.linspace(-1.0, 1.0, s) if s > 1 else np.zeros(s)
+        return v if align_corners else v * (s - 1) / s
+    spatial = size[2:]
+    axes = np.meshgrid(*[lin(s) for s in spatial], indexing="ij")     # one array per spatial axis
+    base = np.stack([a.reshape(-1) for a in reversed(axes)] + [np.ones(int(np.prod(spatial)))], -1)
+    cd = _dt.compute_dtype(theta.dtype)
+    b = constant(base.astype(_dt.np_dtype(cd)))                       # (P, k + 1)
+    grid = F.matmul(b, F.transpose(cast(theta, cd), (0, 2, 1)))        # (N, P, k)
+    return cast(F.reshape(grid, (theta.shape[0],) + spatial + (k,)), theta.dtype)

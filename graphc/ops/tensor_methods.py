@@ -17,7 +17,9 @@ def _method(fn):
     return m
 
 
-_BINARY = {"add": F.add, "sub": F.sub, "mul": F.mul, "truediv": F.div, "pow": F.pow, "matmul": F.matmul}
+_BINARY = {"add": F.add, "sub": F.sub, "mul": F.mul, "truediv": F.div, "pow": F.pow, "matmul": F.matmul,
+           "floordiv": F.floor_divide, "mod": F.mod, "and": F.bitwise_and, "or": F.bitwise_or, "xor": F.bitwise_xor,
+           "lshift": F.left_shift, "rshift": F.right_shift}
 for _n, _f in _BINARY.items():
     setattr(Tensor, f"__{_n}__", (lambda f: lambda self, other: f(self, other))(_f))
     setattr(Tensor, f"__r{_n}__", _r(_f))
@@ -31,8 +33,7 @@ Tensor.__gt__ = lambda self, o: F.greater(self, o)
 Tensor.__ge__ = lambda self, o: F.greater_equal(self, o)
 Tensor.__eq__ = lambda self, o: F.equal(self, o)
 Tensor.__ne__ = lambda self, o: F.not_equal(self, o)
-Tensor.__and__ = lambda self, o: F.logical_and(self, o)
-Tensor.__or__ = lambda self, o: F.logical_or(self, o)
+Tensor.__invert__ = lambda self: F.bitwise_not(self)
 Tensor.__getitem__ = lambda self, index: F.getitem(self, index)
 
 for _f in (F.sum, F.mean, F.max, F.min, F.prod, F.argmax, F.argmin, F.var, F.std, F.dot, F.squeeze,
