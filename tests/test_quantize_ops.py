@@ -285,3 +285,22 @@ def test_cuda_refuses_the_integer_dtypes():
     y = gc.matmul_integer(q, np.zeros((4, 2), np.int8))
     with pytest.raises(gc.DTypeError, match="cuda"):
         lower(gc.Graph([q], [y]))
+
+
+@pytest.mark.parametrize("zd", ["uint8", "int8", "int16", "uint16"])
+@pytest.mark.parametrize("xd", ["float32", "float64"])
+def test_quantize_linear_on_cuda_emulated_matches_numpy_bit_for_bit(zd, xd):
+    """quantize_linear is a pointwise C spelling on cuda (fused, no host step); ties round to even."""
+    backend_or_skip_cuda = pytest.importorskip("graphc.backends.cuda_emulated")  # noqa: F841
+    from graphc.ops import quant as Q
+    rng = np.random.default_rng(1)
+    x = gc.placeholder("x", (5, 7), xd)
+    sv = np.asarray(rng.uniform(0.01, 0.1, 7), xd)
+    y = Q.quantize_linear(x * 1.5, gc.constant(sv), gc.constant(np.asarray(rng.integers(0, 5, 7), zd)))
+    xv = (rng.normal(size=(5, 7)) * 20).astype(xd)
+    xv[0, :3] = np.array([0.5, 1.5, 2.5], xd) * sv[:3] / np.asarray(1.5, xd)   # ties
+    want = gc.function([x], y, backend="numpy")(xv)
+    f = gc.function([x], y, backend="cuda-emulated")
+    got = f(xv)
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+    assert f.program.info["fallback_ops"] == []
