@@ -157,7 +157,7 @@ def test_every_spelling_agrees_with_impl():
     a, b = rng.uniform(0.5, 2.0, (3, 4)), rng.uniform(0.5, 2.0, (3, 4))
     outs = [f(x, y) for f in (gc.add, gc.sub, gc.mul, gc.div, gc.pow, gc.maximum, gc.minimum)]
     outs += [f(x) for f in (gc.neg, gc.abs, gc.sign, gc.floor, gc.exp, gc.log, gc.log1p, gc.expm1, gc.sqrt, gc.rsqrt,
-                            gc.sin, gc.cos, gc.tanh, gc.zeros_like, gc.ones_like)]
+                            gc.sin, gc.cos, gc.tanh, gc.zeros_like, gc.ones_like, lambda v: gc.round(v * 2.0))]
     outs += [gc.cast(f(x, y), "float64") for f in (gc.less, gc.less_equal, gc.greater, gc.greater_equal, gc.equal,
                                                     gc.not_equal)]
     outs += [gc.cast(gc.logical_and(x > 1, y > 1), "float64"), gc.cast(gc.logical_or(x > 1, y > 1), "float64"),
