@@ -251,7 +251,20 @@ def _total(terms):
 _counts: Counter = Counter()
 
 
-class Optimizer:
+class _StateDict:
+    """state_dict / load_state_dict over `self.state` (a list of Parameters) for optimiser-like objects."""
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {s.name: s.get_value() for s in self.state}
+
+    def load_state_dict(self, d: dict) -> None:
+        for s in self.state:
+            if s.name not in d:
+                raise GraphcError(f"{self.name}.load_state_dict: missing {s.name}")
+            s.set_value(d[s.name])
+
+
+class Optimizer(_StateDict):
     decoupled_decay = False
 
     def __init__(self, lr: float = 0.01, weight_decay: float = 0.0, clip_value: float | None = None,
@@ -276,15 +289,6 @@ class Optimizer:
     @property
     def state(self) -> list[Parameter]:
         return ([self.step] if self.step is not None else []) + list(self._slots.values())
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return {s.name: s.get_value() for s in self.state}
-
-    def load_state_dict(self, d: dict) -> None:
-        for s in self.state:
-            if s.name not in d:
-                raise GraphcError(f"{self.name}.load_state_dict: missing {s.name}")
-            s.set_value(d[s.name])
 
     def learning_rate(self, step: Tensor):
         return self.lr if self.schedule is None else self.schedule(self.lr, step)
@@ -755,7 +759,7 @@ class LBFGS(Optimizer):
 # ---- Polyak averaging ---------------------------------------------------------------------------
 
 
-class Polyak:
+class Polyak(_StateDict):
     """Polyak averaging of the weights around any optimiser: `gc.optim.Polyak(gc.optim.SGD(0.1))` is
     used like the optimiser it wraps (`.updates(loss, params)`, gc.fit) and also keeps an averaged
     copy of each parameter, updated after every step from the step's new weights:
@@ -835,12 +839,3 @@ class Polyak:
     def state(self) -> list[Parameter]:
         return list(getattr(self.optimizer, "state", [])) + \
             ([self.n_averaged] if self.n_averaged is not None else []) + [a for _, a in self._avg.values()]
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return {s.name: s.get_value() for s in self.state}
-
-    def load_state_dict(self, d: dict) -> None:
-        for s in self.state:
-            if s.name not in d:
-                raise GraphcError(f"{self.name}.load_state_dict: missing {s.name}")
-            s.set_value(d[s.name])

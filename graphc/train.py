@@ -132,12 +132,7 @@ def fit(model, loss_fn: Callable, optimizer, x, y, epochs: int = 10, batch_size:
             log(epoch, {k: v[-1] for k, v in hist.metrics.items()})
         if early_stopping is not None and validation_data is not None and waited >= early_stopping:
             break
-    if bar is not None:
-        bar.close()
-    if early_stopping is not None and best_snap is not None:
-        _restore(model, best_snap)
-    hist.seconds = time.perf_counter() - t0
-    return hist
+    return _finish(bar, early_stopping, best_snap, model, hist, t0)
 
 
 def _fit_distributed(model, loss_fn, optimizer, x, y, epochs, batch_size, validation_data, shuffle, seed,
@@ -243,6 +238,11 @@ def _fit_distributed(model, loss_fn, optimizer, x, y, epochs, batch_size, valida
             log(epoch, {k: v[-1] for k, v in hist.metrics.items()})
         if early_stopping is not None and validation_data is not None and waited >= early_stopping:
             break
+    return _finish(bar, early_stopping, best_snap, model, hist, t0)
+
+
+def _finish(bar, early_stopping, best_snap, model, hist: History, t0: float) -> History:
+    """End of training: close the progress bar, restore the best parameters under early stopping, time."""
     if bar is not None:
         bar.close()
     if early_stopping is not None and best_snap is not None:
