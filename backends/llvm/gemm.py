@@ -47,10 +47,11 @@ def use_blas(a: View, b: View, out: View) -> bool:
 #: (6x25x784, 16x150x100) BLAS's per-call set-up and thread hand-off cost more than the arithmetic.
 #: GRAPHC_LLVM_SMALL_GEMM=0 always calls BLAS, =1 uses the micro-kernel for every float product.
 SMALL_MACS = 1 << 22
-#: batched micro-kernel products of at least GRAPHC_LLVM_PARALLEL_FLOPS flops split their batch across
-#: threads. Off by default: on the shared 2-core machine (load 6-8) splitting LeNet's second convolution
-#: (31 MFLOP over 64 images) measured 1.2x slower than one thread
-PARALLEL_FLOPS = 1 << 62
+#: batched micro-kernel products of at least GRAPHC_LLVM_PARALLEL_FLOPS flops split their batch over the
+#: pool (attention's per-head products). Was off while each split started its own threads (LeNet's second
+#: convolution, 31 MFLOP over 64 images, measured 1.2x slower than one thread at load 6-8); the pool's
+#: hand-off costs about a microsecond and a busy worker leaves its chunks to the caller
+PARALLEL_FLOPS = 1 << 21
 
 
 def _parallel_flops() -> int:
@@ -99,13 +100,18 @@ def gemv_ok(a: View, b: View, out: View) -> bool:
 def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads: int | None = None) -> Kernel:
     """out (contiguous, batch..., n, m) = a (..., n, k) @ b (..., k, m); BLAS needs blas_layout(a/b);
     blas="tiles": the vector micro-kernel (b's rows contiguous); blas="gemv": graphc's matrix-vector loop
-    (n == 1 or m == 1, gemv_form(a, b) not None). `threads`: OpenBLAS's thread count for each BLAS call
-    (None: tune.blas_threads by the product's size)."""
+    (n == 1 or m == 1, gemv_form(a, b) not None). `threads` (BLAS products; None: tune.blas_threads by the
+    product's size): the threads the product is split over. Above one, a single product (n, m > 1) is cut
+    into blocks of rows or columns (split_blocks), each one OpenBLAS call on one thread, and the blocks run
+    on graphc's pool (program._parallel_call); a batch of products splits its batch the same way. OpenBLAS
+    runs on one thread per call (its own threads only where its count cannot be set per call)."""
     n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
     bshape = out.shape[:-2]
     ast = broadcast_strides(View(a.buf, 0, a.shape[:-2], a.strides[:-2], a.dtype), bshape)
     bst = broadcast_strides(View(b.buf, 0, b.shape[:-2], b.strides[:-2], b.dtype), bshape)
     ost = contig_strides(bshape + (n * m,))[:-1] if bshape else ()
+    while bshape and bshape[0] == 1:   # leading batch dims of one: no loop for them (the offsets stay)
+        bshape, ast, bst, ost = bshape[1:], ast[1:], bst[1:], ost[1:]
     blas = use_blas(a, b, out) if blas is None else blas
     it = "i64" if jit.blas() is None or jit.blas()["ilp64"] else "i32"
     flops = 2 * n * k * m * max(1, int(np.prod(bshape)))
@@ -119,6 +125,18 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
     # one matrix-vector product (no batch) of enough work: its output blocks split across threads
     par = bool(form) and not bshape and flops >= tune.GEMV_PARALLEL_FLOPS and tune.threads() > 1
     blocks = gemv_blocks(form, n, m, par) if form else 0
+    pool_ok = tune.threads() > 1
+    # a BLAS product split over the pool: ("rows" | "cols", block width, extent, blocks); OpenBLAS then runs
+    # on one thread per call (pinned around the whole dispatch too: program._parallel_call, blas_pinned)
+    pinnable = blas is True and tune.set_threads_symbol() is not None
+    blas_split = (split_blocks(n, m, threads, out.dtype) if pinnable and not bshape and pool_ok and threads
+                  and threads > 1 and n > 1 and m > 1 else None)
+    batch_split = bool(pinnable and bshape and bshape[0] >= 2 and pool_ok and threads and threads > 1)
+    # OpenBLAS's own threads only where its count cannot be set per call (then it chooses anyway)
+    blas_threads = 1 if pinnable else threads
+    # one micro-kernel product (no batch) of enough work: its blocks of columns split across the pool
+    tile_split = (blas == "tiles" and not bshape and pool_ok and flops >= tune.TILES_PARALLEL_FLOPS
+                  and tile_blocks(m, out.dtype) >= 2)
 
     def one(em, P, offs, lo=None, hi=None):
         ao, bo, oo = offs
@@ -130,9 +148,10 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
             gemv(em, P, out, a, b, ao, bo, oo, n, k, m, form, "0" if lo is None else lo,
                  blocks if hi is None else hi, par)
         elif blas == "tiles":
-            gemm_tiles(em, P, out, a, b, ao, bo, oo, n, k, m)
+            gemm_tiles(em, P, out, a, b, ao, bo, oo, n, k, m, (lo, hi) if tile_split else None)
         elif blas:
-            _blas_call(em, P, out, a, b, ao, bo, oo, n, k, m, it, threads)
+            _blas_call(em, P, out, a, b, ao, bo, oo, n, k, m, it, blas_threads,
+                       (*blas_split, lo, hi) if blas_split else None)
         else:
             _loop_gemm(em, P, out, a, b, ao, bo, oo, n, k, m)
 
@@ -145,18 +164,59 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
         kern.threads = split and tune.threads()
         return kern
 
+    if blas_split or tile_split:   # one product cut into blocks (of rows or columns): the kernel's outer range
+        nblk = blas_split[3] if blas_split else tile_blocks(m, out.dtype)
+
+        def emit_blocks(em, P, lo, hi):
+            if out.size:
+                one(em, P, (a.offset, b.offset, out.offset), lo, hi)
+        kern = Kernel("matmul", [out, a, b], emit_blocks, nblk, flops, nblk)
+        if blas_split:   # one OpenBLAS call per block: as many blocks as threads (each call packs its operands)
+            kern.chunks, kern.blas_pinned = nblk, True
+        kern.threads = tune.threads()
+        return kern
+
     def emit(em, P, lo, hi):
         if out.size:
             nest(em, bshape, [ast, bst, ost], [a.offset, b.offset, out.offset], lambda offs, _: one(em, P, offs),
                  lo if bshape else None, hi)
-    # a batch of micro-kernel products (convolution over images) splits across threads when large
-    split = bshape[0] if blas == "tiles" and bshape and bshape[0] >= 2 and flops >= _parallel_flops() else None
+    # a batch of products splits its batch across the pool: BLAS ones when tuned/ruled parallel, micro-kernel
+    # ones (convolution over images) from GRAPHC_LLVM_PARALLEL_FLOPS
+    split = (bshape[0] if batch_split or (blas == "tiles" and bshape and bshape[0] >= 2 and pool_ok
+                                         and flops >= _parallel_flops()) else None)
     kern = Kernel("gemv" if form else "matmul", [out, a, b], emit, split, flops, bshape[0] if bshape else 0)
-    kern.threads = threads if blas is True else None
+    kern.blas_pinned = batch_split
+    kern.threads = tune.threads() if split else (threads if blas is True else None)
     return kern
 
 
-def _blas_call(em, P, out, a, b, ao, bo, oo, n, k, m, it, threads=None):
+#: blocks per thread a split BLAS product is cut into (each block is one OpenBLAS call that packs its own
+#: copy of the shared operand: more blocks balance a late thread better but pack more)
+BLAS_BLOCKS_PER_THREAD = 1
+
+
+def split_blocks(n: int, m: int, threads: int, dtype: str) -> tuple | None:
+    """How a BLAS product (n x k) @ (k x m) is cut for `threads` threads: ("rows" | "cols", block width,
+    extent, blocks), or None when it cannot be cut in two. Along the longer of n and m (each block's call
+    packs the whole other operand: A (n x k) for a column block, B (k x m) for a row block, so the cut
+    duplicates the smaller one); column blocks are whole cache lines of the output's rows."""
+    axis, L = ("rows", n) if n >= m else ("cols", m)
+    align = 4 if axis == "rows" else max(1, 64 // np.dtype(dtype).itemsize)
+    w = -(-L // max(1, threads * BLAS_BLOCKS_PER_THREAD))
+    w = -(-w // align) * align
+    blocks = -(-L // w)
+    return (axis, w, L, blocks) if blocks >= 2 else None
+
+
+def tile_blocks(m: int, dtype: str) -> int:
+    """Column blocks of the micro-kernel (gemm_tiles) for m output columns (the last one partial)."""
+    lanes, nv, _ = vector_shape(dtype)
+    return -(-m // (lanes * nv))
+
+
+def _blas_call(em, P, out, a, b, ao, bo, oo, n, k, m, it, threads=None, block=None):
+    """One CBLAS call computing out = a @ b; `block` = (axis, width, extent, blocks, lo, hi): only the
+    rows (or columns) of blocks lo .. hi-1 (split_blocks), the operands' pointers moved to the block."""
     ty, p = VTYPE[out.dtype], "s" if out.dtype == "float32" else "d"
     one, zero = literal(1.0, out.dtype), literal(0.0, out.dtype)
     ta, lda = blas_layout(a)
@@ -164,6 +224,24 @@ def _blas_call(em, P, out, a, b, ao, bo, oo, n, k, m, it, threads=None):
 
     def mat(trans, rows, cols, ld):   # last element offset BLAS touches in a row-major (trans) operand
         return (rows - 1) * ld + cols - 1 if trans == NO_TRANS else (cols - 1) * ld + rows - 1
+    # sanitize="bounds" checks the whole product's extents (a block lies inside them)
+    full = [(a, ao, mat(ta, n, k, lda)), (b, bo, mat(tb, k, m, ldb)), (out, oo, (n - 1) * m + m - 1)]
+    dims = {"n": n, "m": m}
+    if block is not None:
+        axis, w, L, _, lo, hi = block
+        i0 = em(f"mul i64 {lo}, {w}")
+        i1 = em(f"mul i64 {hi}, {w}")
+        i1 = em(f"select i1 {em(f'icmp slt i64 {i1}, {L}')}, i64 {i1}, i64 {L}")
+        cnt = em(f"sub i64 {i1}, {i0}")
+        cnt = em(f"trunc i64 {cnt} to i32") if it == "i32" else cnt
+        if axis == "rows":
+            ao = em(f"add i64 {ao}, {em(f'mul i64 {i0}, {lda if ta == NO_TRANS else 1}')}")
+            oo = em(f"add i64 {oo}, {em(f'mul i64 {i0}, {m}')}")
+            dims["n"] = cnt
+        else:
+            bo = em(f"add i64 {bo}, {em(f'mul i64 {i0}, {1 if tb == NO_TRANS else ldb}')}")
+            oo = em(f"add i64 {oo}, {i0}")
+            dims["m"] = cnt
     # the call's arguments with {A}, {B}, {C} for the operand pointers (emitted inside the guard)
     if n == 1 and a.strides[-1] > 0:      # row vector @ matrix: gemv on B
         flip = TRANS if tb == NO_TRANS else NO_TRANS
@@ -177,8 +255,8 @@ def _blas_call(em, P, out, a, b, ao, bo, oo, n, k, m, it, threads=None):
         call = (f"gemv(i32 {ROW_MAJOR}, i32 {ta}, {it} {rows}, {it} {cols}, {ty} {one}, ptr {{A}}, {it} {lda}, "
                 f"ptr {{B}}, {it} {b.strides[-2]}, {ty} {zero}, ptr {{C}}, {it} 1)")
     else:
-        spans = [(a, ao, mat(ta, n, k, lda)), (b, bo, mat(tb, k, m, ldb)), (out, oo, (n - 1) * m + m - 1)]
-        call = (f"gemm(i32 {ROW_MAJOR}, i32 {ta}, i32 {tb}, {it} {n}, {it} {m}, {it} {k}, {ty} {one}, "
+        spans = full
+        call = (f"gemm(i32 {ROW_MAJOR}, i32 {ta}, i32 {tb}, {it} {dims['n']}, {it} {dims['m']}, {it} {k}, {ty} {one}, "
                 f"ptr {{A}}, {it} {lda}, ptr {{B}}, {it} {ldb}, {ty} {zero}, ptr {{C}}, {it} {m})")
     from . import tune
     pin = threads is not None and tune.set_threads_symbol() is not None
@@ -190,7 +268,7 @@ def _blas_call(em, P, out, a, b, ao, bo, oo, n, k, m, it, threads=None):
                                                          C=ptr_at(em, P, out, oo)))
         if pin:
             em(f"call i32 @gc_blas_set_threads(i32 {prev})")
-    guarded(em, spans, body)
+    guarded(em, full if block is not None else spans, body)
 
 
 def _loop_gemm(em, P, out, a, b, ao, bo, oo, n, k, m):
@@ -383,11 +461,12 @@ def _row_tile(n: int, rows: tuple) -> int:
     return min(rows, key=lambda r: (-(-n // r), -r)) if n >= rows[-1] else n
 
 
-def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m: int) -> None:
+def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m: int, cols=None) -> None:
     """out[n, m] = a[n, k] @ b[k, m] by tiles of mr rows x nv vectors held in registers: per step p one
     row of b's tile is loaded as vectors and every row's a[i, p] broadcast into a fused multiply-add.
     Column blocks run outermost so b's block (k x nv vectors) stays in L1 across the row tiles; the
-    last partial vector uses masked loads/stores. b's rows must be contiguous (stride 1)."""
+    last partial vector uses masked loads/stores. b's rows must be contiguous (stride 1). `cols` = (lo, hi):
+    only the column blocks lo .. hi-1 (tile_blocks; the partial block last), the unit a split runs."""
     t, ty = out.dtype, VTYPE[out.dtype]
     lanes, nv, rows = vector_shape(t)
     mr = _row_tile(n, rows)
@@ -429,10 +508,17 @@ def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
         if rest:
             tile(str(full_rows * mr), j0, rest, vecs)
 
-    em.loop(full_cols, lambda jb: rows_of(em(f"mul i64 {jb}, {nr}"), [lanes] * nv))
+    vecs = [lanes] * (tail // lanes) + ([tail % lanes] if tail % lanes else [])
+    if cols is None:
+        em.loop(full_cols, lambda jb: rows_of(em(f"mul i64 {jb}, {nr}"), [lanes] * nv))
+        if tail:
+            rows_of(str(full_cols * nr), vecs)
+        return
+    lo, hi = cols
+    top = em(f"select i1 {em(f'icmp slt i64 {hi}, {full_cols}')}, i64 {hi}, i64 {full_cols}")
+    em.loop(top, lambda jb: rows_of(em(f"mul i64 {jb}, {nr}"), [lanes] * nv), start=lo)
     if tail:
-        vecs = [lanes] * (tail // lanes) + ([tail % lanes] if tail % lanes else [])
-        rows_of(str(full_cols * nr), vecs)
+        em.if_(em(f"icmp sgt i64 {hi}, {full_cols}"), lambda: rows_of(str(full_cols * nr), vecs))
 
 
 def _iadd(x, c: int) -> str:   # IR text of an i64 add / multiply by a constant

@@ -4,22 +4,28 @@ What the generated code is built for (`target_info`, shown as `f.program.info["t
 its ISA features (AVX-512 with VNNI/BF16 where present, AVX2+FMA, SSE), the vector width the
 micro-kernels use, their tile shapes, and the thread split per kernel kind.
 
-The thread split of a GEMM. OpenBLAS hands a multi-threaded sgemm to its own pool of worker threads,
-which spin and yield while they wait: on a busy machine (more runnable threads than cores) a hand-off
-can wait for a whole scheduler slice. Measured on a shared 2-core AMD EPYC (Zen 2) at load 3-4:
-(64 x 256) @ (256 x 1024) took 0.3-0.4 ms on one thread or on two when quiet, but a median of 16-40 ms
-on OpenBLAS's two threads under load. So every BLAS call the generated code makes sets OpenBLAS's
-thread count for that call (`openblas_set_num_threads_local`, ~0.1 us) to `blas_threads(flops)`: one
-thread below `BLAS_PARALLEL_FLOPS`, all of graphc's threads above. A batch-1 GEMV never goes to BLAS
-(gemm.gemv: graphc's own loop, split across graphc's threads only above `GEMV_PARALLEL_FLOPS`).
+Threads. Split kernels run on graphc's persistent native pool (pool.py: workers created once, woken by
+a generation counter, chunks claimed dynamically by the caller and the workers, so a descheduled worker
+costs nothing but its share). OpenBLAS's own threads are not used: they hand work over by spinning and
+yielding, and on a busy machine a hand-off waited a whole scheduler slice (a shared 2-core AMD EPYC Zen 2
+at load 3-4: (64 x 256) @ (256 x 1024) took 0.3-0.4 ms on one thread but 16-40 ms on OpenBLAS's two).
+Instead a BLAS product split over T threads is cut into T blocks of rows or columns (gemm.split_blocks),
+each one OpenBLAS call on one thread (`openblas_set_num_threads_local(1)`, set around the dispatch),
+and the blocks run on the pool. `blas_threads(flops)` is the size rule: one thread below
+`BLAS_PARALLEL_FLOPS`, the pool above. A batch-1 GEMV (gemm.gemv: graphc's own loop) splits its output
+blocks over the pool from `GEMV_PARALLEL_FLOPS`, a micro-kernel product (gemm.gemm_tiles) its column
+blocks from `TILES_PARALLEL_FLOPS`.
 
-The tuner (GRAPHC_TUNE=off|quick|full, quick by default). The first time a product shape is planned
-on a CPU model, `blas_threads_for` times the BLAS product on one thread and on all threads (the same
-OpenBLAS library NumPy uses, so no code is compiled for it) and keeps the faster; the winner is stored
-in the on-disk cache (graphc.backends.schedule.cache, sub "tune"), keyed by the CPU model (name and
+The tuner (GRAPHC_TUNE=off|quick|full, quick by default). The first time a BLAS product shape is planned
+on a CPU model, `blas_threads_for` compiles the product's kernel as the plan would (one BLAS call on one
+thread, and the same kernel split over the pool), times both (the minimum of interleaved runs) and
+keeps the faster (the split unless one thread wins by more than SPLIT_MARGIN); the winner is stored in
+the on-disk cache (graphc.backends.schedule.cache, sub "tune"), keyed by the CPU model (name and
 features), the product's shape and dtype and the thread count, and reused by every later process on
-that CPU model. Tuning a graph stops when its budget is spent (quick: 0.5 s, full: 2 s; the rest of
-its products get the size rule). off: the size rule only, nothing measured or read.
+that CPU model (a decision timed while the load average exceeds the cores is kept for this process
+only). Tuning a graph stops when its budget is
+spent (quick: 0.5 s, full: 2 s; the rest of its products get the size rule). off: the size rule only,
+nothing measured or read.
 """
 from __future__ import annotations
 
@@ -32,14 +38,17 @@ import numpy as np
 
 from . import jit
 
-#: BLAS products below this many flops run OpenBLAS on one thread (see the module docstring)
-BLAS_PARALLEL_FLOPS = 1 << 28
-#: batch-1 GEMVs of at least this many flops split their columns across graphc's threads
-#: (thread start-up is ~10-30 us; a (1 x 784) @ (784 x 512) GEMV takes ~10-20 us on one thread)
-GEMV_PARALLEL_FLOPS = 1 << 23
-#: the tuner gives a BLAS product more than one thread only when one thread takes at least this long and
-#: the threads are at least PARALLEL_GAIN times faster
-MIN_PARALLEL_SECONDS, PARALLEL_GAIN = 2e-3, 1.3
+#: BLAS products of at least this many flops split over the pool (the size rule; ~40 us on one core against
+#: a dispatch of ~1 us to an awake worker; a worker that sleeps or is descheduled leaves its block to the caller)
+BLAS_PARALLEL_FLOPS = 1 << 22
+#: batch-1 GEMVs of at least this many flops split their output blocks over the pool
+#: (a (1 x 256) @ (256 x 512) GEMV reads 0.5 MB of weights: ~10 us on one core)
+GEMV_PARALLEL_FLOPS = 1 << 18
+#: one micro-kernel product (no batch) of at least this many flops splits its column blocks over the pool
+#: (the LSTM step's (16 x 128) @ (128 x 512): 2 MFLOP, ~30 us on one core)
+TILES_PARALLEL_FLOPS = 1 << 20
+#: the tuner keeps one thread only when the split's time exceeds one thread's by more than this factor
+SPLIT_MARGIN = 1.1
 #: tuning budget per graph (seconds) by GRAPHC_TUNE mode
 BUDGET = {"off": 0.0, "quick": 0.5, "full": 2.0}
 #: timed calls per candidate by mode (the median is compared)
@@ -141,11 +150,13 @@ def set_threads_symbol():
 
 
 def max_blas_threads() -> int:
-    return max(1, min(threads(), blas_default_threads()))
+    """Threads a BLAS product may be split over: graphc's (its pool), when OpenBLAS can be held to one
+    thread per call; else 1 (OpenBLAS then makes its own choice)."""
+    return threads() if set_threads_symbol() is not None else 1
 
 
 def blas_threads(flops: int) -> int:
-    """The size rule: one thread below BLAS_PARALLEL_FLOPS, else every thread graphc and OpenBLAS allow."""
+    """The size rule: one thread below BLAS_PARALLEL_FLOPS, else split over every thread graphc has."""
     return 1 if flops < BLAS_PARALLEL_FLOPS else max_blas_threads()
 
 
@@ -173,7 +184,7 @@ def _record(owner, n, k, m, dtype, threads, source):
 
 def _cache_name(*parts) -> str:
     from graphc.backends.schedule import cache
-    return cache.key("tune v2", cpu_model(), *map(str, parts)) + ".json"
+    return cache.key("tune v3 pool split", cpu_model(), *map(str, parts)) + ".json"
 
 
 def _load(name: str):
@@ -223,6 +234,9 @@ def _blas_threads_for(owner, n: int, k: int, m: int, dtype: str) -> tuple[int, s
     md = mode()
     if md == "off" or top == 1 or set_threads_symbol() is None or flops < (1 << 20):
         return rule, "rule"
+    from .gemm import split_blocks
+    if split_blocks(n, m, top, dtype) is None or n == 1 or m == 1:   # nothing to split: nothing to time
+        return rule, "rule"
     key = ("blas", n, k, m, dtype, top, md)
     if key in _memo:
         return _memo[key], "cache"
@@ -236,32 +250,85 @@ def _blas_threads_for(owner, n: int, k: int, m: int, dtype: str) -> tuple[int, s
     if spent >= BUDGET[md]:
         return rule, "rule"
     t0 = time.perf_counter()
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, k)).astype(dtype)
-    b = rng.standard_normal((k, m)).astype(dtype)
-    c = np.empty((n, m), dtype)
-    fn = set_threads_symbol()
     reps = REPEATS[md]
     # a product too slow to time `reps` times within what is left of the budget is timed fewer times
-    est = flops / 20e9
-    reps = int(max(3, min(reps, (BUDGET[md] - spent) / max(est * 2 * top, 1e-6))))
-    times = {}
-    prev = fn(1)
+    est = flops / 50e9
+    reps = int(max(3, min(reps, (BUDGET[md] - spent) / max(est * 2, 1e-6))))
     try:
-        for t in (1, top):
-            fn(t)
-            times[t] = _median_time(lambda: np.matmul(a, b, out=c), reps)
-    finally:
-        fn(prev)
-    # more threads only where they pay clearly and a stalled hand-off (a scheduler slice, ~ms) is small
-    # against the product: a quiet moment's 1.5x on a 0.4 ms product is not worth a 40 ms stall under load
-    best = top if (times[1] >= MIN_PARALLEL_SECONDS and times[top] * PARALLEL_GAIN <= times[1]) else 1
+        times = _time_split(n, k, m, dtype, top, reps)
+    except Exception:   # noqa: BLE001 -- a probe that cannot be built or run: the size rule decides
+        return rule, "rule"
+    # the pool split unless one thread is clearly faster: a late or descheduled worker costs the split
+    # little (its blocks fall to the caller), so a close call (timing noise on a busy machine) goes to it
+    best = 1 if times[1] * SPLIT_MARGIN < times[top] else top
     if owner is not None:
         _spent[owner] = spent + time.perf_counter() - t0
     _memo[key] = best
-    _store(name, {"threads": best, "seconds": {str(t): s for t, s in times.items()}})
+    if not _busy():   # timed on a busy machine: the decision holds for this process only
+        _store(name, {"threads": best, "seconds": {str(t): s for t, s in times.items()}})
     log.append(("blas", (n, k, m, dtype), best, "tuned"))
     return best, "tuned"
+
+
+_probes: dict = {}
+
+
+def _busy() -> bool:
+    """More runnable work than cores (the 1-minute load average): timings say little about a quiet run."""
+    try:
+        return os.getloadavg()[0] > len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return False
+
+
+def _time_split(n: int, k: int, m: int, dtype: str, top: int, reps: int) -> dict:
+    """{1: seconds, top: seconds}: the minimum over `reps` interleaved runs of the product's kernel as the
+    plan generates it (gemm.matmul on contiguous operands), run whole on this thread and split over the
+    pool for `top` threads (program._parallel_call)."""
+    import ctypes
+    from . import gemm, pool, program
+    from .irtext import Emitter
+    from ..schedule.views import View
+    key = (n, k, m, dtype, top)
+    if key not in _probes:
+        out, a, b = (View(i, 0, sh, (sh[1], 1), dtype) for i, sh in enumerate([(n, m), (n, k), (k, m)]))
+        kern = gemm.matmul(out, a, b, blas=True, threads=top)
+        em = Emitter()
+        kern.emit(em, {0: "%b0", 1: "%b1", 2: "%b2"}, "%lo", "%hi")
+        defs = [em.function("define void @probe_k(ptr noalias %b0, ptr noalias %b1, ptr noalias %b2, i64 %lo, "
+                            "i64 %hi) nounwind noinline")]
+        for name, split in (("probe_1", False), ("probe_t", True)):
+            e = Emitter()
+            ptrs = [e(f"load ptr, ptr {e(f'getelementptr ptr, ptr %t, i64 {i}')}") for i in range(3)]
+            if split and kern.split:
+                program._parallel_call(e, "probe_k", kern, ptrs, top)
+            else:
+                e.raw(f"call void @probe_k({', '.join(f'ptr {p}' for p in ptrs)}, i64 0, i64 {kern.outer})")
+            defs.append(e.function(f"define void @{name}(ptr %t) nounwind"))
+        if kern.split:
+            defs.append(program._thunk("probe_k", 3))
+        head = gemm.declarations() + pool.declarations(top)
+        c = pool.compile_uncached(head + "\n".join(defs), ["probe_1", "probe_t"])
+        _probes[key] = (c, {t: ctypes.CFUNCTYPE(None, ctypes.c_void_p)(c.addresses[f"probe_{'t' if t > 1 else 1}"])
+                            for t in (1, top)})
+    _, fns = _probes[key]
+    rng = np.random.default_rng(0)
+    arrays = [np.zeros((n, m), dtype), rng.standard_normal((n, k)).astype(dtype),
+              rng.standard_normal((k, m)).astype(dtype)]
+    table = (ctypes.c_void_p * 3)(*[x.ctypes.data for x in arrays])
+    addr = ctypes.addressof(table)
+    times = {1: float("inf"), top: float("inf")}
+    for t in times:
+        fns[t](addr)   # warm-up (pages, caches, the pool's workers)
+    for _ in range(reps):
+        for t, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(addr)
+            times[t] = min(times[t], time.perf_counter() - t0)
+    want = arrays[1].astype(np.float64) @ arrays[2].astype(np.float64)
+    if not np.allclose(arrays[0], want, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(want).max()))):
+        raise RuntimeError("the split product's probe computed a wrong result")
+    return times
 
 
 def spent(owner) -> float:
@@ -286,11 +353,14 @@ def target_info(graph=None) -> dict:
         "gemm": {"micro_kernel": f"{rows[0]} rows x {nv} vectors of {lanes32} float32 (row tiles {list(rows)})",
                  "small_macs": gemm.SMALL_MACS,
                  "blas": None if b is None else os.path.basename(b["library"]),
-                 "blas_threads": f"1 below {BLAS_PARALLEL_FLOPS:.3g} flops, else {max_blas_threads()} "
-                                 f"(per call; tuned per shape: GRAPHC_TUNE={mode()})"
+                 "blas_threads": f"1 below {BLAS_PARALLEL_FLOPS:.3g} flops, else split in blocks of rows or "
+                                 f"columns over {max_blas_threads()} threads of graphc's pool, OpenBLAS on one "
+                                 f"thread per block (tuned per shape: GRAPHC_TUNE={mode()})"
                                  if set_threads_symbol() else "OpenBLAS's own choice",
+                 "tiles_threads": f"column blocks split over {threads()} threads from "
+                                  f"{TILES_PARALLEL_FLOPS:.3g} flops",
                  "products": [] if graph is None else products(graph),
-                 "gemv": f"graphc's loop (batch 1), split over {threads()} threads from "
+                 "gemv": f"graphc's loop (batch 1), split over {threads()} threads of the pool from "
                          f"{GEMV_PARALLEL_FLOPS:.3g} flops"},
         "elementwise": {"vector_bits": vector_bits(), "parallel_min_elements": kernels.PARALLEL_MIN},
         "tune": {"mode": mode(), "budget_s": BUDGET[mode()]},

@@ -1,0 +1,327 @@
+"""graphc's persistent native thread pool (backends/llvm/pool.py) and the kernels split over it, against
+NumPy (float64 references): every chunk of a dispatch runs exactly once (odd chunk counts, many
+dispatches, four Python threads dispatching at once, after a fork), a worker really runs chunks, split
+elementwise kernels, BLAS products cut into blocks of rows or columns (plain and transposed operands, a
+batch), the micro-kernel's column blocks (AVX2's and AVX-512's vector shapes forced) also inside a scan,
+on 1 and 2 threads; and the tuner's probe of a split product."""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import graphc as gc
+from conftest import backend_or_skip
+
+pytestmark = pytest.mark.usefixtures("llvm")
+
+SIZES = (1, 3, 17, 63, 65, 257)
+TOL = {"float32": 3e-5, "float64": 1e-12}
+
+
+@pytest.fixture
+def llvm():
+    backend_or_skip("llvm")
+
+
+def _close(got, want, dtype):
+    scale = max(1.0, float(np.max(np.abs(want)))) if np.size(want) else 1.0
+    np.testing.assert_allclose(got, want, rtol=TOL[dtype], atol=TOL[dtype] * scale)
+
+
+def _dispatches(src: str) -> int:
+    return src.count("call void @gc_pool_run")
+
+
+# ---- the pool itself ----------------------------------------------------------------------------------
+
+_PROBE = """
+define internal void @count(ptr %a, i64 %c) nounwind {
+entry:
+  %p = getelementptr i64, ptr %a, i64 %c
+  %old = atomicrmw add ptr %p, i64 1 monotonic
+  ret void
+}
+; chunk 0 waits (up to ~2^33 time-stamp ticks) until chunk 1 has run: only another thread can run it then
+define internal void @handoff(ptr %a, i64 %c) nounwind {
+entry:
+  %flag = getelementptr i64, ptr %a, i64 1
+  %first = icmp eq i64 %c, 0
+  br i1 %first, label %wait, label %mark
+mark:
+  store atomic i64 1, ptr %flag release, align 8
+  ret void
+wait:
+  %t0 = call i64 @llvm.readcyclecounter()
+  br label %spin
+spin:
+  %v = load atomic i64, ptr %flag acquire, align 8
+  %done = icmp ne i64 %v, 0
+  br i1 %done, label %out, label %more
+more:
+  %t = call i64 @llvm.readcyclecounter()
+  %dt = sub i64 %t, %t0
+  %late = icmp ugt i64 %dt, 8589934592
+  br i1 %late, label %out, label %spin
+out:
+  %r = getelementptr i64, ptr %a, i64 0
+  store i64 %v, ptr %r
+  ret void
+}
+declare i64 @llvm.readcyclecounter()
+define void @run_count(ptr %a, i64 %n) nounwind {
+entry:
+  call void @gc_pool_run(ptr @count, ptr %a, i64 %n)
+  ret void
+}
+define void @run_handoff(ptr %a) nounwind {
+entry:
+  call void @gc_pool_run(ptr @handoff, ptr %a, i64 2)
+  ret void
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def probe():
+    from graphc.backends.llvm import pool
+    pool.ensure_workers(1)
+    c = pool.compile_uncached(pool.DECLARATIONS + _PROBE, ["run_count", "run_handoff"])
+    count = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)(c.addresses["run_count"])
+    handoff = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(c.addresses["run_handoff"])
+    return c, count, handoff
+
+
+@pytest.mark.parametrize("n", (0,) + SIZES)
+def test_every_chunk_runs_exactly_once(probe, n):
+    _, count, _ = probe
+    a = np.zeros(260, np.int64)
+    for _ in range(200):
+        count(a.ctypes.data, n)
+    want = np.zeros(260, np.int64)
+    want[:n] = 200
+    np.testing.assert_array_equal(a, want)
+
+
+def test_a_worker_runs_chunks(probe):
+    """Chunk 0 waits for chunk 1: the caller runs chunk 0 first, so chunk 1 must run on a worker."""
+    from graphc.backends.llvm import pool
+    _, _, handoff = probe
+    before = pool.stats()["worker_chunks"]
+    a = np.zeros(2, np.int64)
+    handoff(a.ctypes.data)
+    assert a[0] == 1, "chunk 1 never ran while chunk 0 waited: no worker took it"
+    assert pool.stats()["worker_chunks"] > before and pool.stats()["workers"] >= 1
+
+
+def test_four_python_threads_dispatch_at_once(probe):
+    """ctypes drops the GIL: the dispatches overlap; the try-lock runs the losers' chunks inline."""
+    _, count, _ = probe
+    arrays = [np.zeros(70, np.int64) for _ in range(4)]
+    errors = []
+
+    def go(a, n):
+        try:
+            for _ in range(300):
+                count(a.ctypes.data, n)
+        except Exception as e:   # noqa: BLE001
+            errors.append(e)
+    threads = [threading.Thread(target=go, args=(a, n)) for a, n in zip(arrays, (3, 17, 63, 65))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for a, n in zip(arrays, (3, 17, 63, 65)):
+        want = np.zeros(70, np.int64)
+        want[:n] = 300
+        np.testing.assert_array_equal(a, want)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_the_pool_works_after_fork(probe):
+    _, count, handoff = probe
+    a = np.zeros(20, np.int64)
+    count(a.ctypes.data, 17)   # workers exist in the parent
+    pid = os.fork()
+    if pid == 0:   # the child: no workers until the pool starts them again
+        code = 1
+        try:
+            import signal
+            signal.alarm(60)
+            b = np.zeros(20, np.int64)
+            for _ in range(50):
+                count(b.ctypes.data, 17)
+            h = np.zeros(2, np.int64)
+            handoff(h.ctypes.data)
+            code = 0 if (b[:17] == 50).all() and (b[17:] == 0).all() and h[0] == 1 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
+# ---- kernels split over the pool ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_split_elementwise_kernels(rng, monkeypatch, threads):
+    from graphc.backends.llvm import kernels
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", threads)
+    monkeypatch.setattr(kernels, "PARALLEL_MIN", 1)
+    for n in SIZES:
+        x = gc.placeholder("x", (n, 5))
+        f = gc.function([x], gc.tanh(x * 1.5 + 0.5) * gc.exp(-x * x), backend="llvm")
+        a = rng.standard_normal((n, 5)).astype(np.float32)
+        _close(f(a), np.tanh(a * 1.5 + 0.5) * np.exp(-a.astype(np.float64) ** 2), "float32")
+        assert (_dispatches(f.source) > 0) == (threads == "2"), n   # (n, 5) collapses to n * 5 >= 2 rows
+
+
+_SHAPES = [(3, 17, 63), (65, 257, 17), (257, 63, 65), (17, 3, 257), (63, 65, 3), (2, 1, 257)]
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_blas_products_split_in_blocks(rng, monkeypatch, threads, dtype):
+    """Every BLAS product split (BLAS_PARALLEL_FLOPS = 0): rows (n >= m) or columns, with each operand
+    as it is or transposed (the block's pointer moves by the leading dimension or by one)."""
+    from graphc.backends.llvm import jit, tune
+    if jit.blas() is None:
+        pytest.skip("no BLAS")
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", threads)
+    monkeypatch.setenv("GRAPHC_LLVM_SMALL_GEMM", "0")
+    monkeypatch.setenv("GRAPHC_TUNE", "off")
+    monkeypatch.setattr(tune, "BLAS_PARALLEL_FLOPS", 0)
+    for n, k, m in _SHAPES:
+        av = rng.standard_normal((n, k)).astype(dtype)
+        bv = rng.standard_normal((k, m)).astype(dtype)
+        for ta in (False, True):
+            for tb in (False, True):
+                a = gc.placeholder("a", (k, n) if ta else (n, k), dtype)
+                b = gc.placeholder("b", (m, k) if tb else (k, m), dtype)
+                f = gc.function([a, b], (a.T if ta else a) @ (b.T if tb else b), backend="llvm")
+                got = f(np.ascontiguousarray(av.T) if ta else av, np.ascontiguousarray(bv.T) if tb else bv)
+                _close(got, av.astype(np.float64) @ bv, dtype)
+                split = threads == "2" and tune.set_threads_symbol() is not None and min(n, m) > 1
+                assert (_dispatches(f.source) > 0) == split, (n, k, m, ta, tb)
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_batched_blas_products_split_their_batch(rng, monkeypatch, threads):
+    from graphc.backends.llvm import jit, tune
+    if jit.blas() is None:
+        pytest.skip("no BLAS")
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", threads)
+    monkeypatch.setenv("GRAPHC_LLVM_SMALL_GEMM", "0")
+    monkeypatch.setenv("GRAPHC_TUNE", "off")
+    monkeypatch.setattr(tune, "BLAS_PARALLEL_FLOPS", 0)
+    for batch, n, k, m in [((3,), 17, 63, 65), ((5,), 3, 17, 2), ((2,), 65, 3, 17), ((1, 3), 17, 5, 63)]:
+        a, b = gc.placeholder("a", batch + (n, k)), gc.placeholder("b", batch + (k, m))
+        f = gc.function([a, b], a @ b, backend="llvm")
+        av, bv = rng.standard_normal(batch + (n, k)).astype("f4"), rng.standard_normal(batch + (k, m)).astype("f4")
+        _close(f(av, bv), av.astype(np.float64) @ bv, "float32")
+        assert (_dispatches(f.source) > 0) == (threads == "2" and tune.set_threads_symbol() is not None)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_micro_kernel_column_blocks_split(rng, monkeypatch, isa, threads):
+    """The micro-kernel's column blocks over the pool (TILES_PARALLEL_FLOPS = 0): a partial last block,
+    m below one block (nothing to split), both ISAs' vector shapes, float32 and float64."""
+    from graphc.backends.llvm import gemm, tune
+    monkeypatch.setenv("GRAPHC_LLVM_ISA", isa)
+    monkeypatch.setenv("GRAPHC_LLVM_SMALL_GEMM", "1")
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", threads)
+    monkeypatch.setattr(tune, "TILES_PARALLEL_FLOPS", 0)
+    for n, k, m in [(3, 17, 63), (17, 65, 257), (65, 3, 17), (2, 257, 65), (63, 1, 3)]:
+        for dtype in ("float32", "float64"):
+            a, b = gc.placeholder("a", (n, k), dtype), gc.placeholder("b", (k, m), dtype)
+            f = gc.function([a, b], a @ b, backend="llvm")
+            av, bv = rng.standard_normal((n, k)).astype(dtype), rng.standard_normal((k, m)).astype(dtype)
+            _close(f(av, bv), av.astype(np.float64) @ bv, dtype)
+            split = threads == "2" and gemm.tile_blocks(m, dtype) >= 2
+            assert (_dispatches(f.source) > 0) == split, (n, k, m, dtype)
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_split_products_inside_a_scan(rng, monkeypatch, threads):
+    """A recurrent step h = tanh(x_t @ U + h @ W): the loop body's product split over the pool each step."""
+    from graphc.backends.llvm import tune
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", threads)
+    monkeypatch.setattr(tune, "TILES_PARALLEL_FLOPS", 0)
+    T, n, k, m = 7, 17, 5, 65
+    xs = gc.placeholder("xs", (T, n, k))
+    h0 = gc.placeholder("h0", (n, m))
+    U = gc.parameter("U", rng.standard_normal((k, m)).astype("f4") * 0.3)
+    W = gc.parameter("W", rng.standard_normal((m, m)).astype("f4") * 0.1)
+    (h, _) = gc.scan(lambda h, x: (gc.tanh(x @ U + h @ W), None), h0, xs)
+    f = gc.function([xs, h0], h, backend="llvm")
+    xv, hv = rng.standard_normal((T, n, k)).astype("f4"), rng.standard_normal((n, m)).astype("f4")
+    want = hv.astype(np.float64)
+    for t in range(T):
+        want = np.tanh(xv[t] @ U.value.astype(np.float64) + want @ W.value)
+    _close(f(xv, hv), want, "float32")
+    assert (_dispatches(f.source) > 0) == (threads == "2")
+
+
+def test_compiled_functions_called_from_four_python_threads(rng, monkeypatch):
+    """Split GEMMs and elementwise kernels from four threads at once: each thread its own results."""
+    from graphc.backends.llvm import kernels, tune
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", "2")
+    monkeypatch.setenv("GRAPHC_TUNE", "off")
+    monkeypatch.setattr(tune, "BLAS_PARALLEL_FLOPS", 0)
+    monkeypatch.setattr(tune, "TILES_PARALLEL_FLOPS", 0)
+    monkeypatch.setattr(kernels, "PARALLEL_MIN", 1)
+    a, b = gc.placeholder("a", (65, 63)), gc.placeholder("b", (63, 257))
+    f = gc.function([a, b], gc.tanh(a @ b) * 2.0, backend="llvm")
+    c = gc.placeholder("c", (257, 300))
+    g = gc.function([c], gc.exp(c * 0.5), backend="llvm")
+    inputs = [(rng.standard_normal((65, 63)).astype("f4"), rng.standard_normal((63, 257)).astype("f4"),
+               rng.standard_normal((257, 300)).astype("f4")) for _ in range(4)]
+    errors = []
+
+    def go(i):
+        av, bv, cv = inputs[i]
+        want_f = np.tanh(av.astype(np.float64) @ bv) * 2.0
+        want_g = np.exp(cv.astype(np.float64) * 0.5)
+        try:
+            for _ in range(40):
+                _close(f(av, bv), want_f, "float32")
+                _close(g(cv), want_g, "float32")
+        except Exception as e:   # noqa: BLE001
+            errors.append(e)
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+def test_tuner_probe_times_both_choices():
+    """The tuner's probe: the product's kernel whole on one thread and split over the pool, both checked
+    against NumPy inside (a wrong result raises)."""
+    from graphc.backends.llvm import jit, tune
+    if jit.blas() is None or tune.set_threads_symbol() is None:
+        pytest.skip("no OpenBLAS with openblas_set_num_threads_local")
+    times = tune._time_split(65, 257, 63, "float32", 2, 3)
+    assert set(times) == {1, 2} and all(0 < t < 1 for t in times.values())
+
+
+def test_tuner_keeps_a_busy_machines_decision_in_this_process_only(rng, monkeypatch, tmp_path):
+    from graphc.backends.llvm import jit, tune
+    if jit.blas() is None or tune.set_threads_symbol() is None or tune.max_blas_threads() < 2:
+        pytest.skip("nothing to tune: one BLAS thread")
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("GRAPHC_TUNE", "quick")
+    monkeypatch.setattr(tune, "_memo", {})
+    monkeypatch.setattr(tune, "log", [])
+    monkeypatch.setattr(tune, "_busy", lambda: True)
+    a, w = gc.placeholder("a", (64, 256)), gc.parameter("w", rng.standard_normal((256, 320)).astype("f4"))
+    f = gc.function([a], a @ w, backend="llvm")
+    av = rng.standard_normal((64, 256)).astype("f4")
+    _close(f(av), av.astype(np.float64) @ w.value, "float32")
+    assert [e[3] for e in tune.log] == ["tuned"]
+    assert not (tmp_path / "tune").exists() or not list((tmp_path / "tune").iterdir())
