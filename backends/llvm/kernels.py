@@ -13,12 +13,28 @@ from graphc import dtypes as _dt
 from graphc.ops import reduce as R
 
 from . import lower as _lo
+from . import mathlib
 from .irtext import STYPE, VTYPE, Emitter, literal
 from ..schedule.views import View, broadcast_strides, collapse, contig_strides
 
 #: elementwise kernels at least this large (elements) split their outer loop across threads; below it
 #: thread start-up and contention with OpenBLAS's spinning workers (W5's weight updates) cost more
 PARALLEL_MIN = 1 << 20
+#: ... and so do smaller ones whose elements are costly (exp/tanh/sigmoid/erf: 20-40 instructions each),
+#: from PARALLEL_MIN_COSTLY elements, when elements x IR instructions per element reach PARALLEL_WORK
+#: (a W2-like body of ~100 instructions splits from 64k elements, ~0.1 ms on one core)
+PARALLEL_WORK = 1 << 22
+PARALLEL_MIN_COSTLY = 1 << 16
+
+
+def vector_attrs() -> str:
+    """Function attributes that make LLVM vectorise for the host's vector width (tune.isa(), or
+    GRAPHC_LLVM_ISA's): its tuning for some AVX-512 CPUs (Intel server cores) prefers 256-bit vectors
+    and splits 512-bit ones unless told otherwise; forcing avx2 on an AVX-512 host gives 256-bit code.
+    (On a host without AVX-512 a 512 preference is capped by the registers the target has.)"""
+    from . import tune
+    bits = tune.vector_bits()
+    return f' "prefer-vector-width"="{bits}" "min-legal-vector-width"="{bits}"'
 
 
 class Kernel:
@@ -31,6 +47,7 @@ class Kernel:
         self.split = split    # outer extent when the kernel may be split across threads
         self.size = flops
         self.desc = " ".join(f"{v.dtype}{list(v.shape)}" for v in views if v is not None)
+        self.fn_attrs = vector_attrs()   # appended to the function's definition (program._kernel_fn)
 
 
 # ---- element access ---------------------------------------------------------------------------------
@@ -153,8 +170,21 @@ def elementwise(outs: list[View], ins: list[View], compute) -> Kernel:
             for v, o, r in zip(outs, offs, compute(em, vals)):
                 store(em, P, v, o, r)
         nest(em, dims, sts, bases, body, lo if dims else None, hi)
-    split = dims[0] if dims and size >= PARALLEL_MIN and dims[0] >= 2 else None
+    parallel = size >= PARALLEL_MIN or (size >= PARALLEL_MIN_COSTLY and
+                                        size * body_cost(compute, ins) >= PARALLEL_WORK)
+    split = dims[0] if dims and parallel and dims[0] >= 2 else None
     return Kernel("elementwise", outs + ins, emit, split, size, dims[0] if dims else 0)
+
+
+def body_cost(compute, ins: list[View]) -> int:
+    """IR instructions compute() emits for one element (a dry run into a scratch emitter): the cost
+    the thread split weighs against its start-up."""
+    em = Emitter()
+    try:
+        compute(em, [(em.fresh(), v.dtype) for v in ins])
+    except Exception:   # not lowerable: the real emission reports it
+        return 1
+    return len(em.lines)
 
 
 def op_compute(op, attrs: dict, out_dtype: str):
@@ -362,10 +392,134 @@ def softmax_like(op, out: View, x: View, axes) -> Kernel:
         nest(em, rshape, [rst, orst], [offs[0], offs[1]],
              lambda o, _: store(em, P, out, o[1], em(f"fsub {ty} {load(em, P, x, o[0])}, {lse}")))
 
+    n = int(np.prod(rshape, dtype=np.int64))
+    rows = _VectorRows(op, out, x, n) if len(axes) == 1 and t == "float32" and n >= 2 and \
+        x.literal is None and rst[0] == 1 and (is_lse or orst[0] == 1) else None
+    rdims, (rkst, rost) = collapse(kshape, [kst, ost]) if rows else (kshape, (kst, ost))
+    split = rdims[0] if rows and rdims and rdims[0] >= 2 and x.size >= PARALLEL_MIN_COSTLY else None
+
     def emit(em, P, lo, hi):
         if out.size:
-            nest(em, kshape, [kst, ost], [x.offset, out.offset], lambda offs, _: per_out(em, P, offs))
-    return Kernel(op.name, [out, x], emit, None, x.size)
+            nest(em, rdims, [rkst, rost], [x.offset, out.offset],
+                 (lambda offs, _: rows.row(em, P, offs)) if rows else (lambda offs, _: per_out(em, P, offs)),
+                 lo if split else None, hi)
+    return Kernel(op.name, [out, x], emit, split, x.size, rdims[0] if rdims else 0)
+
+
+def lanes() -> int:
+    """float32 lanes of the host's vectors (tune.isa(), or GRAPHC_LLVM_ISA's): 16 for AVX-512, 8 for AVX2."""
+    from . import tune
+    return max(4, tune.vector_bits() // 32)
+
+
+class _VectorRows:
+    """softmax / log_softmax / logsumexp of one contiguous float32 row (the reduced axis has stride 1),
+    written as explicit <W x float> loops (W: the host's lanes) plus a scalar loop for the last n % W:
+    a max pass, an exp-and-sum pass (softmax stores the exponentials), and a scale pass (softmax:
+    times 1/sum; log_softmax: x - (max + log sum)); the row stays in cache between the passes. The
+    exponential is mathlib's on vectors: the same steps as the elementwise rows, lane by lane."""
+
+    def __init__(self, op, out: View, x: View, n: int):
+        self.op, self.out, self.x, self.n = op, out, x, n
+        self.w = lanes()
+        self.nv = n // self.w
+
+    def _loops(self, em, body):
+        """body(off (i64 element offset within the row), T) over the vector part, then the tail."""
+        w = self.w
+        if self.nv:
+            em.loop(self.nv, lambda i: body(em(f"mul i64 {i}, {w}"), mathlib.Ty(w)))
+        if self.n % w:
+            em.loop(self.n, lambda i: body(i, mathlib.S), start=str(self.nv * w))
+
+    def _load(self, em, P, v, base, off, T):
+        o = em(f"add i64 {base}, {off}")
+        return em(f"load {T.f}, ptr {ptr_at(em, P, v, o, T.lanes - 1)}, align 4")
+
+    def _store(self, em, P, v, base, off, val, T):
+        o = em(f"add i64 {base}, {off}")
+        em.raw(f"store {T.f} {val}, ptr {ptr_at(em, P, v, o, T.lanes - 1)}, align 4")
+
+    def _accumulate(self, em, init: str, step, combine) -> str:
+        """A scalar: the vector part folded lane-wise by step(acc, off, T) from init, its lanes combined
+        pairwise, then the tail folded in."""
+        w = self.w
+        acc = em.alloca(f"<{w} x float>")
+        em.raw(f"store <{w} x float> splat (float {init}), ptr {acc}")
+        if self.nv:
+            def vbody(i):
+                T = mathlib.Ty(w)
+                a = em(f"load {T.f}, ptr {acc}")
+                em.raw(f"store {T.f} {step(a, em(f'mul i64 {i}, {w}'), T)}, ptr {acc}")
+            em.loop(self.nv, vbody)
+        v, k = em(f"load <{w} x float>, ptr {acc}"), w
+        while k > 1:   # halves combined: (lanes 0..k/2) with (k/2..k)
+            h = k // 2
+            lo_, hi_ = (em(f"shufflevector <{k} x float> {v}, <{k} x float> poison, <{h} x i32> "
+                           f"<{', '.join(f'i32 {j}' for j in range(s, s + h))}>") for s in (0, h))
+            v, k = combine(lo_, hi_, mathlib.Ty(h) if h > 1 else None), h
+        s = em.alloca("float")
+        em.raw(f"store float {em(f'extractelement <1 x float> {v}, i64 0')}, ptr {s}")
+        if self.n % w:
+            def sbody(i):
+                a = em(f"load float, ptr {s}")
+                em.raw(f"store float {step(a, i, mathlib.S)}, ptr {s}")
+            em.loop(self.n, sbody, start=str(self.nv * w))
+        return em(f"load float, ptr {s}")
+
+    def row(self, em, P, offs):
+        x, out, xo, oo = self.x, self.out, offs[0], offs[1]
+        is_lse, soft = self.op is R.LogSumExp, self.op is R.Softmax
+
+        def splat(v, T):
+            if T.lanes == 1:
+                return v
+            one = em(f"insertelement <{T.lanes} x float> poison, float {v}, i64 0")
+            return em(f"shufflevector {T.f} {one}, {T.f} poison, <{T.lanes} x i32> zeroinitializer")
+
+        def vmax(a, b, T):
+            ty, bt = (T.f, T.b) if T is not None else ("<1 x float>", "<1 x i1>")
+            return em(f"select {bt} {em(f'fcmp ogt {ty} {a}, {b}')}, {ty} {a}, {ty} {b}")
+
+        def vadd(a, b, T):
+            return em(f"fadd reassoc {T.f if T is not None else '<1 x float>'} {a}, {b}")
+
+        # pass 1: the row's max. A NaN is skipped here but reaches every output through the sum below
+        # (x - max is NaN there), as NumPy's NaN max would
+        def pmax(a, off, T):
+            v = self._load(em, P, x, xo, off, T)
+            return em(f"select {T.b} {em(f'fcmp ogt {T.f} {v}, {a}')}, {T.f} {v}, {T.f} {a}")
+        m = self._accumulate(em, "0xFFF0000000000000", pmax, vmax)
+        if is_lse:   # an all -inf (or +inf) row: subtract 0 instead
+            fin = em(f"fcmp one float {em(f'call float @llvm.fabs.f32(float {m})')}, 0x7FF0000000000000")
+            m = em(f"select i1 {fin}, float {m}, float 0.0")
+        ms = {1: m, self.w: splat(m, mathlib.Ty(self.w))}
+
+        # pass 2: sum of exp(x - max); softmax keeps the exponentials in out
+        def psum(a, off, T):
+            d = em(f"fsub {T.f} {self._load(em, P, x, xo, off, T)}, {ms[T.lanes]}")
+            e = mathlib.exp_f32(em, d, hi=89.0 if is_lse else None, t=T)
+            if soft:
+                self._store(em, P, out, oo, off, e, T)
+            return em(f"fadd reassoc {T.f} {a}, {e}")
+        total = self._accumulate(em, "0.0", psum, vadd)
+        if is_lse:
+            store(em, P, out, oo, em(f"fadd float {mathlib.log_f32(em, total)}, {m}"))
+            return
+        # pass 3: the scale
+        if soft:
+            k = em(f"fdiv float 1.0, {total}")
+        else:
+            k = em(f"fadd float {mathlib.log_f32(em, total)}, {m}")
+        ks = {1: k, self.w: splat(k, mathlib.Ty(self.w))}
+
+        def pscale(off, T):
+            if soft:
+                r = em(f"fmul {T.f} {self._load(em, P, out, oo, off, T)}, {ks[T.lanes]}")
+            else:
+                r = em(f"fsub {T.f} {self._load(em, P, x, xo, off, T)}, {ks[T.lanes]}")
+            self._store(em, P, out, oo, off, r, T)
+        self._loops(em, pscale)
 
 
 def sfx(t):

@@ -1,167 +1,246 @@
-"""Vectorisable float32 transcendentals emitted inline (Cephes-style range reduction + polynomial).
+"""Vectorisable float32 transcendentals emitted inline: branch-free range reduction + polynomial.
 
 LLVM turns its `llvm.exp`/`llvm.tanh` intrinsics into one scalar libm call per vector lane, so these
-are written with plain arithmetic, selects and bit casts that the loop vectoriser widens to AVX-512.
-float64 uses libm (correct to the last ulp, scalar). Each function takes an Emitter and an SSA value.
+are written with plain arithmetic, selects and bit casts: on scalars (`float`, the elementwise rows,
+which the loop vectoriser widens to the host's vectors) or directly on `<N x float>` vectors (row
+kernels that write their own vector loops; `Ty(lanes)`). Every function is accurate to a few ulp over
+the whole float32 range (overflow, underflow into the subnormals, +-0, +-inf, NaN; tests/test_llvm_math*)
+with no per-element branch and no libm call. float64 uses libm (correct to the last ulp, scalar).
+
+Kernels full of these functions are bound by FMA throughput and by their dependency chains (a few vector
+iterations fit in the reorder buffer): hence one FMA per polynomial step, Estrin's pairs instead of a
+Horner chain where it is long, the shifter trick instead of round + convert, and NaN/inf/0 that fall out
+of clamped arithmetic instead of compare-and-select after the fact.
 """
 from __future__ import annotations
 
 from .irtext import Emitter, fconst
 
-F = "float"
+
+class Ty:
+    """The IR types one function works on: float32 scalars (lanes=1) or <lanes x float> vectors."""
+
+    def __init__(self, lanes: int = 1):
+        self.lanes = lanes
+        vec = (lambda s: s) if lanes == 1 else (lambda s: f"<{lanes} x {s}>")
+        self.f, self.i, self.b = vec("float"), vec("i32"), vec("i1")
+
+    def c(self, v) -> str:
+        """A float constant (splat across the lanes)."""
+        k = fconst(v, "float32")
+        return k if self.lanes == 1 else f"splat (float {k})"
+
+    def ic(self, v: int) -> str:
+        return str(int(v)) if self.lanes == 1 else f"splat (i32 {int(v)})"
+
+
+S = Ty(1)
+F = S.f
 
 
 def c(v) -> str:
     return fconst(v, "float32")
 
 
-def _poly(em: Emitter, x: str, coeffs) -> str:
+def _poly(em: Emitter, x: str, coeffs, t: Ty = S) -> str:
     """Horner: coeffs[0]*x^(n-1) + ... + coeffs[-1]; each step may fuse into one FMA (`contract`:
     fewer instructions and one rounding instead of two)."""
-    acc = c(coeffs[0])
+    acc = t.c(coeffs[0])
     for k in coeffs[1:]:
-        acc = em(f"fmul contract {F} {acc}, {x}")
-        acc = em(f"fadd contract {F} {acc}, {c(k)}")
+        acc = _fma(em, acc, x, t.c(k), t)
     return acc
 
 
-def _sel(em, cond, a, b, ty=F):
-    return em(f"select i1 {cond}, {ty} {a}, {ty} {b}")
+def _estrin(em, x: str, xx: str, coeffs, t: Ty = S) -> str:
+    """The polynomial coeffs[0]*x^(n-1) + ... + coeffs[-1] by pairs (Estrin's scheme, xx = x*x): half
+    Horner's chain of dependent FMAs, the same number of instructions."""
+    cs = list(coeffs)
+    if len(cs) % 2:
+        cs = [0.0] + cs
+    pairs = [_fma(em, t.c(cs[i]), x, t.c(cs[i + 1]), t) for i in range(0, len(cs), 2)]
+    acc = pairs[0]
+    for p in pairs[1:]:
+        acc = _fma(em, acc, xx, p, t)
+    return acc
 
 
-def _pow2i(em, n: str) -> str:
+def _sel(em, cond, a, b, t: Ty = S, ity: bool = False):
+    ty = t.i if ity else t.f
+    return em(f"select {t.b} {cond}, {ty} {a}, {ty} {b}")
+
+
+def _fma(em, a, b, cst, t: Ty = S) -> str:
+    """a*b + cst, one FMA where the target has them (`contract`)."""
+    p = em(f"fmul contract {t.f} {a}, {b}")
+    return em(f"fadd contract {t.f} {p}, {cst}")
+
+
+def _max(em, x, lo, t: Ty = S) -> str:
+    """max(x, lo) that keeps a NaN x (one vmaxps: the compare is false for NaN)."""
+    return _sel(em, em(f"fcmp olt {t.f} {x}, {t.c(lo)}"), t.c(lo), x, t)
+
+
+def _min(em, x, hi, t: Ty = S) -> str:
+    return _sel(em, em(f"fcmp ogt {t.f} {x}, {t.c(hi)}"), t.c(hi), x, t)
+
+
+def _bits(em, x, t: Ty) -> str:
+    return em(f"bitcast {t.f} {x} to {t.i}")
+
+
+def _float(em, i, t: Ty) -> str:
+    return em(f"bitcast {t.i} {i} to {t.f}")
+
+
+def fabs(em, x, t: Ty = S) -> str:
+    if t.lanes == 1:
+        return em(f"call float @llvm.fabs.f32(float {x})")
+    return _float(em, em(f"and {t.i} {_bits(em, x, t)}, {t.ic(0x7FFFFFFF)}"), t)
+
+
+def copysign(em, mag, sign, t: Ty = S) -> str:
+    if t.lanes == 1:
+        return em(f"call float @llvm.copysign.f32(float {mag}, float {sign})")
+    m = em(f"and {t.i} {_bits(em, mag, t)}, {t.ic(0x7FFFFFFF)}")
+    s = em(f"and {t.i} {_bits(em, sign, t)}, {t.ic(-0x80000000)}")
+    return _float(em, em(f"or {t.i} {m}, {s}"), t)
+
+
+def _pow2i(em, n: str, t: Ty = S) -> str:
     """2**n as a float for an i32 n in [-126, 127]."""
-    e = em(f"add i32 {n}, 127")
-    s = em(f"shl i32 {e}, 23")
-    return em(f"bitcast i32 {s} to float")
+    e = em(f"add {t.i} {n}, {t.ic(127)}")
+    return _float(em, em(f"shl {t.i} {e}, {t.ic(23)}"), t)
 
 
-def exp_f32(em: Emitter, x: str) -> str:
-    """expf: n = round(x/ln2), r = x - n ln2 (two-part), 2^n applied in two halves (subnormals)."""
-    xc = em(f"call float @llvm.maxnum.f32(float {x}, float {c(-104.0)})")
-    xc = em(f"call float @llvm.minnum.f32(float {xc}, float {c(89.0)})")
-    t = em(f"fmul float {xc}, {c(1.44269504088896341)}")
-    n = em(f"call float @llvm.roundeven.f32(float {t})")
-    r = em(f"fmul float {n}, {c(-0.693359375)}")
-    r = em(f"fadd float {xc}, {r}")
-    r2 = em(f"fmul float {n}, {c(2.12194440e-4)}")
-    r = em(f"fadd float {r}, {r2}")
-    p = _poly(em, r, [1.9875691500E-4, 1.3981999507E-3, 8.3334519073E-3, 4.1665795894E-2,
-                      1.6666665459E-1, 5.0000001201E-1])
-    rr = em(f"fmul float {r}, {r}")
-    p = em(f"fmul contract float {p}, {rr}")
-    p = em(f"fadd contract float {p}, {r}")
-    p = em(f"fadd float {p}, {c(1.0)}")
-    ni = em(f"fptosi float {n} to i32")
-    n1 = em(f"ashr i32 {ni}, 1")
-    n2 = em(f"sub i32 {ni}, {n1}")
-    y = em(f"fmul float {p}, {_pow2i(em, n1)}")
-    y = em(f"fmul float {y}, {_pow2i(em, n2)}")
-    over = em(f"fcmp ogt float {x}, {c(88.72283935546875)}")
-    y = _sel(em, over, "0x7FF0000000000000", y)
-    under = em(f"fcmp olt float {x}, {c(-103.97208)}")
-    y = _sel(em, under, c(0.0), y)
-    nan = em(f"fcmp uno float {x}, 0.0")
-    return _sel(em, nan, x, y)
+#: 1.5 * 2**23: x + SHIFT (|x| < 2**22) rounds x to an integer (to nearest even) held in the low bits
+#: of the sum's mantissa, so one FMA gives both round(x / ln2) as a float and, by a bit cast, as an i32
+#: (no roundps/cvtps2dq, and no fptosi, which is poison on NaN)
+SHIFT = 12582912.0
+SHIFT_BITS = 0x4B400000
+LN2_HI, LN2_LO = 0.693359375, -2.12194440e-4   # Cody-Waite: n * LN2_HI is exact for |n| < 2**15
+#: exp(r) = 1 + r + r*r*P(r) on |r| <= ln2/2: P fitted (minimax, relative error of expm1(r)) with five
+#: coefficients; its error is under 0.3 ulp of expm1(r) and 0.1 ulp of exp(r) (Cephes uses six)
+_EXP_P = [1.3882460771128535e-3, 8.366494439542294e-3, 4.166720062494278e-2, 1.666654348373413e-1,
+          4.999999701976776e-1]
 
 
-def log_f32(em: Emitter, x: str) -> str:
-    """logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(m) by a degree-9 polynomial."""
-    sub = em(f"fcmp olt float {x}, {c(1.1754943508222875e-38)}")
-    xs = em(f"fmul float {x}, {c(8388608.0)}")
-    xs = _sel(em, sub, xs, x)
-    eadj = _sel(em, sub, "-23", "0", "i32")
-    bits = em(f"bitcast float {xs} to i32")
-    e = em(f"lshr i32 {bits}, 23")
-    e = em(f"and i32 {e}, 255")
-    e = em(f"sub i32 {e}, 126")
-    e = em(f"add i32 {e}, {eadj}")
-    mb = em(f"and i32 {bits}, -2139095041")   # 0x807fffff
-    mb = em(f"or i32 {mb}, 1056964608")       # 0x3f000000
-    m = em(f"bitcast i32 {mb} to float")
-    small = em(f"fcmp olt float {m}, {c(0.707106781186547524)}")
-    e = em(f"sub i32 {e}, {em(f'zext i1 {small} to i32')}")
-    m2 = em(f"fadd float {m}, {m}")
-    m = _sel(em, small, m2, m)
-    m = em(f"fsub float {m}, {c(1.0)}")
-    z = em(f"fmul float {m}, {m}")
-    y = _poly(em, m, [7.0376836292E-2, -1.1514610310E-1, 1.1676998740E-1, -1.2420140846E-1,
-                      1.4249322787E-1, -1.6668057665E-1, 2.0000714765E-1, -2.4999993993E-1,
-                      3.3333331174E-1])
-    y = em(f"fmul float {y}, {m}")
-    y = em(f"fmul float {y}, {z}")
-    fe = em(f"sitofp i32 {e} to float")
-    y = em(f"fadd float {y}, {em(f'fmul float {fe}, {c(-2.12194440e-4)}')}")
-    y = em(f"fsub float {y}, {em(f'fmul float {z}, {c(0.5)}')}")
-    r = em(f"fadd float {m}, {y}")
-    r = em(f"fadd float {r}, {em(f'fmul float {fe}, {c(0.693359375)}')}")
-    inf = em(f"fcmp oeq float {x}, 0x7FF0000000000000")
-    r = _sel(em, inf, x, r)
-    zero = em(f"fcmp oeq float {x}, 0.0")
-    r = _sel(em, zero, "0xFFF0000000000000", r)
-    neg = em(f"fcmp ult float {x}, 0.0")        # negative or NaN -> NaN
-    return _sel(em, neg, "0x7FF8000000000000", r)
+def _reduce(em, x, t: Ty):
+    """x = n ln2 + r, |r| <= ln2/2: (n as the SHIFT-biased float's bits (i32), r)."""
+    s = _fma(em, x, t.c(1.44269504088896341), t.c(SHIFT), t)
+    n = em(f"fsub {t.f} {s}, {t.c(SHIFT)}")
+    r = _fma(em, n, t.c(-LN2_HI), x, t)                                    # exact
+    r = em(f"fadd {t.f} {r}, {em(f'fmul {t.f} {n}, {t.c(-LN2_LO)}')}")     # (the product runs beside)
+    return _bits(em, s, t), r
 
 
-def log1p_f32(em: Emitter, x: str) -> str:
+def _expm1_r(em, r, t: Ty):
+    """expm1(r) = r + r*r*P(r) for the reduced |r| <= ln2/2 (no cancellation: r carries the small part)."""
+    rr = em(f"fmul {t.f} {r}, {r}")
+    return _fma(em, rr, _estrin(em, r, rr, _EXP_P, t), r, t)
+
+
+def exp_f32(em: Emitter, x: str, lo: float = -104.0, hi: float | None = 89.0, t: Ty = S) -> str:
+    """expf, branch-free: n = round(x/ln2) and r by the SHIFT trick and Cody-Waite; 2^n applied in two
+    halves (each a normal float), so results down in the subnormals round once, correctly. Clamping x
+    to [-104, 89] (NaN kept) makes overflow (inf), underflow (0) and NaN fall out of the arithmetic.
+    Callers that know x <= 0 pass hi=None (one compare fewer)."""
+    xc = _max(em, x, lo, t)
+    if hi is not None:
+        xc = _min(em, xc, hi, t)
+    tb, r = _reduce(em, xc, t)
+    m = _expm1_r(em, r, t)
+    ni = em(f"sub {t.i} {tb}, {t.ic(SHIFT_BITS)}")
+    n1 = em(f"ashr {t.i} {ni}, {t.ic(1)}")
+    n2 = em(f"sub {t.i} {ni}, {n1}")
+    s1 = _pow2i(em, n1, t)
+    y = _fma(em, m, s1, s1, t)                  # (1 + m) 2^n1, exact scaling of a normal float
+    return em(f"fmul {t.f} {y}, {_pow2i(em, n2, t)}")
+
+
+def _half_expm1(em, x: str, lo: float, hi: float | None, t: Ty) -> str:
+    """expm1(x) / 2 on x clamped to [lo, hi] (lo >= -40, hi <= 89; NaN kept): 2^n (1 + m) - 1 with
+    m = expm1(r), computed as s m + (s - 1/2) with s = 2^(n-1), a normal float for every n the
+    clamp allows (2^128 itself is not), and exact where n is 0 (x near 0: the result is m / 2)."""
+    xc = _max(em, x, lo, t)
+    if hi is not None:
+        xc = _min(em, xc, hi, t)
+    tb, r = _reduce(em, xc, t)
+    m = _expm1_r(em, r, t)
+    e = em(f"add {t.i} {tb}, {t.ic(126 - SHIFT_BITS)}")            # n - 1 + 127
+    s = _float(em, em(f"shl {t.i} {e}, {t.ic(23)}"), t)
+    return _fma(em, s, m, em(f"fsub {t.f} {s}, {t.c(0.5)}"), t)
+
+
+_LOG_P = [7.0376836292E-2, -1.1514610310E-1, 1.1676998740E-1, -1.2420140846E-1, 1.4249322787E-1,
+          -1.6668057665E-1, 2.0000714765E-1, -2.4999993993E-1, 3.3333331174E-1]
+
+
+def log_f32(em: Emitter, x: str, t: Ty = S) -> str:
+    """logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(m) by a degree-9 polynomial (Cephes);
+    subnormal x scaled by 2^23 first; log(+inf) = inf, log(0) = -inf, negative or NaN -> NaN."""
+    f, i = t.f, t.i
+    sub = em(f"fcmp olt {f} {x}, {t.c(1.1754943508222875e-38)}")
+    xs = _sel(em, sub, em(f"fmul {f} {x}, {t.c(8388608.0)}"), x, t)
+    eadj = _sel(em, sub, t.ic(-23), t.ic(0), t, ity=True)
+    bits = _bits(em, xs, t)
+    e = em(f"and {i} {em(f'lshr {i} {bits}, {t.ic(23)}')}, {t.ic(255)}")
+    e = em(f"add {i} {em(f'sub {i} {e}, {t.ic(126)}')}, {eadj}")
+    mb = em(f"and {i} {bits}, {t.ic(-2139095041)}")   # 0x807fffff
+    m = _float(em, em(f"or {i} {mb}, {t.ic(1056964608)}"), t)   # | 0x3f000000: m in [0.5, 1)
+    small = em(f"fcmp olt {f} {m}, {t.c(0.707106781186547524)}")
+    e = em(f"sub {i} {e}, {em(f'zext {t.b} {small} to {i}')}")
+    m = _sel(em, small, em(f"fadd {f} {m}, {m}"), m, t)
+    m = em(f"fsub {f} {m}, {t.c(1.0)}")
+    z = em(f"fmul {f} {m}, {m}")
+    y = _estrin(em, m, z, _LOG_P, t)
+    y = em(f"fmul {f} {em(f'fmul {f} {y}, {m}')}, {z}")
+    fe = em(f"sitofp {i} {e} to {f}")
+    y = _fma(em, fe, t.c(-2.12194440e-4), y, t)
+    y = _fma(em, z, t.c(-0.5), y, t)
+    r = em(f"fadd {f} {m}, {y}")
+    r = _fma(em, fe, t.c(0.693359375), r, t)
+    r = _sel(em, em(f"fcmp oeq {f} {x}, {t.c(float('inf'))}"), x, r, t)
+    r = _sel(em, em(f"fcmp oeq {f} {x}, {t.c(0.0)}"), t.c(float("-inf")), r, t)
+    neg = em(f"fcmp ult {f} {x}, {t.c(0.0)}")        # negative or NaN -> NaN
+    return _sel(em, neg, t.c(float("nan")), r, t)
+
+
+def log1p_f32(em: Emitter, x: str, t: Ty = S) -> str:
     """log1p via u = 1 + x: log(u) * x / (u - 1) (exact correction; x where u == 1)."""
-    u = em(f"fadd float {x}, {c(1.0)}")
-    lu = log_f32(em, u)
-    d = em(f"fsub float {u}, {c(1.0)}")
-    q = em(f"fdiv float {x}, {d}")
-    r = em(f"fmul float {lu}, {q}")
-    one = em(f"fcmp oeq float {u}, {c(1.0)}")
-    r = _sel(em, one, x, r)
-    inf = em(f"fcmp oeq float {x}, 0x7FF0000000000000")
-    return _sel(em, inf, x, r)
+    f = t.f
+    u = em(f"fadd {f} {x}, {t.c(1.0)}")
+    lu = log_f32(em, u, t)
+    q = em(f"fdiv {f} {x}, {em(f'fsub {f} {u}, {t.c(1.0)}')}")
+    r = em(f"fmul {f} {lu}, {q}")
+    r = _sel(em, em(f"fcmp oeq {f} {u}, {t.c(1.0)}"), x, r, t)
+    return _sel(em, em(f"fcmp oeq {f} {x}, {t.c(float('inf'))}"), x, r, t)
 
 
-def expm1_f32(em: Emitter, x: str) -> str:
-    """expm1 (Kahan): u = exp(x); (u - 1) * x / log(u), x where u == 1, -1 where u - 1 == -1."""
-    u = exp_f32(em, x)
-    d = em(f"fsub float {u}, {c(1.0)}")
-    lu = log_f32(em, u)
-    q = em(f"fdiv float {x}, {lu}")
-    r = em(f"fmul float {d}, {q}")
-    one = em(f"fcmp oeq float {u}, {c(1.0)}")
-    r = _sel(em, one, x, r)
-    m1 = em(f"fcmp oeq float {d}, {c(-1.0)}")
-    r = _sel(em, m1, c(-1.0), r)
-    big = em(f"fcmp ogt float {x}, {c(88.0)}")
-    return _sel(em, big, u, r)
+def expm1_f32(em: Emitter, x: str, t: Ty = S) -> str:
+    """expm1f: one reduction and polynomial (see _half_expm1); -1 below -25 (expm1 is -1 in float32
+    below about -17.3), inf above 88.72; -0.0 kept."""
+    r = em(f"fmul {t.f} {_half_expm1(em, x, -25.0, 89.0, t)}, {t.c(2.0)}")
+    return _sel(em, em(f"fcmp oeq {t.f} {x}, {t.c(0.0)}"), x, r, t)
 
 
-def tanh_f32(em: Emitter, x: str) -> str:
-    """tanhf: odd polynomial for |x| < 0.625, else 1 - 2/(exp(2|x|) + 1) with x's sign."""
-    ax = em(f"call float @llvm.fabs.f32(float {x})")
-    z = em(f"fmul float {x}, {x}")
-    p = _poly(em, z, [-5.70498872745E-3, 2.06390887954E-2, -5.37397155531E-2, 1.33314422036E-1,
-                      -3.33332819422E-1])
-    p = em(f"fmul float {p}, {z}")
-    p = em(f"fmul float {p}, {x}")
-    small = em(f"fadd float {p}, {x}")
-    a2 = em(f"fmul float {ax}, {c(2.0)}")
-    ex = exp_f32(em, a2)
-    d = em(f"fadd float {ex}, {c(1.0)}")
-    q = em(f"fdiv float {c(2.0)}, {d}")
-    big = em(f"fsub float {c(1.0)}, {q}")
-    big = em(f"call float @llvm.copysign.f32(float {big}, float {x})")
-    isbig = em(f"fcmp ogt float {ax}, {c(0.625)}")
-    return _sel(em, isbig, big, small)
+def tanh_f32(em: Emitter, x: str, t: Ty = S) -> str:
+    """tanhf with one exponential and one division: with h = expm1(-2|x|) / 2 (accurate near 0, so no
+    separate small-x polynomial), tanh|x| = -2h / (2 + 2h) = h / (-1 - h); the sign copied from x.
+    |x| > 10 gives 1 (tanh is 1 in float32 beyond 9.01); NaN propagates."""
+    y = em(f"fmul {t.f} {fabs(em, x, t)}, {t.c(-2.0)}")
+    h = _half_expm1(em, y, -20.0, None, t)
+    d = em(f"fsub {t.f} {t.c(-1.0)}, {h}")
+    return copysign(em, em(f"fdiv {t.f} {h}, {d}"), x, t)
 
 
-def sigmoid_f32(em: Emitter, x: str) -> str:
-    """1/(1+e^-x) as e = exp(-|x|): 1/(1+e) for x >= 0 else e/(1+e) (no overflow)."""
-    ax = em(f"call float @llvm.fabs.f32(float {x})")
-    nx = em(f"fneg float {ax}")
-    e = exp_f32(em, nx)
-    d = em(f"fadd float {e}, {c(1.0)}")
-    r = em(f"fdiv float {c(1.0)}, {d}")
-    rn = em(f"fmul float {e}, {r}")          # e/(1+e) with the one division
-    pos = em(f"fcmp oge float {x}, 0.0")
-    r = _sel(em, pos, r, rn)
-    nan = em(f"fcmp uno float {x}, 0.0")
-    return _sel(em, nan, x, r)
+def sigmoid_f32(em: Emitter, x: str, t: Ty = S) -> str:
+    """1/(1+e^-x) as e = exp(-|x|): 1/(1+e) for x >= 0 else e/(1+e) (no overflow; one division;
+    NaN propagates through e)."""
+    f = t.f
+    e = exp_f32(em, em(f"fneg {f} {fabs(em, x, t)}"), hi=None, t=t)
+    r = em(f"fdiv {f} {t.c(1.0)}, {em(f'fadd {f} {e}, {t.c(1.0)}')}")
+    rn = em(f"fmul {f} {e}, {r}")          # e/(1+e) with the one division
+    return _sel(em, em(f"fcmp oge {f} {x}, {t.c(0.0)}"), r, rn, t)
 
 
 _ERF_T = [7.853861353153693E-5, -8.010193625184903E-4, 5.188327685732524E-3, -2.685381193529856E-2,
@@ -173,28 +252,22 @@ _ERFC_R = [-1.047766399936249E+1, 1.297719955372516E+1, -7.495518717768503E+0, 2
            -1.015265279202700E+0, 4.218463358204948E-1, -2.820767439740514E-1, 5.641895067754075E-1]
 
 
-def erf_f32(em: Emitter, x: str) -> str:
+def erf_f32(em: Emitter, x: str, t: Ty = S) -> str:
     """erff (Cephes ndtrf): x*T(x^2) for |x| <= 1, else sign(x)(1 - exp(-x^2)/|x| * P|R(1/x^2))."""
-    ax = em(f"call float @llvm.fabs.f32(float {x})")
-    z = em(f"fmul float {x}, {x}")
-    small = em(f"fmul float {x}, {_poly(em, z, _ERF_T)}")
-    axc = em(f"call float @llvm.minnum.f32(float {ax}, float {c(10.0)})")
-    axc = em(f"call float @llvm.maxnum.f32(float {axc}, float {c(1.0)})")
-    nz = em(f"fmul float {axc}, {axc}")
-    nz = em(f"fneg float {nz}")
-    ez = exp_f32(em, nz)
-    q = em(f"fdiv float {c(1.0)}, {axc}")
-    y = em(f"fmul float {q}, {q}")
-    pp = _poly(em, y, _ERFC_P)
-    pr = _poly(em, y, _ERFC_R)
-    lt2 = em(f"fcmp olt float {axc}, {c(2.0)}")
-    p = _sel(em, lt2, pp, pr)
-    erfc = em(f"fmul float {ez}, {q}")
-    erfc = em(f"fmul float {erfc}, {p}")
-    big = em(f"fsub float {c(1.0)}, {erfc}")
-    big = em(f"call float @llvm.copysign.f32(float {big}, float {x})")
-    isbig = em(f"fcmp ogt float {ax}, {c(1.0)}")
-    return _sel(em, isbig, big, small)
+    f = t.f
+    ax = fabs(em, x, t)
+    z = em(f"fmul {f} {x}, {x}")
+    small = em(f"fmul {f} {x}, {_poly(em, z, _ERF_T, t)}")
+    axc = _max(em, _min(em, ax, 10.0, t), 1.0, t)
+    ez = exp_f32(em, em(f"fneg {f} {em(f'fmul {f} {axc}, {axc}')}"), hi=None, t=t)
+    q = em(f"fdiv {f} {t.c(1.0)}, {axc}")
+    y = em(f"fmul {f} {q}, {q}")
+    yy = em(f"fmul {f} {y}, {y}")
+    p = _sel(em, em(f"fcmp olt {f} {axc}, {t.c(2.0)}"), _estrin(em, y, yy, _ERFC_P, t),
+             _estrin(em, y, yy, _ERFC_R, t), t)
+    erfc = em(f"fmul {f} {em(f'fmul {f} {ez}, {q}')}, {p}")
+    big = copysign(em, em(f"fsub {f} {t.c(1.0)}, {erfc}"), x, t)
+    return _sel(em, em(f"fcmp ogt {f} {ax}, {t.c(1.0)}"), big, small, t)
 
 
 F32 = {"exp": exp_f32, "log": log_f32, "log1p": log1p_f32, "expm1": expm1_f32, "tanh": tanh_f32,
