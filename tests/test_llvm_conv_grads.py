@@ -80,17 +80,18 @@ def test_conv_gradients_under_bounds_checking(cfg, gemm_mode, rng):
 
 
 def test_large_col2im_and_pool_grad_split_across_threads_and_match(monkeypatch, rng):
-    """col2im and max_pool2d_grad large enough to split by image across threads give the same sums
-    (each image's planes belong to one thread: race-free)."""
-    from graphc.backends.llvm import kernels, program
+    """conv2d_grad_input (product + col2im per image) and max_pool2d_grad large enough to split by image
+    across threads give the same sums (each image's planes belong to one thread: race-free)."""
+    from graphc.backends.llvm import conv, kernels, program
     monkeypatch.setenv("GRAPHC_LLVM_SMALL_GEMM", "0")
     monkeypatch.setenv("GRAPHC_NUM_THREADS", "3")
     monkeypatch.setattr(kernels, "PARALLEL_MIN", 64)
+    monkeypatch.setattr(conv, "SPLIT_FLOPS", 0)
     assert program.num_threads() == 3
     cfg = (7, 3, 9, 9, 4, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 1)
     ins, outs, a = _conv_graph(cfg, "float64")
     f = gc.function(ins, outs[1], backend="llvm")
-    assert "col2im_thunk" in f.source
+    assert "conv2d_grad_input_thunk" in f.source
     xs = [rng.standard_normal(t.shape) for t in ins]
     _close(f(*xs), NN.conv2d_grad_input_ref(xs[2], xs[1], (9, 9), **a), "float64")
     ins, outs, a = _pool_graph((5, 2, 7, 7, (3, 3), (1, 1), ((1, 1), (1, 1))), "float64")
@@ -101,15 +102,17 @@ def test_large_col2im_and_pool_grad_split_across_threads_and_match(monkeypatch, 
 
 
 def test_a_broken_col2im_window_is_caught_under_bounds(monkeypatch, rng):
+    """The plane-by-plane col2im (column stride 2; unit column strides take the by-row path, whose loads
+    are clamped to the row) with a window range that ignores the padding reads outside the columns."""
     import graphc.backends.llvm.conv as conv
     monkeypatch.setenv("GRAPHC_LLVM_SMALL_GEMM", "0")
     monkeypatch.setattr(conv, "_valid", lambda size, out, k, stride, dil, pad: (0, out))
-    gy, w = gc.placeholder("gy", (1, 2, 5, 5), "float64"), gc.placeholder("w", (2, 1, 3, 3), "float64")
-    gx = apply(NN.Conv2dGradInput, gy, w, x_hw=(5, 5), stride=(1, 1), pads=((1, 1), (1, 1)), dilation=(1, 1),
+    gy, w = gc.placeholder("gy", (1, 2, 5, 3), "float64"), gc.placeholder("w", (2, 1, 3, 3), "float64")
+    gx = apply(NN.Conv2dGradInput, gy, w, x_hw=(5, 5), stride=(1, 2), pads=((1, 1), (1, 1)), dilation=(1, 1),
                groups=1)
     f = gc.function([gy, w], gx, backend="llvm", sanitize="bounds")
-    with pytest.raises(gc.GraphcError, match=r"out-of-bounds memory access in the llvm col2im kernel"):
-        f(rng.standard_normal((1, 2, 5, 5)), rng.standard_normal((2, 1, 3, 3)))
+    with pytest.raises(gc.GraphcError, match=r"out-of-bounds memory access in the llvm conv2d_grad_input kernel"):
+        f(rng.standard_normal((1, 2, 5, 3)), rng.standard_normal((2, 1, 3, 3)))
 
 
 #: (N, C, H, W, kernel, stride, pads)

@@ -1,5 +1,16 @@
-"""Convolution as im2col + GEMM (the column matrix in the arena, then batched sgemm through BLAS) and
-max pooling as a window loop; zero / -inf padding by clamped loads and selects (no padded copy)."""
+"""Convolutions and max pooling on llvm (plan.py's conv rows delegate to the plan_* functions at the end).
+
+conv2d: im2col of one image (or of a block of its output rows) into a slot's tile in the arena, then the
+product while the tile is in cache: the register-blocked micro-kernel (gemm.gemm_tiles) for small
+products, one-thread BLAS calls (blas_gemm) over blocks of output rows or channels for large ones.
+conv2d_grad_input: per image, W^T @ gy into the slot's tile, then col2im from it (by output row in vector
+registers for unit column stride). conv2d_grad_weight: per image (or a few images side by side), im2col
+into the slot's tile and a dot-product or GEMM micro-kernel into the slot's partial sums, summed after.
+The items of each kernel are cut into slots that the kernel `split` runs across threads (one pool chunk per
+slot, each with its own scratch: race-free, and the sums of one item never depend on the thread count).
+Max pooling: vectors along output rows (padded windows: interior columns as vectors, border ones one by
+one); its gradient for windows that tile the plane as vectors (first maximum, interleaved stores), else
+per plane. Zero / -inf padding by clamped loads and selects (no padded copy)."""
 from __future__ import annotations
 
 from .gemm import mask_type, vector_shape, vload, vstore
@@ -85,29 +96,36 @@ def im2col(cols: View, x: View, kernel, stride, pads, dilation, out_hw=None, lay
     return Kernel("im2col", [cols, x], emit, None, cols.size)
 
 
-def conv_tiles(out: View, x: View, w: View, cols: View, kernel, stride, pads, dilation, groups: int = 1) -> Kernel:
+def conv_tiles(out: View, x: View, w: View, cols: View, kernel, stride, pads, dilation, groups: int = 1,
+               slots: int = 1) -> Kernel:
     """out (n, o, oh*ow) = w (o, c/g*kh*kw) @ im2col(x[i]) image by image (per group g: its o/g filters
-    times its c/g channels' columns): one image's columns (cols, (c*kh*kw, oh*ow)) are written and at
-    once multiplied by the micro-kernel while still in cache."""
+    times its c/g channels' columns): one image's columns (a slot of cols, (c*kh*kw, oh*ow)) are written
+    and at once multiplied by the micro-kernel while still in cache. The images are cut into `slots` runs
+    split across threads (cols holds one image's columns per slot)."""
     from .gemm import gemm_tiles
     n = x.shape[0]
     o, ckk = w.shape
     og = o // groups
     hw = out.shape[-1]
-    image = _im2col_image(cols, x, kernel, stride, pads, dilation)
+    per_slot = cols.size // slots
+    one_image = View(cols.buf, 0, (x.shape[1],) + tuple(kernel) + cols.shape[-2:],
+                     contig_strides((x.shape[1],) + tuple(kernel) + cols.shape[-2:]), cols.dtype)
+    image = _im2col_image(one_image, x, kernel, stride, pads, dilation)
     out2 = View(out.buf, 0, (og, hw), (hw, 1), out.dtype)
     cols2 = View(cols.buf, cols.offset, (ckk, hw), (hw, 1), cols.dtype)
 
-    def one(em, P, offs):
-        image(em, P, cols.offset, offs[1])
+    def one(em, P, s, i):
+        co = em(f"add i64 {cols.offset}, {em(f'mul i64 {s}, {per_slot}')}")
+        oo = em(f"add i64 {out.offset}, {em(f'mul i64 {i}, {o * hw}')}")
+        image(em, P, co, em(f"add i64 {x.offset}, {em(f'mul i64 {i}, {x.strides[0]}')}"))
         for g in range(groups):
-            gemm_tiles(em, P, out2, w, cols2, w.offset + g * og * ckk, cols.offset + g * ckk * hw,
-                       em(f"add i64 {offs[0]}, {g * og * hw}") if g else offs[0], og, ckk, hw)
+            gemm_tiles(em, P, out2, w, cols2, w.offset + g * og * ckk, em(f"add i64 {co}, {g * ckk * hw}"),
+                       em(f"add i64 {oo}, {g * og * hw}") if g else oo, og, ckk, hw)
 
     def emit(em, P, lo, hi):
         if out.size:
-            nest(em, (n,), [(o * hw,), (x.strides[0],)], [out.offset, x.offset], lambda offs, _: one(em, P, offs))
-    return Kernel("conv2d", [out, x, w, cols], emit, None, 2 * n * o * ckk * hw)
+            _slot_loop(em, n, slots, lo, hi, lambda s, i: one(em, P, s, i))
+    return _slot_kernel("conv2d", [out, x, w, cols], emit, slots, 2 * n * o * ckk * hw)
 
 
 # ---- the adjoints: conv2d_grad_input (GEMM then col2im) ------------------------------------------------
@@ -210,6 +228,9 @@ def max_pool_grad(gx: View, x: View, gy: View, kernel, stride, pads) -> Kernel:
     may overlap). Per (image, channel) plane: zeroed, then accumulated in output order by one thread
     (split by image when large: race-free)."""
     from .kernels import PARALLEL_MIN
+    tiling = max_pool_grad_tiling(gx, x, gy, kernel, stride, pads)
+    if tiling is not None:
+        return tiling
     n, c, h, w = x.shape
     oh, ow = gy.shape[2:]
     t, ty = gx.dtype, VTYPE[gx.dtype]
@@ -283,6 +304,10 @@ def max_pool(out: View, x: View, kernel, stride, pads) -> Kernel:
     lanes = vector_shape(t)[0]
     if inside and stride[1] in (1, 2) and x.strides[3] == 1 and t in ("float32", "float64"):
         return _max_pool_vector(out, x, kernel, stride, lanes)
+    if not inside:
+        padded = max_pool_padded(out, x, kernel, stride, pads)
+        if padded is not None:
+            return padded
     if inside:   # every window in bounds: the taps unrolled as a chain of max, no clamps or selects
         def emit_inside(em, P, lo, hi):
             def per_out(offs, _):
@@ -353,3 +378,845 @@ def _max_pool_vector(out: View, x: View, kernel, stride, lanes: int) -> Kernel:
         xs = (x.strides[0], x.strides[1], x.strides[2] * stride[0])
         nest(em, (n, c, oh), [contig_strides(out.shape)[:3], xs], [out.offset, x.offset], per_row)
     return Kernel("max_pool2d", [out, x], emit, None, out.size)
+
+
+# ---- work split into slots: convolutions as independent items over the kernel `split` -----------------------
+#
+# A convolution kernel's work is a list of items (an image, a block of an image's output rows, a block of
+# its output channels); the items are cut into `slots` contiguous runs and the kernel's outer loop runs over
+# slots (Kernel.split = slots, one pool chunk each: Kernel.chunks). A slot owns a scratch tile in the arena
+# (its im2col columns, its GEMM result), so no two threads ever share one: race-free with any thread count,
+# and the same sums in the same order whatever the thread count (the slot count depends on it only through
+# which items run together, never on how one item is computed).
+
+#: convolution kernels of at least this many flops split their items across threads
+SPLIT_FLOPS = 1 << 21
+#: elements of one slot's im2col tile in the BLAS path (rows of output blocked to about this: ~384 KiB of
+#: float32, inside Zen 2's 512 KiB L2 with the BLAS packing buffers' hot part)
+TILE_ELEMS = 96 * 1024
+
+
+def threads() -> int:
+    from . import tune
+    return tune.threads()
+
+
+def slot_count(items: int, flops: int) -> int:
+    """Slots the items are cut into: 1 (one thread) for small work or one thread, else up to two per
+    thread (the pool's threads claim them dynamically: a late or descheduled thread leaves its share)."""
+    t = threads()
+    if t <= 1 or items < 2 or flops < SPLIT_FLOPS:
+        return 1
+    return min(items, 2 * t)
+
+
+def _slot_loop(em, items: int, slots: int, lo, hi, body) -> None:
+    """for s in [lo, hi): for it in [s * items // slots, (s + 1) * items // slots): body(s, it)."""
+    def per_slot(s):
+        i0 = em(f"udiv i64 {em(f'mul i64 {s}, {items}')}, {slots}")
+        s1 = em(f"add i64 {s}, 1")
+        i1 = em(f"udiv i64 {em(f'mul i64 {s1}, {items}')}, {slots}")
+        em.loop(i1, lambda it: body(s, it), start=i0)
+    em.loop(hi, per_slot, start=lo)
+
+
+def _slot_kernel(name: str, views, emit, slots: int, flops: int, blas: bool = False) -> Kernel:
+    """A kernel over slots: one pool chunk per slot (program._chunks). `blas`: its items call BLAS, so a
+    split run has OpenBLAS's (process-wide) thread count set to 1 around the whole dispatch
+    (program._parallel_call, blas_pinned): the items' own set-and-restore (blas_gemm) then never races a
+    larger count back in while another thread's call runs."""
+    kern = Kernel(name, views, emit, slots if slots >= 2 else None, flops, slots)
+    kern.chunks = slots
+    kern.blas_pinned = bool(blas and slots >= 2)
+    if slots >= 2:
+        kern.threads = threads()
+    return kern
+
+
+def blas_gemm(em, P, c: View, a: View, b: View, ao, bo, co, n: int, k: int, m: int, lda: int, ldb: int,
+              ldc: int, ta: bool = False, tb: bool = False) -> None:
+    """c (n x m, row stride ldc) = op(a) (n x k) @ op(b) (k x m) by one CBLAS gemm (gemm.declarations) on
+    the calling thread only (OpenBLAS's thread count for this thread set to 1 around the call: the
+    convolution kernels split their own items across threads)."""
+    from . import jit, tune
+    from .gemm import NO_TRANS, ROW_MAJOR, TRANS
+    from .kernels import guarded, ptr_at
+    it = "i64" if jit.blas()["ilp64"] else "i32"
+    ty, p = VTYPE[c.dtype], "s" if c.dtype == "float32" else "d"
+    one, zero = literal(1.0, c.dtype), literal(0.0, c.dtype)
+    span_a = (k - 1) * lda + n - 1 if ta else (n - 1) * lda + k - 1
+    span_b = (m - 1) * ldb + k - 1 if tb else (k - 1) * ldb + m - 1
+    spans = [(a, ao, span_a), (b, bo, span_b), (c, co, (n - 1) * ldc + m - 1)]
+    pin = tune.set_threads_symbol() is not None
+
+    def body():
+        prev = em("call i32 @gc_blas_set_threads(i32 1)") if pin else None
+        em.raw(f"call void @gc_cblas_{p}gemm(i32 {ROW_MAJOR}, i32 {TRANS if ta else NO_TRANS}, "
+               f"i32 {TRANS if tb else NO_TRANS}, {it} {n}, {it} {m}, {it} {k}, {ty} {one}, "
+               f"ptr {ptr_at(em, P, a, ao)}, {it} {lda}, ptr {ptr_at(em, P, b, bo)}, {it} {ldb}, {ty} {zero}, "
+               f"ptr {ptr_at(em, P, c, co)}, {it} {ldc})")
+        if pin:
+            em(f"call i32 @gc_blas_set_threads(i32 {prev})")
+    if n and m:
+        guarded(em, spans, body)
+
+
+def _im2col_rows(em, P, tile: View, x: View, to, xo, r0, rows: int, ld: int, kernel, stride, pads, dilation,
+                 out_hw) -> None:
+    """tile[(ch, i, j), rr * ow + q] (row stride ld) = x's image at xo, output rows r0 .. r0+rows-1 (r0 a
+    runtime value): per tap, a row copy over its in-bounds columns (constant ranges) and zeros outside; a
+    row read from the padding is zeros (its source row clamped, the loaded values selected away)."""
+    c, h, w = x.shape[1:]
+    kh, kw = kernel
+    oh, ow = out_hw
+    t, ty = x.dtype, VTYPE[x.dtype]
+    zero = literal(0, t)
+
+    def per_channel(offs, _):
+        to_c, xo_c = offs
+        for i in range(kh):
+            for j in range(kw):
+                q0, q1 = _valid(w, ow, j, stride[1], dilation[1], pads[1][0])
+                base = em(f"add i64 {to_c}, {(i * kw + j) * ld}")
+
+                def row(_o, idx, i=i, j=j, q0=q0, q1=q1, base=base):
+                    r = em(f"add i64 {r0}, {idx[0]}")
+                    ih = em(f"sub i64 {em(f'mul i64 {r}, {stride[0]}')}, {pads[0][0] - i * dilation[0]}")
+                    ok = em(f"and i1 {em(f'icmp sge i64 {ih}, 0')}, {em(f'icmp slt i64 {ih}, {h}')}")
+                    ihc = em(f"select i1 {ok}, i64 {ih}, i64 0")
+                    src = em(f"add i64 {xo_c}, {em(f'mul i64 {ihc}, {x.strides[2]}')}")
+                    dst = em(f"add i64 {base}, {em(f'mul i64 {idx[0]}, {ow}')}")
+                    nest(em, [q0], [(1,)], [dst], lambda o, __: store(em, P, tile, o[0], zero))
+                    first = (q0 * stride[1] + j * dilation[1] - pads[1][0]) * x.strides[3]
+
+                    def cp(o, __):
+                        v = load(em, P, x, o[1])
+                        store(em, P, tile, o[0], em(f"select i1 {ok}, {ty} {v}, {ty} {zero}"))
+                    nest(em, [q1 - q0], [(1,), (stride[1] * x.strides[3],)],
+                         [em(f"add i64 {dst}, {q0}"), em(f"add i64 {src}, {first}")], cp)
+                    nest(em, [ow - q1], [(1,)], [em(f"add i64 {dst}, {q1}")],
+                         lambda o, __: store(em, P, tile, o[0], zero))
+                nest(em, [rows], [()], [], row)
+    nest(em, (c,), [(kh * kw * ld,), (x.strides[1],)], [to, xo], per_channel)
+
+
+def conv_blas(out: View, x: View, w: View, tile: View, kernel, stride, pads, dilation, groups: int,
+              plan_: dict) -> Kernel:
+    """out (n, o, oh*ow) = W (o, c/g*kh*kw) @ im2col(x) by items, each one BLAS call per group on one
+    thread: plan_["mode"] "rows": an item is a block of R output rows of one image (its columns im2col'd
+    into the slot's tile, (c*kh*kw) x (R*ow), then out[:, rows] = W @ tile with the row stride oh*ow);
+    "channels": an item is a block of output channels of one image (the image's whole im2col in the tile:
+    for layers whose weights outweigh an image's columns, so each item reads W once)."""
+    n, c = x.shape[:2]
+    o, ckk = w.shape            # ckk: one group's c/g*kh*kw
+    og = o // groups
+    oh, ow = plan_["out_hw"]
+    hw = oh * ow
+    slots, mode = plan_["slots"], plan_["mode"]
+    per_slot = tile.size // slots
+    flops = 2 * n * o * ckk * hw
+
+    if mode == "rows":
+        R = plan_["rows"]
+        blocks = -(-oh // R)
+        items = n * blocks
+        tail = oh - (blocks - 1) * R
+
+        def block(em, P, s, img, blk, rows: int):
+            to = em(f"add i64 {tile.offset}, {em(f'mul i64 {s}, {per_slot}')}")
+            xo = em(f"add i64 {x.offset}, {em(f'mul i64 {img}, {x.strides[0]}')}")
+            r0 = em(f"mul i64 {blk}, {R}")
+            _im2col_rows(em, P, tile, x, to, xo, r0, rows, R * ow, kernel, stride, pads, dilation, (oh, ow))
+            oi = em(f"add i64 {out.offset}, {em(f'mul i64 {img}, {o * hw}')}")
+            oo = em(f"add i64 {oi}, {em(f'mul i64 {r0}, {ow}')}")
+            for g in range(groups):
+                blas_gemm(em, P, out, w, tile, w.offset + g * og * ckk, em(f"add i64 {to}, {g * ckk * R * ow}"),
+                          em(f"add i64 {oo}, {g * og * hw}"), og, ckk, rows * ow, ckk, R * ow, hw)
+
+        def item(em, P, s, it):
+            img, blk = em(f"udiv i64 {it}, {blocks}"), em(f"urem i64 {it}, {blocks}")
+            if tail == R:
+                block(em, P, s, img, blk, R)
+                return
+            last = em(f"icmp eq i64 {blk}, {blocks - 1}")
+            em.if_(em(f"xor i1 {last}, true"), lambda: block(em, P, s, img, blk, R))
+            em.if_(last, lambda: block(em, P, s, img, blk, tail))
+    else:
+        ob = plan_["oblock"]
+        blocks = -(-o // ob)
+        items = n * blocks
+        cols = View(tile.buf, 0, (c,) + tuple(kernel) + (oh, ow), contig_strides((c,) + tuple(kernel) + (oh, ow)),
+                    tile.dtype)
+        image = _im2col_image(cols, x, kernel, stride, pads, dilation)
+
+        def item(em, P, s, it):
+            img, blk = em(f"udiv i64 {it}, {blocks}"), em(f"urem i64 {it}, {blocks}")
+            to = em(f"add i64 {tile.offset}, {em(f'mul i64 {s}, {per_slot}')}")
+            xo = em(f"add i64 {x.offset}, {em(f'mul i64 {img}, {x.strides[0]}')}")
+            image(em, P, to, xo)
+            o0 = em(f"mul i64 {blk}, {ob}")
+            oi = em(f"add i64 {out.offset}, {em(f'mul i64 {img}, {o * hw}')}")
+            oo = em(f"add i64 {oi}, {em(f'mul i64 {o0}, {hw}')}")
+            wo = em(f"add i64 {w.offset}, {em(f'mul i64 {o0}, {ckk}')}")
+            rest = o - (blocks - 1) * ob
+
+            def call(rows):
+                blas_gemm(em, P, out, w, tile, wo, to, oo, rows, ckk, hw, ckk, hw, hw)
+            if rest == ob:
+                call(ob)
+                return
+            last = em(f"icmp eq i64 {blk}, {blocks - 1}")
+            em.if_(em(f"xor i1 {last}, true"), lambda: call(ob))
+            em.if_(last, lambda: call(rest))
+
+    def emit(em, P, lo, hi):
+        if out.size:
+            _slot_loop(em, items, slots, lo, hi, lambda s, it: item(em, P, s, it))
+    return _slot_kernel("conv2d", [out, x, w, tile], emit, slots, flops, blas=True)
+
+
+def blas_conv_plan(n: int, c: int, o: int, ckk: int, out_hw, groups: int, flops: int) -> dict:
+    """How conv_blas cuts the work: output-channel blocks when one image's columns (ckk x oh*ow) are smaller
+    than the weights (o x ckk) and there is no grouping, else blocks of output rows (tile <= TILE_ELEMS);
+    enough items for two per thread where the batch alone has too few."""
+    oh, ow = out_hw
+    hw = oh * ow
+    t = threads()
+    want = 2 * t if t > 1 and flops >= SPLIT_FLOPS else 1
+    if groups == 1 and o > hw:
+        per_img = 1 if n >= want else min(-(-want // n), max(1, o // 32))
+        ob = -(-o // per_img)
+        ob = -(-ob // 8) * 8 if ob > 8 else ob
+        items = n * -(-o // ob)
+        slots = slot_count(items, flops)
+        return {"mode": "channels", "oblock": ob, "slots": slots, "tile": ckk * hw, "out_hw": out_hw}
+    R = max(1, min(oh, TILE_ELEMS // max(1, ckk * ow)))
+    if n * -(-oh // R) < want:
+        R = max(1, min(R, oh * n // want))
+    items = n * -(-oh // R)
+    slots = slot_count(items, flops)
+    return {"mode": "rows", "rows": R, "slots": slots, "tile": ckk * R * ow, "out_hw": out_hw}
+
+
+# ---- the plan rows (backends/llvm/plan.py delegates its convolution rows here) ------------------------------
+
+def plan_conv2d(plan, node, ins) -> None:
+    """conv2d: the micro-kernel image by image for small products (im2col of one image into its slot,
+    then its product while in cache), one-thread BLAS calls over blocks of output rows or channels for
+    large ones (conv_blas), split across threads by slot; integer convolutions: im2col + the loop GEMM."""
+    from . import gemm
+    from .lower import NotLowerable
+    t, a = node.outputs[0], node.attrs
+    if ins[0].dtype != ins[1].dtype or ins[0].dtype != t.dtype:
+        raise NotLowerable("conv2d")
+    ct, (x, w) = plan._compute_operands(t, ins, lambda v: v.literal is None)
+    g = a["groups"]
+    n, c = x.shape[:2]
+    o, cg, kh, kw = w.shape
+    oshape = plan.shape(t)
+    og, ckk, hw = o // g, cg * kh * kw, oshape[2] * oshape[3]
+    flops = 2 * n * o * ckk * hw
+    wm = w if w.contiguous else plan.materialise(w)
+    w2 = View(wm.buf, wm.offset, (o, ckk), (ckk, 1), wm.dtype)
+    args = ((kh, kw), a["stride"], a["pads"], a["dilation"])
+    if plan._conv_tiles(og, ckk, hw, x.dtype, 2 if g == 1 else 1):
+        slots = slot_count(n, flops)
+        cols = plan.fresh(None, (slots, c, kh, kw) + oshape[2:], x.dtype)
+        out = plan._compute_out(t, ct)
+        om = View(out.buf, out.offset, (n, o, hw), contig_strides((n, o, hw)), out.dtype)
+        plan.add(conv_tiles(om, x, w2, cols, *args, g, slots), [x, w2], [om, cols])
+        plan._store_rounded(t, out)
+        return
+    if gemm.use_blas(x, w2, x):
+        how = blas_conv_plan(n, c, o, ckk * g, oshape[2:], g, flops)
+        tile = plan.fresh(None, (how["slots"], how["tile"]), x.dtype)
+        out = plan._compute_out(t, ct)
+        om = View(out.buf, out.offset, (n, o, hw), contig_strides((n, o, hw)), out.dtype)
+        plan.add(conv_blas(om, x, w2, tile, *args, g, how), [x, w2], [om, tile])
+        plan._store_rounded(t, out)
+        return
+    cols = plan.fresh(None, (n, c, kh, kw) + oshape[2:], x.dtype)
+    plan.add(im2col(cols, x, *args), [x], [cols])
+    out = plan._compute_out(t, ct)
+    if g == 1:
+        wv = View(wm.buf, wm.offset, (1, o, ckk), (0, ckk, 1), wm.dtype)
+        cm = View(cols.buf, cols.offset, (n, ckk, hw), (ckk * hw, hw, 1), cols.dtype)
+        om = View(out.buf, out.offset, (n, o, hw), contig_strides((n, o, hw)), out.dtype)
+    else:
+        wv = View(wm.buf, wm.offset, (1, g, og, ckk), (0, og * ckk, ckk, 1), wm.dtype)
+        cm = View(cols.buf, cols.offset, (n, g, ckk, hw), contig_strides((n, g, ckk, hw)), cols.dtype)
+        om = View(out.buf, out.offset, (n, g, og, hw), contig_strides((n, g, og, hw)), out.dtype)
+    plan.add(gemm.matmul(om, wv, cm), [wv, cm], [om])
+    plan._store_rounded(t, out)
+
+
+# ---- conv2d_grad_weight: per image, a dot-product micro-kernel over its columns ------------------------------
+
+def _hsum(em, v: str, lanes: int, ty: str) -> str:
+    """The sum of a vector's lanes (a tree of halves: no intrinsic declaration needed)."""
+    while lanes > 1:
+        half = lanes // 2
+        lo = em(f"shufflevector <{lanes} x {ty}> {v}, <{lanes} x {ty}> poison, <{half} x i32> <"
+                + ", ".join(f"i32 {i}" for i in range(half)) + ">")
+        hi = em(f"shufflevector <{lanes} x {ty}> {v}, <{lanes} x {ty}> poison, <{half} x i32> <"
+                + ", ".join(f"i32 {i}" for i in range(half, lanes)) + ">")
+        v, lanes = em(f"fadd <{half} x {ty}> {lo}, {hi}"), half
+    return em(f"extractelement <1 x {ty}> {v}, i64 0")
+
+
+def f_add(x, c) -> str:
+    return f"add i64 {x}, {c}"
+
+
+def dot_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m: int, lda: int, ldb: int,
+              ldo: int) -> None:
+    """out[i, j] += sum_p a[i, p] * b[j, p] (row strides lda, ldb, ldo; both operands contiguous along p):
+    tiles of mr x nr dot products held as vectors along p (one multiply-add per pair and step, the lanes
+    summed once at the end), the last partial vector by masked loads."""
+    t, ty = out.dtype, VTYPE[out.dtype]
+    lanes, nv, _ = vector_shape(t)
+    mr, nr = (4, 6) if nv == 4 else (3, 4)
+    vt = f"<{lanes} x {ty}>"
+    full, tail = divmod(k, lanes)
+
+    def tile(i0, j0, h: int, wd: int):
+        acc = [[em.alloca(vt) for _ in range(wd)] for _ in range(h)]
+        for row in acc:
+            for x in row:
+                em.raw(f"store {vt} zeroinitializer, ptr {x}")
+        def at(base, idx, plus, ld):
+            return em(f"add i64 {base}, {em(f'mul i64 {em(f_add(idx, plus))}, {ld}')}")
+        arow = [at(ao, i0, r, lda) for r in range(h)]
+        brow = [at(bo, j0, q, ldb) for q in range(wd)]
+
+        def step(p0, live):
+            av = [vload(em, P, a, em(f"add i64 {arow[r]}, {p0}"), vt, lanes, live) for r in range(h)]
+            bv = [vload(em, P, b, em(f"add i64 {brow[q]}, {p0}"), vt, lanes, live) for q in range(wd)]
+            for r in range(h):
+                for q in range(wd):
+                    cur = em(f"load {vt}, ptr {acc[r][q]}")
+                    prod = em(f"fmul contract {vt} {av[r]}, {bv[q]}")
+                    em.raw(f"store {vt} {em(f'fadd contract {vt} {cur}, {prod}')}, ptr {acc[r][q]}")
+        em.loop(full, lambda pp: step(em(f"mul i64 {pp}, {lanes}"), lanes))
+        if tail:
+            step(str(full * lanes), tail)
+        for r in range(h):
+            orow = at(oo, i0, r, ldo)
+            for q in range(wd):
+                off = em(f"add i64 {orow}, {em(f'add i64 {j0}, {q}')}")
+                s = _hsum(em, em(f"load {vt}, ptr {acc[r][q]}"), lanes, ty)
+                store(em, P, out, off, em(f"fadd {ty} {load(em, P, out, off)}, {s}"))
+
+    def col_block(j0, wd: int):
+        fr, rr = divmod(n, mr)
+        em.loop(fr, lambda ib: tile(em(f"mul i64 {ib}, {mr}"), j0, mr, wd))
+        if rr:
+            tile(str(fr * mr), j0, rr, wd)
+    fc, rc = divmod(m, nr)
+    em.loop(fc, lambda jb: col_block(em(f"mul i64 {jb}, {nr}"), nr))
+    if rc:
+        col_block(str(fc * nr), rc)
+
+
+def conv_grad_weight(gw: View, x: View, gy: View, tile: View, kernel, stride, pads, dilation, groups: int,
+                     slots: int) -> Kernel:
+    """gw (slots, o, c/g*kh*kw): slot s's sum over its images i of gy_i,g (o/g, oh*ow) . im2col(x_i)_g^T per
+    group g (gy contiguous): per image, its columns (c*kh*kw, oh*ow) into the slot's tile, then the
+    dot-product micro-kernel adds into the slot's partial sums (zeroed when the slot starts)."""
+    n, c = x.shape[:2]
+    _, o, ckk = gw.shape
+    og = o // groups
+    oh, ow = gy.shape[2:]
+    hw = oh * ow
+    per_slot = tile.size // slots
+    cols = View(tile.buf, 0, (c,) + tuple(kernel) + (oh, ow), contig_strides((c,) + tuple(kernel) + (oh, ow)),
+                tile.dtype)
+    image = _im2col_image(cols, x, kernel, stride, pads, dilation)
+    t = gw.dtype
+
+    def one(em, P, s, i):
+        to = em(f"add i64 {tile.offset}, {em(f'mul i64 {s}, {per_slot}')}")
+        po = em(f"add i64 {gw.offset}, {em(f'mul i64 {s}, {o * ckk}')}")
+        image(em, P, to, em(f"add i64 {x.offset}, {em(f'mul i64 {i}, {x.strides[0]}')}"))
+        go = em(f"add i64 {gy.offset}, {em(f'mul i64 {i}, {o * hw}')}")
+        for g in range(groups):
+            dot_tiles(em, P, gw, gy, tile, em(f"add i64 {go}, {g * og * hw}"), em(f"add i64 {to}, {g * ckk * hw}"),
+                      em(f"add i64 {po}, {g * og * ckk}"), og, hw, ckk, hw, hw, ckk)
+
+    def per_slot_body(em, P, s):
+        po = em(f"add i64 {gw.offset}, {em(f'mul i64 {s}, {o * ckk}')}")
+        nest(em, [o * ckk], [(1,)], [po], lambda off, _: store(em, P, gw, off[0], literal(0, t)))
+        i0 = em(f"udiv i64 {em(f'mul i64 {s}, {n}')}, {slots}")
+        s1 = em(f"add i64 {s}, 1")
+        i1 = em(f"udiv i64 {em(f'mul i64 {s1}, {n}')}, {slots}")
+        em.loop(i1, lambda i: one(em, P, s, i), start=i0)
+
+    def emit(em, P, lo, hi):
+        if gw.size:
+            em.loop(hi, lambda s: per_slot_body(em, P, s), start=lo)
+    return _slot_kernel("conv2d_grad_weight", [gw, x, gy, tile], emit, slots, 2 * n * o * ckk * hw)
+
+
+def sum_slots(out: View, parts: View) -> Kernel:
+    """out = parts[0] + parts[1] + ... (the slots' partial sums, in slot order)."""
+    slots = parts.shape[0]
+    size = out.size
+    ty = VTYPE[out.dtype]
+
+    def emit(em, P, lo, hi):
+        def body(offs, _):
+            acc = load(em, P, parts, offs[1])
+            for s in range(1, slots):
+                acc = em(f"fadd {ty} {acc}, {load(em, P, parts, em(f'add i64 {offs[1]}, {s * size}'))}")
+            store(em, P, out, offs[0], acc)
+        if size:
+            nest(em, [size], [(1,), (1,)], [out.offset, parts.offset], body)
+    return Kernel("sum_slots", [out, parts], emit, None, size * slots)
+
+
+def plan_conv2d_grad_weight(plan, node, ins) -> None:
+    """conv2d_grad_weight: per image (slots split across threads) im2col into the slot's tile and the dot
+    micro-kernel into the slot's partial sums, then the partials summed (one slot: directly into gw)."""
+    from .lower import NotLowerable
+    t, a = node.outputs[0], node.attrs
+    if ins[0].dtype != ins[1].dtype or ins[0].dtype != t.dtype:
+        raise NotLowerable("conv2d_grad_weight")
+    ct, (x,) = plan._compute_operands(t, ins[:1], lambda v: v.literal is None)
+    _, (gy,) = plan._compute_operands(t, ins[1:], lambda v: v.contiguous)
+    if ct not in ("float32", "float64"):
+        _grad_weight_gemm(plan, t, a, ct, x, gy)
+        return
+    g = a["groups"]
+    n, c = x.shape[:2]
+    kh, kw = a["kernel"]
+    o, oh, ow = gy.shape[1:]
+    ckk = c // g * kh * kw
+    flops = 2 * n * o * ckk * oh * ow
+    slots = slot_count(n, flops)
+    gw = plan._compute_out(t, ct)
+    lanes = vector_shape(ct)[0]
+    if o // g >= lanes:      # vectors along the output channels: the GEMM form over batches of images
+        hw = oh * ow
+        batch = max(1, min(-(-n // slots), TILE_ELEMS // max(1, c * kh * kw * hw)))
+        tile = plan.fresh(None, (slots, c * kh * kw * batch * hw), ct)
+        gyt = plan.fresh(None, (slots, batch * hw * o), ct)
+        res = plan.fresh(None, (slots, ckk * (o // g)), ct)
+        part = plan.fresh(None, (slots, g, ckk, o // g), ct)
+        plan.add(conv_grad_weight_gemm(part, x, gy, tile, gyt, res, (kh, kw), a["stride"], a["pads"],
+                                       a["dilation"], g, slots, batch), [x, gy], [part, tile, gyt, res])
+        gv = View(gw.buf, gw.offset, (o, ckk), (ckk, 1), ct)
+        plan.add(sum_slots_transposed(gv, part), [part], [gv])
+        plan._store_rounded(t, gw)
+        return
+    tile = plan.fresh(None, (slots, c * kh * kw * oh * ow), ct)
+    parts = gw if slots == 1 else plan.fresh(None, (slots, o, ckk), ct)
+    pv = View(parts.buf, parts.offset, (slots, o, ckk), contig_strides((slots, o, ckk)), ct)
+    plan.add(conv_grad_weight(pv, x, gy, tile, (kh, kw), a["stride"], a["pads"], a["dilation"], g, slots),
+             [x, gy], [pv, tile])
+    if slots > 1:
+        gv = View(gw.buf, gw.offset, (o * ckk,), (1,), ct)
+        plan.add(sum_slots(gv, View(parts.buf, parts.offset, (slots, o * ckk), (o * ckk, 1), ct)), [pv], [gv])
+    plan._store_rounded(t, gw)
+
+
+def _grad_weight_gemm(plan, t, a, ct, x: View, gy: View) -> None:
+    """conv2d_grad_weight of non-float dtypes: gw_g = gy_g (o/g, n*oh*ow) @ rows_g, rows = im2col(x) in
+    patch-rows layout (n*oh*ow, c*kh*kw), gy reordered to (o, n*oh*ow); the plan's GEMM choice."""
+    from . import kernels as K
+    g = a["groups"]
+    n, c = x.shape[:2]
+    kh, kw = a["kernel"]
+    o, oh, ow = gy.shape[1:]
+    og, kk, hw = o // g, kh * kw, oh * ow
+    ckk = c // g * kk
+    rows = plan.fresh(None, (n * hw, c * kk), ct)
+    plan.add(im2col(rows, x, (kh, kw), a["stride"], a["pads"], a["dilation"], (oh, ow), (kk, 1, c * kk)), [x], [rows])
+    gt = gy
+    if n > 1:
+        gt = plan.fresh(None, (o, n, hw), ct)
+        plan.add(K.copy(gt, View(gy.buf, gy.offset, (o, n, hw), (hw, o * hw, 1), gy.dtype)), [gy], [gt])
+    gw = plan._compute_out(t, ct)
+    plan._matmul_views(View(gw.buf, gw.offset, (g, og, ckk), contig_strides((g, og, ckk)), gw.dtype),
+                       View(gt.buf, gt.offset, (g, og, n * hw), (og * n * hw, n * hw, 1), gt.dtype),
+                       View(rows.buf, rows.offset, (g, n * hw, ckk), (ckk, c * kk, 1), rows.dtype))
+    plan._store_rounded(t, gw)
+
+
+# ---- max pooling: vector paths for padded windows (forward) and tiling windows (backward) ----------------------
+
+def _splat(em, vt: str, ty: str, lanes: int, val: str) -> str:
+    one = em(f"insertelement {vt} poison, {ty} {val}, i64 0")
+    return em(f"shufflevector {vt} {one}, {vt} poison, <{lanes} x i32> zeroinitializer")
+
+
+def _deinterleave(em, P, x: View, off, lanes: int, s1: int, ty: str, live: int) -> str:
+    """The `live` (<= lanes) elements x[off], x[off + s1], ... as a vector (one wide load and a shuffle)."""
+    wide = f"<{lanes * s1} x {ty}>"
+    v = vload(em, P, x, off, wide, lanes * s1, (live - 1) * s1 + 1)
+    if s1 == 1:
+        return v
+    pick = "<" + ", ".join(f"i32 {i * s1}" for i in range(lanes)) + ">"
+    return em(f"shufflevector {wide} {v}, {wide} poison, <{lanes} x i32> {pick}")
+
+
+def max_pool_padded(out: View, x: View, kernel, stride, pads) -> Kernel | None:
+    """Max pooling with padding, column stride 1 or 2, unit-stride rows: per output row, the columns whose
+    windows lie inside the row horizontally run as vectors (a window row read from the padding is -inf:
+    its source row clamped, the loaded vector selected away), the few border columns one by one with
+    clamped taps. None where the vector path does not apply."""
+    n, c, oh, ow = out.shape
+    h, w = x.shape[2:]
+    t, ty = x.dtype, VTYPE[x.dtype]
+    s1 = stride[1]
+    if s1 not in (1, 2) or x.strides[3] != 1 or t not in ("float32", "float64") or not out.size:
+        return None
+    lanes = vector_shape(t)[0]
+    vt = f"<{lanes} x {ty}>"
+    j0s = [_valid(w, ow, j, s1, 1, pads[1][0]) for j in range(kernel[1])]
+    jc0, jc1 = max(lo for lo, _ in j0s), min(hi for _, hi in j0s)
+    if jc1 <= jc0:
+        return None
+    ninf = "0xFFF0000000000000"
+    mx = _fmaxmin("ogt")
+
+    def per_row(em, P, oo, xo, oi):
+        rows = []
+        for i in range(kernel[0]):
+            ih = em(f"sub i64 {em(f'mul i64 {oi}, {stride[0]}')}, {pads[0][0] - i}")
+            ok = em(f"and i1 {em(f'icmp sge i64 {ih}, 0')}, {em(f'icmp slt i64 {ih}, {h}')}")
+            ihc = em(f"select i1 {ok}, i64 {ih}, i64 0")
+            rows.append((ok, em(f"add i64 {xo}, {em(f'mul i64 {ihc}, {x.strides[2]}')}")))
+        neg = _splat(em, vt, ty, lanes, ninf)
+        for j0 in range(jc0, jc1, lanes):
+            live = min(lanes, jc1 - j0)
+            acc = None
+            for ok, ro in rows:
+                for j in range(kernel[1]):
+                    v = _deinterleave(em, P, x, em(f"add i64 {ro}, {j0 * s1 + j - pads[1][0]}"), lanes, s1, ty, live)
+                    v = em(f"select i1 {ok}, {vt} {v}, {vt} {neg}")
+                    acc = v if acc is None else _vmax(em, vt, acc, v)
+            vstore(em, P, out, em(f"add i64 {oo}, {j0}"), acc, vt, lanes, live)
+        for oj in list(range(jc0)) + list(range(jc1, ow)):
+            acc = None
+            for ok, ro in rows:
+                for j in range(kernel[1]):
+                    iw = oj * s1 + j - pads[1][0]
+                    inside = 0 <= iw < w
+                    xv = load(em, P, x, em(f"add i64 {ro}, {iw if inside else 0}"))
+                    v = em(f"select i1 {ok if inside else 'false'}, {ty} {xv}, {ty} {ninf}")
+                    acc = v if acc is None else mx(em, t, acc, v)
+            store(em, P, out, em(f"add i64 {oo}, {oj}"), acc)
+
+    def emit(em, P, lo, hi):
+        nest(em, (n, c, oh), [contig_strides(out.shape)[:3], (x.strides[0], x.strides[1], 0)], [out.offset, x.offset],
+             lambda offs, idx: per_row(em, P, offs[0], offs[1], idx[2]))
+    return Kernel("max_pool2d", [out, x], emit, None, out.size)
+
+
+def max_pool_grad_tiling(gx: View, x: View, gy: View, kernel, stride, pads) -> Kernel | None:
+    """max_pool2d_grad for windows that tile the plane (kernel == stride, no padding, column stride 1 or 2,
+    unit-stride rows): per output row, blocks of `lanes` windows as vectors: each tap's inputs (one wide
+    load and a shuffle), the first maximum's tap index (NaN first, as np.argmax), then every input of the
+    block written once: gy where its tap won, else 0 (taps of one window row interleaved back into one
+    store); rows and columns no window covers are zeros. None where this does not apply."""
+    n, c, h, w = x.shape
+    oh, ow = gy.shape[2:]
+    kh, kw = kernel
+    t, ty = x.dtype, VTYPE[x.dtype]
+    if (tuple(kernel) != tuple(stride) or any(p for pp in pads for p in pp) or kw not in (1, 2)
+            or t not in ("float32", "float64") or x.strides[3] != 1 or gx.strides[3] != 1 or gy.strides[3] != 1
+            or not gx.size):
+        return None
+    lanes = vector_shape(t)[0]
+    vt, it = f"<{lanes} x {ty}>", f"<{lanes} x i32>"
+    bt = mask_type(vt)
+    zero = literal(0, t)
+
+    def row_at(em, base, oi, i: int, st: int):     # element of row oi*kh + i of the plane at base
+        ri = em(f"add i64 {em(f'mul i64 {oi}, {kh}')}, {i}")
+        return em(f"add i64 {base}, {em(f'mul i64 {ri}, {st}')}")
+
+    def block(em, P, go, xo, yo, oi, j0: int, live: int):
+        best = win = None
+        k = 0
+        for i in range(kh):
+            r = row_at(em, xo, oi, i, x.strides[2])
+            for j in range(kw):
+                v = _deinterleave(em, P, x, em(f"add i64 {r}, {j0 * kw + j}"), lanes, kw, ty, live)
+                if best is None:
+                    best, win = v, "zeroinitializer"
+                else:
+                    gt = em(f"fcmp ogt {vt} {v}, {best}")
+                    nan = em(f"and {bt} {em(f'fcmp uno {vt} {v}, {v}')}, {em(f'fcmp ord {vt} {best}, {best}')}")
+                    take = em(f"or {bt} {gt}, {nan}")
+                    best = em(f"select {bt} {take}, {vt} {v}, {vt} {best}")
+                    win = em(f"select {bt} {take}, {it} {_splat(em, it, 'i32', lanes, str(k))}, {it} {win}")
+                k += 1
+        g = vload(em, P, gy, em(f"add i64 {yo}, {j0}"), vt, lanes, live)
+        zv = "zeroinitializer"
+        k = 0
+        for i in range(kh):
+            parts = []
+            for j in range(kw):
+                hit = em(f"icmp eq {it} {win}, {_splat(em, it, 'i32', lanes, str(k))}")
+                parts.append(em(f"select {bt} {hit}, {vt} {g}, {vt} {zv}"))
+                k += 1
+            if kw == 1:
+                row_v, wide, wl = parts[0], vt, lanes
+            else:
+                wl = 2 * lanes
+                wide = f"<{wl} x {ty}>"
+                inter = "<" + ", ".join(f"i32 {q // 2 + (q % 2) * lanes}" for q in range(wl)) + ">"
+                row_v = em(f"shufflevector {vt} {parts[0]}, {vt} {parts[1]}, <{wl} x i32> {inter}")
+            r = row_at(em, go, oi, i, gx.strides[2])
+            vstore(em, P, gx, em(f"add i64 {r}, {j0 * kw}"), row_v, wide, wl, live * kw)
+
+    def per_plane(em, P, offs):
+        go, xo, yo = offs
+
+        def per_row(_o, idx):
+            oi = idx[0]
+            yr = em(f"add i64 {yo}, {em(f'mul i64 {oi}, {gy.strides[2]}')}")
+            for j0 in range(0, ow, lanes):
+                block(em, P, go, xo, yr, oi, j0, min(lanes, ow - j0))
+            if w > ow * kw:     # columns past the last window
+                for rr in range(kh):
+                    r = row_at(em, go, oi, rr, gx.strides[2])
+                    nest(em, [w - ow * kw], [(gx.strides[3],)], [em(f"add i64 {r}, {ow * kw * gx.strides[3]}")],
+                         lambda o, __: store(em, P, gx, o[0], zero))
+        nest(em, [oh], [()], [], per_row)
+        if h > oh * kh:         # rows past the last window
+            nest(em, [h - oh * kh, w], [gx.strides[2:]], [em(f"add i64 {go}, {oh * kh * gx.strides[2]}")],
+                 lambda o, __: store(em, P, gx, o[0], zero))
+
+    def emit(em, P, lo, hi):
+        nest(em, (n, c), [gx.strides[:2], x.strides[:2], gy.strides[:2]], [gx.offset, x.offset, gy.offset],
+             lambda offs, _: per_plane(em, P, offs), lo, hi)
+    from .kernels import PARALLEL_MIN
+    split = n if n >= 2 and gx.size >= PARALLEL_MIN // 4 else None
+    return Kernel("max_pool2d_grad", [gx, x, gy], emit, split, gy.size * kh * kw, n)
+
+
+# ---- conv2d_grad_input: per image, the product into the slot's tile, then col2im by output row ---------------
+
+def _col2im_rows_image(gx: View, cols: View, kernel, stride, pads, dilation, out_hw):
+    """image(em, P, gx element, cols element) for unit column stride: each row of gx's image is summed in
+    vector registers over every tap that reads it (a window row's tap i contributes when (ih + pad - i*dil)
+    is a multiple of the row stride inside the output; tap j's column block is one masked load of that
+    output row, shifted into place) and stored once: no zeroing pass, no read-modify-write of gx."""
+    _, c, h, w = gx.shape
+    kh, kw = kernel
+    oh, ow = out_hw
+    t, ty = gx.dtype, VTYPE[gx.dtype]
+    lanes = vector_shape(t)[0]
+    vt = f"<{lanes} x {ty}>"
+    nvec = -(-w // lanes)
+    tst = oh * ow
+    pw, dw = pads[1][0], dilation[1]
+
+    def shifted(em, v, by: int) -> str:
+        if by == 0:
+            return v
+        idx = ", ".join(f"i32 {p + lanes - by}" if p >= by else "i32 0" for p in range(lanes))
+        return em(f"shufflevector {vt} zeroinitializer, {vt} {v}, <{lanes} x i32> <{idx}>")
+
+    def row(em, P, go, co, ih):
+        acc = [em.alloca(vt) for _ in range(nvec)]
+        for a in acc:
+            em.raw(f"store {vt} zeroinitializer, ptr {a}")
+        for i in range(kh):
+            tt = em(f"sub i64 {ih}, {i * dilation[0] - pads[0][0]}")
+            r = em(f"sdiv i64 {tt}, {stride[0]}")
+            ok = em(f"and i1 {em(f'icmp sge i64 {tt}, 0')}, {em(f'icmp slt i64 {r}, {oh}')}")
+            if stride[0] > 1:
+                rem = em(f"srem i64 {tt}, {stride[0]}")
+                ok = em(f"and i1 {ok}, {em(f'icmp eq i64 {rem}, 0')}")
+
+            def taps(i=i, r=r):
+                for j in range(kw):
+                    q0_, q1_ = _valid(w, ow, j, 1, dw, pw)      # gx columns [a_j, b_j) read tap j
+                    a_j, b_j = q0_ + j * dw - pw, q1_ + j * dw - pw
+                    ro_ = em(f_mul(r, ow))
+                    base = em(f"add i64 {co}, {em(f'add i64 {(i * kw + j) * tst}, {ro_}')}")
+                    for k in range(nvec):
+                        lo_l, hi_l = max(a_j - k * lanes, 0), min(b_j - k * lanes, lanes)
+                        if hi_l <= lo_l:
+                            continue
+                        q0 = k * lanes + lo_l + pw - j * dw
+                        v = vload(em, P, cols, em(f"add i64 {base}, {q0}"), vt, lanes, hi_l - lo_l)
+                        cur = em(f"load {vt}, ptr {acc[k]}")
+                        em.raw(f"store {vt} {em(f'fadd {vt} {cur}, {shifted(em, v, lo_l)}')}, ptr {acc[k]}")
+            em.if_(ok, taps)
+        ro = em(f"add i64 {go}, {em(f_mul(ih, gx.strides[2]))}")
+        for k in range(nvec):
+            vstore(em, P, gx, em(f"add i64 {ro}, {k * lanes}"), em(f"load {vt}, ptr {acc[k]}"), vt, lanes,
+                   min(lanes, w - k * lanes))
+
+    def image(em, P, go, co):
+        def per_channel(offs, _):
+            em.loop(h, lambda ih: row(em, P, offs[0], offs[1], ih))
+        nest(em, (c,), [(gx.strides[1],), (kh * kw * tst,)], [go, co], per_channel)
+    return image
+
+
+def f_mul(x, c) -> str:
+    return f"mul i64 {x}, {c}"
+
+
+def conv_grad_input(gx: View, gy: View, w: View, tile: View, kernel, stride, pads, dilation, groups: int,
+                    slots: int, blas: bool) -> Kernel:
+    """gx (n, c, h, w) = col2im(W_g^T @ gy_i,g) image by image: the product (c*kh*kw, oh*ow) into the slot's
+    tile (the micro-kernel, or one-thread BLAS when `blas`), then col2im from the tile while in cache
+    (by output row in registers for unit column stride; else zeroed planes accumulated tap by tap)."""
+    from .gemm import gemm_tiles
+    n, c, h, wd = gx.shape
+    o, cg, kh, kw = w.shape
+    og, ckk = o // groups, cg * kh * kw
+    oh, ow = gy.shape[2:]
+    hw = oh * ow
+    per_slot = tile.size // slots
+    if stride[1] == 1 and gx.strides[3] == 1:
+        image = _col2im_rows_image(gx, tile, kernel, stride, pads, dilation, (oh, ow))
+    else:
+        image = _col2im_image(gx, tile, kernel, stride, pads, dilation, (oh, ow))
+    wt = View(w.buf, 0, (ckk, og), (1, ckk), w.dtype)
+    gyv = View(gy.buf, 0, (og, hw), (hw, 1), gy.dtype)
+    tv = View(tile.buf, 0, (ckk, hw), (hw, 1), tile.dtype)
+
+    def one(em, P, s, i):
+        to = em(f"add i64 {tile.offset}, {em(f_mul(s, per_slot))}")
+        yo = em(f"add i64 {gy.offset}, {em(f_mul(i, o * hw))}")
+        for g in range(groups):
+            ao, bo = w.offset + g * og * ckk, em(f"add i64 {yo}, {g * og * hw}")
+            co = em(f"add i64 {to}, {g * ckk * hw}")
+            if blas:
+                blas_gemm(em, P, tile, w, gy, ao, bo, co, ckk, og, hw, ckk, hw, hw, ta=True)
+            else:
+                gemm_tiles(em, P, tv, wt, gyv, ao, bo, co, ckk, og, hw)
+        image(em, P, em(f"add i64 {gx.offset}, {em(f_mul(i, gx.strides[0]))}"), to)
+
+    def emit(em, P, lo, hi):
+        if gx.size:
+            _slot_loop(em, n, slots, lo, hi, lambda s, i: one(em, P, s, i))
+    return _slot_kernel("conv2d_grad_input", [gx, gy, w, tile], emit, slots, 2 * n * o * ckk * hw, blas)
+
+
+def plan_conv2d_grad_input(plan, node, ins) -> None:
+    """conv2d_grad_input: per image (slots split across threads), W^T @ gy into the slot's tile and col2im
+    from it (float); other dtypes: the batched product then the plane-by-plane col2im."""
+    from . import gemm
+    from .lower import NotLowerable
+    t, a = node.outputs[0], node.attrs
+    if ins[0].dtype != ins[1].dtype or ins[0].dtype != t.dtype:
+        raise NotLowerable("conv2d_grad_input")
+    ct, (gy, w) = plan._compute_operands(t, ins, lambda v: v.contiguous)
+    g = a["groups"]
+    n, o, oh, ow = gy.shape
+    _, cg, kh, kw = w.shape
+    og, ckk, hw = o // g, cg * kh * kw, oh * ow
+    args = ((kh, kw), a["stride"], a["pads"], a["dilation"])
+    gx = plan._compute_out(t, ct)
+    if ct in ("float32", "float64"):
+        tiles = plan._conv_tiles(ckk, og, hw, ct, 2 if g == 1 else 1)
+        blas = not tiles and gemm.use_blas(gy, w, gy)
+        if tiles or blas:
+            slots = slot_count(n, 2 * n * o * ckk * hw)
+            tile = plan.fresh(None, (slots, g * ckk * hw), ct)
+            plan.add(conv_grad_input(gx, gy, w, tile, *args, g, slots, blas), [gy, w], [gx, tile])
+            plan._store_rounded(t, gx)
+            return
+    cols = plan.fresh(None, (n, g, ckk, hw), ct)
+    wt = View(w.buf, w.offset, (1, g, ckk, og), (0, og * ckk, 1, ckk), w.dtype)
+    gm = View(gy.buf, gy.offset, (n, g, og, hw), (o * hw, og * hw, hw, 1), gy.dtype)
+    plan._matmul_views(cols, wt, gm)
+    plan.add(col2im(gx, cols, *args, (oh, ow)), [cols], [gx])
+    plan._store_rounded(t, gx)
+
+
+def conv_grad_weight_gemm(part: View, x: View, gy: View, tile: View, gyt: View, res: View, kernel, stride, pads,
+                          dilation, groups: int, slots: int, batch: int) -> Kernel:
+    """part (slots, g, c/g*kh*kw, o/g): slot s's sum over its images of im2col(x_i)_g @ gy_i,g^T, the
+    micro-kernel form (vectors along the output channels: for o/g of a vector or more): `batch` images at a
+    time, their columns side by side in the slot's tile ((c*kh*kw) x batch*oh*ow) and their gy transposed
+    into gyt (batch*oh*ow x o), one product over all of them into res, added into the slot's partial."""
+    from .gemm import gemm_tiles
+    n, c = x.shape[:2]
+    _, _, ckk, og = part.shape
+    o = og * groups
+    kh, kw = kernel
+    oh, ow = gy.shape[2:]
+    hw = oh * ow
+    ld = batch * hw
+    t = part.dtype
+    per_tile, per_gyt, per_res = tile.size // slots, gyt.size // slots, res.size // slots
+    cols = View(tile.buf, 0, (c, kh, kw, oh, ow), (kh * kw * ld, ld, ow, 1), tile.dtype)
+    image = _im2col_image(cols, x, kernel, stride, pads, dilation, (oh, ow), (kh * kw * ld, ld, 1))
+    av = View(tile.buf, 0, (ckk, ld), (ld, 1), tile.dtype)
+    bv = View(gyt.buf, 0, (ld, o), (o, 1), gyt.dtype)
+    rv = View(res.buf, 0, (ckk, og), (og, 1), res.dtype)
+
+    def chunk(em, P, s, c0, nb):
+        to = em(f"add i64 {tile.offset}, {em(f_mul(s, per_tile))}")
+        yo = em(f"add i64 {gyt.offset}, {em(f_mul(s, per_gyt))}")
+        ro = em(f"add i64 {res.offset}, {em(f_mul(s, per_res))}")
+        po = em(f"add i64 {part.offset}, {em(f_mul(s, groups * ckk * og))}")
+
+        def one(b):
+            img = em(f"add i64 {c0}, {b}")
+            image(em, P, em(f"add i64 {to}, {em(f_mul(b, hw))}"),
+                  em(f"add i64 {x.offset}, {em(f_mul(img, x.strides[0]))}"))
+            src = em(f"add i64 {gy.offset}, {em(f_mul(img, o * hw))}")
+            dst = em(f"add i64 {yo}, {em(f_mul(b, hw * o))}")
+            nest(em, [hw, o], [(o, 1), (1, hw)], [dst, src], lambda off, _: store(em, P, gyt, off[0],
+                                                                                  load(em, P, gy, off[1])))
+        em.loop(nb, one)
+        k = em(f_mul(nb, hw))
+        for g in range(groups):
+            gemm_tiles(em, P, rv, av, bv, em(f"add i64 {to}, {g * ckk * ld}"), em(f"add i64 {yo}, {g * og}"), ro,
+                       ckk, k, og)
+            ty = VTYPE[t]
+
+            def acc(off, _):
+                store(em, P, part, off[0], em(f"fadd {ty} {load(em, P, part, off[0])}, {load(em, P, res, off[1])}"))
+            nest(em, [ckk * og], [(1,), (1,)], [em(f"add i64 {po}, {g * ckk * og}"), ro], acc)
+
+    def per_slot(em, P, s):
+        po = em(f"add i64 {part.offset}, {em(f_mul(s, groups * ckk * og))}")
+        nest(em, [groups * ckk * og], [(1,)], [po], lambda off, _: store(em, P, part, off[0], literal(0, t)))
+        i0 = em(f"udiv i64 {em(f_mul(s, n))}, {slots}")
+        s1 = em(f"add i64 {s}, 1")
+        i1 = em(f"udiv i64 {em(f_mul(s1, n))}, {slots}")
+        cnt = em(f"udiv i64 {em(f'add i64 {em(f_sub(i1, i0))}, {batch - 1}')}, {batch}")
+
+        def per_chunk(cb):
+            c0 = em(f"add i64 {i0}, {em(f_mul(cb, batch))}")
+            left = em(f_sub(i1, c0))
+            nb = em(f"select i1 {em(f'icmp slt i64 {left}, {batch}')}, i64 {left}, i64 {batch}")
+            chunk(em, P, s, c0, nb)
+        em.loop(cnt, per_chunk)
+
+    def emit(em, P, lo, hi):
+        if part.size:
+            em.loop(hi, lambda s: per_slot(em, P, s), start=lo)
+    return _slot_kernel("conv2d_grad_weight", [part, x, gy, tile, gyt, res], emit, slots, 2 * n * o * ckk * hw)
+
+
+def f_sub(a, b) -> str:
+    return f"sub i64 {a}, {b}"
+
+
+def sum_slots_transposed(gw: View, part: View) -> Kernel:
+    """gw (o, c/g*kh*kw)[g*og + j, p] = sum over slots of part (slots, g, c/g*kh*kw, o/g)[s, g, p, j]."""
+    slots, groups, ckk, og = part.shape
+    ty = VTYPE[gw.dtype]
+    per = groups * ckk * og
+
+    def emit(em, P, lo, hi):
+        def body(offs, _):
+            acc = load(em, P, part, offs[1])
+            for s in range(1, slots):
+                acc = em(f"fadd {ty} {acc}, {load(em, P, part, em(f'add i64 {offs[1]}, {s * per}'))}")
+            store(em, P, gw, offs[0], acc)
+        if gw.size:
+            nest(em, [groups, og, ckk], [(og * ckk, ckk, 1), (ckk * og, 1, og)], [gw.offset, part.offset], body)
+    return Kernel("sum_slots", [gw, part], emit, None, gw.size * slots)
