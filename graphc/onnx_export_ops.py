@@ -268,3 +268,11 @@ def _conv2d_grad_input(ex, node, ins):
     return [ex.one("ConvTranspose", ins[0], ins[1], kernel_shape=list(w.shape[2:]), strides=list(a["stride"]),
                    pads=_pads(a["pads"]), dilations=list(a["dilation"]), group=int(a["groups"]),
                    output_shape=[h, wd])]
+
+
+@exporter("scaled_dot_product_attention")
+def _scaled_dot_product_attention(ex, node, ins):
+    """Its composition (MatMul, Mul, Add, Softmax, MatMul): what ONNX Runtime fuses back itself."""
+    from .ops.attention import composition_body
+    body = composition_body(node)
+    return ex.run_graph(body, {id(p): n for p, n in zip(body.inputs, ins)})

@@ -5,6 +5,7 @@ the first maximum of each window (PyTorch's tie rule, as in the NumPy reference)
 operands are loaded as floats and accumulated in float, the result rounded once on store."""
 from __future__ import annotations
 
+from graphc.ops.attention import ScaledDotProductAttention, composition_body
 from graphc.ops.nn_ops import Conv2d, Conv2dGradInput, Conv2dGradWeight, MaxPool2d, MaxPool2dGrad, MaxPool2dSelect
 from graphc.backends.schedule.views import product
 from . import kernels as K
@@ -213,3 +214,14 @@ def _gemm_grid(m_fn, n: int, batch: int):
         m = m_fn(ev)
         return ((n + K.TILE - 1) // K.TILE, (m + K.TILE - 1) // K.TILE, min(65535, batch))
     return grid
+
+
+@lowers(ScaledDotProductAttention)
+def _attention(s, node, ins):
+    """scaled_dot_product_attention as its composition (graphc.ops.attention.composition_body): the GEMM,
+    pointwise, softmax and GEMM launches the same graph written out of those ops gets."""
+    body = composition_body(node)
+    for ph, v in zip(body.inputs, ins):
+        s.view[id(ph)] = v
+    s.walk_body(body, {id(body.outputs[0]): node.outputs[0]})
+    s.view[id(node.outputs[0])] = s.view[id(body.outputs[0])]

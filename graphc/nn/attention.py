@@ -38,6 +38,13 @@ def _same(a, b) -> bool:
     return True
 
 
+def _each_once(fn, ts) -> list:
+    """fn of each tensor, computed once per distinct tensor (self-attention's q, k, v stay one tensor, so
+    multi_head_attention can project them with one packed GEMM)."""
+    done = {}
+    return [done[id(t)] if id(t) in done else done.setdefault(id(t), fn(t)) for t in ts]
+
+
 def _additive_mask(mask, dtype: str, what: str) -> Tensor:
     """A boolean mask (True = masked) as 0 / -inf, or a float mask as is, in the scores' dtype."""
     if not isinstance(mask, Tensor):
@@ -130,8 +137,17 @@ def multi_head_attention(query, key, value, num_heads: int, in_proj_weight, in_p
     def heads(x, n):   # (B, n, E) -> (B, H, n, hd)
         return F.transpose(F.reshape(x, (B, n, H, hd)), (0, 2, 1, 3))
 
-    qh = heads(proj(q, 0), L) * (1.0 / math.sqrt(hd))
-    kh, vh = heads(proj(k, 1), S), heads(proj(v, 2), S)
+    if not separate and q is k and k is v:
+        # self-attention: one packed (B, L, 3E) projection, q/k/v its views (no slicing of the weight, no copies)
+        qkv = F.matmul(q, F.transpose(w_in))
+        if b_in is not None:
+            qkv = qkv + b_in
+        qkv = F.reshape(qkv, (B, L, 3, H, hd))
+        qh, kh, vh = (F.transpose(qkv[:, :, i], (0, 2, 1, 3)) for i in range(3))
+        qh = qh * (1.0 / math.sqrt(hd))
+    else:
+        qh = heads(proj(q, 0), L) * (1.0 / math.sqrt(hd))
+        kh, vh = heads(proj(k, 1), S), heads(proj(v, 2), S)
     scores = F.matmul(qh, F.swapaxes(kh, -1, -2))        # (B, H, L, S)
 
     if attn_mask is not None:
@@ -235,7 +251,7 @@ class MultiheadAttention(Module):
             if k.ndim != 2 or v.ndim != 2:
                 raise ShapeError(f"MultiheadAttention: an unbatched (L, E) query needs unbatched key and value, got "
                                  f"{_fmt(k.shape)} and {_fmt(v.shape)}" + _at())
-            q, k, v = (F.expand_dims(t, 0) for t in (q, k, v))
+            q, k, v = _each_once(lambda t: F.expand_dims(t, 0), (q, k, v))
             if key_padding_mask is not None:
                 key_padding_mask = F.expand_dims(F.as_tensor(key_padding_mask), 0)
         elif q.ndim != 3:
@@ -243,7 +259,7 @@ class MultiheadAttention(Module):
                              f"{_fmt(q.shape)}, expected " + ("(batch, seq, embed_dim)" if self.batch_first
                                                                else "(seq, batch, embed_dim)") + _at())
         elif not self.batch_first:
-            q, k, v = (F.swapaxes(t, 0, 1) if t.ndim == 3 else t for t in (q, k, v))
+            q, k, v = _each_once(lambda t: F.swapaxes(t, 0, 1) if t.ndim == 3 else t, (q, k, v))
         if not _same(q.shape[-1], self.embed_dim):
             raise ShapeError(f"MultiheadAttention({self.embed_dim}, {self.num_heads}): query {q.label} has shape "
                              f"{_fmt(F.as_tensor(query).shape)}, last dim should be embed_dim={self.embed_dim}"
