@@ -27,10 +27,42 @@ def _depends_on(nodes: list[Node], sources: set[int]) -> set[int]:
 
 
 def _sum(terms: list[Tensor]) -> Tensor:
+    tiled = _tiles(terms)
+    if tiled is not None:
+        return tiled
     total = terms[0]
     for t in terms[1:]:
         total = total + t
     return total
+
+
+def _tiles(terms: list[Tensor]):
+    """Cotangents of slices x[..., a:b, ...] that tile one axis of x (an LSTM's four gates of z): their
+    pieces concatenated, not a zero-filled scatter each summed. None when the terms are not that."""
+    from .ops.shape_ops import IndexGrad
+    if len(terms) < 2 or any(t.node.op is not IndexGrad for t in terms):
+        return None
+    like = terms[0].node.inputs[1]
+    axis, pieces = None, []
+    for t in terms:
+        index = t.node.attrs["index"]
+        if t.node.inputs[1] is not like or not isinstance(index, tuple) or len(index) > like.ndim:
+            return None
+        cut = [i for i, s in enumerate(index) if not (isinstance(s, slice) and s == slice(None))]
+        if len(cut) != 1 or (axis is not None and cut[0] != axis) or not isinstance(index[cut[0]], slice):
+            return None
+        axis, dim = cut[0], like.shape[cut[0]]
+        if not isinstance(dim, int):
+            return None
+        start, stop, step = index[axis].indices(dim)
+        if step != 1 or stop <= start:
+            return None
+        pieces.append((start, stop, t.node.inputs[0]))
+    pieces.sort(key=lambda p: p[0])
+    if pieces[0][0] != 0 or pieces[-1][1] != like.shape[axis] or any(
+            a[1] != b[0] for a, b in zip(pieces, pieces[1:])):
+        return None
+    return F.concatenate([g for _, _, g in pieces], axis)
 
 
 def backprop(roots: Sequence[tuple[Tensor, Tensor]], wrt: Sequence[Tensor], stop: Sequence[Tensor] = ()):

@@ -121,21 +121,32 @@ class _Recurrent(Module):
         w = {"ih": F.cast(p[f"weight_ih_l{k}{sfx}"], dt).T, "hh": F.cast(p[f"weight_hh_l{k}{sfx}"], dt).T}
         if self.bias:
             w["b_ih"], w["b_hh"] = F.cast(p[f"bias_ih_l{k}{sfx}"], dt), F.cast(p[f"bias_hh_l{k}{sfx}"], dt)
+            w["b"] = w["b_ih"] + w["b_hh"]
 
         def step(carry, xt):
             new = self._cell(carry, xt, w)
             return new, new[0]
-        # the input projection stays in the step (as in torch's cells): re-measured with the llvm arena
-        # reused and its vector micro-kernel, one hoisted (T*N, C) @ (C, G*H) product plus a pass adding
-        # it back per step was 5-10% slower than the per-step products (W4), and far slower when BLAS
-        # ran it on two threads on a loaded machine
+        # the step is written as torch's cell, x_t @ W_ih included: the optimiser's scan_hoist pass
+        # computes that product for every step at once before the loop (one (T*N, C) @ (C, G*H) GEMM),
+        # and in the gradient's loop sums the weight gradients by one GEMM after it
         fin, ys = F.scan(step, init, seq, reverse=reverse)
         return ys, fin
 
     def _gates(self, carry_h, xt, w):
         """x W_ih^T + h W_hh^T + b_ih + b_hh: all G gates at once, (N, G*H)."""
         z = xt @ w["ih"] + carry_h @ w["hh"]
-        return z + (w["b_ih"] + w["b_hh"]) if self.bias else z
+        return z + w["b"] if self.bias else z
+
+    def _gate_inputs(self, carry_h, xt, w):
+        """The G gates' pre-activations, one (N, H) tensor each, as sums of slices of the two products
+        (and of the bias): the step's elementwise work is then one kernel reading the products, with no
+        (N, G*H) sum written and read back in between."""
+        gx, gh, H = xt @ w["ih"], carry_h @ w["hh"], self.hidden_size
+        out = []
+        for k in range(self.gates):
+            z = gx[:, k * H:(k + 1) * H] + gh[:, k * H:(k + 1) * H]
+            out.append(z + w["b"][k * H:(k + 1) * H] if self.bias else z)
+        return out
 
     def _cell(self, carry, xt, w):
         raise NotImplementedError
@@ -169,10 +180,8 @@ class LSTM(_Recurrent):
 
     def _cell(self, carry, xt, w):
         h, c = carry
-        z = self._gates(h, xt, w)
-        H = self.hidden_size
-        i, f = F.sigmoid(z[:, :H]), F.sigmoid(z[:, H:2 * H])
-        g, o = F.tanh(z[:, 2 * H:3 * H]), F.sigmoid(z[:, 3 * H:])
+        zi, zf, zg, zo = self._gate_inputs(h, xt, w)
+        i, f, g, o = F.sigmoid(zi), F.sigmoid(zf), F.tanh(zg), F.sigmoid(zo)
         c2 = f * c + i * g
         return [o * F.tanh(c2), c2]
 
@@ -187,10 +196,12 @@ class GRU(_Recurrent):
 
     def _cell(self, carry, xt, w):
         h, H = carry[0], self.hidden_size
-        gi, gh = xt @ w["ih"], h @ w["hh"]
+        gi, gh = xt @ w["ih"], h @ w["hh"]   # sliced per gate: the step's elementwise work is one kernel
+        r, z = gi[:, :H] + gh[:, :H], gi[:, H:2 * H] + gh[:, H:2 * H]
+        gi_n, gh_n = gi[:, 2 * H:], gh[:, 2 * H:]
         if self.bias:  # b_hn must stay inside r * (W_hn h + b_hn)
-            gi, gh = gi + w["b_ih"], gh + w["b_hh"]
-        r = F.sigmoid(gi[:, :H] + gh[:, :H])
-        z = F.sigmoid(gi[:, H:2 * H] + gh[:, H:2 * H])
-        n = F.tanh(gi[:, 2 * H:] + r * gh[:, 2 * H:])
+            r, z = r + w["b"][:H], z + w["b"][H:2 * H]
+            gi_n, gh_n = gi_n + w["b_ih"][2 * H:], gh_n + w["b_hh"][2 * H:]
+        r, z = F.sigmoid(r), F.sigmoid(z)
+        n = F.tanh(gi_n + r * gh_n)
         return [(1 - z) * n + z * h]

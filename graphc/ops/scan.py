@@ -14,6 +14,9 @@ means, in NumPy terms,
 The step function is traced ONCE into a body Graph, so an RNN over 1000 steps is one `scan` node.
 Tensors the step reads from outside (weights, other inputs) are captured automatically, and
 loop-invariant work the step does on them (a transpose, a bias broadcast) is hoisted out of the loop.
+The optimiser's scan_hoist pass (graphc/passes/scan_hoist.py) goes further on the traced body: products
+of a sequence slice by invariants (x_t @ W) run once on the whole sequence before the loop, and
+accumulators acc + a_t @ b_t (the weight gradients of BPTT) become one product after it.
 
 Node contract (backends may rely on it):
   node.inputs   [*init carries, *sequences (length, ...), *captured loop invariants]
