@@ -241,6 +241,9 @@ class Function:
         # the backend's outputs are new arrays on every call (never an input, a parameter or each other):
         # returned as they are, and update values become the parameters' arrays without a copy
         self._fresh = bool(self.program.info.get("fresh_outputs")) and not self.options.debug
+        # the call's fast path (`_fast_path`): input shapes already bound once -> (runner, dims)
+        self._seen: dict = {}
+        self._fast = _fast_path(self)
 
     def _check_placeholders(self):
         known = {id(t) for t in self.graph.inputs}
@@ -351,25 +354,45 @@ class Function:
         return a if fl.c_contiguous and fl.aligned else np.require(a, requirements=["C", "A"])
 
     def __call__(self, *args, **kwargs):
+        if not kwargs and self._fast is not None:
+            res = self._fast(args)   # positional arrays of shapes seen before, nothing to convert
+            if res is not _MISS:
+                return res
         values, dims = self._bind(args, kwargs)
+        run = self._runner(dims)
+        if len(self._seen) >= 64:   # many distinct shapes: keep the table bounded
+            self._seen.clear()
+        self._seen[tuple(v.shape for v in values)] = (run, dims)
+        return self._execute(values, dims, run)
+
+    def _runner(self, dims):
+        """run(values, params) -> (outputs, update values) of the program for this binding of the dims."""
+        runner = getattr(self.program, "runner", None)
+        if runner is not None:
+            return runner(dims)
+        return lambda values, params, run=self.program.run: run(values, params, dims)
+
+    def _execute(self, values, dims, run):
+        """The call on checked input arrays: run the program, write the updates back (under the lock)."""
         if self._plain:   # no updates and no debug mode: nothing to lock or write back
             params = [p._value for p in self._params]
-            outs, _ = self.program.run(values, params, dims)
+            outs, _ = run(values, params)
             if self._fresh:
                 return outs[0] if self.single else outs
             return _owned_outputs(outs, params, values, self.single)
         with self._lock:
-            params = [p.value for p in self._params]
+            params = [p._value for p in self._params]
             if self.options.debug:
                 outs, upds = self._debug_run(values, dims)
             else:
-                outs, upds = self.program.run(values, params, dims)
+                outs, upds = run(values, params)
             new = [v if self._fresh and v.dtype == p.dtype else np.array(v, dtype=p.dtype, order="C", copy=True)
                    for (p, _), v in zip(self.graph.updates, upds)]
             for (p, _), v in zip(self.graph.updates, new):
                 if v.shape != p.shape:
                     raise GraphcError(f"update of {p.name} produced shape {v.shape}, expected {p.shape}")
             for (p, _), v in zip(self.graph.updates, new):
+                v.flags.writeable = False   # a parameter's array is never written in place (Parameter.value)
                 p._value = v
         if self._fresh:
             return outs[0] if self.single else outs
@@ -415,6 +438,53 @@ class Function:
 
     def __repr__(self):
         return f"<graphc.Function {self.graph.name} backend={self.backend_name} ops={len(self.graph.compute_nodes())}>"
+
+
+#: what a fast path returns when the call is not its case (the full checks then run)
+_MISS = object()
+#: the fast path is generated for at most this many inputs, and reads at most this many parameters one by one
+_FAST_INPUTS, _FAST_PARAMS = 16, 32
+
+
+def _fast_path(f: Function):
+    """fast(args) for f: when every argument is an ndarray of the input's exact dtype, C-contiguous and
+    aligned, and the tuple of their shapes was bound by an earlier call (f._seen: it passed every check
+    then, and shapes decide every check), the call skips `_bind` and the dims lookup and runs the
+    runner recorded for those shapes; otherwise it returns _MISS and the call takes the full path (the
+    same errors, conversions and copies as ever). Generated per function, unrolled over its inputs and
+    parameters (a loop over them cost more than the call itself on a 4-element function)."""
+    n, m = len(f._specs), len(f._params)
+    if n > _FAST_INPUTS:
+        return None
+    a = [f"a{i}" for i in range(n)]
+    env = {"MISS": _MISS, "ndarray": np.ndarray, "SEEN": f._seen, "PARAMS": f._params, "OWNED": _owned_outputs,
+           "EXEC": f._execute, "SINGLE": f.single}
+    lines = ["def fast(args):", f"    if len(args) != {n}:", "        return MISS"]
+    if n:
+        lines.append(f"    {', '.join(a)}, = args")
+    for i, spec in enumerate(f._specs):
+        env[f"D{i}"] = spec[1]
+        lines += [f"    if type(a{i}) is not ndarray:", "        return MISS", f"    d = a{i}.dtype",
+                  f"    if d is not D{i} and d != D{i}:", "        return MISS"]
+    key = "".join(f"{x}.shape, " for x in a)
+    lines += [f"    ent = SEEN.get(({key}))", "    if ent is None:", "        return MISS"]
+    for x in a:
+        lines += [f"    fl = {x}.flags", "    if not (fl.c_contiguous and fl.aligned):", "        return MISS"]
+    lines.append(f"    values = [{', '.join(a)}]")
+    if f._plain:
+        for j, p in enumerate(f._params[:_FAST_PARAMS]):
+            env[f"P{j}"] = p
+        params = (f"[{', '.join(f'P{j}._value' for j in range(m))}]" if m <= _FAST_PARAMS
+                  else "[p._value for p in PARAMS]")
+        lines += [f"    params = {params}", "    outs = ent[0](values, params)[0]"]
+        if f._fresh:
+            lines.append("    return outs[0]" if f.single else "    return outs")
+        else:
+            lines.append("    return OWNED(outs, params, values, SINGLE)")
+    else:
+        lines.append("    return EXEC(values, ent[1], ent[0])")
+    exec("\n".join(lines), env)   # noqa: S102 (generated from the input count only)
+    return env["fast"]
 
 
 def graph_constraints(graph: Graph) -> list:

@@ -61,10 +61,15 @@ class LLVMProgram(Program):
         return spec
 
     def run(self, inputs, params, dims):
-        spec = self._specs.get(tuple(sorted(dims.items()))) if dims else self._last
+        return self.runner(dims)(inputs, params)
+
+    def runner(self, dims):
+        """run(inputs, params) of the specialisation for `dims` (compiled now if new): what gc.function's
+        fast path calls for input shapes it has seen, without looking the dims up again."""
+        spec = self._specs.get(tuple(sorted(dims.items()))) if dims else self._specs.get(())
         if spec is None:
             spec = self._specialise(dims)
-        return spec.run(inputs, params)
+        return spec.run
 
     @property
     def source(self) -> str:

@@ -78,13 +78,17 @@ class Parameter(Tensor):
 
     @property
     def value(self) -> np.ndarray:
+        """The current value, read-only: `set_value` (or a function's `updates=`) installs a new array.
+        Compiled functions keep values derived from a parameter alone (a transposed or packed weight)
+        until the parameter has a new array, so it is never written in place."""
         return self._value
 
     def get_value(self) -> np.ndarray:
+        """A writable copy of the value."""
         return self._value.copy()
 
     def set_value(self, value) -> None:
-        """Replace the value (same shape and dtype; the array is copied)."""
+        """Replace the value (same shape and dtype; the array is copied, and read-only)."""
         a = np.asarray(value)
         if a.shape != self.shape:
             raise ShapeError(f"parameter {self.name}: expected shape {_sh.fmt_shape(self.shape)}, got {a.shape}")
@@ -92,7 +96,9 @@ class Parameter(Tensor):
             if not np.can_cast(a.dtype, self.dtype, "same_kind"):
                 raise DTypeError(f"parameter {self.name}: expected dtype {self.dtype}, got {a.dtype}")
             a = a.astype(self.dtype)
-        self._value = np.array(a, dtype=self.dtype, order="C", copy=True)
+        v = np.array(a, dtype=self.dtype, order="C", copy=True)
+        v.flags.writeable = False
+        self._value = v
 
 
 def parameter(name: str, value, dtype=None) -> Parameter:
