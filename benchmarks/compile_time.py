@@ -2,7 +2,11 @@
 
 Cold compile times of graphs whose size grows while their distinct kernels do not: an Adam training
 step of an MLP of width 64 (5, 20 and 80 layers), a chain of elementwise nodes (2,000 and 20,000:
-sin, *0.9, +0.1, tanh repeated) and the W5 step (benchmarks/workloads.py, SGD). Each (case, backend)
+sin, *0.9, +0.1, tanh repeated), the W5 step (benchmarks/workloads.py, SGD) and a 12-layer torch
+`nn.TransformerEncoder` (te12: d_model 256, 4 heads, torch's default FFN 2048, ReLU, post-LN, eval;
+batch 2, sequence 64) exported to ONNX by torch.onnx.export and imported with gc.load_onnx (te2: the
+same with 2 layers). For te*, "cold" includes gc.load_onnx (what a user deploying the file waits for)
+and ONNX Runtime's session creation and time per call (min of 20) are printed beside graphc's. Each (case, backend)
 runs in a fresh process with an empty on-disk cache (cold), then once more in another fresh process
 over the cache the first one filled (warm: the code comes from the cache). Imports and the backend's
 start-up are warmed first; the graph is built before the clock starts.
@@ -28,7 +32,9 @@ import time
 
 import numpy as np
 
-CASES = ("mlp5", "mlp20", "mlp80", "chain2k", "chain20k", "w5")
+CASES = ("mlp5", "mlp20", "mlp80", "chain2k", "chain20k", "w5", "te12")
+#: accepted by --cases besides CASES (not run by default)
+EXTRA_CASES = ("te2",)
 BACKENDS = ("numpy", "llvm")
 
 
@@ -113,9 +119,70 @@ def w5(gc):
     return make, (d["x"], d["t"]), None
 
 
+def transformer_encoder(gc, layers: int, batch: int = 2, seq: int = 64, d_model: int = 256, heads: int = 4):
+    """A torch nn.TransformerEncoder (eval mode) exported to ONNX, as a user deploying it would (the
+    exporter of benchmarks/workloads.export_onnx: TorchScript, opset 17). The graph is imported inside
+    the timed `make` (gc.load_onnx is part of what the user waits for); the reference is torch's output."""
+    import torch
+
+    from .workloads import export_onnx
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = torch.nn.TransformerEncoderLayer(d_model, heads, batch_first=True)
+            # no nested-tensor fast path (eval mode would take it; the exporter cannot trace it)
+            self.enc = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+        def forward(self, x):
+            return self.enc(x, is_causal=False)   # explicit: torch 2.13's tracer fails on the default
+
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    xs = np.random.default_rng(2).standard_normal((batch, seq, d_model)).astype(np.float32)
+    onnx_bytes = export_onnx(torch, model, xs)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(xs)).numpy()
+
+    def make(**kw):
+        t0 = time.perf_counter()
+        g = gc.load_onnx(onnx_bytes)
+        t_load = time.perf_counter() - t0
+        f = gc.function(g, **kw)
+        f.onnx_load_s = t_load
+        f.onnx = onnx_bytes
+        return f
+    return make, (xs,), lambda: ref
+
+
+def _ort(onnx_bytes: bytes, args) -> dict:
+    """ONNX Runtime's session creation (seconds) and time per call (min of 20) on the same model."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {}
+    t0 = time.perf_counter()
+    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    t1 = time.perf_counter()
+    feeds = {i.name: a for i, a in zip(sess.get_inputs(), args)}
+    sess.run(None, feeds)
+    return {"session_s": t1 - t0, "call_s": _min_call(lambda: sess.run(None, feeds))}
+
+
+def _min_call(fn, n: int = 20) -> float:
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return min(ts)
+
+
 def build_case(gc, case: str):
     if case == "w5":
         return w5(gc)
+    if case.startswith("te"):
+        return transformer_encoder(gc, int(case[2:]))
     if case.startswith("mlp"):
         return mlp_adam(gc, int(case[3:]))
     if case.startswith("chain"):
@@ -138,6 +205,9 @@ def _one(case: str, backend: str, profile: str | None) -> dict:
     sys.setrecursionlimit(1000)   # Python's default: a deep graph must not need more
     import graphc as gc
     _warm_up(gc, backend)
+    if case.startswith("te"):   # the ONNX importer's modules (ONNX Runtime's import is not timed either)
+        import graphc.frontends.onnx_import as onnx_import
+        onnx_import._converter(type("N", (), {"domain": "", "op_type": "Relu"})())
     prof = None
     if profile:
         import cProfile
@@ -171,6 +241,11 @@ def _one(case: str, backend: str, profile: str | None) -> dict:
     for k in ("kernels", "kernel_functions"):
         if k in info:
             res[k] = info[k]
+    if hasattr(f, "onnx_load_s"):   # te*: gc.load_onnx is part of the cold time; ONNX Runtime beside it
+        res["build_s"] += f.onnx_load_s
+        res["phases"] = {"onnx_load": f.onnx_load_s, **res["phases"]}
+        res["call_s"] = _min_call(lambda: f(*args))
+        res["ort"] = _ort(f.onnx, args)
     return res
 
 
@@ -193,7 +268,7 @@ def run_case(case: str, backend: str, cache: str, timeout: float) -> dict:
 
 # ---- the report ---------------------------------------------------------------------------------------------
 
-PHASE_ORDER = ("passes", "plan", "lowering", "codegen", "llvm_opt", "machine_code", "load", "python_compile")
+PHASE_ORDER = ("onnx_load", "passes", "plan", "lowering", "codegen", "llvm_opt", "machine_code", "load", "python_compile")
 
 
 def _fmt(s) -> str:
@@ -214,7 +289,13 @@ def report(rows: list[dict]) -> str:
                       _fmt(r.get("cpu_s")),
                       _fmt(r.get("warm_s")), *[_fmt(ph.get(p)) for p in phases], kern, r["status"]])
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in lines)
+    out = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in lines]
+    for r in rows:
+        if r.get("ort"):
+            o = r["ort"]
+            out.append(f"{r['case']} {r['backend']}: per call {r['call_s'] * 1e3:.1f} ms; ONNX Runtime: session "
+                       f"{_fmt(o['session_s'])}, per call {o['call_s'] * 1e3:.1f} ms")
+    return "\n".join(out)
 
 
 def _machine() -> str:
@@ -242,7 +323,7 @@ def main(argv=None) -> int:
         print(json.dumps(_one(args.one, backends[0], args.profile or None)))
         return 0
     cases = [c for c in args.cases.split(",") if c]
-    bad = [c for c in cases if c not in CASES]
+    bad = [c for c in cases if c not in CASES + EXTRA_CASES]
     if bad:
         p.error(f"unknown case(s) {bad}; cases are {', '.join(CASES)}")
     print(f"machine: {_machine()}", flush=True)

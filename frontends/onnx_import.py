@@ -181,11 +181,16 @@ def _op_key(node) -> str:
     return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
 
 
+_CONVERTERS: list = []   # [onnx_ops.CONVERTERS] once the converter modules are imported
+
+
 def _converter(node):
     """The converter for a node (ops of other domains are registered as 'domain.OpType')."""
-    from .onnx_ops import CONVERTERS
-    from . import onnx_quant  # noqa: F401  (registers QuantizeLinear, QLinearMatMul, ... on first use)
-    return CONVERTERS.get(_op_key(node))
+    if not _CONVERTERS:
+        from .onnx_ops import CONVERTERS
+        from . import onnx_quant  # noqa: F401  (registers QuantizeLinear, QLinearMatMul, ... on first use)
+        _CONVERTERS.append(CONVERTERS)
+    return _CONVERTERS[0].get(_op_key(node))
 
 
 def check_supported(m) -> None:

@@ -22,13 +22,23 @@ _PKG_DIRS = tuple(
 )
 
 
+#: absolute code file name -> is it graphc's own (or NumPy's, or frozen) code (user_frame runs per node)
+_NOT_USER: dict[str, bool] = {}
+
+
 def user_frame() -> tuple[str, int]:
     """(file, line) of the first caller outside graphc: the user's line that built a node."""
     f = sys._getframe(1)
     while f is not None:
-        fn = os.path.abspath(f.f_code.co_filename)
-        if not fn.startswith(_PKG_DIRS) and "<frozen" not in fn and "numpy" + os.sep not in fn:
-            return fn, f.f_lineno
+        co = f.f_code.co_filename
+        skip = _NOT_USER.get(co)
+        if skip is None:
+            fn = os.path.abspath(co)
+            skip = fn.startswith(_PKG_DIRS) or "<frozen" in fn or "numpy" + os.sep in fn
+            if os.path.isabs(co):   # a relative name's absolute path depends on the working directory
+                _NOT_USER[co] = skip
+        if not skip:
+            return os.path.abspath(co), f.f_lineno
         f = f.f_back
     return "<unknown>", 0
 

@@ -184,6 +184,7 @@ def _lse(v, axis):
 
 A, B = np.linspace(0.2, 1.4, 12).reshape(3, 4), np.linspace(-1.0, 1.0, 12).reshape(3, 4) + 0.05
 EXAMPLES = {  # rule name -> (graph over a, b (3, 4) float64, NumPy value)
+    "take(x, i) -> take_as_view": (lambda a, b: gc.take(a, np.array([1, 2, 3]), axis=1), A[:, 1:4]),
     "add(x, 0) -> x": (lambda a, b: 0.0 + a, A),
     "add(x, neg(y)) -> (x - y)": (lambda a, b: -b + a, A - B),
     "sub(x, 0) -> x": (lambda a, b: a - 0.0, A),

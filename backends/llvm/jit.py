@@ -11,6 +11,7 @@ import warnings
 
 import llvmlite
 import llvmlite.binding as llvm
+from llvmlite.binding import ffi as _ffi
 
 from graphc.backends.schedule import cache as _cache
 from graphc.errors import GraphcError
@@ -164,6 +165,118 @@ def _object(ir: str, times: dict, entry: bool = False) -> bytes:
     return obj
 
 
+# ---- kernels compiled in parallel -----------------------------------------------------------------------
+# llvmlite serialises every call into LLVM behind one process-wide lock (its modules share LLVM's global
+# context). LLVM itself compiles modules of *different* contexts concurrently (each thread: its own
+# context, target machine and pass builder), and ctypes releases the GIL during a call. So a kernel
+# compiled by a worker thread is parsed into the worker's own context and its three heavy steps (parse,
+# the O3 pipeline, machine code) call the C functions behind llvmlite's wrappers directly; the cheap calls
+# (creating and freeing those objects) keep the lock. Without those functions (another llvmlite), or
+# with one core, or GRAPHC_COMPILE_THREADS=1, kernels compile one after the other as before. The object
+# code is the same either way (tests/test_compile_parallel.py compares the bytes).
+
+#: the C functions called without llvmlite's lock by worker threads (each on objects of its own context)
+_UNLOCKED = ("LLVMPY_ParseAssembly", "LLVMPY_VerifyModule", "LLVMPY_RunNewModulePassManager",
+             "LLVMPY_TargetMachineEmitToMemory")
+
+
+def _raw(name: str):
+    """The ctypes function behind llvmlite's locked wrapper of `name` (None if this llvmlite has none)."""
+    try:
+        fn = getattr(_ffi.lib, name)
+    except AttributeError:
+        return None
+    cfn = getattr(fn, "_cfn", None)
+    return cfn if cfn is not None and cfn.argtypes is not None else None
+
+
+def compile_threads() -> int:
+    """Threads compiling a program's kernels: GRAPHC_COMPILE_THREADS, else the cores this process may use
+    (at most 8); 1 where this llvmlite offers no way around its lock."""
+    if any(_raw(n) is None for n in _UNLOCKED):
+        return 1
+    env = os.environ.get("GRAPHC_COMPILE_THREADS", "").strip()
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
+class _Worker(threading.local):
+    """A worker thread's own LLVM context and target machine (created on its first kernel)."""
+
+    def setup(self):
+        if not hasattr(self, "ctx"):
+            self.ctx = llvm.create_context()
+            self.tm = _new_tm()
+        return self
+
+
+def _object_in_thread(ir: str, worker: _Worker) -> tuple[bytes, float, float]:
+    """(object code, optimisation seconds, machine-code seconds) of kernel module `ir`, compiled as
+    _object does but in this worker's own context without llvmlite's lock on the heavy calls."""
+    w = worker.setup()
+    t0 = time.perf_counter()
+    text = ir.encode()
+    with _ffi.OutputString() as err:
+        mod = llvm.ModuleRef(_raw("LLVMPY_ParseAssembly")(w.ctx, ctypes.c_char_p(text), err), w.ctx)
+        if err:
+            mod.close()
+            raise RuntimeError(f"LLVM IR parsing error\n{err}")
+    try:
+        with _ffi.OutputString() as err:
+            if _raw("LLVMPY_VerifyModule")(mod, err):
+                raise RuntimeError(str(err))
+        unroll, interleave = _pipeline()
+        pto = llvm.create_pipeline_tuning_options(speed_level=3)
+        pto.loop_vectorization = True
+        pto.slp_vectorization = True
+        pto.loop_unrolling, pto.loop_interleaving = unroll, interleave
+        pb = llvm.create_pass_builder(w.tm, pto)
+        mpm = pb.getModulePassManager()
+        _raw("LLVMPY_RunNewModulePassManager")(mpm, mod, pb)
+        t1 = time.perf_counter()
+        with _ffi.OutputString() as err:
+            mb = _raw("LLVMPY_TargetMachineEmitToMemory")(w.tm, mod, 1, err)
+            if not mb:
+                raise RuntimeError(str(err))
+        try:
+            obj = ctypes.string_at(_ffi.lib.LLVMPY_GetBufferStart(mb), _ffi.lib.LLVMPY_GetBufferSize(mb))
+        finally:
+            _ffi.lib.LLVMPY_DisposeMemoryBuffer(mb)
+        return obj, t1 - t0, time.perf_counter() - t1
+    finally:
+        mod.close()
+
+
+def compile_kernels(irs: list[str], times: dict, threads: int | None = None) -> list[bytes]:
+    """Object code of each kernel module in `irs` (in order), compiled by up to `threads` worker threads
+    (compile_threads()); seconds are added to times["llvm_opt"] / ["machine_code"] (summed over threads:
+    CPU time, not wall time)."""
+    threads = compile_threads() if threads is None else threads
+    if threads <= 1 or len(irs) <= 1:
+        return [_object(ir, times) for ir in irs]
+    from concurrent.futures import ThreadPoolExecutor
+    worker = _Worker()
+    # the longest kernels first: the pool's last task is a short one
+    order = sorted(range(len(irs)), key=lambda i: -len(irs[i]))
+    with ThreadPoolExecutor(max_workers=min(threads, len(irs)), thread_name_prefix="graphc-llvm") as pool:
+        done = dict(zip(order, pool.map(lambda i: _object_in_thread(irs[i], worker), order)))
+    out = []
+    for i in range(len(irs)):
+        obj, opt, mc = done[i]
+        times["llvm_opt"] += opt
+        times["machine_code"] += mc
+        out.append(obj)
+    return out
+
+
 _BUNDLE = b"GCOBJS1\n"
 
 
@@ -192,30 +305,31 @@ def compile_program(head: str, kernels: list[str], entry: str, ir: str, names: l
     for f.asm. Each kernel's object code is cached on its own (sub "llvm", `<key>.kernel`, the key a
     hash of the kernel's module, the target and the pipeline), so a kernel compiled for one graph is
     reused by every other graph that has it; the whole program's objects are also cached together
-    (`<key>.o`: a warm start reads one file). Kernels compile one after the other: llvmlite serialises
-    every call into LLVM behind one lock, so threads cannot overlap them. Records seconds per phase in
-    `.times` (llvm_opt, machine_code, load: cache reads and linking) and `.kernels_from_cache`."""
+    (`<key>.o`: a warm start reads one file). The kernels the cache lacks compile on compile_threads()
+    threads (compile_kernels). Records seconds per phase in `.times` (llvm_opt, machine_code: wall
+    time, split between them as their CPU time is; load: cache reads and linking), the CPU seconds of
+    both in `.compile_cpu_s` and `.kernels_from_cache`."""
     target_machine()
     tid, pid = target_id(), pipeline_id()
     times = {"llvm_opt": 0.0, "machine_code": 0.0, "load": 0.0}
     t0 = time.perf_counter()
+    wall = 0.0
     key = _cache.key("program; entry module at O0", entry, *kernels, tid, pid)
     with _lock:
         objs = _unbundle(_cache.load_blob(CACHE_SUB, f"{key}.o"))
         hit = objs is not None and len(objs) == len(kernels) + 1
         reused = len(kernels) if hit else 0
         if not hit:
-            objs = []
-            for k in kernels:
-                kkey = f"{_cache.key(k, tid, pid)}.kernel"
-                obj = _cache.load_blob(CACHE_SUB, kkey)
-                if obj is None:
-                    obj = _object(k, times)
-                    _store(kkey, obj)
-                else:
-                    reused += 1
-                objs.append(obj)
+            kkeys = [f"{_cache.key(k, tid, pid)}.kernel" for k in kernels]
+            objs = [_cache.load_blob(CACHE_SUB, kk) for kk in kkeys]
+            missing = [i for i, o in enumerate(objs) if o is None]
+            reused = len(kernels) - len(missing)
+            t1 = time.perf_counter()
+            for i, obj in zip(missing, compile_kernels([kernels[i] for i in missing], times)):
+                objs[i] = obj
+                _store(kkeys[i], obj)
             objs.append(_object(entry, times, entry=True))
+            wall = time.perf_counter() - t1
             _store(f"{key}.o", _bundle(objs))
         # the engine owns (and frees) its target machine: give it its own
         engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), _new_tm())
@@ -224,7 +338,14 @@ def compile_program(head: str, kernels: list[str], entry: str, ir: str, names: l
         engine.finalize_object()
         compiled = Compiled(ir, names, hit, engine, None, times)
     compiled.kernels_from_cache = reused
-    times["load"] = time.perf_counter() - t0 - times["llvm_opt"] - times["machine_code"]
+    # llvm_opt and machine_code are summed over the compile threads; scaled to the wall time they took
+    # together, so that the phases still add up to the call's time (the CPU seconds are kept as well)
+    cpu = times["llvm_opt"] + times["machine_code"]
+    compiled.compile_cpu_s = cpu
+    if cpu > wall > 0:
+        times["llvm_opt"] *= wall / cpu
+        times["machine_code"] *= wall / cpu
+    times["load"] = max(0.0, time.perf_counter() - t0 - times["llvm_opt"] - times["machine_code"])
     return compiled
 
 

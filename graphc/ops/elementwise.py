@@ -18,7 +18,7 @@ from ..ir import Op, Trait, apply, register
 from .core import as_tensor, scalar_like
 
 
-_HALF = (np.dtype(np.float16), _dt.bfloat16)
+_HALF = frozenset(_dt.HALF)   # by name: comparing with ml_dtypes' bfloat16 would import it
 
 
 class Elementwise(Op):
@@ -55,7 +55,7 @@ class Elementwise(Op):
         return d
 
     def impl(self, *args, **attrs):
-        if any(getattr(a, "dtype", None) in _HALF for a in args):
+        if any(getattr(getattr(a, "dtype", None), "name", None) in _HALF for a in args):
             # float16/bfloat16: compute in float32, round the result once (as NumPy's float16 loops do)
             out = self.out_dtype([np.asarray(a).dtype.name for a in args])
             r = np.asarray(self.fn(*[_dt.upcast(a) for a in args], **attrs))

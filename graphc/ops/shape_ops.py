@@ -266,6 +266,8 @@ def stack(tensors, axis=0):
 def _slice_len(d, s: slice):
     if isinstance(d, int):
         return len(range(*s.indices(d)))
+    if s.start is None and s.stop is None and s.step in (None, 1):
+        return d   # the whole axis: no sympy arithmetic (its first symbolic add imports sympy.tensor)
     start, stop, step = s.start, s.stop, s.step or 1
     if step < 0:
         raise ShapeError(f"negative-step slice on symbolic dim {d} is not supported")

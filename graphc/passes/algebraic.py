@@ -11,7 +11,7 @@ from graphc import ops as F
 from .. import shapes as _sh
 from ..dtypes import is_float
 from ..ir import Graph, Trait
-from ..ops.shape_ops import BroadcastTo, Reshape, Transpose
+from ..ops.shape_ops import BroadcastTo, Reshape, Take, Transpose
 from .pattern import Const, P, Rules, V, lazy
 from .rewrite import clone, rebuild
 
@@ -48,6 +48,27 @@ def drop_broadcasts(node, ins):
     return list(clone(node, new))
 
 
+def take_as_view(x, i, node):
+    """take(x, constant indices, axis) -> x[..., i] (a scalar index) or x[..., a:b:s] (indices a, a+s, ...,
+    s > 0): basic indexing, a view of x where take copies (ONNX exporters write q, k, v = qkv[0], qkv[1],
+    qkv[2] as Gathers). Indices are normalised against the axis' static size; anything out of range, a
+    symbolic axis or an index pattern that is no slice stays a take (its bounds check is the take's)."""
+    if not i.node.op.has(Trait.CONST) or i.ndim > 1:
+        return None
+    axis, d = node.attrs["axis"], x.shape[node.attrs["axis"]]
+    v = np.asarray(i.node.attrs["value"]).astype(np.int64)
+    if not isinstance(d, int) or v.size == 0 or (v < -d).any() or (v >= d).any():
+        return None
+    v = np.where(v < 0, v + d, v)
+    lead = (slice(None),) * axis
+    if v.ndim == 0:
+        return F.getitem(x, lead + (int(v),))
+    step = int(v[1] - v[0]) if v.size > 1 else 1
+    if step <= 0 or not np.array_equal(v, v[0] + step * np.arange(v.size)):
+        return None
+    return F.getitem(x, lead + (slice(int(v[0]), int(v[-1]) + 1, step),))
+
+
 RULES = Rules([
     P(F.add, x, Const(0)) >> x,                      # and 0 + x (add is commutative)
     P(F.add, x, P(F.neg, y)) >> x - y,               # and (-y) + x
@@ -68,6 +89,7 @@ RULES = Rules([
     P(Reshape, P(Reshape, x), name="r") >> reshape(x, V("r").shape),
     P(BroadcastTo, P(BroadcastTo, x), name="b") >> broadcast_to(x, V("b").shape),
     P(Trait.MONOID, x, attrs={"axis": ()}) >> x,     # a reduction over no axes
+    P(Take, x, V("i")) >> take_as_view,              # constant indices forming a slice: a view
     P(Trait.ELEMENTWISE) >> drop_broadcasts,
 ])
 

@@ -3,7 +3,7 @@ closed by one reduction, become one `fused` node; GEMM/conv epilogues (matmul + 
 become a fused node whose body starts with the matmul. See graphc/ops/fused.py for the contract."""
 from __future__ import annotations
 
-import networkx as nx
+import heapq
 
 from .. import shapes as _sh
 from ..ir import Graph, Node, Tensor, Trait
@@ -206,19 +206,22 @@ def fusion(graph: Graph, log) -> Graph:
         return graph
     owner = {id(m): g for g in groups for m in g.members}
     # the condensed DAG (a group is one vertex) is acyclic by construction; emit in its order
-    key = {}
-    dag = nx.DiGraph()
+    key: dict[int, tuple] = {}
+    succ: dict[int, set] = {}
+    indeg: dict[int, int] = {}
     for n in graph.nodes:
         v = id(owner[id(n)]) if id(n) in owner else id(n)
         key.setdefault(v, (fz.pos[id(n)], n))
-        dag.add_node(v)
+        succ.setdefault(v, set())
+        indeg.setdefault(v, 0)
         for t in n.inputs:
             u = id(owner[id(t.node)]) if id(t.node) in owner else id(t.node)
-            if u != v:
-                dag.add_edge(u, v)
+            if u != v and v not in succ.setdefault(u, set()):
+                succ[u].add(v)
+                indeg[v] += 1
     env: dict[int, Tensor] = {}
     by_id = {id(g): g for g in groups}
-    for v in nx.lexicographical_topological_sort(dag, key=lambda v: key[v][0]):
+    for v in _topological(succ, indeg, key):
         if v in by_id:
             _emit_group(by_id[v], fz, env, log)
         else:
@@ -227,6 +230,20 @@ def fusion(graph: Graph, log) -> Graph:
                 env[id(o)] = new
     return Graph(graph.inputs, [env[id(t)] for t in graph.outputs],
                  [(p, env[id(u)]) for p, u in graph.updates], graph.name)
+
+
+def _topological(succ: dict, indeg: dict, key: dict):
+    """The vertices of a DAG (successor sets, in-degrees) in topological order, ties broken by the
+    smallest schedule position (key[v][0]): the schedule's order wherever the DAG allows it."""
+    ready = [(key[v][0], v) for v, d in indeg.items() if d == 0]
+    heapq.heapify(ready)
+    while ready:
+        _, v = heapq.heappop(ready)
+        yield v
+        for w in succ[v]:
+            indeg[w] -= 1
+            if indeg[w] == 0:
+                heapq.heappush(ready, (key[w][0], w))
 
 
 def _emit_group(g: _Group, fz: _Fuser, env: dict, log) -> None:
