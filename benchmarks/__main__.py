@@ -199,11 +199,16 @@ def _report(args, env, results, names, probe, bw) -> None:
     print(f"thread limit: {env['thread_limit']}")
     print(f"llvm: {env['llvm']}")
     print(f"copy bandwidth (1 thread, 16 MiB): {bw / 1e9:.1f} GB/s; W2 bound (read x + write y): "
-          f"{harness.fmt_time(2 * 4 * 4_194_304 / bw)}\n")
+          f"{harness.fmt_time(2 * 4 * 4_194_304 / bw)}")
+    call_s = harness.call_overhead() if "graphc-llvm" in names else None
+    if call_s is not None:
+        print(f"call overhead: graphc-llvm {call_s * 1e6:.2f} us (4-element function)")
+    print()
     print(harness.table(results, names))
     print()
     print(harness.compile_table(results, probe))
     payload = {"environment": env, "results": results, "warm_compile_s": probe, "copy_bandwidth_Bps": bw,
+               "call_overhead_s": call_s,
                "quick": args.quick, "tiny": args.tiny}
     if args.json:
         harness.write_json(args.json, payload)

@@ -123,6 +123,23 @@ def copy_bandwidth() -> float:
     return 2 * x.nbytes / best
 
 
+def call_overhead(backend: str = "llvm") -> float | None:
+    """Seconds per call of a compiled 4-element function (x * w + 1.0, float32) called with a ready
+    array: the Python-to-native call's cost (min over repeats of timeit); None if the backend is unusable."""
+    import timeit
+    import graphc as gc
+    try:
+        x = gc.placeholder("x", (4,), "float32")
+        w = gc.parameter("w", np.arange(4, dtype=np.float32))
+        f = gc.function([x], x * w + 1.0, backend=backend)
+    except gc.GraphcError:
+        return None
+    a = np.ones(4, np.float32)
+    f(a)
+    n = 5_000
+    return min(timeit.repeat(lambda: f(a), number=n, repeat=20)) / n
+
+
 def _t(fn):
     t0 = time.perf_counter()
     fn()

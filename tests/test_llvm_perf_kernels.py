@@ -199,8 +199,9 @@ def test_scan_skips_copies_of_stacked_outputs_nobody_reads(rng):
     got_fin, got_ys = both(xv, wv)
     _close(got_fin, h, "float32")
     _close(got_ys, np.stack(hs), "float32")
-    # the stacked ys buffer exists only when ys is an output: fewer kernels in the loop without it
-    assert only_final.program.info["kernels"] < both.program.info["kernels"]
+    # the stacked ys buffer exists only when ys is an output, and then the step computes y straight
+    # into its slice: no per-step copy either way, so no more kernels with it
+    assert only_final.program.info["kernels"] <= both.program.info["kernels"]
 
 
 def test_scan_gradient_through_history_still_matches_numpy_backend(rng):
@@ -269,7 +270,7 @@ def test_batched_micro_kernel_products_split_across_threads_when_asked(tiles, mo
         f = _fn([a, b], a @ b)
         x, y = rng.standard_normal((batch, 16, 20)).astype("f4"), rng.standard_normal((batch, 20, 40)).astype("f4")
         _close(f(x, y), x.astype(np.float64) @ y, "float32")
-        assert "call i32 @pthread_create" in f.source
+        assert "call void @gc_pool_run" in f.source
     monkeypatch.delenv("GRAPHC_LLVM_PARALLEL_FLOPS")
     a, b = gc.placeholder("a", (4, 16, 20)), gc.placeholder("b", (4, 20, 40))
-    assert "call i32 @pthread_create" not in _fn([a, b], a @ b).source
+    assert "call void @gc_pool_run" not in _fn([a, b], a @ b).source

@@ -26,6 +26,9 @@ class Plan(Schedule):
 
     table = PLAN
     backend = "llvm"
+    #: parameter-only steps (a transposed or converted weight) run as a prologue, once per parameter
+    #: change (program.Specialised)
+    hoist_invariants = True
 
     def copy(self, dst: View, src: View):
         return K.copy(dst, src)
@@ -170,42 +173,9 @@ class Plan(Schedule):
 
     @lowers(NN.Conv2d)
     def _conv2d(self, node, ins):
-        """im2col into the arena, then out[n] = W (O, C*KH*KW) @ cols[n] as one batched GEMM (groups: per
-        group, its O/g filters times its C/g channels' columns)."""
+        """conv2d (conv.plan_conv2d: micro-kernel per image, one-thread BLAS over blocks, split by slot)."""
         from . import conv
-        t, a = node.outputs[0], node.attrs
-        if ins[0].dtype != ins[1].dtype or ins[0].dtype != t.dtype:
-            raise NotLowerable("conv2d")
-        ct, (x, w) = self._compute_operands(t, ins, lambda v: v.literal is None)
-        g = a["groups"]
-        n, c = x.shape[:2]
-        o, cg, kh, kw = w.shape
-        oshape = self.shape(t)
-        og, ckk, hw = o // g, cg * kh * kw, oshape[2] * oshape[3]
-        wm = w if w.contiguous else self.materialise(w)
-        if self._conv_tiles(og, ckk, hw, x.dtype, 2 if g == 1 else 1):
-            # image by image: im2col of one image, then its product while the columns are in cache
-            cols = self.fresh(None, (c, kh, kw) + oshape[2:], x.dtype)
-            out = self._compute_out(t, ct)
-            om = View(out.buf, out.offset, (n, o, hw), contig_strides((n, o, hw)), out.dtype)
-            w2 = View(wm.buf, wm.offset, (o, ckk), (ckk, 1), wm.dtype)
-            self.add(conv.conv_tiles(om, x, w2, cols, (kh, kw), a["stride"], a["pads"], a["dilation"], g),
-                     [x, w2], [om, cols])
-            self._store_rounded(t, out)
-            return
-        cols = self.fresh(None, (n, c, kh, kw) + oshape[2:], x.dtype)
-        self.add(conv.im2col(cols, x, (kh, kw), a["stride"], a["pads"], a["dilation"]), [x], [cols])
-        out = self._compute_out(t, ct)
-        if g == 1:
-            wm = View(wm.buf, wm.offset, (1, o, ckk), (0, ckk, 1), wm.dtype)
-            cm = View(cols.buf, cols.offset, (n, ckk, hw), (ckk * hw, hw, 1), cols.dtype)
-            om = View(out.buf, out.offset, (n, o, hw), contig_strides((n, o, hw)), out.dtype)
-        else:
-            wm = View(wm.buf, wm.offset, (1, g, og, ckk), (0, og * ckk, ckk, 1), wm.dtype)
-            cm = View(cols.buf, cols.offset, (n, g, ckk, hw), contig_strides((n, g, ckk, hw)), cols.dtype)
-            om = View(out.buf, out.offset, (n, g, og, hw), contig_strides((n, g, og, hw)), out.dtype)
-        self.add(gemm.matmul(om, wm, cm), [wm, cm], [om])
-        self._store_rounded(t, out)
+        conv.plan_conv2d(self, node, ins)
 
     # float16/bfloat16 convolutions: the operands converted to float32 once (O(input + weights) against
     # the product's O(input * kernel volume)), the float32 kernels, the result rounded once on store
@@ -229,57 +199,15 @@ class Plan(Schedule):
 
     @lowers(NN.Conv2dGradInput)
     def _conv2d_grad_input(self, node, ins):
-        """gx = col2im(W_g^T @ gy_g per image and group): one batched GEMM (the micro-kernel for small
-        products, else BLAS) into the arena, then a col2im kernel (split by image across threads when large)."""
+        """conv2d_grad_input (conv.plan_conv2d_grad_input: per image product + col2im by slot)."""
         from . import conv
-        t, a = node.outputs[0], node.attrs
-        if ins[0].dtype != ins[1].dtype or ins[0].dtype != t.dtype:
-            raise NotLowerable("conv2d_grad_input")
-        ct, (gy, w) = self._compute_operands(t, ins, lambda v: v.contiguous)
-        g = a["groups"]
-        n, o, oh, ow = gy.shape
-        _, cg, kh, kw = w.shape
-        og, ckk, hw = o // g, cg * kh * kw, oh * ow
-        args = ((kh, kw), a["stride"], a["pads"], a["dilation"])
-        # (measured on LeNet's second layer: a per-image kernel fusing the micro-kernel product and col2im
-        # ran 1.7x slower than the batched product (micro-kernel or BLAS) followed by col2im)
-        cols = self.fresh(None, (n, g, ckk, hw), ct)
-        wt = View(w.buf, w.offset, (1, g, ckk, og), (0, og * ckk, 1, ckk), w.dtype)
-        gm = View(gy.buf, gy.offset, (n, g, og, hw), (o * hw, og * hw, hw, 1), gy.dtype)
-        self._matmul_views(cols, wt, gm)
-        gx = self._compute_out(t, ct)
-        self.add(conv.col2im(gx, cols, *args, (oh, ow)), [cols], [gx])
-        self._store_rounded(t, gx)
+        conv.plan_conv2d_grad_input(self, node, ins)
 
     @lowers(NN.Conv2dGradWeight)
     def _conv2d_grad_weight(self, node, ins):
-        """gw_g (O/g, C/g*KH*KW) = gy_g (O/g, N*OH*OW) @ rows_g: one GEMM per group over the whole batch,
-        rows = im2col(x) in patch-rows layout (N*OH*OW, C*KH*KW), gy reordered to (O, N*OH*OW)."""
+        """conv2d_grad_weight (conv.plan_conv2d_grad_weight: per image im2col + dot micro-kernel by slot)."""
         from . import conv
-        t, a = node.outputs[0], node.attrs
-        if ins[0].dtype != ins[1].dtype or ins[0].dtype != t.dtype:
-            raise NotLowerable("conv2d_grad_weight")
-        ct, (x,) = self._compute_operands(t, ins[:1], lambda v: v.literal is None)
-        _, (gy,) = self._compute_operands(t, ins[1:], lambda v: v.contiguous)
-        g = a["groups"]
-        n, c = x.shape[:2]
-        kh, kw = a["kernel"]
-        o, oh, ow = gy.shape[1:]
-        og, kk, hw = o // g, kh * kw, oh * ow
-        ckk = c // g * kk
-        rows = self.fresh(None, (n * hw, c * kk), ct)
-        self.add(conv.im2col(rows, x, (kh, kw), a["stride"], a["pads"], a["dilation"], (oh, ow), (kk, 1, c * kk)),
-                 [x], [rows])
-        if n == 1:
-            gt = gy
-        else:
-            gt = self.fresh(None, (o, n, hw), ct)
-            self.add(K.copy(gt, View(gy.buf, gy.offset, (o, n, hw), (hw, o * hw, 1), gy.dtype)), [gy], [gt])
-        gw = self._compute_out(t, ct)
-        self._matmul_views(View(gw.buf, gw.offset, (g, og, ckk), contig_strides((g, og, ckk)), gw.dtype),
-                           View(gt.buf, gt.offset, (g, og, n * hw), (og * n * hw, n * hw, 1), gt.dtype),
-                           View(rows.buf, rows.offset, (g, n * hw, ckk), (ckk, c * kk, 1), rows.dtype))
-        self._store_rounded(t, gw)
+        conv.plan_conv2d_grad_weight(self, node, ins)
 
     @lowers(NN.MaxPool2d)
     def _max_pool2d(self, node, ins):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import operator
 import os
 import re
 import threading
@@ -13,7 +14,7 @@ import numpy as np
 
 from graphc.backends.schedule.steps import HostStep, LoopStep
 
-from . import gemm, jit, mathlib, table
+from . import gemm, jit, mathlib, pool, table
 from .irtext import Emitter
 from .kernels import Kernel
 from .plan import Plan
@@ -51,7 +52,10 @@ DATA_OFFSET = _data_offset()
 
 
 def _address(a: np.ndarray) -> int:
-    """Data pointer of an array (c_char.from_buffer is the fast path; read-only/empty arrays fall back)."""
+    """Data pointer of an array (read from the array object where DATA_OFFSET is known; else
+    c_char.from_buffer, and read-only/empty arrays through the array interface)."""
+    if DATA_OFFSET is not None and type(a) is np.ndarray:
+        return ctypes.c_void_p.from_address(id(a) + DATA_OFFSET).value or 0
     try:
         return ctypes.addressof(ctypes.c_char.from_buffer(a))
     except (TypeError, ValueError):
@@ -93,7 +97,7 @@ def _kernel_fn(kern: Kernel, bufs: list, plan: Plan) -> str:
                                          f"({kern.desc}): a graphc bug, please report it")
     kern.emit(em, P, "%lo", "%hi")
     params = ", ".join([f"ptr noalias %b{i}" for i in range(len(bufs))] + ["i64 %lo", "i64 %hi"])
-    return em.function(f"define void {_SELF}({params}) nounwind{NOINLINE}")
+    return em.function(f"define void {_SELF}({params}) nounwind{NOINLINE}{getattr(kern, 'fn_attrs', '')}")
 
 
 def _declaration(name: str, n_ptrs: int) -> str:
@@ -101,8 +105,9 @@ def _declaration(name: str, n_ptrs: int) -> str:
 
 
 def _thunk(name: str, nb: int) -> str:
-    """A pthread start routine: unpacks [pointers..., lo, hi] and runs the kernel on that range."""
-    lines = [f"define internal ptr @{name}_thunk(ptr %a) nounwind {{"]
+    """A pool chunk (pool.py: fn(args, c)): args is [pointers..., outer extent, chunks]; chunk c runs the
+    kernel on [extent * c // chunks, extent * (c + 1) // chunks)."""
+    lines = [f"define internal void @{name}_thunk(ptr %a, i64 %c) nounwind {{"]
     args = []
     for i in range(nb + 2):
         lines.append(f"  %q{i} = getelementptr i64, ptr %a, i64 {i}")
@@ -110,40 +115,43 @@ def _thunk(name: str, nb: int) -> str:
         if i < nb:
             lines.append(f"  %p{i} = inttoptr i64 %x{i} to ptr")
             args.append(f"ptr %p{i}")
-    args += [f"i64 %x{nb}", f"i64 %x{nb + 1}"]
+    lines += ["  %c1 = add i64 %c, 1", f"  %m0 = mul i64 %x{nb}, %c", f"  %m1 = mul i64 %x{nb}, %c1",
+              f"  %lo = udiv i64 %m0, %x{nb + 1}", f"  %hi = udiv i64 %m1, %x{nb + 1}"]
+    args += ["i64 %lo", "i64 %hi"]
     lines.append(f"  call void @{name}({', '.join(args)})")
-    lines.append("  ret ptr null\n}\n")
+    lines.append("  ret void\n}\n")
     return "\n".join(lines)
 
 
+#: chunks per thread a split kernel's outer range is cut into (claimed dynamically by the pool's threads:
+#: a thread that starts late, or is descheduled, leaves its share to the others); a kernel may ask for
+#: its own count (`kern.chunks`: a GEMM split into blocks of columns, one BLAS call each)
+CHUNKS_PER_THREAD = 4
+
+
+def _chunks(kern: Kernel, nthreads: int) -> int:
+    want = getattr(kern, "chunks", None) or nthreads * CHUNKS_PER_THREAD
+    return max(1, min(kern.split, want))
+
+
 def _parallel_call(em: Emitter, name: str, kern: Kernel, ptrs: list[str], nthreads: int) -> None:
-    """Split the outer loop: threads 1..T-1 via pthread_create, chunk 0 on the caller, then join."""
-    n, nb = kern.split, len(ptrs)
-    bounds = [n * t // nthreads for t in range(nthreads + 1)]
-    tids = []
-    for t in range(1, nthreads):
-        blk = em.alloca(f"[{nb + 2} x i64]")
-        for i, p in enumerate(ptrs):
-            q = em(f"getelementptr i64, ptr {blk}, i64 {i}")
-            em.raw(f"store i64 {em(f'ptrtoint ptr {p} to i64')}, ptr {q}")
-        for i, v in enumerate((bounds[t], bounds[t + 1])):
-            em.raw(f"store i64 {v}, ptr {em(f'getelementptr i64, ptr {blk}, i64 {nb + i}')}")
-        tid = em.alloca("i64")
-        rc = em(f"call i32 @pthread_create(ptr {tid}, ptr null, ptr @{name}_thunk, ptr {blk})")
-        tids.append((tid, rc, bounds[t], bounds[t + 1]))
-    args = ", ".join(f"ptr {p}" for p in ptrs)
-    em.raw(f"call void @{name}({args}, i64 {bounds[0]}, i64 {bounds[1]})")
-    for tid, rc, lo, hi in tids:
-        ok = em(f"icmp eq i32 {rc}, 0")
-        j, inline, done = em.label("join"), em.label("inline"), em.label("joined")
-        em.raw(f"br i1 {ok}, label %{j}, label %{inline}")
-        em.place(j)
-        em.raw(f"call i32 @pthread_join(i64 {em(f'load i64, ptr {tid}')}, ptr null)")
-        em.raw(f"br label %{done}")
-        em.place(inline)   # thread creation failed: run that chunk here
-        em.raw(f"call void @{name}({args}, i64 {lo}, i64 {hi})")
-        em.raw(f"br label %{done}")
-        em.place(done)
+    """Split the outer loop over the persistent pool (pool.py): the chunks of [0, kern.split) run on the
+    calling thread and the pool's workers, whichever claims them first; returns when all have run."""
+    nb = len(ptrs)
+    blk = em.alloca(f"[{nb + 2} x i64]")
+    for i, p in enumerate(ptrs):
+        em.raw(f"store i64 {em(f'ptrtoint ptr {p} to i64')}, ptr {em(f'getelementptr i64, ptr {blk}, i64 {i}')}")
+    chunks = _chunks(kern, nthreads)
+    for i, v in enumerate((kern.split, chunks)):
+        em.raw(f"store i64 {v}, ptr {em(f'getelementptr i64, ptr {blk}, i64 {nb + i}')}")
+    # chunks calling BLAS run OpenBLAS on one thread each: its count is set around the whole dispatch (it is
+    # one process-wide setting, so the chunks' own set-and-restore must not race back to a larger one)
+    from . import tune
+    pin = getattr(kern, "blas_pinned", False) and tune.set_threads_symbol() is not None
+    prev = em("call i32 @gc_blas_set_threads(i32 1)") if pin else None
+    em.raw(f"call void @gc_pool_run(ptr @{name}_thunk, ptr {blk}, i64 {chunks})")
+    if pin:
+        em(f"call i32 @gc_blas_set_threads(i32 {prev})")
 
 
 class _Gen:
@@ -209,7 +217,7 @@ class _Gen:
                 off = em(f"add i64 {em(f'mul i64 {t}, {buf.stride}')}, {buf.offset}")
                 inner[b] = em(f"getelementptr i8, ptr {ptrs[buf.index]}, i64 {off}")
             for st in loop.body:
-                self.step(em, inner, st, parallel=False)
+                self.step(em, inner, st)
         em.loop(loop.length, body)
 
 
@@ -237,9 +245,12 @@ class Module:
 
 def generate(plan: Plan, slots: Slots, nthreads: int, per_step: bool = False) -> tuple[Module, list]:
     """(module, segments): a segment is ('native', entry name) or ('host', HostStep).
-    per_step=True gives every kernel its own entry (for profiling)."""
+    per_step=True gives every kernel its own entry (for profiling; the prologue's steps included, first).
+    Otherwise the plan's prologue (steps computing parameter-derived values) is the entry PROLOGUE,
+    which Specialised runs when a parameter it reads changed, and is not among the segments."""
     gen, segments, cur = _Gen(plan, slots, nthreads), [], None
-    for step in plan.steps:
+    first = 0 if per_step else plan.prologue
+    for step in plan.steps[first:]:
         if isinstance(step, HostStep):
             cur = None
             segments.append(("host", step))
@@ -251,25 +262,20 @@ def generate(plan: Plan, slots: Slots, nthreads: int, per_step: bool = False) ->
     out = []
     for kind, val in segments:
         if kind == "native":
-            name, steps = val
-            parts = [steps[i:i + ENTRY_PART] for i in range(0, len(steps), ENTRY_PART)]
-            if len(parts) == 1:
-                gen.funcs.append(_entry(gen, name, steps))
-            else:   # the entry calls its parts in order
-                em = Emitter()
-                for k, part in enumerate(parts):
-                    gen.funcs.append(_entry(gen, f"{name}_part{k}", part, "internal "))
-                    em.raw(f"call void @{name}_part{k}(ptr %ptrs)")
-                gen.funcs.append(em.function(f"define void @{name}(ptr %ptrs) nounwind"))
-            out.append(("native", name))
+            _entry_parts(gen, *val)
+            out.append(("native", val[0]))
         else:
             out.append(("host", val))
+    prologue = None
+    if first:   # every prologue step is a kernel step (Schedule.hoist_prologue)
+        prologue = PROLOGUE
+        _entry_parts(gen, prologue, plan.steps[:first])
     n_arrays = plan.kinds["input"] + plan.kinds["param"] + plan.kinds["out"]
     if len(out) == 1 and out[0][0] == "native" and DATA_OFFSET is not None and (
             TUPLE_ITEMS is not None or n_arrays <= CALL_ARGS_MAX):
-        gen.funcs.append(_call_wrapper(plan, slots, out[0][1]))
+        gen.funcs.append(_call_wrapper(plan, slots, out[0][1], prologue))
     head = (mathlib.DECLARATIONS + gemm.declarations() + "".join(table.DECLARATIONS) +
-            "declare i32 @pthread_create(ptr, ptr, ptr, ptr)\ndeclare i32 @pthread_join(i64, ptr)\n")
+            pool.declarations(nthreads))
     return Module(head, gen.defs, "\n".join(gen.funcs), gen.calls), out
 
 
@@ -277,6 +283,23 @@ def generate(plan: Plan, slots: Slots, nthreads: int, per_step: bool = False) ->
 #: calls in order (one function of 720 calls, each loading its buffers' pointers once, took LLVM's
 #: register allocator 12 s on an 80-layer MLP step; the parts' time grows linearly)
 ENTRY_PART = 48
+
+
+#: the entry computing a specialisation's parameter-derived values (the plan's prologue)
+PROLOGUE = "graphc_prologue"
+
+
+def _entry_parts(gen: _Gen, name: str, steps: list) -> None:
+    """The entry `name` running `steps` in order (in parts of at most ENTRY_PART steps)."""
+    parts = [steps[i:i + ENTRY_PART] for i in range(0, len(steps), ENTRY_PART)]
+    if len(parts) == 1:
+        gen.funcs.append(_entry(gen, name, steps))
+        return
+    em = Emitter()   # the entry calls its parts in order
+    for k, part in enumerate(parts):
+        gen.funcs.append(_entry(gen, f"{name}_part{k}", part, "internal "))
+        em.raw(f"call void @{name}_part{k}(ptr %ptrs)")
+    gen.funcs.append(em.function(f"define void @{name}(ptr %ptrs) nounwind"))
 
 
 def _entry(gen: _Gen, name: str, steps: list, linkage: str = "") -> str:
@@ -304,32 +327,105 @@ TUPLE_ITEMS = _tuple_items_offset()
 CALL_ARGS_MAX = 64
 
 
-def _call_wrapper(plan: Plan, slots: Slots, entry: str) -> str:
-    """graphc_call(table, input, parameter and output arrays...): stores each ndarray object's data
-    pointer in its table slot, then runs the entry. One ctypes call per run instead of a ctypes address
-    lookup per array (about 1 us each). With more than CALL_ARGS_MAX arrays: graphc_call(table, tuple of
-    the arrays), the same stores in two loops."""
+def _python_api():
+    """PyCFunction_NewEx (through ctypes), with the C-API functions graphc_call uses made known to the JIT;
+    None where this Python does not offer them (graphc_call is then a ctypes function)."""
+    if DATA_OFFSET is None:
+        return None
+    try:
+        import llvmlite.binding as llvm
+        api = ctypes.pythonapi
+        for name in ("PyEval_SaveThread", "PyEval_RestoreThread", "Py_IncRef"):
+            llvm.add_symbol(name, ctypes.cast(getattr(api, name), ctypes.c_void_p).value)
+        llvm.add_symbol("_Py_NoneStruct", id(None))
+        new = api.PyCFunction_NewEx
+        new.restype = ctypes.py_object
+        new.argtypes = [ctypes.c_void_p, ctypes.py_object, ctypes.py_object]
+        return new
+    except (AttributeError, ImportError, OSError):
+        return None
+
+
+class _MethodDef(ctypes.Structure):
+    """CPython's PyMethodDef."""
+    _fields_ = [("ml_name", ctypes.c_char_p), ("ml_meth", ctypes.c_void_p), ("ml_flags", ctypes.c_int),
+                ("ml_doc", ctypes.c_char_p)]
+
+
+#: graphc_call as a built-in function (METH_FASTCALL: a C array of the argument objects), bound to this
+#: thread's pointer table: calling it costs ~0.2 us, a ctypes call of one tuple ~0.7 us, of 3 arrays 1.1 us
+NEW_BUILTIN = _python_api()
+METH_FASTCALL = 0x0080
+_FASTCALL_DECLS = ("declare ptr @PyEval_SaveThread() nounwind\ndeclare void @PyEval_RestoreThread(ptr) nounwind\n"
+                   "declare void @Py_IncRef(ptr) nounwind\n@_Py_NoneStruct = external global i8\n")
+
+
+def _packed(n_arrays: int) -> bool:
+    """Whether graphc_call takes its arrays as one tuple (ctypes converts each argument of a call: one
+    tuple of 3 arrays cost 0.7 us against 1.1 us for 3 arguments) or one argument each (no tuple layout)."""
+    return TUPLE_ITEMS is not None or n_arrays > CALL_ARGS_MAX
+
+
+def _call_wrapper(plan: Plan, slots: Slots, entry: str, prologue: str | None = None) -> str:
+    """graphc_call: stores the data pointer of each input, parameter and output array (read from the
+    ndarray object) in its table slot, then runs the entry: one call per run instead of a ctypes address
+    lookup per array (about 1 us each). Where this Python offers it (NEW_BUILTIN), a METH_FASTCALL
+    built-in function graphc_call(table as self; arrays...) that releases the GIL around the entry; else
+    a ctypes function graphc_call(table, tuple of the arrays), or graphc_call(table, arrays...) without a
+    known tuple layout. With a prologue: it runs first when the table's word after its last slot
+    (slots.n) is non-zero (the runtime sets it when a parameter the prologue reads changed), and that
+    word is cleared."""
     slot_ids = (list(range(plan.kinds["input"] + plan.kinds["param"])) +
                 [slots.base["out"] + j for j in range(plan.kinds["out"])])
     em = Emitter()
-    if len(slot_ids) > CALL_ARGS_MAX:
+    head = "ptr %ptrs"
+    fastcall = NEW_BUILTIN is not None
+
+    def run():
+        if fastcall:
+            em.raw("%ts = call ptr @PyEval_SaveThread()")
+        if prologue:
+            flag = em(f"getelementptr ptr, ptr %ptrs, i64 {slots.n}")
+
+            def first():
+                em.raw(f"call void @{prologue}(ptr %ptrs)")
+                em.raw(f"store i64 0, ptr {flag}")
+            em.if_(em(f"icmp ne i64 {em(f'load i64, ptr {flag}')}, 0"), first)
+        em.raw(f"call void @{entry}(ptr %ptrs)")
+        if fastcall:
+            em.raw("call void @PyEval_RestoreThread(ptr %ts)")
+            em.raw("call void @Py_IncRef(ptr @_Py_NoneStruct)")
+    if fastcall:
+        em.raw(f"%ptrs = load ptr, ptr {em(f'getelementptr i8, ptr %self, i64 {DATA_OFFSET}')}")
+    if fastcall and len(slot_ids) <= CALL_ARGS_MAX:
+        for k, slot in enumerate(slot_ids):
+            arr = em(f"load ptr, ptr {em(f'getelementptr ptr, ptr %args, i64 {k}')}")
+            data = em(f"load ptr, ptr {em(f'getelementptr i8, ptr {arr}, i64 {DATA_OFFSET}')}")
+            em.raw(f"store ptr {data}, ptr {em(f'getelementptr ptr, ptr %ptrs, i64 {slot}')}")
+    elif fastcall or _packed(len(slot_ids)):
         n_in = plan.kinds["input"] + plan.kinds["param"]
+        items, items_off = ("%args", 0) if fastcall else ("%a0", TUPLE_ITEMS)
         for first, count, slot0 in ((0, n_in, 0), (n_in, plan.kinds["out"], slots.base["out"])):
             def store(j, first=first, slot0=slot0):
                 item = em(f"add i64 {j}, {first}")
-                off = em(f"add i64 {em(f'mul i64 {item}, 8')}, {TUPLE_ITEMS}")
-                arr = em(f"load ptr, ptr {em(f'getelementptr i8, ptr %a0, i64 {off}')}")
+                off = em(f"add i64 {em(f'mul i64 {item}, 8')}, {items_off}")
+                arr = em(f"load ptr, ptr {em(f'getelementptr i8, ptr {items}, i64 {off}')}")
                 data = em(f"load ptr, ptr {em(f'getelementptr i8, ptr {arr}, i64 {DATA_OFFSET}')}")
                 slot = em(f"add i64 {j}, {slot0}")
                 em.raw(f"store ptr {data}, ptr {em(f'getelementptr ptr, ptr %ptrs, i64 {slot}')}")
             em.loop(count, store)
-        em.raw(f"call void @{entry}(ptr %ptrs)")
-        return em.function("define void @graphc_call(ptr %ptrs, ptr %a0) nounwind")
+        if not fastcall:
+            run()
+            return em.function(f"define void @graphc_call({head}, ptr %a0) nounwind")
+    if fastcall:
+        run()
+        return _FASTCALL_DECLS + em.function("define ptr @graphc_call(ptr %self, ptr %args, i64 %nargs) nounwind",
+                                             "ret ptr @_Py_NoneStruct")
     for k, slot in enumerate(slot_ids):
         data = em(f"load ptr, ptr {em(f'getelementptr i8, ptr %a{k}, i64 {DATA_OFFSET}')}")
         em.raw(f"store ptr {data}, ptr {em(f'getelementptr ptr, ptr %ptrs, i64 {slot}')}")
-    em.raw(f"call void @{entry}(ptr %ptrs)")
-    params = ", ".join(["ptr %ptrs"] + [f"ptr %a{k}" for k in range(len(slot_ids))])
+    run()
+    params = ", ".join([head] + [f"ptr %a{k}" for k in range(len(slot_ids))])
     return em.function(f"define void @graphc_call({params}) nounwind")
 
 
@@ -346,8 +442,11 @@ class Specialised:
         self.ir = mod.ir
         names = [v for k, v in segs if k == "native"]
         wrapped = "@graphc_call(" in mod.entry
+        # the prologue (parameter-derived values: plan.prologue steps) is an entry of its own, run when a
+        # parameter it reads is a different array than at this thread's last run (per_step: a segment)
+        has_prologue = bool(plan.prologue) and not per_step
         self.compiled = jit.compile_program(mod.head, mod.kernel_irs, mod.entry_ir, self.ir,
-                                            names + ["graphc_call"] * wrapped)
+                                            names + ["graphc_call"] * wrapped + [PROLOGUE] * has_prologue)
         #: kernel steps planned, and distinct kernel functions compiled for them
         self.kernel_calls, self.kernel_functions = mod.calls, len(mod.kernels)
         #: seconds per phase: IR generation, then LLVM's (jit.compile_program: optimisation, machine code,
@@ -356,9 +455,19 @@ class Specialised:
         self.segments = [(k, _ENTRY(self.compiled.addresses[v]) if k == "native" else v) for k, v in segs]
         self.single = len(self.segments) == 1 and self.segments[0][0] == "native"
         n_arrays = plan.kinds["input"] + plan.kinds["param"] + plan.kinds["out"]
-        self.packed = n_arrays > CALL_ARGS_MAX   # graphc_call takes one tuple of the arrays
+        self.packed = _packed(n_arrays)   # graphc_call takes one tuple of the arrays
+        #: graphc_call is a METH_FASTCALL function: each thread calls its own built-in function object,
+        #: bound to its table (_table)
+        self.fastcall = wrapped and NEW_BUILTIN is not None
+        self._def = (_MethodDef(b"graphc_call", self.compiled.addresses["graphc_call"], METH_FASTCALL, None)
+                     if self.fastcall else None)
         self.call = (ctypes.CFUNCTYPE(None, ctypes.c_void_p, *[ctypes.py_object] * (1 if self.packed else n_arrays))(
-            self.compiled.addresses["graphc_call"]) if wrapped else None)
+            self.compiled.addresses["graphc_call"]) if wrapped and not self.fastcall else None)
+        self.prologue = _ENTRY(self.compiled.addresses[PROLOGUE]) if has_prologue else None
+        idx = plan.prologue_params
+        #: params -> the arrays the prologue reads (compared by identity with those of the last run)
+        self._pick = (None if not has_prologue else (lambda params: ()) if not idx else
+                      (lambda params, i=idx[0]: (params[i],)) if len(idx) == 1 else operator.itemgetter(*idx))
         g = plan.graph
         self.roots = [(plan.shape(t), np.dtype(t.dtype)) for t in g.roots]
         self.n_out = len(g.outputs)
@@ -366,6 +475,7 @@ class Specialised:
         self._keep = plan.consts
         self._tls = threading.local()
         self._status = None if plan.status is None else plan.buffers[plan.status.buf].offset
+        self.run = self._runner()
 
     def _arena(self) -> np.ndarray:
         a = getattr(self._tls, "arena", None)
@@ -381,27 +491,80 @@ class Specialised:
         """This thread's pointer table with the constant and arena slots filled in."""
         tls = self._tls
         t = getattr(tls, "table", None)
-        if t is None:
-            t = (ctypes.c_void_p * self.slots.n)()
+        if t is None:   # one word more: graphc_call's "run the prologue first" flag
+            t = (ctypes.c_void_p * (self.slots.n + 1))()
             c0 = self.slots.base["const"]
             for i, a in enumerate(self.consts):
                 t[c0 + i] = a
             t[self.slots.arena] = self._arena().ctypes.data
-            tls.table, tls.addr, tls.params = t, ctypes.addressof(t), None
+            # pro: the parameter arrays the prologue last ran on in this thread (its results live in this
+            # thread's arena)
+            tls.table, tls.addr, tls.params, tls.pro = t, ctypes.addressof(t), None, None
+            if self.fastcall:   # the built-in graphc_call with this table as its self
+                tls.fast = NEW_BUILTIN(ctypes.addressof(self._def), np.frombuffer(t, np.uintp), None)
         return t
 
-    def run(self, inputs, params):
+    def _runner(self):
+        """run(inputs, params) -> (outputs, update values): fresh output arrays, this thread's table and
+        arena; the prologue first when a parameter it reads is another array than at this thread's last
+        run (set_value and updates= install new arrays; parameter arrays are read-only, so the same
+        array is the same value). The common case (one native entry) is one ctypes call."""
+        call, tls, roots, n_out, pick, table = self.call, self._tls, self.roots, self.n_out, self._pick, self._table
+        status, empty, same, flag = self._status is not None, np.empty, operator.is_, self.slots.n
+        if self.fastcall:   # generated, unrolled over the outputs (a comprehension cost 0.3 us more)
+            k = len(roots) if len(roots) <= 16 else None
+            env = {"empty": empty, "tls": tls, "table": table, "pick": pick, "same": same, "flag": flag,
+                   "check": self._check_status, "roots": roots, "n_out": n_out}
+            outs = [f"o{j}" for j in range(k or 0)]
+            for j, (shape, dtype) in enumerate(roots[:16]):
+                env[f"S{j}"], env[f"D{j}"] = shape, dtype
+            lines = ["def run(inputs, params):"]
+            lines += [f"    {o} = empty(S{j}, D{j})" for j, o in enumerate(outs)] if k is not None else \
+                ["    outs = [empty(s, d) for s, d in roots]"]
+            lines += ["    try:", "        call = tls.fast", "    except AttributeError:", "        table()",
+                      "        call = tls.fast"]
+            if pick is not None:   # graphc_call runs the prologue first when the word is set (and clears it)
+                lines += ["    cur, last = pick(params), tls.pro",
+                          "    if last is None or not all(map(same, cur, last)):",
+                          "        tls.table[flag] = 1", "        tls.pro = cur"]
+            lines.append(f"    call(*inputs, *params, {', '.join(outs)})" if k is not None else
+                         "    call(*inputs, *params, *outs)")
+            if status:
+                lines.append("    check()")
+            lines.append(f"    return [{', '.join(outs[:n_out])}], [{', '.join(outs[n_out:])}]" if k is not None else
+                         "    return outs[:n_out], outs[n_out:]")
+            exec("\n".join(lines), env)   # noqa: S102 (generated from the output count only)
+            return env["run"]
+        if call is None:
+            return self._run_segments
+        packed = self.packed
+
+        def run(inputs, params):
+            outs = [empty(s, d) for s, d in roots]
+            try:
+                addr = tls.addr
+            except AttributeError:   # this thread's first call
+                table()
+                addr = tls.addr
+            if pick is not None:
+                cur, last = pick(params), tls.pro
+                if last is None or not all(map(same, cur, last)):
+                    tls.table[flag] = 1   # graphc_call runs the prologue first (and clears the word)
+                    tls.pro = cur
+            if packed:
+                call(addr, (*inputs, *params, *outs))
+            else:
+                call(addr, *inputs, *params, *outs)
+            if status:
+                self._check_status()
+            return outs[:n_out], outs[n_out:]
+        return run
+
+    def _run_segments(self, inputs, params):
+        """run() for a program with host steps (or without the call wrapper): the table filled here."""
         outs = [np.empty(s, d) for s, d in self.roots]
         table = self._table()
         tls = self._tls
-        if self.call is not None:   # data pointers of inputs, parameters and outputs filled in natively
-            if self.packed:
-                self.call(tls.addr, (*inputs, *params, *outs))
-            else:
-                self.call(tls.addr, *inputs, *params, *outs)
-            if self._status is not None:
-                self._check_status()
-            return outs[:self.n_out], outs[self.n_out:]
         n_in = len(inputs)
         if params and (tls.params is None or any(p is not q for p, q in zip(params, tls.params))):
             table[n_in:n_in + len(params)] = [_address(p) for p in params]
@@ -410,6 +573,11 @@ class Specialised:
             table[0:n_in] = [_address(a) for a in inputs]
         o0 = self.slots.base["out"]
         table[o0:o0 + len(outs)] = [_address(o) for o in outs]
+        if self._pick is not None:
+            cur, last = self._pick(params), tls.pro
+            if last is None or not all(map(operator.is_, cur, last)):
+                self.prologue(tls.addr)
+                tls.pro = cur
         if self.single:
             self.segments[0][1](tls.addr)
         else:
@@ -463,6 +631,8 @@ def profile(f, *args, repeat: int = 20) -> list[tuple[float, str]]:
             seg(ctypes.addressof(table)) if kind == "native" else spec._host(seg, bases)
             ts.append(time.perf_counter() - t0)
         label = f"host {seg.node.op.name}" if kind == "host" else f"{step.name} {getattr(step, 'desc', '')}"
+        if len(times) < spec.plan.prologue:
+            label += " (prologue: once per parameter change)"
         times.append((float(np.median(ts)), label))
     return times
 
@@ -483,7 +653,9 @@ def step_times(spec: Specialised, inputs, params):
     entry per top-level step (the kernels are the same functions; a scan loop is one step), bound to
     `inputs`/`params`. Returns (steps, run, overhead): run() runs every step once, in order, and returns
     each one's seconds (perf_counter around the call from the host); `overhead` is the median time of an
-    empty native entry called the same way (what a native step's figure includes beyond its kernels)."""
+    empty native entry called the same way (what a native step's figure includes beyond its kernels).
+    The plan's prologue steps (parameter-derived values, computed once, not per call) run once here
+    and report 0 s."""
     import time
     prof = Specialised(spec.plan, per_step=True)
     outs = [np.empty(s, d) for s, d in prof.roots]
@@ -494,10 +666,13 @@ def step_times(spec: Specialised, inputs, params):
     addr = ctypes.addressof(table)
     bases = prof._bases(inputs, params, outs, arena)
     clock = time.perf_counter
+    once = spec.plan.prologue
+    for kind, seg in prof.segments[:once]:
+        seg(addr)
 
     def run() -> list[float]:
-        out = []
-        for kind, seg in prof.segments:
+        out = [0.0] * once
+        for kind, seg in prof.segments[once:]:
             t0 = clock()
             if kind == "native":
                 seg(addr)

@@ -104,6 +104,10 @@ class Schedule:
     arena_locality: float = 0.125
     #: the backend's name in messages
     backend: str = "native"
+    #: move the kernel steps that read only parameters, constants and each other's results to the front
+    #: (`prologue`): a runtime honouring it runs them once and again only when a parameter they read
+    #: changes (a concrete schedule, not under sanitize="bounds"; a backend opts in)
+    hoist_invariants: bool = False
 
     def __init__(self, graph: Graph, dims: dict | None, bounds: bool = False):
         self.graph = graph
@@ -130,6 +134,14 @@ class Schedule:
         self._loop_pos = None   # inside a loop body: every buffer is live for the whole loop step
         self._node: Node | None = None   # the node being planned (kernels remember it for error messages)
         self._used = None
+        #: id(tensor) -> the view its kernel writes instead of a fresh buffer (a scan body's stacked
+        #: output: this step's slice of ys, so no per-step copy); taken by the first `fresh` for it
+        self.into: dict = {}
+        #: the first `prologue` steps depend on parameters and constants only (hoist_invariants); their
+        #: results live in arena buffers of their own (never shared); `prologue_params`: the indices of
+        #: the parameters they read (a new array for one of them: run the prologue again)
+        self.prologue = 0
+        self.prologue_params: tuple = ()
         if bounds:
             self._status_buffer()
         self._build()
@@ -174,6 +186,9 @@ class Schedule:
         """A new contiguous buffer for tensor t: the output slot if t is a root, else the arena."""
         shape = self.shape(t) if shape is None else shape
         dtype = dtype or t.dtype
+        dest = self.into.pop(id(t), None) if t is not None else None
+        if dest is not None and dtype == dest.dtype and tuple(shape) == tuple(dest.shape):
+            return dest
         size = nbytes(shape, dtype)
         j = self.root_slot.get(id(t)) if t is not None else None
         if j is not None and self.out_bufs[j] is None and dtype == t.dtype:
@@ -200,6 +215,9 @@ class Schedule:
         self.touch(list(reads) + list(writes), pos)
         if not isinstance(step, (HostStep, LoopStep)):
             step.node = self._node
+            # the buffers it reads and writes (hoist_prologue)
+            step.io = (tuple(v.buf for v in reads if v is not None and v.buf is not None),
+                       tuple(v.buf for v in writes if v is not None and v.buf is not None))
         self.steps.append(step)
 
     def materialise(self, v: View, dtype=None) -> View:
@@ -271,6 +289,8 @@ class Schedule:
                 self.out_bufs[j] = b
                 out = contiguous_view(b, shape, t.dtype)
                 self.add(self.copy(out, self.view[id(t)]), [self.view[id(t)]], [out])
+        if self.hoist_invariants and not self.symbolic and not self.bounds:
+            self.hoist_prologue()
         if not self.symbolic:
             self.assign_arena()
 
@@ -325,6 +345,72 @@ class Schedule:
                     todo.extend(v for v in n.attrs.values() if isinstance(v, Graph))
             self._used = used
         return self._used
+
+    # ---- parameter-derived values ------------------------------------------------------------------
+    def hoist_prologue(self) -> None:
+        """Move the kernel steps whose values depend on parameters and constants only (a transposed or
+        converted weight, a constant subexpression of parameters) to the front as `prologue`. A step
+        qualifies when every buffer it reads is a parameter, a constant or written only by qualifying
+        steps, and every buffer it writes is an arena buffer written only by qualifying steps. Those
+        buffers live for the whole program (the arena planner gives them memory of their own), so their
+        values survive from one call to the next; the relative order of the steps is kept (lifetimes
+        only compare positions, so the other buffers' placement is unchanged)."""
+        steps, bufs = self.steps, self.buffers
+        status = self.status.buf if self.status is not None else None
+        io, writers = [], {}
+        for k, st in enumerate(steps):
+            r, w = self._step_io(st)
+            io.append((r, w))
+            for b in w:
+                writers.setdefault(b, set()).add(k)
+        cand = {k for k, st in enumerate(steps) if not isinstance(st, (HostStep, LoopStep))
+                and getattr(st, "io", None) is not None
+                and all(bufs[b].kind == "arena" and b != status for b in io[k][1])
+                and status not in io[k][0]}
+        while cand:
+            def ready(b):
+                kind = bufs[b].kind
+                return kind in ("param", "const") or (kind == "arena" and b != status and b in writers
+                                                      and writers[b] <= cand)
+            drop = {k for k in cand if not all(ready(b) for b in io[k][0]) or
+                    not all(writers[b] <= cand for b in io[k][1])}
+            if not drop:
+                break
+            cand -= drop
+        if not cand:
+            return
+        for k in cand:
+            for b in io[k][1]:
+                bufs[b].first, bufs[b].last = 0, 1 << 59
+        order = sorted(cand)
+        self.prologue_params = tuple(sorted({bufs[b].index for k in order for b in io[k][0]
+                                             if bufs[b].kind == "param"}))
+        self.steps = [steps[k] for k in order] + [st for k, st in enumerate(steps) if k not in cand]
+        self.prologue = len(order)
+
+    def _step_io(self, st) -> tuple[set, set]:
+        """(buffers read, buffers written) by a top-level step (a loop's slices as their parents; a
+        kernel step without `io` writes everything it touches)."""
+        if isinstance(st, HostStep):
+            return ({v.buf for v in st.ins if v.buf is not None}, {v.buf for v in st.outs if v.buf is not None})
+        if isinstance(st, LoopStep):
+            r, w = set(), set()
+            for b in st.body:
+                br, bw = self._step_io(b)
+                r |= br
+                w |= bw
+            return {self._root_buffer(b) for b in r}, {self._root_buffer(b) for b in w}
+        io = getattr(st, "io", None)
+        if io is None:
+            return set(st.bufs), set(st.bufs)
+        r, w = set(io[0]), set(io[1])
+        return r, w | (set(st.bufs) - r)   # a buffer the kernel touches but was not told of: written
+
+    def _root_buffer(self, b: int) -> int:
+        """The buffer a (possibly nested) slice buffer is a window of; b itself otherwise."""
+        while self.buffers[b].kind == "slice":
+            b = self.buffers[b].index
+        return b
 
     # ---- memory plan -------------------------------------------------------------------------------
     def assign_arena(self) -> None:
@@ -507,11 +593,18 @@ def _scan(s: Schedule, node, ins):
         for hs, cb in zip(outs[n_y:], carry):       # history[t]: the carry entering step t
             if hs is not None:
                 s.add(s.copy(hs, cb), [cb], [hs])
+        into = {}   # ys computed straight into this step's slice of the stacked output
+        for y, ys in zip(body.outputs[nc:], outs[:n_y]):
+            if ys is not None and ys.contiguous and id(y) not in into and not y.node.op.has(Trait.INPUT):
+                into[id(y)] = ys
+        s.into.update(into)
         s.walk_body(body, {})
+        for k in into:
+            s.into.pop(k, None)
         if any(isinstance(st, HostStep) for st in s.steps):
             raise NotLowerable("scan")
         for y, ys in zip(body.outputs[nc:], outs[:n_y]):
-            if ys is not None:
+            if ys is not None and s.view[id(y)] != ys:
                 s.add(s.copy(ys, s.view[id(y)]), [s.view[id(y)]], [ys])
         carry_bufs = {cb.buf for cb in carry}
         new = [s.view[id(o)] for o in body.outputs[:nc]]

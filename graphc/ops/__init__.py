@@ -30,4 +30,5 @@ from .quant import (conv_integer, dequantize_linear, dynamic_quantize_linear, ma
                     qlinear_conv2d, qlinear_matmul, quantize_linear)
 from .cumulative import cumsum  # noqa: F401,E402
 from .einsum import diagonal, einsum  # noqa: F401,E402
+from .attention import scaled_dot_product_attention  # noqa: F401,E402
 from . import tensor_methods  # noqa: F401,E402
