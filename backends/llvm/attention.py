@@ -107,8 +107,8 @@ def _vconst(value, dtype: str, lanes: int) -> str:
 
 
 def _vexp(em, x: str, dtype: str, lanes: int) -> str:
-    """exp of each lane of x <= 0 (or NaN): float32 by mathlib.exp_f32's reduction and polynomial on
-    vectors, float64 by libm per lane."""
+    """exp of each lane of x <= 0 (or NaN): float32 by mathlib.exp_f32 on vectors (the elementwise
+    kernels' code, so fused and unfused attention agree), float64 by libm per lane."""
     if dtype == "float64":
         from .lower import exp as _exp
         vt, out = f"<{lanes} x double>", "poison"
@@ -116,43 +116,7 @@ def _vexp(em, x: str, dtype: str, lanes: int) -> str:
             e = _exp(em, dtype, em(f"extractelement {vt} {x}, i64 {i}"))
             out = em(f"insertelement {vt} {out}, double {e}, i64 {i}")
         return out
-    vt, it = f"<{lanes} x float>", f"<{lanes} x i32>"
-
-    def c(v):
-        return _vconst(v, "float32", lanes)
-
-    def ic(v):
-        return "<" + ", ".join([f"i32 {v}"] * lanes) + ">"
-
-    def sel(cond, a, b, ty=vt):
-        return em(f"select <{lanes} x i1> {cond}, {ty} {a}, {ty} {b}")
-
-    def pow2(n):
-        e = em(f"add {it} {n}, {ic(127)}")
-        return em(f"bitcast {it} {em(f'shl {it} {e}, {ic(23)}')} to {vt}")
-
-    # the arguments here are never positive (a score minus its row's running max): below ln(2^-126) the
-    # result is 0 (NumPy's would be a subnormal under 1.2e-38), so 2^n is one normal float
-    low = em(f"fcmp olt {vt} {x}, {c(-87.33654)}")
-    xc = sel(low, c(-87.0), x)
-    # n = round-to-even(x / ln 2) by the 1.5 * 2^23 trick: its integer is the low bits of t + 1.5 * 2^23
-    t = em(f"fadd {vt} {em(f'fmul {vt} {xc}, {c(1.44269504088896341)}')}, {c(12582912.0)}")
-    ni = em(f"sub {it} {em(f'bitcast {vt} {t} to {it}')}, {ic(0x4B400000)}")
-    n = em(f"fsub {vt} {t}, {c(12582912.0)}")
-    hi_part, lo_part = c(-0.693359375), c(2.12194440e-4)
-    r = em(f"fadd {vt} {xc}, {em(f'fmul {vt} {n}, {hi_part}')}")
-    r = em(f"fadd {vt} {r}, {em(f'fmul {vt} {n}, {lo_part}')}")
-    p = c(1.9875691500E-4)
-    for k in (1.3981999507E-3, 8.3334519073E-3, 4.1665795894E-2, 1.6666665459E-1, 5.0000001201E-1):
-        p = em(f"fadd contract {vt} {em(f'fmul contract {vt} {p}, {r}')}, {c(k)}")
-    p = em(f"fmul contract {vt} {p}, {em(f'fmul {vt} {r}, {r}')}")
-    p = em(f"fadd contract {vt} {p}, {r}")
-    p = em(f"fadd {vt} {p}, {c(1.0)}")
-    y = sel(low, c(0.0), em(f"fmul {vt} {p}, {pow2(ni)}"))
-    return sel(em(f"fcmp uno {vt} {x}, {x}"), x, y)
-
-
-assert mathlib.exp_f32   # _vexp mirrors its reduction and polynomial
+    return mathlib.exp_f32(em, x, hi=None, t=mathlib.Ty(lanes))
 
 
 def attention_kernel(out: View, q: View, k: View, v: View, mask: View | None, scale: float) -> Kernel:
