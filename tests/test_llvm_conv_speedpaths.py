@@ -18,6 +18,7 @@ import graphc as gc
 from graphc.ir import apply
 from graphc.ops import nn_ops as NN
 
+from test_llvm_conv_grads import _conv_graph
 from conftest import backend_or_skip
 
 TOL = {"float32": 3e-5, "float64": 1e-12}
@@ -80,16 +81,7 @@ def _conv_reference(x, w, stride, pads, dilation, groups):
     return y
 
 
-def _graph(cfg, dtype):
-    n, c, h, w, o, k, s, p, d, g = cfg
-    x = gc.placeholder("x", (n, c, h, w), dtype)
-    wt = gc.placeholder("w", (o, c // g) + k, dtype)
-    a = dict(stride=s, pads=p, dilation=d, groups=g)
-    y = apply(NN.Conv2d, x, wt, **a)
-    gy = gc.placeholder("gy", y.shape, dtype)
-    gx = apply(NN.Conv2dGradInput, gy, wt, x_hw=(h, w), **a)
-    gw = apply(NN.Conv2dGradWeight, x, gy, kernel=k, **a)
-    return [x, wt, gy], [y, gx, gw], a
+_graph = _conv_graph   # forward, data and weight gradients of one configuration
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

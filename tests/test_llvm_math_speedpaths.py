@@ -18,6 +18,7 @@ import pytest
 
 import graphc as gc
 from conftest import backend_or_skip
+from test_llvm_math import _erf
 
 pytestmark = pytest.mark.usefixtures("llvm")
 
@@ -27,13 +28,6 @@ def llvm():
     backend_or_skip("llvm")
 
 
-def _erf(x):
-    try:
-        from scipy.special import erf
-        return erf(x)
-    except ImportError:
-        import math
-        return np.vectorize(math.erf)(x)
 
 
 REF = {"exp": np.exp, "log": np.log, "log1p": np.log1p, "expm1": np.expm1, "tanh": np.tanh,
