@@ -325,11 +325,12 @@ def _time_split(n: int, k: int, m: int, dtype: str, top: int, reps: int) -> dict
             t0 = time.perf_counter()
             fn(addr)
             times[t] = min(times[t], time.perf_counter() - t0)
-    # checked on three rows: a full NumPy product would wake OpenBLAS's own threads, whose spinning then
-    # shares the cores with the pool and slows split products after it (W1 b256 on a 2-core Zen 2: 1.57 ms,
-    # 2.87 ms right after one NumPy float64 product of 512 x 512)
+    # checked on three rows without BLAS: any NumPy product of this size (even 3 rows, above OpenBLAS's
+    # threading threshold) wakes OpenBLAS's own threads, which then spin for ~0.1 s sharing the cores with
+    # the pool and slow the first calls after compiling (W1 b256 on a 2-core Zen 2: 2.9 ms instead of 1.7)
     rows = sorted({0, n // 2, n - 1})
-    got, want = arrays[0][rows], arrays[1][rows].astype(np.float64) @ arrays[2].astype(np.float64)
+    got = arrays[0][rows]
+    want = (arrays[1][rows].astype(np.float64)[:, :, None] * arrays[2].astype(np.float64)[None]).sum(axis=1)
     if not np.allclose(got, want, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(want).max()))):
         raise RuntimeError("the split product's probe computed a wrong result")
     return times
