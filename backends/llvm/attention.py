@@ -185,6 +185,23 @@ def attention_kernel(out: View, q: View, k: View, v: View, mask: View | None, sc
         def vmax(a, b):
             return em(f"select <{lanes} x i1> {em(f'fcmp ogt {vt} {a}, {b}')}, {vt} {a}, {vt} {b}")
 
+        def outer_steps(acc, h: int, count: int, tile, scalar):
+            """acc[r][c] += scalar(p, r) * tile[p, c-th vector] for p in 0 .. count-1 (rank-1 updates of an
+            h x nv register tile by one row of the br-wide tile and one scalar per row)."""
+            def step(p):
+                row = [vld(tile, ix((p, br), str(c * lanes))) for c in range(nv)]
+                for r in range(h):
+                    sp = splat(scalar(p, r))
+                    for c in range(nv):
+                        em.raw(f"store {vt} {fma(em(f'load {vt}, ptr {acc[r][c]}'), sp, row[c])}, ptr {acc[r][c]}")
+            em.loop(count, step)
+
+        def store_tile(acc, h: int, tile, row0):
+            """tile[row0 + r, :] = acc[r] for the h rows of a register tile."""
+            for r in range(h):
+                for c in range(nv):
+                    vsto(tile, ix((ix(row0, r) if r else row0, br), str(c * lanes)), em(f"load {vt}, ptr {acc[r][c]}"))
+
         def tiles(n: int, tile):
             """tile(first row (IR), rows) over n rows in tiles of mr (the last one shorter)."""
             full, rest = divmod(n, mr)
@@ -244,18 +261,8 @@ def attention_kernel(out: View, q: View, k: View, v: View, mask: View | None, sc
                             em.raw(f"store {vt} {zv}, ptr {a}")
                     krow = [ix(ko, (em(f"add i64 {j0}, {ix(jt, r) if r else jt}"), ksl)) for r in range(h)]
 
-                    def step(p):
-                        bq = [vld(qt, ix((p, br), str(c * lanes))) for c in range(nv)]
-                        for r in range(h):
-                            sp = splat(load(em, P, k, ix(krow[r], (p, ksp))))
-                            for c in range(nv):
-                                em.raw(f"store {vt} {fma(em(f'load {vt}, ptr {acc[r][c]}'), sp, bq[c])}, "
-                                       f"ptr {acc[r][c]}")
-                    em.loop(E, step)
-                    for r in range(h):
-                        for c in range(nv):
-                            vsto(st, ix((ix(jt, r) if r else jt, br), str(c * lanes)),
-                                 em(f"load {vt}, ptr {acc[r][c]}"))
+                    outer_steps(acc, h, E, qt, lambda p, r: load(em, P, k, ix(krow[r], (p, ksp))))
+                    store_tile(acc, h, st, jt)
                 tiles(n, score_tile)
                 if mask is not None:
                     def add_mask(j):
@@ -313,19 +320,9 @@ def attention_kernel(out: View, q: View, k: View, v: View, mask: View | None, sc
                             old = vld(ot, ix((ix(d0, r) if r else d0, br), str(c * lanes)))
                             em.raw(f"store {vt} {em(f'fmul {vt} {old}, {corr[c]}')}, ptr {acc[r][c]}")
 
-                    def step(j):
-                        pv = [vld(st, ix((j, br), str(c * lanes))) for c in range(nv)]
-                        vrow = ix(vo, (em(f"add i64 {j0}, {j}"), vsl))
-                        for r in range(h):
-                            sp = splat(load(em, P, v, ix(vrow, ((ix(d0, r) if r else d0), vsd))))
-                            for c in range(nv):
-                                em.raw(f"store {vt} {fma(em(f'load {vt}, ptr {acc[r][c]}'), sp, pv[c])}, "
-                                       f"ptr {acc[r][c]}")
-                    em.loop(n, step)
-                    for r in range(h):
-                        for c in range(nv):
-                            vsto(ot, ix((ix(d0, r) if r else d0, br), str(c * lanes)),
-                                 em(f"load {vt}, ptr {acc[r][c]}"))
+                    outer_steps(acc, h, n, st, lambda j, r: load(em, P, v, ix(
+                        ix(vo, (em(f"add i64 {j0}, {j}"), vsl)), ((ix(d0, r) if r else d0), vsd))))
+                    store_tile(acc, h, ot, d0)
                 tiles(Ev, pv_tile)
 
             full, rest = divmod(S, bc)
