@@ -7,10 +7,12 @@ kernels that write their own vector loops; `Ty(lanes)`). Every function is accur
 the whole float32 range (overflow, underflow into the subnormals, +-0, +-inf, NaN; tests/test_llvm_math*)
 with no per-element branch and no libm call. float64 uses libm (correct to the last ulp, scalar).
 
-Kernels full of these functions are bound by FMA throughput and by their dependency chains (a few vector
-iterations fit in the reorder buffer): hence one FMA per polynomial step, Estrin's pairs instead of a
-Horner chain where it is long, the shifter trick instead of round + convert, and NaN/inf/0 that fall out
-of clamped arithmetic instead of compare-and-select after the fact.
+Kernels full of these functions are bound by their dependency chains and by the vector registers in flight
+(on Zen 2 a W2-like loop of ~100 instructions a vector stalls on the physical register file, not on the
+FMA ports): every instruction counts, so one FMA per polynomial step, Estrin's pairs instead of a Horner
+chain where it is long, the shifter trick instead of round + convert (its bias chosen so that 2^n is
+one shift of the sum's bits), one division per function, and NaN/inf/0 that fall out of clamped
+arithmetic instead of compare-and-select after the fact.
 """
 from __future__ import annotations
 
@@ -55,9 +57,10 @@ def _estrin(em, x: str, xx: str, coeffs, t: Ty = S) -> str:
     """The polynomial coeffs[0]*x^(n-1) + ... + coeffs[-1] by pairs (Estrin's scheme, xx = x*x): half
     Horner's chain of dependent FMAs, the same number of instructions."""
     cs = list(coeffs)
-    if len(cs) % 2:
-        cs = [0.0] + cs
-    pairs = [_fma(em, t.c(cs[i]), x, t.c(cs[i + 1]), t) for i in range(0, len(cs), 2)]
+    odd = len(cs) % 2
+    pairs = [_fma(em, t.c(cs[i]), x, t.c(cs[i + 1]), t) for i in range(odd, len(cs), 2)]
+    if odd:     # the leading coefficient starts the chain (no 0*x + c pair: LLVM may not fold it)
+        pairs = [t.c(cs[0])] + pairs
     acc = pairs[0]
     for p in pairs[1:]:
         acc = _fma(em, acc, xx, p, t)
@@ -106,17 +109,18 @@ def copysign(em, mag, sign, t: Ty = S) -> str:
     return _float(em, em(f"or {t.i} {m}, {s}"), t)
 
 
-def _pow2i(em, n: str, t: Ty = S) -> str:
-    """2**n as a float for an i32 n in [-126, 127]."""
-    e = em(f"add {t.i} {n}, {t.ic(127)}")
-    return _float(em, em(f"shl {t.i} {e}, {t.ic(23)}"), t)
-
-
 #: 1.5 * 2**23: x + SHIFT (|x| < 2**22) rounds x to an integer (to nearest even) held in the low bits
 #: of the sum's mantissa, so one FMA gives both round(x / ln2) as a float and, by a bit cast, as an i32
-#: (no roundps/cvtps2dq, and no fptosi, which is poison on NaN)
+#: (no roundps/cvtps2dq, and no fptosi, which is poison on NaN). The shifters below add a bias B: the
+#: sum's bits are SHIFT_BITS + B + n, and SHIFT_BITS's low 10 bits are 0, so `shl 23` of them (or of
+#: their half) is 2^(n + B - 127) as a float's bits with no add: one integer instruction per scale.
 SHIFT = 12582912.0
 SHIFT_BITS = 0x4B400000
+#: B = 254 (exp, _half_expm1): the bits b = SHIFT_BITS + 254 + n halve into bh = b >> 1 = SHIFT_BITS/2 +
+#: 127 + floor(n/2) and b - bh (127 + ceil(n/2)): `shl 23` of each is one half of 2^n, both normal floats
+SHIFT_EXP = SHIFT + 254.0
+#: B = 191 (exp of x <= 0, n in [-150, 0]): `shl 23` of the bits is 2^(n + 64), a normal float
+SHIFT_NEG = SHIFT + 191.0
 LN2_HI, LN2_LO = 0.693359375, -2.12194440e-4   # Cody-Waite: n * LN2_HI is exact for |n| < 2**15
 #: exp(r) = 1 + r + r*r*P(r) on |r| <= ln2/2: P fitted (minimax, relative error of expm1(r)) with five
 #: coefficients; its error is under 0.3 ulp of expm1(r) and 0.1 ulp of exp(r) (Cephes uses six)
@@ -124,13 +128,12 @@ _EXP_P = [1.3882460771128535e-3, 8.366494439542294e-3, 4.166720062494278e-2, 1.6
           4.999999701976776e-1]
 
 
-def _reduce(em, x, t: Ty):
-    """x = n ln2 + r, |r| <= ln2/2: (n as the SHIFT-biased float's bits (i32), r)."""
-    s = _fma(em, x, t.c(1.44269504088896341), t.c(SHIFT), t)
-    n = em(f"fsub {t.f} {s}, {t.c(SHIFT)}")
+def _reduce(em, x, t: Ty, shift: float = SHIFT_EXP):
+    """x = n ln2 + r, |r| <= ln2/2: (n as the shifter's sum's bits (i32): SHIFT_BITS + bias + n, r)."""
+    s = _fma(em, x, t.c(1.44269504088896341), t.c(shift), t)
+    n = em(f"fsub {t.f} {s}, {t.c(shift)}")
     r = _fma(em, n, t.c(-LN2_HI), x, t)                                    # exact
-    r = em(f"fadd {t.f} {r}, {em(f'fmul {t.f} {n}, {t.c(-LN2_LO)}')}")     # (the product runs beside)
-    return _bits(em, s, t), r
+    return _bits(em, s, t), _fma(em, n, t.c(-LN2_LO), r, t)                # one rounding
 
 
 def _expm1_r(em, r, t: Ty):
@@ -141,20 +144,24 @@ def _expm1_r(em, r, t: Ty):
 
 def exp_f32(em: Emitter, x: str, lo: float = -104.0, hi: float | None = 89.0, t: Ty = S) -> str:
     """expf, branch-free: n = round(x/ln2) and r by the SHIFT trick and Cody-Waite; 2^n applied in two
-    halves (each a normal float), so results down in the subnormals round once, correctly. Clamping x
-    to [-104, 89] (NaN kept) makes overflow (inf), underflow (0) and NaN fall out of the arithmetic.
-    Callers that know x <= 0 pass hi=None (one compare fewer)."""
+    factors (each a normal float), so results down in the subnormals come out of one last product.
+    Clamping x to [-104, 89] (NaN kept) makes overflow (inf), underflow (0) and NaN fall out of the
+    arithmetic. Callers that know x <= 0 pass hi=None: one compare fewer, and 2^n as 2^(n+64) 2^-64
+    (one shift instead of four integer instructions)."""
     xc = _max(em, x, lo, t)
-    if hi is not None:
-        xc = _min(em, xc, hi, t)
-    tb, r = _reduce(em, xc, t)
+    if hi is None:
+        b, r = _reduce(em, xc, t, SHIFT_NEG)
+        m = _expm1_r(em, r, t)
+        s1 = _float(em, em(f"shl {t.i} {b}, {t.ic(23)}"), t)
+        return em(f"fmul {t.f} {_fma(em, m, s1, s1, t)}, {t.c(2.0 ** -64)}")
+    xc = _min(em, xc, hi, t)
+    b, r = _reduce(em, xc, t, SHIFT_EXP)
     m = _expm1_r(em, r, t)
-    ni = em(f"sub {t.i} {tb}, {t.ic(SHIFT_BITS)}")
-    n1 = em(f"ashr {t.i} {ni}, {t.ic(1)}")
-    n2 = em(f"sub {t.i} {ni}, {n1}")
-    s1 = _pow2i(em, n1, t)
+    bh = em(f"lshr {t.i} {b}, {t.ic(1)}")
+    s1 = _float(em, em(f"shl {t.i} {bh}, {t.ic(23)}"), t)                             # 2^floor(n/2)
+    s2 = _float(em, em(f"shl {t.i} {em(f'sub {t.i} {b}, {bh}')}, {t.ic(23)}"), t)     # 2^ceil(n/2)
     y = _fma(em, m, s1, s1, t)                  # (1 + m) 2^n1, exact scaling of a normal float
-    return em(f"fmul {t.f} {y}, {_pow2i(em, n2, t)}")
+    return em(f"fmul {t.f} {y}, {s2}")
 
 
 def _half_expm1(em, x: str, lo: float, hi: float | None, t: Ty) -> str:
@@ -164,9 +171,9 @@ def _half_expm1(em, x: str, lo: float, hi: float | None, t: Ty) -> str:
     xc = _max(em, x, lo, t)
     if hi is not None:
         xc = _min(em, xc, hi, t)
-    tb, r = _reduce(em, xc, t)
+    b, r = _reduce(em, xc, t, SHIFT_EXP)
     m = _expm1_r(em, r, t)
-    e = em(f"add {t.i} {tb}, {t.ic(126 - SHIFT_BITS)}")            # n - 1 + 127
+    e = em(f"sub {t.i} {b}, {t.ic(128)}")            # n - 1 + 127 in the low 9 bits
     s = _float(em, em(f"shl {t.i} {e}, {t.ic(23)}"), t)
     return _fma(em, s, m, em(f"fsub {t.f} {s}, {t.c(0.5)}"), t)
 
@@ -225,22 +232,24 @@ def expm1_f32(em: Emitter, x: str, t: Ty = S) -> str:
 
 def tanh_f32(em: Emitter, x: str, t: Ty = S) -> str:
     """tanhf with one exponential and one division: with h = expm1(-2|x|) / 2 (accurate near 0, so no
-    separate small-x polynomial), tanh|x| = -2h / (2 + 2h) = h / (-1 - h); the sign copied from x.
-    |x| > 10 gives 1 (tanh is 1 in float32 beyond 9.01); NaN propagates."""
-    y = em(f"fmul {t.f} {fabs(em, x, t)}, {t.c(-2.0)}")
-    h = _half_expm1(em, y, -20.0, None, t)
-    d = em(f"fsub {t.f} {t.c(-1.0)}, {h}")
-    return copysign(em, em(f"fdiv {t.f} {h}, {d}"), x, t)
+    separate small-x polynomial), tanh|x| = -2h / (2 + 2h) = h / (-1 - h), its sign bit cleared (h = +0
+    gives -0) and x's put in. |x| > 10 gives 1 (tanh is 1 in float32 beyond 9.01); NaN propagates."""
+    xb = _bits(em, x, t)
+    nb = _float(em, em(f"or {t.i} {xb}, {t.ic(-0x80000000)}"), t)         # -|x|
+    h = _half_expm1(em, em(f"fadd {t.f} {nb}, {nb}"), -20.0, None, t)
+    q = _bits(em, em(f"fdiv {t.f} {h}, {em(f'fsub {t.f} {t.c(-1.0)}, {h}')}"), t)
+    q = em(f"and {t.i} {q}, {t.ic(0x7FFFFFFF)}")
+    return _float(em, em(f"or {t.i} {q}, {em(f'and {t.i} {xb}, {t.ic(-0x80000000)}')}"), t)
 
 
 def sigmoid_f32(em: Emitter, x: str, t: Ty = S) -> str:
-    """1/(1+e^-x) as e = exp(-|x|): 1/(1+e) for x >= 0 else e/(1+e) (no overflow; one division;
+    """1/(1+e^-x) as e = exp(-|x|): (x >= 0 ? 1 : e) / (1+e), one division rounded once (no overflow;
     NaN propagates through e)."""
     f = t.f
-    e = exp_f32(em, em(f"fneg {f} {fabs(em, x, t)}"), hi=None, t=t)
-    r = em(f"fdiv {f} {t.c(1.0)}, {em(f'fadd {f} {e}, {t.c(1.0)}')}")
-    rn = em(f"fmul {f} {e}, {r}")          # e/(1+e) with the one division
-    return _sel(em, em(f"fcmp oge {f} {x}, {t.c(0.0)}"), r, rn, t)
+    nb = _float(em, em(f"or {t.i} {_bits(em, x, t)}, {t.ic(-0x80000000)}"), t)   # -|x|
+    e = exp_f32(em, nb, hi=None, t=t)
+    num = _sel(em, em(f"fcmp oge {f} {x}, {t.c(0.0)}"), t.c(1.0), e, t)
+    return em(f"fdiv {f} {num}, {em(f'fadd {f} {e}, {t.c(1.0)}')}")
 
 
 _ERF_T = [7.853861353153693E-5, -8.010193625184903E-4, 5.188327685732524E-3, -2.685381193529856E-2,

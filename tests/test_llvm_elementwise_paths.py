@@ -1,0 +1,249 @@
+"""The llvm backend's float32 transcendentals after the instruction-count work (mathlib: biased shifters
+whose bits give 2^n by one shift, the exp of x <= 0 scaled as 2^(n+64) 2^-64, tanh's sign by xor,
+sigmoid's one division) and the paired elementwise loop (kernels._paired_loop: two element streams per
+iteration for long, costly 1-D kernels), against NumPy float64:
+
+- dense sweeps over the scaling boundaries (overflow near 88.72, the subnormals from -87.3 to -103.9,
+  tanh's clamp) and random float32 bit patterns, on <8 x float> and <16 x float> vectors;
+- exact special values: signed zeros, +-inf, NaN;
+- the exp of x <= 0 path (sigmoid, softmax rows, attention) on its own;
+- the paired loop at odd sizes around its threshold and odd chunk bounds, strided and broadcast inputs,
+  both ISAs' settings and both thread counts, bit-for-bit equal to the plain loop.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+
+import graphc as gc
+from conftest import backend_or_skip
+from test_llvm_math_speedpaths import OPS, REF, _check, _vector_kernel
+
+pytestmark = pytest.mark.usefixtures("llvm")
+
+
+@pytest.fixture
+def llvm():
+    backend_or_skip("llvm")
+
+
+def _sweep(name, rng):
+    """Dense points over every range where the scaling changes, plus random bit patterns (all exponents)."""
+    parts = [np.linspace(-110.0, 95.0, 40001), np.linspace(-1.0, 1.0, 4001), np.linspace(87.0, 89.5, 2001),
+             np.linspace(-105.0, -86.0, 4001), np.linspace(-22.0, 22.0, 4001)]
+    bits = rng.integers(0, 2 ** 32, 20000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    x = np.concatenate([np.float32(np.concatenate(parts)), bits[np.isfinite(bits)]]).astype(np.float32)
+    if name == "log":
+        x = np.abs(x)
+    if name == "log1p":
+        x = np.maximum(x, np.float32(-1))
+    return x
+
+
+def _run_vector(name, lanes, x):
+    n = -(-x.size // lanes) * lanes
+    xp = np.concatenate([x, np.zeros(n - x.size, np.float32)])
+    y = np.full(n, 7.0, np.float32)
+    keep, fn = _vector_kernel(name, lanes, n)
+    fn(xp.ctypes.data, y.ctypes.data)
+    return y[:x.size]
+
+
+@pytest.mark.parametrize("lanes", [8, 16])
+@pytest.mark.parametrize("name", sorted(REF))
+def test_dense_sweep_within_4_ulp(name, lanes, rng):
+    x = _sweep(name, rng)
+    _check(name, x, _run_vector(name, lanes, x))
+
+
+SPECIAL = np.float32([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45, 3.4e38, -3.4e38])
+
+
+@pytest.mark.parametrize("lanes", [1, 8, 16])
+def test_special_values_exact(lanes):
+    x = SPECIAL
+    with np.errstate(all="ignore"):
+        want = {"exp": np.float32([1, 1, np.inf, 0, np.nan, 1, 1, np.inf, 0]),
+                "tanh": np.float32([0.0, -0.0, 1, -1, np.nan, 1e-45, -1e-45, 1, -1]),
+                "sigmoid": np.float32([0.5, 0.5, 1, 0, np.nan, 0.5, 0.5, 1, 0]),
+                "expm1": np.float32([0.0, -0.0, np.inf, -1, np.nan, 1e-45, -1e-45, np.inf, -1])}
+    for name, w in want.items():
+        if lanes == 1:   # the elementwise row (scalar code, widened by the loop vectoriser)
+            p = gc.placeholder("x", (x.size,), "float32")
+            got = gc.function([p], OPS[name](p), backend="llvm")(x)
+        else:
+            got = _run_vector(name, lanes, x)
+        keep = np.ones(x.size, bool)
+        if name == "expm1":   # expm1 = 2 (expm1/2) loses the smallest subnormal (1 ulp: the sweeps check it)
+            keep[5:7] = False
+        np.testing.assert_array_equal(got[keep], w[keep], err_msg=name)   # (NaN == NaN here)
+        np.testing.assert_array_equal(np.signbit(got[:2]), np.signbit(w[:2]), err_msg=f"{name}: signed zero")
+
+
+def _exp_nonpositive_kernel(lanes: int, n: int):
+    """y = mathlib.exp_f32(x, hi=None) (the caller knows x <= 0) on <lanes x float> vectors."""
+    from graphc.backends.llvm import jit, mathlib
+    from graphc.backends.llvm.irtext import Emitter
+    t, em = mathlib.Ty(lanes), Emitter()
+
+    def body(i):
+        off = em(f"mul i64 {i}, {lanes}")
+        v = em(f"load {t.f}, ptr {em(f'getelementptr float, ptr %x, i64 {off}')}, align 4")
+        em.raw(f"store {t.f} {mathlib.exp_f32(em, v, hi=None, t=t)}, "
+               f"ptr {em(f'getelementptr float, ptr %y, i64 {off}')}, align 4")
+    em.loop(n // lanes, body)
+    fn = f"exp_nonpos_{lanes}"
+    ir = mathlib.DECLARATIONS + em.function(f"define void @{fn}(ptr noalias %x, ptr noalias %y) nounwind")
+    compiled = jit.compile_ir(ir, [fn])
+    return compiled, ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)(compiled.addresses[fn])
+
+
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_exp_of_nonpositive_argument(lanes, rng):
+    x = -np.abs(np.concatenate([np.linspace(0, 110, 30001), rng.standard_normal(3000) * 30,
+                                [1e-45, 1e-30, 1e-7, 0.3465, 0.3466, 87.33, 87.34, 103.97, 103.98, 104.0, 150.0,
+                                 3.4e38]]).astype(np.float32))
+    x = np.concatenate([x, np.float32([-0.0, -np.inf, np.nan])])
+    n = -(-x.size // lanes) * lanes
+    x = np.concatenate([x, np.zeros(n - x.size, np.float32)])
+    y = np.full(n, 7.0, np.float32)
+    keep, fn = _exp_nonpositive_kernel(lanes, n)
+    fn(x.ctypes.data, y.ctypes.data)
+    _check("exp", x, y)
+    assert y[x == -np.inf].tolist() == [0.0] and np.isnan(y[np.isnan(x)]).all()
+
+
+# ---- the paired elementwise loop ----------------------------------------------------------------------
+
+@pytest.fixture(params=["avx2", "avx512"])
+def isa(request, monkeypatch):
+    monkeypatch.setenv("GRAPHC_LLVM_ISA", request.param)
+    return request.param
+
+
+@pytest.fixture(params=["1", "2"])
+def threads(request, monkeypatch):
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", request.param)
+    return int(request.param)
+
+
+def _w2(x, a=1.5, b=0.5):
+    return gc.tanh(x * a + b) * gc.sigmoid(x) + gc.exp(-x * x)
+
+
+def _w2_ref(x, a=1.5, b=0.5):
+    x = x.astype(np.float64)
+    with np.errstate(all="ignore"):
+        return np.tanh(x * a + b) / (1 + np.exp(-x)) + np.exp(-x * x)
+
+
+def _inputs(n, rng):
+    x = (rng.standard_normal(n) * 4).astype(np.float32)
+    edge = np.float32([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-38, 9.5, -9.5, 88.8, -90.0, -104.5])
+    k = min(n, edge.size)
+    x[:k] = edge[:k]
+    x[-k:] = edge[:k]     # (the last elements land in the remainder loop)
+    return x
+
+
+def _compare(got, want):
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    fin = np.isfinite(want)
+    np.testing.assert_array_equal(got[~fin & ~np.isnan(want)], want[~fin & ~np.isnan(want)])
+    np.testing.assert_allclose(got[fin], want[fin], rtol=3e-6, atol=5e-7)
+
+
+def _fdivs(f) -> int:
+    return sum(ln.count("fdiv float") + ln.count("fdiv <") for ln in f.source.splitlines()
+               if not ln.startswith("declare"))
+
+
+@pytest.mark.parametrize("extra", [0, 1, 127, 129, 255])
+def test_paired_loop_w2_odd_sizes(extra, isa, threads, rng):
+    from graphc.backends.llvm import kernels
+    n = kernels.PAIR_MIN + extra
+    x = _inputs(n, rng)
+    p = gc.placeholder("x", (n,), "float32")
+    f = gc.function([p], _w2(p), backend="llvm")
+    assert _fdivs(f) == 6        # tanh's and sigmoid's divisions, emitted for both streams and the rest
+    _compare(f(x), _w2_ref(x))
+
+
+def test_small_kernels_are_not_paired(rng):
+    for n in (1, 3, 17, 63, 65, 257, 70001):
+        x = _inputs(n, rng)
+        p = gc.placeholder("x", (n,), "float32")
+        f = gc.function([p], _w2(p), backend="llvm")
+        assert _fdivs(f) == 2
+        _compare(f(x), _w2_ref(x))
+
+
+def test_cheap_kernels_are_not_paired():
+    from graphc.backends.llvm import kernels
+    n = kernels.PAIR_MIN + 3
+    p = gc.placeholder("x", (n,), "float32")
+    f = gc.function([p], p / (p + 1.0), backend="llvm")
+    assert _fdivs(f) == 1
+    x = np.arange(n, dtype=np.float32)
+    np.testing.assert_array_equal(f(x), x / (x + np.float32(1)))
+
+
+def test_paired_loop_strided_and_broadcast_inputs(isa, threads, rng):
+    """A stride-2 view and a broadcast (stride 0) operand through the paired loop's offsets."""
+    from graphc.backends.llvm import kernels
+    n = kernels.PAIR_MIN + 65
+    xs = _inputs(2 * n, rng)
+    s = np.float32(rng.standard_normal(1))
+    px, ps = gc.placeholder("x", (2 * n,), "float32"), gc.placeholder("s", (1,), "float32")
+    v = px[::2]
+    f = gc.function([px, ps], gc.tanh(v * ps) * gc.sigmoid(v) + gc.exp(v * ps), backend="llvm")
+    assert _fdivs(f) == 6
+    xv = xs[::2].astype(np.float64)
+    with np.errstate(all="ignore"):
+        want = np.tanh(xv * s) / (1 + np.exp(-xv)) + np.exp(xv * s)
+    got = f(xs, s)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    fin = np.isfinite(want) & (np.abs(want) < 1e30)
+    np.testing.assert_allclose(got[fin], want[fin], rtol=4e-6, atol=5e-7)
+
+
+def test_paired_and_plain_loops_agree_bit_for_bit(monkeypatch, rng):
+    from graphc.backends.llvm import kernels
+    n = kernels.PAIR_MIN + 77
+    x = _inputs(n, rng)
+    p = gc.placeholder("x", (n,), "float32")
+    paired = gc.function([p], _w2(p), backend="llvm")
+    monkeypatch.setattr(kernels, "PAIR_MIN", 1 << 40)
+    plain = gc.function([p], _w2(p), backend="llvm")
+    assert (_fdivs(paired), _fdivs(plain)) == (6, 2)
+    np.testing.assert_array_equal(paired(x), plain(x))
+
+
+def test_paired_loop_vectorises_both_streams_for_avx512(monkeypatch):
+    """Forced avx512 (16 lanes), the paired kernel compiled for an AVX-512 CPU carries two zmm streams:
+    two 64-byte loads of x per iteration of the vector loop."""
+    from graphc.backends.llvm import kernels
+    from test_llvm_math_speedpaths import _asm_for
+    monkeypatch.setenv("GRAPHC_LLVM_ISA", "avx512")
+    n = kernels.PAIR_MIN + 5
+    p = gc.placeholder("x", (n,), "float32")
+    f = gc.function([p], _w2(p), backend="llvm")
+    asm = _asm_for(f.source, "sapphirerapids")
+    assert "zmm" in asm and "vdivps\t%zmm" in asm
+    assert asm.count("vdivps\t%zmm") >= 4     # tanh's and sigmoid's, for each of the two streams
+    x = _inputs(n, np.random.default_rng(3))
+    _compare(f(x), _w2_ref(x))
+
+
+def test_paired_loop_under_bounds_sanitizer(rng):
+    """sanitize="bounds" checks every access of both streams and the rest loop: no false alarm, the
+    same results."""
+    from graphc.backends.llvm import kernels
+    n = kernels.PAIR_MIN + 3
+    x = _inputs(n, rng)
+    p = gc.placeholder("x", (n,), "float32")
+    checked = gc.function([p], _w2(p), backend="llvm", sanitize="bounds")
+    assert _fdivs(checked) == 6
+    np.testing.assert_array_equal(checked(x), gc.function([p], _w2(p), backend="llvm")(x))
