@@ -67,8 +67,11 @@ def vector_shape(dtype: str) -> tuple[int, int, tuple]:
     wide = kind == "avx512"
     lanes = (16 if wide else 4 if kind == "sse" else 8) // (2 if dtype == "float64" else 1)
     # 4 vectors x 6 rows: 24 accumulators + 4 b vectors + a broadcast fill the 32 AVX-512 registers
-    # (measured on W4 against 3x8, 2x12, 4x4 and 4x5: best or equal)
-    return lanes, (4 if wide else 2), ((6, 5, 4) if wide else (4, 3))
+    # (measured on W4 against 3x8, 2x12, 4x4 and 4x5: best or equal); AVX2: 2 vectors x 6 rows, 12
+    # accumulators (enough to cover the FMA latency on two pipes: 4 x 2 ran the LSTM step's 16x128x512
+    # product at ~70 GFLOP/s on Zen 2, 6 x 2 at ~85; 4 x 3 measured equal, but leaves ragged column blocks)
+    nv = 4 if wide else 2
+    return lanes, nv, tile_rows(nv, dtype)
 
 
 def small(a: View, b: View, min_rows: int = 2) -> bool:
@@ -173,6 +176,8 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
         kern = Kernel("matmul", [out, a, b], emit_blocks, nblk, flops, nblk)
         if blas_split:   # one OpenBLAS call per block: as many blocks as threads (each call packs its operands)
             kern.chunks, kern.blas_pinned = nblk, True
+        elif k:          # a micro-kernel product: an elementwise region after it may join it (recurrent.py)
+            kern.tiles = (out, a, b)
         kern.threads = tune.threads()
         return kern
 
@@ -187,6 +192,8 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
     kern = Kernel("gemv" if form else "matmul", [out, a, b], emit, split, flops, bshape[0] if bshape else 0)
     kern.blas_pinned = batch_split
     kern.threads = tune.threads() if split else (threads if blas is True else None)
+    if blas == "tiles" and not bshape and k:   # an elementwise region after it may join it (recurrent.py)
+        kern.tiles = (out, a, b)
     return kern
 
 
@@ -461,22 +468,67 @@ def _row_tile(n: int, rows: tuple) -> int:
     return min(rows, key=lambda r: (-(-n // r), -r)) if n >= rows[-1] else n
 
 
+def tile_rows(nv: int, dtype: str) -> tuple:
+    """Candidate tile heights for tiles nv vectors wide on this target: the accumulators (rows x nv), nv
+    vectors of b and a broadcast fit the vector registers (16 on AVX2/SSE, 32 on AVX-512)."""
+    from . import tune
+    regs = 32 if tune.isa() == "avx512" else 16
+    top = min(8, (regs - nv - 1) // nv)
+    return tuple(r for r in (top, top - 1, top - 2) if r >= 1) or (1,)
+
+
 def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m: int, cols=None) -> None:
     """out[n, m] = a[n, k] @ b[k, m] by tiles of mr rows x nv vectors held in registers: per step p one
     row of b's tile is loaded as vectors and every row's a[i, p] broadcast into a fused multiply-add.
     Column blocks run outermost so b's block (k x nv vectors) stays in L1 across the row tiles; the
     last partial vector uses masked loads/stores. b's rows must be contiguous (stride 1). `cols` = (lo, hi):
     only the column blocks lo .. hi-1 (tile_blocks; the partial block last), the unit a split runs."""
-    t, ty = out.dtype, VTYPE[out.dtype]
-    lanes, nv, rows = vector_shape(t)
+    lanes, nv, rows = vector_shape(out.dtype)
     mr = _row_tile(n, rows)
-    vt = f"<{lanes} x {ty}>"
-    sa_r, sa_k, sb_k = a.strides[-2], a.strides[-1], b.strides[-2]
     nr = nv * lanes
     full_cols, tail = divmod(m, nr)
 
-    def tile(i0, j0, h: int, vecs: list):
-        """The h x len(vecs) tile at rows i0.., columns j0..; vecs: live lanes per vector."""
+    def rows_of(j0, vecs):
+        _tile_rows(em, P, out, a, b, ao, bo, oo, n, k, m, j0, vecs, mr)
+
+    vecs = [lanes] * (tail // lanes) + ([tail % lanes] if tail % lanes else [])
+    if cols is None:
+        em.loop(full_cols, lambda jb: rows_of(em(f"mul i64 {jb}, {nr}"), [lanes] * nv))
+        if tail:
+            rows_of(str(full_cols * nr), vecs)
+        return
+    lo, hi = cols
+    top = em(f"select i1 {em(f'icmp slt i64 {hi}, {full_cols}')}, i64 {hi}, i64 {full_cols}")
+    em.loop(top, lambda jb: rows_of(em(f"mul i64 {jb}, {nr}"), [lanes] * nv), start=lo)
+    if tail:
+        em.if_(em(f"icmp sgt i64 {hi}, {full_cols}"), lambda: rows_of(str(full_cols * nr), vecs))
+
+
+def gemm_block(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m: int, j0, width: int,
+               nv: int) -> None:
+    """out[:, j0:j0+width] = a @ b[:, j0:j0+width] (j0 an i64 IR value, `width` a constant) by tiles of
+    nv vectors (tile_rows rows; the last columns partial vectors, masked): the product part of a kernel
+    that owns a block of output columns (recurrent.py: a product and the epilogue reading it)."""
+    lanes = vector_shape(out.dtype)[0]
+    mr = _row_tile(n, tile_rows(nv, out.dtype))
+    nr = nv * lanes
+    for q in range(0, width, nr):
+        w = min(nr, width - q)
+        vecs = [lanes] * (w // lanes) + ([w % lanes] if w % lanes else [])
+        _tile_rows(em, P, out, a, b, ao, bo, oo, n, k, m, em(f"add i64 {j0}, {q}") if q else j0, vecs, mr)
+
+
+def _tile_rows(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m: int, j0, vecs: list,
+               mr: int) -> None:
+    """out[:, j0 : j0 + len(vecs) vectors] by tiles of mr rows (the last tile the rest); vecs: the live
+    lanes of each vector (the last may be partial)."""
+    t, ty = out.dtype, VTYPE[out.dtype]
+    lanes = vector_shape(t)[0]
+    vt = f"<{lanes} x {ty}>"
+    sa_r, sa_k, sb_k = a.strides[-2], a.strides[-1], b.strides[-2]
+
+    def tile(i0, h: int):
+        """The h x len(vecs) tile at rows i0.., columns j0.."""
         acc = [[em.alloca(vt) for _ in vecs] for _ in range(h)]
         for row in acc:
             for x in row:
@@ -502,23 +554,13 @@ def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
                 vstore(em, P, out, em(f"add i64 {orow}, {q * lanes}"), em(f"load {vt}, ptr {acc[r][q]}"),
                         vt, lanes, live)
 
-    def rows_of(j0, vecs):
-        full_rows, rest = divmod(n, mr)
-        em.loop(full_rows, lambda ib: tile(em(f"mul i64 {ib}, {mr}"), j0, mr, vecs))
-        if rest:
-            tile(str(full_rows * mr), j0, rest, vecs)
-
-    vecs = [lanes] * (tail // lanes) + ([tail % lanes] if tail % lanes else [])
-    if cols is None:
-        em.loop(full_cols, lambda jb: rows_of(em(f"mul i64 {jb}, {nr}"), [lanes] * nv))
-        if tail:
-            rows_of(str(full_cols * nr), vecs)
-        return
-    lo, hi = cols
-    top = em(f"select i1 {em(f'icmp slt i64 {hi}, {full_cols}')}, i64 {hi}, i64 {full_cols}")
-    em.loop(top, lambda jb: rows_of(em(f"mul i64 {jb}, {nr}"), [lanes] * nv), start=lo)
-    if tail:
-        em.if_(em(f"icmp sgt i64 {hi}, {full_cols}"), lambda: rows_of(str(full_cols * nr), vecs))
+    # as many tiles as mr-row tiles need, their heights balanced (16 rows: 6, 5, 5 rather than 6, 6, 4: a
+    # short last tile has too few accumulators to cover the FMA latency)
+    count = -(-n // mr)
+    base, extra = divmod(n, count)
+    if extra:
+        em.loop(extra, lambda ib: tile(em(f"mul i64 {ib}, {base + 1}"), base + 1))
+    em.loop(count - extra, lambda ib: tile(em(f"add i64 {em(f'mul i64 {ib}, {base}')}, {extra * (base + 1)}"), base))
 
 
 def _iadd(x, c: int) -> str:   # IR text of an i64 add / multiply by a constant

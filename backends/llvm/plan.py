@@ -98,7 +98,10 @@ class Plan(Schedule):
                 self.node(n)
             return
         outs = [self.fresh(as_root.get(id(t), t), self.shape(t), t.dtype) for t in outputs]
-        self.add(K.elementwise(outs, ins, compute), ins, outs)
+        kern = K.elementwise(outs, ins, compute)
+        from . import recurrent   # the micro-kernel product planned just before, read by column windows
+        if not recurrent.fuse_epilogue(self, outs, ins, compute, kern.split is not None):
+            self.add(kern, ins, outs)
         for t, v in zip(outputs, outs):
             self.view[id(t)] = v
 
