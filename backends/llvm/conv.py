@@ -1,8 +1,10 @@
 """Convolutions and max pooling on llvm (plan.py's conv rows delegate to the plan_* functions at the end).
 
-conv2d: im2col of one image (or of a block of its output rows) into a slot's tile in the arena, then the
-product while the tile is in cache: the register-blocked micro-kernel (gemm.gemm_tiles) for small
-products, one-thread BLAS calls (blas_gemm) over blocks of output rows or channels for large ones.
+conv2d: 3x3 stride-1 convolutions with enough channels and tiles run Winograd F(m x m, 3 x 3) (winograd.py:
+tile_size states the rule). The rest: im2col of one image (or of a block of its output rows) into a slot's
+tile in the arena, then the product while the tile is in cache: the register-blocked micro-kernel
+(gemm.gemm_tiles) for small products, one-thread BLAS calls (blas_gemm) over blocks of output rows or
+channels for large ones.
 conv2d_grad_input: per image, W^T @ gy into the slot's tile, then col2im from it (by output row in vector
 registers for unit column stride). conv2d_grad_weight: per image (or a few images side by side), im2col
 into the slot's tile and a dot-product or GEMM micro-kernel into the slot's partial sums, summed after.
@@ -619,6 +621,13 @@ def plan_conv2d(plan, node, ins) -> None:
     wm = w if w.contiguous else plan.materialise(w)
     w2 = View(wm.buf, wm.offset, (o, ckk), (ckk, 1), wm.dtype)
     args = ((kh, kw), a["stride"], a["pads"], a["dilation"])
+    from . import winograd
+    m = winograd.tile_size(x, wm, a["stride"], a["dilation"], g, oshape[2:])
+    if m:   # 3x3 stride 1 with enough channels and tiles: F(m x m, 3 x 3) (winograd.py)
+        out = plan._compute_out(t, ct)
+        winograd.plan_winograd(plan, out, x, wm, a["pads"], m)
+        plan._store_rounded(t, out)
+        return
     if plan._conv_tiles(og, ckk, hw, x.dtype, 2 if g == 1 else 1):
         slots = slot_count(n, flops)
         cols = plan.fresh(None, (slots, c, kh, kw) + oshape[2:], x.dtype)
