@@ -17,6 +17,27 @@ a GEMM's columns) on the calling thread and the pool's workers, and returns when
 - Dispatch is a try-lock: a second thread dispatching at the same time (two Python threads calling
   compiled functions, or a chunk dispatching again) runs its chunks inline, one after the other.
 - After os.fork() the child has no workers: a fork hook resets the pool (workers are created again).
+- Late dispatches are counted (`stats()["late"]`: the caller ran out of chunks and then waited more than
+  LATE_TICKS for a worker's): the sign of another thread spinning on a worker's core.
+- OpenBLAS's idle threads (`_bind_openblas`, `quiet_openblas`, `gc_pool_quiet_openblas`). After each threaded call (any NumPy product
+  above its threshold) OpenBLAS's server threads busy-wait ~2^28 time-stamp ticks (~0.1 s; on x86 its
+  YIELDING is a run of nops, no sched_yield) for the next job. On a 2-core host one of them shares a core
+  with the pool's worker or the caller for that whole time, and a split kernel's other half finishes a
+  scheduler slice late: W1 b256 on a 2-core Zen 2 took 2.9 ms right after a NumPy 512 x 512 product
+  instead of 1.7 (the same as one thread). Measured (a shared machine, under load) and dropped: finer
+  chunks (a descheduled worker still holds its chunk: 3.2-3.6 ms), workers that sleep on the futex
+  between jobs once late (woken behind the spinner: 4.8 ms); threads pinned to cores showed the caller
+  beside the spinner costs most (4-8 ms), the worker beside it ~2.7 ms. What pays is to stop
+  the spinners: a dispatch that finds OpenBLAS's server up calls its blas_thread_shutdown_ (it joins
+  its threads; OpenBLAS re-creates them lazily at its next threaded call, the path it takes after a
+  fork: driver/others/blas_server.c, exec_blas -> blas_thread_init). Shutting down while another
+  thread is inside a threaded OpenBLAS call would lose that call's jobs, so it is done only when the
+  process has no thread but the caller, the pool's workers and OpenBLAS's own (/proc/self/stat's
+  thread count; any other thread, a Python thread or another library's pool, and it is left alone).
+  graphc's own BLAS calls pin OpenBLAS to one thread around each call (openblas_set_num_threads_local,
+  which would re-create the threads at once): while the server is down `gc_pool_blas_threads` sets
+  the count (blas_cpu_number) directly instead, which is all that call does with the server up and a
+  count no larger than its threads. GRAPHC_QUIET_BLAS=0 turns this off.
 
 The function is bound for the JIT as the symbol gc_pool_run (like the BLAS symbols, jit.bind_blas), so
 every program module only declares it (`DECLARATIONS`).
@@ -38,6 +59,12 @@ SPIN_TICKS = 1 << 18
 #: ticks the dispatching thread spins waiting for the workers' last chunks before it yields its core
 #: (on a busy machine the worker it waits for may need that core)
 YIELD_TICKS = 1 << 13
+#: a dispatch whose caller, out of chunks, waited more than this many ticks for the workers' counts as late
+#: (stats()["late"]; ~50 us, a third of W1's smallest split product)
+LATE_TICKS = 1 << 17
+#: after the quieting of OpenBLAS was refused (other threads exist) the next look is this many ticks later
+#: (~0.5 s at 2.5 GHz)
+REFUSE_TICKS = 1 << 30
 #: a spinning worker yields its core (sched_yield) once every this many pauses (~2 us)
 YIELD_EVERY = 64
 
@@ -54,14 +81,175 @@ _IR = r"""
 @lock = internal global i32 0, align 64
 @started = internal global i32 0, align 4
 @want = internal global i32 0, align 4
-; [dispatches through the pool, dispatches run inline because the pool was busy, chunks run by workers]
-@stats = internal global [3 x i64] zeroinitializer, align 64
+; [dispatches through the pool, dispatches run inline because the pool was busy, chunks run by workers,
+;  late dispatches (the caller waited more than LATE_TICKS for the workers' last chunks), OpenBLAS
+;  shutdowns (its server threads joined), quiets refused (threads besides ours and OpenBLAS's)]
+@stats = internal global [6 x i64] zeroinitializer, align 64
+; OpenBLAS (bind_openblas): addresses of blas_cpu_number, blas_num_threads, blas_server_avail (i32 each),
+; openblas_set_num_threads_local and blas_thread_shutdown_; @ob_on: quieting enabled (null/0: off)
+@ob_cpu = internal global ptr null, align 8
+@ob_num = internal global ptr null, align 8
+@ob_avail = internal global ptr null, align 8
+@ob_setlocal = internal global ptr null, align 8
+@ob_shutdown = internal global ptr null, align 8
+@ob_on = internal global i32 0, align 4
+; time-stamp tick before which no dispatch looks at the process's threads again (after a refusal: other
+; threads exist, and reading /proc costs ~10 us: a process with other threads pays it once per REFUSE_TICKS)
+@ob_next = internal global i64 0, align 8
+@procstat = internal constant [16 x i8] c"/proc/self/stat\00"
 
 declare i32 @pthread_create(ptr, ptr, ptr, ptr)
 declare i64 @syscall(i64, ...)
 declare i32 @sched_yield()
 declare i64 @llvm.readcyclecounter()
 declare void @llvm.x86.sse2.pause()
+declare i32 @open(ptr, i32, ...)
+declare i64 @read(i32, ptr, i64)
+declare i32 @close(i32)
+
+; the number of threads of this process (field 20 of /proc/self/stat), or -1
+define internal i64 @process_threads() nounwind noinline optnone {
+entry:
+  %buf = alloca [1024 x i8], align 16
+  %fd = call i32 (ptr, i32, ...) @open(ptr @procstat, i32 0)
+  %bad = icmp slt i32 %fd, 0
+  br i1 %bad, label %fail, label %rd
+rd:
+  %got = call i64 @read(i32 %fd, ptr %buf, i64 1023)
+  %c = call i32 @close(i32 %fd)
+  %none = icmp slt i64 %got, 1
+  br i1 %none, label %fail, label %findp
+findp:                                     ; the last ')' (the command name may hold spaces and parens)
+  %i = phi i64 [ %got, %rd ], [ %i1, %backp ]
+  %i1 = sub i64 %i, 1
+  %neg = icmp slt i64 %i1, 0
+  br i1 %neg, label %fail, label %testp
+testp:
+  %pp = getelementptr i8, ptr %buf, i64 %i1
+  %ch = load i8, ptr %pp
+  %isp = icmp eq i8 %ch, 41
+  br i1 %isp, label %fields, label %backp
+backp:
+  br label %findp
+fields:                                    ; field 20 follows the 18th space after it
+  %j = phi i64 [ %i1, %testp ], [ %j1, %nexts ]
+  %sp = phi i64 [ 0, %testp ], [ %sp1, %nexts ]
+  %j1 = add i64 %j, 1
+  %end = icmp sge i64 %j1, %got
+  br i1 %end, label %fail, label %looks
+looks:
+  %qp = getelementptr i8, ptr %buf, i64 %j1
+  %cq = load i8, ptr %qp
+  %iss = icmp eq i8 %cq, 32
+  %inc = zext i1 %iss to i64
+  %sp1 = add i64 %sp, %inc
+  %there = icmp eq i64 %sp1, 18
+  br i1 %there, label %digits, label %nexts
+nexts:
+  br label %fields
+digits:
+  %k = phi i64 [ %j1, %looks ], [ %k1, %digit ]
+  %v = phi i64 [ 0, %looks ], [ %v1, %digit ]
+  %k1 = add i64 %k, 1
+  %end2 = icmp sge i64 %k1, %got
+  br i1 %end2, label %done, label %lookd
+lookd:
+  %dp = getelementptr i8, ptr %buf, i64 %k1
+  %cd = load i8, ptr %dp
+  %cd64 = zext i8 %cd to i64
+  %dv = sub i64 %cd64, 48
+  %isd = icmp ult i64 %dv, 10
+  br i1 %isd, label %digit, label %done
+digit:
+  %v10 = mul i64 %v, 10
+  %v1 = add i64 %v10, %dv
+  br label %digits
+done:
+  %some = icmp sgt i64 %v, 0
+  %r = select i1 %some, i64 %v, i64 -1
+  ret i64 %r
+fail:
+  ret i64 -1
+}
+
+; stop OpenBLAS's server threads (their spinning shares the cores with the pool: the module's docstring)
+; when its server is up and no thread but the caller, the pool's workers and OpenBLAS's own exists
+define void @gc_pool_quiet_openblas() nounwind noinline optnone {
+entry:
+  %on = load atomic i32, ptr @ob_on monotonic, align 4
+  %enabled = icmp ne i32 %on, 0
+  br i1 %enabled, label %check, label %out
+check:
+  %avp = load ptr, ptr @ob_avail, align 8
+  %av = load atomic i32, ptr %avp monotonic, align 4
+  %up = icmp ne i32 %av, 0
+  br i1 %up, label %count, label %out
+count:
+  %now = call i64 @llvm.readcyclecounter()
+  %next = load atomic i64, ptr @ob_next monotonic, align 8
+  %wait = icmp ult i64 %now, %next
+  br i1 %wait, label %out, label %look
+look:
+  %nump = load ptr, ptr @ob_num, align 8
+  %num = load atomic i32, ptr %nump monotonic, align 4
+  %have = load atomic i32, ptr @started monotonic, align 4
+  %sum = add i32 %num, %have                       ; the caller + the workers + OpenBLAS's num - 1
+  %want = sext i32 %sum to i64
+  %t = call i64 @process_threads()
+  %alone = icmp eq i64 %t, %want
+  br i1 %alone, label %stop, label %refuse
+stop:
+  %sd = load ptr, ptr @ob_shutdown, align 8
+  %r = call i32 %sd()
+  %s4 = getelementptr [6 x i64], ptr @stats, i64 0, i64 4
+  %x4 = atomicrmw add ptr %s4, i64 1 monotonic
+  br label %out
+refuse:
+  %later = add i64 %now, REFUSE_TICKS
+  store atomic i64 %later, ptr @ob_next monotonic, align 8
+  %s5 = getelementptr [6 x i64], ptr @stats, i64 0, i64 5
+  %x5 = atomicrmw add ptr %s5, i64 1 monotonic
+  br label %out
+out:
+  ret void
+}
+
+; graphc's BLAS calls set OpenBLAS's thread count through this (bound as gc_blas_set_threads; returns the
+; previous count): openblas_set_num_threads_local, except while OpenBLAS's server is down (quieted), where
+; that call would re-create its threads at once: then the count itself is set (its only other effect)
+define i32 @gc_pool_blas_threads(i32 %n) nounwind {
+entry:
+  %avp = load ptr, ptr @ob_avail, align 8
+  %av = load atomic i32, ptr %avp monotonic, align 4
+  %up = icmp ne i32 %av, 0
+  %nump = load ptr, ptr @ob_num, align 8
+  %num = load atomic i32, ptr %nump monotonic, align 4
+  %small = icmp slt i32 %n, 1
+  %big = icmp sgt i32 %n, %num
+  %o1 = or i1 %up, %small
+  %other = or i1 %o1, %big
+  br i1 %other, label %call, label %direct
+call:
+  %f = load ptr, ptr @ob_setlocal, align 8
+  %r = call i32 %f(i32 %n)
+  ret i32 %r
+direct:
+  %cp = load ptr, ptr @ob_cpu, align 8
+  %prev = atomicrmw xchg ptr %cp, i32 %n monotonic
+  ret i32 %prev
+}
+
+define void @gc_pool_set_openblas(ptr %cpu, ptr %num, ptr %avail, ptr %setlocal, ptr %shutdown, i32 %on) nounwind noinline optnone {
+entry:
+  store ptr %cpu, ptr @ob_cpu, align 8
+  store ptr %num, ptr @ob_num, align 8
+  store ptr %avail, ptr @ob_avail, align 8
+  store ptr %setlocal, ptr @ob_setlocal, align 8
+  store ptr %shutdown, ptr @ob_shutdown, align 8
+  store atomic i64 0, ptr @ob_next monotonic, align 8
+  store atomic i32 %on, ptr @ob_on seq_cst, align 4
+  ret void
+}
 
 ; claim one chunk of job %g: true and its index in %slot, or false (none left, or another job)
 define internal i1 @claim(i32 %g, ptr %slot) nounwind {
@@ -107,7 +295,7 @@ run:
   %fn = load atomic ptr, ptr @jobfn monotonic, align 8
   %args = load atomic ptr, ptr @jobargs monotonic, align 8
   call void %fn(ptr %args, i64 %i)
-  %st = getelementptr [3 x i64], ptr @stats, i64 0, i64 2
+  %st = getelementptr [6 x i64], ptr @stats, i64 0, i64 2
   %old = atomicrmw add ptr %st, i64 %worker monotonic
   %left = atomicrmw sub ptr @pending, i64 1 release
   br label %loop
@@ -177,6 +365,7 @@ trylock:
   br i1 %got, label %locked, label %busy
 locked:
   %g0 = load atomic i32, ptr @gen monotonic, align 4
+  call void @gc_pool_quiet_openblas()
   %have0 = load i32, ptr @started, align 4
   %need = icmp slt i32 %have0, %want
   br i1 %need, label %spawn, label %publish
@@ -207,7 +396,7 @@ publish:
   %cw = or i64 %ghi, %n
   store atomic i64 %cw, ptr @claimw release, align 8
   store atomic i32 %g, ptr @gen seq_cst, align 4
-  %st0 = getelementptr [3 x i64], ptr @stats, i64 0, i64 0
+  %st0 = getelementptr [6 x i64], ptr @stats, i64 0, i64 0
   %x0 = atomicrmw add ptr %st0, i64 1 monotonic
   %sl = load atomic i32, ptr @sleepers seq_cst, align 4
   %sleeping = icmp sgt i32 %sl, 0
@@ -235,10 +424,16 @@ yield:
   %y = call i32 @sched_yield()
   br label %waitp
 finish:
+  %tf = call i64 @llvm.readcyclecounter()
+  %waited = sub i64 %tf, %t0
+  %late = icmp ugt i64 %waited, LATE_TICKS
+  %late64 = zext i1 %late to i64
+  %st3 = getelementptr [6 x i64], ptr @stats, i64 0, i64 3
+  %x5 = atomicrmw add ptr %st3, i64 %late64 monotonic
   store atomic i32 0, ptr @lock release, align 4
   ret void
 busy:
-  %st1 = getelementptr [3 x i64], ptr @stats, i64 0, i64 1
+  %st1 = getelementptr [6 x i64], ptr @stats, i64 0, i64 1
   %x3 = atomicrmw add ptr %st1, i64 1 monotonic
   br label %inline
 unlock:
@@ -287,7 +482,7 @@ entry:
 
 
 def ir() -> str:
-    return (_IR.replace("SPIN_TICKS", str(SPIN_TICKS)).replace("YIELD_TICKS", str(YIELD_TICKS))
+    return (_IR.replace("LATE_TICKS", str(LATE_TICKS)).replace("REFUSE_TICKS", str(REFUSE_TICKS)).replace("SPIN_TICKS", str(SPIN_TICKS)).replace("YIELD_TICKS", str(YIELD_TICKS))
             .replace("YIELD_MASK", str(YIELD_EVERY - 1))
             .replace("SYS_FUTEX", str(_SYS_FUTEX)).replace("FUTEX_WAIT", str(_FUTEX_WAIT_PRIVATE))
             .replace("FUTEX_WAKE", str(_FUTEX_WAKE_PRIVATE)))
@@ -307,7 +502,8 @@ def bind() -> dict:
         if "pool" in _state:
             return _state["pool"]
         import llvmlite.binding as llvm
-        names = ["gc_pool_run", "gc_pool_set_workers", "gc_pool_stats", "gc_pool_started", "gc_pool_after_fork"]
+        names = ["gc_pool_run", "gc_pool_set_workers", "gc_pool_stats", "gc_pool_started", "gc_pool_after_fork",
+                 "gc_pool_quiet_openblas", "gc_pool_blas_threads", "gc_pool_set_openblas"]
         c = compile_uncached(ir(), names)
         llvm.add_symbol("gc_pool_run", c.addresses["gc_pool_run"])
         st = {"compiled": c,   # owns the code: kept for the life of the process
@@ -316,7 +512,11 @@ def bind() -> dict:
               "stats": ctypes.CFUNCTYPE(ctypes.c_void_p)(c.addresses["gc_pool_stats"]),
               "started": ctypes.CFUNCTYPE(ctypes.c_int32)(c.addresses["gc_pool_started"]),
               "after_fork": ctypes.CFUNCTYPE(None)(c.addresses["gc_pool_after_fork"]),
+              "quiet_openblas": ctypes.CFUNCTYPE(None)(c.addresses["gc_pool_quiet_openblas"]),
+              "set_openblas": ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 5, ctypes.c_int32)(
+                  c.addresses["gc_pool_set_openblas"]),
               "workers": 0}
+        st["openblas"] = _bind_openblas(st)
         # the workers run the pool's code until the process ends: it must outlive interpreter shutdown
         # (module globals are cleared then; a freed engine under a spinning worker would crash the exit)
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(c))
@@ -324,6 +524,56 @@ def bind() -> dict:
             os.register_at_fork(after_in_child=st["after_fork"])
         _state["pool"] = st
         return st
+
+
+def _bind_openblas(st) -> bool:
+    """Give the pool OpenBLAS's thread-server globals and functions (the library graphc's BLAS calls
+    bind, NumPy's own: jit.bind_blas), so a dispatch can stop its spinning threads (module docstring).
+    False (nothing bound, gc_blas_set_threads stays openblas_set_num_threads_local) when any is missing:
+    another BLAS, or an OpenBLAS built without its pthread server."""
+    b = jit.blas()
+    if b is None:
+        return False
+    lib = b["lib"]
+    # only OpenBLAS's own pthread server (get_parallel 1: 0 is a sequential build, 2 an OpenMP one, whose
+    # threads are OpenMP's and whose thread-count call does more than set blas_cpu_number)
+    par = next((getattr(lib, n) for n in ("openblas_get_parallel", "scipy_openblas_get_parallel64_",
+                                          "scipy_openblas_get_parallel") if hasattr(lib, n)), None)
+    if par is None:
+        return False
+    par.restype = ctypes.c_int
+    if par() != 1:
+        return False
+    try:
+        ints = [ctypes.addressof(ctypes.c_int.in_dll(lib, n))
+                for n in ("blas_cpu_number", "blas_num_threads", "blas_server_avail")]
+        fns = [ctypes.cast(getattr(lib, n), ctypes.c_void_p).value
+               for n in ("openblas_set_num_threads_local", "blas_thread_shutdown_")]
+    except (ValueError, AttributeError):
+        return False
+    st["openblas_args"] = (*ints, *fns)
+    st["quiet"] = os.environ.get("GRAPHC_QUIET_BLAS", "1") != "0"
+    st["set_openblas"](*st["openblas_args"], int(st["quiet"]))
+    return True
+
+
+def quiet_openblas(on: bool | None = None) -> bool:
+    """Whether dispatches stop OpenBLAS's spinning threads (GRAPHC_QUIET_BLAS, default on); `on` sets it
+    for this process (tests). Always False when the pool has no OpenBLAS bound."""
+    st = bind()
+    if not st["openblas"]:
+        return False
+    if on is not None:
+        st["quiet"] = bool(on)
+        st["set_openblas"](*st["openblas_args"], int(st["quiet"]))
+    return st["quiet"]
+
+
+def blas_threads_symbol():
+    """The address to bind as gc_blas_set_threads (tune.set_threads_symbol): the pool's
+    gc_pool_blas_threads when OpenBLAS's server is bound (it never re-creates quieted threads), else None."""
+    st = bind()
+    return st["compiled"].addresses["gc_pool_blas_threads"] if st["openblas"] else None
 
 
 def compile_uncached(text: str, names: list[str]):
@@ -360,5 +610,6 @@ def stats() -> dict:
     """Counters since the process started: dispatches through the pool, dispatches run inline because
     another thread held the pool, chunks run by workers; and the workers started."""
     st = bind()
-    arr = (ctypes.c_int64 * 3).from_address(st["stats"]())
-    return {"dispatches": arr[0], "busy_inline": arr[1], "worker_chunks": arr[2], "workers": st["started"]()}
+    arr = (ctypes.c_int64 * 6).from_address(st["stats"]())
+    return {"dispatches": arr[0], "busy_inline": arr[1], "worker_chunks": arr[2], "late": arr[3],
+            "openblas_quieted": arr[4], "openblas_left": arr[5], "workers": st["started"]()}

@@ -14,7 +14,10 @@ each one OpenBLAS call on one thread (`openblas_set_num_threads_local(1)`, set a
 and the blocks run on the pool. `blas_threads(flops)` is the size rule: one thread below
 `BLAS_PARALLEL_FLOPS`, the pool above. A batch-1 GEMV (gemm.gemv: graphc's own loop) splits its output
 blocks over the pool from `GEMV_PARALLEL_FLOPS`, a micro-kernel product (gemm.gemm_tiles) its column
-blocks from `TILES_PARALLEL_FLOPS`.
+blocks from `TILES_PARALLEL_FLOPS`. OpenBLAS's idle threads busy-wait ~0.1 s after each threaded call
+(a user's NumPy product): a dispatch stops them first when it is safe (pool.py, `quiet_openblas`), and
+graphc's own thread-count pinning goes through the pool's wrapper (`gc_pool_blas_threads`), which does
+not re-create them.
 
 The tuner (GRAPHC_TUNE=off|quick|full, quick by default). The first time a BLAS product shape is planned
 on a CPU model, `blas_threads_for` compiles the product's kernel as the plan would (one BLAS call on one
@@ -142,7 +145,11 @@ def set_threads_symbol():
     if b is not None:
         fn = getattr(b["lib"], "openblas_set_num_threads_local", None)
         if fn is not None:
-            llvm.add_symbol("gc_blas_set_threads", ctypes.cast(fn, ctypes.c_void_p).value)
+            # the pool's wrapper where it has OpenBLAS's server bound: the same call, except while the pool
+            # has stopped OpenBLAS's spinning threads (pool.py), where it sets the count without re-creating them
+            from . import pool
+            addr = pool.blas_threads_symbol() or ctypes.cast(fn, ctypes.c_void_p).value
+            llvm.add_symbol("gc_blas_set_threads", addr)
             fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_int]
             found = fn
     _state["set_sym"] = found
