@@ -8,7 +8,8 @@ batch 2, sequence 64) exported to ONNX by torch.onnx.export and imported with gc
 same with 2 layers). For te*, "cold" includes gc.load_onnx (what a user deploying the file waits for)
 and ONNX Runtime's session creation and time per call (min of 20) are printed beside graphc's. Each (case, backend)
 runs in a fresh process with an empty on-disk cache (cold), then once more in another fresh process
-over the cache the first one filled (warm: the code comes from the cache). Imports and the backend's
+over the cache the first one filled (warm: the code comes from the cache; on llvm a hit of the warm-start
+cache skips the passes, the plan and the IR as well: "warm-cache hit"). Imports and the backend's
 start-up are warmed first; the graph is built before the clock starts.
 
 Columns: cold / warm = wall seconds of gc.function plus what the first call costs over a second one
@@ -31,6 +32,12 @@ import tempfile
 import time
 
 import numpy as np
+
+#: the repository root: `python benchmarks/compile_time.py` (a script, not -m) finds the package and its
+#: per-case processes (`-m benchmarks.compile_time`) find it too
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __package__ in (None, "") and _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 CASES = ("mlp5", "mlp20", "mlp80", "chain2k", "chain20k", "w5", "te12")
 #: accepted by --cases besides CASES (not run by default)
@@ -238,7 +245,7 @@ def _one(case: str, backend: str, profile: str | None) -> dict:
            # CPU seconds of this process over gc.function and the first call (less sensitive to other
            # processes on a loaded machine than the wall time; includes the first call's run time)
            "cpu_s": c2 - c0, "phases": {k: v for k, v in ct.items() if isinstance(v, (int, float))}}
-    for k in ("kernels", "kernel_functions"):
+    for k in ("kernels", "kernel_functions", "warm_hit"):
         if k in info:
             res[k] = info[k]
     if hasattr(f, "onnx_load_s"):   # te*: gc.load_onnx is part of the cold time; ONNX Runtime beside it
@@ -250,7 +257,8 @@ def _one(case: str, backend: str, profile: str | None) -> dict:
 
 
 def run_case(case: str, backend: str, cache: str, timeout: float) -> dict:
-    env = dict(os.environ, GRAPHC_CACHE_DIR=cache)
+    path = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, GRAPHC_CACHE_DIR=cache, PYTHONPATH=path)
     cmd = [sys.executable, "-m", "benchmarks.compile_time", "--one", case, "--backends", backend]
     t0 = time.perf_counter()
     try:
@@ -299,7 +307,7 @@ def report(rows: list[dict]) -> str:
 
 
 def _machine() -> str:
-    from .harness import _cpu_name
+    from benchmarks.harness import _cpu_name
     try:
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
@@ -334,9 +342,10 @@ def main(argv=None) -> int:
             r = run_case(case, be, cache, args.timeout)
             if r["status"] == "ok" and not args.no_warm:
                 w = run_case(case, be, cache, args.timeout)
-                r["warm_s"] = w.get("build_s")
+                r["warm_s"], r["warm_hit"] = w.get("build_s"), w.get("warm_hit")
             rows.append(r)
-            print(f"  {case:9s} {be:6s} cold {_fmt(r.get('build_s')):>8s}  warm {_fmt(r.get('warm_s')):>8s}  "
+            hit = {True: " (warm-cache hit)", False: " (warm-cache miss)"}.get(r.get("warm_hit"), "")
+            print(f"  {case:9s} {be:6s} cold {_fmt(r.get('build_s')):>8s}  warm {_fmt(r.get('warm_s')):>8s}{hit}  "
                   f"{r['status']}", file=sys.stderr, flush=True)
     print(report(rows))
     print(f"machine after: {_machine()}")

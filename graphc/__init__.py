@@ -5,6 +5,7 @@
     W = gc.parameter("W", np.zeros((784, 10), np.float32))
     f = gc.function([x], gc.softmax(x @ W), backend="numpy")
 """
+from . import _modstate  # noqa: F401  (first: records each module's settings as imported, for the warm cache)
 from .errors import (BackendUnavailable, DTypeError, GradientError, GraphcError, InputError,  # noqa: F401
                      NumericalError, ShapeError, UnknownBackend)
 from .ir import OPS, Graph, Node, Op, Tensor  # noqa: F401

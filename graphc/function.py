@@ -218,12 +218,27 @@ class Function:
         self.backend_name = backend
         self.options = CompileOptions.make(backend, optimize, **options)
         self.backend = get_backend(backend, for_compile=True)
-        self.graph = self.options.optimise(self.user_graph)
-        self._params = self.graph.parameters
+        self._graph, self._graph_lock = None, threading.Lock()
+        # the warm start: a program compiled for the same graph before (this process or another) is found
+        # before any pass runs; the optimised graph is then made only when something asks for it
+        key = self._warm_key()
+        meta = _warm_meta(self.backend, key) if key is not None else None
+        if meta is not None:
+            known = _param_candidates(self.user_graph)
+            self._params = [known[i] for i in meta["params"]]
+            self._update_params = [known[i] for i in meta["updates"]]
+            opt_constraints = []
+        else:
+            self._graph = self.options.optimise(self.user_graph)
+            self._params = self._graph.parameters
+            self._update_params = [p for p, _ in self._graph.updates]
+            opt_constraints = graph_constraints(self._graph)
+        self._inputs = self.user_graph.inputs   # the optimised graph's too (passes keep inputs and parameters)
         # dims the graph's shape rules unified with concrete ones ((N, 4) * (8, 4) needs N == 8): checked on
         # every call, a symbol where an input binds it, an expression once every input is bound
         required, self._dim_checks = {}, []
-        for node, c in graph_constraints(self.user_graph) + graph_constraints(self.graph):
+        user_constraints = graph_constraints(self.user_graph)
+        for node, c in user_constraints + opt_constraints:
             if c.dim.is_Symbol:
                 value, first, fc = required.setdefault(c.dim.name, (c.value, node, c))
                 if value != c.value:
@@ -231,19 +246,52 @@ class Function:
                                      f"and with {c.value} ({c.why}, built at {fmt_loc(node.loc)})")
             if all(c != k for _, k in self._dim_checks):
                 self._dim_checks.append((node, c))
-        self._specs = [self._input_spec(t, self.options.allow_input_downcast, required) for t in self.graph.inputs]
+        self._specs = [self._input_spec(t, self.options.allow_input_downcast, required) for t in self._inputs]
         bound = {name for spec in self._specs for _, name, _ in spec[3]}
         self._dim_checks = [(n, c) for n, c in self._dim_checks if not (c.dim.is_Symbol and c.dim.name in bound)]
-        self._check_placeholders()
-        self.program = self.backend.compile(self.graph, self.options)
+        if meta is not None:
+            self.program = self.backend.warm_program(key, self.options, lambda: self.graph, meta["static"])
+        else:
+            self._check_placeholders()
+            if key is None:
+                self.program = self.backend.compile(self.graph, self.options)
+            else:
+                self.program = self.backend.compile(self.graph, self.options, warm=key)
+                # the warm start needs no constraint of the optimised graph that the user's lacks
+                if all(any(c == k for _, k in user_constraints) for _, c in opt_constraints):
+                    _store_warm_meta(self.backend, key, self)
         self._lock = threading.Lock()
-        self._plain = not self.graph.updates and not self.options.debug
+        self._plain = not self._update_params and not self.options.debug
         # the backend's outputs are new arrays on every call (never an input, a parameter or each other):
         # returned as they are, and update values become the parameters' arrays without a copy
         self._fresh = bool(self.program.info.get("fresh_outputs")) and not self.options.debug
         # the call's fast path (`_fast_path`): input shapes already bound once -> (runner, dims)
         self._seen: dict = {}
         self._fast = _fast_path(self)
+
+    @property
+    def graph(self) -> Graph:
+        """The optimised graph the backend compiled (after a warm start: made by the passes when first
+        asked for)."""
+        g = self._graph
+        if g is None:
+            with self._graph_lock:
+                if self._graph is None:
+                    g = self.options.optimise(self.user_graph)
+                    if [id(p) for p in g.parameters] != [id(p) for p in self._params] or \
+                            [id(p) for p, _ in g.updates] != [id(p) for p in self._update_params]:
+                        raise GraphcError("internal error (a graphc bug, please report it): the optimised graph's "
+                                          "parameters differ from those its warm-cache entry recorded")
+                    self._graph = g
+            g = self._graph
+        return g
+
+    def _warm_key(self) -> str | None:
+        """The warm-start cache key of this function (backends offering one: `warm_key`), or None."""
+        fn = getattr(self.backend, "warm_key", None)
+        if fn is None or self.options.debug_passes or self.options.debug:
+            return None
+        return fn(self.user_graph, self.options)
 
     def _check_placeholders(self):
         known = {id(t) for t in self.graph.inputs}
@@ -265,7 +313,7 @@ class Function:
         return a() if callable(a) else a
 
     def _bind(self, args, kwargs):
-        ins = self.graph.inputs
+        ins = self._inputs
         if kwargs:
             by_name = {t.name: i for i, t in enumerate(ins)}
             args = list(args) + [None] * (len(ins) - len(args))
@@ -387,11 +435,11 @@ class Function:
             else:
                 outs, upds = run(values, params)
             new = [v if self._fresh and v.dtype == p.dtype else np.array(v, dtype=p.dtype, order="C", copy=True)
-                   for (p, _), v in zip(self.graph.updates, upds)]
-            for (p, _), v in zip(self.graph.updates, new):
+                   for p, v in zip(self._update_params, upds)]
+            for p, v in zip(self._update_params, new):
                 if v.shape != p.shape:
                     raise GraphcError(f"update of {p.name} produced shape {v.shape}, expected {p.shape}")
-            for (p, _), v in zip(self.graph.updates, new):
+            for p, v in zip(self._update_params, new):
                 v.flags.writeable = False   # a parameter's array is never written in place (Parameter.value)
                 p._value = v
         if self._fresh:
@@ -485,6 +533,36 @@ def _fast_path(f: Function):
         lines.append("    return EXEC(values, ent[1], ent[0])")
     exec("\n".join(lines), env)   # noqa: S102 (generated from the input count only)
     return env["fast"]
+
+
+def _param_candidates(user_graph: Graph) -> list:
+    """The parameters a warm-cache entry indexes: the user graph's, then its updated ones not among them."""
+    out = list(user_graph.parameters)
+    seen = {id(p) for p in out}
+    for p, _ in user_graph.updates:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _warm_meta(backend, key: str) -> dict | None:
+    """What a warm start needs of the optimised graph (its parameters and updated parameters, as indices
+    into the user graph's; whether it is static), stored by the first compile under `key` (in the
+    backend's warm cache: backends offering `warm_key` offer `warm_load`/`warm_store`)."""
+    got = backend.warm_load(f"{key}.function")
+    return None if got is None else got[0]
+
+
+def _store_warm_meta(backend, key: str, f: "Function") -> None:
+    index = {id(p): i for i, p in enumerate(_param_candidates(f.user_graph))}
+    try:
+        params = [index[id(p)] for p in f._params]
+        updates = [index[id(p)] for p in f._update_params]
+    except KeyError:   # a parameter the passes made: nothing to index it by (no warm start)
+        return
+    backend.warm_store(f"{key}.function", {"params": params, "updates": updates,
+                                   "static": bool(getattr(f.program, "static", False))})
 
 
 def graph_constraints(graph: Graph) -> list:

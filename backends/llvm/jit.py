@@ -28,6 +28,9 @@ def target_machine():
         if "tm" not in _state:
             llvm.initialize_native_target()
             llvm.initialize_native_asmprinter()
+            if not _lsr():   # LLVM's command-line options are process-wide and may be given once
+                llvm.set_option("graphc", "--disable-lsr")
+            _state["lsr"] = _lsr()
             target = llvm.Target.from_default_triple()
             _state["cpu"] = llvm.get_host_cpu_name()
             _state["features"] = llvm.get_host_cpu_features().flatten()
@@ -51,7 +54,9 @@ def cpu_features() -> str:
 def target_id() -> str:
     """What the cache key records about the target: triple, CPU, features, LLVM binding version."""
     target_machine()
-    return f"{llvm.get_process_triple()}|{_state['cpu']}|{_state['features']}|llvmlite {llvmlite.__version__}"
+    if "triple" not in _state:
+        _state["triple"] = llvm.get_process_triple()
+    return f"{_state['triple']}|{_state['cpu']}|{_state['features']}|llvmlite {llvmlite.__version__}"
 
 
 def _pipeline() -> tuple[bool, bool]:
@@ -59,10 +64,18 @@ def _pipeline() -> tuple[bool, bool]:
     return os.environ.get("GRAPHC_LLVM_UNROLL", "0") == "1", os.environ.get("GRAPHC_LLVM_INTERLEAVE", "1") == "1"
 
 
+def _lsr() -> bool:
+    """Whether machine code generation runs LLVM's loop strength reduction (GRAPHC_LLVM_LSR=0: not). It
+    is the one super-linear codegen pass met so far: 6.5 s of the 7.6 s of machine code of W10's stem
+    convolution kernel (160 KB of IR); without it 0.3 s. Read once per process (LLVM's option is global)."""
+    return _state.get("lsr", os.environ.get("GRAPHC_LLVM_LSR", "1") != "0")
+
+
 def pipeline_id() -> str:
     """What the cache key records about the optimisation pipeline (its switches change the code)."""
     unroll, interleave = _pipeline()
-    return f"O3 loop-vectorize slp-vectorize unroll={int(unroll)} interleave={int(interleave)}"
+    return (f"O3 loop-vectorize slp-vectorize unroll={int(unroll)} interleave={int(interleave)}"
+            + ("" if _lsr() else " no-lsr"))
 
 
 def optimise(module) -> None:
@@ -82,14 +95,20 @@ def optimise(module) -> None:
 class Compiled:
     """A JIT-compiled module: function addresses plus the engine that owns the code."""
 
-    def __init__(self, ir: str, names: list[str], cache_hit: bool, engine, module, times: dict | None = None):
-        self.ir = ir
+    def __init__(self, ir, names: list[str], cache_hit: bool, engine, module, times: dict | None = None):
+        self._ir = ir   # the text, or a function making it (a program loaded by key: made when asked)
         self.addresses = {n: engine.get_function_address(n) for n in names}
         self.cache_hit = cache_hit
         self._engine = engine
         self._module = module
         #: seconds per phase (compile_program): llvm_opt, machine_code, load
         self.times = times or {}
+
+    @property
+    def ir(self) -> str:
+        if callable(self._ir):
+            self._ir = self._ir()
+        return self._ir
 
     def asm(self) -> str:
         """Assembly of the optimised module (recompiled on demand after a cache hit)."""
@@ -316,7 +335,8 @@ def compile_program(head: str, kernels: list[str], entry: str, ir: str, names: l
     wall = 0.0
     key = _cache.key("program; entry module at O0", entry, *kernels, tid, pid)
     with _lock:
-        objs = _unbundle(_cache.load_blob(CACHE_SUB, f"{key}.o"))
+        objs = None if key in _absent else _unbundle(_cache.load_blob(CACHE_SUB, f"{key}.o"))
+        _absent.discard(key)
         hit = objs is not None and len(objs) == len(kernels) + 1
         reused = len(kernels) if hit else 0
         if not hit:
@@ -338,6 +358,7 @@ def compile_program(head: str, kernels: list[str], entry: str, ir: str, names: l
         engine.finalize_object()
         compiled = Compiled(ir, names, hit, engine, None, times)
     compiled.kernels_from_cache = reused
+    compiled.key, compiled.objects = key, len(objs)
     # llvm_opt and machine_code are summed over the compile threads; scaled to the wall time they took
     # together, so that the phases still add up to the call's time (the CPU seconds are kept as well)
     cpu = times["llvm_opt"] + times["machine_code"]
@@ -346,6 +367,34 @@ def compile_program(head: str, kernels: list[str], entry: str, ir: str, names: l
         times["llvm_opt"] *= wall / cpu
         times["machine_code"] *= wall / cpu
     times["load"] = max(0.0, time.perf_counter() - t0 - times["llvm_opt"] - times["machine_code"])
+    return compiled
+
+
+#: program keys load_program just found missing or damaged (looked up once, not twice, before the rebuild)
+_absent: set = set()
+
+
+def load_program(key: str, objects: int, names: list[str], ir) -> Compiled | None:
+    """The program compile_program cached as `<key>.o` (its `objects` object files) linked into a new
+    engine, or None when the cache lacks it (or it is damaged, or of another size). `ir`: the program's
+    text or a function making it (f.source, f.asm ask for it). The warm-start cache (program.Specialised
+    .restore) calls this with the key its entry recorded."""
+    target_machine()
+    t0 = time.perf_counter()
+    with _lock:
+        objs = _unbundle(_cache.load_blob(CACHE_SUB, f"{key}.o"))
+        if objs is None or len(objs) != objects:
+            _absent.add(key)   # compile_program, called next, rebuilds it without looking (or counting) again
+            return None
+        engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), _new_tm())
+        for obj in objs:
+            engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
+        engine.finalize_object()
+        compiled = Compiled(ir, names, True, engine, None, {"llvm_opt": 0.0, "machine_code": 0.0})
+    compiled.kernels_from_cache = objects - 1
+    compiled.compile_cpu_s = 0.0
+    compiled.key, compiled.objects = key, objects
+    compiled.times["load"] = time.perf_counter() - t0
     return compiled
 
 

@@ -274,9 +274,15 @@ def generate(plan: Plan, slots: Slots, nthreads: int, per_step: bool = False) ->
     if len(out) == 1 and out[0][0] == "native" and DATA_OFFSET is not None and (
             TUPLE_ITEMS is not None or n_arrays <= CALL_ARGS_MAX):
         gen.funcs.append(_call_wrapper(plan, slots, out[0][1], prologue))
-    head = (mathlib.DECLARATIONS + gemm.declarations() + "".join(table.DECLARATIONS) +
+    return Module(head(nthreads), gen.defs, "\n".join(gen.funcs), gen.calls), out
+
+
+def head(nthreads: int) -> str:
+    """The declarations every module starts with; making them also binds the symbols the code calls
+    (BLAS, OpenBLAS's thread count, the pool and its workers): a program loaded from the cache without
+    generating its text calls this before linking."""
+    return (mathlib.DECLARATIONS + gemm.declarations() + "".join(table.DECLARATIONS) +
             pool.declarations(nthreads))
-    return Module(head, gen.defs, "\n".join(gen.funcs), gen.calls), out
 
 
 #: native steps per entry function at most: a longer run of steps is split into parts that the entry
@@ -429,32 +435,104 @@ def _call_wrapper(plan: Plan, slots: Slots, entry: str, prologue: str | None = N
     return em.function(f"define void @graphc_call({params}) nounwind")
 
 
-class Specialised:
-    """The compiled code for one set of dim values."""
+#: a specialisation whose constants take more bytes than this is not stored in the warm-start cache (its
+#: entry carries the constants: a graph with a large constant array recompiles from the object cache)
+WARM_CONSTS_MAX = 64 << 20
 
-    def __init__(self, plan: Plan, per_step: bool = False):
-        self.plan = plan
+
+class Specialised:
+    """The compiled code for one set of dim values: made from a plan (compiled, or its object code
+    from the cache), or restored from a warm-start entry (`restore`: no plan, no IR; both are made
+    again when asked for, by `.plan` and `.ir`)."""
+
+    def __init__(self, plan: Plan, per_step: bool = False, warm: str | None = None):
+        self._plan = plan
         self.slots = Slots(plan)
         # bounds checking runs kernels on one thread (the parallel thunks pass no status word)
+        nthreads = 1 if plan.bounds else num_threads()
         t0 = time.perf_counter()
-        mod, segs = generate(plan, self.slots, 1 if plan.bounds else num_threads(), per_step)
+        mod, segs = generate(plan, self.slots, nthreads, per_step)
         lowering = time.perf_counter() - t0
-        self.ir = mod.ir
+        self._ir = mod.ir
         names = [v for k, v in segs if k == "native"]
         wrapped = "@graphc_call(" in mod.entry
         # the prologue (parameter-derived values: plan.prologue steps) is an entry of its own, run when a
         # parameter it reads is a different array than at this thread's last run (per_step: a segment)
         has_prologue = bool(plan.prologue) and not per_step
-        self.compiled = jit.compile_program(mod.head, mod.kernel_irs, mod.entry_ir, self.ir,
+        self.compiled = jit.compile_program(mod.head, mod.kernel_irs, mod.entry_ir, self._ir,
                                             names + ["graphc_call"] * wrapped + [PROLOGUE] * has_prologue)
         #: kernel steps planned, and distinct kernel functions compiled for them
         self.kernel_calls, self.kernel_functions = mod.calls, len(mod.kernels)
         #: seconds per phase: IR generation, then LLVM's (jit.compile_program: optimisation, machine code,
         #: loading; zero optimisation and machine code when the cache had the program)
         self.times = {"lowering": lowering, **self.compiled.times}
+        g = plan.graph
+        self._setup(segs, wrapped, has_prologue, plan.prologue_params, plan.kinds,
+                    [(plan.shape(t), np.dtype(t.dtype)) for t in g.roots], len(g.outputs), plan.consts,
+                    None if plan.status is None else plan.buffers[plan.status.buf].offset, plan.arena_bytes)
+        self.fallback = plan.fallback
+        self.warm = False
+        if warm is not None and not per_step and not plan.bounds and all(k == "native" for k, _ in segs) \
+                and getattr(self.compiled, "key", None) and sum(c.nbytes for c in plan.consts) <= WARM_CONSTS_MAX:
+            from . import tune
+            _store_entry(warm, {
+                "program": self.compiled.key, "objects": self.compiled.objects, "names": names,
+                "wrapped": wrapped, "prologue": has_prologue, "prologue_params": list(plan.prologue_params),
+                "kinds": plan.kinds, "arena_bytes": plan.arena_bytes, "nthreads": nthreads,
+                "roots": [[list(s), d.name] for s, d in self.roots], "n_out": self.n_out, "status": self._status,
+                "fallback": sorted(plan.fallback), "kernel_calls": self.kernel_calls,
+                "kernel_functions": self.kernel_functions,
+                "decisions": [list(d) for d in tune.decisions.get(plan, ())]}, plan.consts)
+
+    @classmethod
+    def restore(cls, name: str, make_plan) -> "Specialised | None":
+        """The specialisation the warm-start entry `name` describes (its object code loaded by key), or
+        None: no entry, a damaged one, the program's objects missing, or a tuner decision its plan used
+        that the tuner would not give now (tune.decided: another stored answer; or none, on a quiet machine,
+        where the tuner times it again and keeps the result: a busy one keeps nothing). `make_plan()`
+        makes the plan when something asks for it (f.explain, f.source, a run-time error's message)."""
+        from graphc.backends.schedule import warm as _warm
+        from . import tune
+        t0 = time.perf_counter()
+        got = _warm.load(name)
+        if got is None:
+            return None
+        e, consts = got
+        busy = None
+        for n, k, m, dtype, threads in e["decisions"]:
+            now = tune.decided(n, k, m, dtype)
+            if now is None:   # the tuner knows no answer: it would time the product now, and keep what it
+                if busy is None:   # finds only on a quiet machine; on a busy one the entry's answer stands
+                    busy = tune._busy()
+                if not busy:
+                    return None
+            elif now[0] != threads:
+                return None
+        head(e["nthreads"])   # binds the symbols the objects call
+        self = cls.__new__(cls)
+        self._plan, self._make_plan = None, make_plan
+        wrapped, has_prologue = e["wrapped"], e["prologue"]
+        self.compiled = jit.load_program(e["program"], e["objects"],
+                                         e["names"] + ["graphc_call"] * wrapped + [PROLOGUE] * has_prologue,
+                                         lambda: self.ir)
+        if self.compiled is None:
+            return None
+        self._ir = None
+        self.slots = Slots(_Kinds(e["kinds"]))
+        self.kernel_calls, self.kernel_functions = e["kernel_calls"], e["kernel_functions"]
+        self.fallback = set(e["fallback"])
+        self.decisions = [tuple(d) for d in e["decisions"]]
+        self._setup([("native", v) for v in e["names"]], wrapped, has_prologue, tuple(e["prologue_params"]),
+                    e["kinds"], [(tuple(s), np.dtype(d)) for s, d in e["roots"]], e["n_out"], consts,
+                    e["status"], e["arena_bytes"])
+        self.warm = True
+        self.times = {"lowering": 0.0, "llvm_opt": 0.0, "machine_code": 0.0, "load": time.perf_counter() - t0}
+        return self
+
+    def _setup(self, segs, wrapped, has_prologue, prologue_params, kinds, roots, n_out, consts, status, arena_bytes):
         self.segments = [(k, _ENTRY(self.compiled.addresses[v]) if k == "native" else v) for k, v in segs]
         self.single = len(self.segments) == 1 and self.segments[0][0] == "native"
-        n_arrays = plan.kinds["input"] + plan.kinds["param"] + plan.kinds["out"]
+        n_arrays = kinds["input"] + kinds["param"] + kinds["out"]
         self.packed = _packed(n_arrays)   # graphc_call takes one tuple of the arrays
         #: graphc_call is a METH_FASTCALL function: each thread calls its own built-in function object,
         #: bound to its table (_table)
@@ -464,24 +542,38 @@ class Specialised:
         self.call = (ctypes.CFUNCTYPE(None, ctypes.c_void_p, *[ctypes.py_object] * (1 if self.packed else n_arrays))(
             self.compiled.addresses["graphc_call"]) if wrapped and not self.fastcall else None)
         self.prologue = _ENTRY(self.compiled.addresses[PROLOGUE]) if has_prologue else None
-        idx = plan.prologue_params
+        idx = prologue_params
         #: params -> the arrays the prologue reads (compared by identity with those of the last run)
         self._pick = (None if not has_prologue else (lambda params: ()) if not idx else
                       (lambda params, i=idx[0]: (params[i],)) if len(idx) == 1 else operator.itemgetter(*idx))
-        g = plan.graph
-        self.roots = [(plan.shape(t), np.dtype(t.dtype)) for t in g.roots]
-        self.n_out = len(g.outputs)
-        self.consts = [c.ctypes.data for c in plan.consts]
-        self._keep = plan.consts
+        self.roots = roots
+        self.n_out = n_out
+        self.consts = [c.ctypes.data for c in consts]
+        self._keep = consts
+        self.arena_bytes = arena_bytes
         self._tls = threading.local()
-        self._status = None if plan.status is None else plan.buffers[plan.status.buf].offset
+        self._status = status
         self.run = self._runner()
+
+    @property
+    def plan(self) -> Plan:
+        """The plan (made again, from the optimised graph, for a specialisation restored from the cache)."""
+        if self._plan is None:
+            self._plan = self._make_plan()
+        return self._plan
+
+    @property
+    def ir(self) -> str:
+        """The program's LLVM IR (generated again from the plan for a restored specialisation)."""
+        if self._ir is None:
+            self._ir = generate(self.plan, Slots(self.plan), 1 if self.plan.bounds else num_threads())[0].ir
+        return self._ir
 
     def _arena(self) -> np.ndarray:
         a = getattr(self._tls, "arena", None)
         if a is None:   # one per thread: concurrent calls never share scratch memory
-            raw = np.empty(self.plan.arena_bytes + 64, np.uint8)
-            a = raw[(-raw.ctypes.data) % 64:][:self.plan.arena_bytes or 1]
+            raw = np.empty(self.arena_bytes + 64, np.uint8)
+            a = raw[(-raw.ctypes.data) % 64:][:self.arena_bytes or 1]
             if self._status is not None:
                 a[self._status:self._status + 8] = 0
             self._tls.arena = a
@@ -607,6 +699,18 @@ class Specialised:
 
     def _host(self, step: HostStep, bases) -> None:
         step.run(lambda v: self.plan.host_array(v, bases), self.plan.dims)
+
+
+class _Kinds:
+    """What Slots reads of a plan (its buffer counts by kind), for a restored specialisation."""
+
+    def __init__(self, kinds: dict):
+        self.kinds = kinds
+
+
+def _store_entry(name: str, head: dict, consts) -> None:
+    from graphc.backends.schedule import warm as _warm
+    _warm.store(name, head, consts)
 
 
 def profile(f, *args, repeat: int = 20) -> list[tuple[float, str]]:

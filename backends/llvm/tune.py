@@ -224,17 +224,24 @@ def _median_time(fn, repeats: int) -> float:
     return float(np.median(ts))
 
 
+#: owner (a plan) -> [(n, k, m, dtype, threads)] of every BLAS product it asked about (the warm-start
+#: cache records them with the program and checks them with `decided` before reusing it)
+decisions: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def blas_threads_for(owner, n: int, k: int, m: int, dtype: str) -> tuple[int, str]:
     """(threads, source) for a BLAS product (n x k) @ (k x m) (see _blas_threads_for), recorded for the
     graph's info["target"]."""
     t, src = _blas_threads_for(owner, n, k, m, dtype)
     _record(owner, n, k, m, dtype, t, src)
+    if owner is not None:
+        decisions.setdefault(owner, []).append((n, k, m, dtype, t))
     return t, src
 
 
-def _blas_threads_for(owner, n: int, k: int, m: int, dtype: str) -> tuple[int, str]:
-    """(threads, source) for a BLAS product (n x k) @ (k x m): the tuned choice ("cache", "tuned") or the
-    size rule ("rule": tuner off, budget spent, nothing to choose). `owner` (the plan) carries the budget."""
+def decided(n: int, k: int, m: int, dtype: str) -> tuple[int, str] | None:
+    """(threads, source) for a BLAS product when it needs no timing (the size rule where nothing is
+    tuned, a decision of this process or of the on-disk cache), else None (_blas_threads_for times it)."""
     flops = 2 * n * k * m
     top = max_blas_threads()
     rule = blas_threads(flops)
@@ -247,12 +254,26 @@ def _blas_threads_for(owner, n: int, k: int, m: int, dtype: str) -> tuple[int, s
     key = ("blas", n, k, m, dtype, top, md)
     if key in _memo:
         return _memo[key], "cache"
-    name = _cache_name(*key)
-    hit = _load(name)
+    hit = _load(_cache_name(*key))
     if isinstance(hit, dict) and hit.get("threads") in (1, top):
         _memo[key] = int(hit["threads"])
         log.append(("blas", (n, k, m, dtype), _memo[key], "cache"))
         return _memo[key], "cache"
+    return None
+
+
+def _blas_threads_for(owner, n: int, k: int, m: int, dtype: str) -> tuple[int, str]:
+    """(threads, source) for a BLAS product (n x k) @ (k x m): the tuned choice ("cache", "tuned") or the
+    size rule ("rule": tuner off, budget spent, nothing to choose). `owner` (the plan) carries the budget."""
+    known = decided(n, k, m, dtype)
+    if known is not None:
+        return known
+    flops = 2 * n * k * m
+    top = max_blas_threads()
+    rule = blas_threads(flops)
+    md = mode()
+    key = ("blas", n, k, m, dtype, top, md)
+    name = _cache_name(*key)
     spent = _spent.get(owner, 0.0) if owner is not None else 0.0
     if spent >= BUDGET[md]:
         return rule, "rule"

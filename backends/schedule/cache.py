@@ -221,14 +221,16 @@ def _read_blob(path: str) -> bytes | None:
 
 # ---- blobs ------------------------------------------------------------------------------------------------
 
-def load_blob(sub: str, name: str) -> bytes | None:
-    """The checked payload of blob `name`, or None (missing, or damaged: the caller rebuilds it)."""
+def load_blob(sub: str, name: str, counts: dict | None = None) -> bytes | None:
+    """The checked payload of blob `name`, or None (missing, or damaged: the caller rebuilds it). Hits and
+    misses are counted in `counts` (default: `stats`; damaged entries always in stats["corrupt"])."""
+    counts = stats if counts is None else counts
     for d in read_dirs(sub):
         payload = _read_blob(os.path.join(d, name))
         if payload is not None:
-            stats["hits"] += 1
+            counts["hits"] += 1
             return payload
-    stats["misses"] += 1
+    counts["misses"] += 1
     return None
 
 
