@@ -219,9 +219,34 @@ def _report(args, env, results, names, probe, bw) -> None:
     if args.save:
         os.makedirs(RESULTS_DIR, exist_ok=True)
         base = os.path.join(RESULTS_DIR, harness.cpu_slug(env["processor"]))
+        payload, names_all = _merge_saved(base + ".json", payload, names)
         harness.write_json(base + ".json", payload)
-        why = harness.plot(base + ".png", results, names)
+        why = harness.plot(base + ".png", payload["results"], names_all)
         print(f"\nsaved: {base}.json" + (f", {base}.png" if why is None else f" (plot skipped: {why})"))
+
+
+def _merge_saved(path: str, payload: dict, names: list[str]) -> tuple[dict, list[str]]:
+    """The payload --save writes: this run's, plus the workloads of the file already saved for this CPU
+    that this run left out (a `--only W10` run keeps the others' figures). Each kept workload is listed
+    under "kept_from_earlier_run" with that run's load average, so the file says which run measured it."""
+    try:
+        with open(path) as fh:
+            old = json.load(fh)
+        old_results = old["results"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return payload, names
+    kept = {wl: row for wl, row in old_results.items() if wl not in payload["results"]}
+    if not kept:
+        return payload, names
+    earlier = old.get("kept_from_earlier_run", {})
+    why = {wl: earlier.get(wl, {"loadavg": old.get("environment", {}).get("loadavg")}) for wl in kept}
+    rows = list({**kept, **payload["results"]})
+    order = sorted(rows, key=lambda wl: (int(wl[1:].split()[0]) if wl[1:].split()[0].isdigit() else 99,
+                                         rows.index(wl)))
+    merged = {wl: payload["results"].get(wl, kept.get(wl)) for wl in order}
+    names_all = list(names) + [s for row in kept.values() for s in row if s not in names]
+    names_all = list(dict.fromkeys(names_all))
+    return {**payload, "results": merged, "kept_from_earlier_run": why}, names_all
 
 
 if __name__ == "__main__":

@@ -142,3 +142,22 @@ def test_quick_leaves_w10_out_unless_named():
 
 def test_cpu_slug():
     assert harness.cpu_slug("AMD EPYC (family 23 model 49)") == "amd-epyc-family-23-model-49"
+
+
+def test_save_keeps_the_workloads_a_partial_run_left_out(tmp_path):
+    """--save of a `--only W10` run keeps the other workloads' figures of the file saved before for the CPU,
+    marked as kept from that earlier run; a workload measured again replaces its old row."""
+    from benchmarks import __main__ as bench
+    ok = {"status": "ok", "min": 1.0, "median": 1.0}
+    path = tmp_path / "cpu.json"
+    old = {"environment": {"loadavg": [0.5]}, "results": {"W1 b1": {"numpy": ok, "graphc-llvm": ok},
+                                                         "W10 b1": {"graphc-llvm": {**ok, "median": 9.0}}}}
+    path.write_text(json.dumps(old))
+    new = {"environment": {"loadavg": [0.1]}, "results": {"W10 b1": {"graphc-llvm": ok, "torch": ok}}}
+    merged, names = bench._merge_saved(str(path), new, ["graphc-llvm", "torch"])
+    assert list(merged["results"]) == ["W1 b1", "W10 b1"]
+    assert merged["results"]["W10 b1"]["graphc-llvm"]["median"] == 1.0
+    assert merged["kept_from_earlier_run"] == {"W1 b1": {"loadavg": [0.5]}}
+    assert names == ["graphc-llvm", "torch", "numpy"]
+    # nothing saved before (or an unreadable file): this run's payload as it is
+    assert bench._merge_saved(str(tmp_path / "none.json"), new, ["torch"]) == (new, ["torch"])
