@@ -8,7 +8,9 @@ iteration for long, costly 1-D kernels), against NumPy float64:
 - exact special values: signed zeros, +-inf, NaN;
 - the exp of x <= 0 path (sigmoid, softmax rows, attention) on its own;
 - the paired loop at odd sizes around its threshold and odd chunk bounds, strided and broadcast inputs,
-  both ISAs' settings and both thread counts, bit-for-bit equal to the plain loop.
+  both ISAs' settings and both thread counts, bit-for-bit equal to the plain loop;
+- exp of an argument the body shows is <= 0 (-x*x, x*-x, -(x*x), -abs(x)) on the short path, and only those;
+- the as-late-as-possible order of elementwise bodies (kernels._late_order): bit-identical results.
 """
 from __future__ import annotations
 
@@ -247,3 +249,136 @@ def test_paired_loop_under_bounds_sanitizer(rng):
     checked = gc.function([p], _w2(p), backend="llvm", sanitize="bounds")
     assert _fdivs(checked) == 6
     np.testing.assert_array_equal(checked(x), gc.function([p], _w2(p), backend="llvm")(x))
+
+
+# ---- exp of a provably non-positive argument; the as-late-as-possible body order ---------------------
+
+_HI_CLAMP = "0x4056400000000000"   # 89.0: exp's overflow clamp, absent on the x <= 0 path
+
+
+@pytest.mark.parametrize("name", ["-x*x", "x*-x", "-(x*x)", "-abs(x)"])
+def test_exp_of_a_nonpositive_expression_takes_the_short_path(name, threads, rng):
+    from graphc.backends.llvm import kernels
+    build = {"-x*x": lambda x: -x * x, "x*-x": lambda x: x * -x, "-(x*x)": lambda x: -(x * x),
+             "-abs(x)": lambda x: -gc.abs(x)}[name]
+    ref = {"-x*x": lambda x: -x * x, "x*-x": lambda x: -x * x, "-(x*x)": lambda x: -x * x,
+           "-abs(x)": lambda x: -np.abs(x)}[name]
+    for n in (1, 3, 17, 63, 65, 257, kernels.PAIR_MIN + 65):
+        x = _inputs(n, rng)
+        x[: min(n, 4)] = np.float32([-0.0, 10.2, -13.5, 1e-20])[: min(n, 4)]   # exp(-x*x) subnormal, 0, 1
+        p = gc.placeholder("x", (n,), "float32")
+        f = gc.function([p], gc.exp(build(p)), backend="llvm")
+        assert _HI_CLAMP not in f.source, name
+        with np.errstate(all="ignore"):
+            want = np.exp(ref(x.astype(np.float32)).astype(np.float64)).astype(np.float32)
+        got = f(x)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        fin = np.isfinite(want)
+        w, g = want[fin].astype(np.float64), got[fin].astype(np.float64)
+        ulp = np.abs(g - w) / np.spacing(np.maximum(np.abs(w), np.float32(1.1754944e-38)).astype(np.float32))
+        assert ulp.max() <= 4, (name, n, ulp.max())
+
+
+def test_exp_of_other_expressions_keeps_the_full_range():
+    p, q = gc.placeholder("x", (5,), "float32"), gc.placeholder("y", (5,), "float32")
+    for expr in (p * p, p * -q, -p * q, -(p * q), p - q):
+        f = gc.function([p, q], gc.exp(expr), backend="llvm")
+        assert _HI_CLAMP in f.source
+        x, y = np.float32([0, 1, 50, 89, -3]), np.float32([1, 2, -2, -1, 0.5])
+        with np.errstate(over="ignore"):
+            np.testing.assert_allclose(f(x, y), np.exp(gc.function([p, q], expr, backend="numpy")(x, y)),
+                                       rtol=3e-7)
+
+
+@pytest.mark.parametrize("lanes", [1, 8])
+def test_nonpositive_recognises_only_sign_proofs(lanes):
+    from graphc.backends.llvm import mathlib
+    from graphc.backends.llvm.irtext import Emitter
+    t, em = mathlib.Ty(lanes), Emitter()
+    x, y = em.fresh(), em.fresh()
+    nx = em(f"fneg {t.f} {x}")
+    sq = em(f"fmul {t.f} {x}, {x}")
+    ax = em(f"call {t.f} @llvm.fabs.{'f32' if lanes == 1 else 'v8f32'}({t.f} {x})")
+    orx = mathlib._float(em, em(f"or {t.i} {mathlib._bits(em, x, t)}, {t.ic(-0x80000000)}"), t)
+    andx = mathlib._float(em, em(f"and {t.i} {mathlib._bits(em, x, t)}, {t.ic(0x7FFFFFFF)}"), t)
+    yes = [em(f"fmul {t.f} {nx}, {x}"), em(f"fmul {t.f} {x}, {nx}"), em(f"fneg {t.f} {sq}"),
+           em(f"fneg {t.f} {ax}"), orx]
+    no = [x, nx, sq, ax, andx, em(f"fmul {t.f} {nx}, {y}"), em(f"fneg {t.f} {em(f'fmul {t.f} {x}, {y}')}"),
+          em(f"fsub {t.f} {x}, {y}")]
+    assert [mathlib.nonpositive(em, v) for v in yes] == [True] * len(yes)
+    assert [mathlib.nonpositive(em, v) for v in no] == [False] * len(no)
+
+
+def _mixed_body(p, q):
+    """A fused body with two outputs, a float16 input, a comparison, a select and an int32 output."""
+    h = gc.tanh(p * 0.75 - 0.25) + gc.sigmoid(q.astype("float32")) * gc.exp(-p * p)
+    return [h, gc.where(h > 0.5, p, -p).astype("int32")]
+
+
+@pytest.mark.parametrize("n_extra", [None, 0, 129])
+def test_late_order_changes_no_bit(n_extra, threads, monkeypatch, rng):
+    """The as-late-as-possible order of an elementwise body (kernels._late_order) only moves
+    instructions: bit-identical results at odd sizes, paired or not, with several outputs and dtypes."""
+    from graphc.backends.llvm import kernels
+    sizes = (1, 3, 17, 63, 65, 257) if n_extra is None else (kernels.PAIR_MIN + n_extra,)
+    for n in sizes:
+        x = _inputs(n, rng)
+        y = (rng.standard_normal(n) * 6).astype(np.float16)
+        p, q = gc.placeholder("x", (n,), "float32"), gc.placeholder("y", (n,), "float16")
+        late = gc.function([p, q], _mixed_body(p, q), backend="llvm")
+        w2_late = gc.function([p], _w2(p), backend="llvm")
+        monkeypatch.setattr(kernels, "LATE_ORDER", False)
+        plain = gc.function([p, q], _mixed_body(p, q), backend="llvm")
+        w2_plain = gc.function([p], _w2(p), backend="llvm")
+        monkeypatch.setattr(kernels, "LATE_ORDER", True)
+        for a, b in zip(late(x, y), plain(x, y)):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(w2_late(x), w2_plain(x))
+        _compare(w2_late(x), _w2_ref(x))
+
+
+def test_late_order_unit():
+    """Longest path to the end first (ties in emission order), every value defined before its uses, loads
+    before stores, stores in their order; a span with a label or a void call is left alone."""
+    from graphc.backends.llvm import kernels
+    from graphc.backends.llvm.irtext import Emitter
+    em = Emitter()
+    em.raw("store float 0.0, ptr %out0")          # before the span: never moved
+    first = len(em.lines)
+    a = em("load float, ptr %pa")
+    b = em("load float, ptr %pb")
+    s1 = em(f"fadd float {a}, 1.0")
+    s2 = em(f"fmul float {s1}, {s1}")
+    s3 = em(f"fsub float {s2}, 2.0")
+    t1 = em(f"fmul float {b}, 3.0")
+    em.raw(f"store float {s3}, ptr %o1")
+    em.raw(f"store float {t1}, ptr %o2")
+    before = list(em.lines)
+    kernels._late_order(em, first)
+    assert em.lines[:first] == before[:first] and sorted(em.lines) == sorted(before)
+    body = [ln.strip() for ln in em.lines[first:]]
+    pos = {ln.split(" = ")[0]: k for k, ln in enumerate(body) if " = " in ln}
+    for k, ln in enumerate(body):   # defined before used
+        assert all(pos[v] < k for v in kernels._SSA.findall(ln.split(" = ")[-1]) if v in pos)
+    assert body[-2:] == [f"store float {s3}, ptr %o1", f"store float {t1}, ptr %o2"]
+    assert body.index(f"{t1} = fmul float {b}, 3.0") > body.index(f"{s1} = fadd float {a}, 1.0")
+    for stop in ("lbl:", "  call void @f()", "  br label %x"):
+        em2 = Emitter()
+        em2.lines = list(before) + [stop]
+        kernels._late_order(em2, first)
+        assert em2.lines == list(before) + [stop]
+    em3 = Emitter()           # a stack slot's store and load keep their order (the span is left alone)
+    slot = em3.alloca("float")
+    em3.raw(f"store float 1.0, ptr {slot}")
+    v = em3(f"load float, ptr {slot}")
+    em3.raw(f"store float {em3(f'fadd float {v}, 1.0')}, ptr %o")
+    kept = list(em3.lines)
+    kernels._late_order(em3, 0)
+    assert em3.lines == kept
+
+
+@pytest.mark.parametrize("n", [1, 3, 17, 63, 65, 257])
+def test_w2_odd_sizes_both_thread_counts(n, threads, rng):
+    x = _inputs(n, rng)
+    p = gc.placeholder("x", (n,), "float32")
+    _compare(gc.function([p], _w2(p), backend="llvm")(x), _w2_ref(x))

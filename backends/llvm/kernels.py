@@ -5,6 +5,7 @@ buffers never overlap) and the [lo, hi) range of its outermost loop (used to spl
 """
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import numpy as np
@@ -35,6 +36,9 @@ PARALLEL_MIN_COSTLY = 1 << 16
 PAIR_COST = 48
 PAIR_MIN = 1 << 18
 PAIR_BLOCK = 64
+#: an elementwise body (both streams of a paired one) is emitted in as-late-as-possible order
+#: (`_late_order`): W2 on a Zen 2 core 6.1 -> 5.4 ms a thread (the same instructions, better overlapped)
+LATE_ORDER = True
 
 
 def vector_attrs() -> str:
@@ -176,13 +180,18 @@ def elementwise(outs: list[View], ins: list[View], compute) -> Kernel:
             return
 
         def body(offs, _):
+            first = len(em.lines)
             vals = [(load(em, P, v, o), v.dtype) for v, o in zip(ins, offs[len(outs):])]
             for v, o, r in zip(outs, offs, compute(em, vals)):
                 store(em, P, v, o, r)
+            if reorder and not paired:
+                _late_order(em, first)
         if paired:
-            _paired_loop(em, [s[0] for s in sts], bases, body, lo, hi)
+            _paired_loop(em, [s[0] for s in sts], bases, body, lo, hi, reorder)
         else:
             nest(em, dims, sts, bases, body, lo if dims else None, hi)
+    # (not when an output is also an input's buffer: its loads and stores then keep their order)
+    reorder = LATE_ORDER and not ({v.buf for v in outs} & {v.buf for v in ins if v.literal is None})
     cost = body_cost(compute, ins) if size >= PARALLEL_MIN_COSTLY else 0
     paired = len(dims) == 1 and size >= PAIR_MIN and cost >= PAIR_COST
     parallel = size >= PARALLEL_MIN or (size >= PARALLEL_MIN_COSTLY and size * cost >= PARALLEL_WORK)
@@ -190,9 +199,10 @@ def elementwise(outs: list[View], ins: list[View], compute) -> Kernel:
     return Kernel("elementwise", outs + ins, emit, split, size, dims[0] if dims else 0)
 
 
-def _paired_loop(em: Emitter, strides, bases, body, lo, hi) -> None:
+def _paired_loop(em: Emitter, strides, bases, body, lo, hi, reorder: bool = False) -> None:
     """A 1-D loop over [lo, hi) in blocks of 2 * PAIR_BLOCK elements, body(offsets, [i]) for elements
-    i and i + PAIR_BLOCK in one iteration of the inner loop, then the rest one by one."""
+    i and i + PAIR_BLOCK in one iteration of the inner loop (the two in one `_late_order` when reorder),
+    then the rest one by one."""
     b2 = 2 * PAIR_BLOCK
 
     def offsets(i):
@@ -205,14 +215,53 @@ def _paired_loop(em: Emitter, strides, bases, body, lo, hi) -> None:
         start = em(f"add i64 {lo}, {em(f'mul i64 {k}, {b2}')}")
 
         def inner(j):
+            first = len(em.lines)
             i = em(f"add i64 {start}, {j}")
             body(offsets(i), [i])
             i2 = em(f"add i64 {i}, {PAIR_BLOCK}")
             body(offsets(i2), [i2])
+            if reorder:
+                _late_order(em, first)
         em.loop(PAIR_BLOCK, inner)
     em.loop(blocks, block)
     rest = em(f"add i64 {lo}, {em(f'mul i64 {blocks}, {b2}')}")
     em.loop(hi, lambda i: body(offsets(i), [i]), start=rest)
+
+
+_SSA = re.compile(r"%[\w.]+")
+
+
+def _late_order(em: Emitter, first: int) -> None:
+    """Reorder the straight-line IR em.lines[first:] (one element's body, or a paired loop's two) as late
+    as possible: by the length of the longest dependency path from each instruction to the end, longest
+    first, ties in emission order. Independent chains (the three exps of a W2-like body, the paired loop's
+    two elements) then interleave from their ends, each value made shortly before its first use, and
+    LLVM's scheduler, which keeps much of the IR's order, gives a loop the core overlaps better (W2 on a
+    Zen 2 core: the same instruction count, 12% less time). Loads come before every store (their paths
+    are longer), stores keep their order: the kernel's buffers are distinct (the caller does not reorder
+    when an output is also an input). Nothing is moved when the span has a label or a branch
+    (sanitize="bounds" checks), a call without a result, or touches a stack slot (an alloca)."""
+    lines = em.lines[first:]
+    if any(not ln.startswith("  ") or ln.lstrip().startswith(("br ", "call ")) for ln in lines):
+        return
+    slots = {a.split(" = ", 1)[0].strip() for a in em.allocas}
+    entries = []    # [height, index, line, defined name or None, operand names]
+    for k, ln in enumerate(lines):
+        text = ln.strip()
+        name, rhs = text.split(" = ", 1) if text.startswith("%") and " = " in text else (None, text)
+        ops = _SSA.findall(rhs)
+        if slots.intersection(ops):
+            return
+        entries.append([0, k, ln, name, ops])
+    height: dict[str, int] = {}
+    for e in reversed(entries):
+        h = height.get(e[3], 0) if e[3] else 0
+        e[0] = -h
+        for op in e[4]:
+            if height.get(op, -1) < h + 1:
+                height[op] = h + 1
+    entries.sort(key=lambda e: (e[0], e[1]))
+    em.lines[first:] = [e[2] for e in entries]
 
 
 def body_cost(compute, ins: list[View]) -> int:

@@ -12,7 +12,8 @@ Kernels full of these functions are bound by their dependency chains and by the 
 FMA ports): every instruction counts, so one FMA per polynomial step, Estrin's pairs instead of a Horner
 chain where it is long, the shifter trick instead of round + convert (its bias chosen so that 2^n is
 one shift of the sum's bits), one division per function, and NaN/inf/0 that fall out of clamped
-arithmetic instead of compare-and-select after the fact.
+arithmetic instead of compare-and-select after the fact. What the emitted code already shows is used:
+exp of a value the body made as -(y*y) or -|y| takes the cheaper x <= 0 path (`nonpositive`).
 """
 from __future__ import annotations
 
@@ -119,19 +120,29 @@ SHIFT_BITS = 0x4B400000
 #: B = 254 (exp, _half_expm1): the bits b = SHIFT_BITS + 254 + n halve into bh = b >> 1 = SHIFT_BITS/2 +
 #: 127 + floor(n/2) and b - bh (127 + ceil(n/2)): `shl 23` of each is one half of 2^n, both normal floats
 SHIFT_EXP = SHIFT + 254.0
-#: B = 191 (exp of x <= 0, n in [-150, 0]): `shl 23` of the bits is 2^(n + 64), a normal float
+#: B = 191 (exp of x <= 0, n in [-150, 0]): `shl 23` of the bits is 2^(n + 64), a normal float; the
+#: bits less 65 shift to 2^(n-1) (_half_expm1 of x <= 0: one shifter constant shared with exp and sigmoid)
 SHIFT_NEG = SHIFT + 191.0
 LN2_HI, LN2_LO = 0.693359375, -2.12194440e-4   # Cody-Waite: n * LN2_HI is exact for |n| < 2**15
+#: float32(ln2) (fconst rounds it): r = x - n LN2_F32 in one FMA is off by at most |n| 1.9e-9, a relative
+#: error of e^x under 0.5 ulp for the |n| <= 29 of a reduction clamped at x >= -20 (tanh's, where e^x
+#: that far out only moves tanh by a fraction of an ulp): one FMA and one constant fewer there
+LN2_F32 = 0.6931471805599453
+#: the lowest clamp (lo) of _half_expm1's x <= 0 path that takes the one-FMA reduction
+ONE_FMA_REDUCTION_MIN = -20.0
 #: exp(r) = 1 + r + r*r*P(r) on |r| <= ln2/2: P fitted (minimax, relative error of expm1(r)) with five
 #: coefficients; its error is under 0.3 ulp of expm1(r) and 0.1 ulp of exp(r) (Cephes uses six)
 _EXP_P = [1.3882460771128535e-3, 8.366494439542294e-3, 4.166720062494278e-2, 1.666654348373413e-1,
           4.999999701976776e-1]
 
 
-def _reduce(em, x, t: Ty, shift: float = SHIFT_EXP):
-    """x = n ln2 + r, |r| <= ln2/2: (n as the shifter's sum's bits (i32): SHIFT_BITS + bias + n, r)."""
+def _reduce(em, x, t: Ty, shift: float = SHIFT_EXP, one_fma: bool = False):
+    """x = n ln2 + r, |r| <= ln2/2: (n as the shifter's sum's bits (i32): SHIFT_BITS + bias + n, r).
+    one_fma (|n| <= 29 only): r = x - n LN2_F32 in one rounding instead of Cody-Waite's two steps."""
     s = _fma(em, x, t.c(1.44269504088896341), t.c(shift), t)
     n = em(f"fsub {t.f} {s}, {t.c(shift)}")
+    if one_fma:
+        return _bits(em, s, t), _fma(em, n, t.c(-LN2_F32), x, t)
     r = _fma(em, n, t.c(-LN2_HI), x, t)                                    # exact
     return _bits(em, s, t), _fma(em, n, t.c(-LN2_LO), r, t)                # one rounding
 
@@ -147,7 +158,9 @@ def exp_f32(em: Emitter, x: str, lo: float = -104.0, hi: float | None = 89.0, t:
     factors (each a normal float), so results down in the subnormals come out of one last product.
     Clamping x to [-104, 89] (NaN kept) makes overflow (inf), underflow (0) and NaN fall out of the
     arithmetic. Callers that know x <= 0 pass hi=None: one compare fewer, and 2^n as 2^(n+64) 2^-64
-    (one shift instead of four integer instructions)."""
+    (one shift instead of four integer instructions); so does an x the emitted code shows is <= 0."""
+    if hi is not None and nonpositive(em, x):
+        hi = None
     xc = _max(em, x, lo, t)
     if hi is None:
         b, r = _reduce(em, xc, t, SHIFT_NEG)
@@ -164,16 +177,50 @@ def exp_f32(em: Emitter, x: str, lo: float = -104.0, hi: float | None = 89.0, t:
     return em(f"fmul {t.f} {y}, {s2}")
 
 
+def _defining(em: Emitter, v: str) -> list[str] | None:
+    """The tokens (commas dropped) of the instruction em emitted to define SSA value v, or None."""
+    key = f"  {v} = "
+    for ln in reversed(em.lines):
+        if ln.startswith(key):
+            return ln[len(key):].replace(",", " ").split()
+    return None
+
+
+def nonpositive(em: Emitter, v: str) -> bool:
+    """Whether the float value v is <= 0 or NaN by the instructions that made it (straight-line code of
+    this emitter): (-y)*y or y*(-y), -(y*y), -fabs(y), or y's bits with the sign bit set."""
+    d = _defining(em, v)
+    if not d:
+        return False
+    if d[0] == "fmul":
+        a, b = d[-2], d[-1]
+        for p, q in ((a, b), (b, a)):
+            dp = _defining(em, p)
+            if dp and dp[0] == "fneg" and dp[-1] == q:
+                return True
+    if d[0] == "fneg":
+        dp = _defining(em, d[-1])
+        return bool(dp) and ((dp[0] == "fmul" and dp[-2] == dp[-1]) or
+                             (dp[0] == "call" and any(tok.startswith("@llvm.fabs.") for tok in dp)))
+    if d[0] == "bitcast":
+        dp = _defining(em, next((tok for tok in d if tok.startswith("%")), ""))
+        return bool(dp) and dp[0] == "or" and any(tok.strip("()") == "-2147483648" for tok in dp)
+    return False
+
+
 def _half_expm1(em, x: str, lo: float, hi: float | None, t: Ty) -> str:
     """expm1(x) / 2 on x clamped to [lo, hi] (lo >= -40, hi <= 89; NaN kept): 2^n (1 + m) - 1 with
     m = expm1(r), computed as s m + (s - 1/2) with s = 2^(n-1), a normal float for every n the
-    clamp allows (2^128 itself is not), and exact where n is 0 (x near 0: the result is m / 2)."""
+    clamp allows (2^128 itself is not), and exact where n is 0 (x near 0: the result is m / 2).
+    hi=None (x <= 0): SHIFT_NEG's bias (the constant exp and sigmoid use), and for lo >= -20 the
+    one-FMA reduction."""
     xc = _max(em, x, lo, t)
     if hi is not None:
         xc = _min(em, xc, hi, t)
-    b, r = _reduce(em, xc, t, SHIFT_EXP)
+    neg = hi is None
+    b, r = _reduce(em, xc, t, SHIFT_NEG if neg else SHIFT_EXP, one_fma=neg and lo >= ONE_FMA_REDUCTION_MIN)
     m = _expm1_r(em, r, t)
-    e = em(f"sub {t.i} {b}, {t.ic(128)}")            # n - 1 + 127 in the low 9 bits
+    e = em(f"sub {t.i} {b}, {t.ic(65 if neg else 128)}")      # n - 1 + 127 in the low 9 bits
     s = _float(em, em(f"shl {t.i} {e}, {t.ic(23)}"), t)
     return _fma(em, s, m, em(f"fsub {t.f} {s}, {t.c(0.5)}"), t)
 
@@ -244,12 +291,18 @@ def tanh_f32(em: Emitter, x: str, t: Ty = S) -> str:
 
 def sigmoid_f32(em: Emitter, x: str, t: Ty = S) -> str:
     """1/(1+e^-x) as e = exp(-|x|): (x >= 0 ? 1 : e) / (1+e), one division rounded once (no overflow;
-    NaN propagates through e)."""
+    NaN propagates through e). Numerator and denominator are both scaled by 2^64: e 2^64 is exp's
+    2^(n+64) (1 + m) before its last product (a normal float even where e is subnormal: one rounding
+    fewer there). The choice reads x's sign bit (a blend on it: no compare; -0 picks e = 1, the same)."""
     f = t.f
-    nb = _float(em, em(f"or {t.i} {_bits(em, x, t)}, {t.ic(-0x80000000)}"), t)   # -|x|
-    e = exp_f32(em, nb, hi=None, t=t)
-    num = _sel(em, em(f"fcmp oge {f} {x}, {t.c(0.0)}"), t.c(1.0), e, t)
-    return em(f"fdiv {f} {num}, {em(f'fadd {f} {e}, {t.c(1.0)}')}")
+    xb = _bits(em, x, t)
+    nb = _float(em, em(f"or {t.i} {xb}, {t.ic(-0x80000000)}"), t)   # -|x|
+    b, r = _reduce(em, _max(em, nb, -104.0, t), t, SHIFT_NEG)
+    s1 = _float(em, em(f"shl {t.i} {b}, {t.ic(23)}"), t)
+    e = _fma(em, _expm1_r(em, r, t), s1, s1, t)                       # e^-|x| 2^64
+    big = t.c(2.0 ** 64)
+    num = _sel(em, em(f"icmp slt {t.i} {xb}, {t.ic(0)}"), e, big, t)
+    return em(f"fdiv {f} {num}, {em(f'fadd {f} {e}, {big}')}")
 
 
 _ERF_T = [7.853861353153693E-5, -8.010193625184903E-4, 5.188327685732524E-3, -2.685381193529856E-2,
