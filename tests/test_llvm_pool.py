@@ -3,7 +3,9 @@ NumPy (float64 references): every chunk of a dispatch runs exactly once (odd chu
 dispatches, four Python threads dispatching at once, after a fork), a worker really runs chunks, split
 elementwise kernels, BLAS products cut into blocks of rows or columns (plain and transposed operands, a
 batch), the micro-kernel's column blocks (AVX2's and AVX-512's vector shapes forced) also inside a scan,
-on 1 and 2 threads; and the tuner's probe of a split product."""
+on 1 and 2 threads; the tuner's probe of a split product; and, in fresh interpreters, that a worker woken
+from its futex sleep is steered off the caller's CPU (and gets its own mask back), and that an idle worker
+sleeps (its CPU time stays near zero). No timing is asserted."""
 from __future__ import annotations
 
 import ctypes
@@ -325,3 +327,132 @@ def test_tuner_keeps_a_busy_machines_decision_in_this_process_only(rng, monkeypa
     _close(f(av), av.astype(np.float64) @ w.value, "float32")
     assert [e[3] for e in tune.log] == ["tuned"]
     assert not (tmp_path / "tune").exists() or not list((tmp_path / "tune").iterdir())
+
+
+# ---- waking and sleeping (fresh interpreters: they pin the calling thread and read the workers' CPU time) ----
+
+_WAKE_SCRIPT = r'''
+import ctypes, os, signal, sys, threading, time
+signal.alarm(120)
+import numpy as np
+from graphc.backends.llvm import pool
+PROBE = """
+declare i32 @sched_getcpu()
+declare i64 @syscall(i64, ...)
+declare i64 @llvm.readcyclecounter()
+; a[0]: 1 once either chunk ran second; a[2 + c]: chunk c's CPU; a[4 + c]: its thread id. The first chunk to
+; start waits (up to ~2^33 ticks) for the other: with the caller inside it only a worker can run that one.
+define internal void @where(ptr %a, i64 %c) nounwind {
+entry:
+  %cpu = call i32 @sched_getcpu()
+  %cpu64 = sext i32 %cpu to i64
+  %tid = call i64 (i64, ...) @syscall(i64 186)
+  %i2 = add i64 %c, 2
+  %i4 = add i64 %c, 4
+  %p2 = getelementptr i64, ptr %a, i64 %i2
+  %p4 = getelementptr i64, ptr %a, i64 %i4
+  store i64 %cpu64, ptr %p2
+  store i64 %tid, ptr %p4
+  %flag = getelementptr i64, ptr %a, i64 1
+  %old = atomicrmw add ptr %flag, i64 1 acq_rel
+  %second = icmp ne i64 %old, 0
+  br i1 %second, label %mark, label %wait
+mark:
+  store atomic i64 1, ptr %a release, align 8
+  ret void
+wait:
+  %t0 = call i64 @llvm.readcyclecounter()
+  br label %spin
+spin:
+  %v = load atomic i64, ptr %a acquire, align 8
+  %done = icmp ne i64 %v, 0
+  br i1 %done, label %out, label %more
+more:
+  %t = call i64 @llvm.readcyclecounter()
+  %dt = sub i64 %t, %t0
+  %late = icmp ugt i64 %dt, 8589934592
+  br i1 %late, label %out, label %spin
+out:
+  ret void
+}
+define void @run_where(ptr %a) nounwind {
+entry:
+  call void @gc_pool_run(ptr @where, ptr %a, i64 2)
+  ret void
+}
+"""
+def task_cpu_ticks(tid):
+    with open(f"/proc/self/task/{tid}/stat") as fh:
+        f = fh.read().rsplit(")", 1)[1].split()
+    return int(f[11]) + int(f[12])
+pool.ensure_workers(1)
+c = pool.compile_uncached(pool.DECLARATIONS + PROBE, ["run_where"])
+run = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(c.addresses["run_where"])
+a = np.zeros(8, np.int64)
+run(a.ctypes.data)                                   # starts the worker, with the process's mask
+main = threading.get_native_id()
+(worker,) = [int(t) for t in os.listdir("/proc/self/task") if int(t) != main]
+full = os.sched_getaffinity(0)
+case = sys.argv[1]
+if case == "steer":
+    mine = min(full)
+    os.sched_setaffinity(0, {mine})                  # the caller on one CPU; the worker keeps its own mask
+    x = np.random.default_rng(0).standard_normal((400, 400))
+    steered = 0
+    for i in range(24):
+        if i % 2:
+            x @ x                                    # OpenBLAS's threads run (and spin after it)
+        else:
+            time.sleep(0.02)                         # the worker spins ~0.1 ms, then sleeps on its futex
+        before = pool.stats()["steered"]
+        a[:] = 0
+        run(a.ctypes.data)
+        on_worker = [ch for ch in (0, 1) if a[4 + ch] == worker]
+        assert a[0] == 1 and len(on_worker) == 1, ("a chunk waited for the other in vain: no worker ran it", a)
+        if pool.stats()["steered"] > before:
+            steered += 1
+            assert a[2 + on_worker[0]] != mine, ("a steered worker ran on the caller's CPU", a)
+    assert steered >= 1, pool.stats()                # asleep at least once in 24 dispatches
+    os.sched_setaffinity(0, full)
+    t_end = time.monotonic() + 30                    # the worker gives itself its own mask back after its job
+    while os.sched_getaffinity(worker) != full and time.monotonic() < t_end:
+        time.sleep(0.01)
+    assert os.sched_getaffinity(worker) == full, (os.sched_getaffinity(worker), full)
+elif case == "idle":
+    x = np.random.default_rng(0).standard_normal((400, 400))
+    for i in range(50):
+        a[:] = 0
+        run(a.ctypes.data)
+        if i % 5 == 0:
+            x @ x
+    before = task_cpu_ticks(worker)
+    time.sleep(1.0)
+    used = task_cpu_ticks(worker) - before           # clock ticks (1/100 s): a spinning worker uses ~100
+    assert used <= 5, ("the idle worker kept running", used)
+print("OK", pool.stats())
+'''
+
+
+def _run_wake(case: str):
+    import subprocess
+    import sys
+    import textwrap
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(_WAKE_SCRIPT), case], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two CPUs and CPU masks")
+def test_a_woken_worker_is_steered_off_the_callers_cpu():
+    """A dispatch that wakes a sleeping worker (after a pause, or after a NumPy product whose OpenBLAS
+    threads ran) takes the caller's CPU out of its mask first: its chunk runs on another CPU (the caller
+    pinned to one CPU here, so this is deterministic), and after its job the worker has its own mask back."""
+    _run_wake("steer")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs /proc")
+def test_the_worker_sleeps_when_idle():
+    """After dispatches alternating with NumPy products, an idle second costs the worker (almost) no CPU
+    time: it spins a bounded time, then sleeps on its futex."""
+    _run_wake("idle")
