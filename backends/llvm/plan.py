@@ -29,6 +29,9 @@ class Plan(Schedule):
     #: parameter-only steps (a transposed or converted weight) run as a prologue, once per parameter
     #: change (program.Specialised)
     hoist_invariants = True
+    #: a scan's new carries computed in the carries' own buffers when safe (schedule.plan._scan; the
+    #: elementwise regions and recurrent.py's fused kernel mark themselves `per_element`)
+    carry_in_place = True
 
     def copy(self, dst: View, src: View):
         return K.copy(dst, src)
@@ -99,6 +102,7 @@ class Plan(Schedule):
             return
         outs = [self.fresh(as_root.get(id(t), t), self.shape(t), t.dtype) for t in outputs]
         kern = K.elementwise(outs, ins, compute)
+        kern.per_element = 0   # element i of every output from element i of every input (scan's in-place carries)
         from . import recurrent   # the micro-kernel product planned just before, read by column windows
         if not recurrent.fuse_epilogue(self, outs, ins, compute, kern.split is not None):
             self.add(kern, ins, outs)

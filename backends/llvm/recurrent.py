@@ -25,7 +25,12 @@ from ..schedule.views import View, broadcast_strides
 #: 2-core Zen 2 it was measured on (a shared, loaded machine; in-process A/B, min of 12 x 10 calls) it did
 #: not pay against the two kernels with the 6 x 2 tiles: W4 1.98 ms fused vs 1.96 two kernels, W9 4.96
 #: vs 4.88 (the gates split over both threads save ~4 us a step in theory; the carries and outputs then
-#: move between the cores every step). Kept (tested) for hosts where it pays: measure before turning on.
+#: move between the cores every step). Measured again (2026-12-04) after the region became one loop nest
+#: per thread's run of blocks (one thread: W4 CPU time ~2.32 -> ~2.1 ms, about the two kernels' 2.08) and
+#: the scan's carries were computed in place (c in the fused kernel; h still copied: other blocks read
+#: it): on the same machine, under other processes' load (2-6 on 2 cores), fused against two kernels was
+#: 1.88 vs 1.97 ms (best of ~150 interleaved samples) but 2.76 vs 2.53 ms (median) under load (a worker that holds
+#: its one run of blocks and is descheduled stalls the step). Kept (tested) for hosts where it pays.
 ENV = "GRAPHC_LLVM_FUSE_EPILOGUE"
 
 
@@ -44,14 +49,28 @@ def block_shape(dtype: str, H: int, threads: int) -> tuple[int, int]:
     return nv * lanes, nv
 
 
+def _steady_split(plan, prev) -> None:
+    """A micro-kernel product split over the pool inside a loop body (a recurrent cell's h @ W_hh, W_hh the
+    same every step) runs as one run of column blocks per thread rather than chunks claimed dynamically:
+    each thread then reads the same columns of W every step, which stay in its core's cache (W4's
+    16x128x512 step product in a 200-step scan, 2 threads, quiet samples: ~16 us a step against ~19 with
+    8 dynamic chunks; W4 itself under load: within the noise)."""
+    if getattr(prev, "tiles", None) is not None and prev.split and plan._loop_pos is not None \
+            and getattr(prev, "chunks", None) is None and (getattr(prev, "threads", None) or 0) > 1:
+        prev.chunks = prev.threads
+
+
 def fuse_epilogue(plan, outs: list[View], ins: list[View], compute, parallel: bool) -> bool:
     """Replace the product planned last (plan.steps[-1]) and the region (outs = compute(ins), per element
     over outs[0].shape) by one kernel when the region reads the product by exact column windows; True
     when done (the caller adds nothing), False to plan the region on its own. `parallel`: the region
     alone would have been split over the pool."""
-    if not _enabled() or not plan.steps:
+    if not plan.steps:
         return False
     prev = plan.steps[-1]
+    _steady_split(plan, prev)
+    if not _enabled():
+        return False
     tiles = getattr(prev, "tiles", None)
     if tiles is None:
         return False
@@ -76,8 +95,13 @@ def fuse_epilogue(plan, outs: list[View], ins: list[View], compute, parallel: bo
     if sorted(offsets) != list(range(0, m, H)):
         return False
     # the region's outputs are fresh buffers: they must not be the product's operands or the product
-    if any(o.buf in (p.buf, a.buf, b.buf) for o in outs) or any(tuple(o.shape) != full for o in outs):
+    if any(o.buf in (p.buf, b.buf) for o in outs) or any(tuple(o.shape) != full for o in outs):
         return False
+    # an output over the product's left operand (a scan computing a new carry in its own buffer: h_new over
+    # h) would be written while another block still reads it: it gets a fresh buffer (the scan then copies it)
+    for i, o in enumerate(outs):
+        if o.buf == a.buf:
+            outs[i] = plan.fresh(None, full, o.dtype)
     from . import tune
     threads = tune.threads()
     hb, nv = block_shape(p.dtype, H, threads)
@@ -90,33 +114,43 @@ def fuse_epilogue(plan, outs: list[View], ins: list[View], compute, parallel: bo
     strides = [broadcast_strides(v, full) for v in views]
     no = len(outs)
 
-    def region(em, P, c0, w: int):
-        """The region on columns c0 .. c0+w-1 of every (n, H) operand."""
-        bases = [v.offset if s[1] == 0 else em(f"add i64 {v.offset}, {em(f'mul i64 {c0}, {s[1]}')}")
-                 for v, s in zip(views, strides)]
+    def region(em, P, c0, w):
+        """The region on columns c0 .. c0+w-1 of every (n, H) operand (w an int or an i64 IR value)."""
+        # operands at the same place (a carry updated in place: read and written as one view) share one
+        # address computation, so the loop's load and store of an element are visibly the same address
+        uniq = list(dict.fromkeys((v.buf, v.offset, s) for v, s in zip(views, strides)))
+        at = [uniq.index((v.buf, v.offset, s)) for v, s in zip(views, strides)]
+        bases = [off if s[1] == 0 else em(f"add i64 {off}, {em(f'mul i64 {c0}, {s[1]}')}") for _, off, s in uniq]
 
         def body(offs, _):
+            offs = [offs[q] for q in at]
             vals = [(load(em, P, v, o), v.dtype) for v, o in zip(ins, offs[no:])]
             for v, o, r in zip(outs, offs, compute(em, vals)):
                 store(em, P, v, o, r)
-        nest(em, (n, w), strides, bases, body)
+        nest(em, (n, w), [s for _, _, s in uniq], bases, body)
 
-    def block(em, P, c0, w: int):
+    def products(em, P, c0, w: int):
         for c in sorted(offsets):
             j0 = em(f"add i64 {c0}, {c}") if c else c0
             gemm.gemm_block(em, P, p, a, b, a.offset, b.offset, p.offset, n, k, m, j0, w, nv)
-        region(em, P, c0, w)
 
     def emit(em, P, lo, hi):
+        # a run of blocks: every block's products first, then the region over the run's units at once
+        # (one loop nest per run: its inner loop spans the run's units, not one block's)
+        top = em(f"select i1 {em(f'icmp slt i64 {hi}, {nfull}')}, i64 {hi}, i64 {nfull}")
         if nfull:
-            top = em(f"select i1 {em(f'icmp slt i64 {hi}, {nfull}')}, i64 {hi}, i64 {nfull}")
-            em.loop(top, lambda blk: block(em, P, em(f"mul i64 {blk}, {hb}"), hb), start=lo)
+            em.loop(top, lambda blk: products(em, P, em(f"mul i64 {blk}, {hb}"), hb), start=lo)
         if tail:
-            em.if_(em(f"icmp sgt i64 {hi}, {nfull}"), lambda: block(em, P, str(nfull * hb), tail))
+            em.if_(em(f"icmp sgt i64 {hi}, {nfull}"), lambda: products(em, P, str(nfull * hb), tail))
+        c0 = em(f"mul i64 {lo}, {hb}")
+        end = em(f"mul i64 {hi}, {hb}")
+        c1 = em(f"select i1 {em(f'icmp slt i64 {end}, {H}')}, i64 {end}, i64 {H}")
+        em.if_(em(f"icmp slt i64 {c0}, {c1}"), lambda: region(em, P, c0, em(f"sub i64 {c1}, {c0}")))
 
     # the product's FLOPs (as the GEMM step counted them); explain adds the region's from its node
     kern = Kernel("matmul_epilogue", [p, a, b] + views, emit, split, 2 * n * k * m, nblocks)
     kern.threads = threads if split else None
+    kern.per_element = 2   # reads past the product's operands: element i for output element i (plan._scan)
     if split:   # one run of blocks per thread: a thread keeps the same hidden units (and their cell
         kern.chunks = threads   # state) from step to step (8 dynamic chunks measured ~4% slower on W4)
     plan.steps.pop()
