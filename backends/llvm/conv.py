@@ -10,9 +10,11 @@ registers for unit column stride). conv2d_grad_weight: per image (or a few image
 into the slot's tile and a dot-product or GEMM micro-kernel into the slot's partial sums, summed after.
 The items of each kernel are cut into slots that the kernel `split` runs across threads (one pool chunk per
 slot, each with its own scratch: race-free, and the sums of one item never depend on the thread count).
-Max pooling: vectors along output rows (padded windows: interior columns as vectors, border ones one by
-one); its gradient for windows that tile the plane as vectors (first maximum, interleaved stores), else
-per plane. Zero / -inf padding by clamped loads and selects (no padded copy)."""
+Large kernels (more than UNROLL_TAPS taps: a 7x7 stem) loop over their im2col taps at run time (unrolled,
+the stem's kernel was 160 KB of IR and 9 s of LLVM). Max pooling: vectors along output rows (padded
+windows: interior columns as vectors, border ones one by one), split by plane across threads; its
+gradient for windows that tile the plane as vectors (first maximum, interleaved stores), else per plane.
+Zero / -inf padding by clamped loads and selects (no padded copy)."""
 from __future__ import annotations
 
 from .gemm import mask_type, vector_shape, vload, vstore
@@ -38,13 +40,67 @@ def _valid(size: int, out: int, k: int, stride: int, dil: int, pad: int) -> tupl
     return lo, hi
 
 
+#: kernels of at most this many taps (kh * kw) have their im2col taps unrolled (each tap's in-bounds ranges
+#: constants); larger ones (a 7x7 stem: 49 taps, each a few loops) loop over the taps at run time, the
+#: ranges picked from per-tap constants: unrolled, the stem's kernel was 160 KB of IR and 9 s of LLVM
+UNROLL_TAPS = 9
+
+
+def _pick(em, idx: str, values) -> str:
+    """values[idx] for a run-time index idx (an i64 in range) as an IR operand: a chain of selects over
+    the distinct leading values (a constant when they are all equal)."""
+    values = [int(v) for v in values]
+    last = len(values) - 1
+    while last > 0 and values[last - 1] == values[-1]:
+        last -= 1
+    acc = str(values[-1])
+    for k in range(last - 1, -1, -1):
+        acc = em(f"select i1 {em(f'icmp eq i64 {idx}, {k}')}, i64 {values[k]}, i64 {acc}")
+    return acc
+
+
+def _taps(em, kernel, body) -> None:
+    """body(i, j, pick) for every tap (i, j): unrolled (i, j Python ints) up to UNROLL_TAPS taps, else two
+    run-time loops (i, j i64 values). pick(per_i, per_j) -> (per_i[i], per_j[j]): ints when unrolled, IR
+    operands in the loops."""
+    kh, kw = kernel
+    if kh * kw <= UNROLL_TAPS:
+        for i in range(kh):
+            for j in range(kw):
+                body(i, j, lambda vi, vj, i=i, j=j: (vi[i], vj[j]))
+        return
+    em.loop(kh, lambda i: em.loop(kw, lambda j: body(i, j, lambda vi, vj: (_pick(em, i, vi), _pick(em, j, vj)))))
+
+
+def _mul(em, a, k: int):
+    """a * k: an int when a is one, else an i64 IR value."""
+    if isinstance(a, int):
+        return a * k
+    return a if k == 1 else em(f"mul i64 {a}, {k}")
+
+
+def _add(em, a, b):
+    """a + b (ints or i64 IR operands): an int when both are, else an IR value (a 0 term dropped)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a + b
+    if isinstance(b, int) and b == 0:
+        return a
+    if isinstance(a, int) and a == 0:
+        return b
+    return em(f"add i64 {a}, {b}")
+
+
+def _sub(em, a, b):
+    return a - b if isinstance(a, int) and isinstance(b, int) else em(f"sub i64 {a}, {b}")
+
+
 def _im2col_image(cols: View, x: View, kernel, stride, pads, dilation, out_hw=None, layout=None, pad_value=0):
-    """image(em, P, cols element, x element): emits the columns of one image. The taps (kh, kw) are
-    unrolled: each one's in-bounds output rows and columns are constant ranges, so the copy is a plain
-    (vectorisable) row loop and the padding border plain zero stores. `layout`: the element strides of
-    (channel, tap, output position) in cols; default (kh*kw*oh*ow, oh*ow, 1), i.e. (c, kh, kw, oh, ow);
-    conv2d_grad_weight writes the patch-rows layout (oh, ow, c, kh, kw): (kh*kw, 1, c*kh*kw). Padding reads
-    `pad_value` (an integer convolution's input zero point)."""
+    """image(em, P, cols element, x element): emits the columns of one image. Per tap (kh, kw; unrolled up
+    to UNROLL_TAPS, else run-time loops: _taps) its in-bounds output rows and columns are ranges known per
+    tap, so the copy is a plain (vectorisable) row loop and the padding border plain zero stores. `layout`:
+    the element strides of (channel, tap, output position) in cols; default (kh*kw*oh*ow, oh*ow, 1), i.e.
+    (c, kh, kw, oh, ow); conv2d_grad_weight writes the patch-rows layout (oh, ow, c, kh, kw): (kh*kw, 1,
+    c*kh*kw). Padding reads `pad_value` (an integer convolution's input zero point)."""
     n, c, h, w = x.shape
     kh, kw = kernel
     oh, ow = cols.shape[-2:] if out_hw is None else out_hw
@@ -52,35 +108,38 @@ def _im2col_image(cols: View, x: View, kernel, stride, pads, dilation, out_hw=No
     t = x.dtype
     zero = literal(pad_value, t)
 
-    def zeros(em, P, base, count: int):
+    def zeros(em, P, base, count):
         nest(em, [count], [(pst,)], [base], lambda o, _: store(em, P, cols, o[0], zero))
+    rows_ = [_valid(h, oh, i, stride[0], dilation[0], pads[0][0]) for i in range(kh)]
+    cols_ = [_valid(w, ow, j, stride[1], dilation[1], pads[1][0]) for j in range(kw)]
 
-    def tap(em, P, co, xo, i, j):
-        r0, r1 = _valid(h, oh, i, stride[0], dilation[0], pads[0][0])
-        c0, c1 = _valid(w, ow, j, stride[1], dilation[1], pads[1][0])
-        base = em(f"add i64 {co}, {(i * kw + j) * tst}")
-        zeros(em, P, base, r0 * ow)
+    def tap(em, P, co, xo, i, j, pick):
+        r0, c0 = pick([r[0] for r in rows_], [q[0] for q in cols_])
+        r1, c1 = pick([r[1] for r in rows_], [q[1] for q in cols_])
+        base = _add(em, co, _mul(em, _add(em, _mul(em, i, kw), j), tst))
+        zeros(em, P, base, _mul(em, r0, ow))
+        # input row of output row r: r*stride - (pad - i*dil); first input column of the copy
+        ioff = _sub(em, pads[0][0], _mul(em, i, dilation[0]))
+        first = _mul(em, _sub(em, _add(em, _mul(em, c0, stride[1]), _mul(em, j, dilation[1])), pads[1][0]),
+                     x.strides[3])
 
         def row(offs, idx):
             r = em(f"add i64 {idx[0]}, {r0}")
             dst = em(f"add i64 {base}, {em(f'mul i64 {r}, {ow * pst}')}")
-            ih = em(f"sub i64 {em(f'mul i64 {r}, {stride[0]}')}, {pads[0][0] - i * dilation[0]}")
+            ih = em(f"sub i64 {em(f'mul i64 {r}, {stride[0]}')}, {ioff}")
             src = em(f"add i64 {xo}, {em(f'mul i64 {ih}, {x.strides[2]}')}")
             zeros(em, P, dst, c0)
-            first = (c0 * stride[1] + j * dilation[1] - pads[1][0]) * x.strides[3]
-            nest(em, [c1 - c0], [(pst,), (stride[1] * x.strides[3],)],
-                 [em(f"add i64 {dst}, {c0 * pst}"), em(f"add i64 {src}, {first}")],
+            nest(em, [_sub(em, c1, c0)], [(pst,), (stride[1] * x.strides[3],)],
+                 [_add(em, dst, _mul(em, c0, pst)), em(f"add i64 {src}, {first}")],
                  lambda o, _: store(em, P, cols, o[0], load(em, P, x, o[1])))
-            zeros(em, P, em(f"add i64 {dst}, {c1 * pst}"), ow - c1)
-        nest(em, [r1 - r0], [()], [], row)
-        zeros(em, P, em(f"add i64 {base}, {r1 * ow * pst}"), (oh - r1) * ow)
+            zeros(em, P, _add(em, dst, _mul(em, c1, pst)), _sub(em, ow, c1))
+        nest(em, [_sub(em, r1, r0)], [()], [], row)
+        zeros(em, P, _add(em, base, _mul(em, r1, ow * pst)), _mul(em, _sub(em, oh, r1), ow))
 
     def image(em, P, co, xo):
         """The columns of one image (every channel) at element co of cols, from x's image at xo."""
         def per_channel(offs, _):
-            for i in range(kh):
-                for j in range(kw):
-                    tap(em, P, offs[0], offs[1], i, j)
+            _taps(em, kernel, lambda i, j, pick: tap(em, P, offs[0], offs[1], i, j, pick))
         nest(em, (c,), [(cst,), (x.strides[1],)], [co, xo], per_channel)
     return image
 
@@ -344,6 +403,29 @@ def max_pool(out: View, x: View, kernel, stride, pads) -> Kernel:
     return Kernel("max_pool2d", [out, x], emit, None, out.size)
 
 
+def _planes(em, out: View, x: View, lo, hi, body) -> None:
+    """body(out plane offset, x plane offset) for the (image, channel) planes lo .. hi-1 of out (n, c, oh, ow)
+    (contiguous) and x: the pooling kernels' outer loop, the range a pool chunk runs."""
+    c = out.shape[1]
+
+    def plane(p):
+        img, ch = em(f"udiv i64 {p}, {c}"), em(f"urem i64 {p}, {c}")
+        oo = em(f"add i64 {out.offset}, {em(f'mul i64 {p}, {out.shape[2] * out.shape[3]}')}")
+        xo = em(f"add i64 {em(f'mul i64 {img}, {x.strides[0]}')}, {em(f'mul i64 {ch}, {x.strides[1]}')}")
+        body(oo, em(f"add i64 {xo}, {x.offset}"))
+    em.loop(hi, plane, start=lo)
+
+
+def _pool_kernel(out: View, x: View, emit, kernel) -> Kernel:
+    """A max-pooling kernel over planes (_planes), split across threads by plane when its taps reach
+    kernels.PARALLEL_MIN (ResNet's stem pool, 64 planes of 112x112: 0.3 ms on one thread)."""
+    from .kernels import PARALLEL_MIN
+    planes = out.shape[0] * out.shape[1]
+    work = out.size * kernel[0] * kernel[1]
+    return Kernel("max_pool2d", [out, x], emit, planes if planes >= 2 and work >= PARALLEL_MIN else None, work,
+                  planes)
+
+
 def _vmax(em, vt: str, a: str, b: str) -> str:
     """np.maximum on vectors: NaN in either operand propagates."""
     bt = mask_type(vt)
@@ -377,9 +459,9 @@ def _max_pool_vector(out: View, x: View, kernel, stride, lanes: int) -> Kernel:
         def per_row(offs, _):
             for j0 in range(0, ow, lanes):
                 block(em, P, offs[0], offs[1], j0, min(lanes, ow - j0))
-        xs = (x.strides[0], x.strides[1], x.strides[2] * stride[0])
-        nest(em, (n, c, oh), [contig_strides(out.shape)[:3], xs], [out.offset, x.offset], per_row)
-    return Kernel("max_pool2d", [out, x], emit, None, out.size)
+        _planes(em, out, x, lo, hi, lambda oo, xo: nest(em, (oh,), [(ow,), (x.strides[2] * stride[0],)], [oo, xo],
+                                                          per_row))
+    return _pool_kernel(out, x, emit, kernel)
 
 
 # ---- work split into slots: convolutions as independent items over the kernel `split` -----------------------
@@ -463,42 +545,46 @@ def blas_gemm(em, P, c: View, a: View, b: View, ao, bo, co, n: int, k: int, m: i
         guarded(em, spans, body)
 
 
-def _im2col_rows(em, P, tile: View, x: View, to, xo, r0, rows: int, ld: int, kernel, stride, pads, dilation,
+def _im2col_rows(em, P, tile: View, x: View, to, xo, r0, rows, ld: int, kernel, stride, pads, dilation,
                  out_hw) -> None:
-    """tile[(ch, i, j), rr * ow + q] (row stride ld) = x's image at xo, output rows r0 .. r0+rows-1 (r0 a
-    runtime value): per tap, a row copy over its in-bounds columns (constant ranges) and zeros outside; a
-    row read from the padding is zeros (its source row clamped, the loaded values selected away)."""
+    """tile[(ch, i, j), rr * ow + q] (row stride ld) = x's image at xo, output rows r0 .. r0+rows-1 (r0 and
+    rows ints or run-time values): per tap (_taps), a row copy over its in-bounds columns (a range known per
+    tap) and zeros outside; a row read from the padding is zeros (its source row clamped, the loaded values
+    selected away)."""
     c, h, w = x.shape[1:]
     kh, kw = kernel
     oh, ow = out_hw
     t, ty = x.dtype, VTYPE[x.dtype]
     zero = literal(0, t)
+    cols_ = [_valid(w, ow, j, stride[1], dilation[1], pads[1][0]) for j in range(kw)]
+
+    def tap(to_c, xo_c, i, j, pick):
+        q0, q1 = pick([0] * kh, [q[0] for q in cols_])[1], pick([0] * kh, [q[1] for q in cols_])[1]
+        base = _add(em, to_c, _mul(em, _add(em, _mul(em, i, kw), j), ld))
+        ioff = _sub(em, pads[0][0], _mul(em, i, dilation[0]))
+        first = _mul(em, _sub(em, _add(em, _mul(em, q0, stride[1]), _mul(em, j, dilation[1])), pads[1][0]),
+                     x.strides[3])
+
+        def row(_o, idx):
+            r = em(f"add i64 {r0}, {idx[0]}")
+            ih = em(f"sub i64 {em(f'mul i64 {r}, {stride[0]}')}, {ioff}")
+            ok = em(f"and i1 {em(f'icmp sge i64 {ih}, 0')}, {em(f'icmp slt i64 {ih}, {h}')}")
+            ihc = em(f"select i1 {ok}, i64 {ih}, i64 0")
+            src = em(f"add i64 {xo_c}, {em(f'mul i64 {ihc}, {x.strides[2]}')}")
+            dst = em(f"add i64 {base}, {em(f'mul i64 {idx[0]}, {ow}')}")
+            nest(em, [q0], [(1,)], [dst], lambda o, __: store(em, P, tile, o[0], zero))
+
+            def cp(o, __):
+                v = load(em, P, x, o[1])
+                store(em, P, tile, o[0], em(f"select i1 {ok}, {ty} {v}, {ty} {zero}"))
+            nest(em, [_sub(em, q1, q0)], [(1,), (stride[1] * x.strides[3],)],
+                 [_add(em, dst, q0), em(f"add i64 {src}, {first}")], cp)
+            nest(em, [_sub(em, ow, q1)], [(1,)], [_add(em, dst, q1)],
+                 lambda o, __: store(em, P, tile, o[0], zero))
+        nest(em, [rows], [()], [], row)
 
     def per_channel(offs, _):
-        to_c, xo_c = offs
-        for i in range(kh):
-            for j in range(kw):
-                q0, q1 = _valid(w, ow, j, stride[1], dilation[1], pads[1][0])
-                base = em(f"add i64 {to_c}, {(i * kw + j) * ld}")
-
-                def row(_o, idx, i=i, j=j, q0=q0, q1=q1, base=base):
-                    r = em(f"add i64 {r0}, {idx[0]}")
-                    ih = em(f"sub i64 {em(f'mul i64 {r}, {stride[0]}')}, {pads[0][0] - i * dilation[0]}")
-                    ok = em(f"and i1 {em(f'icmp sge i64 {ih}, 0')}, {em(f'icmp slt i64 {ih}, {h}')}")
-                    ihc = em(f"select i1 {ok}, i64 {ih}, i64 0")
-                    src = em(f"add i64 {xo_c}, {em(f'mul i64 {ihc}, {x.strides[2]}')}")
-                    dst = em(f"add i64 {base}, {em(f'mul i64 {idx[0]}, {ow}')}")
-                    nest(em, [q0], [(1,)], [dst], lambda o, __: store(em, P, tile, o[0], zero))
-                    first = (q0 * stride[1] + j * dilation[1] - pads[1][0]) * x.strides[3]
-
-                    def cp(o, __):
-                        v = load(em, P, x, o[1])
-                        store(em, P, tile, o[0], em(f"select i1 {ok}, {ty} {v}, {ty} {zero}"))
-                    nest(em, [q1 - q0], [(1,), (stride[1] * x.strides[3],)],
-                         [em(f"add i64 {dst}, {q0}"), em(f"add i64 {src}, {first}")], cp)
-                    nest(em, [ow - q1], [(1,)], [em(f"add i64 {dst}, {q1}")],
-                         lambda o, __: store(em, P, tile, o[0], zero))
-                nest(em, [rows], [()], [], row)
+        _taps(em, kernel, lambda i, j, pick: tap(offs[0], offs[1], i, j, pick))
     nest(em, (c,), [(kh * kw * ld,), (x.strides[1],)], [to, xo], per_channel)
 
 
@@ -524,25 +610,27 @@ def conv_blas(out: View, x: View, w: View, tile: View, kernel, stride, pads, dil
         items = n * blocks
         tail = oh - (blocks - 1) * R
 
-        def block(em, P, s, img, blk, rows: int):
+        def item(em, P, s, it):
+            img, blk = em(f"udiv i64 {it}, {blocks}"), em(f"urem i64 {it}, {blocks}")
             to = em(f"add i64 {tile.offset}, {em(f'mul i64 {s}, {per_slot}')}")
             xo = em(f"add i64 {x.offset}, {em(f'mul i64 {img}, {x.strides[0]}')}")
             r0 = em(f"mul i64 {blk}, {R}")
+            last = None if tail == R else em(f"icmp eq i64 {blk}, {blocks - 1}")
+            # one im2col for both block heights (the row count a run-time value: one copy of the tap loops)
+            rows = R if last is None else em(f"select i1 {last}, i64 {tail}, i64 {R}")
             _im2col_rows(em, P, tile, x, to, xo, r0, rows, R * ow, kernel, stride, pads, dilation, (oh, ow))
             oi = em(f"add i64 {out.offset}, {em(f'mul i64 {img}, {o * hw}')}")
             oo = em(f"add i64 {oi}, {em(f'mul i64 {r0}, {ow}')}")
-            for g in range(groups):
-                blas_gemm(em, P, out, w, tile, w.offset + g * og * ckk, em(f"add i64 {to}, {g * ckk * R * ow}"),
-                          em(f"add i64 {oo}, {g * og * hw}"), og, ckk, rows * ow, ckk, R * ow, hw)
 
-        def item(em, P, s, it):
-            img, blk = em(f"udiv i64 {it}, {blocks}"), em(f"urem i64 {it}, {blocks}")
-            if tail == R:
-                block(em, P, s, img, blk, R)
+            def products(rows: int):
+                for g in range(groups):
+                    blas_gemm(em, P, out, w, tile, w.offset + g * og * ckk, em(f"add i64 {to}, {g * ckk * R * ow}"),
+                              em(f"add i64 {oo}, {g * og * hw}"), og, ckk, rows * ow, ckk, R * ow, hw)
+            if last is None:
+                products(R)
                 return
-            last = em(f"icmp eq i64 {blk}, {blocks - 1}")
-            em.if_(em(f"xor i1 {last}, true"), lambda: block(em, P, s, img, blk, R))
-            em.if_(last, lambda: block(em, P, s, img, blk, tail))
+            em.if_(em(f"xor i1 {last}, true"), lambda: products(R))
+            em.if_(last, lambda: products(tail))
     else:
         ob = plan_["oblock"]
         blocks = -(-o // ob)
@@ -579,14 +667,19 @@ def conv_blas(out: View, x: View, w: View, tile: View, kernel, stride, pads, dil
 
 def blas_conv_plan(n: int, c: int, o: int, ckk: int, out_hw, groups: int, flops: int) -> dict:
     """How conv_blas cuts the work: output-channel blocks when one image's columns (ckk x oh*ow) are smaller
-    than the weights (o x ckk) and there is no grouping, else blocks of output rows (tile <= TILE_ELEMS);
+    than the weights (o x ckk) and there is no grouping (where the batch has too few images, the fewest
+    blocks per image that give each thread as many), else blocks of output rows (tile <= TILE_ELEMS),
     enough items for two per thread where the batch alone has too few."""
     oh, ow = out_hw
     hw = oh * ow
     t = threads()
     want = 2 * t if t > 1 and flops >= SPLIT_FLOPS else 1
     if groups == 1 and o > hw:
-        per_img = 1 if n >= want else min(-(-want // n), max(1, o // 32))
+        # where the batch is short, just enough blocks per image for a whole number of items per thread: every
+        # block of an image im2cols the whole image and BLAS packs all of its columns again, so two blocks
+        # per thread (ResNet's stride-2 convolutions at batch 1) cost 17% more CPU time than one
+        from math import gcd
+        per_img = 1 if n >= want else min(t // gcd(n, t), max(1, o // 32))
         ob = -(-o // per_img)
         ob = -(-ob // 8) * 8 if ob > 8 else ob
         items = n * -(-o // ob)
@@ -896,15 +989,23 @@ def max_pool_padded(out: View, x: View, kernel, stride, pads) -> Kernel | None:
             ihc = em(f"select i1 {ok}, i64 {ih}, i64 0")
             rows.append((ok, em(f"add i64 {xo}, {em(f'mul i64 {ihc}, {x.strides[2]}')}")))
         neg = _splat(em, vt, ty, lanes, ninf)
-        for j0 in range(jc0, jc1, lanes):
-            live = min(lanes, jc1 - j0)
+
+        def block(j0, live: int):   # outputs j0 .. j0+live-1 (j0 an int or an i64 value)
             acc = None
             for ok, ro in rows:
                 for j in range(kernel[1]):
-                    v = _deinterleave(em, P, x, em(f"add i64 {ro}, {j0 * s1 + j - pads[1][0]}"), lanes, s1, ty, live)
+                    v = _deinterleave(em, P, x, _add(em, ro, _add(em, _mul(em, j0, s1), j - pads[1][0])), lanes, s1,
+                                      ty, live)
                     v = em(f"select i1 {ok}, {vt} {v}, {vt} {neg}")
                     acc = v if acc is None else _vmax(em, vt, acc, v)
-            vstore(em, P, out, em(f"add i64 {oo}, {j0}"), acc, vt, lanes, live)
+            vstore(em, P, out, _add(em, oo, j0), acc, vt, lanes, live)
+        full, rest = divmod(jc1 - jc0, lanes)
+        if full > 1:   # the whole vectors as a run-time loop (unrolled, ResNet's stem pool was 57 KB of IR)
+            em.loop(full, lambda b: block(em(f"add i64 {em(f'mul i64 {b}, {lanes}')}, {jc0}"), lanes))
+        elif full:
+            block(jc0, lanes)
+        if rest:
+            block(jc0 + full * lanes, rest)
         for oj in list(range(jc0)) + list(range(jc1, ow)):
             acc = None
             for ok, ro in rows:
@@ -917,9 +1018,9 @@ def max_pool_padded(out: View, x: View, kernel, stride, pads) -> Kernel | None:
             store(em, P, out, em(f"add i64 {oo}, {oj}"), acc)
 
     def emit(em, P, lo, hi):
-        nest(em, (n, c, oh), [contig_strides(out.shape)[:3], (x.strides[0], x.strides[1], 0)], [out.offset, x.offset],
-             lambda offs, idx: per_row(em, P, offs[0], offs[1], idx[2]))
-    return Kernel("max_pool2d", [out, x], emit, None, out.size)
+        _planes(em, out, x, lo, hi, lambda oo, xo: nest(em, (oh,), [(ow,)], [oo],
+                                                        lambda offs, idx: per_row(em, P, offs[0], xo, idx[0])))
+    return _pool_kernel(out, x, emit, kernel)
 
 
 def max_pool_grad_tiling(gx: View, x: View, gy: View, kernel, stride, pads) -> Kernel | None:

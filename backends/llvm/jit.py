@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import re
 import struct
 import threading
 import time
@@ -67,7 +68,9 @@ def _pipeline() -> tuple[bool, bool]:
 def _lsr() -> bool:
     """Whether machine code generation runs LLVM's loop strength reduction (GRAPHC_LLVM_LSR=0: not). It
     is the one super-linear codegen pass met so far: 6.5 s of the 7.6 s of machine code of W10's stem
-    convolution kernel (160 KB of IR); without it 0.3 s. Read once per process (LLVM's option is global)."""
+    convolution kernel when its 49 im2col taps were unrolled (160 KB of IR; conv.py now loops over them:
+    11 KB, 0.1 s with LSR). Read once per process (LLVM's option is global). compile_program's
+    .kernel_compile lists each kernel's seconds, to find the next such kernel."""
     return _state.get("lsr", os.environ.get("GRAPHC_LLVM_LSR", "1") != "0")
 
 
@@ -274,13 +277,25 @@ def _object_in_thread(ir: str, worker: _Worker) -> tuple[bytes, float, float]:
         mod.close()
 
 
-def compile_kernels(irs: list[str], times: dict, threads: int | None = None) -> list[bytes]:
+def _kernel_name(ir: str) -> str:
+    m = re.search(r"^define [^@]*@(k_\w+)", ir, re.M)
+    return m.group(1) if m else "?"
+
+
+def compile_kernels(irs: list[str], times: dict, threads: int | None = None, per: list | None = None) -> list[bytes]:
     """Object code of each kernel module in `irs` (in order), compiled by up to `threads` worker threads
     (compile_threads()); seconds are added to times["llvm_opt"] / ["machine_code"] (summed over threads:
-    CPU time, not wall time)."""
+    CPU time, not wall time). `per`, when given, gets one (kernel function, IR characters, optimisation
+    seconds, machine-code seconds) per module, in order (compile_program keeps them as .kernel_compile)."""
     threads = compile_threads() if threads is None else threads
     if threads <= 1 or len(irs) <= 1:
-        return [_object(ir, times) for ir in irs]
+        out = []
+        for ir in irs:
+            o0, m0 = times["llvm_opt"], times["machine_code"]
+            out.append(_object(ir, times))
+            if per is not None:
+                per.append((_kernel_name(ir), len(ir), times["llvm_opt"] - o0, times["machine_code"] - m0))
+        return out
     from concurrent.futures import ThreadPoolExecutor
     worker = _Worker()
     # the longest kernels first: the pool's last task is a short one
@@ -293,6 +308,8 @@ def compile_kernels(irs: list[str], times: dict, threads: int | None = None) -> 
         times["llvm_opt"] += opt
         times["machine_code"] += mc
         out.append(obj)
+        if per is not None:
+            per.append((_kernel_name(irs[i]), len(irs[i]), opt, mc))
     return out
 
 
@@ -327,10 +344,11 @@ def compile_program(head: str, kernels: list[str], entry: str, ir: str, names: l
     (`<key>.o`: a warm start reads one file). The kernels the cache lacks compile on compile_threads()
     threads (compile_kernels). Records seconds per phase in `.times` (llvm_opt, machine_code: wall
     time, split between them as their CPU time is; load: cache reads and linking), the CPU seconds of
-    both in `.compile_cpu_s` and `.kernels_from_cache`."""
+    both in `.compile_cpu_s`, `.kernels_from_cache`, and per kernel compiled in `.kernel_compile`."""
     target_machine()
     tid, pid = target_id(), pipeline_id()
     times = {"llvm_opt": 0.0, "machine_code": 0.0, "load": 0.0}
+    per: list = []
     t0 = time.perf_counter()
     wall = 0.0
     key = _cache.key("program; entry module at O0", entry, *kernels, tid, pid)
@@ -345,7 +363,7 @@ def compile_program(head: str, kernels: list[str], entry: str, ir: str, names: l
             missing = [i for i, o in enumerate(objs) if o is None]
             reused = len(kernels) - len(missing)
             t1 = time.perf_counter()
-            for i, obj in zip(missing, compile_kernels([kernels[i] for i in missing], times)):
+            for i, obj in zip(missing, compile_kernels([kernels[i] for i in missing], times, per=per)):
                 objs[i] = obj
                 _store(kkeys[i], obj)
             objs.append(_object(entry, times, entry=True))
@@ -359,6 +377,9 @@ def compile_program(head: str, kernels: list[str], entry: str, ir: str, names: l
         compiled = Compiled(ir, names, hit, engine, None, times)
     compiled.kernels_from_cache = reused
     compiled.key, compiled.objects = key, len(objs)
+    #: the kernels compiled here (not from the cache), costliest first: (function, IR characters, O3 seconds,
+    #: machine-code seconds: wall time on its compile thread). A diagnostic: f.program._last.compiled
+    compiled.kernel_compile = sorted(per, key=lambda r: -(r[2] + r[3]))
     # llvm_opt and machine_code are summed over the compile threads; scaled to the wall time they took
     # together, so that the phases still add up to the call's time (the CPU seconds are kept as well)
     cpu = times["llvm_opt"] + times["machine_code"]
@@ -393,6 +414,7 @@ def load_program(key: str, objects: int, names: list[str], ir) -> Compiled | Non
         compiled = Compiled(ir, names, True, engine, None, {"llvm_opt": 0.0, "machine_code": 0.0})
     compiled.kernels_from_cache = objects - 1
     compiled.compile_cpu_s = 0.0
+    compiled.kernel_compile = []
     compiled.key, compiled.objects = key, objects
     compiled.times["load"] = time.perf_counter() - t0
     return compiled

@@ -15,8 +15,9 @@ independent of the thread count). Per item:
   4. the output transform A^T M A, vectors over tiles again, interleaved into the output rows (masked at
      the right edge, the rows past the bottom skipped).
 Two forms (staged_rule): fused, the four phases of an item in a row in one kernel (V and M in the slot's
-L2); staged, three kernels over the whole call's tiles (the products split by xi, each U[xi] read once:
-for wide channels, whose U outgrows the cache).
+L2; the alpha^2 products one run-time loop, not alpha^2 copies of the micro-kernel); staged, three kernels
+over the whole call's tiles (the transforms by blocks of channels, the products split by xi, each U[xi]
+read once: for wide channels, whose U outgrows the cache).
 F(2x2,3x3) multiplies 16 instead of 36 times per 2x2 outputs (2.25x fewer GEMM flops), F(4x4,3x3) 36
 instead of 144 (4x) with larger transform constants (float32 error a few 1e-6 of the output's scale).
 GRAPHC_LLVM_WINOGRAD=0 turns it off, =2 / =4 forces that tile size wherever the shape allows (tests);
@@ -96,8 +97,8 @@ def tile_size(x: View, w: View, stride, dilation, groups: int, out_hw) -> int | 
 def geometry(n: int, c: int, o: int, out_hw, m: int, dtype: str, staged: bool = False) -> dict:
     """How the work is cut: L lanes per vector over a tile row's tiles (a full vector, or half of one where
     that pads a tile row by more than a quarter), twp tiles per row padded to whole vectors, R tile rows
-    per item (fused: V and M of an item about BLOCK_BYTES; staged: the transforms' items, a few per
-    thread)."""
+    per item (fused: V and M of an item about BLOCK_BYTES; staged: every tile row, th, its transforms' items
+    being blocks of channels: conv_staged)."""
     oh, ow = out_hw
     a = m + 2
     th, tw = -(-oh // m), -(-ow // m)
@@ -113,7 +114,7 @@ def geometry(n: int, c: int, o: int, out_hw, m: int, dtype: str, staged: bool = 
     flops = 2 * n * a * a * o * c * th * twp
     want = 2 * t if t > 1 and flops >= _conv.SPLIT_FLOPS else 1
     if staged:
-        R = max(1, min(th, th * n // (2 * want)))
+        R = th
     elif n * -(-th // R) < want:
         R = max(1, min(R, th * n // want))
     blocks = -(-th // R)
@@ -239,7 +240,7 @@ class _Parts:
         wide = ld > MICRO_KERNEL_COLS or mode == "0"
         self.use_blas = gemm.use_blas(x, u, out) and mode != "1" and wide
 
-    def copy_rows(self, em, P, po, xo, y0, nrows: int):
+    def copy_rows(self, em, P, po, xo, y0, nrows: int, chans: int | None = None):
         """pad[ch, rr] = input row y0 + rr of every channel, zero-padded, its columns split by phase: padded
         column m*q + p at p*Q + q (so the input transform loads a tile row's columns as whole vectors);
         rows outside the image: zeros."""
@@ -265,9 +266,10 @@ class _Parts:
                      [em(f"add i64 {dst}, {q0}"), em(f"add i64 {src}, {first}")], cp)
                 nest(em, [Q - q1], [(1,)], [em(f"add i64 {dst}, {q1}")],
                      lambda q, _: store(em, P, pad, q[0], zero))
-        nest(em, [self.c, nrows], [(self.rows_in * Wp, Wp), (x.strides[1], 0)], [po, xo], per_row)
+        nest(em, [self.c if chans is None else chans, nrows], [(self.rows_in * Wp, Wp), (x.strides[1], 0)], [po, xo],
+             per_row)
 
-    def input_transform(self, em, P, po, vo, nrows: int):
+    def input_transform(self, em, P, po, vo, nrows: int, chans: int | None = None):
         """V[xi, ch, r * twp + tile] = (B^T d B)[xi] of the tiles of the item's tile row r (vectors of L)."""
         m, a, L, Wp, vt, c, ld = self.m, self.a, self.L, self.Wp, self.vt, self.c, self.ld
 
@@ -285,10 +287,11 @@ class _Parts:
                     for j in range(a):
                         dst = em(f"add i64 {offs[1]}, {(i * a + j) * c * ld + g * L}")
                         em.raw(f"store {vt} {res[i][j]}, ptr {ptr_at(em, P, self.vbuf, dst, L - 1)}, align 4")
-        nest(em, [c, nrows], [(self.rows_in * Wp, m * Wp), (ld, self.twp)], [po, vo], per)
+        nest(em, [c if chans is None else chans, nrows], [(self.rows_in * Wp, m * Wp), (ld, self.twp)], [po, vo], per)
 
-    def product(self, em, P, xi, vo, mo, cols: int):
-        """M[xi] (O x cols) = U[xi] (O x C) @ V[xi] (C x cols); xi an int or an i64 value."""
+    def product(self, em, P, xi, vo, mo, cols):
+        """M[xi] (O x cols) = U[xi] (O x C) @ V[xi] (C x cols); xi an int or an i64 value (the micro-kernel
+        computes all ld columns: cols only matters to BLAS)."""
         from . import gemm
         o, c, ld, u = self.o, self.c, self.ld, self.u
         uo = em(f"add i64 {u.offset}, {em(f'mul i64 {xi}, {o * c}')}")
@@ -318,7 +321,7 @@ class _Parts:
         perm = "<" + ", ".join(f"i32 {(q % m) * L + q // m}" for q in range(m * L)) + ">"
         return em(f"shufflevector {self.wide} {cur[0]}, {self.wide} poison, <{m * L} x i32> {perm}")
 
-    def output_transform(self, em, P, mo, oo, ty0, nrows: int):
+    def output_transform(self, em, P, mo, oo, ty0, nrows: int, chans: int | None = None):
         """out rows of the item's tile rows = (A^T M A) of its tiles, interleaved; masked at the right edge,
         the last tile row's rows past the bottom skipped."""
         m, a, L, o, ld, vt, oh, ow = self.m, self.a, self.L, self.o, self.ld, self.vt, self.oh, self.ow
@@ -345,7 +348,7 @@ class _Parts:
                         em.if_(em(f"icmp slt i64 {yrow}, {oh}"), st)
                     else:
                         st()
-        nest(em, [o, nrows], [(ld, self.twp), (oh * ow, 0)], [mo, oo], per)
+        nest(em, [o if chans is None else chans, nrows], [(ld, self.twp), (oh * ow, 0)], [mo, oo], per)
 
     def item_blocks(self, em, it, body):
         """body(img, blk, ty0, nrows) for item `it` (nrows: R, or the image's last, shorter block)."""
@@ -380,47 +383,87 @@ def conv_fused(out: View, x: View, u: View, pad: View, vbuf: View, mbuf: View, p
         po, xo, oo, y0 = parts.bases(em, s, img, ty0)
         vo = em(f"add i64 {vbuf.offset}, {em(f'mul i64 {s}, {vbuf.size // slots}')}")
         mo = em(f"add i64 {mbuf.offset}, {em(f'mul i64 {s}, {mbuf.size // slots}')}")
-        parts.copy_rows(em, P, po, xo, y0, nrows * geo["m"] + 2)
+        m = geo["m"]
+        rows_in = nrows * m + 2 if isinstance(nrows, int) else em(f"add i64 {em(f'mul i64 {nrows}, {m}')}, 2")
+        parts.copy_rows(em, P, po, xo, y0, rows_in)
         parts.input_transform(em, P, po, vo, nrows)
-        for xi in range(a * a):
-            parts.product(em, P, xi, vo, mo, nrows * geo["twp"])
+        # the alpha^2 products as a run-time loop: unrolled, each a copy of the micro-kernel (1.5 MB of IR)
+        cols = nrows * geo["twp"] if parts.use_blas else None   # (the micro-kernel's width is the block's)
+        em.loop(a * a, lambda xi: parts.product(em, P, xi, vo, mo, cols))
         parts.output_transform(em, P, mo, oo, ty0, nrows)
+
+    def item(em, P, s, it):
+        if parts.use_blas:   # BLAS products over the block's own columns: one body per block height
+            parts.item_blocks(em, it, lambda *b: one(em, P, s, *b))
+            return
+        # the micro-kernel computes every column of the slot's block: one body, the height a run-time value
+        blocks, R, tail = geo["blocks"], geo["R"], geo["tail"]
+        img, blk = em(f"udiv i64 {it}, {blocks}"), em(f"urem i64 {it}, {blocks}")
+        nrows = R if tail == R else em(f"select i1 {em(f'icmp eq i64 {blk}, {blocks - 1}')}, i64 {tail}, i64 {R}")
+        one(em, P, s, img, blk, em(f"mul i64 {blk}, {R}"), nrows)
 
     def emit(em, P, lo, hi):
         if out.size:
-            _slot_loop(em, geo["items"], slots, lo, hi,
-                       lambda s, it: parts.item_blocks(em, it, lambda *b: one(em, P, s, *b)))
+            _slot_loop(em, geo["items"], slots, lo, hi, lambda s, it: item(em, P, s, it))
     return _slot_kernel("conv2d_winograd", [out, x, u, pad, vbuf, mbuf], emit, slots, geo["flops"],
                         blas=parts.use_blas)
+
+
+def staged_blocks(n: int, chans: int, flops: int) -> tuple[int, int, int]:
+    """(blocks per image, channels per block, slots) of a staged transform's items (an image's block of
+    channels, all of its tile rows): enough items for two per thread where the batch alone has too few."""
+    t = threads()
+    want = 2 * t if t > 1 and flops >= _conv.SPLIT_FLOPS else 1
+    per = max(1, min(chans, -(-want // n)))
+    cs = -(-chans // per)
+    per = -(-chans // cs)
+    return per, cs, slot_count(n * per, flops)
 
 
 def conv_staged(out: View, x: View, u: View, pad: View, vbuf: View, mbuf: View, pads, geo: dict) -> list:
     """The same convolution as three kernels over the whole call's tiles (V and M hold them all): the input
     transform by item, the alpha^2 products (one per item, each over every tile: the widest GEMMs), the
-    output transform by item. For few tiles (batch 1), where one item's products would be too narrow."""
-    slots = geo["slots"]
+    output transform by item. For few tiles (batch 1), where one item's products would be too narrow.
+    The transforms' items are blocks of channels of one image, every tile row (geo's R = th): a channel's
+    rows of V and M (a few tiles, one cache line at batch 1) and its output plane belong to one item, so
+    two threads never write one line (items by tile rows did: the transforms did not scale); the input
+    is copied a channel at a time into the slot's padded scratch (pad: (slots, 1, th*m + 2, Wp))."""
+    n, c = x.shape[:2]
+    o, oh, ow = out.shape[1:]
     ld = geo["n"] * geo["th"] * geo["twp"]
     parts = _Parts(out, x, u, pad, vbuf, mbuf, pads, geo, ld)
     a, twp, th, m = geo["a"], geo["twp"], geo["th"], geo["m"]
+    per_pad = pad.size // pad.shape[0]
 
-    def col(em, img, ty0):
-        row = em(f"add i64 {em(f'mul i64 {img}, {th}')}, {ty0}")
-        return em(f"mul i64 {row}, {twp}")
+    def channels(em, it, blocks: int, cs: int, total: int, body):
+        """body(img, ch) for every channel of item `it` (an image's block of cs channels)."""
+        img, blk = em(f"udiv i64 {it}, {blocks}"), em(f"urem i64 {it}, {blocks}")
+        c0 = em(f"mul i64 {blk}, {cs}")
+        c1 = em(f"add i64 {c0}, {cs}")
+        c1 = em(f"select i1 {em(f'icmp slt i64 {c1}, {total}')}, i64 {c1}, i64 {total}")
+        em.loop(c1, lambda ch: body(img, ch), start=c0)
 
-    def inp(em, P, s, img, blk, ty0, nrows):
-        po, xo, _, y0 = parts.bases(em, s, img, ty0)
-        parts.copy_rows(em, P, po, xo, y0, nrows * m + 2)
-        parts.input_transform(em, P, po, em(f"add i64 {vbuf.offset}, {col(em, img, ty0)}"), nrows)
+    def first_tile(em, img, ch):   # element of V's / M's row ch at the image's first tile
+        return em(f"add i64 {em(f'mul i64 {ch}, {ld}')}, {em(f'mul i64 {img}, {th * twp}')}")
 
-    def outp(em, P, s, img, blk, ty0, nrows):
-        _, _, oo, _ = parts.bases(em, s, img, ty0)
-        parts.output_transform(em, P, em(f"add i64 {mbuf.offset}, {col(em, img, ty0)}"), oo, ty0, nrows)
+    def inp(em, P, s, img, ch):
+        po = em(f"add i64 {pad.offset}, {em(f'mul i64 {s}, {per_pad}')}")
+        xo = em(f"add i64 {em(f'mul i64 {img}, {x.strides[0]}')}, {em(f'mul i64 {ch}, {x.strides[1]}')}")
+        parts.copy_rows(em, P, po, em(f"add i64 {x.offset}, {xo}"), str(-parts.pt), th * m + 2, chans=1)
+        parts.input_transform(em, P, po, em(f"add i64 {vbuf.offset}, {first_tile(em, img, ch)}"), th, chans=1)
 
-    def phase(name, body, views, flops):
+    def outp(em, P, s, img, oc):
+        oo = em(f"add i64 {em(f'mul i64 {img}, {o * oh * ow}')}, {em(f'mul i64 {oc}, {oh * ow}')}")
+        parts.output_transform(em, P, em(f"add i64 {mbuf.offset}, {first_tile(em, img, oc)}"),
+                               em(f"add i64 {out.offset}, {oo}"), "0", th, chans=1)
+
+    def phase(name, body, chans: int, views, flops):
+        blocks, cs, slots = staged_blocks(n, chans, geo["flops"])
+
         def emit(em, P, lo, hi):
             if out.size:
-                _slot_loop(em, geo["items"], slots, lo, hi,
-                           lambda s, it: parts.item_blocks(em, it, lambda *b: body(em, P, s, *b)))
+                _slot_loop(em, n * blocks, slots, lo, hi,
+                           lambda s, it: channels(em, it, blocks, cs, chans, lambda img, ch: body(em, P, s, img, ch)))
         return _slot_kernel(name, views, emit, slots, flops)
 
     pslots = slot_count(a * a, geo["flops"])
@@ -430,10 +473,10 @@ def conv_staged(out: View, x: View, u: View, pad: View, vbuf: View, mbuf: View, 
             _slot_loop(em, a * a, pslots, lo, hi,
                        lambda s, xi: parts.product(em, P, xi, str(vbuf.offset), str(mbuf.offset), ld))
     small = out.size * a * a // max(1, m * m)
-    return [(phase("winograd_input", inp, [x, pad, vbuf], small), [x], [pad, vbuf]),
+    return [(phase("winograd_input", inp, c, [x, pad, vbuf], small), [x], [pad, vbuf]),
             (_slot_kernel("winograd_products", [u, vbuf, mbuf], emit_products, pslots, geo["flops"],
                           blas=parts.use_blas), [u, vbuf], [mbuf]),
-            (phase("winograd_output", outp, [mbuf, out], small), [mbuf], [out])]
+            (phase("winograd_output", outp, o, [mbuf, out], small), [mbuf], [out])]
 
 
 #: fused only while the transformed weights U stay in the cache between one slot's items
@@ -466,14 +509,15 @@ def plan_winograd(plan, out: View, x: View, w: View, pads, m: int) -> None:
     u = plan.fresh(None, (a * a, o, c), x.dtype)
     plan.add(weight_transform(u, w, m), [w], [u])
     Wp = m * (twp + (a - 1) // m)   # m phase planes, each a tile row's columns plus the overlap
-    pad = plan.fresh(None, (slots, c, R * m + 2, Wp), x.dtype)
-    if staged:
-        T = n * geo["th"] * twp
+    if staged:   # the transforms' items: blocks of channels, every tile row (R = th; conv_staged)
+        pad = plan.fresh(None, (staged_blocks(n, c, geo["flops"])[2], 1, R * m + 2, Wp), x.dtype)
+        T = n * R * twp
         vbuf = plan.fresh(None, (a * a, c, T), x.dtype)
         mbuf = plan.fresh(None, (a * a, o, T), x.dtype)
         for kern, reads, writes in conv_staged(out, x, u, pad, vbuf, mbuf, pads, geo):
             plan.add(kern, reads, writes)
         return
+    pad = plan.fresh(None, (slots, c, R * m + 2, Wp), x.dtype)
     vbuf = plan.fresh(None, (slots, a * a, c, R * twp), x.dtype)
     mbuf = plan.fresh(None, (slots, a * a, o, R * twp), x.dtype)
     plan.add(conv_fused(out, x, u, pad, vbuf, mbuf, pads, geo), [x, u], [out, pad, vbuf, mbuf])
