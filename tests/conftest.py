@@ -63,3 +63,17 @@ def assert_close(got, want, dtype=None, backend="numpy", **kw):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# llvm code generation under both ISAs (AVX2's vector shapes forced on an AVX-512 host) and both thread
+# counts: tests that take `isa` / `threads` run once per value (a module may define its own instead)
+@pytest.fixture(params=["avx2", "avx512"])
+def isa(request, monkeypatch):
+    monkeypatch.setenv("GRAPHC_LLVM_ISA", request.param)
+    return request.param
+
+
+@pytest.fixture(params=["1", "2"])
+def threads(request, monkeypatch):
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", request.param)
+    return int(request.param)

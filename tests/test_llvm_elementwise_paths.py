@@ -119,18 +119,6 @@ def test_exp_of_nonpositive_argument(lanes, rng):
 
 # ---- the paired elementwise loop ----------------------------------------------------------------------
 
-@pytest.fixture(params=["avx2", "avx512"])
-def isa(request, monkeypatch):
-    monkeypatch.setenv("GRAPHC_LLVM_ISA", request.param)
-    return request.param
-
-
-@pytest.fixture(params=["1", "2"])
-def threads(request, monkeypatch):
-    monkeypatch.setenv("GRAPHC_NUM_THREADS", request.param)
-    return int(request.param)
-
-
 def _w2(x, a=1.5, b=0.5):
     return gc.tanh(x * a + b) * gc.sigmoid(x) + gc.exp(-x * x)
 

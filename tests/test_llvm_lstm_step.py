@@ -19,12 +19,6 @@ def llvm():
     backend_or_skip("llvm")
 
 
-@pytest.fixture(params=["1", "2"])
-def threads(request, monkeypatch):
-    monkeypatch.setenv("GRAPHC_NUM_THREADS", request.param)
-    return int(request.param)
-
-
 @pytest.fixture(params=["0", "1"])
 def fused(request, monkeypatch):
     monkeypatch.setenv("GRAPHC_LLVM_FUSE_EPILOGUE", request.param)

@@ -28,8 +28,6 @@ def llvm():
     backend_or_skip("llvm")
 
 
-
-
 REF = {"exp": np.exp, "log": np.log, "log1p": np.log1p, "expm1": np.expm1, "tanh": np.tanh,
        "sigmoid": lambda x: 1 / (1 + np.exp(-x)), "erf": _erf}
 OPS = {"exp": gc.exp, "log": gc.log, "log1p": gc.log1p, "expm1": gc.expm1, "tanh": gc.tanh,
@@ -120,18 +118,6 @@ def test_vector_and_scalar_paths_agree_bit_for_bit(rng):
 
 
 # ---- elementwise kernels: both ISAs, both thread counts, odd sizes ------------------------------------
-
-@pytest.fixture(params=["avx2", "avx512"])
-def isa(request, monkeypatch):
-    monkeypatch.setenv("GRAPHC_LLVM_ISA", request.param)
-    return request.param
-
-
-@pytest.fixture(params=["1", "2"])
-def threads(request, monkeypatch):
-    monkeypatch.setenv("GRAPHC_NUM_THREADS", request.param)
-    return int(request.param)
-
 
 @pytest.mark.parametrize("name", sorted(REF))
 def test_elementwise_math_odd_sizes(name, isa, threads, rng):

@@ -19,18 +19,6 @@ def llvm():
     backend_or_skip("llvm")
 
 
-@pytest.fixture(params=["avx2", "avx512"])
-def isa(request, monkeypatch):
-    monkeypatch.setenv("GRAPHC_LLVM_ISA", request.param)
-    return request.param
-
-
-@pytest.fixture(params=["1", "2"])
-def threads(request, monkeypatch):
-    monkeypatch.setenv("GRAPHC_NUM_THREADS", request.param)
-    return int(request.param)
-
-
 @pytest.fixture
 def rng():
     return np.random.default_rng(7)
