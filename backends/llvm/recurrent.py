@@ -49,17 +49,6 @@ def block_shape(dtype: str, H: int, threads: int) -> tuple[int, int]:
     return nv * lanes, nv
 
 
-def _steady_split(plan, prev) -> None:
-    """A micro-kernel product split over the pool inside a loop body (a recurrent cell's h @ W_hh, W_hh the
-    same every step) runs as one run of column blocks per thread rather than chunks claimed dynamically:
-    each thread then reads the same columns of W every step, which stay in its core's cache (W4's
-    16x128x512 step product in a 200-step scan, 2 threads, quiet samples: ~16 us a step against ~19 with
-    8 dynamic chunks; W4 itself under load: within the noise)."""
-    if getattr(prev, "tiles", None) is not None and prev.split and plan._loop_pos is not None \
-            and getattr(prev, "chunks", None) is None and (getattr(prev, "threads", None) or 0) > 1:
-        prev.chunks = prev.threads
-
-
 def fuse_epilogue(plan, outs: list[View], ins: list[View], compute, parallel: bool) -> bool:
     """Replace the product planned last (plan.steps[-1]) and the region (outs = compute(ins), per element
     over outs[0].shape) by one kernel when the region reads the product by exact column windows; True
@@ -68,7 +57,6 @@ def fuse_epilogue(plan, outs: list[View], ins: list[View], compute, parallel: bo
     if not plan.steps:
         return False
     prev = plan.steps[-1]
-    _steady_split(plan, prev)
     if not _enabled():
         return False
     tiles = getattr(prev, "tiles", None)
