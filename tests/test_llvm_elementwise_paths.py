@@ -14,8 +14,6 @@ iteration for long, costly 1-D kernels), against NumPy float64:
 """
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import pytest
 
@@ -86,20 +84,8 @@ def test_special_values_exact(lanes):
 
 def _exp_nonpositive_kernel(lanes: int, n: int):
     """y = mathlib.exp_f32(x, hi=None) (the caller knows x <= 0) on <lanes x float> vectors."""
-    from graphc.backends.llvm import jit, mathlib
-    from graphc.backends.llvm.irtext import Emitter
-    t, em = mathlib.Ty(lanes), Emitter()
-
-    def body(i):
-        off = em(f"mul i64 {i}, {lanes}")
-        v = em(f"load {t.f}, ptr {em(f'getelementptr float, ptr %x, i64 {off}')}, align 4")
-        em.raw(f"store {t.f} {mathlib.exp_f32(em, v, hi=None, t=t)}, "
-               f"ptr {em(f'getelementptr float, ptr %y, i64 {off}')}, align 4")
-    em.loop(n // lanes, body)
-    fn = f"exp_nonpos_{lanes}"
-    ir = mathlib.DECLARATIONS + em.function(f"define void @{fn}(ptr noalias %x, ptr noalias %y) nounwind")
-    compiled = jit.compile_ir(ir, [fn])
-    return compiled, ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)(compiled.addresses[fn])
+    from graphc.backends.llvm import mathlib
+    return _vector_kernel("exp_nonpos", lanes, n, fn=lambda em, v, t: mathlib.exp_f32(em, v, hi=None, t=t))
 
 
 @pytest.mark.parametrize("lanes", [8, 16])

@@ -72,8 +72,9 @@ def _check(name, x, got, max_ulp=4):
 
 # ---- mathlib on explicit vectors ----------------------------------------------------------------------
 
-def _vector_kernel(name: str, lanes: int, n: int):
-    """A JIT-compiled function y[i] = mathlib.<name>(x[i]) computed on <lanes x float> vectors."""
+def _vector_kernel(name: str, lanes: int, n: int, fn=None):
+    """A JIT-compiled function y[i] = mathlib.<name>(x[i]) computed on <lanes x float> vectors (`fn(em, v,
+    t)`: another float32 math function instead, e.g. exp_f32 with options; `name` then names the kernel)."""
     from graphc.backends.llvm import jit, mathlib
     from graphc.backends.llvm.irtext import Emitter
     t = mathlib.Ty(lanes)
@@ -82,7 +83,7 @@ def _vector_kernel(name: str, lanes: int, n: int):
     def body(i):
         off = em(f"mul i64 {i}, {lanes}")
         v = em(f"load {t.f}, ptr {em(f'getelementptr float, ptr %x, i64 {off}')}, align 4")
-        r = mathlib.F32[name](em, v, t=t)
+        r = mathlib.F32[name](em, v, t=t) if fn is None else fn(em, v, t)
         em.raw(f"store {t.f} {r}, ptr {em(f'getelementptr float, ptr %y, i64 {off}')}, align 4")
     em.loop(n // lanes, body)
     fn = f"vmath_{name}_{lanes}"
