@@ -191,9 +191,10 @@ def test_paired_and_plain_loops_agree_bit_for_bit(monkeypatch, rng):
     x = _inputs(n, rng)
     p = gc.placeholder("x", (n,), "float32")
     paired = gc.function([p], _w2(p), backend="llvm")
+    paired_divs = _fdivs(paired)   # (after a warm start its source is made now, before the setting changes)
     monkeypatch.setattr(kernels, "PAIR_MIN", 1 << 40)
     plain = gc.function([p], _w2(p), backend="llvm")
-    assert (_fdivs(paired), _fdivs(plain)) == (6, 2)
+    assert (paired_divs, _fdivs(plain)) == (6, 2)
     np.testing.assert_array_equal(paired(x), plain(x))
 
 

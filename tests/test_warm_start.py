@@ -71,6 +71,27 @@ def test_second_compile_is_a_warm_hit_without_passes_plan_or_lowering():
     assert g.program.info["warm_hit"] is True
 
 
+def test_source_after_a_warm_hit_and_a_changed_setting_is_an_error_not_other_code(monkeypatch):
+    """After a warm hit the plan (f.source) is made when first asked for: with a graphc setting changed
+    in between it would describe other code than what runs, so asking is a clear error; asked before the
+    change, it is the code that runs."""
+    from graphc import GraphcError
+    from graphc.backends.llvm import kernels
+    f, w = _compile()
+    assert _check(f, w) is False
+    g, w2 = _compile()
+    assert _check(g, w2) is True
+    h, w3 = _compile()
+    assert _check(h, w3) is True
+    assert g.source == f.source   # made before the change: the code that runs
+    monkeypatch.setattr(kernels, "LATE_ORDER", not kernels.LATE_ORDER)
+    with pytest.raises(GraphcError, match="settings changed since it was compiled"):
+        h.source
+    assert g.source == f.source   # made before the change: kept
+    np.testing.assert_allclose(h(np.ones((2, 30), "f4")), _want(np.ones((2, 30), "f4"), w3.value),
+                               rtol=1e-4, atol=1e-6)   # the code that runs is unchanged
+
+
 def test_explain_and_run_time_errors_after_a_warm_hit():
     def take():
         x = gc.placeholder("x", (5, 3))

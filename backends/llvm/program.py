@@ -440,6 +440,13 @@ def _call_wrapper(plan: Plan, slots: Slots, entry: str, prologue: str | None = N
 WARM_CONSTS_MAX = 64 << 20
 
 
+def _settings() -> tuple:
+    """What a restored specialisation's plan depends on besides the graph: the patched graphc globals
+    (graphc/_modstate.py) and the environment (the warm key's parts; backends/schedule/warm.py)."""
+    from graphc.backends.schedule import warm
+    return warm.module_state(), warm.environment()
+
+
 class Specialised:
     """The compiled code for one set of dim values: made from a plan (compiled, or its object code
     from the cache), or restored from a warm-start entry (`restore`: no plan, no IR; both are made
@@ -511,6 +518,8 @@ class Specialised:
         head(e["nthreads"])   # binds the symbols the objects call
         self = cls.__new__(cls)
         self._plan, self._make_plan = None, make_plan
+        # the settings the plan will be made again under (f.source, f.explain, a run-time error's node)
+        self._settings = _settings()
         wrapped, has_prologue = e["wrapped"], e["prologue"]
         self.compiled = jit.load_program(e["program"], e["objects"],
                                          e["names"] + ["graphc_call"] * wrapped + [PROLOGUE] * has_prologue,
@@ -559,6 +568,14 @@ class Specialised:
     def plan(self) -> Plan:
         """The plan (made again, from the optimised graph, for a specialisation restored from the cache)."""
         if self._plan is None:
+            if _settings() != self._settings:
+                from graphc.errors import GraphcError
+                raise GraphcError(
+                    "this function was started from the warm-start cache and its plan (for f.source, f.asm, "
+                    "f.explain or a run-time error's node) is made when first asked for, but graphc's settings "
+                    "changed since it was compiled (a patched module constant or function, or a GRAPHC_*/BLAS "
+                    "environment variable): the plan made now would not be the code that runs. Ask before "
+                    "changing them, or compile with GRAPHC_WARM_CACHE=0")
             self._plan = self._make_plan()
         return self._plan
 
