@@ -26,14 +26,15 @@ def fused(request, monkeypatch):
 
 
 def _body_kernels(f) -> list[list[str]]:
-    """Kernel names of every scan loop body in f's specialisations."""
+    """Kernel names of every scan loop body in f's specialisations (a row-split loop: one list per part)."""
     from graphc.backends.schedule.steps import LoopStep
     out = []
 
     def walk(steps):
         for st in steps:
             if isinstance(st, LoopStep):
-                out.append([getattr(s, "name", type(s).__name__) for s in st.body])
+                for a, b in st.parts or [(0, len(st.body))]:
+                    out.append([getattr(s, "name", type(s).__name__) for s in st.body[a:b]])
                 walk(st.body)
     for spec in f.program._specs.values():
         walk(spec.plan.steps)
@@ -89,16 +90,17 @@ def test_lstm_last_state_odd_sizes(threads, fused, n, H):
     for g_, w_ in zip(got, _lstm_ref(d, xv)):
         np.testing.assert_allclose(g_, w_, rtol=1e-4, atol=1e-5)
     bodies = _body_kernels(f)
-    assert len(bodies) == 1, bodies
-    kinds = bodies[0]
-    if "matmul_epilogue" in kinds:
-        assert fused and len(kinds) == 2, kinds      # the fused kernel and h's copy
-    else:
-        assert len(kinds) == 2, kinds                # the product and the gates: no copies
+    from graphc.backends.schedule import rows
+    assert len(bodies) == len(rows.parts(n, threads) or [None]), bodies   # split by batch rows on 2 threads
+    for kinds in bodies:
+        if "matmul_epilogue" in kinds:
+            assert fused and len(kinds) == 2, kinds      # the fused kernel and h's copy
+        else:
+            assert len(kinds) == 2, kinds                # the product and the gates: no copies
     from graphc.backends.schedule.steps import LoopStep
     for spec in f.program._specs.values():            # a split step product: one run of blocks per thread
         for st in spec.plan.steps:
-            for k in (st.body if isinstance(st, LoopStep) else ()):
+            for k in (st.body if isinstance(st, LoopStep) and not st.parts else ()):
                 if getattr(k, "split", None) and k.name in ("matmul", "matmul_epilogue"):
                     assert k.chunks == threads, (k.name, k.chunks)
 

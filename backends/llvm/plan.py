@@ -40,6 +40,14 @@ class Plan(Schedule):
     #: elementwise regions and recurrent.py's fused kernel mark themselves `per_element`)
     carry_in_place = True
 
+    @property
+    def row_parts(self) -> int:
+        """A row-separable scan is split over the pool's threads by batch rows (schedule/rows.py);
+        GRAPHC_LLVM_ROW_SPLIT=0 keeps every scan whole (its steps' kernels split per step instead)."""
+        import os
+        from . import tune
+        return 1 if os.environ.get("GRAPHC_LLVM_ROW_SPLIT", "1") == "0" else tune.threads()
+
     def copy(self, dst: View, src: View):
         return K.copy(dst, src)
 

@@ -166,6 +166,7 @@ class _Gen:
         self.defs: list[tuple[str, str, int]] = []  # (name, definition, pointer parameters), in order
         self.thunks: set[str] = set()
         self.calls = 0                              # kernel steps (a step in a scan body counts once)
+        self.loops = 0                              # row-split loops rendered as part functions
 
     def kernel(self, step, bufs) -> str:
         """The name of the function computing `step` over `bufs` (defined at its first use)."""
@@ -186,7 +187,7 @@ class _Gen:
 
     def step(self, em, ptrs, step, parallel=True) -> None:
         if isinstance(step, LoopStep):
-            self.loop(em, ptrs, step)
+            self.loop(em, ptrs, step, parallel)
             return
         self.calls += 1
         bufs = sorted(set(step.bufs) | {self.plan.status.buf}) if self.plan.bounds else step.bufs
@@ -202,8 +203,13 @@ class _Gen:
         else:
             em.raw(f"call void @{kname}({', '.join(f'ptr {a}' for a in args)}, i64 0, i64 {step.outer})")
 
-    def loop(self, em, ptrs, loop: LoopStep) -> None:
-        """for t in range(length): slice pointers for t (reversed when asked), then the body steps."""
+    def loop(self, em, ptrs, loop: LoopStep, parallel: bool = True) -> None:
+        """for t in range(length): slice pointers for t (reversed when asked), then the body steps. A
+        row-split loop (loop.parts) on more than one thread: each part's whole loop is a function, the
+        parts dispatched over the pool at once (_parted_loop)."""
+        if loop.parts and parallel and self.nthreads > 1:
+            self._parted_loop(em, loop)
+            return
         for b in sorted(loop.buffers()):
             self.load(em, ptrs, b)
         for b in loop.slices:
@@ -217,8 +223,31 @@ class _Gen:
                 off = em(f"add i64 {em(f'mul i64 {t}, {buf.stride}')}, {buf.offset}")
                 inner[b] = em(f"getelementptr i8, ptr {ptrs[buf.index]}, i64 {off}")
             for st in loop.body:
-                self.step(em, inner, st)
+                self.step(em, inner, st, parallel)
         em.loop(loop.length, body)
+
+    def _parted_loop(self, em, loop: LoopStep) -> None:
+        """The parts of a row-split loop (schedule/rows.py) as pool chunks: part j is the function
+        graphc_loop<k>_p<j>(ptrs) running the whole loop on its rows with its kernels inline (no dispatch
+        inside); chunk j of the dispatch calls it. A worker that is late leaves its part to the caller."""
+        name = f"graphc_loop{self.loops}"
+        self.loops += 1
+        for j, (a, b) in enumerate(loop.parts):
+            pem = Emitter()
+            part = LoopStep(loop.length, loop.reverse, loop.body[a:b], loop.slices, loop.name)
+            self.loop(pem, {}, part, parallel=False)
+            self.funcs.append(pem.function(f"define internal void @{name}_p{j}(ptr %ptrs) nounwind{NOINLINE}"))
+        n = len(loop.parts)
+        lines = [f"define internal void @{name}_thunk(ptr %a, i64 %c) nounwind {{",
+                 "  %t = load ptr, ptr %a",
+                 "  switch i64 %c, label %done [" + " ".join(f"i64 {j}, label %p{j}" for j in range(n)) + "]"]
+        for j in range(n):
+            lines += [f"p{j}:", f"  call void @{name}_p{j}(ptr %t)", "  br label %done"]
+        lines += ["done:", "  ret void", "}", ""]
+        self.funcs.append("\n".join(lines))
+        blk = em.alloca("[1 x i64]")
+        em.raw(f"store i64 {em('ptrtoint ptr %ptrs to i64')}, ptr {blk}")
+        em.raw(f"call void @gc_pool_run(ptr @{name}_thunk, ptr {blk}, i64 {n})")
 
 
 class Module:

@@ -111,6 +111,8 @@ class Schedule:
     #: a scan body may compute a new carry straight into the carry's buffer where that is safe (_scan):
     #: the backend marks its kernels that read element by element (`per_element`, _in_place_unsafe)
     carry_in_place: bool = False
+    #: threads a row-separable scan may be split over, one part of the batch rows each (rows.py); 1: never
+    row_parts: int = 1
 
     def __init__(self, graph: Graph, dims: dict | None, bounds: bool = False):
         self.graph = graph
@@ -141,6 +143,9 @@ class Schedule:
         #: id(tensor) -> the view its kernel writes instead of a fresh buffer (a scan body's stacked
         #: output: this step's slice of ys, so no per-step copy); taken by the first `fresh` for it
         self.into: dict = {}
+        #: while one part of a row-split scan body is planned: (ids of the row tensors, the part's rows);
+        #: `shape` cuts those tensors' axis 0 to the part (rows.py)
+        self._rows: tuple | None = None
         #: the first `prologue` steps depend on parameters and constants only (hoist_invariants); their
         #: results live in arena buffers of their own (never shared); `prologue_params`: the indices of
         #: the parameters they read (a new array for one of them: run the prologue again)
@@ -165,7 +170,10 @@ class Schedule:
 
     # ---- buffers and views -------------------------------------------------------------------------
     def shape(self, t) -> tuple:
-        return self.dim_values(t.shape)
+        shp = self.dim_values(t.shape)
+        if self._rows is not None and id(t) in self._rows[0]:
+            return (self._rows[1],) + tuple(shp[1:])
+        return shp
 
     def dim_values(self, dims) -> tuple:
         """Dims (ints or sympy expressions) as this schedule sees them: ints when concrete; symbolic:
@@ -580,13 +588,11 @@ def _scan(s: Schedule, node, ins):
     # are indices there; the enclosing body's list index would collide with top-level steps)
     s._loop_pos, s.steps = (len(saved) if saved_pos is None else saved_pos), []
     try:
-        slices = []
-        for ph, v in zip(body.inputs, carry + [None] * ns + list(invs)):
-            if v is not None:
-                s.view[id(ph)] = v
-        for ph, q in zip(body.inputs[nc:nc + ns], seqs):
-            b, s.view[id(ph)] = s.slice(q, q.strides[0] * np.dtype(q.dtype).itemsize)
+        slices, seq_views = [], []
+        for q in seqs:
+            b, sv = s.slice(q, q.strides[0] * np.dtype(q.dtype).itemsize)
             slices.append(b)
+            seq_views.append(sv)
         outs = []
         for v in stacked:
             if v is None:
@@ -596,53 +602,13 @@ def _scan(s: Schedule, node, ins):
                             else 0)
             slices.append(b)
             outs.append(sv)
-        for hs, cb in zip(outs[n_y:], carry):       # history[t]: the carry entering step t
-            if hs is not None:
-                s.add(s.copy(hs, cb), [cb], [hs])
-        into = {}   # ys computed straight into this step's slice of the stacked output
-        for y, ys in zip(body.outputs[nc:], outs[:n_y]):
-            if ys is not None and ys.contiguous and id(y) not in into and not y.node.op.has(Trait.INPUT):
-                into[id(y)] = ys
-        mark = (len(s.steps), len(s.buffers))
-        in_place = _carries_in_place(body, nc, into, carry) if s.carry_in_place else {}
-        while True:
-            s.into.update(into)
-            s.into.update(in_place)
-            outer_record, s._record = s._record, []
-            try:
-                s.walk_body(body, {})
-            finally:
-                rec, s._record = s._record, outer_record
-                if outer_record is not None:
-                    outer_record.extend(rec)
-            for k in list(into) + list(in_place):
-                s.into.pop(k, None)
-            bad = _in_place_unsafe(s, body, carry, rec) if in_place else set()
-            if not bad:
-                break
-            # a new carry written over its old value while something still reads that: plan the body again,
-            # every new carry in a fresh buffer (copied at the end of the step). Not only the unsafe ones:
-            # W9's backward step with its other carries in place measured ~3% slower (one thread, CPU time, noisy)
-            del s.steps[mark[0]:]
-            keep = s.status.buf if s.status is not None else None
-            for b in range(mark[1], len(s.buffers)):
-                if b != keep:
-                    s.buffers[b].first, s.buffers[b].last = 1 << 60, -1
-            in_place = {}
-        if any(isinstance(st, HostStep) for st in s.steps):
-            raise NotLowerable("scan")
-        for y, ys in zip(body.outputs[nc:], outs[:n_y]):
-            if ys is not None and s.view[id(y)] != ys:
-                s.add(s.copy(ys, s.view[id(y)]), [s.view[id(y)]], [ys])
-        carry_bufs = {cb.buf for cb in carry}
-        new = [s.view[id(o)] for o in body.outputs[:nc]]
-        done = [v == cb for v, cb in zip(new, carry)]   # computed in place: no copy
-        new = [v if d or v.buf not in carry_bufs else s.materialise(v)   # no read-after-write
-               for v, d in zip(new, done)]
-        for cb, v, d in zip(carry, new, done):
-            if not d:
-                s.add(s.copy(cb, v), [v], [cb])
-        loop = LoopStep(T, bool(a["reverse"]), s.steps, slices)
+        parts = None
+        split = _row_split(s, body, nc, ns, carry, seq_views, invs) if saved_pos is None else None
+        if split is not None:
+            parts = _plan_parts(s, body, nc, ns, n_y, carry, seq_views, invs, outs, *split)
+        if parts is None:
+            _plan_step(s, body, nc, ns, n_y, carry, seq_views, invs, outs)
+        loop = LoopStep(T, bool(a["reverse"]), s.steps, slices, parts=parts)
     except NotLowerable:   # Schedule.node drops what was planned and runs the scan on the host
         s.steps, s._loop_pos = saved, saved_pos
         raise
@@ -653,6 +619,132 @@ def _scan(s: Schedule, node, ins):
     for t, v in zip(node.outputs, carry + stacked):
         if v is not None:
             s.view[id(t)] = v
+
+
+def _plan_step(s: Schedule, body: Graph, nc: int, ns: int, n_y: int, carry: list, seq_views: list, invs: list,
+               outs: list) -> None:
+    """Plan one step of a scan body into s.steps: the body's inputs are the views `carry`, `seq_views`
+    (this step's slices) and `invs`; `outs` are this step's slices of the stacked ys and carry history
+    (None: not kept); the new carries are written back into `carry` (in place where safe)."""
+    for ph, v in zip(body.inputs, carry + [None] * ns + list(invs)):
+        if v is not None:
+            s.view[id(ph)] = v
+    for ph, v in zip(body.inputs[nc:nc + ns], seq_views):
+        s.view[id(ph)] = v
+    for hs, cb in zip(outs[n_y:], carry):       # history[t]: the carry entering step t
+        if hs is not None:
+            s.add(s.copy(hs, cb), [cb], [hs])
+    into = {}   # ys computed straight into this step's slice of the stacked output
+    for y, ys in zip(body.outputs[nc:], outs[:n_y]):
+        if ys is not None and ys.contiguous and id(y) not in into and not y.node.op.has(Trait.INPUT):
+            into[id(y)] = ys
+    mark = (len(s.steps), len(s.buffers))
+    in_place = _carries_in_place(body, nc, into, carry) if s.carry_in_place else {}
+    while True:
+        s.into.update(into)
+        s.into.update(in_place)
+        outer_record, s._record = s._record, []
+        try:
+            s.walk_body(body, {})
+        finally:
+            rec, s._record = s._record, outer_record
+            if outer_record is not None:
+                outer_record.extend(rec)
+        for k in list(into) + list(in_place):
+            s.into.pop(k, None)
+        bad = _in_place_unsafe(s, body, carry, rec) if in_place else set()
+        if not bad:
+            break
+        # a new carry written over its old value while something still reads that: plan the body again,
+        # every new carry in a fresh buffer (copied at the end of the step). Not only the unsafe ones:
+        # W9's backward step with its other carries in place measured ~3% slower (one thread, CPU time, noisy)
+        _drop_planned(s, mark)
+        in_place = {}
+    if any(isinstance(st, HostStep) for st in s.steps):
+        raise NotLowerable("scan")
+    for y, ys in zip(body.outputs[nc:], outs[:n_y]):
+        if ys is not None and s.view[id(y)] != ys:
+            s.add(s.copy(ys, s.view[id(y)]), [s.view[id(y)]], [ys])
+    carry_bufs = {cb.buf for cb in carry}
+    new = [s.view[id(o)] for o in body.outputs[:nc]]
+    done = [v == cb for v, cb in zip(new, carry)]   # computed in place: no copy
+    new = [v if d or v.buf not in carry_bufs else s.materialise(v)   # no read-after-write
+           for v, d in zip(new, done)]
+    for cb, v, d in zip(carry, new, done):
+        if not d:
+            s.add(s.copy(cb, v), [v], [cb])
+
+
+def _drop_planned(s: Schedule, mark: tuple) -> None:
+    """Forget the steps and buffers planned since mark = (len(s.steps), len(s.buffers)) (their buffers stay
+    in the list, never touched again: no lifetime, no arena space)."""
+    del s.steps[mark[0]:]
+    keep = s.status.buf if s.status is not None else None
+    for b in range(mark[1], len(s.buffers)):
+        if b != keep:
+            s.buffers[b].first, s.buffers[b].last = 1 << 60, -1
+
+
+def _row_split(s: Schedule, body: Graph, nc: int, ns: int, carry: list, seq_views: list, invs: list):
+    """(ids of the row tensors, [(r0, r1) per part]) when this scan runs as independent row parts
+    (rows.py), else None."""
+    from . import rows
+    if s.row_parts < 2 or s.symbolic or s.bounds or s._rows is not None:
+        return None
+    if sum(int(nbytes(v.shape, v.dtype)) for v in invs if v.literal is None) > rows.MAX_SHARED_BYTES:
+        return None
+    ids = rows.row_tensors(body, nc, ns, s.shape)
+    if ids is None:
+        return None
+    first = (list(carry) + list(seq_views))[0]
+    ranges = rows.parts(int(first.shape[0]), s.row_parts)
+    return None if ranges is None else (ids, ranges)
+
+
+def _row_window(v, r0: int, r1: int):
+    """Rows r0 .. r1-1 (axis 0) of view v."""
+    if v is None:
+        return None
+    if v.literal is not None:
+        return View(v.buf, v.offset, (r1 - r0,) + tuple(v.shape[1:]), v.strides, v.dtype, v.literal)
+    return View(v.buf, v.offset + r0 * v.strides[0], (r1 - r0,) + tuple(v.shape[1:]), v.strides, v.dtype)
+
+
+def _plan_parts(s: Schedule, body: Graph, nc: int, ns: int, n_y: int, carry: list, seq_views: list, invs: list,
+                outs: list, ids: set, ranges: list):
+    """Plan the step once per row part (rows.py) into s.steps; [(first, end) step indices per part], or
+    None (nothing planned) when a part's steps would touch rows or buffers not its own."""
+    from . import rows
+    mark = (len(s.steps), len(s.buffers))
+    shared = [v for v in list(carry) + list(seq_views) + list(outs) if v is not None and v.literal is None]
+    keep = {"arena", "out", "slice"}
+    bounds = []
+    for r0, r1 in ranges:
+        start, first_buf = len(s.steps), len(s.buffers)
+        win = lambda vs: [_row_window(v, r0, r1) for v in vs]   # noqa: E731
+        owned: dict = {}
+        for v in win(shared):
+            owned[v.buf] = np.union1d(owned.get(v.buf, np.empty(0, np.int64)), rows.offsets(v))
+        outer, s._record = s._record, []
+        s._rows = (ids, r1 - r0)
+        try:
+            _plan_step(s, body, nc, ns, n_y, win(carry), win(seq_views), invs, win(outs))
+        finally:
+            s._rows = None
+            rec, s._record = s._record, outer
+        status = s.status.buf if s.status is not None else None
+        views = [v for _, r, w in rec for v in list(r) + list(w) if v is not None and v.buf is not None]
+        writes = [v for _, _, w in rec for v in w if v is not None and v.buf is not None]
+        others = [v for v in views if mark[1] <= v.buf < first_buf and v.buf != status
+                  and s.buffers[v.buf].kind in keep]
+        foreign = [v for v in writes if v.buf < first_buf and v.buf not in owned and v.buf != status]
+        if others or foreign or not rows.within_rows(views, owned):
+            _drop_planned(s, mark)
+            return None
+        if outer is not None:
+            outer.extend(rec)
+        bounds.append((start, len(s.steps)))
+    return bounds
 
 
 def _carries_in_place(body: Graph, nc: int, into: dict, carry: list) -> dict:

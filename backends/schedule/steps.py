@@ -36,12 +36,16 @@ class Buffer:
 @dataclass
 class LoopStep:
     """A native loop (gc.scan): `body` steps run `length` times (an int, or an expression in a symbolic
-    schedule); slice buffers move per iteration."""
+    schedule); slice buffers move per iteration; `parts`: independent row parts of the body."""
     length: int
     reverse: bool
     body: list
     slices: list      # buffer ids of kind "slice"
     name: str = "scan"
+    #: a row-split scan (rows.py): [(first, end) indices into `body`] per part, each part the whole step on
+    #: its own batch rows, independent of the others (run one after the other they are the same step; a
+    #: backend may run each part's loop on its own thread); None: one body
+    parts: list | None = None
 
     def buffers(self) -> set:
         """The ids of the (non-slice) buffers the body's steps touch."""
