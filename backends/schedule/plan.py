@@ -724,7 +724,8 @@ def _plan_parts(s: Schedule, body: Graph, nc: int, ns: int, n_y: int, carry: lis
         win = lambda vs: [_row_window(v, r0, r1) for v in vs]   # noqa: E731
         owned: dict = {}
         for v in win(shared):
-            owned[v.buf] = np.union1d(owned.get(v.buf, np.empty(0, np.int64)), rows.offsets(v))
+            owned.setdefault(v.buf, []).append(rows.offsets(v))
+        owned = {b: rows.sorted_unique(np.concatenate(o)) for b, o in owned.items()}
         outer, s._record = s._record, []
         s._rows = (ids, r1 - r0)
         try:
