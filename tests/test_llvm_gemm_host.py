@@ -232,3 +232,30 @@ def test_target_info_names_the_host(monkeypatch):
     assert set(info) >= {"features", "threads", "gemm", "elementwise", "tune"}
     monkeypatch.setenv("GRAPHC_TUNE", "bogus")
     assert tune.mode() == "quick"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("shape,axes", [((2, 17, 63), (1, 0, 2)), ((3, 5, 2, 65), (2, 0, 1, 3)),
+                                        ((3, 1, 4, 17), (1, 2, 0, 3)), ((1, 3, 17), (1, 0, 2))])
+def test_product_of_a_transposed_activation_is_one_gemm(rng, threads, dtype, shape, axes):
+    """(batch..., n, k) @ W where the activation is a transposed view (an ONNX export's (seq, batch, d) of a
+    (batch, seq, d) input): the product is written in the rows' memory order (llvm plan._row_order) and
+    everything reading it (a bias, a second product, the output) sees the right values."""
+    x = gc.placeholder("x", shape, dtype=dtype)
+    k = shape[-1]
+    wv = rng.standard_normal((k, 19)).astype(dtype)
+    bv = rng.standard_normal(19).astype(dtype)
+    w2v = rng.standard_normal((19, 5)).astype(dtype)
+    xt = gc.transpose(x, axes)
+    h = xt @ gc.parameter("w", wv) + gc.parameter("b", bv)
+    y = gc.relu(h) @ gc.parameter("w2", w2v)
+    f = gc.function([x], [y, xt @ gc.parameter("w3", wv)], backend="llvm")
+    xv = rng.standard_normal(shape).astype(dtype)
+    x64 = np.transpose(xv.astype(np.float64), axes)
+    h64 = x64 @ wv.astype(np.float64) + bv.astype(np.float64)
+    want = [np.maximum(h64, 0) @ w2v.astype(np.float64), x64 @ wv.astype(np.float64)]
+    tol = {"float16": 2e-2}.get(dtype, TOL.get(dtype))
+    for g_, w_ in zip(f(xv), want):
+        assert g_.shape == w_.shape and g_.dtype == np.dtype(dtype)
+        scale = max(1.0, float(np.max(np.abs(w_))))
+        np.testing.assert_allclose(g_.astype(np.float64), w_, rtol=tol, atol=tol * scale)
