@@ -391,6 +391,30 @@ def compile_program(head: str, kernels: list[str], entry: str, ir: str, names: l
     return compiled
 
 
+def perf_map(compiled: Compiled, names: list[str]) -> None:
+    """GRAPHC_PERF_MAP=1: append the functions `names` of a compiled program to /tmp/perf-<pid>.map (the
+    format `perf report` reads for JIT code: start address, size, name, in hex), so a profile names graphc's
+    kernels instead of bare addresses. A function's size is the distance to the next mapped one (capped at
+    1 MiB). Only programs compiled in this process (a warm start maps nothing: run with GRAPHC_WARM_CACHE=0)."""
+    if os.environ.get("GRAPHC_PERF_MAP", "0") != "1":
+        return
+    found = []
+    for n in dict.fromkeys(names):
+        try:
+            a = compiled._engine.get_function_address(n)
+        except Exception:   # noqa: BLE001 - a name the objects do not define
+            a = 0
+        if a:
+            found.append((a, n))
+    found.sort()
+    lines = []
+    for i, (a, n) in enumerate(found):
+        size = min(found[i + 1][0] - a, 1 << 20) if i + 1 < len(found) else 4096
+        lines.append(f"{a:x} {max(size, 1):x} {n}\n")
+    with open(f"/tmp/perf-{os.getpid()}.map", "a") as fh:
+        fh.writelines(lines)
+
+
 #: program keys load_program just found missing or damaged (looked up once, not twice, before the rebuild)
 _absent: set = set()
 

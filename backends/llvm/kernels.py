@@ -167,8 +167,10 @@ def fill(em: Emitter, P, v: View, value) -> None:
 
 # ---- elementwise ------------------------------------------------------------------------------------
 
-def elementwise(outs: list[View], ins: list[View], compute) -> Kernel:
-    """outs[k][i] = compute(em, [(value, dtype) per input])[k] for every index i of outs[0].shape."""
+def elementwise(outs: list[View], ins: list[View], compute, hot: bool = False) -> Kernel:
+    """outs[k][i] = compute(em, [(value, dtype) per input])[k] for every index i of outs[0].shape.
+    hot: the kernel runs many times per call (a scan body's): a costly 2-D one pairs its rows (_paired_rows)
+    whatever its size."""
     shape = outs[0].shape
     strides = [o.strides for o in outs] + [broadcast_strides(v, shape) for v in ins]
     dims, sts = collapse(shape, strides)
@@ -184,10 +186,12 @@ def elementwise(outs: list[View], ins: list[View], compute) -> Kernel:
             vals = [(load(em, P, v, o), v.dtype) for v, o in zip(ins, offs[len(outs):])]
             for v, o, r in zip(outs, offs, compute(em, vals)):
                 store(em, P, v, o, r)
-            if reorder and not paired:
+            if reorder and not paired and not paired_rows:
                 _late_order(em, first)
         if paired:
             _paired_loop(em, [s[0] for s in sts], bases, body, lo, hi, reorder)
+        elif paired_rows:
+            _paired_rows(em, dims, sts, bases, body, reorder)
         else:
             nest(em, dims, sts, bases, body, lo if dims else None, hi)
     # (not when an output is also an input's buffer: its loads and stores then keep their order)
@@ -196,6 +200,9 @@ def elementwise(outs: list[View], ins: list[View], compute) -> Kernel:
     paired = len(dims) == 1 and size >= PAIR_MIN and cost >= PAIR_COST
     parallel = size >= PARALLEL_MIN or (size >= PARALLEL_MIN_COSTLY and size * cost >= PARALLEL_WORK)
     split = dims[0] if dims and parallel and dims[0] >= 2 else None
+    if hot and not cost and size:
+        cost = body_cost(compute, ins)
+    paired_rows = hot and split is None and len(dims) == 2 and dims[0] >= 2 and cost >= PAIR_COST
     return Kernel("elementwise", outs + ins, emit, split, size, dims[0] if dims else 0)
 
 
@@ -226,6 +233,26 @@ def _paired_loop(em: Emitter, strides, bases, body, lo, hi, reorder: bool = Fals
     em.loop(blocks, block)
     rest = em(f"add i64 {lo}, {em(f'mul i64 {blocks}, {b2}')}")
     em.loop(hi, lambda i: body(offsets(i), [i]), start=rest)
+
+
+def _paired_rows(em: Emitter, dims, sts, bases, body, reorder: bool) -> None:
+    """A 2-D nest (rows, columns) whose inner loop takes rows r and r + rows // 2 at once (the two bodies in
+    one `_late_order` when reorder; an odd last row on its own): two independent transcendental chains per
+    iteration for the out-of-order core to overlap, as _paired_loop does for long 1-D kernels. For a scan
+    step's gates (LSTM: 3 sigmoids and 2 tanh an element, 8 rows x 128 a part), whose one chain per
+    iteration leaves the core waiting on its latencies. The whole range only (no split: lo/hi unused)."""
+    half = dims[0] // 2
+
+    def pair(offs, idx):
+        first = len(em.lines)
+        body(offs, idx)
+        body([o if st[0] == 0 else em(f"add i64 {o}, {half * st[0]}") for o, st in zip(offs, sts)], idx)
+        if reorder:
+            _late_order(em, first)
+    nest(em, [half, dims[1]], sts, bases, pair)
+    if dims[0] % 2:
+        last = [str(b) if st[0] == 0 else em(f"add i64 {b}, {(dims[0] - 1) * st[0]}") for b, st in zip(bases, sts)]
+        nest(em, [dims[1]], [st[1:] for st in sts], last, lambda offs, idx: body(offs, idx))
 
 
 _SSA = re.compile(r"%[\w.]+")

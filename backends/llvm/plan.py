@@ -118,7 +118,7 @@ class Plan(Schedule):
                 self.node(n)
             return
         outs = [self.fresh(as_root.get(id(t), t), self.shape(t), t.dtype) for t in outputs]
-        kern = K.elementwise(outs, ins, compute)
+        kern = K.elementwise(outs, ins, compute, hot=self._loop_pos is not None)
         kern.per_element = 0   # element i of every output from element i of every input (scan's in-place carries)
         if after_conv and kern.split is None and kern.outer >= 2 and outs[0].size >= CONV_EPILOGUE_PARALLEL_MIN:
             kern.split = kern.outer   # a conv's epilogue pass (bias, activation, residual): see the constant

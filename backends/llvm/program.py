@@ -497,6 +497,7 @@ class Specialised:
         has_prologue = bool(plan.prologue) and not per_step
         self.compiled = jit.compile_program(mod.head, mod.kernel_irs, mod.entry_ir, self._ir,
                                             names + ["graphc_call"] * wrapped + [PROLOGUE] * has_prologue)
+        jit.perf_map(self.compiled, [n for n, _, _ in mod.kernels] + names)   # GRAPHC_PERF_MAP=1
         #: kernel steps planned, and distinct kernel functions compiled for them
         self.kernel_calls, self.kernel_functions = mod.calls, len(mod.kernels)
         #: seconds per phase: IR generation, then LLVM's (jit.compile_program: optimisation, machine code,
