@@ -259,3 +259,25 @@ def test_product_of_a_transposed_activation_is_one_gemm(rng, threads, dtype, sha
         assert g_.shape == w_.shape and g_.dtype == np.dtype(dtype)
         scale = max(1.0, float(np.max(np.abs(w_))))
         np.testing.assert_allclose(g_.astype(np.float64), w_, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("n", [2, 3, 4, 7, 8, 9, 16])
+def test_tile_shape_by_row_count(rng, monkeypatch, threads, isa, n):
+    """Few rows (an LSTM part's 8): a tile one vector wider where the usual tiles hold too few accumulators
+    (gemm.tile_vectors), equal to float64 references at odd column counts, split over the pool or not."""
+    from graphc.backends.llvm import gemm
+    monkeypatch.setenv("GRAPHC_LLVM_ISA", isa)
+    monkeypatch.setenv("GRAPHC_LLVM_SMALL_GEMM", "1")
+    from graphc.backends.llvm import tune
+    monkeypatch.setattr(tune, "TILES_PARALLEL_FLOPS", 0)
+    nv, rows = gemm.tile_vectors(n, "float32")
+    base = gemm.vector_shape("float32")[1]
+    assert nv == (base + 1 if isa == "avx2" and n in (2, 3, 4, 7, 8) else base), (isa, n, nv)
+    for k, m in [(1, 17), (17, 63), (128, 65), (65, 257)]:
+        for dtype in ("float32", "float64"):
+            a = gc.placeholder("a", (n, k), dtype)
+            wv = rng.standard_normal((k, m)).astype(dtype)
+            f = gc.function([a], a @ gc.parameter("w", wv), backend="llvm")
+            av = rng.standard_normal((n, k)).astype(dtype)
+            _close(f(av), av.astype(np.float64) @ wv.astype(np.float64), dtype)
