@@ -418,8 +418,19 @@ def _step_bytes(plan, st) -> int:
             inner |= b.buffers() if isinstance(b, LoopStep) else set(b.bufs)
         slices = set(st.slices)
         return (sum(plan.buffers[b].nbytes for b in inner - slices) +
-                st.length * sum(plan.buffers[b].nbytes for b in inner & slices))
+                st.length * sum(_slice_bytes(plan, b, st.length) for b in inner & slices))
     return sum(plan.buffers[b].nbytes for b in st.bufs)
+
+
+def _slice_bytes(plan, b: int, length) -> int:
+    """Bytes one iteration reads of slice buffer b: its window's extent, but no more than its share of the
+    parent when the windows move (a transposed sequence's step spans every other step's rows: W4's
+    (N, 512) step of a (N, T, 512) projection is 32 KB of a 1.5 MB extent)."""
+    buf = plan.buffers[b]
+    n = buf.nbytes
+    if buf.stride and length:
+        n = min(n, -(-plan.buffers[buf.index].nbytes // int(length)))
+    return n
 
 
 class _NumpyProfile:

@@ -136,6 +136,10 @@ def test_llvm_rows_name_loops_and_host_steps():
     assert loop and loop[0].ops.startswith("scan x5[")
     T, N, H = 5, 3, 6
     assert loop[0].flops >= T * 2 * N * H * 4 * H   # at least the recurrent GEMMs of every step
+    # bytes: the weights once, each step's (N, 4H) slice of the transposed projection once per step (not
+    # the span of a step's rows across the whole (N, T, 4H) buffer, which would count it T times over)
+    C = 4
+    assert loop[0].bytes <= 4 * (H * 4 * H + T * N * 4 * H + 16 * N * H) + 4 * (C * 4 * H + 4 * 4 * H), loop[0].bytes
 
 
 def test_no_profile_backend_gives_predictions_and_a_measured_call():
