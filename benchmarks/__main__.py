@@ -239,7 +239,11 @@ def _merge_saved(path: str, payload: dict, names: list[str]) -> tuple[dict, list
     if not kept:
         return payload, names
     earlier = old.get("kept_from_earlier_run", {})
-    why = {wl: earlier.get(wl, {"loadavg": old.get("environment", {}).get("loadavg")}) for wl in kept}
+    # each kept workload keeps the figures its ratios were read against: the earlier run's load average,
+    # copy bandwidth (W2's bound) and call overhead
+    why = {wl: earlier.get(wl, {"loadavg": old.get("environment", {}).get("loadavg"),
+                                "copy_bandwidth_Bps": old.get("copy_bandwidth_Bps"),
+                                "call_overhead_s": old.get("call_overhead_s")}) for wl in kept}
     rows = list({**kept, **payload["results"]})
     order = sorted(rows, key=lambda wl: (int(wl[1:].split()[0]) if wl[1:].split()[0].isdigit() else 99,
                                          rows.index(wl)))

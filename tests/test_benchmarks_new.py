@@ -150,14 +150,15 @@ def test_save_keeps_the_workloads_a_partial_run_left_out(tmp_path):
     from benchmarks import __main__ as bench
     ok = {"status": "ok", "min": 1.0, "median": 1.0}
     path = tmp_path / "cpu.json"
-    old = {"environment": {"loadavg": [0.5]}, "results": {"W1 b1": {"numpy": ok, "graphc-llvm": ok},
-                                                         "W10 b1": {"graphc-llvm": {**ok, "median": 9.0}}}}
+    old = {"environment": {"loadavg": [0.5]}, "copy_bandwidth_Bps": 1.8e10, "call_overhead_s": 2e-6,
+           "results": {"W1 b1": {"numpy": ok, "graphc-llvm": ok}, "W10 b1": {"graphc-llvm": {**ok, "median": 9.0}}}}
     path.write_text(json.dumps(old))
     new = {"environment": {"loadavg": [0.1]}, "results": {"W10 b1": {"graphc-llvm": ok, "torch": ok}}}
     merged, names = bench._merge_saved(str(path), new, ["graphc-llvm", "torch"])
     assert list(merged["results"]) == ["W1 b1", "W10 b1"]
     assert merged["results"]["W10 b1"]["graphc-llvm"]["median"] == 1.0
-    assert merged["kept_from_earlier_run"] == {"W1 b1": {"loadavg": [0.5]}}
+    assert merged["kept_from_earlier_run"] == {"W1 b1": {"loadavg": [0.5], "copy_bandwidth_Bps": 1.8e10,
+                                                         "call_overhead_s": 2e-6}}
     assert names == ["graphc-llvm", "torch", "numpy"]
     # nothing saved before (or an unreadable file): this run's payload as it is
     assert bench._merge_saved(str(tmp_path / "none.json"), new, ["torch"]) == (new, ["torch"])
