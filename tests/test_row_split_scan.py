@@ -222,3 +222,9 @@ def test_within_rows_guard():
     assert rows.parts(16, 2) == [(0, 8), (8, 16)]
     assert rows.parts(7, 2) is None and rows.parts(16, 1) is None
     assert rows.parts(9, 2) == [(0, 4), (4, 9)]
+
+
+def test_within_rows_empty_views():
+    """Views of no elements touch nothing; an empty ownership admits no element."""
+    assert rows.within_rows([View(0, 4, (0, 4), (4, 1), "float32")], {0: np.arange(4)})
+    assert not rows.within_rows([View(0, 0, (1,), (1,), "float32")], {0: np.empty(0, np.int64)})

@@ -702,11 +702,9 @@ def _row_split(s: Schedule, body: Graph, nc: int, ns: int, carry: list, seq_view
 
 
 def _row_window(v, r0: int, r1: int):
-    """Rows r0 .. r1-1 (axis 0) of view v."""
+    """Rows r0 .. r1-1 (axis 0) of view v (a carry, a sequence's step or a stacked output's slice: a buffer)."""
     if v is None:
         return None
-    if v.literal is not None:
-        return View(v.buf, v.offset, (r1 - r0,) + tuple(v.shape[1:]), v.strides, v.dtype, v.literal)
     return View(v.buf, v.offset + r0 * v.strides[0], (r1 - r0,) + tuple(v.shape[1:]), v.strides, v.dtype)
 
 
@@ -716,7 +714,7 @@ def _plan_parts(s: Schedule, body: Graph, nc: int, ns: int, n_y: int, carry: lis
     None (nothing planned) when a part's steps would touch rows or buffers not its own."""
     from . import rows
     mark = (len(s.steps), len(s.buffers))
-    shared = [v for v in list(carry) + list(seq_views) + list(outs) if v is not None and v.literal is None]
+    shared = [v for v in list(carry) + list(seq_views) + list(outs) if v is not None]
     keep = {"arena", "out", "slice"}
     bounds = []
     for r0, r1 in ranges:

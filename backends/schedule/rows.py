@@ -181,9 +181,12 @@ def within_rows(views, owned: dict) -> bool:
         if v.size > (1 << 22):
             return False
         got = offsets(v)
+        if not len(got):
+            continue
         allowed = owned[v.buf]
-        pos = np.searchsorted(allowed, got)
-        pos = np.minimum(pos, len(allowed) - 1)
-        if len(allowed) == 0 or not np.array_equal(allowed[pos], got):
+        if not len(allowed):
+            return False
+        pos = np.minimum(np.searchsorted(allowed, got), len(allowed) - 1)
+        if not np.array_equal(allowed[pos], got):
             return False
     return True
