@@ -39,6 +39,25 @@ def test_parameters_are_shared_state(backend):
         w.set_value(np.zeros(3))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "int64", "bool"])
+def test_parameter_arrays_start_on_a_cache_line(dtype):
+    """A parameter's array (from gc.parameter or set_value) is a C-contiguous, read-only copy starting on a
+    64-byte boundary (native kernels' vector loads of a weight then never straddle two lines), whatever the
+    source array's own alignment or layout; its values are the source's."""
+    rng = np.random.default_rng(0)
+    for shape in [(1,), (3, 5), (17, 63), (2, 3, 4)]:
+        raw = np.empty(int(np.prod(shape)) * 8 + 64, np.uint8)
+        src = raw[8:8 + int(np.prod(shape)) * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
+        src[...] = (rng.standard_normal(shape) * 10).astype(dtype)
+        for value in (src, np.asfortranarray(src)):
+            w = gc.parameter("w", value)
+            assert w.value.ctypes.data % 64 == 0 and w.value.flags.c_contiguous and not w.value.flags.writeable
+            np.testing.assert_array_equal(w.value, src)
+            w.set_value(value)
+            assert w.value.ctypes.data % 64 == 0 and w.value.dtype == np.dtype(dtype)
+            np.testing.assert_array_equal(w.value, src)
+
+
 def test_updates_are_computed_from_old_values_and_applied_together(backend):
     a = gc.parameter("a", np.array(1.0, np.float32))
     b = gc.parameter("b", np.array(10.0, np.float32))
