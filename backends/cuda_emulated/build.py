@@ -13,6 +13,7 @@ import threading
 
 import numpy as np
 
+from graphc._aligned import aligned_bytes
 from graphc.backends.cuda.compiler import error_with_source
 from graphc.backends.cuda.executor import Memory
 from graphc.backends.schedule.steps import HostStep, LoopStep
@@ -150,8 +151,7 @@ class HostMemory(Memory):
         self.separate = separate
 
     def new_arena(self, nbytes):
-        raw = np.empty(nbytes + ALIGN, np.uint8)
-        return raw[(-raw.ctypes.data) % ALIGN:][:nbytes]
+        return aligned_bytes(nbytes, ALIGN)
 
     def temp(self, base, offset, nbytes):
         return np.empty(nbytes, np.uint8) if self.separate else base[offset:offset + nbytes]

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from graphc._aligned import aligned_bytes
 from graphc.backends.schedule.steps import HostStep, LoopStep
 
 from . import gemm, jit, mathlib, pool, table
@@ -619,8 +620,7 @@ class Specialised:
     def _arena(self) -> np.ndarray:
         a = getattr(self._tls, "arena", None)
         if a is None:   # one per thread: concurrent calls never share scratch memory
-            raw = np.empty(self.arena_bytes + 64, np.uint8)
-            a = raw[(-raw.ctypes.data) % 64:][:self.arena_bytes or 1]
+            a = aligned_bytes(self.arena_bytes or 1)
             if self._status is not None:
                 a[self._status:self._status + 8] = 0
             self._tls.arena = a

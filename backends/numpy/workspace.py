@@ -20,6 +20,7 @@ import numpy as np
 import sympy
 
 from graphc import shapes as _sh
+from graphc._aligned import aligned_bytes
 from graphc.errors import ShapeError
 from graphc.ir import Graph, Trait
 from graphc.passes.memory import BufferPlan, equal_size_groups, fresh, lifetimes, nbytes, plan_buffers
@@ -79,11 +80,10 @@ class Layout:
     def views(self, key: tuple) -> list[np.ndarray]:
         """A new arena for binding `key`, and each buffer as a view over it."""
         arena, shapes = self.place(key)
-        raw = np.empty(arena.total + ALIGN, np.uint8)
-        start = -raw.ctypes.data % ALIGN
+        raw = aligned_bytes(arena.total, ALIGN)
         views = []
         for off, shape, dt in zip(arena.offsets, shapes, self.dtypes):
-            lo = start + off
+            lo = off
             views.append(raw[lo:lo + math.prod(shape) * dt.itemsize].view(dt).reshape(shape))
         return views
 

@@ -34,6 +34,8 @@ import sys
 
 import numpy as np
 
+from graphc._aligned import aligned_bytes
+
 from . import cache
 
 CACHE_SUB = "warm"
@@ -259,8 +261,7 @@ def store(name: str, head: dict, arrays=()) -> None:
 def _aligned(raw: np.ndarray, dtype: np.dtype, shape) -> np.ndarray:
     """A read-only copy of bytes `raw` as an array at a 64-byte aligned address (as a fresh allocation
     would be: the generated code reads constants through their pointers)."""
-    buf = np.empty(raw.size + 64, np.uint8)
-    out = buf[(-buf.ctypes.data) % 64:][:raw.size]
+    out = aligned_bytes(raw.size)
     out[:] = raw
     a = out.view(dtype).reshape(shape)
     a.setflags(write=False)

@@ -5,6 +5,8 @@ import itertools
 
 import numpy as np
 
+from graphc._aligned import aligned_copy
+
 from .. import dtypes as _dt
 from .. import shapes as _sh
 from ..errors import DTypeError, GraphcError, InputError, ShapeError
@@ -96,26 +98,12 @@ class Parameter(Tensor):
             if not np.can_cast(a.dtype, self.dtype, "same_kind"):
                 raise DTypeError(f"parameter {self.name}: expected dtype {self.dtype}, got {a.dtype}")
             a = a.astype(self.dtype)
+        # on a cache line (graphc._aligned): a weight 16 or 48 bytes into one made the micro-kernel's loads
+        # straddle lines (an 8 x 128 x 512 product 14.7 -> 16.8-17.5 us a thread on the 2-core Zen 2, varying
+        # from process to process with NumPy's 16-byte alignment)
         v = aligned_copy(a, self.dtype)
         v.flags.writeable = False
         self._value = v
-
-
-#: byte alignment of a parameter's array (a cache line: NumPy guarantees 16 bytes, and a weight matrix 16
-#: or 48 bytes into a line makes every other 32-byte load of a native micro-kernel straddle two lines: an
-#: 8 x 128 x 512 product 14.7 -> 16.8-17.5 us a thread on the 2-core Zen 2, varying from process to process)
-PARAM_ALIGN = 64
-
-
-def aligned_copy(a, dtype) -> np.ndarray:
-    """A C-contiguous copy of `a` in `dtype` whose data starts on a PARAM_ALIGN-byte boundary."""
-    dt = np.dtype(dtype)
-    a = np.asarray(a)
-    raw = np.empty(a.size * dt.itemsize + PARAM_ALIGN, np.uint8)
-    start = -raw.ctypes.data % PARAM_ALIGN
-    v = raw[start:start + a.size * dt.itemsize].view(dt).reshape(a.shape)
-    v[...] = a
-    return v
 
 
 def parameter(name: str, value, dtype=None) -> Parameter:
