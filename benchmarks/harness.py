@@ -96,7 +96,8 @@ def environment() -> dict:
         jit.target_machine()
         b = jit.blas()
         info["llvm"] = {"cpu": jit._state["cpu"], "blas": None if b is None else
-                        {"library": b["library"], "symbols": b["symbols"], "ilp64": b["ilp64"]}}
+                        {"library": b["library"], "symbols": b["symbols"], "ilp64": b["ilp64"],
+                         "prefault": b.get("prefault")}}
     except Exception as e:   # the report says why instead of failing
         info["llvm"] = f"unavailable: {e}"
     return info

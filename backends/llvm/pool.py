@@ -117,6 +117,13 @@ _IR = r"""
 ; threads exist, and reading /proc costs ~10 us: a process with other threads pays it once per REFUSE_TICKS)
 @ob_next = internal global i64 0, align 8
 @procstat = internal constant [16 x i8] c"/proc/self/stat\00"
+; OpenBLAS's work buffers mapped in after its server's first shutdown (the slots its threads held are free
+; then; jit.prefault_blas_buffers): blas_memory_alloc, blas_memory_free, madvise, and how many buffers
+; (0: done, or off)
+@ob_alloc = internal global ptr null, align 8
+@ob_free = internal global ptr null, align 8
+@ob_madvise = internal global ptr null, align 8
+@ob_prefault = internal global i32 0, align 4
 ; per worker (the first MAX_PLACED): its thread id (0: unknown, never steered), its own CPU mask (read when it
 ; started), 1 while it is on the way to or in its futex sleep, 1 while the caller has narrowed its mask
 @tids = internal global [PLACED_SLOTS x i32] zeroinitializer, align 64
@@ -233,6 +240,7 @@ look:
 stop:
   %sd = load ptr, ptr @ob_shutdown, align 8
   %r = call i32 %sd()
+  call void @prefault_blas()
   %s4 = getelementptr [7 x i64], ptr @stats, i64 0, i64 4
   %x4 = atomicrmw add ptr %s4, i64 1 monotonic
   br label %out
@@ -243,6 +251,54 @@ refuse:
   %x5 = atomicrmw add ptr %s5, i64 1 monotonic
   br label %out
 out:
+  ret void
+}
+
+; take the first @ob_prefault free OpenBLAS work buffers (the slots the next concurrent calls get), map in
+; their first PREFAULT_BYTES (madvise MADV_POPULATE_READ: the shared zero page) and give them back; once
+define internal void @prefault_blas() nounwind noinline {
+entry:
+  %held = alloca [PREFAULT_MAX x ptr], align 16
+  %n = atomicrmw xchg ptr @ob_prefault, i32 0 monotonic
+  %some = icmp sgt i32 %n, 0
+  br i1 %some, label %go, label %out
+go:
+  %al = load ptr, ptr @ob_alloc, align 8
+  %fr = load ptr, ptr @ob_free, align 8
+  %ma = load ptr, ptr @ob_madvise, align 8
+  br label %take
+take:
+  %i = phi i32 [ 0, %go ], [ %i1, %take ]
+  %p = call ptr %al(i32 0)
+  %ps = getelementptr [PREFAULT_MAX x ptr], ptr %held, i64 0, i32 %i
+  store ptr %p, ptr %ps, align 8
+  %i1 = add i32 %i, 1
+  %more = icmp slt i32 %i1, %n
+  br i1 %more, label %take, label %give
+give:
+  %j = phi i32 [ 0, %take ], [ %j1, %next ]
+  %qs = getelementptr [PREFAULT_MAX x ptr], ptr %held, i64 0, i32 %j
+  %q = load ptr, ptr %qs, align 8
+  %nul = icmp eq ptr %q, null
+  br i1 %nul, label %next, label %map
+map:
+  %m = call i32 %ma(ptr %q, i64 PREFAULT_BYTES, i32 MADV_POPULATE_READ)
+  call void %fr(ptr %q)
+  br label %next
+next:
+  %j1 = add i32 %j, 1
+  %more2 = icmp slt i32 %j1, %n
+  br i1 %more2, label %give, label %out
+out:
+  ret void
+}
+
+define void @gc_pool_set_prefault(ptr %alloc, ptr %free, ptr %madvise, i32 %n) nounwind noinline optnone {
+entry:
+  store ptr %alloc, ptr @ob_alloc, align 8
+  store ptr %free, ptr @ob_free, align 8
+  store ptr %madvise, ptr @ob_madvise, align 8
+  store atomic i32 %n, ptr @ob_prefault seq_cst, align 4
   ret void
 }
 
@@ -633,7 +689,9 @@ def ir() -> str:
             "STEER_DEFAULT": int(os.environ.get("GRAPHC_POOL_STEER", "1") != "0"), "SYS_GETTID": _SYS_GETTID,
             "LATE_TICKS": LATE_TICKS, "REFUSE_TICKS": REFUSE_TICKS, "SPIN_TICKS": SPIN_TICKS,
             "YIELD_TICKS": YIELD_TICKS, "YIELD_MASK": YIELD_EVERY - 1, "SYS_FUTEX": _SYS_FUTEX,
-            "FUTEX_WAIT": _FUTEX_WAIT_PRIVATE, "FUTEX_WAKE": _FUTEX_WAKE_PRIVATE}
+            "FUTEX_WAIT": _FUTEX_WAIT_PRIVATE, "FUTEX_WAKE": _FUTEX_WAKE_PRIVATE,
+            "PREFAULT_MAX": jit.BLAS_PREFAULT_MAX, "PREFAULT_BYTES": jit.BLAS_PREFAULT_BYTES,
+            "MADV_POPULATE_READ": jit.MADV_POPULATE_READ}
     text = _IR
     for k, v in subs.items():
         text = text.replace(k, str(v))
@@ -655,7 +713,8 @@ def bind() -> dict:
             return _state["pool"]
         import llvmlite.binding as llvm
         names = ["gc_pool_run", "gc_pool_set_workers", "gc_pool_stats", "gc_pool_started", "gc_pool_after_fork",
-                 "gc_pool_quiet_openblas", "gc_pool_blas_threads", "gc_pool_set_openblas", "gc_pool_set_steer"]
+                 "gc_pool_quiet_openblas", "gc_pool_blas_threads", "gc_pool_set_openblas", "gc_pool_set_steer",
+                 "gc_pool_set_prefault"]
         c = compile_uncached(ir(), names)
         llvm.add_symbol("gc_pool_run", c.addresses["gc_pool_run"])
         st = {"compiled": c,   # owns the code: kept for the life of the process
@@ -669,6 +728,8 @@ def bind() -> dict:
               "steer": os.environ.get("GRAPHC_POOL_STEER", "1") != "0",
               "set_openblas": ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 5, ctypes.c_int32)(
                   c.addresses["gc_pool_set_openblas"]),
+              "set_prefault": ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 3, ctypes.c_int32)(
+                  c.addresses["gc_pool_set_prefault"]),
               "workers": 0}
         st["openblas"] = _bind_openblas(st)
         # the workers run the pool's code until the process ends: it must outlive interpreter shutdown
@@ -708,6 +769,11 @@ def _bind_openblas(st) -> bool:
     st["openblas_args"] = (*ints, *fns)
     st["quiet"] = os.environ.get("GRAPHC_QUIET_BLAS", "1") != "0"
     st["set_openblas"](*st["openblas_args"], int(st["quiet"]))
+    pf = b.get("prefault")
+    if pf:   # after the first shutdown, map in the buffers OpenBLAS's threads held (jit.prefault_blas_buffers)
+        libc = ctypes.CDLL(None)
+        st["set_prefault"](*(ctypes.cast(f, ctypes.c_void_p).value
+                             for f in (lib.blas_memory_alloc, lib.blas_memory_free, libc.madvise)), pf["count"])
     return True
 
 

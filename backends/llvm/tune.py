@@ -191,7 +191,7 @@ def _record(owner, n, k, m, dtype, threads, source):
 
 def _cache_name(*parts) -> str:
     from graphc.backends.schedule import cache
-    return cache.key("tune v3 pool split", cpu_model(), *map(str, parts)) + ".json"
+    return cache.key("tune v4 prefaulted blas buffers", cpu_model(), *map(str, parts)) + ".json"
 
 
 def _load(name: str):
