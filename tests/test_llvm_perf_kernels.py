@@ -177,6 +177,28 @@ def test_vector_max_pool_matches_numpy_and_propagates_nan(rng, dtype, bounds):
         np.testing.assert_array_equal(f(xv), _pool_ref(xv, k, s, p))
 
 
+# rows of every width around the vector's (1 .. 17 outputs, 4-, 8- and 16-lane vectors): full blocks, the
+# last partial block moved back over written outputs, rows narrower than a vector on half-width vectors,
+# a kernel wider than the stride (a tap group of one: its load masked to what it needs)
+POOL_WIDTHS = [((1, 2, 2 * ow + extra, 2 * ow + extra), k, s) for ow in (1, 2, 3, 4, 5, 6, 7, 8, 9, 14, 16, 17)
+               for extra, k, s in ((0, 2, 2), (1, 3, 2))] + \
+              [((2, 1, 3, ow + 1), 2, 1) for ow in (1, 3, 4, 5, 8, 9, 15, 16, 17)]
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_vector_max_pool_every_row_width_both_isas(isa, dtype, monkeypatch, rng):
+    monkeypatch.setenv("GRAPHC_LLVM_ISA", isa)
+    for shape, k, s in POOL_WIDTHS:
+        xv = rng.standard_normal(shape).astype(dtype)
+        xv.reshape(-1)[::7] = np.nan
+        xv.reshape(-1)[3::11] = -np.inf
+        x = gc.placeholder("x", shape, dtype)
+        for bounds in (False, True):
+            f = _fn([x], gc.max_pool2d(x, k, stride=s), bounds)
+            np.testing.assert_array_equal(f(xv), _pool_ref(xv, k, s, 0), err_msg=f"{shape} k{k} s{s}")
+
+
 def test_max_pool_of_a_strided_view_matches_numpy(rng):
     """Columns not contiguous (a transposed input): the scalar path, same answers."""
     x = gc.placeholder("x", (2, 3, 12, 10))
