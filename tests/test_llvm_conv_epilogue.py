@@ -1,28 +1,14 @@
-"""A convolution's elementwise epilogue (the `fused[conv2d, ...]` body: per-output-channel bias, ReLU, a
-same-shape residual add and ReLU) planned after the conv (backends/llvm/plan.py, walk_body/_region): the
-in-place pass splits over the pool from plan.CONV_EPILOGUE_PARALLEL_MIN elements (set to 0 here so these
-small cases split). Against an independent NumPy float64 reference on odd sizes (channels 17, 65; spatial
-3, 17), the Winograd 3x3, 1x1, 3x3 stride-2 and 7x7 stem-like paths, batch 1 and 3, one and two threads,
-with and without sanitize="bounds"."""
+"""A micro-kernel convolution's elementwise epilogue (bias, activation, residual add) runs on each image
+right after its product (backends/llvm/conv.py `fuse_conv_epilogue`): same answers as NumPy's float64
+reference for bias + ReLU, a residual add, several outputs, grouped convolutions, float64, batch sizes 1,
+3 and 17 and both thread counts; not fused where the region does not read the convolution as written."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 import graphc as gc
-
 from conftest import backend_or_skip
-from test_llvm_conv_speedpaths import _conv_reference
-
-#: (N, C, H, W, O, K, stride, pad, winograd env)
-CASES = [
-    (1, 17, 17, 17, 17, 3, 1, 1, "4"),     # 3x3 stride 1 through Winograd (>= 16 channels)
-    (3, 65, 17, 3, 17, 3, 1, 1, "4"),      # Winograd, spatial 3 wide, batch 3
-    (3, 65, 3, 3, 17, 1, 1, 0, "0"),       # 1x1
-    (1, 17, 17, 17, 65, 1, 1, 0, "0"),     # 1x1, 65 output channels
-    (1, 17, 17, 17, 65, 3, 2, 1, "0"),     # 3x3 stride 2
-    (3, 3, 17, 17, 65, 7, 2, 3, "0"),      # a ResNet stem, small
-]
 
 
 @pytest.fixture(autouse=True)
@@ -30,63 +16,66 @@ def llvm():
     backend_or_skip("llvm")
 
 
-def _build(n, c, h, w, o, k, stride, pad, residual):
-    x = gc.placeholder("x", (n, c, h, w), "float64")
-    wt = gc.placeholder("w", (o, c, k, k), "float64")
-    b = gc.placeholder("b", (o,), "float64")
-    y = gc.relu(gc.conv2d(x, wt, stride=stride, padding=pad) + gc.reshape(b, (1, o, 1, 1)))
-    ins = [x, wt, b]
-    if residual:
-        oh = (h + 2 * pad - k) // stride + 1
-        ow = (w + 2 * pad - k) // stride + 1
-        r = gc.placeholder("r", (n, o, oh, ow), "float64")
-        y = gc.relu(y + r)
-        ins.append(r)
-    return ins, y
+def _conv_ref(x, w, pad, groups=1):
+    x = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    oh, ow = h - kh + 1, wd - kw + 1
+    og = o // groups
+    out = np.zeros((n, o, oh, ow))
+    for g in range(groups):
+        for i in range(kh):
+            for j in range(kw):
+                patch = x[:, g * cg:(g + 1) * cg, i:i + oh, j:j + ow]
+                out[:, g * og:(g + 1) * og] += np.einsum("nchw,oc->nohw", patch, w[g * og:(g + 1) * og, :, i, j])
+    return out
 
 
-def _epilogue_steps(f):
-    (spec,) = f.program._specs.values()
-    return [s for s in spec.plan.steps if getattr(s, "name", "") == "elementwise"]
+@pytest.mark.parametrize("threads", ["1", "2"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("n", [1, 3, 17])
+def test_bias_relu_and_residual_epilogues_match_numpy(threads, dtype, n, monkeypatch, rng):
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", threads)
+    c, o, hw, k = 3, 8, 13, 3
+    xv = rng.standard_normal((n, c, hw, hw)).astype(dtype)
+    wv = rng.standard_normal((o, c, k, k)).astype(dtype)
+    bv = rng.standard_normal(o).astype(dtype)
+    rv = rng.standard_normal((n, o, hw - k + 1, hw - k + 1)).astype(dtype)
+    x, r = gc.placeholder("x", xv.shape, dtype), gc.placeholder("r", rv.shape, dtype)
+    w, b = gc.parameter("w", wv), gc.parameter("b", bv)
+    z = gc.conv2d(x, w) + gc.reshape(b, (1, o, 1, 1))
+    y1 = gc.relu(z)
+    y2 = gc.relu(gc.conv2d(x, w) + r) * 0.5
+    f = gc.function([x, r], [y1, y2, z], backend="llvm")
+    ref = _conv_ref(xv, wv, 0)
+    tol = 1e-4 if dtype == "float32" else 1e-10
+    g1, g2, gz = f(xv, rv)
+    np.testing.assert_allclose(g1, np.maximum(ref + bv[None, :, None, None], 0), rtol=tol, atol=tol)
+    np.testing.assert_allclose(g2, np.maximum(ref + rv, 0) * 0.5, rtol=tol, atol=tol)
+    np.testing.assert_allclose(gz, ref + bv[None, :, None, None], rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("sanitize", [None, "bounds"], ids=["plain", "bounds"])
-@pytest.mark.parametrize("threads", [1, 2], ids=["1t", "2t"])
-@pytest.mark.parametrize("residual", [False, True], ids=["bias_relu", "residual"])
-def test_conv_bias_relu_residual_epilogue_matches_numpy(residual, threads, sanitize, monkeypatch, rng):
-    import graphc.backends.llvm.conv as conv
-    import graphc.backends.llvm.plan as plan
-    monkeypatch.setenv("GRAPHC_NUM_THREADS", str(threads))
-    monkeypatch.setattr(conv, "SPLIT_FLOPS", 0)
-    monkeypatch.setattr(plan, "CONV_EPILOGUE_PARALLEL_MIN", 0)
-    for cfg in CASES:
-        n, c, h, w, o, k, stride, pad, wino = cfg
-        monkeypatch.setenv("GRAPHC_LLVM_WINOGRAD", wino)
-        ins, y = _build(n, c, h, w, o, k, stride, pad, residual)
-        f = gc.function(ins, y, backend="llvm", sanitize=sanitize)
-        assert any(name.startswith("fused[conv2d") for name in f.graph.op_names()), f.graph.op_names()
-        vals = [rng.standard_normal(t.shape) for t in ins]
-        got = f(*vals)
-        ref = _conv_reference(vals[0], vals[1], (stride, stride), ((pad, pad), (pad, pad)), (1, 1), 1)
-        ref = np.maximum(ref + vals[2].reshape(1, o, 1, 1), 0.0)
-        if residual:
-            ref = np.maximum(ref + vals[3], 0.0)
-        np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-10, err_msg=str((cfg, residual, threads)))
-        # the epilogue is one elementwise pass after the conv, marked for the pool
-        eps = _epilogue_steps(f)
-        assert eps and all(s.split is not None for s in eps), [(s.desc, s.split) for s in eps]
+def test_lenet_layer_is_fused_and_grouped_convolutions_match(rng):
+    xv = rng.standard_normal((5, 4, 12, 12)).astype("float32")
+    wv = rng.standard_normal((6, 2, 5, 5)).astype("float32")
+    bv = rng.standard_normal(6).astype("float32")
+    x, w, b = gc.placeholder("x", xv.shape), gc.parameter("w", wv), gc.parameter("b", bv)
+    y = gc.max_pool2d(gc.relu(gc.conv2d(x, w, padding=2, groups=2) + gc.reshape(b, (1, 6, 1, 1))), 2)
+    f = gc.function([x], y, backend="llvm")
+    want = np.maximum(_conv_ref(xv, wv, 2, groups=2) + bv[None, :, None, None], 0)
+    want = want.reshape(5, 6, 6, 2, 6, 2).max(axis=(3, 5))
+    np.testing.assert_allclose(f(xv), want, rtol=1e-4, atol=1e-4)
+    steps = [s for sp in f.program.info["specialisations"].values() for s in sp.plan.steps]
+    assert any(getattr(s, "fused_epilogue", False) for s in steps)
+    assert not any(getattr(s, "name", "") == "elementwise" for s in steps)
 
 
-def test_epilogue_stays_on_one_thread_below_the_threshold(monkeypatch):
-    """Small epilogues (under CONV_EPILOGUE_PARALLEL_MIN elements) keep the elementwise kernels' rule."""
-    import graphc.backends.llvm.plan as plan
-    monkeypatch.setattr(plan, "CONV_EPILOGUE_PARALLEL_MIN", 1 << 30)
-    ins, y = _build(1, 17, 17, 17, 17, 3, 1, 1, True)
-    f = gc.function(ins, y, backend="llvm")
-    eps = _epilogue_steps(f)
-    assert eps and all(s.split is None for s in eps)
-    # a plain elementwise group (no conv before it) of the same size is not split by this rule
-    monkeypatch.setattr(plan, "CONV_EPILOGUE_PARALLEL_MIN", 0)
-    a = gc.placeholder("a", (1, 17, 17, 17), "float64")
-    g = gc.function([a], gc.relu(a * 2.0 + 1.0), backend="llvm")
-    assert all(s.split is None for s in _epilogue_steps(g))
+def test_a_region_reading_the_convolution_transposed_is_not_fused(rng):
+    xv = rng.standard_normal((2, 3, 9, 9)).astype("float32")
+    wv = rng.standard_normal((4, 3, 3, 3)).astype("float32")
+    x, w = gc.placeholder("x", xv.shape), gc.parameter("w", wv)
+    c = gc.conv2d(x, w)
+    y = gc.relu(c + gc.transpose(c, (0, 1, 3, 2)))
+    f = gc.function([x], y, backend="llvm")
+    ref = _conv_ref(xv, wv, 0)
+    np.testing.assert_allclose(f(xv), np.maximum(ref + ref.transpose(0, 1, 3, 2), 0), rtol=1e-4, atol=1e-4)
