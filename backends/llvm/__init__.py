@@ -59,6 +59,7 @@ class LLVMProgram(Program):
         return self._graph
 
     def _specialise(self, dims: dict):
+        from . import tune
         from .plan import Plan
         from .program import Specialised
         key = tuple(sorted(dims.items()))
@@ -72,6 +73,8 @@ class LLVMProgram(Program):
                 if spec is not None:
                     times = {"passes": 0.0, "plan": 0.0, **spec.times}
                     self.info["target"]["gemm"]["products"] += [
+                        f"{n}x{k}x{m} {dt[len(tune.KERNEL_TAG):]}: {'BLAS' if t else 'micro-kernel'} (warm cache)"
+                        if dt.startswith(tune.KERNEL_TAG) else
                         f"{n}x{k}x{m} {dt}: {t} thread{'s' * (t > 1)} (warm cache)"
                         for n, k, m, dt, t in spec.decisions]
                 else:

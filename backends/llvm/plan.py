@@ -205,7 +205,8 @@ class Plan(Schedule):
                 a, b = (v if v.contiguous else self.materialise(v) for v in (a, b))
             self.add(gemm.matmul(out, a, b, blas="gemv"), [a, b], [out])
             return
-        if gemm.small(a, b):   # small products: the micro-kernel beats BLAS's per-call overhead (LSTM steps)
+        if gemm.small(a, b) and not self._blas_instead(out, a, b):
+            # small products: the micro-kernel beats BLAS's per-call overhead (LSTM steps)
             b = b if b.strides[-1] == 1 or b.shape[-1] == 1 else self.materialise(b)
             kern = gemm.matmul(out, a, b, blas="tiles")
             if self._loop_pos is not None and kern.split and getattr(kern, "chunks", None) is None \
@@ -223,6 +224,16 @@ class Plan(Schedule):
             b = b if gemm.blas_layout(b) and min(b.strides[-2:]) >= 0 else self.materialise(b)
             threads, _ = tune.blas_threads_for(self, a.shape[-2], a.shape[-1], b.shape[-1], a.dtype)
         self.add(gemm.matmul(out, a, b, threads=threads), [a, b], [out])
+
+    def _blas_instead(self, out: View, a: View, b: View) -> bool:
+        """A single product the size rule gives the micro-kernel, outside loops, with BLAS at hand: the tuner
+        times both on this CPU model (tune.kernel_for) and may take BLAS (narrow outputs on Zen 1)."""
+        import os
+        if (self._loop_pos is not None or len(out.shape) != 2 or not gemm.use_blas(a, b, out)
+                or os.environ.get("GRAPHC_LLVM_SMALL_GEMM", "auto") != "auto"):
+            return False
+        from . import tune
+        return tune.kernel_for(self, a.shape[-2], a.shape[-1], b.shape[-1], a.dtype)[0] == "blas"
 
     def _conv_tiles(self, n: int, k: int, m: int, dtype: str, min_rows: int = 2) -> bool:
         """Whether the per-image (per-group) (n x k) @ (k x m) products of a convolution use the micro-kernel."""
