@@ -270,10 +270,13 @@ class Explanation:
             ops = r.ops if len(r.ops) <= 48 else r.ops[:45] + "..."
             body.append([str(i), r.kernel, ops, _fmt_n(r.flops), _fmt_n(r.bytes), _fmt_t(r.predicted),
                          _fmt_t(r.measured), share, r.bound])
-        if self.overhead_s is not None:
+        if self.overhead_s is not None and self.overhead_s >= 0:
             share = f"{100 * self.overhead_s / self.call_s:.0f}%" if self.call_s else "-"
             body.append(["", "call", "argument checks, call into the program, outputs", "", "", "",
                          _fmt_t(self.overhead_s), share, "overhead"])
+        elif self.overhead_s is not None:   # the steps, timed one by one, add up to more than a whole call
+            body.append(["", "call", f"not resolved: the steps timed one by one sum to {_fmt_t(-self.overhead_s)} "
+                         "more than a call (noise)", "", "", "", "-", "-", "noise"])
         pred = sum(r.predicted for r in self.rows)
         body.append(["", "total", f"{len(self.rows)} kernels", _fmt_n(sum(r.flops for r in self.rows)),
                      _fmt_n(sum(r.bytes for r in self.rows)), _fmt_t(pred), _fmt_t(self.call_s), "100%", ""])

@@ -92,6 +92,20 @@ def test_step_times_add_up_to_the_call(backend):
     assert abs(e.steps_s + e.overhead_s - e.call_s) < 1e-12
 
 
+def test_negative_call_overhead_is_reported_as_noise():
+    """Steps timed one by one can add up to more than a whole call on a noisy machine: the table says so
+    instead of printing a negative overhead."""
+    backend_or_skip("numpy")
+    f = _mlp("numpy", n_in=16, hidden=16)
+    e = f.explain(N=4, repeat=2)
+    e.overhead_s = -172e-6
+    text = str(e)
+    assert "not resolved: the steps timed one by one sum to 172.0 us more than a call (noise)" in text
+    assert "-172" not in text
+    e.overhead_s = 3e-6
+    assert "argument checks, call into the program, outputs" in str(e)
+
+
 def _tiny_runs():
     """(id, zero-argument call carrying .function and .args) for W1-W10 at tiny sizes, both backends."""
     out = []
