@@ -60,7 +60,7 @@ pf = jit.blas()["prefault"]
 if case == "off":
     assert pf is None, pf
 else:
-    assert pf["count"] == 4 and pf["buffers"] == 4, pf
+    assert pf["count"] == 2 and pf["buffers"] == 2, pf
     assert pf["bytes"] == jit.BLAS_PREFAULT_BYTES
     assert min(resident_share(pf["count"])) == 1.0, resident_share(pf["count"])
 a, b = gc.placeholder("a", (96, 64)), gc.placeholder("b", (64, 80))

@@ -501,7 +501,7 @@ def bind_blas() -> None:
 #: bytes at the start of each OpenBLAS work buffer mapped in ahead (`prefault_blas_buffers`; the most a
 #: single-thread product used, measured: 5.4 MB of its 32 MB buffer for float32 4096^3, 3 MB float64 1024^3)
 BLAS_PREFAULT_BYTES = 8 << 20
-#: OpenBLAS work buffers mapped in ahead at most (graphc's threads and as many for OpenBLAS's own)
+#: OpenBLAS work buffers mapped in ahead at most (one per graphc thread)
 BLAS_PREFAULT_MAX = 16
 MADV_POPULATE_READ = 22
 
@@ -535,9 +535,10 @@ def prefault_blas_buffers(lib, count: int | None = None) -> dict | None:
     (256 x 784) @ (784 x 256) took 9.0 ms with a fresh buffer and 2.9 ms once the pages past its data were
     mapped (by any larger earlier product in that slot), and graphc's 2-thread split of W1 b256's
     (256 x 784) @ (784 x 512), each thread in its own fresh slot, 8.7-11 ms against 3.0-3.3 ms.
-    count: graphc's threads plus as many for OpenBLAS's server threads (which hold slots while up),
-    at most BLAS_PREFAULT_MAX. The slots OpenBLAS's server threads hold while up are free after the pool
-    first stops them (pool.py): the pool maps in `count` buffers again then. Returns {'count', 'buffers'
+    count: graphc's threads (its concurrent BLAS calls), at most BLAS_PREFAULT_MAX. While OpenBLAS's server
+    is up its threads hold the first slots and graphc's calls get the next ones, the ones mapped here;
+    after the pool first stops those threads (pool.py) their slots come first again, and the pool maps in
+    `count` buffers once more. Returns {'count', 'buffers'
     (mapped now), 'bytes', 'ms'} or None (not OpenBLAS's allocator;
     GRAPHC_BLAS_PREFAULT=0)."""
     if os.environ.get("GRAPHC_BLAS_PREFAULT", "1") == "0" or sys.platform != "linux":
@@ -548,7 +549,7 @@ def prefault_blas_buffers(lib, count: int | None = None) -> dict | None:
         return None
     if count is None:
         from .program import num_threads
-        count = 2 * num_threads()
+        count = num_threads()
     count = max(1, min(int(count), BLAS_PREFAULT_MAX))
     alloc.restype, alloc.argtypes = ctypes.c_void_p, [ctypes.c_int]
     free.restype, free.argtypes = None, [ctypes.c_void_p]
