@@ -183,13 +183,18 @@ def products(graph) -> list:
     return _products.setdefault(graph, [])
 
 
-def _record(owner, n, k, m, dtype, threads, source):
+def _note(owner, line: str) -> None:
+    """Add a product's choice to its graph's info["target"]["gemm"]["products"] (when the owner has a graph)."""
     g = getattr(owner, "graph", None)
     if g is not None:
         try:
-            products(g).append(f"{n}x{k}x{m} {dtype}: {threads} thread{'s' * (threads > 1)} ({source})")
+            products(g).append(line)
         except TypeError:
             pass
+
+
+def _record(owner, n, k, m, dtype, threads, source):
+    _note(owner, f"{n}x{k}x{m} {dtype}: {threads} thread{'s' * (threads > 1)} ({source})")
 
 
 def _cache_name(*parts) -> str:
@@ -371,12 +376,7 @@ def kernel_for(owner, n: int, k: int, m: int, dtype: str) -> tuple[str, str]:
                 log.append(("kernel", (n, k, m, dtype), best, "tuned"))
                 known = best, "tuned"
     choice = "blas" if known[0] else "tiles"
-    g = getattr(owner, "graph", None)
-    if g is not None:
-        try:
-            products(g).append(f"{n}x{k}x{m} {dtype}: {'BLAS' if known[0] else 'micro-kernel'} ({known[1]})")
-        except TypeError:
-            pass
+    _note(owner, f"{n}x{k}x{m} {dtype}: {'BLAS' if known[0] else 'micro-kernel'} ({known[1]})")
     if owner is not None:
         decisions.setdefault(owner, []).append((n, k, m, KERNEL_TAG + dtype, known[0]))
     return choice, known[1]
