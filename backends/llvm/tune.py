@@ -382,28 +382,33 @@ def kernel_for(owner, n: int, k: int, m: int, dtype: str) -> tuple[str, str]:
     return choice, known[1]
 
 
-def _probe(kern, nviews: int, nthreads: int):
-    """A callable running kernel `kern` (its views numbered 0 .. nviews-1) as a program step would: split over
-    the pool when it is (program._parallel_call), else whole; it takes the address of a table of pointers."""
+def _probe(kern, nviews: int, counts) -> tuple:
+    """(the compiled module, {thread count: callable}) running kernel `kern` (its views numbered 0 ..
+    nviews-1) as a program step would for each of `counts`: split over the pool (program._parallel_call)
+    when it splits and the count is above one, else whole; a callable takes the address of a table of
+    pointers. One module for all the counts."""
     import ctypes
     from . import gemm, pool, program
     from .irtext import Emitter
+    counts = tuple(dict.fromkeys(counts))
     em = Emitter()
-    names = {i: f"%b{i}" for i in range(nviews)}
-    kern.emit(em, names, "%lo", "%hi")
+    kern.emit(em, {i: f"%b{i}" for i in range(nviews)}, "%lo", "%hi")
     args = ", ".join(f"ptr noalias %b{i}" for i in range(nviews))
     defs = [em.function(f"define void @probe_k({args}, i64 %lo, i64 %hi) nounwind noinline")]
-    e = Emitter()
-    ptrs = [e(f"load ptr, ptr {e(f'getelementptr ptr, ptr %t, i64 {i}')}") for i in range(nviews)]
-    if kern.split and nthreads > 1:
-        program._parallel_call(e, "probe_k", kern, ptrs, nthreads)
+    split = [t for t in counts if kern.split and t > 1]
+    for t in counts:
+        e = Emitter()
+        ptrs = [e(f"load ptr, ptr {e(f'getelementptr ptr, ptr %t, i64 {i}')}") for i in range(nviews)]
+        if t in split:
+            program._parallel_call(e, "probe_k", kern, ptrs, t)
+        else:
+            e.raw(f"call void @probe_k({', '.join(f'ptr {p}' for p in ptrs)}, i64 0, i64 {kern.outer})")
+        defs.append(e.function(f"define void @probe_{t}(ptr %t) nounwind"))
+    if split:
         defs.append(program._thunk("probe_k", nviews))
-    else:
-        e.raw(f"call void @probe_k({', '.join(f'ptr {p}' for p in ptrs)}, i64 0, i64 {kern.outer})")
-    defs.append(e.function("define void @probe(ptr %t) nounwind"))
-    head = gemm.declarations() + pool.declarations(nthreads)
-    c = pool.compile_uncached(head + "\n".join(defs), ["probe"])
-    return c, ctypes.CFUNCTYPE(None, ctypes.c_void_p)(c.addresses["probe"])
+    head = gemm.declarations() + pool.declarations(max(counts))
+    c = pool.compile_uncached(head + "\n".join(defs), [f"probe_{t}" for t in counts])
+    return c, {t: ctypes.CFUNCTYPE(None, ctypes.c_void_p)(c.addresses[f"probe_{t}"]) for t in counts}
 
 
 def _time_kernels(n: int, k: int, m: int, dtype: str, reps: int) -> dict:
@@ -415,9 +420,10 @@ def _time_kernels(n: int, k: int, m: int, dtype: str, reps: int) -> dict:
     key = ("kernels", n, k, m, dtype, threads())
     if key not in _probes:
         out, a, b = (View(i, 0, sh, (sh[1], 1), dtype) for i, sh in enumerate([(n, m), (n, k), (k, m)]))
-        _probes[key] = {"tiles": _probe(gemm.matmul(out, a, b, blas="tiles"), 3, threads()),
-                        "blas": _probe(gemm.matmul(out, a, b, blas=True), 3, threads())}
-    fns = {name: fn for name, (_, fn) in _probes[key].items()}
+        t = threads()
+        _probes[key] = {name: _probe(gemm.matmul(out, a, b, blas=how), 3, (t,))
+                        for name, how in (("tiles", "tiles"), ("blas", True))}
+    fns = {name: fn[threads()] for name, (_, fn) in _probes[key].items()}
     rng = np.random.default_rng(0)
     arrays = [np.zeros((n, m), dtype), rng.standard_normal((n, k)).astype(dtype),
               rng.standard_normal((k, m)).astype(dtype)]
@@ -452,31 +458,12 @@ def _time_split(n: int, k: int, m: int, dtype: str, top: int, reps: int) -> dict
     plan generates it (gemm.matmul on contiguous operands), run whole on this thread and split over the
     pool for `top` threads (program._parallel_call)."""
     import ctypes
-    from . import gemm, pool, program
-    from .irtext import Emitter
+    from . import gemm
     from ..schedule.views import View
     key = (n, k, m, dtype, top)
     if key not in _probes:
         out, a, b = (View(i, 0, sh, (sh[1], 1), dtype) for i, sh in enumerate([(n, m), (n, k), (k, m)]))
-        kern = gemm.matmul(out, a, b, blas=True, threads=top)
-        em = Emitter()
-        kern.emit(em, {0: "%b0", 1: "%b1", 2: "%b2"}, "%lo", "%hi")
-        defs = [em.function("define void @probe_k(ptr noalias %b0, ptr noalias %b1, ptr noalias %b2, i64 %lo, "
-                            "i64 %hi) nounwind noinline")]
-        for name, split in (("probe_1", False), ("probe_t", True)):
-            e = Emitter()
-            ptrs = [e(f"load ptr, ptr {e(f'getelementptr ptr, ptr %t, i64 {i}')}") for i in range(3)]
-            if split and kern.split:
-                program._parallel_call(e, "probe_k", kern, ptrs, top)
-            else:
-                e.raw(f"call void @probe_k({', '.join(f'ptr {p}' for p in ptrs)}, i64 0, i64 {kern.outer})")
-            defs.append(e.function(f"define void @{name}(ptr %t) nounwind"))
-        if kern.split:
-            defs.append(program._thunk("probe_k", 3))
-        head = gemm.declarations() + pool.declarations(top)
-        c = pool.compile_uncached(head + "\n".join(defs), ["probe_1", "probe_t"])
-        _probes[key] = (c, {t: ctypes.CFUNCTYPE(None, ctypes.c_void_p)(c.addresses[f"probe_{'t' if t > 1 else 1}"])
-                            for t in (1, top)})
+        _probes[key] = _probe(gemm.matmul(out, a, b, blas=True, threads=top), 3, (1, top))
     _, fns = _probes[key]
     rng = np.random.default_rng(0)
     arrays = [np.zeros((n, m), dtype), rng.standard_normal((n, k)).astype(dtype),
