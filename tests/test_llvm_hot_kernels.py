@@ -41,6 +41,7 @@ def _cell(n: int, H: int, T: int, rng):
 @pytest.mark.parametrize("n,H", [(2, 8), (5, 17), (9, 33), (16, 8)])
 def test_paired_rows_match_numpy(threads, monkeypatch, n, H):
     from graphc.backends.llvm import kernels as K
+    monkeypatch.setenv("GRAPHC_WARM_CACHE", "0")   # planned here, so the patched _paired_rows sees the regions
     calls = []
     real = K._paired_rows
     monkeypatch.setattr(K, "_paired_rows", lambda em, dims, *a: (calls.append(tuple(dims)), real(em, dims, *a)))
