@@ -46,8 +46,14 @@ def np_dtype(d: str) -> np.dtype:
     return _bfloat16() if d == "bfloat16" else np.dtype(d)
 
 
+#: names as_dtype returns unchanged without asking NumPy (bfloat16 first registers its NumPy type)
+_CANONICAL = frozenset(SUPPORTED) - {"bfloat16"}
+
+
 def as_dtype(d) -> str:
     """Canonical dtype name for a NumPy dtype, type or string; rejects unsupported dtypes."""
+    if type(d) is str and d in _CANONICAL:   # already canonical (most calls: every Tensor built checks its dtype)
+        return d
     if isinstance(d, str) and d == "bfloat16":
         _bfloat16()
     try:

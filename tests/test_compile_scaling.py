@@ -115,6 +115,74 @@ def test_identical_kernels_are_one_llvm_function_and_results_match_numpy(tmp_pat
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_memoised_emission_writes_the_module_a_fresh_emission_writes(tmp_path, monkeypatch):
+    """Kernels with equal memo keys are emitted once (program._Gen.kernel): the module must be the same
+    text, byte for byte, as when every step's kernel is emitted afresh; and results match NumPy."""
+    backend_or_skip("llvm")
+    from graphc.backends.llvm import program as PR
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("GRAPHC_WARM_CACHE", "0")
+    sources, emitted = {}, {}
+    real = PR._kernel_fn
+
+    def counting(*a):
+        emitted[memo] += 1
+        return real(*a)
+    monkeypatch.setattr(PR, "_kernel_fn", counting)
+    for memo in (True, False):
+        emitted[memo] = 0
+        if not memo:
+            monkeypatch.setattr(PR, "memo_key", lambda kern, bufs: None)
+        ins, loss, upd, params, data = _mlp_adam(6)
+        x, y, xs, want = _chain(3 * 129 + 7)
+        f = gc.function(ins, loss, updates=upd, backend="llvm")
+        g = gc.function([x], y, backend="llvm")
+        np.testing.assert_allclose(g(xs), want, rtol=2e-5, atol=2e-6)
+        ref_ins, ref_loss, ref_upd, ref_params, _ = _mlp_adam(6)
+        ref = gc.function(ref_ins, ref_loss, updates=ref_upd, backend="numpy")
+        np.testing.assert_allclose(f(*data), ref(*data), rtol=1e-5)
+        for a, b in zip(params, ref_params):
+            np.testing.assert_allclose(a.value, b.value, rtol=1e-4, atol=1e-6)
+        sources[memo] = (f.source, g.source)
+    assert sources[True] == sources[False]
+    assert emitted[True] < emitted[False] / 2, emitted   # the repeated layers' kernels were emitted once
+
+
+def test_memo_keys_tell_apart_regions_that_differ_in_a_constant_or_an_attr(tmp_path, monkeypatch):
+    """Regions of the same ops whose constants or attrs differ (0.9 / 0.8, alpha 0.1 / 0.2), separated by
+    cumulative sums, are different kernels: the result matches NumPy (the keys' exactness on floats:
+    test_freeze_keys_values_exactly)."""
+    backend_or_skip("llvm")
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
+    xs = np.random.default_rng(3).standard_normal((5, 17)).astype(np.float32)
+    x = gc.placeholder("x", (5, 17))
+    h, v = x, xs.astype(np.float64)
+    for kind, c in [("mul", 0.9), ("mul", 0.8), ("leaky", 0.1), ("leaky", 0.2)] * 2:
+        if kind == "mul":
+            h, v = gc.tanh(gc.sin(h) * c), np.tanh(np.sin(v) * c)
+        else:
+            s = np.sin(v)
+            h, v = gc.tanh(gc.leaky_relu(gc.sin(h), c)), np.tanh(np.where(s > 0, s, c * s))
+        h, v = gc.cumsum(h, axis=1), np.cumsum(v, axis=1)
+    f = gc.function([x], h, backend="llvm")
+    np.testing.assert_allclose(f(xs), v, rtol=2e-5, atol=2e-6)
+    assert f.program.info["kernel_functions"] < f.program.info["kernels"]   # the two 0.9 regions: one
+
+
+def test_freeze_keys_values_exactly():
+    from graphc.passes.cse import freeze
+    assert freeze(0.0) != freeze(-0.0) and freeze(1) != freeze(1.0)
+    assert freeze(float("nan")) == freeze(float("nan"))
+    assert freeze(np.float32(0.5)) != freeze(0.5)
+    assert freeze({"a": (1, 2.0), "b": slice(0, None, 2)}) == freeze({"b": slice(0, None, 2), "a": [1, 2.0]})
+    big = np.zeros(5000, np.float32)
+    assert freeze(big) == ("id", id(big))
+    with pytest.raises(TypeError):
+        freeze({"v": big}, strict=True)
+    with pytest.raises(TypeError):
+        freeze([1, {1, 2}], strict=True)
+
+
 def test_kernels_are_shared_across_graphs_through_the_cache(tmp_path, monkeypatch):
     backend_or_skip("llvm")
     monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))

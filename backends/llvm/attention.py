@@ -343,4 +343,6 @@ def attention_kernel(out: View, q: View, k: View, v: View, mask: View | None, sc
 
         em.loop(hi, item, start=lo)
     split = items if items >= 2 and flops >= PARALLEL_FLOPS else None
-    return Kernel("attention", [out, q, k, v] + ([mask] if mask is not None else []), emit, split, flops, items)
+    kern = Kernel("attention", [out, q, k, v] + ([mask] if mask is not None else []), emit, split, flops, items)
+    kern.key = ("attention", repr(float(scale)), mask is not None)   # with the views: kernels.memo_key
+    return kern

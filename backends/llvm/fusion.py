@@ -8,6 +8,7 @@ from __future__ import annotations
 from graphc.ir import Trait, ops_with
 from graphc.ops.core import StopGradient
 from graphc.ops.shape_ops import BroadcastTo
+from graphc.passes.cse import freeze
 
 from . import lower as _lo
 from .irtext import literal
@@ -54,4 +55,27 @@ def region_compute(nodes, inputs, outputs, shape_of):
             else:
                 env[id(t)] = (_lo.lower(em, n.op, n.attrs, args, t.dtype), t.dtype)
         return [_lo.convert(em, *env[id(o)], o.dtype) for o in outputs]
+    compute.key = _region_key(nodes, inputs, outputs, consts)
     return compute
+
+
+def _region_key(nodes, inputs, outputs, consts):
+    """What compute() emits depends on, as a hashable value (None when a node reads a tensor the region
+    neither computes nor takes): per node its op, attrs, argument positions (a region input, an earlier
+    node, a literal constant) and dtype. Two regions with equal keys emit the same IR for the same input
+    dtypes (kernels.memo_key: one emission serves every copy of a repeated layer or chain)."""
+    pos = {id(t): ("in", i) for i, t in enumerate(inputs)}
+    pos.update({k: ("lit",) + v for k, v in consts.items()})
+    items = []
+    for j, n in enumerate(nodes):
+        args = tuple(pos.get(id(x)) for x in n.inputs)
+        if None in args:
+            return None
+        try:
+            attrs = freeze(n.attrs, strict=True)
+        except TypeError:
+            return None
+        items.append((n.op, attrs, args, n.outputs[0].dtype))
+        pos[id(n.outputs[0])] = ("node", j)
+    outs = tuple((pos.get(id(o)), o.dtype) for o in outputs)
+    return ("region", tuple(items), outs)

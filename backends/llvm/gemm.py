@@ -141,6 +141,8 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
     tile_split = (blas == "tiles" and not bshape and pool_ok and flops >= tune.TILES_PARALLEL_FLOPS
                   and tile_blocks(m, out.dtype, n) >= 2)
 
+    key = ("matmul", blas, it, blas_threads, blas_split, tile_split, par, blocks, repr(form), bshape, ast, bst, ost)
+
     def one(em, P, offs, lo=None, hi=None):
         ao, bo, oo = offs
         if k == 0:
@@ -164,6 +166,7 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
                 one(em, P, (a.offset, b.offset, out.offset), lo, hi)
         split = blocks if par and blocks >= 2 else None
         kern = Kernel("gemv", [out, a, b], emit_gemv, split, flops, blocks)
+        kern.key = key
         kern.threads = split and tune.threads()
         return kern
 
@@ -174,6 +177,7 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
             if out.size:
                 one(em, P, (a.offset, b.offset, out.offset), lo, hi)
         kern = Kernel("matmul", [out, a, b], emit_blocks, nblk, flops, nblk)
+        kern.key = key
         if blas_split:   # one OpenBLAS call per block: as many blocks as threads (each call packs its operands)
             kern.chunks, kern.blas_pinned = nblk, True
         elif k:          # a micro-kernel product: an elementwise region after it may join it (recurrent.py)
@@ -190,6 +194,7 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
     split = (bshape[0] if batch_split or (blas == "tiles" and bshape and bshape[0] >= 2 and pool_ok
                                          and flops >= _parallel_flops()) else None)
     kern = Kernel("gemv" if form else "matmul", [out, a, b], emit, split, flops, bshape[0] if bshape else 0)
+    kern.key = key   # (with the views: kernels.memo_key) what the text depends on
     kern.blas_pinned = batch_split
     kern.threads = tune.threads() if split else (threads if blas is True else None)
     if blas == "tiles" and not bshape and k:   # an elementwise region after it may join it (recurrent.py)

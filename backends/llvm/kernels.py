@@ -12,6 +12,7 @@ import numpy as np
 
 from graphc import dtypes as _dt
 from graphc.ops import reduce as R
+from graphc.passes.cse import freeze
 
 from . import lower as _lo
 from . import mathlib
@@ -62,6 +63,30 @@ class Kernel:
         self.size = flops
         self.desc = " ".join(f"{v.dtype}{list(v.shape)}" for v in views if v is not None)
         self.fn_attrs = vector_attrs()   # appended to the function's definition (program._kernel_fn)
+        self.views = tuple(views)
+        #: None, or a hashable value that, with the views (memo_key), determines the text `emit` writes:
+        #: the program emits a kernel once for all its steps with equal memo keys (a repeated layer)
+        self.key = None
+
+
+def memo_key(kern: Kernel, bufs: list):
+    """A key equal for two kernels exactly when their definitions over `bufs` (program._kernel_fn,
+    without bounds checks) are the same text, or None when the kernel has no key."""
+    if kern.key is None:
+        return None
+    from . import tune
+    pos = {b: i for i, b in enumerate(bufs)}
+    return (kern.name, kern.key, kern.fn_attrs, tune.isa(), tuple(None if v is None else (
+        pos.get(v.buf), v.offset, v.shape, v.strides, v.dtype, freeze(v.literal)) for v in kern.views))
+
+
+#: (compute key, input dtypes) -> IR instructions of one element (body_cost), bounded
+_COSTS: dict = {}
+
+
+def compute_key(compute, dtypes) -> tuple | None:
+    key = getattr(compute, "key", None)
+    return None if key is None else (key, tuple(dtypes))
 
 
 # ---- element access ---------------------------------------------------------------------------------
@@ -203,7 +228,11 @@ def elementwise(outs: list[View], ins: list[View], compute, hot: bool = False) -
     if hot and not cost and size:
         cost = body_cost(compute, ins)
     paired_rows = hot and split is None and len(dims) == 2 and dims[0] >= 2 and cost >= PAIR_COST
-    return Kernel("elementwise", outs + ins, emit, split, size, dims[0] if dims else 0)
+    kern = Kernel("elementwise", outs + ins, emit, split, size, dims[0] if dims else 0)
+    ck = getattr(compute, "key", None)
+    if ck is not None:   # the text depends on the body, the views and these choices
+        kern.key = ("elementwise", ck, len(outs), reorder, paired, paired_rows)
+    return kern
 
 
 def _paired_loop(em: Emitter, strides, bases, body, lo, hi, reorder: bool = False) -> None:
@@ -294,17 +323,28 @@ def _late_order(em: Emitter, first: int) -> None:
 def body_cost(compute, ins: list[View]) -> int:
     """IR instructions compute() emits for one element (a dry run into a scratch emitter): the cost
     the thread split weighs against its start-up."""
+    key = compute_key(compute, [v.dtype for v in ins])
+    if key in _COSTS:
+        return _COSTS[key]
     em = Emitter()
     try:
         compute(em, [(em.fresh(), v.dtype) for v in ins])
     except Exception:   # not lowerable: the real emission reports it
         return 1
+    if key is not None:
+        if len(_COSTS) > 4096:
+            _COSTS.clear()
+        _COSTS[key] = len(em.lines)
     return len(em.lines)
 
 
 def op_compute(op, attrs: dict, out_dtype: str):
     def compute(em, vals):
         return [_lo.lower(em, op, attrs, vals, out_dtype)]
+    try:
+        compute.key = ("op", op, freeze(attrs, strict=True), out_dtype)
+    except TypeError:
+        compute.key = None
     return compute
 
 

@@ -53,8 +53,15 @@ class Plan(Schedule):
 
     # kernels
     def _check(self, compute, ins) -> None:
-        """Lower once into a scratch emitter so NotLowerable surfaces at plan time."""
+        """Lower once into a scratch emitter so NotLowerable surfaces at plan time (once per distinct
+        body and input dtypes: a chain of repeated layers checks one)."""
+        key = K.compute_key(compute, [v.dtype for v in ins])
+        checked = self.__dict__.setdefault("_checked", set())
+        if key is not None and key in checked:
+            return
         compute(Emitter(), [("%x", v.dtype) for v in ins])
+        if key is not None:
+            checked.add(key)
 
     def _elementwise(self, node, ins):
         """Every op with a row in the scalar table (lower.CODE_FOR_OP): one loop."""

@@ -17,7 +17,7 @@ from graphc.backends.schedule.steps import HostStep, LoopStep
 
 from . import gemm, jit, mathlib, pool, table
 from .irtext import Emitter
-from .kernels import Kernel
+from .kernels import Kernel, memo_key
 from .plan import Plan
 
 _ENTRY = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
@@ -164,6 +164,7 @@ class _Gen:
         self.plan, self.slots, self.nthreads = plan, slots, nthreads
         self.funcs: list[str] = []                  # the entry module's functions (thunks, entries)
         self.kernels: dict[str, str] = {}           # kernel definition (named _SELF) -> its name
+        self.by_key: dict = {}                      # kernels.memo_key -> name (emitted once per key)
         self.defs: list[tuple[str, str, int]] = []  # (name, definition, pointer parameters), in order
         self.thunks: set[str] = set()
         self.calls = 0                              # kernel steps (a step in a scan body counts once)
@@ -171,6 +172,10 @@ class _Gen:
 
     def kernel(self, step, bufs) -> str:
         """The name of the function computing `step` over `bufs` (defined at its first use)."""
+        key = None if self.plan.bounds else memo_key(step, bufs)
+        name = self.by_key.get(key) if key is not None else None
+        if name is not None:
+            return name
         text = _kernel_fn(step, bufs, self.plan)
         name = self.kernels.get(text)
         if name is None:
@@ -178,6 +183,8 @@ class _Gen:
             name = f"k_{digest}_{re.sub(r'[^A-Za-z0-9_]', '_', step.name)}"
             self.kernels[text] = name
             self.defs.append((name, text.replace(_SELF, "@" + name, 1), len(bufs)))
+        if key is not None:
+            self.by_key[key] = name
         return name
 
     def load(self, em, ptrs, b) -> None:

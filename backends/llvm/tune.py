@@ -69,8 +69,13 @@ def mode() -> str:
 
 # ---- the host -----------------------------------------------------------------------------------------
 
-def features() -> set[str]:
-    return {f[1:] for f in jit.cpu_features().split(",") if f.startswith("+")}
+def features() -> frozenset[str]:
+    """The host's enabled LLVM features (parsed once per feature string: the planner asks per kernel)."""
+    s = jit.cpu_features()
+    got = _state.get("features")
+    if got is None or got[0] is not s:
+        got = _state["features"] = (s, frozenset(f[1:] for f in s.split(",") if f.startswith("+")))
+    return got[1]
 
 
 #: GRAPHC_LLVM_ISA=avx2 (or avx512, sse) forces the micro-kernels' vector shapes for that ISA: AVX2's on an

@@ -381,16 +381,26 @@ class Schedule:
                 and getattr(st, "io", None) is not None
                 and all(bufs[b].kind == "arena" and b != status for b in io[k][1])
                 and status not in io[k][0]}
-        while cand:
-            def ready(b):
-                kind = bufs[b].kind
-                return kind in ("param", "const") or (kind == "arena" and b != status and b in writers
-                                                      and writers[b] <= cand)
-            drop = {k for k in cand if not all(ready(b) for b in io[k][0]) or
-                    not all(writers[b] <= cand for b in io[k][1])}
-            if not drop:
-                break
-            cand -= drop
+        def ready(b):
+            kind = bufs[b].kind
+            return kind in ("param", "const") or (kind == "arena" and b != status and b in writers
+                                                  and writers[b] <= cand)
+        # the largest subset of cand closed under the rule: drop the steps that fail it, then (a worklist,
+        # linear in the reads and writes) the steps a dropped one makes fail: the readers and the other
+        # writers of the buffers it writes
+        readers: dict = {}
+        for k in cand:
+            for b in io[k][0]:
+                readers.setdefault(b, []).append(k)
+        queue = [k for k in cand if not all(ready(b) for b in io[k][0])
+                 or not all(writers[b] <= cand for b in io[k][1])]
+        cand.difference_update(queue)
+        while queue:
+            for b in io[queue.pop()][1]:
+                for j in (*readers.get(b, ()), *writers.get(b, ())):
+                    if j in cand:
+                        cand.discard(j)
+                        queue.append(j)
         if not cand:
             return
         for k in cand:

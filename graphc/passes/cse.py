@@ -11,20 +11,30 @@ from .rewrite import clone, unchanged_order
 SMALL_CONST = 4096
 
 
-def _freeze(v):
-    """A hashable key for an attr value (slices, arrays and graphs included)."""
+def freeze(v, strict: bool = False):
+    """A hashable key for an attr value (slices, arrays and graphs included); equal keys mean equal
+    values to every consumer: floats by their exact repr (0.0 and -0.0, 1 and 1.0 differ; a NaN
+    equals a NaN), arrays by dtype, shape and bytes. A value with no such key (a large array, an
+    unhashable object) is keyed by its identity, or, when strict (a key kept beyond the value's
+    life), raises TypeError."""
+    if isinstance(v, (float, np.floating)):
+        return ("float", type(v).__name__, repr(float(v)))
     if isinstance(v, (tuple, list)):
-        return tuple(_freeze(e) for e in v)
+        return tuple(freeze(e, strict) for e in v)
     if isinstance(v, slice):
-        return ("slice", v.start, v.stop, v.step)
+        return ("slice", freeze(v.start, strict), freeze(v.stop, strict), freeze(v.step, strict))
     if isinstance(v, dict):
-        return tuple(sorted((k, _freeze(e)) for k, e in v.items()))
-    if isinstance(v, np.ndarray):
-        return ("array", v.dtype.name, v.shape, v.tobytes()) if v.size <= SMALL_CONST else ("id", id(v))
+        return tuple(sorted((k, freeze(e, strict)) for k, e in v.items()))
+    if isinstance(v, np.ndarray) and v.size <= SMALL_CONST:
+        return ("array", v.dtype.name, v.shape, v.tobytes())
     try:
+        if isinstance(v, np.ndarray):
+            raise TypeError("large array")
         hash(v)
         return v
     except TypeError:
+        if strict:
+            raise
         return ("id", id(v))
 
 
@@ -40,13 +50,13 @@ def pure(op) -> bool:
 def _key(node: Node, ins: list[Tensor], number: dict[int, int]):
     if node.op.has(Trait.CONST):
         v = node.attrs["value"]
-        return (node.op, _freeze(v)) if v.size <= SMALL_CONST else None
+        return (node.op, freeze(v)) if v.size <= SMALL_CONST else None
     if not pure(node.op):
         return None
     args = [number[id(t)] for t in ins]
     if node.op.has(Trait.COMMUTATIVE):
         args.sort()
-    return (node.op, tuple(args), _freeze(node.attrs) if node.attrs else ())
+    return (node.op, tuple(args), freeze(node.attrs) if node.attrs else ())
 
 
 def cse(graph: Graph, log) -> Graph:

@@ -93,6 +93,12 @@ def rebuild(graph: Graph, rule: Rule | None, log=None, name: str = "") -> Graph:
                                         [(p, env[id(v)]) for p, v in graph.updates], graph.name), changed)
 
 
+def unchanged(graph: Graph) -> Graph:
+    """What a pass that has nothing to do returns without walking: a new Graph of the same nodes, in
+    the same order (a pass whose pattern needs an op the graph lacks checks for it first)."""
+    return with_order(Graph(graph.inputs, graph.outputs, graph.updates, graph.name), graph.nodes)
+
+
 def unchanged_order(old: Graph, new: Graph, changed: bool) -> Graph:
     """`new`; when a pass changed no node (`changed` False: `new` has `old`'s nodes), with `old`'s order
     (no new topological sort: a pass that finds nothing to do costs one walk)."""

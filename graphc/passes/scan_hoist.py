@@ -35,7 +35,7 @@ from ..ops.linalg import MatMul
 from ..ops.reduce import Sum
 from ..ops.scan import Scan, inline
 from ..ops.shape_ops import Concatenate, Reshape, Transpose
-from .rewrite import clone, rebuild
+from .rewrite import clone, rebuild, unchanged
 from .rewrite import users as rewrite_users
 
 _ADD = F.add.op
@@ -45,6 +45,8 @@ _NEVER = Trait.IMPURE | Trait.RANDOM | Trait.STATE
 
 
 def scan_hoist(graph: Graph, log: Counter) -> Graph:
+    if not any(n.op is Scan for n in graph.nodes):   # nothing to hoist out of
+        return unchanged(graph)
     used = _consumed(graph)
     mine = {id(n) for n in graph.nodes}   # a scan this pass built (offered again by rebuild) is done
     ctx = _Context(used, log, _reuse_requests(graph, used))
