@@ -429,9 +429,7 @@ def _time_kernels(n: int, k: int, m: int, dtype: str, reps: int) -> dict:
         _probes[key] = {name: _probe(gemm.matmul(out, a, b, blas=how), 3, (t,))
                         for name, how in (("tiles", "tiles"), ("blas", True))}
     fns = {name: fn[threads()] for name, (_, fn) in _probes[key].items()}
-    rng = np.random.default_rng(0)
-    arrays = [np.zeros((n, m), dtype), rng.standard_normal((n, k)).astype(dtype),
-              rng.standard_normal((k, m)).astype(dtype)]
+    arrays = _operands(n, k, m, dtype)
     table = (ctypes.c_void_p * 3)(*[x.ctypes.data for x in arrays])
     addr = ctypes.addressof(table)
     rows = sorted({0, n // 2, n - 1})
@@ -448,6 +446,18 @@ def _time_kernels(n: int, k: int, m: int, dtype: str, reps: int) -> dict:
             fn(addr)
             times[name] = min(times[name], time.perf_counter() - t0)
     return times
+
+
+#: the split timing stops after DECISIVE_REPS rounds when one count is faster by more than this factor
+DECISIVE, DECISIVE_REPS = 1.15, 3
+
+
+def _operands(n: int, k: int, m: int, dtype: str) -> list:
+    """A probe's output (zeros) and operands: uniform in [-0.5, 0.5), drawn in `dtype` directly (the
+    normal draw and conversion of a 2048 x 256 operand took 20 ms of a 0.5 s budget)."""
+    rng = np.random.default_rng(0)
+    return [np.zeros((n, m), dtype), rng.random((n, k), dtype=dtype) - np.asarray(0.5, dtype),
+            rng.random((k, m), dtype=dtype) - np.asarray(0.5, dtype)]
 
 
 def _busy() -> bool:
@@ -470,19 +480,19 @@ def _time_split(n: int, k: int, m: int, dtype: str, top: int, reps: int) -> dict
         out, a, b = (View(i, 0, sh, (sh[1], 1), dtype) for i, sh in enumerate([(n, m), (n, k), (k, m)]))
         _probes[key] = _probe(gemm.matmul(out, a, b, blas=True, threads=top), 3, (1, top))
     _, fns = _probes[key]
-    rng = np.random.default_rng(0)
-    arrays = [np.zeros((n, m), dtype), rng.standard_normal((n, k)).astype(dtype),
-              rng.standard_normal((k, m)).astype(dtype)]
+    arrays = _operands(n, k, m, dtype)
     table = (ctypes.c_void_p * 3)(*[x.ctypes.data for x in arrays])
     addr = ctypes.addressof(table)
     times = {1: float("inf"), top: float("inf")}
     for t in times:
         fns[t](addr)   # warm-up (pages, caches, the pool's workers)
-    for _ in range(reps):
+    for r in range(reps):
         for t, fn in fns.items():
             t0 = time.perf_counter()
             fn(addr)
             times[t] = min(times[t], time.perf_counter() - t0)
+        if r + 1 >= DECISIVE_REPS and max(times.values()) > DECISIVE * min(times.values()):
+            break   # a clear winner: more runs would not change the choice
     # checked on three rows without BLAS: any NumPy product of this size (even 3 rows, above OpenBLAS's
     # threading threshold) wakes OpenBLAS's own threads, which then spin for ~0.1 s sharing the cores with
     # the pool and slow the first calls after compiling (W1 b256 on a 2-core Zen 2: 2.9 ms instead of 1.7)
