@@ -151,13 +151,20 @@ def main(argv=None) -> int:
     env = harness.environment()
     env["unset_for_this_run"] = os.environ.get("GRAPHC_BENCH_UNSET")
     results = {}
+    quick = args.quick or args.tiny
     for wl in wls:
-        row = {}
-        for s in names:
+        row, fns = {}, {}
+        for s in names:   # build and check every system, then time them all in interleaved rounds
             if s == "torch.compile" and wl.id.startswith("W10") and s not in args.system_names:
                 row[s] = {"status": "skipped (compiles for minutes; --systems torch.compile runs it)"}
             else:
-                row[s] = harness.measure(s, SYSTEMS[s], wl, args.quick or args.tiny)
+                row[s], fn = harness.prepare(s, SYSTEMS[s], wl)
+                if fn is not None:
+                    fns[s] = fn
+        for s, timing in harness.time_interleaved(fns, quick).items():
+            row[s].update(timing)
+        fns.clear()
+        for s in names:
             print(f"  {wl.id:8s} {s:16s} {_short(row[s])}", file=sys.stderr, flush=True)
         results[wl.id] = row
     probe = _warm_probe(argv, cache) if "graphc-llvm" in names else {}

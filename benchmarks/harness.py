@@ -61,21 +61,64 @@ def time_calls(fn, quick: bool) -> dict:
 
 
 def measure(system: str, build, wl, quick: bool) -> dict:
+    res, fn = prepare(system, build, wl)
+    if fn is not None:
+        res.update(time_calls(fn, quick))
+    return res
+
+
+def prepare(system: str, build, wl) -> tuple[dict, object]:
+    """Build `system`'s callable for `wl`, run it once and check the output: (result so far, callable or
+    None when it is missing or wrong)."""
     t0 = time.perf_counter()
     try:
         fn = build(wl)
     except Missing as e:
-        return {"status": str(e)}
+        return {"status": str(e)}, None
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     out = fn()
     first_s = time.perf_counter() - t0
     bad = check(out, wl.reference, wl.id)
     if bad:
-        return {"status": f"WRONG ({bad})", "compile_s": compile_s}
-    res = {"status": "ok", "compile_s": compile_s, "first_call_s": first_s}
-    res.update(time_calls(fn, quick))
-    return res
+        return {"status": f"WRONG ({bad})", "compile_s": compile_s}, None
+    return {"status": "ok", "compile_s": compile_s, "first_call_s": first_s}, fn
+
+
+#: pause before each system's sample in an interleaved round (the previous system's spinning threads:
+#: OpenBLAS's and ONNX Runtime's workers busy-wait a while after a call before they sleep)
+GAP_S = 0.02
+
+
+def time_interleaved(fns: dict, quick: bool) -> dict:
+    """{name: min and median seconds per call} for callables timed in rounds, one sample of each per
+    round (each sample: an untimed call, then `number` timed calls lasting a few ms): on a shared host
+    whose speed changes from minute to minute (a VM whose cores are moved, a neighbour's load), every
+    system sees the same phases, so the ratios compare like with like where timing the systems one
+    after another compared a fast phase with a slow one."""
+    target = 2e-3 if quick else 5e-3
+    samples = 7 if quick else 25
+    budget = (3.0 if quick else 20.0) * max(1, len(fns))
+    number = {}
+    for name, fn in fns.items():
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        number[name] = max(1, min(10000, int(target / max(time.perf_counter() - t0, 1e-7))))
+    per: dict = {name: [] for name in fns}
+    start = time.perf_counter()
+    for _ in range(samples):
+        for name, fn in fns.items():
+            time.sleep(GAP_S)
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(number[name]):
+                fn()
+            per[name].append((time.perf_counter() - t0) / number[name])
+        if time.perf_counter() - start > budget and len(per[name]) >= 3:
+            break
+    return {name: {"min": min(ts), "median": statistics.median(ts), "calls": number[name] * len(ts)}
+            for name, ts in per.items()}
 
 
 def environment() -> dict:
