@@ -50,6 +50,9 @@ GROUPS = {"graphc": [s for s in SYSTEMS if s.startswith("graphc")], "peers": [
 def _args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--interleave", action="store_true",
+                   help="time the systems of a workload in rounds, one sample of each per round (after a pause "
+                        "for the previous system's spinning threads), instead of one after another")
     p.add_argument("--quick", action="store_true", help="fewer samples; skips torch.compile unless --systems")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (the smoke test): checks, no meaningful times")
     p.add_argument("--only", default="", help=f"comma-separated workload ids: {', '.join(WORKLOAD_IDS)} "
@@ -154,18 +157,23 @@ def main(argv=None) -> int:
     quick = args.quick or args.tiny
     for wl in wls:
         row, fns = {}, {}
-        for s in names:   # build and check every system, then time them all in interleaved rounds
+        for s in names:   # --interleave: build and check every system, then time them in rounds
             if s == "torch.compile" and wl.id.startswith("W10") and s not in args.system_names:
                 row[s] = {"status": "skipped (compiles for minutes; --systems torch.compile runs it)"}
-            else:
+            elif args.interleave:
                 row[s], fn = harness.prepare(s, SYSTEMS[s], wl)
                 if fn is not None:
                     fns[s] = fn
-        for s, timing in harness.time_interleaved(fns, quick).items():
-            row[s].update(timing)
-        fns.clear()
-        for s in names:
+                continue
+            else:
+                row[s] = harness.measure(s, SYSTEMS[s], wl, quick)
             print(f"  {wl.id:8s} {s:16s} {_short(row[s])}", file=sys.stderr, flush=True)
+        if args.interleave:
+            for s, timing in harness.time_interleaved(fns, quick).items():
+                row[s].update(timing)
+            fns.clear()
+            for s in names:
+                print(f"  {wl.id:8s} {s:16s} {_short(row[s])}", file=sys.stderr, flush=True)
         results[wl.id] = row
     probe = _warm_probe(argv, cache) if "graphc-llvm" in names else {}
     bw = harness.copy_bandwidth()

@@ -86,8 +86,11 @@ def prepare(system: str, build, wl) -> tuple[dict, object]:
 
 
 #: pause before each system's sample in an interleaved round (the previous system's spinning threads:
-#: OpenBLAS's and ONNX Runtime's workers busy-wait a while after a call before they sleep)
-GAP_S = 0.02
+#: OpenBLAS's workers busy-wait ~2^28 cycles after a call before they sleep). With 20 ms, graphc's
+#: threaded kernels ran beside NumPy's spinning OpenBLAS threads (W6 57 ms instead of 31 on the 2-core
+#: Zen 1 VM); with 250 ms every system there came back slower and noisier from the pause (the VM's vCPUs
+#: idle), so the default remains timing the systems one after another (`--interleave` asks for rounds)
+GAP_S = 0.25
 
 
 def time_interleaved(fns: dict, quick: bool) -> dict:
