@@ -324,3 +324,21 @@ def test_a_training_step_in_a_new_process(cache_dir):
         w, b = w - 0.1 * xs.T @ d, b - 0.1 * d.sum(0)
     np.testing.assert_allclose(warm["losses"], want, rtol=1e-5)
     np.testing.assert_allclose(warm["w"], w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("one, split, stored", [(1.0, 1.15, False), (1.0, 1.5, True), (1.0, 0.6, True)])
+def test_a_narrow_one_thread_win_is_not_stored(cache_dir, monkeypatch, one, split, stored):
+    """The thread split of a product is stored for later processes unless one thread won narrowly (a
+    phase of a shared host where the second core gains nothing must not stick to the CPU model)."""
+    from graphc.backends.llvm import tune
+    if tune.max_blas_threads() < 2 or tune.set_threads_symbol() is None:
+        pytest.skip("one BLAS thread here: nothing is tuned")
+    monkeypatch.setattr(tune, "_busy", lambda: False)
+    monkeypatch.setattr(tune, "_time_split", lambda n, k, m, dtype, top, reps: {1: one, top: split})
+    tune._memo.clear()
+    top = tune.max_blas_threads()
+    t, src = tune._blas_threads_for(None, 128, 256, 512, "float32")
+    assert src == "tuned" and t == (1 if split > one * tune.SPLIT_MARGIN else top)
+    name = tune._cache_name("blas", 128, 256, 512, "float32", top, tune.mode())
+    assert (tune._load(name) is not None) is stored
+    tune._memo.clear()
