@@ -394,11 +394,12 @@ def kernel_for(owner, n: int, k: int, m: int, dtype: str) -> tuple[str, str]:
     return choice, known[1]
 
 
-def _probe(kern, nviews: int, counts) -> tuple:
+def _probe(kern, nviews: int, counts, glue: bool = False) -> tuple:
     """(the compiled module, {thread count: callable}) running kernel `kern` (its views numbered 0 ..
     nviews-1) as a program step would for each of `counts`: split over the pool (program._parallel_call)
     when it splits and the count is above one, else whole; a callable takes the address of a table of
-    pointers. One module for all the counts."""
+    pointers. One module for all the counts; glue: compiled without optimisation (pool.compile_uncached),
+    for a kernel whose time is its BLAS calls."""
     import ctypes
     from . import gemm, pool, program
     from .irtext import Emitter
@@ -419,7 +420,7 @@ def _probe(kern, nviews: int, counts) -> tuple:
     if split:
         defs.append(program._thunk("probe_k", nviews))
     head = gemm.declarations() + pool.declarations(max(counts))
-    c = pool.compile_uncached(head + "\n".join(defs), [f"probe_{t}" for t in counts])
+    c = pool.compile_uncached(head + "\n".join(defs), [f"probe_{t}" for t in counts], glue)
     return c, {t: ctypes.CFUNCTYPE(None, ctypes.c_void_p)(c.addresses[f"probe_{t}"]) for t in counts}
 
 
@@ -485,7 +486,8 @@ def _time_split(n: int, k: int, m: int, dtype: str, top: int, reps: int) -> dict
     key = (n, k, m, dtype, top)
     if key not in _probes:
         out, a, b = (View(i, 0, sh, (sh[1], 1), dtype) for i, sh in enumerate([(n, m), (n, k), (k, m)]))
-        _probes[key] = _probe(gemm.matmul(out, a, b, blas=True, threads=top), 3, (1, top))
+        # (its time is OpenBLAS's: the loop over blocks and the dispatch around them need no optimising)
+        _probes[key] = _probe(gemm.matmul(out, a, b, blas=True, threads=top), 3, (1, top), glue=True)
     _, fns = _probes[key]
     arrays = _operands(n, k, m, dtype)
     table = (ctypes.c_void_p * 3)(*[x.ctypes.data for x in arrays])
