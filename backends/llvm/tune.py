@@ -336,7 +336,9 @@ KERNEL_TUNE_FLOPS = 1 << 17
 
 
 def _kernel_key(n, k, m, dtype):
-    return ("kernel", n, k, m, dtype, max_blas_threads(), mode())
+    # the ISA the micro-kernel is generated for (GRAPHC_LLVM_ISA may force another than the host's): an
+    # AVX-512 micro-kernel on an AVX2 host is split in halves and loses to BLAS where the AVX2 one wins
+    return ("kernel", n, k, m, dtype, max_blas_threads(), mode(), isa())
 
 
 def _kernel_decided(n: int, k: int, m: int, dtype: str) -> tuple[int, str] | None:
