@@ -43,8 +43,8 @@ def target_machine():
         return _state["tm"]
 
 
-def _new_tm():
-    return _state["target"].create_target_machine(cpu=_state["cpu"], features=_state["features"], opt=3,
+def _new_tm(opt: int = 3):
+    return _state["target"].create_target_machine(cpu=_state["cpu"], features=_state["features"], opt=opt,
                                                   codemodel="jitdefault")
 
 

@@ -818,10 +818,7 @@ def compile_uncached(text: str, names: list[str], glue: bool = False):
         mod.verify()
         if not glue:
             jit.optimise(mod)
-        tm = jit._state["target"].create_target_machine(
-            cpu=jit._state["cpu"], features=jit._state["features"], opt=0, codemodel="jitdefault") if glue \
-            else jit._new_tm()
-        engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), tm)
+        engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), jit._new_tm(0 if glue else 3))
         engine.add_module(mod)
         engine.finalize_object()
         return jit.Compiled(text, names, False, engine, mod)
