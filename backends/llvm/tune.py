@@ -442,13 +442,11 @@ def _time_kernels(n: int, k: int, m: int, dtype: str, reps: int) -> dict:
     arrays = _operands(n, k, m, dtype)
     table = (ctypes.c_void_p * 3)(*[x.ctypes.data for x in arrays])
     addr = ctypes.addressof(table)
-    rows = sorted({0, n // 2, n - 1})
-    want = np.einsum("rk,km->rm", arrays[1][rows].astype(np.float64), arrays[2].astype(np.float64))  # no BLAS
     times = {name: float("inf") for name in fns}
     for name, fn in fns.items():
         arrays[0][...] = 0
         fn(addr)   # warm-up, and checked
-        if not np.allclose(arrays[0][rows], want, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(want).max()))):
+        if not _rows_right(arrays):
             raise RuntimeError(f"the {name} probe computed a wrong result")
     for _ in range(reps):
         for name, fn in fns.items():
@@ -468,6 +466,15 @@ def _operands(n: int, k: int, m: int, dtype: str) -> list:
     rng = np.random.default_rng(0)
     return [np.zeros((n, m), dtype), rng.random((n, k), dtype=dtype) - np.asarray(0.5, dtype),
             rng.random((k, m), dtype=dtype) - np.asarray(0.5, dtype)]
+
+
+def _rows_right(arrays: list) -> bool:
+    """Whether a probe's output (arrays: out, a, b of _operands) holds a @ b on its first, middle and last
+    rows, computed in float64 without BLAS (einsum: a NumPy product would wake OpenBLAS's threads)."""
+    out, a, b = arrays
+    rows = sorted({0, out.shape[0] // 2, out.shape[0] - 1})
+    want = np.einsum("rk,km->rm", a[rows].astype(np.float64), b.astype(np.float64))
+    return bool(np.allclose(out[rows], want, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(want).max()))))
 
 
 def _busy() -> bool:
@@ -507,10 +514,7 @@ def _time_split(n: int, k: int, m: int, dtype: str, top: int, reps: int) -> dict
     # checked on three rows without BLAS: any NumPy product of this size (even 3 rows, above OpenBLAS's
     # threading threshold) wakes OpenBLAS's own threads, which then spin for ~0.1 s sharing the cores with
     # the pool and slow the first calls after compiling (W1 b256 on a 2-core Zen 2: 2.9 ms instead of 1.7)
-    rows = sorted({0, n // 2, n - 1})
-    got = arrays[0][rows]
-    want = np.einsum("rk,km->rm", arrays[1][rows].astype(np.float64), arrays[2].astype(np.float64))  # no BLAS
-    if not np.allclose(got, want, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(want).max()))):
+    if not _rows_right(arrays):
         raise RuntimeError("the split product's probe computed a wrong result")
     return times
 
