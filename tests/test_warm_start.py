@@ -342,3 +342,28 @@ def test_a_narrow_one_thread_win_is_not_stored(cache_dir, monkeypatch, one, spli
     name = tune._cache_name("blas", 128, 256, 512, "float32", top, tune.mode())
     assert (tune._load(name) is not None) is stored
     tune._memo.clear()
+
+
+def test_a_large_product_splits_without_timing(cache_dir, monkeypatch):
+    """Products of TUNE_MAX_FLOPS or more take the split by the size rule: no probe is built or timed,
+    and the answer comes back the same when asked again; just under the bound the tuner times."""
+    from graphc.backends.llvm import tune
+    if tune.max_blas_threads() < 2 or tune.set_threads_symbol() is None:
+        pytest.skip("one BLAS thread here: nothing is tuned")
+    timed = []
+    top = tune.max_blas_threads()
+
+    def probe(n, k, m, dtype, top, reps):
+        timed.append((n, k, m))
+        return {1: 1.0, top: 0.6}
+
+    monkeypatch.setattr(tune, "_time_split", probe)
+    monkeypatch.setattr(tune, "_busy", lambda: False)
+    tune._memo.clear()
+    n, k, m = 128, 2048, 256
+    assert 2 * n * k * m >= tune.TUNE_MAX_FLOPS
+    assert tune._blas_threads_for(None, n, k, m, "float32") == (top, "rule")
+    assert tune.decided(n, k, m, "float32") == (top, "rule") and timed == []
+    assert tune._blas_threads_for(None, n, k, m // 2 - 1, "float32") == (top, "tuned")
+    assert timed == [(n, k, m // 2 - 1)]
+    tune._memo.clear()

@@ -59,6 +59,12 @@ SPLIT_MARGIN = 1.1
 #: win holds for this process only: seen on the 2-core Zen 1 VM in a phase where the second vCPU gained
 #: nothing, 1.63 against 1.80 ms for W1 b256's product, which splits to nearly half in a calm minute)
 PERSIST_MARGIN = 1.3
+#: BLAS products of at least this many flops split without timing: each thread's block is a millisecond or
+#: more of OpenBLAS (the dispatch is microseconds), so the split wins wherever the second core runs at all
+#: (1.2-1.4x on the 2-core Zen 1 VM in a slow phase, 128x256x2048 to 1024^3), while the probe itself
+#: (compile, warm-up and three rounds of both) costs 40 ms at 134 MFLOP and 0.4 s at 1024^3, a cold
+#: compile's largest part (W6; te12's FFN products)
+TUNE_MAX_FLOPS = 1 << 26
 #: tuning budget per graph (seconds) by GRAPHC_TUNE mode
 BUDGET = {"off": 0.0, "quick": 0.5, "full": 2.0}
 #: timed calls per candidate by mode (the median is compared)
@@ -267,7 +273,7 @@ def decided(n: int, k: int, m: int, dtype: str) -> tuple[int, str] | None:
     top = max_blas_threads()
     rule = blas_threads(flops)
     md = mode()
-    if md == "off" or top == 1 or set_threads_symbol() is None or flops < (1 << 20):
+    if md == "off" or top == 1 or set_threads_symbol() is None or not (1 << 20) <= flops < TUNE_MAX_FLOPS:
         return rule, "rule"
     from .gemm import split_blocks
     if split_blocks(n, m, top, dtype) is None or n == 1 or m == 1:   # nothing to split: nothing to time
@@ -543,7 +549,8 @@ def target_info(graph=None) -> dict:
                  "blas": None if b is None else os.path.basename(b["library"]),
                  "blas_threads": f"1 below {BLAS_PARALLEL_FLOPS:.3g} flops, else split in blocks of rows or "
                                  f"columns over {max_blas_threads()} threads of graphc's pool, OpenBLAS on one "
-                                 f"thread per block (tuned per shape: GRAPHC_TUNE={mode()})"
+                                 f"thread per block (tuned per shape up to "
+                                 f"{TUNE_MAX_FLOPS:.3g} flops: GRAPHC_TUNE={mode()})"
                                  if set_threads_symbol() else "OpenBLAS's own choice",
                  "tiles_threads": f"column blocks split over {threads()} threads from "
                                   f"{TILES_PARALLEL_FLOPS:.3g} flops",
