@@ -312,7 +312,10 @@ def test_tuner_probe_times_both_choices():
     assert set(times) == {1, 2} and all(0 < t < 1 for t in times.values())
 
 
-def test_tuner_keeps_a_busy_machines_decision_in_this_process_only(rng, monkeypatch, tmp_path):
+@pytest.mark.parametrize("one, split, stored", [(1.0, 0.6, True), (0.6, 1.0, False)])
+def test_a_busy_machine_stores_only_a_split(rng, monkeypatch, tmp_path, one, split, stored):
+    """Timed on a busy machine, a split that won is kept on disk (load slows the split, so it wins on a
+    quiet machine too); a one-thread win is kept for this process only (a later quiet one times again)."""
     from graphc.backends.llvm import jit, tune
     if jit.blas() is None or tune.set_threads_symbol() is None or tune.max_blas_threads() < 2:
         pytest.skip("nothing to tune: one BLAS thread")
@@ -321,12 +324,18 @@ def test_tuner_keeps_a_busy_machines_decision_in_this_process_only(rng, monkeypa
     monkeypatch.setattr(tune, "_memo", {})
     monkeypatch.setattr(tune, "log", [])
     monkeypatch.setattr(tune, "_busy", lambda: True)
+    monkeypatch.setattr(tune, "_time_split", lambda n, k, m, dtype, top, reps: {1: one, top: split})
     a, w = gc.placeholder("a", (64, 256)), gc.parameter("w", rng.standard_normal((256, 320)).astype("f4"))
     f = gc.function([a], a @ w, backend="llvm")
     av = rng.standard_normal((64, 256)).astype("f4")
     _close(f(av), av.astype(np.float64) @ w.value, "float32")
-    assert [e[3] for e in tune.log] == ["tuned"]
-    assert not (tmp_path / "tune").exists() or not list((tmp_path / "tune").iterdir())
+    chosen = 1 if one < split else tune.max_blas_threads()
+    assert [e[2:] for e in tune.log] == [(chosen, "tuned")]
+    assert ("call void @gc_pool_run" in f.source) == (chosen > 1)
+    kept = (tmp_path / "tune").exists() and list((tmp_path / "tune").iterdir())
+    assert bool(kept) is stored
+    monkeypatch.setattr(tune, "_memo", {})          # a later process: the stored split is read, not timed
+    assert tune.decided(64, 256, 320, "float32") == ((chosen, "cache") if stored else None)
 
 
 # ---- waking and sleeping (fresh interpreters: they pin the calling thread and read the workers' CPU time) ----

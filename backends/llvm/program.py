@@ -534,7 +534,7 @@ class Specialised:
         """The specialisation the warm-start entry `name` describes (its object code loaded by key), or
         None: no entry, a damaged one, the program's objects missing, or a tuner decision its plan used
         that the tuner would not give now (tune.decided: another stored answer; or none, on a quiet machine,
-        where the tuner times it again and keeps the result: a busy one keeps nothing). `make_plan()`
+        where the tuner times it again and keeps the result: a busy one keeps only a split). `make_plan()`
         makes the plan when something asks for it (f.explain, f.source, a run-time error's message)."""
         from graphc.backends.schedule import warm as _warm
         from . import tune
@@ -546,8 +546,8 @@ class Specialised:
         busy = None
         for n, k, m, dtype, threads in e["decisions"]:
             now = tune.decided(n, k, m, dtype)
-            if now is None:   # the tuner knows no answer: it would time the product now, and keep what it
-                if busy is None:   # finds only on a quiet machine; on a busy one the entry's answer stands
+            if now is None:   # the tuner knows no answer: on a quiet machine it would time the product
+                if busy is None:   # now (a miss); on a busy one the entry's answer stands
                     busy = tune._busy()
                 if not busy:
                     return None

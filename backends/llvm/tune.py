@@ -319,10 +319,13 @@ def _blas_threads_for(owner, n: int, k: int, m: int, dtype: str) -> tuple[int, s
     if owner is not None:
         _spent[owner] = spent + time.perf_counter() - t0
     _memo[key] = best
-    # kept on disk unless timed on a busy machine, or one thread won by a small margin: a shared VM has
-    # phases of minutes where its second core gains nothing (the split 1.1x slower than one thread), and
-    # a one-thread decision stored then would halve the product's speed in every later process
-    if not _busy() and (best == top or times[top] >= PERSIST_MARGIN * times[1]):
+    # a one-thread decision is kept on disk only when timed on a quiet machine and won by PERSIST_MARGIN:
+    # a shared VM has phases of minutes where its second core gains nothing (the split 1.1x slower than one
+    # thread), and a one-thread decision stored then would halve the product's speed in every later
+    # process. The split is kept even when timed on a busy machine: load slows the split (its second
+    # thread shares a core), so a split that wins under load wins on a quiet machine too (and a later
+    # process, its warm start, need not time it again)
+    if best == top or (not _busy() and times[top] >= PERSIST_MARGIN * times[1]):
         _store(name, {"threads": best, "seconds": {str(t): s for t, s in times.items()}})
     log.append(("blas", (n, k, m, dtype), best, "tuned"))
     return best, "tuned"
