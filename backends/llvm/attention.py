@@ -52,11 +52,14 @@ def _plan_composition(plan, node, ins) -> None:
     plan.view[id(node.outputs[0])] = plan.view[id(body.outputs[0])]
 
 
-def _merged_heads(plan, t) -> bool:
-    """Every reader of t (rank >= 3, not a root) is a transpose swapping its last batch axis with L."""
+def _reader_layout(plan, t) -> tuple | None:
+    """The axes of the one transpose every reader of t (rank >= 3, not a root) applies, when it keeps the
+    last axis last (e.g. heads merged back: (B, H, L, Ev) read as (B, L, H, Ev), or torch's sequence-first
+    (L, B, H, Ev)); else None. The kernel then writes t in that order, so the transpose (and the reshape
+    merging the heads after it) is a view, not a copy."""
     r = t.ndim
     if r < 3 or id(t) in plan.root_slot:
-        return False
+        return None
     cache = plan.__dict__.setdefault("_attention_readers", None)
     if cache is None:
         cache = {}
@@ -64,9 +67,14 @@ def _merged_heads(plan, t) -> bool:
             for x in n.inputs:
                 cache.setdefault(id(x), []).append(n)
         plan._attention_readers = cache
-    want = tuple(range(r - 3)) + (r - 2, r - 3, r - 1)
     readers = cache.get(id(t), [])
-    return bool(readers) and all(n.op is Transpose and tuple(n.attrs["axes"]) == want for n in readers)
+    if not readers or any(n.op is not Transpose for n in readers):
+        return None
+    axes = {tuple(n.attrs["axes"]) for n in readers}
+    if len(axes) != 1:
+        return None
+    perm, = axes
+    return perm if perm[-1] == r - 1 and perm != tuple(range(r)) else None
 
 
 @lowers(ScaledDotProductAttention)
@@ -88,9 +96,9 @@ def _attention(plan, node, ins):
     if (E + Ev + bc + 4) * br * np.dtype(dt).itemsize > MAX_STACK:
         _plan_composition(plan, node, ins)
         return
-    if _merged_heads(plan, t):   # (..., H, L, Ev) stored as (..., L, H, Ev)
+    perm = _reader_layout(plan, t)
+    if perm is not None:   # stored in the order its readers transpose it to, e.g. (..., L, H, Ev)
         r = len(shape)
-        perm = tuple(range(r - 3)) + (r - 2, r - 3, r - 1)
         buf = plan.fresh(None, tuple(shape[a] for a in perm), dt)
         st = buf.strides
         out = View(buf.buf, buf.offset, shape, tuple(st[perm.index(a)] for a in range(r)), dt)

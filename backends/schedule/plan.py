@@ -64,7 +64,7 @@ from graphc.ops.scan import Scan
 from .arena import DEFAULT_ALIGN, plan_arena
 from .status import StatusCodes
 from .steps import Buffer, HostStep, LoopStep
-from .views import (View, as_int, broadcast_strides, contig_strides, contiguous_view, extent, is_int, literal_view,
+from .views import (View, as_int, broadcast_strides, contig_strides, contiguous_view, extent, is_int, literal_view, view_reshape,
                     nbytes, product, view_getitem, view_slice)
 
 __all__ = ["NotLowerable", "ROWS", "row", "Schedule", "Buffer", "HostStep", "LoopStep", "View"]
@@ -513,6 +513,10 @@ def _reshape(s: Schedule, node, ins):
         s.view[id(node.outputs[0])] = literal_view(v.literal, shape, v.dtype)
         return
     if not v.contiguous:
+        w = view_reshape(v, shape)   # a strided view whose merged axes are contiguous needs no copy
+        if w is not None:
+            s.view[id(node.outputs[0])] = w
+            return
         v = s.materialise(v)
     s.view[id(node.outputs[0])] = View(v.buf, v.offset, shape, contig_strides(shape), v.dtype)
 

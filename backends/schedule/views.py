@@ -100,6 +100,44 @@ def collapse(shape, strides_list):
     return [n for n, _ in out], [tuple(st[i] for _, st in out) for i in range(len(strides_list))]
 
 
+def view_reshape(v: View, shape) -> View | None:
+    """v reshaped (row-major order) to `shape` as a view of the same elements without a copy, or None when
+    no strides can do it (NumPy's rule: every run of v's axes merged into one new axis must be walked
+    contiguously, one axis's stride the next one's times its length). Splitting an axis always works, so a
+    transposed or sliced view reshaped e.g. (64, 2, 768) -> (64, 2, 3, 256) stays a view. Concrete
+    shapes only (None for a symbolic dim)."""
+    shape = tuple(shape)
+    if not all(is_int(n) for n in (*v.shape, *shape)) or v.literal is not None:
+        return None
+    if product(v.shape) != product(shape):
+        return None
+    if product(shape) == 0:
+        return View(v.buf, v.offset, shape, contig_strides(shape), v.dtype)
+    old = [(int(n), s) for n, s in zip(v.shape, v.strides) if n != 1]
+    new = [int(n) for n in shape]
+    strides = [1] * len(new)
+    oi = ni = 0
+    while oi < len(old):
+        while new[ni] == 1:          # a new axis of length 1: any stride
+            ni += 1
+        oj, nj = oi + 1, ni + 1
+        po, pn = old[oi][0], new[ni]
+        while po != pn:              # the smallest runs of old and new axes of equal size
+            if pn < po:
+                pn *= new[nj]
+                nj += 1
+            else:
+                po *= old[oj][0]
+                oj += 1
+        if any(old[k][1] != old[k + 1][1] * old[k + 1][0] for k in range(oi, oj - 1)):
+            return None              # the old run is not one contiguous walk: a copy is needed
+        strides[nj - 1] = old[oj - 1][1]
+        for k in range(nj - 1, ni, -1):
+            strides[k - 1] = strides[k] * new[k]
+        oi, ni = oj, nj
+    return View(v.buf, v.offset, shape, tuple(strides), v.dtype)
+
+
 def view_getitem(v: View, index) -> View:
     """Basic indexing (ints, slices, None) of a view: a new view of the same buffer (a symbolic dim
     gives a symbolic start and length, as graphc.ops.shape_ops infers them)."""

@@ -69,6 +69,89 @@ def take_as_view(x, i, node):
     return F.getitem(x, lead + (slice(int(v[0]), int(v[-1]) + 1, step),))
 
 
+def _factors(xshape, steps):
+    """The chain `steps` (("reshape", shape) / ("transpose", axes), applied in order to a tensor of
+    xshape) as factors: each axis of x cut into pieces (outer first) and each output axis a group of
+    pieces. Returns (sizes, x's pieces per axis, the output's groups), or None when a reshape cuts a
+    piece into parts that do not divide it."""
+    sizes, xaxes, groups = [], [], []
+    for n in xshape:
+        xaxes.append([len(sizes)])
+        groups.append([len(sizes)])
+        sizes.append(n)
+    for kind, arg in steps:
+        if kind == "transpose":
+            groups = [groups[a] for a in arg]
+            continue
+        flat = [f for g in groups for f in g if sizes[f] != 1]
+        new, i = [], 0
+        for n in arg:
+            g, need = [], n
+            while need > 1:
+                if i >= len(flat):
+                    return None
+                f = flat[i]
+                if sizes[f] <= need:
+                    if need % sizes[f]:
+                        return None
+                    need //= sizes[f]
+                else:                        # cut piece f: its outer `need` here, the rest next
+                    if sizes[f] % need:
+                        return None
+                    inner = len(sizes)
+                    sizes.append(sizes[f] // need)
+                    sizes[f] = need
+                    ax = next(a for a in xaxes if f in a)
+                    ax.insert(ax.index(f) + 1, inner)
+                    flat.insert(i + 1, inner)
+                    need = 1
+                g.append(f)
+                i += 1
+            new.append(g)
+        if i != len(flat):
+            return None
+        groups = new
+    return sizes, xaxes, groups
+
+
+def layout_chain(node, ins):
+    """A chain of three or more reshapes and transposes -> reshape(x, pieces), transpose, reshape: x's axes
+    cut into the pieces the chain moves (a split, always a view), the pieces permuted (a view), and pieces
+    merged back only where they were neighbours in x (a view of a contiguous x). A torch-exported attention
+    splits its heads as reshape (L, B, H*D) -> (L, B*H, D), transpose, reshape (B, H, L, D): the middle
+    shape merges B with H, which no strides can express, so a backend copied every Q, K and V; the
+    composed form (L, B, H, D) transposed to (B, H, L, D) copies nothing. Static shapes only."""
+    steps, t = [], node.outputs[0]
+    cur = node
+    while cur.op in (Reshape, Transpose):
+        steps.append(("transpose", tuple(cur.attrs["axes"])) if cur.op is Transpose
+                     else ("reshape", tuple(cur.outputs[0].shape)))
+        src = ins[0] if cur is node else cur.inputs[0]
+        cur = src.node
+    if len(steps) < 3 or not all(isinstance(d, int) for d in (*src.shape, *t.shape)) or 0 in src.shape:
+        return None
+    got = _factors(tuple(src.shape), steps[::-1])
+    if got is None:
+        return None
+    sizes, xaxes, groups = got
+    order = [f for ax in xaxes for f in ax if sizes[f] != 1]
+    pos = {f: i for i, f in enumerate(order)}
+    for g in groups:                         # merged pieces must be neighbours of x, in order
+        if any(pos[b] != pos[a] + 1 for a, b in zip(g, g[1:])):
+            return None
+    out_order = [f for g in groups for f in g]
+    pieces = tuple(sizes[f] for f in order)
+    perm = tuple(pos[f] for f in out_order)
+    n_ops = (pieces != tuple(src.shape)) + (perm != tuple(range(len(perm)))) + (
+        tuple(sizes[f] for f in out_order) != tuple(t.shape))
+    if n_ops >= len(steps):
+        return None
+    y = src if pieces == tuple(src.shape) else F.reshape(src, pieces)
+    if perm != tuple(range(len(perm))):
+        y = F.transpose(y, perm)
+    return [y if tuple(y.shape) == tuple(t.shape) else F.reshape(y, tuple(t.shape))]
+
+
 RULES = Rules([
     P(F.add, x, Const(0)) >> x,                      # and 0 + x (add is commutative)
     P(F.add, x, P(F.neg, y)) >> x - y,               # and (-y) + x
@@ -88,6 +171,8 @@ RULES = Rules([
     P(Transpose, P(Transpose, x, name="t")) >> transpose_of_transpose,
     P(Reshape, P(Reshape, x), name="r") >> reshape(x, V("r").shape),
     P(BroadcastTo, P(BroadcastTo, x), name="b") >> broadcast_to(x, V("b").shape),
+    P(Reshape) >> layout_chain,
+    P(Transpose) >> layout_chain,
     P(Trait.MONOID, x, attrs={"axis": ()}) >> x,     # a reduction over no axes
     P(Take, x, V("i")) >> take_as_view,              # constant indices forming a slice: a view
     P(Trait.ELEMENTWISE) >> drop_broadcasts,
