@@ -367,3 +367,25 @@ def test_a_large_product_splits_without_timing(cache_dir, monkeypatch):
     assert tune._blas_threads_for(None, n, k, m // 2 - 1, "float32") == (top, "tuned")
     assert timed == [(n, k, m // 2 - 1)]
     tune._memo.clear()
+
+
+def test_the_same_model_with_other_tensor_names_is_a_hit():
+    """Layers number themselves per process (lstm0, lstm1, ...): the same model built again under other
+    names is a hit, runs with its own parameters' values, and its optimised graph has its own names."""
+    def lstm():
+        x = gc.placeholder("x", (6, 3, 5))
+        y, _ = gc.nn.LSTM(5, 4)(x)
+        return gc.function([x], y[-1], backend="llvm")
+    a = np.random.default_rng(0).standard_normal((6, 3, 5)).astype("f4")
+    f, g = lstm(), lstm()
+    names = [sorted(p.name for p in fn.user_graph.parameters) for fn in (f, g)]
+    assert names[0] != names[1]
+    for p in g.user_graph.parameters:
+        p.set_value(p.value * 0.5)
+    want = [gc.function(fn.user_graph.inputs, fn.user_graph.outputs[0], backend="numpy")(a) for fn in (f, g)]
+    assert not np.allclose(want[0], want[1])
+    np.testing.assert_allclose(f(a), want[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g(a), want[1], rtol=1e-5, atol=1e-6)
+    assert f.program.info["warm_hit"] is False and g.program.info["warm_hit"] is True
+    # what is made again after a hit (the optimised graph, for listings and messages) is g's own
+    assert sorted(p.name for p in g.program.graph.parameters) == names[1]

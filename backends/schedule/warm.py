@@ -5,8 +5,8 @@ and the IR text are made again, which cost a new process most of its start-up (W
 This cache answers first. Its key (`graph_key`) hashes everything that decides the generated code:
 
   - the user's graph, structurally (`graph_digest`: every node's op, attributes, input wiring, output
-    shapes, dtypes and names; constants by value; parameters by name, shape and dtype -- their values
-    are read at run time, never compiled in);
+    shapes and dtypes, not tensor names; constants by value; parameters by shape and dtype -- their
+    values are read at run time, never compiled in);
   - the compile options (backend, optimize level, disabled passes, sanitizer, backend keywords);
   - the code that compiles it (`code_fingerprint`: the graphc version and every source file's path,
     size and modification time: an edited pass or lowering is a new key) and the in-process state of
@@ -202,7 +202,7 @@ class _Hasher:
                 sh = shapes.get(t.shape)
                 if sh is None:   # sympy prints slowly: each distinct shape once
                     sh = shapes[t.shape] = str(t.shape)
-                app(f"{sh}|{t.dtype}|{t.name}")
+                app(f"{sh}|{t.dtype}")   # not t.name: see graph_digest
             if n.attrs and not state:   # a parameter's value is read at run time, never compiled in
                 app(";".join([f"{k}={attr(v)}" for k, v in sorted(n.attrs.items())]))
 
@@ -215,7 +215,11 @@ class _Hasher:
 
 
 def graph_digest(graph) -> str | None:
-    """The structural hash of `graph` (module docstring), or None when it holds a value of an unknown type."""
+    """The structural hash of `graph` (module docstring), or None when it holds a value of an unknown type.
+    Tensor names are left out: nothing compiled depends on them (the messages and listings that show them
+    come from the plan made again from the graph at hand), while layers number themselves per process
+    (`lstm0.weight_ih_l0`, then `lstm1...` for the same model built again), so a script that builds a
+    model twice, or a notebook cell run again, would never hit."""
     try:
         return _Hasher().graph(graph)
     except Uncacheable:
