@@ -361,6 +361,9 @@ def _layer_norm(cx, ins, a):
     bias = ins[2] if len(ins) > 2 else None
     axis = _sh.normalize_axis(a.get("axis", -1), x.ndim, "layer_norm")
     axes = tuple(range(axis, x.ndim))
+    if cx.n_out == 1 and x.dtype in ("float32", "float64"):
+        # the output only, no cast: one layer_norm op where scale/bias have the normalised shape
+        return [gc.nn_ops.layer_norm(x, tuple(x.shape[axis:]), scale, bias, a.get("epsilon", 1e-5))]
     xf = gc.cast(x, "float32") if a.get("stash_type", 1) == 1 and x.dtype != "float64" else x
     m = gc.mean(xf, axes, keepdims=True)
     d = xf - m

@@ -270,6 +270,21 @@ def _conv2d_grad_input(ex, node, ins):
                    output_shape=[h, wd])]
 
 
+@exporter("layer_norm")
+def _layer_norm(ex, node, ins):
+    """LayerNormalization (opset 17) over the trailing naxes axes; no weight: a Scale of ones (ONNX needs one)."""
+    a, x = node.attrs, node.inputs[0]
+    norm = x.shape[x.ndim - len(a["axis"]):]
+    if a["weight"]:
+        scale = ins[1]
+    elif all(isinstance(d, int) for d in norm):
+        scale = ex.const(np.ones(norm, x.dtype), hint="layer_norm_scale")
+    else:
+        raise OnnxExportError("layer_norm without weight over symbolic normalised dims")
+    args = [ins[0], scale] + ([ins[-1]] if a["bias"] else [])
+    return [ex.one("LayerNormalization", *args, axis=-len(a["axis"]), epsilon=float(a["eps"]))]
+
+
 @exporter("scaled_dot_product_attention")
 def _scaled_dot_product_attention(ex, node, ins):
     """Its composition (MatMul, Mul, Add, Softmax, MatMul): what ONNX Runtime fuses back itself."""

@@ -6,6 +6,7 @@ operands are loaded as floats and accumulated in float, the result rounded once 
 from __future__ import annotations
 
 from graphc.ops.attention import ScaledDotProductAttention, composition_body
+from graphc.ops import layernorm as _layernorm
 from graphc.ops.nn_ops import Conv2d, Conv2dGradInput, Conv2dGradWeight, MaxPool2d, MaxPool2dGrad, MaxPool2dSelect
 from graphc.backends.schedule.views import product
 from . import kernels as K
@@ -221,6 +222,17 @@ def _attention(s, node, ins):
     """scaled_dot_product_attention as its composition (graphc.ops.attention.composition_body): the GEMM,
     pointwise, softmax and GEMM launches the same graph written out of those ops gets."""
     body = composition_body(node)
+    for ph, v in zip(body.inputs, ins):
+        s.view[id(ph)] = v
+    s.walk_body(body, {id(body.outputs[0]): node.outputs[0]})
+    s.view[id(node.outputs[0])] = s.view[id(body.outputs[0])]
+
+
+@lowers(_layernorm.LayerNorm)
+def _layer_norm(s, node, ins):
+    """layer_norm as its composition (graphc.ops.layernorm.composition_body): the reductions and pointwise
+    launches the same graph written out of those ops gets."""
+    body = _layernorm.composition_body(node)
     for ph, v in zip(body.inputs, ins):
         s.view[id(ph)] = v
     s.walk_body(body, {id(body.outputs[0]): node.outputs[0]})

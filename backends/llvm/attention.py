@@ -10,8 +10,9 @@ block's queries transposed and pre-scaled; the score tile st (keys x BR) = K_blo
 blocked product (MR keys x 2 vectors of queries per tile, k[j, p] broadcast); the row max, exp and sum
 are vector operations across queries; the output ot (Ev x BR) += V_block^T @ st is the same product
 shape (MR value columns x 2 vectors, v[j, d] broadcast), rescaled by the correction on load. At the end
-each query row is divided by its sum and written through the output view (when every reader is the
-head-merge transpose, (B, H, L, hd) is laid out as (B, L, H, hd): the merge is then a free view).
+each query row is divided by its sum and written through the output view (when every reader is one and
+the same transpose keeping the last axis last, the output is laid out in the order it makes, e.g.
+(B, H, L, hd) as (B, L, H, hd) or torch's sequence-first (L, B, H, hd): the head merge is then a view).
 
 float32 and float64; other dtypes, and operands the kernel cannot read in place, are planned as the
 op's composition (graphc.ops.attention.composition_body): GEMMs and a softmax kernel."""

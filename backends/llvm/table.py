@@ -25,8 +25,8 @@ PLAN: dict = {}
 #: modules of this package that add rows with @lowers (imported by `rows()`; a missing one is an ImportError,
 #: never a silent gap). random draws (random_uniform / random_normal) get their rows in random.py, cumsum in
 #: cumulative.py, the int8 GEMM (matmul_integer, qlinear_*, conv_integer, quantize_linear) in qgemm.py,
-#: scaled_dot_product_attention (one fused kernel) in attention.py.
-ROW_MODULES = ("random", "cumulative", "qgemm", "attention")
+#: scaled_dot_product_attention (one fused kernel) in attention.py, layer_norm (one kernel) in layernorm.py.
+ROW_MODULES = ("random", "cumulative", "qgemm", "attention", "layernorm")
 
 #: module-level IR declarations (intrinsics) that row modules' kernels call: added to every module's head
 DECLARATIONS: list = []

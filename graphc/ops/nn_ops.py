@@ -776,18 +776,19 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -> Tensor:
-    """Normalise over the trailing `normalized_shape` axes (torch.nn.functional.layer_norm)."""
+    """Normalise over the trailing `normalized_shape` axes (torch.nn.functional.layer_norm): one layer_norm
+    op (graphc/ops/layernorm.py) for float32/float64 with weight and bias of the normalised shape."""
+    from . import layernorm
     x = as_tensor(x)
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    axes = tuple(range(x.ndim - len(shape), x.ndim))
-    mean = F.mean(x, axes, keepdims=True)
-    d = x - mean
-    y = d * F.rsqrt(F.mean(d * d, axes, keepdims=True) + eps)
-    if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return y
+    if not 1 <= len(shape) <= x.ndim or not all(_sh.dims_equal(a, b) for a, b in zip(shape, x.shape[x.ndim - len(shape):])):
+        raise ShapeError(f"layer_norm: normalized_shape {shape} must be the trailing dims of x "
+                         f"{_sh.fmt_shape(x.shape)}")
+    weight = None if weight is None else as_tensor(weight)
+    bias = None if bias is None else as_tensor(bias)
+    # one op (one kernel on llvm) where it takes these inputs, else the same arithmetic out of existing ops
+    y = layernorm.build(x, weight, bias, len(shape), eps)
+    return y if y is not None else layernorm.composition(x, weight, bias, len(shape), eps)
 
 
 def dropout(x, p: float = 0.5, training: bool = True, generator=None, key=None) -> Tensor:
