@@ -204,6 +204,12 @@ EXAMPLES = {  # rule name -> (graph over a, b (3, 4) float64, NumPy value)
         lambda a, b: F.transpose(F.transpose(gc.reshape(a, (3, 2, 2)), (1, 0, 2)), (0, 2, 1)),
         A.reshape(3, 2, 2).transpose(1, 0, 2).transpose(0, 2, 1)),
     "reshape(reshape(x)) -> reshape(x, r.shape)": (lambda a, b: a.reshape(2, 6).reshape(6, 2), A.reshape(6, 2)),
+    # three reshapes/transposes whose pieces regroup into fewer ops (the head split of an exported attention)
+    "reshape(...) -> layout_chain": (lambda a, b: gc.reshape(F.transpose(gc.reshape(a, (6, 2)), (1, 0)), (2, 3, 2)),
+                                     A.reshape(6, 2).T.reshape(2, 3, 2)),
+    "transpose(...) -> layout_chain": (
+        lambda a, b: F.transpose(gc.reshape(F.transpose(a, (1, 0)), (2, 2, 3)), (2, 0, 1)),
+        A.T.reshape(2, 2, 3).transpose(2, 0, 1)),
     "broadcast_to(broadcast_to(x)) -> broadcast_to(x, b.shape)": (
         lambda a, b: gc.broadcast_to(gc.broadcast_to(a[0], (2, 4)), (5, 2, 4)), np.broadcast_to(A[0], (5, 2, 4))),
     "{monoid}(x, axis=()) -> x": (lambda a, b: gc.sum(a, axis=()), A),

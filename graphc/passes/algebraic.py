@@ -114,6 +114,10 @@ def _factors(xshape, steps):
     return sizes, xaxes, groups
 
 
+#: reshapes/transposes layout_chain looks back through (a longer chain is composed from its last ones)
+MAX_CHAIN = 8
+
+
 def layout_chain(node, ins):
     """A chain of three or more reshapes and transposes -> reshape(x, pieces), transpose, reshape: x's axes
     cut into the pieces the chain moves (a split, always a view), the pieces permuted (a view), and pieces
@@ -123,12 +127,13 @@ def layout_chain(node, ins):
     composed form (L, B, H, D) transposed to (B, H, L, D) copies nothing. Static shapes only."""
     steps, t = [], node.outputs[0]
     cur = node
-    while cur.op in (Reshape, Transpose):
+    while cur.op in (Reshape, Transpose) and len(steps) < MAX_CHAIN:   # bounded: linear in the graph
         steps.append(("transpose", tuple(cur.attrs["axes"])) if cur.op is Transpose
                      else ("reshape", tuple(cur.outputs[0].shape)))
         src = ins[0] if cur is node else cur.inputs[0]
         cur = src.node
-    if len(steps) < 3 or not all(isinstance(d, int) for d in (*src.shape, *t.shape)) or 0 in src.shape:
+    if len(steps) < 3 or 0 in src.shape or not all(
+            isinstance(d, int) for d in (*src.shape, *[d for k, a in steps if k == "reshape" for d in a])):
         return None
     got = _factors(tuple(src.shape), steps[::-1])
     if got is None:
