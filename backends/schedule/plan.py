@@ -64,8 +64,8 @@ from graphc.ops.scan import Scan
 from .arena import DEFAULT_ALIGN, plan_arena
 from .status import StatusCodes
 from .steps import Buffer, HostStep, LoopStep
-from .views import (View, as_int, broadcast_strides, contig_strides, contiguous_view, extent, is_int, literal_view, view_reshape,
-                    nbytes, product, view_getitem, view_slice)
+from .views import (View, as_int, broadcast_strides, contig_strides, contiguous_view, extent, is_int, literal_view,
+                    nbytes, product, view_getitem, view_reshape, view_slice)
 
 __all__ = ["NotLowerable", "ROWS", "row", "Schedule", "Buffer", "HostStep", "LoopStep", "View"]
 
