@@ -4,9 +4,9 @@ row that stays in cache -- the sum (mean), the sum of squares of the centred row
 the centring, the output) and read the row from memory four times.
 
 A row whose normalised axes collapse to one contiguous float32 axis (stride 1 in x, the output, weight and
-bias) runs as explicit <W x float> loops (W: the host's lanes) plus a scalar tail, its sums kept in one
-vector accumulators each (UNROLL side by side) and folded at the end; any other row (strided, float64, a literal operand) as scalar loops over
-the views (`kernels.nest`). Rows are split across threads from PARALLEL_MIN elements."""
+bias) runs as explicit <W x float> loops (W: the host's lanes) plus a scalar tail, each sum kept in UNROLL
+vector accumulators side by side and folded at the end; any other row (strided, float64, a literal operand)
+as scalar loops over the views (`kernels.nest`). Rows are split across threads from PARALLEL_MIN elements."""
 from __future__ import annotations
 
 import numpy as np

@@ -781,7 +781,8 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -
     from . import layernorm
     x = as_tensor(x)
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    if not 1 <= len(shape) <= x.ndim or not all(_sh.dims_equal(a, b) for a, b in zip(shape, x.shape[x.ndim - len(shape):])):
+    trailing = x.shape[x.ndim - len(shape):]
+    if not 1 <= len(shape) <= x.ndim or not all(_sh.dims_equal(a, b) for a, b in zip(shape, trailing)):
         raise ShapeError(f"layer_norm: normalized_shape {shape} must be the trailing dims of x "
                          f"{_sh.fmt_shape(x.shape)}")
     weight = None if weight is None else as_tensor(weight)
