@@ -36,6 +36,21 @@ def _layer_norm(plan, node, ins):
     plan.view[id(t)] = out
 
 
+def _centred_square(em, ty: str, xv: str, mean: str) -> str:
+    d = em(f"fsub {ty} {xv}, {mean}")
+    return em(f"fmul {ty} {d}, {d}")
+
+
+def _normalised(em, ty: str, xv: str, mean: str, rstd: str, wv, bv) -> str:
+    """(x - mean) * rstd [* w] [+ b] on values of IR type ty (scalars or vectors); wv/bv False: absent."""
+    y = em(f"fmul {ty} {em(f'fsub {ty} {xv}, {mean}')}, {rstd}")
+    if wv:
+        y = em(f"fmul {ty} {y}, {wv}")
+    if bv:
+        y = em(f"fadd {ty} {y}, {bv}")
+    return y
+
+
 def layer_norm_kernel(out, x, w, b, naxes: int, eps: float) -> Kernel:
     dt = x.dtype
     ty = VTYPE[dt]
@@ -73,18 +88,12 @@ def layer_norm_kernel(out, x, w, b, naxes: int, eps: float) -> Kernel:
             return em(f"load {ty}, ptr {acc}")
         mean = em(f"fmul {ty} {total(lambda o: load(em, P, x, o[0]))}, {inv_n}")
 
-        def sq(o):
-            d = em(f"fsub {ty} {load(em, P, x, o[0])}, {mean}")
-            return em(f"fmul {ty} {d}, {d}")
-        rstd = rstd_of(em, total(sq))
+        rstd = rstd_of(em, total(lambda o: _centred_square(em, ty, load(em, P, x, o[0]), mean)))
 
         def outp(o, _):
-            y = em(f"fmul {ty} {em(f'fsub {ty} {load(em, P, x, o[0])}, {mean}')}, {rstd}")
-            if w is not None:
-                y = em(f"fmul {ty} {y}, {load(em, P, w, o[2])}")
-            if b is not None:
-                y = em(f"fadd {ty} {y}, {load(em, P, b, o[3])}")
-            store(em, P, out, o[1], y)
+            store(em, P, out, o[1], _normalised(em, ty, load(em, P, x, o[0]), mean, rstd,
+                                                w is not None and load(em, P, w, o[2]),
+                                                b is not None and load(em, P, b, o[3])))
         nest(em, rshape, [xr, orr, wr, br], [xo, oo, w.offset if w is not None else 0,
                                            b.offset if b is not None else 0], outp)
 
@@ -145,18 +154,13 @@ def layer_norm_kernel(out, x, w, b, naxes: int, eps: float) -> Kernel:
         mean = em(f"fmul float {total(lambda off, T: ld(x, xo, off, T))}, {inv_n}")
         means = {1: mean, W: splat(mean)}
 
-        def sq(off, T):
-            d = em(f"fsub {T.f} {ld(x, xo, off, T)}, {means[T.lanes]}")
-            return em(f"fmul {T.f} {d}, {d}")
-        rstd = rstd_of(em, total(sq))
+        rstd = rstd_of(em, total(lambda off, T: _centred_square(em, T.f, ld(x, xo, off, T), means[T.lanes])))
         rstds = {1: rstd, W: splat(rstd)}
 
         def outp(off, T):
-            y = em(f"fmul {T.f} {em(f'fsub {T.f} {ld(x, xo, off, T)}, {means[T.lanes]}')}, {rstds[T.lanes]}")
-            if w is not None:
-                y = em(f"fmul {T.f} {y}, {ld(w, str(w.offset), off, T)}")
-            if b is not None:
-                y = em(f"fadd {T.f} {y}, {ld(b, str(b.offset), off, T)}")
+            y = _normalised(em, T.f, ld(x, xo, off, T), means[T.lanes], rstds[T.lanes],
+                            w is not None and ld(w, str(w.offset), off, T),
+                            b is not None and ld(b, str(b.offset), off, T))
             o = em(f"add i64 {oo}, {off}")
             em.raw(f"store {T.f} {y}, ptr {ptr_at(em, P, out, o, T.lanes - 1)}, align 4")
         if nv:
