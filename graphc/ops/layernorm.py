@@ -1,5 +1,5 @@
-"""Layer normalisation as one primitive: (x - mean) / sqrt(var + eps) [* weight] [+ bias] over the trailing
-`naxes` axes (torch.nn.functional.layer_norm, ONNX LayerNormalization).
+"""Layer normalisation as one primitive: (x - mean) / sqrt(var + eps) [* weight] [+ bias] over trailing axes
+(torch.nn.functional.layer_norm, ONNX LayerNormalization).
 
 `layer_norm` (graphc/ops/nn_ops.py, gc.nn.LayerNorm, ONNX import) builds it for float32/float64 inputs whose
 weight and bias have exactly the normalised shape; anything else is built as `composition` (means, rsqrt,
@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 
 from graphc import ops as F
-from .. import dtypes as _dt
 from .. import shapes as _sh
 from ..errors import DTypeError, GraphcError, ShapeError
 from ..ir import Graph, Op, Trait, apply, register
@@ -61,8 +60,7 @@ class LayerNorm(Op):
         x, a = node.inputs[0], node.attrs
         g = gouts[0]
         axes = a["axis"]
-        d = x - F.mean(x, axes, keepdims=True)
-        rstd = F.rsqrt(F.mean(d * d, axes, keepdims=True) + _eps(a["eps"], x.dtype))
+        d, rstd = _centred(x, axes, a["eps"])
         xhat = d * rstd
         gh = g * node.inputs[1] if a["weight"] else g           # d loss / d xhat
         gx = rstd * (gh - F.mean(gh, axes, keepdims=True) - xhat * F.mean(gh * xhat, axes, keepdims=True))
@@ -74,16 +72,17 @@ class LayerNorm(Op):
         return out
 
 
-def _eps(eps: float, dtype: str):
-    return F.constant(np.asarray(eps, _dt.np_dtype(dtype)), dtype)
+def _centred(x, axes, eps: float):
+    """(x - mean, 1 / sqrt(var + eps)) over `axes` (kept as size-1 dims), out of existing ops."""
+    d = x - F.mean(x, axes, keepdims=True)
+    return d, F.rsqrt(F.mean(d * d, axes, keepdims=True) + eps)
 
 
 def composition(x, weight=None, bias=None, naxes: int = 1, eps: float = 1e-5):
     """The same result out of existing ops (means, rsqrt, products): what a backend without a layer-norm
     kernel runs, and what layer_norm builds for inputs the op does not take."""
-    axes = tuple(range(x.ndim - naxes, x.ndim))
-    d = x - F.mean(x, axes, keepdims=True)
-    y = d * F.rsqrt(F.mean(d * d, axes, keepdims=True) + eps)
+    d, rstd = _centred(x, tuple(range(x.ndim - naxes, x.ndim)), eps)
+    y = d * rstd
     if weight is not None:
         y = y * weight
     if bias is not None:
@@ -111,5 +110,5 @@ def build(x, weight, bias, naxes: int, eps: float):
     if x.dtype not in DTYPES or not 1 <= naxes <= x.ndim:
         return None
     ins = [x] + [t for t in (weight, bias) if t is not None]
-    return apply(LayerNorm, *ins, axis=tuple(range(x.ndim - naxes, x.ndim)), eps=float(eps), weight=weight is not None,
-                 bias=bias is not None)
+    return apply(LayerNorm, *ins, axis=tuple(range(x.ndim - naxes, x.ndim)), eps=float(eps),
+                 weight=weight is not None, bias=bias is not None)
