@@ -38,26 +38,43 @@ def check(out, ref, wl_id) -> str | None:
     return None
 
 
-def time_calls(fn, quick: bool) -> dict:
-    """min and median seconds per call: samples of `number` calls each (a sample lasts >= a few ms)."""
+def _calls_per_sample(fn, quick: bool) -> int:
+    """How many calls of fn one sample times (a sample lasts a few ms), from a warm-up call and one timed."""
     fn()
     t0 = time.perf_counter()
     fn()
     one = max(time.perf_counter() - t0, 1e-7)
-    target = 2e-3 if quick else 5e-3
-    number = max(1, min(10000, int(target / one)))
-    samples = 7 if quick else 25
-    budget = 3.0 if quick else 20.0
+    return max(1, min(10000, int((2e-3 if quick else 5e-3) / one)))
+
+
+def _samples_and_budget(quick: bool) -> tuple[int, float]:
+    """(samples per system, seconds after which timing stops once there are three)."""
+    return (7, 3.0) if quick else (25, 20.0)
+
+
+def _sample(fn, number: int) -> float:
+    """Seconds per call over `number` back-to-back calls."""
+    t0 = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - t0) / number
+
+
+def _summary(per: list, number: int) -> dict:
+    return {"min": min(per), "median": statistics.median(per), "calls": number * len(per)}
+
+
+def time_calls(fn, quick: bool) -> dict:
+    """min and median seconds per call: samples of `number` calls each (a sample lasts >= a few ms)."""
+    number = _calls_per_sample(fn, quick)
+    samples, budget = _samples_and_budget(quick)
     per = []
     start = time.perf_counter()
     for _ in range(samples):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        per.append((time.perf_counter() - t0) / number)
+        per.append(_sample(fn, number))
         if time.perf_counter() - start > budget and len(per) >= 3:
             break
-    return {"min": min(per), "median": statistics.median(per), "calls": number * len(per)}
+    return _summary(per, number)
 
 
 def measure(system: str, build, wl, quick: bool) -> dict:
@@ -99,29 +116,19 @@ def time_interleaved(fns: dict, quick: bool) -> dict:
     whose speed changes from minute to minute (a VM whose cores are moved, a neighbour's load), every
     system sees the same phases, so the ratios compare like with like where timing the systems one
     after another compared a fast phase with a slow one."""
-    target = 2e-3 if quick else 5e-3
-    samples = 7 if quick else 25
-    budget = (3.0 if quick else 20.0) * max(1, len(fns))
-    number = {}
-    for name, fn in fns.items():
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        number[name] = max(1, min(10000, int(target / max(time.perf_counter() - t0, 1e-7))))
+    samples, budget = _samples_and_budget(quick)
+    budget *= max(1, len(fns))
+    number = {name: _calls_per_sample(fn, quick) for name, fn in fns.items()}
     per: dict = {name: [] for name in fns}
     start = time.perf_counter()
     for _ in range(samples):
         for name, fn in fns.items():
             time.sleep(GAP_S)
             fn()
-            t0 = time.perf_counter()
-            for _ in range(number[name]):
-                fn()
-            per[name].append((time.perf_counter() - t0) / number[name])
+            per[name].append(_sample(fn, number[name]))
         if time.perf_counter() - start > budget and len(per[name]) >= 3:
             break
-    return {name: {"min": min(ts), "median": statistics.median(ts), "calls": number[name] * len(ts)}
-            for name, ts in per.items()}
+    return {name: _summary(ts, number[name]) for name, ts in per.items()}
 
 
 def environment() -> dict:
