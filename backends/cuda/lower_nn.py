@@ -221,7 +221,11 @@ def _gemm_grid(m_fn, n: int, batch: int):
 def _attention(s, node, ins):
     """scaled_dot_product_attention as its composition (graphc.ops.attention.composition_body): the GEMM,
     pointwise, softmax and GEMM launches the same graph written out of those ops gets."""
-    body = composition_body(node)
+    _plan_composition(s, node, ins, composition_body(node))
+
+
+def _plan_composition(s, node, ins, body):
+    """Plan `node` as `body` (a Graph of existing ops whose placeholders stand for node.inputs)."""
     for ph, v in zip(body.inputs, ins):
         s.view[id(ph)] = v
     s.walk_body(body, {id(body.outputs[0]): node.outputs[0]})
@@ -232,8 +236,4 @@ def _attention(s, node, ins):
 def _layer_norm(s, node, ins):
     """layer_norm as its composition (graphc.ops.layernorm.composition_body): the reductions and pointwise
     launches the same graph written out of those ops gets."""
-    body = _layernorm.composition_body(node)
-    for ph, v in zip(body.inputs, ins):
-        s.view[id(ph)] = v
-    s.walk_body(body, {id(body.outputs[0]): node.outputs[0]})
-    s.view[id(node.outputs[0])] = s.view[id(body.outputs[0])]
+    _plan_composition(s, node, ins, _layernorm.composition_body(node))
