@@ -567,6 +567,18 @@ def lanes() -> int:
     return max(4, tune.vector_bits() // 32)
 
 
+def fold_lanes(em: Emitter, v: str, w: int, combine) -> str:
+    """The w lanes of float vector v folded into one float: halves combined pairwise ((lanes 0..k/2) with
+    (k/2..k)) by combine(lo, hi, T) (T: mathlib.Ty of the halves, None for the last <1 x float> pair)."""
+    k = w
+    while k > 1:
+        h = k // 2
+        lo_, hi_ = (em(f"shufflevector <{k} x float> {v}, <{k} x float> poison, <{h} x i32> "
+                       f"<{', '.join(f'i32 {j}' for j in range(s, s + h))}>") for s in (0, h))
+        v, k = combine(lo_, hi_, mathlib.Ty(h) if h > 1 else None), h
+    return em(f"extractelement <1 x float> {v}, i64 0")
+
+
 class _VectorRows:
     """softmax / log_softmax / logsumexp of one contiguous float32 row (the reduced axis has stride 1),
     written as explicit <W x float> loops (W: the host's lanes) plus a scalar loop for the last n % W:
@@ -607,14 +619,9 @@ class _VectorRows:
                 a = em(f"load {T.f}, ptr {acc}")
                 em.raw(f"store {T.f} {step(a, em(f'mul i64 {i}, {w}'), T)}, ptr {acc}")
             em.loop(self.nv, vbody)
-        v, k = em(f"load <{w} x float>, ptr {acc}"), w
-        while k > 1:   # halves combined: (lanes 0..k/2) with (k/2..k)
-            h = k // 2
-            lo_, hi_ = (em(f"shufflevector <{k} x float> {v}, <{k} x float> poison, <{h} x i32> "
-                           f"<{', '.join(f'i32 {j}' for j in range(s, s + h))}>") for s in (0, h))
-            v, k = combine(lo_, hi_, mathlib.Ty(h) if h > 1 else None), h
+        folded = fold_lanes(em, em(f"load <{w} x float>, ptr {acc}"), w, combine)
         s = em.alloca("float")
-        em.raw(f"store float {em(f'extractelement <1 x float> {v}, i64 0')}, ptr {s}")
+        em.raw(f"store float {folded}, ptr {s}")
         if self.n % w:
             def sbody(i):
                 a = em(f"load float, ptr {s}")

@@ -15,7 +15,7 @@ from graphc.ops.layernorm import LayerNorm
 
 from . import mathlib
 from .irtext import VTYPE, literal
-from .kernels import PARALLEL_MIN_COSTLY, Kernel, lanes, load, nest, ptr_at, sfx, store
+from .kernels import PARALLEL_MIN_COSTLY, Kernel, fold_lanes, lanes, load, nest, ptr_at, sfx, store
 from .table import lowers
 from ..schedule.views import collapse
 
@@ -112,13 +112,7 @@ def layer_norm_kernel(out, x, w, b, naxes: int, eps: float) -> Kernel:
             return em(f"shufflevector {V.f} {one}, {V.f} poison, <{W} x i32> zeroinitializer")
 
         def fold(vec):   # the lanes of a <W x float> summed pairwise
-            k = W
-            while k > 1:
-                h = k // 2
-                lo_, hi_ = (em(f"shufflevector <{k} x float> {vec}, <{k} x float> poison, <{h} x i32> "
-                               f"<{', '.join(f'i32 {j}' for j in range(s, s + h))}>") for s in (0, h))
-                vec, k = em(f"fadd reassoc <{h} x float> {lo_}, {hi_}"), h
-            return em(f"extractelement <1 x float> {vec}, i64 0")
+            return fold_lanes(em, vec, W, lambda a, b, T: em(f"fadd reassoc {T.f if T else '<1 x float>'} {a}, {b}"))
 
         def total(term):
             """sum of term(off, T) over the row: UNROLL vector accumulators side by side (one would wait on
