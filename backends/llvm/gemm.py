@@ -168,6 +168,8 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
         kern = Kernel("gemv", [out, a, b], emit_gemv, split, flops, blocks)
         kern.key = key
         kern.threads = split and tune.threads()
+        width = gemv_block(form, par) if form["kind"] == "axpy" else GEMV_DOTS
+        kern.product = (out, a, b, ("cols" if form["vec"] == "a" else "rows", width, form["L"]))
         return kern
 
     if blas_split or tile_split:   # one product cut into blocks (of rows or columns): the kernel's outer range
@@ -180,8 +182,10 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
         kern.key = key
         if blas_split:   # one OpenBLAS call per block: as many blocks as threads (each call packs its operands)
             kern.chunks, kern.blas_pinned = nblk, True
+            kern.product = (out, a, b, blas_split[:3])
         elif k:          # a micro-kernel product: an elementwise region after it may join it (recurrent.py)
             kern.tiles = (out, a, b)
+            kern.product = (out, a, b, ("cols", tile_vectors(n, out.dtype)[0] * vector_shape(out.dtype)[0], m))
         kern.threads = tune.threads()
         return kern
 
@@ -199,6 +203,8 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
     kern.threads = tune.threads() if split else (threads if blas is True else None)
     if blas == "tiles" and not bshape and k:   # an elementwise region after it may join it (recurrent.py)
         kern.tiles = (out, a, b)
+    if not bshape and not split:   # one product written whole: its region may run after it (epilogue.py)
+        kern.product = (out, a, b, None)
     return kern
 
 

@@ -129,11 +129,13 @@ class Plan(Schedule):
         kern.per_element = 0   # element i of every output from element i of every input (scan's in-place carries)
         if after_conv and kern.split is None and kern.outer >= 2 and outs[0].size >= CONV_EPILOGUE_PARALLEL_MIN:
             kern.split = kern.outer   # a conv's epilogue pass (bias, activation, residual): see the constant
-        from . import conv, recurrent   # the product planned just before, read by column windows
+        from . import conv, epilogue, recurrent   # the product planned just before, read by column windows
         if after_conv and conv.fuse_conv_epilogue(self, outs, ins, compute, outs[0].shape):
             pass   # run on each image inside the convolution (conv.fuse_conv_epilogue)
-        elif not recurrent.fuse_epilogue(self, outs, ins, compute, kern.split is not None):
-            self.add(kern, ins, outs)
+        elif recurrent.fuse_epilogue(self, outs, ins, compute, kern.split is not None):
+            pass   # a recurrent step's product and the gates reading it by column windows
+        elif not epilogue.fuse(self, outs, ins, compute, kern):
+            self.add(kern, ins, outs)   # (else run on each block of the product just before: epilogue.py)
         for t, v in zip(outputs, outs):
             self.view[id(t)] = v
 

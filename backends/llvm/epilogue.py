@@ -1,0 +1,141 @@
+"""A product's elementwise region run on each block of the product right after the block is written.
+
+A Dense layer is a product P = x @ W and a region reading P element by element (the bias, the activation:
+`relu(P + b)`). Planned apart they are two kernels: the product split over the pool by blocks of rows or
+columns (one OpenBLAS call per block, the micro-kernel's column blocks, the matrix-vector loop's output
+blocks), then a pass over all of P, reading it back from memory or from the other core's cache. Here the
+region runs inside the product's kernel on the rows and columns each block just wrote, while they are
+in that core's cache: one dispatch instead of two and no second trip through memory (W1 batch 256 on a
+2-core Zen 1: the two bias+ReLU passes over 256 x 512 and 256 x 256 took ~140 us of ~5 ms).
+
+The product kernel (gemm.matmul) says what a run of its blocks writes as `kern.product` =
+(P, a, b, layout): layout None (one product written whole by any run: not split) or (axis, width,
+extent): blocks lo .. hi-1 write rows (or columns) lo*width .. min(hi*width, extent) of P. The fusion is
+made at plan time (Plan._region) when the step planned just before the region is such a product, the
+region reads P only as the whole view (element i of P for element i of its outputs) and its outputs
+have P's shape and lie outside P and its operands. The product is still written whole, so a later reader
+of P (the ReLU's gradient reads P's sign) sees it complete. recurrent.py fuses a product with a region
+that reads it by column windows (the gates of an LSTM step) inside loops; this one takes whole views.
+"""
+from __future__ import annotations
+
+from .kernels import Kernel, compute_key, load, nest, store
+from ..schedule.views import View, broadcast_strides
+
+#: GRAPHC_LLVM_PRODUCT_EPILOGUE: "1" (default) fuses the region into matrix-vector products (whole or split)
+#: and into products written whole by one call; "all" also into products split over the pool (OpenBLAS
+#: calls by rows or columns, the micro-kernel's column blocks); "0" never. Split products are not fused by
+#: default: on the 2-core Zen 1 VM this was measured on (in-process A/B, 60 interleaved samples each) the
+#: fused kernel was as fast at best but slower in the median: 256x784x512 + bias + ReLU on OpenBLAS split
+#: by rows 2.4-3.6% slower (best 2,846-2,856 us against 2,879-2,881: the region's pass saved; the median
+#: lost because a thread descheduled on a busy VM now holds its block's product *and* region, where the
+#: region apart is claimed in 8 dynamic chunks), the micro-kernel's 16x256x256 and 64x128x256 5-8%
+#: slower (its column blocks are 16 columns wide: the region runs as many short strided loops). Matrix-
+#: vector products and whole products measured even (0.96-1.03 over 1x784x512, 1x512x256, 8x64x64 and
+#: 256x784x512 on one thread): one kernel and one dispatch fewer per layer, the same time.
+ENV = "GRAPHC_LLVM_PRODUCT_EPILOGUE"
+
+
+def region_block(em, P, outs: list[View], ins: list[View], compute, full: tuple, r0, nr, c0, nc) -> None:
+    """outs = compute(ins) over rows r0 .. r0+nr-1 and columns c0 .. c0+nc-1 of the 2-D shape `full`
+    (each an int or an i64 IR value); the views broadcast to `full`."""
+    views = outs + ins
+    strides = [broadcast_strides(v, full) for v in views]
+    # operands at the same place (a carry updated in place: read and written as one view) share one
+    # address computation, so a loop's load and store of an element are visibly the same address
+    uniq = list(dict.fromkeys((v.buf, v.offset, s) for v, s in zip(views, strides)))
+    at = [uniq.index((v.buf, v.offset, s)) for v, s in zip(views, strides)]
+
+    def moved(off, i, s):
+        if s == 0 or i == 0 or i == "0":
+            return off
+        return em(f"add i64 {off}, {i if s == 1 else em(f'mul i64 {i}, {s}')}")
+    bases = [moved(moved(off, r0, s[0]), c0, s[1]) for _, off, s in uniq]
+    no = len(outs)
+
+    def body(offs, _):
+        offs = [offs[q] for q in at]
+        vals = [(load(em, P, v, o), v.dtype) for v, o in zip(ins, offs[no:])]
+        for v, o, r in zip(outs, offs, compute(em, vals)):
+            store(em, P, v, o, r)
+    nest(em, (nr, nc), [s for _, _, s in uniq], bases, body)
+
+
+def _reads_whole(p: View, ins: list[View], full: tuple) -> bool:
+    """Whether every input on P's buffer is P itself, element for element, and one is."""
+    hit = False
+    for v in ins:
+        if v.buf != p.buf:
+            continue
+        if v.literal is not None or v.offset != p.offset or tuple(v.shape) != full or \
+                broadcast_strides(v, full) != tuple(p.strides):
+            return False
+        hit = True
+    return hit
+
+
+def fuse(plan, outs: list[View], ins: list[View], compute, region: Kernel) -> bool:
+    """Replace the product planned last (plan.steps[-1]) and the region (outs = compute(ins), planned
+    alone as the kernel `region`) by one kernel; True when done (the caller adds nothing), False to plan
+    the region on its own."""
+    import os
+    mode = os.environ.get(ENV, "1").strip().lower()
+    if not plan.steps or mode == "0":
+        return False
+    prev = plan.steps[-1]
+    product = getattr(prev, "product", None)
+    if product is None or not isinstance(prev, Kernel):
+        return False
+    if prev.split is not None and prev.name != "gemv" and mode != "all":
+        return False   # see ENV
+    p, a, b, layout = product
+    full = tuple(outs[0].shape)
+    if len(full) != 2 or tuple(p.shape) != full or p.strides != (full[1], 1) or 0 in full:
+        return False
+    if getattr(prev, "tiles", None) is not None and plan._loop_pos is not None:
+        return False   # a recurrent step's product: recurrent.py's choice (measured not to pay in loops)
+    if not _reads_whole(p, ins, full):
+        return False
+    if any(o.buf in (p.buf, a.buf, b.buf) or tuple(o.shape) != full for o in outs):
+        return False
+    if any(v.buf in (o.buf for o in outs) and v.buf != p.buf and (v.offset, broadcast_strides(v, full)) not in
+           [(o.offset, o.strides) for o in outs] for v in ins):
+        return False   # an input overlapping an output other than element for element
+    if prev.split is None and region.split is not None:
+        return False   # the region alone would run on every thread, the product on one: keep them apart
+    n, m = full
+
+    def emit(em, P, lo, hi):
+        prev.emit(em, P, lo, hi)
+        if layout is None:
+            region_block(em, P, outs, ins, compute, full, "0", n, "0", m)
+            return
+        axis, width, extent = layout
+        i0 = em(f"mul i64 {lo}, {width}")
+        i1 = em(f"mul i64 {hi}, {width}")
+        i1 = em(f"select i1 {em(f'icmp slt i64 {i1}, {extent}')}, i64 {i1}, i64 {extent}")
+
+        def part():
+            cnt = em(f"sub i64 {i1}, {i0}")
+            if axis == "rows":
+                region_block(em, P, outs, ins, compute, full, i0, cnt, "0", m)
+            else:
+                region_block(em, P, outs, ins, compute, full, "0", n, i0, cnt)
+        em.if_(em(f"icmp slt i64 {i0}, {i1}"), part)
+
+    kern = Kernel(prev.name, [p, a, b] + outs + ins, emit, prev.split, prev.size, prev.outer)
+    ckey = compute_key(compute, [v.dtype for v in ins])
+    if prev.key is not None and ckey is not None:
+        kern.key = ("epilogue", prev.key, ckey, len(outs))
+    for attr in ("threads", "chunks", "blas_pinned"):
+        if hasattr(prev, attr):
+            setattr(kern, attr, getattr(prev, attr))
+    kern.fn_attrs = prev.fn_attrs
+    kern.epilogue = True
+    kern.per_element = 2   # reads past the product's operands: element i for output element i (plan._scan)
+    plan.steps.pop()
+    record = plan._record
+    if record and record[-1][0] is prev:
+        record.pop()
+    plan.add(kern, [a, b] + ins, [p] + outs)
+    return True

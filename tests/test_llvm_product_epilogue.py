@@ -1,0 +1,162 @@
+"""A product's elementwise region (bias, activation) runs on each block of the product right after the
+block is written (backends/llvm/epilogue.py): same answers as NumPy's float64 reference through every
+product path (one OpenBLAS call, OpenBLAS calls split by rows or by columns, the micro-kernel whole or
+split by column blocks, the matrix-vector loop in both forms, whole or split), odd sizes, float32 and
+float64, both ISAs' vector shapes and both thread counts; the pre-activation product still complete for
+a later reader; a float64 gradient through fused layers against finite differences; not fused where the
+region does not read the product element for element."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import graphc as gc
+from conftest import backend_or_skip
+
+
+@pytest.fixture(autouse=True)
+def llvm(monkeypatch):
+    backend_or_skip("llvm")
+    monkeypatch.setenv("GRAPHC_TUNE", "off")   # the size rules choose the path: each case takes the one it names
+
+
+def _steps(f) -> list:
+    from graphc.backends.schedule.steps import LoopStep
+    out = []
+
+    def walk(steps):
+        for st in steps:
+            if isinstance(st, LoopStep):
+                walk(st.body)
+            else:
+                out.append(st)
+    for spec in f.program._specs.values():
+        walk(spec.plan.steps)
+    return out
+
+
+def _fused(f) -> list:
+    return [s for s in _steps(f) if getattr(s, "epilogue", False)]
+
+
+# (path, n, k, m, GRAPHC_LLVM_SMALL_GEMM, weight transposed): each names the product kernel it should get
+CASES = [
+    ("blas-whole", 17, 63, 65, "0", False),
+    ("blas-rows", 257, 129, 65, "0", False),
+    ("blas-cols", 65, 129, 257, "0", False),
+    ("blas-rows-wt", 257, 129, 65, "0", True),
+    ("tiles-whole", 3, 17, 63, "1", False),
+    ("tiles-cols", 65, 65, 129, "1", False),
+    ("gemv-axpy", 1, 63, 65, "auto", False),
+    ("gemv-axpy-split", 1, 257, 1025, "auto", False),
+    ("gemv-dot", 1, 65, 17, "auto", True),
+    ("gemv-dot-split", 1, 257, 1025, "auto", True),
+    ("gemv-column", 257, 63, 1, "auto", False),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_dense_layers_match_numpy_on_every_product_path(case, dtype, isa, threads, monkeypatch, rng):
+    path, n, k, m, small, wt = case
+    monkeypatch.setenv("GRAPHC_LLVM_SMALL_GEMM", small)
+    monkeypatch.setenv("GRAPHC_LLVM_PRODUCT_EPILOGUE", "all")   # split products too (not fused by default)
+    xv = rng.standard_normal((n, k)).astype(dtype)
+    wv = (rng.standard_normal((m, k) if wt else (k, m)) / np.sqrt(k)).astype(dtype)
+    bv = rng.standard_normal(m).astype(dtype)
+    rv = rng.standard_normal((n, m)).astype(dtype)
+    x, r = gc.placeholder("x", (n, k), dtype), gc.placeholder("r", (n, m), dtype)
+    w, b = gc.parameter("w", wv), gc.parameter("b", bv)
+    z = gc.matmul(x, gc.transpose(w) if wt else w)
+    y1 = gc.relu(z + b)
+    y2 = gc.tanh(z * 0.5 + r) - gc.sigmoid(z)
+    f = gc.function([x, r], [y1, y2, z], backend="llvm")
+    g1, g2, gz = f(xv, rv)
+    ref = xv.astype(np.float64) @ (wv.T if wt else wv).astype(np.float64)
+    tol = dict(rtol=2e-4, atol=2e-4) if dtype == "float32" else dict(rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(gz, ref, **tol)
+    np.testing.assert_allclose(g1, np.maximum(ref + bv, 0), **tol)
+    np.testing.assert_allclose(g2, np.tanh(ref * 0.5 + rv) - 1 / (1 + np.exp(-ref)), **tol)
+    fused = _fused(f)
+    assert fused, f"{path}: the region was planned as its own kernel: {[s.name for s in _steps(f)]}"
+    kinds = {s.name for s in fused}
+    assert kinds == ({"gemv"} if path.startswith("gemv") else {"matmul"}), kinds
+    if path.endswith("split") or path in ("blas-rows", "blas-cols", "blas-rows-wt", "tiles-cols"):
+        assert threads == 1 or all(s.split for s in fused), f"{path}: expected a product split over the pool"
+
+
+def test_an_mlp_keeps_no_epilogue_kernel_and_its_float64_gradient_matches_finite_differences(rng):
+    xv = rng.standard_normal((9, 7))
+    w1v, b1v = rng.standard_normal((7, 11)), rng.standard_normal(11)
+    w2v, b2v = rng.standard_normal((11, 5)), rng.standard_normal(5)
+    x = gc.placeholder("x", (None, 7), "float64")
+    w1, b1, w2, b2 = (gc.parameter(nm, v) for nm, v in (("w1", w1v), ("b1", b1v), ("w2", w2v), ("b2", b2v)))
+    h = gc.tanh(gc.matmul(x, w1) + b1)
+    loss = gc.sum(gc.sigmoid(gc.matmul(h, w2) + b2) ** 2)
+    grads = gc.grad(loss, [w1, b1])
+    f = gc.function([x], [loss] + grads, backend="llvm")
+    got = f(xv)
+    assert _fused(f)
+
+    def loss_np(w1_, b1_):
+        hh = np.tanh(xv @ w1_ + b1_)
+        return np.sum((1 / (1 + np.exp(-(hh @ w2v + b2v)))) ** 2)
+    np.testing.assert_allclose(got[0], loss_np(w1v, b1v), rtol=1e-12)
+    eps = 1e-6
+    for gi, (base, other) in enumerate(((w1v, b1v), (b1v, w1v))):
+        num = np.zeros_like(base)
+        for idx in np.ndindex(base.shape):
+            up, dn = base.copy(), base.copy()
+            up[idx] += eps
+            dn[idx] -= eps
+            args_up = (up, other) if gi == 0 else (other, up)
+            args_dn = (dn, other) if gi == 0 else (other, dn)
+            num[idx] = (loss_np(*args_up) - loss_np(*args_dn)) / (2 * eps)
+        np.testing.assert_allclose(got[1 + gi], num, rtol=1e-6, atol=1e-8)
+
+
+def test_regions_not_reading_the_product_element_for_element_stay_apart(rng, monkeypatch):
+    monkeypatch.setenv("GRAPHC_LLVM_SMALL_GEMM", "0")
+    xv = rng.standard_normal((33, 17)).astype("float32")
+    wv = rng.standard_normal((17, 33)).astype("float32")
+    x, w = gc.placeholder("x", xv.shape), gc.parameter("w", wv)
+    z = gc.matmul(x, w)
+    f = gc.function([x], gc.relu(z + gc.transpose(z)), backend="llvm")   # reads P transposed
+    p = xv.astype(np.float64) @ wv
+    np.testing.assert_allclose(f(xv), np.maximum(p + p.T, 0), rtol=1e-4, atol=1e-4)
+    assert not _fused(f)
+    f2 = gc.function([x], gc.reshape(z, (33, 33, 1)) * gc.constant(np.ones((1, 1, 3), "float32")),
+                     backend="llvm")   # a region larger than the product
+    np.testing.assert_allclose(f2(xv), np.repeat(p[:, :, None], 3, axis=2), rtol=1e-4, atol=1e-4)
+    assert not _fused(f2)
+
+
+def test_the_switch_plans_two_kernels_with_the_same_answer(rng, monkeypatch):
+    xv = rng.standard_normal((65, 63)).astype("float32")
+    wv = rng.standard_normal((63, 17)).astype("float32")
+    bv = rng.standard_normal(17).astype("float32")
+
+    def build():
+        x, w, b = gc.placeholder("x", xv.shape), gc.parameter("w", wv), gc.parameter("b", bv)
+        return gc.function([x], gc.relu(gc.matmul(x, w) + b), backend="llvm")
+    fused = build()
+    monkeypatch.setenv("GRAPHC_LLVM_PRODUCT_EPILOGUE", "0")
+    apart = build()
+    assert _fused(fused) and not _fused(apart)
+    assert any(s.name == "elementwise" for s in _steps(apart))
+    np.testing.assert_array_equal(fused(xv), apart(xv))
+
+
+def test_by_default_split_products_keep_their_region_apart_and_matrix_vector_products_fuse(rng, monkeypatch):
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", "2")
+    monkeypatch.setenv("GRAPHC_LLVM_SMALL_GEMM", "0")
+    xv = rng.standard_normal((257, 129)).astype("float32")
+    wv = rng.standard_normal((129, 65)).astype("float32")
+    x, w = gc.placeholder("x", (None, 129)), gc.parameter("w", wv)
+    f = gc.function([x], gc.relu(gc.matmul(x, w)), backend="llvm")
+    np.testing.assert_allclose(f(xv), np.maximum(xv.astype(np.float64) @ wv, 0), rtol=1e-4, atol=1e-4)
+    assert not _fused(f) and any(s.name == "matmul" and s.split for s in _steps(f))
+    monkeypatch.setenv("GRAPHC_LLVM_SMALL_GEMM", "auto")
+    g = gc.function([x], gc.relu(gc.matmul(x, w)), backend="llvm")
+    np.testing.assert_allclose(g(xv[:1]), np.maximum(xv[:1].astype(np.float64) @ wv, 0), rtol=1e-4, atol=1e-4)
+    assert [s.name for s in _fused(g)] == ["gemv"]
