@@ -18,7 +18,8 @@ product is still written whole, so a later reader of P sees it complete."""
 from __future__ import annotations
 
 from . import gemm
-from .kernels import Kernel, load, nest, store
+from .epilogue import region_block
+from .kernels import Kernel
 from ..schedule.views import View, broadcast_strides
 
 #: GRAPHC_LLVM_FUSE_EPILOGUE=1 plans the product and its region as one kernel; off by default: on the
@@ -99,23 +100,10 @@ def fuse_epilogue(plan, outs: list[View], ins: list[View], compute, parallel: bo
     split = nblocks if outer_p and nblocks >= 2 and threads > 1 else None
     k = a.shape[-1]
     views = outs + ins
-    strides = [broadcast_strides(v, full) for v in views]
-    no = len(outs)
 
     def region(em, P, c0, w):
         """The region on columns c0 .. c0+w-1 of every (n, H) operand (w an int or an i64 IR value)."""
-        # operands at the same place (a carry updated in place: read and written as one view) share one
-        # address computation, so the loop's load and store of an element are visibly the same address
-        uniq = list(dict.fromkeys((v.buf, v.offset, s) for v, s in zip(views, strides)))
-        at = [uniq.index((v.buf, v.offset, s)) for v, s in zip(views, strides)]
-        bases = [off if s[1] == 0 else em(f"add i64 {off}, {em(f'mul i64 {c0}, {s[1]}')}") for _, off, s in uniq]
-
-        def body(offs, _):
-            offs = [offs[q] for q in at]
-            vals = [(load(em, P, v, o), v.dtype) for v, o in zip(ins, offs[no:])]
-            for v, o, r in zip(outs, offs, compute(em, vals)):
-                store(em, P, v, o, r)
-        nest(em, (n, w), [s for _, _, s in uniq], bases, body)
+        region_block(em, P, outs, ins, compute, full, "0", n, c0, w)
 
     def products(em, P, c0, w: int):
         for c in sorted(offsets):
