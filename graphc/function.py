@@ -265,7 +265,7 @@ class Function:
         # the backend's outputs are new arrays on every call (never an input, a parameter or each other):
         # returned as they are, and update values become the parameters' arrays without a copy
         self._fresh = bool(self.program.info.get("fresh_outputs")) and not self.options.debug
-        # the call's fast path (`_fast_path`): input shapes already bound once -> (runner, dims)
+        # the call's fast path (`_fast_path`): input shapes already bound once -> (runner, dims, direct)
         self._seen: dict = {}
         self._fast = _fast_path(self)
 
@@ -410,7 +410,7 @@ class Function:
         run = self._runner(dims)
         if len(self._seen) >= 64:   # many distinct shapes: keep the table bounded
             self._seen.clear()
-        self._seen[tuple(v.shape for v in values)] = (run, dims)
+        self._seen[tuple(v.shape for v in values)] = (run, dims, getattr(run, "direct", None))
         return self._execute(values, dims, run)
 
     def _runner(self, dims):
@@ -498,7 +498,8 @@ def _fast_path(f: Function):
     """fast(args) for f: when every argument is an ndarray of the input's exact dtype, C-contiguous and
     aligned, and the tuple of their shapes was bound by an earlier call (f._seen: it passed every check
     then, and shapes decide every check), the call skips `_bind` and the dims lookup and runs the
-    runner recorded for those shapes; otherwise it returns _MISS and the call takes the full path (the
+    runner recorded for those shapes (its `direct` form, taking the arrays as arguments, where the
+    backend offers one); otherwise it returns _MISS and the call takes the full path (the
     same errors, conversions and copies as ever). Generated per function, unrolled over its inputs and
     parameters (a loop over them cost more than the call itself on a 4-element function)."""
     n, m = len(f._specs), len(f._params)
@@ -518,19 +519,22 @@ def _fast_path(f: Function):
     lines += [f"    ent = SEEN.get(({key}))", "    if ent is None:", "        return MISS"]
     for x in a:
         lines += [f"    fl = {x}.flags", "    if not (fl.c_contiguous and fl.aligned):", "        return MISS"]
-    lines.append(f"    values = [{', '.join(a)}]")
     if f._plain:
         for j, p in enumerate(f._params[:_FAST_PARAMS]):
             env[f"P{j}"] = p
         params = (f"[{', '.join(f'P{j}._value' for j in range(m))}]" if m <= _FAST_PARAMS
                   else "[p._value for p in PARAMS]")
-        lines += [f"    params = {params}", "    outs = ent[0](values, params)[0]"]
+        if f._fresh and m <= _FAST_PARAMS:   # the runner's direct(arrays...) when it has one (no lists)
+            lines += ["    direct = ent[2]", "    if direct is not None:",
+                      f"        res = direct({', '.join(a + [f'P{j}._value' for j in range(m)])})",
+                      "        return res" if f.single else "        return res if type(res) is list else [res]"]
+        lines += [f"    values = [{', '.join(a)}]", f"    params = {params}", "    outs = ent[0](values, params)[0]"]
         if f._fresh:
             lines.append("    return outs[0]" if f.single else "    return outs")
         else:
             lines.append("    return OWNED(outs, params, values, SINGLE)")
     else:
-        lines.append("    return EXEC(values, ent[1], ent[0])")
+        lines += [f"    values = [{', '.join(a)}]", "    return EXEC(values, ent[1], ent[0])"]
     exec("\n".join(lines), env)   # noqa: S102 (generated from the input count only)
     return env["fast"]
 

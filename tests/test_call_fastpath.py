@@ -244,3 +244,34 @@ def test_the_ctypes_call_where_no_builtin_can_be_made(monkeypatch, n_params):
         w.set_value(w.value * -2)
     spec = f.program._specs[(("N", 3),)]
     assert not spec.fastcall and spec.call is not None and spec.plan.prologue >= 1
+
+
+def test_the_fast_path_calls_the_runners_direct_form_with_the_prologue_and_list_outputs(rng):
+    """llvm: a seen shape calls the specialisation's direct(arrays...) (no argument or result lists);
+    a parameter-only step (the prologue: 2 w) runs again after set_value;
+    one output asked for as a list comes back as a list."""
+    from graphc.backends.llvm import program
+    wv = rng.standard_normal((5, 3)).astype(np.float32)
+    x = gc.placeholder("x", (None, 3), "float32")
+    w = gc.parameter("w", wv)
+    y = gc.exp(gc.matmul(x, gc.transpose(w * 2.0)) * 0.05)
+    f = gc.function([x], [y], backend=backend_or_skip("llvm"))
+    a = rng.standard_normal((4, 3)).astype(np.float32)
+    got = f(a)
+    assert isinstance(got, list) and len(got) == 1
+    np.testing.assert_allclose(got[0], np.exp(a @ wv.T * 0.1), rtol=1e-5)
+    ent = f._seen[(a.shape,)]
+    spec = next(iter(f.program._specs.values()))
+    assert spec._prologue_params == (0,)
+    if program.NEW_BUILTIN is not None:
+        assert ent[2] is not None and ent[2] is ent[0].direct
+    for k in range(3):
+        w2 = (wv * (k + 2)).astype(np.float32)
+        w.set_value(w2)
+        got = f(a)
+        assert isinstance(got, list)
+        np.testing.assert_allclose(got[0], np.exp(a @ w2.T * 0.1), rtol=1e-5)
+    g = gc.function([x], y, backend="llvm")
+    out = g(a)
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_allclose(g(a), np.exp(a @ w2.T * 0.1), rtol=1e-5)
