@@ -233,3 +233,35 @@ def test_distributed_mlp_example_runs_in_one_process(tmp_path):
     assert hist["loss"][-1] < hist["loss"][0] and hist["val_accuracy"][-1] > 0.5
     saved = np.load(tmp_path / "p.npz")
     np.testing.assert_array_equal(saved["arr_0"], values[0])
+
+
+def test_a_failing_rank_lingers_until_the_other_local_ranks_exit_and_no_longer():
+    """World.linger (run by the rank where a failure began, before it exits): returns as soon as every
+    other rank on this host has exited (a zombie counts), and after its bound while one still runs."""
+    import socket
+    import subprocess
+    import time
+    from graphc.distributed._world import World
+    host = socket.gethostname()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    w = World()
+    w.rank, w.size = 1, 2
+    w.peers = [(host, child.pid), (host, os.getpid())]
+    t0 = time.perf_counter()
+    w.linger(bound=30)
+    waited = time.perf_counter() - t0
+    child.wait()
+    assert 0.3 < waited < 10, waited
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        w.peers = [(host, alive.pid), (host, os.getpid())]
+        t0 = time.perf_counter()
+        w.linger(bound=0.5)
+        assert 0.45 < time.perf_counter() - t0 < 5
+        w.peers = [("another-host", alive.pid), (host, os.getpid())]   # ranks elsewhere: not waited for
+        t0 = time.perf_counter()
+        w.linger(bound=5)
+        assert time.perf_counter() - t0 < 1
+    finally:
+        alive.kill()
+        alive.wait()

@@ -29,6 +29,10 @@ LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK", "M
                  "MV2_COMM_WORLD_SIZE", "GRAPHC_LAUNCHED")
 _FAULT_TAG = 7301
 _NOTICE_BYTES = 4096
+#: seconds a failing rank waits, after telling the others, for the other ranks on its host to stop on their
+#: own (each then prints its own error) before it exits: the launcher ends the whole job when the first rank
+#: exits, and on a loaded machine it used to kill a told rank before that rank had printed why it stopped
+LINGER_S = 10.0
 
 
 class DistributedError(GraphcError):
@@ -250,9 +254,33 @@ class World:
         if not isinstance(value, DistributedError):
             first = "".join(traceback.format_exception_only(typ, value)).strip().splitlines()[-1]
             self.notify(f"rank {self.rank} (pid {os.getpid()} on {socket.gethostname()}) failed: {first}")
+            self.linger()   # the rank where the failure began: the told ones exit on their own first
         else:
             self.notify(f"rank {self.rank} stopped: {value}")
         os._exit(1)
+
+    def linger(self, bound: float | None = None) -> None:
+        """Wait (at most `bound` seconds, LINGER_S) until every other rank on this host has exited: a told
+        rank stops at its next collective and prints its own error; exiting first would have the launcher
+        kill it before it could. Only the rank where a failure began waits (a told rank exits at once: two
+        waiting for each other would each wait the whole bound). Ranks on other hosts are not waited for."""
+        if self.size == 1 or not self.peers:
+            return
+        host = socket.gethostname()
+        others = {r for r, (h, _) in enumerate(self.peers) if r != self.rank and h == host}
+        end = time.perf_counter() + (LINGER_S if bound is None else bound)
+        try:
+            while others and time.perf_counter() < end:
+                if others <= set(self.dead_local_peers()):
+                    return
+                try:   # let MPI progress the others' notices to this rank (their sends complete sooner)
+                    if self._fault_req is not None and self._fault_req.Test():
+                        self._fault_req = None
+                except Exception:
+                    pass
+                time.sleep(0.01)
+        except BaseException:   # the launcher's SIGTERM (_sigterm raises) or ^C: stop waiting, exit as told
+            return
 
     def _sigterm(self, signum, frame):
         dead = self.dead_local_peers()
