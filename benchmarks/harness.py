@@ -38,12 +38,24 @@ def check(out, ref, wl_id) -> str | None:
     return None
 
 
+#: seconds of back-to-back calls before a system's samples (quick, full): its thread pool awake, its data
+#: in cache and the cores out of their idle states, as in the samples that follow (a quick run's 7 samples
+#: of 2 ms each are otherwise short enough to time a system's first calls after its build). On the 2-core
+#: Zen 1 VM this did not remove the larger swings: graphc's W1 b1 reads 33-37 us and 45-60 us in phases
+#: seconds apart, in one process, with the same kernels (a VM's neighbours), whatever the warm-up
+WARMUP_S = (0.2, 0.5)
+
+
 def _calls_per_sample(fn, quick: bool) -> int:
-    """How many calls of fn one sample times (a sample lasts a few ms), from a warm-up call and one timed."""
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    one = max(time.perf_counter() - t0, 1e-7)
+    """How many calls of fn one sample times (a sample lasts a few ms), after WARMUP_S of back-to-back calls
+    (at least two; the median of their times sets the count)."""
+    end = time.perf_counter() + WARMUP_S[0 if quick else 1]
+    times = []
+    while len(times) < 2 or time.perf_counter() < end:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    one = max(statistics.median(times[1:]), 1e-7)
     return max(1, min(10000, int((2e-3 if quick else 5e-3) / one)))
 
 
