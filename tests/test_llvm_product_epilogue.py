@@ -160,3 +160,22 @@ def test_by_default_split_products_keep_their_region_apart_and_matrix_vector_pro
     g = gc.function([x], gc.relu(gc.matmul(x, w)), backend="llvm")
     np.testing.assert_allclose(g(xv[:1]), np.maximum(xv[:1].astype(np.float64) @ wv, 0), rtol=1e-4, atol=1e-4)
     assert [s.name for s in _fused(g)] == ["gemv"]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_every_fused_path_runs_clean_under_bounds_checks(case, monkeypatch, rng):
+    """sanitize="bounds": every load and store of the fused region is checked against its buffer (a
+    region run on the wrong rows or columns of a block would be reported)."""
+    path, n, k, m, small, wt = case
+    monkeypatch.setenv("GRAPHC_LLVM_SMALL_GEMM", small)
+    monkeypatch.setenv("GRAPHC_LLVM_PRODUCT_EPILOGUE", "all")
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", "2")
+    xv = rng.standard_normal((n, k)).astype("float32")
+    wv = rng.standard_normal((m, k) if wt else (k, m)).astype("float32")
+    bv = rng.standard_normal(m).astype("float32")
+    x, w, b = gc.placeholder("x", (n, k)), gc.parameter("w", wv), gc.parameter("b", bv)
+    y = gc.relu(gc.matmul(x, gc.transpose(w) if wt else w) + b)
+    f = gc.function([x], y, backend="llvm", sanitize="bounds")
+    want = np.maximum(xv.astype(np.float64) @ (wv.T if wt else wv) + bv, 0)
+    np.testing.assert_allclose(f(xv), want, rtol=2e-4, atol=2e-4)
+    assert _fused(f)
