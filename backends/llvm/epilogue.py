@@ -5,8 +5,9 @@ A Dense layer is a product P = x @ W and a region reading P element by element (
 columns (one OpenBLAS call per block, the micro-kernel's column blocks, the matrix-vector loop's output
 blocks), then a pass over all of P, reading it back from memory or from the other core's cache. Here the
 region runs inside the product's kernel on the rows and columns each block just wrote, while they are
-in that core's cache: one dispatch instead of two and no second trip through memory (W1 batch 256 on a
-2-core Zen 1: the two bias+ReLU passes over 256 x 512 and 256 x 256 took ~140 us of ~5 ms).
+in that core's cache: one dispatch instead of two, and the region's reads from the nearest cache (W1
+batch 256 on a 2-core Zen 1: the two bias+ReLU passes over 256 x 512 and 256 x 256 took ~140 us of ~5 ms
+apart). Measured, it was even, not faster, on that host (ENV below: which products it is used for).
 
 The product kernel (gemm.matmul) says what a run of its blocks writes as `kern.product` =
 (P, a, b, layout): layout None (one product written whole by any run: not split) or (axis, width,
