@@ -25,6 +25,23 @@ def run_graph(fn, *arrays):
 TEST_BACKENDS = [b for b in ("numpy", "llvm", "cuda-emulated") if b in BACKENDS]
 
 
+def plan_steps(f) -> list:
+    """The steps of every specialisation of compiled function f (llvm), loop bodies walked in place of
+    their loops, in plan order."""
+    from graphc.backends.schedule.steps import LoopStep
+    out = []
+
+    def walk(steps):
+        for st in steps:
+            if isinstance(st, LoopStep):
+                walk(st.body)
+            else:
+                out.append(st)
+    for spec in f.program._specs.values():
+        walk(spec.plan.steps)
+    return out
+
+
 def backend_or_skip(name: str) -> str:
     try:
         get_backend(name)

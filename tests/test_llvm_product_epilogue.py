@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import graphc as gc
-from conftest import backend_or_skip
+from conftest import backend_or_skip, plan_steps
 
 
 @pytest.fixture(autouse=True)
@@ -20,23 +20,8 @@ def llvm(monkeypatch):
     monkeypatch.setenv("GRAPHC_TUNE", "off")   # the size rules choose the path: each case takes the one it names
 
 
-def _steps(f) -> list:
-    from graphc.backends.schedule.steps import LoopStep
-    out = []
-
-    def walk(steps):
-        for st in steps:
-            if isinstance(st, LoopStep):
-                walk(st.body)
-            else:
-                out.append(st)
-    for spec in f.program._specs.values():
-        walk(spec.plan.steps)
-    return out
-
-
 def _fused(f) -> list:
-    return [s for s in _steps(f) if getattr(s, "epilogue", False)]
+    return [s for s in plan_steps(f) if getattr(s, "epilogue", False)]
 
 
 # (path, n, k, m, GRAPHC_LLVM_SMALL_GEMM, weight transposed): each names the product kernel it should get
@@ -78,7 +63,7 @@ def test_dense_layers_match_numpy_on_every_product_path(case, dtype, isa, thread
     np.testing.assert_allclose(g1, np.maximum(ref + bv, 0), **tol)
     np.testing.assert_allclose(g2, np.tanh(ref * 0.5 + rv) - 1 / (1 + np.exp(-ref)), **tol)
     fused = _fused(f)
-    assert fused, f"{path}: the region was planned as its own kernel: {[s.name for s in _steps(f)]}"
+    assert fused, f"{path}: the region was planned as its own kernel: {[s.name for s in plan_steps(f)]}"
     kinds = {s.name for s in fused}
     assert kinds == ({"gemv"} if path.startswith("gemv") else {"matmul"}), kinds
     if path.endswith("split") or path in ("blas-rows", "blas-cols", "blas-rows-wt", "tiles-cols"):
@@ -143,7 +128,7 @@ def test_the_switch_plans_two_kernels_with_the_same_answer(rng, monkeypatch):
     monkeypatch.setenv("GRAPHC_LLVM_PRODUCT_EPILOGUE", "0")
     apart = build()
     assert _fused(fused) and not _fused(apart)
-    assert any(s.name == "elementwise" for s in _steps(apart))
+    assert any(s.name == "elementwise" for s in plan_steps(apart))
     np.testing.assert_array_equal(fused(xv), apart(xv))
 
 
@@ -155,7 +140,7 @@ def test_by_default_split_products_keep_their_region_apart_and_matrix_vector_pro
     x, w = gc.placeholder("x", (None, 129)), gc.parameter("w", wv)
     f = gc.function([x], gc.relu(gc.matmul(x, w)), backend="llvm")
     np.testing.assert_allclose(f(xv), np.maximum(xv.astype(np.float64) @ wv, 0), rtol=1e-4, atol=1e-4)
-    assert not _fused(f) and any(s.name == "matmul" and s.split for s in _steps(f))
+    assert not _fused(f) and any(s.name == "matmul" and s.split for s in plan_steps(f))
     monkeypatch.setenv("GRAPHC_LLVM_SMALL_GEMM", "auto")
     g = gc.function([x], gc.relu(gc.matmul(x, w)), backend="llvm")
     np.testing.assert_allclose(g(xv[:1]), np.maximum(xv[:1].astype(np.float64) @ wv, 0), rtol=1e-4, atol=1e-4)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import graphc as gc
-from conftest import backend_or_skip
+from conftest import backend_or_skip, plan_steps
 
 pytestmark = pytest.mark.usefixtures("llvm")
 
@@ -35,19 +35,8 @@ def fused(monkeypatch):
 
 def _kernels(f, *args) -> list[str]:
     """Names of the kernel steps of f's specialisation for args (loop bodies included)."""
-    from graphc.backends.schedule.steps import LoopStep
     f(*args)
-    names = []
-
-    def walk(steps):
-        for st in steps:
-            if isinstance(st, LoopStep):
-                walk(st.body)
-            else:
-                names.append(getattr(st, "name", type(st).__name__))
-    for spec in f.program._specs.values():
-        walk(spec.plan.steps)
-    return names
+    return [getattr(st, "name", type(st).__name__) for st in plan_steps(f)]
 
 
 def _sig(x):
