@@ -26,32 +26,77 @@ _state: dict = {}
 
 
 def target_machine():
-    """The host's target machine (CPU name and features of this machine: AVX-512 where present)."""
+    """The target machine for this host's CPU and the features code is generated for: the host's (AVX-512
+    where present), or fewer where GRAPHC_LLVM_ISA names a narrower ISA (`cpu_features`)."""
     with _lock:
-        if "tm" not in _state:
+        if "target" not in _state:
             llvm.initialize_native_target()
             llvm.initialize_native_asmprinter()
             if not _lsr():   # LLVM's command-line options are process-wide and may be given once
                 llvm.set_option("graphc", "--disable-lsr")
             _state["lsr"] = _lsr()
-            target = llvm.Target.from_default_triple()
+            _state["target"] = llvm.Target.from_default_triple()
             _state["cpu"] = llvm.get_host_cpu_name()
-            _state["features"] = llvm.get_host_cpu_features().flatten()
-            _state["target"] = target
-            _state["tm"] = _new_tm()
+            _state["host_features"] = llvm.get_host_cpu_features().flatten()
+            _state["tms"] = {}
             bind_blas()
-        return _state["tm"]
+        feats = cpu_features()
+        tm = _state["tms"].get(feats)
+        if tm is None:
+            tm = _state["tms"][feats] = _new_tm()
+            if not has_feature(feats, "f16c"):
+                runtime_symbols()
+        return tm
 
 
-def _new_tm(opt: int = 3):
-    return _state["target"].create_target_machine(cpu=_state["cpu"], features=_state["features"], opt=opt,
-                                                  codemodel="jitdefault")
+#: The vector ISA levels GRAPHC_LLVM_ISA may narrow the generated code to, widest first, and the features
+#: (LLVM's names; a name ending in "*" is a prefix) each level leaves out on top of the wider levels'. A
+#: level the host lacks changes only the micro-kernels' vector shapes (tune.isa): its instructions would
+#: not run here. "avx" is a Sandy Bridge (AVX without FMA and F16C), "sse" a Nehalem-class x86-64.
+ISA_LEVELS = (("avx512", ()),
+              ("avx2+fma", ("avx512*", "amx*", "avxvnni*", "avxifma", "avxneconvert", "avx10*", "evex512")),
+              ("avx", ("avx2", "fma", "fma4", "xop", "f16c", "vaes", "vpclmulqdq")),
+              ("sse", ("avx",)))
 
 
-def cpu_features() -> str:
-    """The host CPU's feature string the target machine is built with (e.g. "+avx512f,...")."""
-    target_machine()
-    return _state["features"]
+def has_feature(feats: str, name: str) -> bool:
+    return f"+{name}" in feats.split(",")
+
+
+def cpu_features(isa: str | None = None) -> str:
+    """The feature string code is generated for (e.g. "+avx512f,..."): the host CPU's, with the features
+    of ISAs wider than GRAPHC_LLVM_ISA's level turned off where the host has them (so an AVX-512 host
+    forced to avx2 runs AVX2 machine code, and any host the SSE fallback's). `isa`: that level's instead."""
+    host = _state.get("host_features")
+    if host is None:
+        target_machine()
+        host = _state["host_features"]
+    forced = (os.environ.get("GRAPHC_LLVM_ISA", "") if isa is None else isa).strip().lower()
+    forced = "avx2+fma" if forced == "avx2" else forced
+    key = ("features", forced)
+    got = _state.get(key)
+    if got is None:
+        got = _state[key] = narrowed(host, forced)
+    return got
+
+
+def narrowed(features: str, level: str) -> str:
+    """LLVM feature string `features` with the features of the ISA levels wider than `level` (one of
+    ISA_LEVELS' names; anything else changes nothing) turned off."""
+    names = [lv for lv, _ in ISA_LEVELS]
+    drop: list[str] = []
+    if level in names:
+        for _, off in ISA_LEVELS[1:names.index(level) + 1]:
+            drop.extend(off)
+
+    def dropped(f: str) -> bool:
+        return any(f == d or (d.endswith("*") and f.startswith(d[:-1])) for d in drop)
+    return ",".join(f"-{f[1:]}" if f.startswith("+") and dropped(f[1:]) else f for f in features.split(",") if f)
+
+
+def _new_tm(opt: int = 3, features: str | None = None):
+    return _state["target"].create_target_machine(cpu=_state["cpu"], features=features or cpu_features(),
+                                                  opt=opt, codemodel="jitdefault")
 
 
 def target_id() -> str:
@@ -59,7 +104,7 @@ def target_id() -> str:
     target_machine()
     if "triple" not in _state:
         _state["triple"] = llvm.get_process_triple()
-    return f"{_state['triple']}|{_state['cpu']}|{_state['features']}|llvmlite {llvmlite.__version__}"
+    return f"{_state['triple']}|{_state['cpu']}|{cpu_features()}|llvmlite {llvmlite.__version__}"
 
 
 def _pipeline() -> tuple[bool, bool]:
@@ -168,10 +213,10 @@ def _entry_tm():
     a large graph's compile time (an 80-layer MLP step: 0.77 s -> 0.19 s; the calls cost the same)."""
     target_machine()
     with _lock:
-        if "tm0" not in _state:
-            _state["tm0"] = _state["target"].create_target_machine(
-                cpu=_state["cpu"], features=_state["features"], opt=0, codemodel="jitdefault")
-        return _state["tm0"]
+        key = ("tm0", cpu_features())
+        if key not in _state:
+            _state[key] = _new_tm(0)
+        return _state[key]
 
 
 def _object(ir: str, times: dict, entry: bool = False) -> bytes:
@@ -238,7 +283,11 @@ class _Worker(threading.local):
     def setup(self):
         if not hasattr(self, "ctx"):
             self.ctx = llvm.create_context()
-            self.tm = _new_tm()
+            self.tms = {}
+        feats = cpu_features()
+        if feats not in self.tms:
+            self.tms[feats] = _new_tm()
+        self.tm = self.tms[feats]
         return self
 
 
@@ -475,6 +524,119 @@ def _find(lib, name):
         except AttributeError:
             continue
     return None
+
+
+#: Half-precision conversions for targets without F16C (GRAPHC_LLVM_ISA=avx or sse, or such a CPU): LLVM
+#: lowers `fptrunc`/`fpext` between float/double and half to calls of compiler-rt's routines, which this
+#: process does not have (MCJIT left the call unresolved: a jump to address 0). graphc defines them once
+#: per process, integer code that rounds to nearest even as F16C's vcvtps2ph does (overflow to inf, a NaN
+#: kept quiet with its top payload bits, subnormals by one float addition), and double -> half through a
+#: float rounded to odd (no double rounding). Compiled for the SSE level, called with LLVM's own ABI for
+#: `half` (an XMM register) because they are LLVM IR too.
+RUNTIME_IR = r"""
+define internal i32 @graphc_f32_half_bits(i32 %b) alwaysinline {
+  %sign = and i32 %b, -2147483648
+  %a = and i32 %b, 2147483647
+  %isnan = icmp ugt i32 %a, 2139095040
+  %sh = lshr i32 %a, 13
+  %pay = and i32 %sh, 1023
+  %nanbits = or i32 %pay, 32256
+  %big = icmp uge i32 %a, 1199570944
+  %small = icmp ult i32 %a, 947912704
+  %af = bitcast i32 %a to float
+  %ds = fadd float %af, 5.000000e-01
+  %dsb = bitcast float %ds to i32
+  %den = sub i32 %dsb, 1056964608
+  %odd = and i32 %sh, 1
+  %n1 = add i32 %a, -939520001
+  %n2 = add i32 %n1, %odd
+  %nrm = lshr i32 %n2, 13
+  %r1 = select i1 %small, i32 %den, i32 %nrm
+  %special = select i1 %isnan, i32 %nanbits, i32 31744
+  %r2 = select i1 %big, i32 %special, i32 %r1
+  %s16 = lshr i32 %sign, 16
+  %r = or i32 %r2, %s16
+  ret i32 %r
+}
+
+define half @__truncsfhf2(float %x) {
+  %b = bitcast float %x to i32
+  %r = call i32 @graphc_f32_half_bits(i32 %b)
+  %t = trunc i32 %r to i16
+  %h = bitcast i16 %t to half
+  ret half %h
+}
+
+define half @__truncdfhf2(double %x) {
+  %t = fptrunc double %x to float
+  %back = fpext float %t to double
+  %ab = call double @llvm.fabs.f64(double %back)
+  %av = call double @llvm.fabs.f64(double %x)
+  %o = fcmp ogt double %ab, %av
+  %over = zext i1 %o to i32
+  %tb = bitcast float %t to i32
+  %bits = sub i32 %tb, %over
+  %st = fcmp one double %back, %x
+  %sticky = zext i1 %st to i32
+  %odd = or i32 %bits, %sticky
+  %r = call i32 @graphc_f32_half_bits(i32 %odd)
+  %r16 = trunc i32 %r to i16
+  %h = bitcast i16 %r16 to half
+  ret half %h
+}
+
+define float @__extendhfsf2(half %h) {
+  %hb = bitcast half %h to i16
+  %w = zext i16 %hb to i32
+  %sg = and i32 %w, 32768
+  %sign = shl i32 %sg, 16
+  %mag = and i32 %w, 32767
+  %o = shl i32 %mag, 13
+  %exp = and i32 %o, 260046848
+  %o1 = add i32 %o, 939524096
+  %isinf = icmp eq i32 %exp, 260046848
+  %o2 = add i32 %o1, 939524096
+  %man = and i32 %w, 1023
+  %isnan = icmp ne i32 %man, 0
+  %quiet = select i1 %isnan, i32 4194304, i32 0
+  %o2q = or i32 %o2, %quiet
+  %iszero = icmp eq i32 %exp, 0
+  %o3 = add i32 %o1, 8388608
+  %f3 = bitcast i32 %o3 to float
+  %f4 = fsub float %f3, 0x3F10000000000000
+  %b4 = bitcast float %f4 to i32
+  %r1 = select i1 %isinf, i32 %o2q, i32 %o1
+  %r2 = select i1 %iszero, i32 %b4, i32 %r1
+  %r = or i32 %r2, %sign
+  %f = bitcast i32 %r to float
+  ret float %f
+}
+
+define double @__extendhfdf2(half %h) {
+  %f = call float @__extendhfsf2(half %h)
+  %d = fpext float %f to double
+  ret double %d
+}
+
+declare double @llvm.fabs.f64(double)
+"""
+RUNTIME_SYMBOLS = ("__truncsfhf2", "__truncdfhf2", "__extendhfsf2", "__extendhfdf2")
+
+
+def runtime_symbols() -> dict[str, int]:
+    """Define RUNTIME_IR's routines in this process (once) for code compiled without F16C; their addresses."""
+    with _lock:
+        if "runtime" not in _state:
+            tm = _new_tm(features=cpu_features("sse"))
+            mod = llvm.parse_assembly(RUNTIME_IR)
+            mod.verify()
+            engine = llvm.create_mcjit_compiler(mod, tm)
+            engine.finalize_object()
+            addrs = {n: engine.get_function_address(n) for n in RUNTIME_SYMBOLS}
+            for n, a in addrs.items():
+                llvm.add_symbol(n, a)
+            _state["runtime"] = (engine, addrs)
+        return _state["runtime"][1]
 
 
 def bind_blas() -> None:
