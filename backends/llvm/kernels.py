@@ -42,13 +42,14 @@ PAIR_BLOCK = 64
 LATE_ORDER = True
 
 
-def vector_attrs() -> str:
+def vector_attrs(bits: int | None = None) -> str:
     """Function attributes that make LLVM vectorise for the host's vector width (tune.isa(), or
-    GRAPHC_LLVM_ISA's): its tuning for some AVX-512 CPUs (Intel server cores) prefers 256-bit vectors
-    and splits 512-bit ones unless told otherwise; forcing avx2 on an AVX-512 host gives 256-bit code.
-    (On a host without AVX-512 a 512 preference is capped by the registers the target has.)"""
+    GRAPHC_LLVM_ISA's), or `bits` (the width tuner's choice for an elementwise kernel): its tuning for
+    some AVX-512 CPUs (Intel server cores) prefers 256-bit vectors and splits 512-bit ones unless told
+    otherwise; forcing avx2 on an AVX-512 host gives 256-bit code. (On a host without AVX-512 a 512
+    preference is capped by the registers the target has.)"""
     from . import tune
-    bits = tune.vector_bits()
+    bits = bits or tune.vector_bits()
     return f' "prefer-vector-width"="{bits}" "min-legal-vector-width"="{bits}"'
 
 

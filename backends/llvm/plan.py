@@ -13,7 +13,7 @@ from graphc.ops import reduce as R
 from graphc.ops import shape_ops as S
 from graphc.ops.linalg import MatMul
 
-from . import gather, gemm
+from . import gather, gemm, tune
 from . import kernels as K
 from .irtext import Emitter
 from .lower import CODE_FOR_OP, NotLowerable
@@ -69,7 +69,9 @@ class Plan(Schedule):
         compute = K.op_compute(node.op, node.attrs, t.dtype)
         self._check(compute, ins)
         out = self.fresh(t)
-        self.add(K.elementwise([out], ins, compute), ins, [out])
+        kern = K.elementwise([out], ins, compute)
+        tune.width_for(self, kern, [out], ins, compute)
+        self.add(kern, ins, [out])
         self.view[id(t)] = out
 
     def walk_body(self, body, as_root: dict) -> None:
@@ -135,6 +137,7 @@ class Plan(Schedule):
         elif recurrent.fuse_epilogue(self, outs, ins, compute, kern.split is not None):
             pass   # a recurrent step's product and the gates reading it by column windows
         elif not epilogue.fuse(self, outs, ins, compute, kern):
+            tune.width_for(self, kern, outs, ins, compute, hot=self._loop_pos is not None)
             self.add(kern, ins, outs)   # (else run on each block of the product just before: epilogue.py)
         for t, v in zip(outputs, outs):
             self.view[id(t)] = v

@@ -35,7 +35,9 @@ nothing measured or read.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import time
 import weakref
@@ -88,10 +90,12 @@ def features() -> frozenset[str]:
     return got[1]
 
 
-#: GRAPHC_LLVM_ISA=avx2 (or avx512, sse) forces the micro-kernels' vector shapes for that ISA: AVX2's on an
-#: AVX-512 host; AVX-512's on a smaller one (LLVM splits each 512-bit vector into two or four: slower, same
-#: results; the tests use it to run the AVX-512 code path on an AVX2 machine)
-ISA_CHOICES = ("avx512", "avx2+fma", "avx", "sse")
+#: GRAPHC_LLVM_ISA=avx2 (or avx512, avx, sse) builds the code for that ISA level: on a host that has wider
+#: vectors, its machine code (jit.cpu_features turns the wider ISAs' features off: an AVX-512 host runs AVX2
+#: code, any host the SSE fallback) and its micro-kernels' vector shapes; on a host without the level
+#: (avx512 on an AVX2 machine) the vector shapes only (LLVM splits each 512-bit vector into two or four:
+#: slower, same results; the tests use it to run the AVX-512 code path on an AVX2 machine)
+ISA_CHOICES = tuple(lv for lv, _ in jit.ISA_LEVELS)
 
 
 def isa() -> str:
@@ -418,7 +422,8 @@ def _probe(kern, nviews: int, counts, glue: bool = False) -> tuple:
     em = Emitter()
     kern.emit(em, {i: f"%b{i}" for i in range(nviews)}, "%lo", "%hi")
     args = ", ".join(f"ptr noalias %b{i}" for i in range(nviews))
-    defs = [em.function(f"define void @probe_k({args}, i64 %lo, i64 %hi) nounwind noinline")]
+    defs = [em.function(f"define void @probe_k({args}, i64 %lo, i64 %hi) nounwind noinline"
+                        f"{getattr(kern, 'fn_attrs', '')}")]
     split = [t for t in counts if kern.split and t > 1]
     for t in counts:
         e = Emitter()
@@ -528,6 +533,147 @@ def _time_split(n: int, k: int, m: int, dtype: str, top: int, reps: int) -> dict
     return times
 
 
+# ---- elementwise vector width ------------------------------------------------------------------------
+
+#: elementwise kernels of at least this much work (elements x IR instructions an element: W2's chain is
+#: ~4M x 110) have their vector width tuned: the host's (512 bits with AVX-512, 256 with AVX2) against half
+#: of it. Wide vectors are not always the faster: some AVX-512 cores lower their clock under 512-bit FP
+#: work or split it in two 256-bit halves (Zen 4), Zen 1 splits 256-bit ones in 128-bit halves, and a
+#: register-hungry transcendental body spills more at the wider width
+WIDTH_TUNE_WORK = 1 << 24
+#: the narrower width is kept only when faster by more than this factor (equal code stays at the host's)
+WIDTH_MARGIN = 1.05
+#: a width probe runs a prefix of the kernel's outer loop of about this many elements
+WIDTH_PROBE_ELEMENTS = 1 << 20
+_widths: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # graph -> its width decisions
+
+
+def widths(graph) -> list:
+    """The elementwise kernels whose vector width was tuned for `graph`: "ops: N bits (source)"."""
+    return _widths.setdefault(graph, [])
+
+
+def width_for(owner, kern, outs, ins, compute, hot: bool = False) -> tuple[int, str] | None:
+    """Choose the vector width of elementwise kernel `kern` (kernels.elementwise(outs, ins, compute, hot))
+    when its work reaches WIDTH_TUNE_WORK: the first time its code (the kernel's text: body, shapes, dtypes)
+    is planned on a CPU model, it is compiled at the host's width and at half of it, both run over the same
+    prefix of the outer loop as the plan would run them (split over the pool when the kernel splits), their
+    outputs compared, and the faster kept (the narrower only by more than WIDTH_MARGIN); stored like the
+    BLAS decisions (on-disk, keyed by the CPU model; not when timed on a busy machine), within the graph's
+    tuning budget. Sets kern.fn_attrs; returns (bits, source), or None when the kernel is not tuned."""
+    from . import kernels as K
+    from ..schedule.views import View, is_int
+    from .irtext import Emitter
+    md, wide = mode(), vector_bits()
+    narrow = wide // 2
+    f = features()
+    native = 512 if "avx512f" in f else 256 if "avx" in f else 128
+    if md == "off" or wide <= 128 or wide > native or kern.key is None or kern.name != "elementwise":
+        return None   # (wide > native: a level forced beyond the host, e.g. AVX-512's shapes on AVX2, untimed)
+    views = list(outs) + list(ins)
+    if not all(is_int(d) for v in views for d in v.shape) or not kern.outer:
+        return None
+    size = int(outs[0].size)
+    if size * K.body_cost(compute, ins) < WIDTH_TUNE_WORK:
+        return None
+    bufs = list(dict.fromkeys(v.buf for v in views if v.literal is None and v.buf is not None))
+    num = {b: i for i, b in enumerate(bufs)}
+
+    def renum(v):
+        return v if v.buf is None or v.literal is not None else View(num[v.buf], v.offset, v.shape, v.strides,
+                                                                      v.dtype, v.literal)
+    probe = K.elementwise([renum(v) for v in outs], [renum(v) for v in ins], compute, hot)
+    em = Emitter()
+    probe.emit(em, {i: f"%b{i}" for i in range(len(bufs))}, "%lo", "%hi")
+    text = "\n".join(em.lines)   # the body's code; the shapes and split too (the loop bounds are passed in)
+    key = ("width", wide, threads(), md, kern.desc, kern.outer, kern.split,
+           hashlib.sha256(text.encode()).hexdigest()[:24])
+    source = "cache"
+    bits = _memo.get(key)
+    if bits is None:
+        hit = _load(_cache_name(*key))
+        if isinstance(hit, dict) and hit.get("bits") in (wide, narrow):
+            bits = _memo[key] = int(hit["bits"])
+    if bits is None:
+        spent = _spent.get(owner, 0.0) if owner is not None else 0.0
+        if spent >= BUDGET[md]:
+            return None
+        t0 = time.perf_counter()
+        try:
+            sub = max(1, min(kern.outer, math.ceil(WIDTH_PROBE_ELEMENTS * kern.outer / size)))
+            times = _time_widths(probe, views, len(outs), num, sub, (wide, narrow), REPEATS[md])
+        except Exception:   # noqa: BLE001 -- a probe that cannot be built or run: the host's width
+            times = None
+        if owner is not None:
+            _spent[owner] = spent + time.perf_counter() - t0
+        if times is None:
+            return None
+        bits = narrow if times[narrow] * WIDTH_MARGIN < times[wide] else wide
+        _memo[key] = bits
+        if not _busy():
+            _store(_cache_name(*key), {"bits": bits, "seconds": {str(b): t for b, t in times.items()}})
+        log.append(("width", size, bits, "tuned"))
+        source = "tuned"
+    kern.fn_attrs = K.vector_attrs(bits)
+    g = getattr(owner, "graph", None)
+    if g is not None:
+        try:
+            widths(g).append(f"{kern.desc}: {bits} bits ({source})")
+        except TypeError:
+            pass
+    return bits, source
+
+
+def _time_widths(probe, views, n_outs: int, num, sub: int, candidates, reps: int) -> dict:
+    """{bits: seconds}: the minimum over `reps` interleaved runs of elementwise kernel `probe` (its views,
+    the first n_outs its outputs, with buffers numbered by `num`) over the first `sub` iterations of its
+    outer loop, compiled at each width (their outputs checked equal)."""
+    import copy
+    import ctypes
+    from . import kernels as K
+    rng = np.random.default_rng(0)
+    extent = {}
+    for v in views:
+        if v.literal is None and v.buf is not None:
+            n = int(v.offset) + sum((int(d) - 1) * abs(int(st)) for d, st in zip(v.shape, v.strides)) + 1
+            extent[num[v.buf]] = max(extent.get(num[v.buf], 0), n), v.dtype
+    outs = {num[v.buf] for v in views[:n_outs]}
+    arrays = []
+    for i in range(len(num)):
+        n, dt = extent[i]
+        a = np.zeros(n, dt)    # (calloc: pages the prefix does not touch are never made)
+        if i not in outs:
+            m = min(n, math.ceil(n * sub / probe.outer) + 1024)
+            a[:m] = (rng.random(m) + 0.5).astype(dt)
+        arrays.append(a)
+    table = (ctypes.c_void_p * max(1, len(arrays)))(*[a.ctypes.data for a in arrays])
+    addr = ctypes.addressof(table)
+    t = threads()
+    fns, modules = {}, []
+    for bits in candidates:
+        k = copy.copy(probe)
+        k.fn_attrs = K.vector_attrs(bits)
+        k.outer, k.split = sub, (sub if probe.split else None)
+        c, fn = _probe(k, len(arrays), (t,))
+        modules.append(c)    # (the code lives as long as its module)
+        fns[bits] = fn[t]
+    results = {}
+    for bits, fn in fns.items():
+        fn(addr)   # warm-up, and the outputs compared
+        results[bits] = [a.copy() for i, a in enumerate(arrays) if i in outs]
+    first, *rest = results.values()
+    for r in rest:
+        if not all(np.array_equal(x, y, equal_nan=x.dtype.kind in "fc") for x, y in zip(first, r)):
+            raise RuntimeError("the width probes computed different results")
+    times = {bits: float("inf") for bits in fns}
+    for _ in range(reps):
+        for bits, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(addr)
+            times[bits] = min(times[bits], time.perf_counter() - t0)
+    return times
+
+
 def spent(owner) -> float:
     return _spent.get(owner, 0.0)
 
@@ -560,6 +706,9 @@ def target_info(graph=None) -> dict:
                  "products": [] if graph is None else products(graph),
                  "gemv": f"graphc's loop (batch 1), split over {threads()} threads of the pool from "
                          f"{GEMV_PARALLEL_FLOPS:.3g} flops"},
-        "elementwise": {"vector_bits": vector_bits(), "parallel_min_elements": kernels.PARALLEL_MIN},
+        "elementwise": {"vector_bits": vector_bits(), "parallel_min_elements": kernels.PARALLEL_MIN,
+                        "width_tuned_from": f"{WIDTH_TUNE_WORK:.3g} elements x IR instructions (GRAPHC_TUNE={mode()}): "
+                                            f"{vector_bits()} or {vector_bits() // 2} bits",
+                        "widths": [] if graph is None else widths(graph)},
         "tune": {"mode": mode(), "budget_s": BUDGET[mode()]},
     }
