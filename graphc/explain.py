@@ -259,6 +259,10 @@ class Explanation:
                 f"host: {p['cpu']}; peaks {p['gemm_flops'] / 1e9:.1f} GFLOP/s (float32 GEMM), "
                 f"{p['copy_Bps'] / 1e9:.1f} GB/s (copy, 1 thread){' (cached)' if p.get('cached') else ''}",
                 f"timing: {self.how}"]
+        tgt = f.program.info.get("target")
+        if isinstance(tgt, dict) and "isa" in tgt:   # (llvm) the ISA level the code was generated for
+            head.insert(2, f"code: {tgt['isa']}, {tgt.get('vector_bits')}-bit vectors, "
+                           f"{tgt.get('threads')} thread{'s' * (tgt.get('threads') != 1)}")
         ct = f.program.info.get("compile_time")
         if isinstance(ct, dict) and ct:
             head.append("compile: " + ", ".join(f"{k} {_fmt_t(v)}" for k, v in ct.items()

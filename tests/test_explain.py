@@ -156,6 +156,21 @@ def test_llvm_rows_name_loops_and_host_steps():
     assert loop[0].bytes <= 4 * (H * 4 * H + T * N * 4 * H + 16 * N * H) + 4 * (C * 4 * H + 4 * 4 * H), loop[0].bytes
 
 
+@pytest.mark.parametrize("level, bits", [("", None), ("sse", 128)])
+def test_llvm_header_names_the_code_level(monkeypatch, level, bits):
+    """The table's head says which ISA level and vector width the code was generated for (the host's, or
+    GRAPHC_LLVM_ISA's narrower one) and the thread count."""
+    backend_or_skip("llvm")
+    from graphc.backends.llvm import tune
+    monkeypatch.setenv("GRAPHC_LLVM_ISA", level)
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", "1")
+    x = gc.placeholder("x", (3, 4))
+    f = gc.function([x], gc.exp(x) + 1, backend="llvm")
+    text = str(f.explain(np.ones((3, 4), np.float32), repeat=2))
+    want = f"code: {tune.isa()}, {bits or tune.vector_bits()}-bit vectors, 1 thread\n"
+    assert want in text, text
+
+
 def test_no_profile_backend_gives_predictions_and_a_measured_call():
     x = gc.placeholder("x", (3, 4))
     f = gc.function([x], gc.exp(x) * 2.0, mode="debug")
