@@ -17,7 +17,7 @@ import pytest
 
 import graphc as gc
 from conftest import backend_or_skip
-from test_llvm_math_speedpaths import OPS, _check, _inputs
+from test_llvm_math_speedpaths import OPS, _asm_for, _check, _inputs
 
 pytestmark = pytest.mark.usefixtures("llvm")
 
@@ -49,12 +49,6 @@ def level(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["1", "2"])
-def threads(request, monkeypatch):
-    monkeypatch.setenv("GRAPHC_NUM_THREADS", request.param)
-    return int(request.param)
-
-
 # ---- which features each level leaves on -------------------------------------------------------------
 
 SPR = ("+sse2,+sse4.2,+popcnt,+avx,+avx2,+fma,+f16c,+bmi2,+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512cd,"
@@ -80,24 +74,13 @@ def test_levels_turn_wider_features_off():
 def test_avx512_host_forced_to_avx2_gets_avx2_machine_code():
     """Sapphire Rapids' code for a W2-like loop: zmm registers with its own features, none (nor the
     EVEX-only registers ymm16-31 or mask registers) once narrowed to avx2+fma, FMA kept."""
-    import llvmlite.binding as llvm
     jit = _jit()
-    jit.target_machine()
     p = gc.placeholder("x", (4099,), "float32")
     f = gc.function([p], gc.tanh(p * 0.7 + 0.1) * gc.sigmoid(p) + gc.exp(-p * p), backend="llvm")
     src = f.source.replace('"prefer-vector-width"="256"', '"prefer-vector-width"="512"') \
         .replace('"min-legal-vector-width"="256"', '"min-legal-vector-width"="512"')
-
-    def asm(features):
-        tm = jit._state["target"].create_target_machine(cpu="sapphirerapids", features=features, opt=3,
-                                                        codemodel="jitdefault")
-        mod = llvm.parse_assembly(src)
-        pto = llvm.create_pipeline_tuning_options(speed_level=3)
-        pto.loop_vectorization = pto.slp_vectorization = True
-        pb = llvm.create_pass_builder(tm, pto)
-        pb.getModulePassManager().run(mod, pb)
-        return tm.emit_assembly(mod)
-    wide, narrow = asm(SPR), asm(jit.narrowed(SPR, "avx2+fma"))
+    wide = _asm_for(src, "sapphirerapids", SPR)
+    narrow = _asm_for(src, "sapphirerapids", jit.narrowed(SPR, "avx2+fma"))
     assert "%zmm" in wide
     assert "%zmm" not in narrow and not re.search(r"%ymm(1[6-9]|2\d|3[01])\b|%k[1-7]\b", narrow)
     assert "%ymm" in narrow and "vfmadd" in narrow

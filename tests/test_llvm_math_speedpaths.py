@@ -167,12 +167,13 @@ def _entry(source: str) -> str:
 
 # ---- the host's vector width --------------------------------------------------------------------------
 
-def _asm_for(ir: str, cpu: str) -> str:
+def _asm_for(ir: str, cpu: str, features: str = "") -> str:
+    """The assembly of `ir` optimised as graphc does, for CPU `cpu` (its own features, or `features`)."""
     import llvmlite.binding as llvm
     from graphc.backends.llvm import jit
     jit.target_machine()
     tm = llvm.Target.from_triple(llvm.get_process_triple()).create_target_machine(
-        cpu=cpu, features="", opt=3, codemodel="jitdefault")
+        cpu=cpu, features=features, opt=3, codemodel="jitdefault")
     mod = llvm.parse_assembly(ir)
     pto = llvm.create_pipeline_tuning_options(speed_level=3)
     pto.loop_vectorization = pto.slp_vectorization = True
