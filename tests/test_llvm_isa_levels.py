@@ -86,6 +86,17 @@ def test_avx512_host_forced_to_avx2_gets_avx2_machine_code():
     assert "%ymm" in narrow and "vfmadd" in narrow
 
 
+def test_unknown_level_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("GRAPHC_LLVM_ISA", "avx3")
+    p = gc.placeholder("x", (5,), "float32")
+    with pytest.raises(gc.GraphcError, match=r"^GRAPHC_LLVM_ISA='avx3' is not an ISA level; use one of "
+                                             r"avx512, avx2, avx, sse") as e:
+        gc.function([p], gc.exp(p), backend="llvm")
+    assert not isinstance(e.value, gc.errors.BackendUnavailable)   # a setting to fix, not a missing backend
+    monkeypatch.setenv("GRAPHC_LLVM_ISA", "AVX2")   # any case, as tune.isa reads it
+    np.testing.assert_allclose(gc.function([p], gc.exp(p), backend="llvm")(np.ones(5, np.float32)), np.e, rtol=1e-6)
+
+
 # ---- the machine code each level runs here ------------------------------------------------------------
 
 def _w2_half(n):

@@ -14,6 +14,7 @@ import threading
 import time
 
 from graphc import shapes as _sh
+from graphc.errors import GraphcError
 from graphc.ir import Graph
 from graphc.passes import pass_times
 
@@ -136,6 +137,8 @@ class LLVMBackend(Backend):
         try:
             from . import jit
             jit.target_machine()
+        except GraphcError:   # a setting graphc rejects (GRAPHC_LLVM_ISA): the user's error, said as it is
+            raise
         except Exception as e:  # llvmlite missing or no native target
             return f"llvmlite cannot target this machine: {e}"
         return None

@@ -76,6 +76,10 @@ def cpu_features(isa: str | None = None) -> str:
     key = ("features", forced)
     got = _state.get(key)
     if got is None:
+        names = [lv for lv, _ in ISA_LEVELS]
+        if forced and forced not in names:   # a typo must not silently leave the host's code in place
+            raise GraphcError(f"GRAPHC_LLVM_ISA={forced!r} is not an ISA level; use one of "
+                              f"{', '.join(names[:1] + ['avx2'] + names[2:])} (or unset it for the host's)")
         got = _state[key] = narrowed(host, forced)
     return got
 
