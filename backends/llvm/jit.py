@@ -538,7 +538,7 @@ def _find(lib, name):
 #: float rounded to odd (no double rounding). Compiled for the SSE level, called with LLVM's own ABI for
 #: `half` (an XMM register) because they are LLVM IR too.
 RUNTIME_IR = r"""
-define internal i32 @graphc_f32_half_bits(i32 %b) alwaysinline {
+define internal half @graphc_f32_half(i32 %b) alwaysinline {
   %sign = and i32 %b, -2147483648
   %a = and i32 %b, 2147483647
   %isnan = icmp ugt i32 %a, 2139095040
@@ -560,14 +560,14 @@ define internal i32 @graphc_f32_half_bits(i32 %b) alwaysinline {
   %r2 = select i1 %big, i32 %special, i32 %r1
   %s16 = lshr i32 %sign, 16
   %r = or i32 %r2, %s16
-  ret i32 %r
+  %t = trunc i32 %r to i16
+  %h = bitcast i16 %t to half
+  ret half %h
 }
 
 define half @__truncsfhf2(float %x) {
   %b = bitcast float %x to i32
-  %r = call i32 @graphc_f32_half_bits(i32 %b)
-  %t = trunc i32 %r to i16
-  %h = bitcast i16 %t to half
+  %h = call half @graphc_f32_half(i32 %b)
   ret half %h
 }
 
@@ -583,9 +583,7 @@ define half @__truncdfhf2(double %x) {
   %st = fcmp one double %back, %x
   %sticky = zext i1 %st to i32
   %odd = or i32 %bits, %sticky
-  %r = call i32 @graphc_f32_half_bits(i32 %odd)
-  %r16 = trunc i32 %r to i16
-  %h = bitcast i16 %r16 to half
+  %h = call half @graphc_f32_half(i32 %odd)
   ret half %h
 }
 
