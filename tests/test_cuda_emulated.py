@@ -86,6 +86,34 @@ extern "C" __global__ void k(const float* x, float* y, GcDims gd) {
     np.testing.assert_array_equal(out, 2 * x)
 
 
+def test_fiber_tables_grow_across_launches_of_different_sizes(rng):
+    """The scheduler's arrays (emulation.h's Vec: fibers, shuffle slots, the per-thread stack pool) start
+    empty and grow: blocks of 32, 1024 then 96 threads in one process, each with barriers and shuffles."""
+    for block in (32, 1024, 96):
+        x = rng.standard_normal(2 * block).astype(np.float32)
+        out = run_kernel("""
+extern "C" __global__ void k(const float* x, float* y, GcDims gd) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  float v = __shfl_xor_sync(0xffffffffu, x[t], 1);
+  __syncthreads();
+  y[t] = v + (float)threadIdx.x;
+}""", [x], (2 * block,), block=block, grid=2)
+        t = np.arange(2 * block)
+        np.testing.assert_array_equal(out, x[t ^ 1] + (t % block).astype(np.float32))
+
+
+def test_libraries_link_with_gold_where_the_compiler_can(monkeypatch):
+    import importlib
+    import shutil
+    B = importlib.import_module("graphc.backends.cuda_emulated.build")   # (the package's `build` is the function)
+    cxx = B.compiler()
+    monkeypatch.setattr(B, "_linker", {})
+    assert B.link_flags(cxx) == (["-fuse-ld=gold"] if shutil.which("ld.gold") else [])
+    monkeypatch.setattr(B, "_linker", {})
+    monkeypatch.setattr(B.shutil, "which", lambda name: None)
+    assert B.link_flags(cxx) == []
+
+
 def test_reductions_from_several_threads_at_once(rng):
     """Fibers belong to the OS thread that launched them: concurrent calls do not mix."""
     x = gc.placeholder("x", (None, 300))

@@ -33,6 +33,30 @@ def compiler() -> str | None:
         shutil.which("g++") or shutil.which("clang++")
 
 
+_linker: dict = {}
+
+
+def link_flags(cxx: str) -> list[str]:
+    """["-fuse-ld=gold"] where the compiler links a shared library with it: GNU gold links one graph's
+    library in 0.04 s against ld.bfd's 0.13 (a third of a small graph's whole build); [] elsewhere.
+    Probed once per compiler and process."""
+    if cxx not in _linker:
+        flags = []
+        if shutil.which("ld.gold"):
+            with tempfile.TemporaryDirectory() as d:
+                src = os.path.join(d, "probe.cpp")
+                with open(src, "w") as f:
+                    f.write("extern \"C\" int gc_probe() { return 1; }\n")
+                try:
+                    r = subprocess.run([cxx, "-shared", "-fPIC", "-fuse-ld=gold", src, "-o", os.path.join(d, "p.so")],
+                                       capture_output=True, timeout=60)
+                    flags = ["-fuse-ld=gold"] if r.returncode == 0 else []
+                except (OSError, subprocess.TimeoutExpired):
+                    flags = []
+        _linker[cxx] = flags
+    return _linker[cxx]
+
+
 def launchers(steps) -> str:
     """One `extern "C" gc_launch_<kernel>` per kernel: unpacks cuLaunchKernel-style void** params."""
     out, done = ["\n// ---- host launchers (emulation only) ----"], set()
@@ -109,10 +133,10 @@ def build(source: str, steps: list, sanitize: str | None = None) -> ctypes.CDLL:
     cached .so is dlopen'ed only after its checksum matches its manifest (a damaged one could crash
     the process); otherwise it is rebuilt."""
     cxx = compiler()
-    flags = FLAGS + sanitize_flags(sanitize)
+    flags = FLAGS + sanitize_flags(sanitize) + link_flags(cxx)
     with open(HEADER) as f:
         header = f.read()
-    tu = f'#include "emulation.h"\n#line 1 "graph.cu"\n' + source + launchers(steps)
+    tu = '#include "emulation.h"\n#line 1 "graph.cu"\n' + source + launchers(steps)
     key = cache_key("so", header, tu, " ".join(flags), tool_identity(cxx))
     d = find_files(SUB, f"{key}.manifest")
     if d is None:
