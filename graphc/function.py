@@ -575,10 +575,14 @@ def graph_constraints(graph: Graph) -> list:
     out, seen, stack = [], set(), [graph]
     while stack:
         g = stack.pop()
-        for node in g.nodes:
-            out.extend((node, c) for c in getattr(node, "constraints", ()))
-            stack.extend(v for v in node.attrs.values() if isinstance(v, Graph) and id(v) not in seen)
-            seen.update(id(v) for v in node.attrs.values() if isinstance(v, Graph))
+        for node in g.nodes:   # (one pass over each node's attrs, no generators: 30,000-node graphs)
+            cs = getattr(node, "constraints", None)
+            if cs:
+                out.extend((node, c) for c in cs)
+            for v in node.attrs.values():
+                if isinstance(v, Graph) and id(v) not in seen:
+                    seen.add(id(v))
+                    stack.append(v)
     return out
 
 
