@@ -147,6 +147,38 @@ def test_by_default_split_products_keep_their_region_apart_and_matrix_vector_pro
     assert [s.name for s in _fused(g)] == ["gemv"]
 
 
+@pytest.mark.parametrize("small", ["0", "1"])
+def test_by_default_a_split_product_whose_region_streams_memory_fuses_it(small, rng, monkeypatch):
+    """An SGD step's weight update W - lr * (A^T @ D): the inner dimension is the batch (64), and the region
+    reads the product and W and writes the new W (12 bytes an element against 128 FLOPs): fused by default
+    into the product split over the pool (OpenBLAS blocks or the micro-kernel's), with NumPy's answer; the
+    same update after a product of inner dimension 513 keeps its region apart (epilogue.streams)."""
+    from graphc.backends.llvm import epilogue
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", "2")
+    monkeypatch.setenv("GRAPHC_LLVM_SMALL_GEMM", small)
+    for k, fuses in ((64, True), (513, False)):
+        av = rng.standard_normal((k, 515)).astype("float32")
+        dv = rng.standard_normal((k, 257)).astype("float32")
+        wv = rng.standard_normal((515, 257)).astype("float32")
+        a, d = gc.placeholder("a", av.shape), gc.placeholder("d", dv.shape)
+        w = gc.parameter("w", wv.copy())
+        f = gc.function([a, d], gc.sum(d), updates=[(w, w - 0.1 * gc.matmul(gc.transpose(a), d))], backend="llvm")
+        f(av, dv)
+        want = wv.astype(np.float64) - 0.1 * (av.T.astype(np.float64) @ dv)
+        np.testing.assert_allclose(w.value, want, rtol=2e-4, atol=2e-4 * np.sqrt(k))
+        split = [s for s in plan_steps(f) if s.name == "matmul" and s.split]
+        assert split, f"k={k}: expected the product split over the pool: {[s.name for s in plan_steps(f)]}"
+        assert bool(_fused(f)) == fuses, (k, [(s.name, getattr(s, "epilogue", False)) for s in plan_steps(f)])
+    # the rule itself: bytes of whole operands only (a broadcast bias costs nothing per element)
+    full = (8, 8)
+    whole = epilogue.View(0, 0, full, (8, 1), "float32")
+    bias = epilogue.View(1, 0, (8,), (1,), "float32")
+    assert epilogue.streams(64, [whole], [whole, whole], full)        # 12 bytes: 60 >= 25.6
+    assert epilogue.streams(100, [whole], [whole, bias], full)        # 8 bytes: 40 >= 40
+    assert not epilogue.streams(101, [whole], [whole, bias], full)
+    assert not epilogue.streams(151, [whole], [whole, whole], full)   # 60 < 60.4
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_every_fused_path_runs_clean_under_bounds_checks(case, monkeypatch, rng):
     """sanitize="bounds": every load and store of the fused region is checked against its buffer (a

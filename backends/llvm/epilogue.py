@@ -20,12 +20,16 @@ that reads it by column windows (the gates of an LSTM step) inside loops; this o
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .kernels import Kernel, compute_key, load, nest, store
 from ..schedule.views import View, broadcast_strides
 
-#: GRAPHC_LLVM_PRODUCT_EPILOGUE: "1" (default) fuses the region into matrix-vector products (whole or split)
-#: and into products written whole by one call; "all" also into products split over the pool (OpenBLAS
-#: calls by rows or columns, the micro-kernel's column blocks); "0" never. Split products are not fused by
+#: GRAPHC_LLVM_PRODUCT_EPILOGUE: "1" (default) fuses the region into matrix-vector products (whole or split),
+#: into products written whole by one call, and into products split over the pool (OpenBLAS calls by rows or
+#: columns, the micro-kernel's column blocks) whose region's pass apart would be memory-bound work of at
+#: least STREAM_SHARE of the product's (`streams`: an SGD update `W - lr * X^T dY` with a short inner
+#: dimension); "all" into every split product too; "0" never. Other split products are not fused by
 #: default: on the 2-core Zen 1 VM this was measured on (in-process A/B, 60 interleaved samples each) the
 #: fused kernel was as fast at best but slower in the median: 256x784x512 + bias + ReLU on OpenBLAS split
 #: by rows 2.4-3.6% slower (best 2,846-2,856 us against 2,879-2,881: the region's pass saved; the median
@@ -33,8 +37,27 @@ from ..schedule.views import View, broadcast_strides
 #: region apart is claimed in 8 dynamic chunks), the micro-kernel's 16x256x256 and 64x128x256 5-8%
 #: slower (its column blocks are 16 columns wide: the region runs as many short strided loops). Matrix-
 #: vector products and whole products measured even (0.96-1.03 over 1x784x512, 1x512x256, 8x64x64 and
-#: 256x784x512 on one thread): one kernel and one dispatch fewer per layer, the same time.
+#: 256x784x512 on one thread): one kernel and one dispatch fewer per layer, the same time. Where the
+#: region apart streams as many bytes as the product computes it pays (session 14, same VM, in-process A/B,
+#: 80 interleaved samples): `W - 0.1 * (A^T @ D)` 784x64x512 0.84x the time apart, 512x64x256 0.94x, W5's
+#: training step 0.93x and W4's hoisted input projection (800x64x512 + bias) 0.96x, while bias + ReLU after
+#: 256x784x512, 64x128x256 and 16x256x256 stayed 1.00-1.02x and a residual add after 64x256x256 1.02x.
 ENV = "GRAPHC_LLVM_PRODUCT_EPILOGUE"
+#: float32 FLOPs of a GEMM per byte of the copy loop on the hosts this was measured on (the 2-core Zen 1's
+#: 66.5 GFLOP/s over 13.5 GB/s a thread, graphc.explain.host_peaks): the product's time per output element
+#: is 2k / (BALANCE * bandwidth), the region's pass bytes / bandwidth
+BALANCE = 5.0
+#: a split product's region joins it by default when its pass apart would take this share of the product
+STREAM_SHARE = 0.2
+
+
+def streams(k: int, outs: list[View], ins: list[View], full: tuple) -> bool:
+    """Whether the region's pass (its whole, unbroadcast operands read and outputs written, per output
+    element) would take at least STREAM_SHARE of the time of the product of inner dimension k before it:
+    then reading the product back from memory is a share worth saving (the region of an SGD step's
+    weight-gradient product, k the batch)."""
+    per = sum(np.dtype(v.dtype).itemsize for v in outs + ins if 0 not in broadcast_strides(v, full))
+    return per * BALANCE >= STREAM_SHARE * 2 * k
 
 
 def region_block(em, P, outs: list[View], ins: list[View], compute, full: tuple, r0, nr, c0, nc) -> None:
@@ -87,12 +110,12 @@ def fuse(plan, outs: list[View], ins: list[View], compute, region: Kernel) -> bo
     product = getattr(prev, "product", None)
     if product is None or not isinstance(prev, Kernel):
         return False
-    if prev.split is not None and prev.name != "gemv" and mode != "all":
-        return False   # see ENV
     p, a, b, layout = product
     full = tuple(outs[0].shape)
     if len(full) != 2 or tuple(p.shape) != full or p.strides != (full[1], 1) or 0 in full:
         return False
+    if prev.split is not None and prev.name != "gemv" and mode != "all" and not streams(a.shape[-1], outs, ins, full):
+        return False   # see ENV
     if getattr(prev, "tiles", None) is not None and plan._loop_pos is not None:
         return False   # a recurrent step's product: recurrent.py's choice (measured not to pay in loops)
     if not _reads_whole(p, ins, full):
