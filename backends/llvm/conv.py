@@ -162,18 +162,71 @@ def im2col(cols: View, x: View, kernel, stride, pads, dilation, out_hw=None, lay
     return Kernel("im2col", [cols, x], emit, None, cols.size)
 
 
+#: GRAPHC_LLVM_CONV_WIDE: "1" (default) lets stride-1 micro-kernel convolutions read their taps from a
+#: padded copy of the image (wide_grid) instead of writing im2col columns where wide_pays; "all" wherever
+#: the grid applies (tests); "0": always im2col
+WIDE_ENV = "GRAPHC_LLVM_CONV_WIDE"
+#: cycles a short row copy costs beyond its vectors (loop entry, the tail, the zero fill around it): the
+#: cost model of wide_pays, fitted to in-process A/Bs on the 2-core Zen 1 (LeNet's 5x5 over 28x28 padded
+#: by 2, batch 64 / 1: wide 0.72x / 0.88x the im2col time; its 6 -> 16 channel 5x5 over 14x14, whose wide
+#: rows are 14 for 10 kept: 1.09x / 1.15x; 16 -> 32 3x3 over 12x12 1.00-1.08x; 3 -> 16 over 32x32 even)
+ROW_OVERHEAD = 6.0
+
+
+def wide_grid(x_shape, kernel, stride, pads, dilation, out_hw) -> dict | None:
+    """The implicit im2col of a stride-1 convolution, or None where it does not apply. The image is copied
+    once into a zero-bordered (Hp, Wp) plane per channel; output row r is then computed over Wp "wide"
+    columns, and tap (c, i, j)'s im2col row is the plane itself from element c*plane + i*dh*Wp + j*dw, a
+    contiguous run of oh*Wp elements (the micro-kernel's b rows, gemm_tiles' ktaps: they overlap). The
+    last dw*(kw-1) columns of each wide row read past the row and are dropped when the output is copied
+    out. LeNet's convolutions (5x5 over 28x28 padded by 2, and over 14x14) wrote 25 and 150 rows of
+    28- and 10-element runs per image as im2col (short loops, most of the time); here 28 + 84 row copies.
+    Returns {"Hp", "Wp", "plane" (elements per channel), "pad" (the zeroed slack after the last plane),
+    "image" (the padded image's elements), "wide" (one image's wide output per filter: oh*Wp)}."""
+    import os
+    if os.environ.get(WIDE_ENV, "1") == "0" or tuple(stride) != (1, 1):
+        return None
+    n, c, h, w = x_shape
+    (pt, pb), (pl, pr) = pads
+    hp, wp = h + pt + pb, w + pl + pr
+    oh, ow = out_hw
+    if oh < 1 or ow < 1 or wp > 2 * ow:
+        return None
+    slack = dilation[1] * (kernel[1] - 1)
+    return {"Hp": hp, "Wp": wp, "plane": hp * wp, "pad": slack, "image": c * hp * wp + slack, "wide": oh * wp}
+
+
+def wide_pays(grid: dict, x_shape, o: int, ckk: int, out_hw, dtype: str, groups: int = 1) -> bool:
+    """Whether the wide grid costs less than im2col for one image, in cycles of a rough model: im2col
+    copies groups * ckk * oh rows of ow elements (ckk: a group's channels times taps); the wide grid
+    copies the image's c * h rows in and o * oh rows out, and its product computes Wp - ow more columns
+    per row (at 2 FLOPs per lane and cycle)."""
+    lanes = vector_shape(dtype)[0]
+    c, h, w = x_shape[1:]
+    oh, ow = out_hw
+
+    def rows(count, length):
+        return count * (length / lanes + ROW_OVERHEAD)
+    extra = 2 * o * ckk * oh * (grid["Wp"] - ow) / (2 * lanes)
+    return extra + rows(c * h, w) + rows(o * oh, ow) < rows(groups * ckk * oh, ow)
+
+
 def conv_tiles(out: View, x: View, w: View, cols: View, kernel, stride, pads, dilation, groups: int = 1,
-               slots: int = 1, epilogue=None, extra_views=()) -> Kernel:
+               slots: int = 1, wide: bool = False, epilogue=None, extra_views=()) -> Kernel:
     """out (n, o, oh*ow) = w (o, c/g*kh*kw) @ im2col(x[i]) image by image (per group g: its o/g filters
     times its c/g channels' columns): one image's columns (a slot of cols, (c*kh*kw, oh*ow)) are written
     and at once multiplied by the micro-kernel while still in cache. The images are cut into `slots` runs
-    split across threads (cols holds one image's columns per slot). epilogue(em, P, i): run after image i's
-    product, while its output is in cache (fuse_conv_epilogue); extra_views: the views it reads and writes."""
+    split across threads (cols holds one image's columns per slot). wide: the columns are not written:
+    cols holds per slot the padded image and the wide output of wide_grid (the product reads its taps from
+    the image, its output is copied out by rows). epilogue(em, P, i): run after image i's product, while
+    its output is in cache (fuse_conv_epilogue); extra_views: the views it reads and writes."""
     from .gemm import gemm_tiles
     n = x.shape[0]
     o, ckk = w.shape
     og = o // groups
     hw = out.shape[-1]
+    if wide:
+        return _conv_wide(out, x, w, cols, kernel, pads, dilation, groups, slots, epilogue, extra_views)
     per_slot = cols.size // slots
     one_image = View(cols.buf, 0, (x.shape[1],) + tuple(kernel) + cols.shape[-2:],
                      contig_strides((x.shape[1],) + tuple(kernel) + cols.shape[-2:]), cols.dtype)
@@ -195,8 +248,77 @@ def conv_tiles(out: View, x: View, w: View, cols: View, kernel, stride, pads, di
         if out.size:
             _slot_loop(em, n, slots, lo, hi, lambda s, i: one(em, P, s, i))
     kern = _slot_kernel("conv2d", [out, x, w, cols] + list(extra_views), emit, slots, 2 * n * o * ckk * hw)
-    kern.conv_tiles = (out, x, w, cols, (kernel, stride, pads, dilation, groups, slots))
+    kern.conv_tiles = (out, x, w, cols, (kernel, stride, pads, dilation, groups, slots, False))
     return kern
+
+
+def _conv_wide(out: View, x: View, w: View, cols: View, kernel, pads, dilation, groups: int, slots: int,
+               epilogue, extra_views) -> Kernel:
+    """conv_tiles over wide_grid: per slot the padded planes are zeroed once (their borders and the slack
+    stay zero: only interiors are written), then per image: its rows copied into the planes' interiors,
+    per group the micro-kernel over the wide columns with the taps as b's rows (gemm_tiles' ktaps), and the
+    ow kept columns of each wide row copied to the output (then the epilogue)."""
+    from .gemm import gemm_tiles
+    n, c, h, wd = x.shape
+    o, ckk = w.shape
+    og, cg = o // groups, c // groups
+    kh, kw = kernel
+    oh_ow = out.shape[-1]
+    g_ = wide_grid(x.shape, kernel, (1, 1), pads, dilation, _out_hw(x.shape, kernel, pads, dilation))
+    assert g_ is not None and g_["image"] + o * g_["wide"] <= cols.size // slots, "conv2d: wide scratch too small"
+    wp, plane, image_n, wide_n = g_["Wp"], g_["plane"], g_["image"], g_["wide"]
+    oh, ow = _out_hw(x.shape, kernel, pads, dilation)
+    assert oh * ow == oh_ow, (oh, ow, oh_ow)
+    per_slot = cols.size // slots
+    (pt, _), (pl, _) = pads
+    dh, dw = dilation
+    ty = cols.dtype
+    pad_v = View(cols.buf, 0, (image_n,), (1,), ty)
+    wide_v = View(cols.buf, 0, (og, wide_n), (wide_n, 1), ty)
+    out2 = View(out.buf, 0, (og, oh_ow), (oh_ow, 1), out.dtype)
+    taps = ((cg, kh, kw), (plane, dh * wp, dw))
+
+    def slot_start(em, P, s):
+        base = em(f"add i64 {cols.offset}, {em(f'mul i64 {s}, {per_slot}')}")
+        nest(em, [image_n], [(1,)], [base], lambda o_, _: store(em, P, pad_v, o_[0], literal(0, ty)))
+        return base
+
+    def one(em, P, base, i):
+        wo = em(f"add i64 {base}, {image_n}")
+        xo = em(f"add i64 {x.offset}, {em(f'mul i64 {i}, {x.strides[0]}')}")
+        nest(em, [c, h, wd], [(plane, wp, 1), x.strides[1:]], [em(f"add i64 {base}, {pt * wp + pl}"), xo],
+             lambda o_, _: store(em, P, pad_v, o_[0], load(em, P, x, o_[1])))
+        oo = em(f"add i64 {out.offset}, {em(f'mul i64 {i}, {o * oh_ow}')}")
+        for g in range(groups):
+            gemm_tiles(em, P, wide_v, w, pad_v, w.offset + g * og * ckk,
+                       em(f"add i64 {base}, {g * cg * plane}") if g else base, wo, og, ckk, wide_n, ktaps=taps)
+            nest(em, [og, oh, ow], [(wide_n, wp, 1), (oh_ow, ow, 1)],
+                 [wo, em(f"add i64 {oo}, {g * og * oh_ow}") if g else oo],
+                 lambda o_, _: store(em, P, out2, o_[1], load(em, P, wide_v, o_[0])))
+        if epilogue is not None:
+            epilogue(em, P, i)
+
+    def emit(em, P, lo, hi):
+        if not out.size:
+            return
+
+        def per_slot_run(s):
+            i0 = em(f"udiv i64 {em(f'mul i64 {s}, {n}')}, {slots}")
+            s1 = em(f"add i64 {s}, 1")
+            i1 = em(f"udiv i64 {em(f'mul i64 {s1}, {n}')}, {slots}")
+            base = slot_start(em, P, s)
+            em.loop(i1, lambda it: one(em, P, base, it), start=i0)
+        em.loop(hi, per_slot_run, start=lo)
+    kern = _slot_kernel("conv2d", [out, x, w, cols] + list(extra_views), emit, slots, 2 * n * o * ckk * oh * wp)
+    kern.conv_tiles = (out, x, w, cols, (kernel, (1, 1), pads, dilation, groups, slots, True))
+    return kern
+
+
+def _out_hw(x_shape, kernel, pads, dilation) -> tuple[int, int]:
+    """A stride-1 convolution's output rows and columns."""
+    h, w = x_shape[2:]
+    return (h + pads[0][0] + pads[0][1] - dilation[0] * (kernel[0] - 1),
+            w + pads[1][0] + pads[1][1] - dilation[1] * (kernel[1] - 1))
 
 
 def fuse_conv_epilogue(plan, outs: list[View], ins: list[View], compute, full_shape) -> bool:
@@ -808,6 +930,7 @@ def plan_conv2d(plan, node, ins) -> None:
     """conv2d: the micro-kernel image by image for small products (im2col of one image into its slot,
     then its product while in cache), one-thread BLAS calls over blocks of output rows or channels for
     large ones (conv_blas), split across threads by slot; integer convolutions: im2col + the loop GEMM."""
+    import os
     from . import gemm
     from .lower import NotLowerable
     t, a = node.outputs[0], node.attrs
@@ -832,10 +955,17 @@ def plan_conv2d(plan, node, ins) -> None:
         return
     if plan._conv_tiles(og, ckk, hw, x.dtype, 2 if g == 1 else 1):
         slots = slot_count(n, flops)
-        cols = plan.fresh(None, (slots, c, kh, kw) + oshape[2:], x.dtype)
+        grid = wide_grid(x.shape, (kh, kw), a["stride"], a["pads"], a["dilation"], oshape[2:])
+        if grid is not None and os.environ.get(WIDE_ENV, "1") != "all" and \
+                not wide_pays(grid, x.shape, o, ckk, oshape[2:], x.dtype, g):
+            grid = None
+        if grid is not None:   # per slot: the padded image, then one image's wide output
+            cols = plan.fresh(None, (slots, grid["image"] + o * grid["wide"]), x.dtype)
+        else:
+            cols = plan.fresh(None, (slots, c, kh, kw) + oshape[2:], x.dtype)
         out = plan._compute_out(t, ct)
         om = View(out.buf, out.offset, (n, o, hw), contig_strides((n, o, hw)), out.dtype)
-        plan.add(conv_tiles(om, x, w2, cols, *args, g, slots), [x, w2], [om, cols])
+        plan.add(conv_tiles(om, x, w2, cols, *args, g, slots, grid is not None), [x, w2], [om, cols])
         plan._store_rounded(t, out)
         return
     if gemm.use_blas(x, w2, x):

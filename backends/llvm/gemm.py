@@ -517,12 +517,16 @@ def tile_rows(nv: int, dtype: str) -> tuple:
     return tuple(r for r in (top, top - 1, top - 2) if r >= 1) or (1,)
 
 
-def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m: int, cols=None) -> None:
+def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m: int, cols=None,
+               ktaps=None) -> None:
     """out[n, m] = a[n, k] @ b[k, m] by tiles of mr rows x nv vectors held in registers: per step p one
     row of b's tile is loaded as vectors and every row's a[i, p] broadcast into a fused multiply-add.
     Column blocks run outermost so b's block (k x nv vectors) stays in L1 across the row tiles; the
     last partial vector uses masked loads/stores. b's rows must be contiguous (stride 1). `cols` = (lo, hi):
-    only the column blocks lo .. hi-1 (tile_blocks; the partial block last), the unit a split runs."""
+    only the column blocks lo .. hi-1 (tile_blocks; the partial block last), the unit a split runs.
+    `ktaps` = (dims, strides): b's row p starts at element sum(idx * strides) for p's multi-index idx in
+    dims (prod(dims) == k) instead of p * b's row stride: the rows of an implicit im2col (a convolution's
+    taps read from the padded image itself, conv.conv_tiles' wide grid), which may overlap."""
     lanes = vector_shape(out.dtype)[0]
     nv, rows = tile_vectors(n, out.dtype)
     mr = _row_tile(n, rows)
@@ -530,7 +534,7 @@ def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
     full_cols, tail = divmod(m, nr)
 
     def rows_of(j0, vecs):
-        _tile_rows(em, P, out, a, b, ao, bo, oo, n, k, m, j0, vecs, mr)
+        _tile_rows(em, P, out, a, b, ao, bo, oo, n, k, m, j0, vecs, mr, ktaps)
 
     vecs = [lanes] * (tail // lanes) + ([tail % lanes] if tail % lanes else [])
     if cols is None:
@@ -560,13 +564,13 @@ def gemm_block(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
 
 
 def _tile_rows(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m: int, j0, vecs: list,
-               mr: int) -> None:
+               mr: int, ktaps=None) -> None:
     """out[:, j0 : j0 + len(vecs) vectors] by tiles of mr rows (the last tile the rest); vecs: the live
-    lanes of each vector (the last may be partial)."""
+    lanes of each vector (the last may be partial); ktaps: gemm_tiles'."""
     t, ty = out.dtype, VTYPE[out.dtype]
     lanes = vector_shape(t)[0]
     vt = f"<{lanes} x {ty}>"
-    sa_r, sa_k, sb_k = a.strides[-2], a.strides[-1], b.strides[-2]
+    sa_r, sa_k, sb_k = a.strides[-2], a.strides[-1], (b.strides[-2] if ktaps is None else 0)
 
     def tile(i0, h: int):
         """The h x len(vecs) tile at rows i0.., columns j0.."""
@@ -576,8 +580,8 @@ def _tile_rows(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
                 em.raw(f"store {vt} zeroinitializer, ptr {x}")
         arow = [em(f"add i64 {ao}, {em(f'mul i64 {em(_iadd(i0, r))}, {sa_r}')}") for r in range(h)]
 
-        def step(p):
-            brow = em(f"add i64 {em(f'add i64 {bo}, {em(_imul(p, sb_k))}')}, {j0}")
+        def step(p, boff=None):
+            brow = em(f"add i64 {em(f'add i64 {bo}, {em(_imul(p, sb_k))}') if boff is None else boff}, {j0}")
             bv = [vload(em, P, b, em(f"add i64 {brow}, {q * lanes}"), vt, lanes, live)
                   for q, live in enumerate(vecs)]
             for r in range(h):
@@ -588,7 +592,11 @@ def _tile_rows(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
                     prod = em(f"fmul contract {vt} {sp}, {bv[q]}")
                     cur = em(f"load {vt}, ptr {acc[r][q]}")
                     em.raw(f"store {vt} {em(f'fadd contract {vt} {cur}, {prod}')}, ptr {acc[r][q]}")
-        em.loop(k, step)
+        if ktaps is None:
+            em.loop(k, step)
+        else:
+            dims, bst = ktaps
+            nest(em, dims, [contig_strides(dims), bst], [0, bo], lambda offs, _: step(offs[0], offs[1]))
         for r in range(h):
             orow = em(f"add i64 {em(f'add i64 {oo}, {em(_imul(em(_iadd(i0, r)), m))}')}, {j0}")
             for q, live in enumerate(vecs):
