@@ -420,6 +420,10 @@ def reduce(op, out: View, x: View, axes) -> Kernel:
     ost = contig_strides(kshape)
     # (not for float16/bfloat16: their sums accumulate in a float32 register, not in the stored output)
     outer_layout = axes and kept and max(axes) < min(kept) and not _dt.is_half(t)
+    # the reduced dims merged where x walks them contiguously (a bias gradient's (N, H, W) of an NCHW
+    # tensor: N runs of H*W): the inner loop one long unit-stride run, which LLVM vectorises (the combine
+    # is reassociable) instead of H loops of W elements
+    rdims, (rst_c,) = collapse(rshape, [rst]) if rshape else ([], [()])
 
     def emit(em, P, lo, hi):
         if out.size == 0:
@@ -445,7 +449,7 @@ def reduce(op, out: View, x: View, axes) -> Kernel:
                 v = _lo.convert(em, load(em, P, x, ioffs[0]), x.dtype, t)
                 a = em(f"load {VTYPE[t]}, ptr {acc}")
                 em.raw(f"store {VTYPE[t]} {comb(em, t, a, v)}, ptr {acc}")
-            nest(em, rshape, [rst], [offs[0]], inner)
+            nest(em, rdims, [rst_c], [offs[0]], inner)
             store(em, P, out, offs[1], em(f"load {VTYPE[t]}, ptr {acc}"))
         nest(em, kshape, [kst, ost], [x.offset, out.offset], per_out)
     return Kernel(op.name, [out, x], emit, None, x.size)
