@@ -186,14 +186,19 @@ def wide_grid(x_shape, kernel, stride, pads, dilation, out_hw) -> dict | None:
     import os
     if os.environ.get(WIDE_ENV, "1") == "0" or tuple(stride) != (1, 1):
         return None
-    n, c, h, w = x_shape
+    grid = _wide_geometry(x_shape, kernel, pads, dilation, out_hw)
+    oh, ow = out_hw
+    return grid if oh >= 1 and ow >= 1 and grid["Wp"] <= 2 * ow else None
+
+
+def _wide_geometry(x_shape, kernel, pads, dilation, out_hw) -> dict:
+    """wide_grid's numbers for a stride-1 convolution (no applicability checks)."""
+    c, h, w = x_shape[1:]
     (pt, pb), (pl, pr) = pads
     hp, wp = h + pt + pb, w + pl + pr
-    oh, ow = out_hw
-    if oh < 1 or ow < 1 or wp > 2 * ow:
-        return None
     slack = dilation[1] * (kernel[1] - 1)
-    return {"Hp": hp, "Wp": wp, "plane": hp * wp, "pad": slack, "image": c * hp * wp + slack, "wide": oh * wp}
+    return {"Hp": hp, "Wp": wp, "plane": hp * wp, "pad": slack, "image": c * hp * wp + slack,
+            "wide": out_hw[0] * wp}
 
 
 def wide_pays(grid: dict, x_shape, o: int, ckk: int, out_hw, dtype: str, groups: int = 1) -> bool:
@@ -264,11 +269,11 @@ def _conv_wide(out: View, x: View, w: View, cols: View, kernel, pads, dilation, 
     og, cg = o // groups, c // groups
     kh, kw = kernel
     oh_ow = out.shape[-1]
-    g_ = wide_grid(x.shape, kernel, (1, 1), pads, dilation, _out_hw(x.shape, kernel, pads, dilation))
-    assert g_ is not None and g_["image"] + o * g_["wide"] <= cols.size // slots, "conv2d: wide scratch too small"
-    wp, plane, image_n, wide_n = g_["Wp"], g_["plane"], g_["image"], g_["wide"]
     oh, ow = _out_hw(x.shape, kernel, pads, dilation)
     assert oh * ow == oh_ow, (oh, ow, oh_ow)
+    g_ = _wide_geometry(x.shape, kernel, pads, dilation, (oh, ow))
+    assert g_["image"] + o * g_["wide"] <= cols.size // slots, "conv2d: wide scratch too small"
+    wp, plane, image_n, wide_n = g_["Wp"], g_["plane"], g_["image"], g_["wide"]
     per_slot = cols.size // slots
     (pt, _), (pl, _) = pads
     dh, dw = dilation
