@@ -465,23 +465,81 @@ def mask(lanes: int, live: int) -> str:
     return "<" + ", ".join(f"i1 {'true' if i < live else 'false'}" for i in range(lanes)) + ">"
 
 
+#: GRAPHC_LLVM_MASKED_TAILS: "1" reads and writes a vector's first `live` lanes with LLVM's masked load /
+#: store intrinsics; "0" (default) with plain loads and stores of power-of-two pieces (5 lanes: 4 + 1, 10:
+#: 8 + 2). On the Zen 1 VM a masked store is microcoded: max_pool2d's gradient over 10x10 planes (a 5-lane
+#: tail per row, no full vector) ran 2.4x slower per element than over 16x16 (A/Bs: tests and README).
+MASKED_ENV = "GRAPHC_LLVM_MASKED_TAILS"
+
+
+def _masked() -> bool:
+    import os
+    return os.environ.get(MASKED_ENV, "0") == "1"
+
+
+def tail_pieces(live: int) -> list[tuple[int, int]]:
+    """(first lane, lanes) of the power-of-two pieces that cover lanes 0 .. live-1, largest first."""
+    out, at, k = [], 0, 1 << (max(live, 1).bit_length() - 1)
+    while at < live:
+        if k <= live - at:
+            out.append((at, k))
+            at += k
+        k >>= 1
+    return out
+
+
+def _piece_ptr(em, p: str, ety: str, at: int) -> str:
+    return p if at == 0 else em(f"getelementptr {ety}, ptr {p}, i64 {at}")
+
+
+def _lanes_mask(idx) -> str:
+    return "<" + ", ".join("i32 poison" if i is None else f"i32 {i}" for i in idx) + ">"
+
+
 def vload(em, P, v: View, off, vt: str, lanes: int, live: int) -> str:
-    """Vector of v's elements off .. off+lanes-1 (only the first `live` read: a masked load; the others 0)."""
+    """Vector of v's elements off .. off+lanes-1 (only the first `live` read; the others 0): a plain load,
+    else power-of-two pieces put together (or a masked load: MASKED_ENV)."""
     p = ptr_at(em, P, v, off, live - 1)
     if live == lanes:
         return em(f"load {vt}, ptr {p}, align 4")
-    return em(f"call {vt} @llvm.masked.load.{_vsfx(vt)}.p0(ptr {p}, i32 4, {mask_type(vt)} {mask(lanes, live)}, "
-              f"{vt} zeroinitializer)")
+    if _masked():
+        return em(f"call {vt} @llvm.masked.load.{_vsfx(vt)}.p0(ptr {p}, i32 4, {mask_type(vt)} "
+                  f"{mask(lanes, live)}, {vt} zeroinitializer)")
+    ety = vt.strip("<>").split()[-1]
+    acc = "zeroinitializer"
+    for at, k in tail_pieces(live):
+        q = _piece_ptr(em, p, ety, at)
+        if k == 1:
+            acc = em(f"insertelement {vt} {acc}, {ety} {em(f'load {ety}, ptr {q}, align 4')}, i64 {at}")
+            continue
+        pt = f"<{k} x {ety}>"
+        piece = em(f"load {pt}, ptr {q}, align 4")
+        wide = em(f"shufflevector {pt} {piece}, {pt} poison, "
+                  f"<{lanes} x i32> {_lanes_mask([i if i < k else None for i in range(lanes)])}")
+        sel = [lanes + i - at if at <= i < at + k else i for i in range(lanes)]
+        acc = em(f"shufflevector {vt} {acc}, {vt} {wide}, <{lanes} x i32> {_lanes_mask(sel)}")
+    return acc
 
 
 def vstore(em, P, v: View, off, val: str, vt: str, lanes: int, live: int) -> None:
-    """Store the first `live` lanes of val to v's elements off ..."""
+    """Store the first `live` lanes of val to v's elements off ...: a plain store, else power-of-two pieces
+    (or a masked store: MASKED_ENV)."""
     p = ptr_at(em, P, v, off, live - 1)
     if live == lanes:
         em.raw(f"store {vt} {val}, ptr {p}, align 4")
-    else:
+    elif _masked():
         em.raw(f"call void @llvm.masked.store.{_vsfx(vt)}.p0({vt} {val}, ptr {p}, i32 4, {mask_type(vt)} "
                f"{mask(lanes, live)})")
+    else:
+        ety = vt.strip("<>").split()[-1]
+        for at, k in tail_pieces(live):
+            q = _piece_ptr(em, p, ety, at)
+            if k == 1:
+                em.raw(f"store {ety} {em(f'extractelement {vt} {val}, i64 {at}')}, ptr {q}, align 4")
+                continue
+            pt = f"<{k} x {ety}>"
+            piece = em(f"shufflevector {vt} {val}, {vt} poison, <{k} x i32> {_lanes_mask(range(at, at + k))}")
+            em.raw(f"store {pt} {piece}, ptr {q}, align 4")
 
 
 def _vsfx(vt: str) -> str:     # "<16 x float>" -> "v16f32"
