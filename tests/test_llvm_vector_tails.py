@@ -1,6 +1,7 @@
 """Partial vectors on llvm (backends/llvm/gemm.py vload / vstore): the first `live` lanes of a vector are
-read and written as plain loads and stores of power-of-two pieces (tail_pieces) by default, or with LLVM's
-masked intrinsics under GRAPHC_LLVM_MASKED_TAILS=1 (a masked store is microcoded on AMD's Zen 1). Both
+read and written as plain loads and stores of power-of-two pieces (tail_pieces) on AVX2 and SSE, or with
+LLVM's masked intrinsics on AVX-512 or under GRAPHC_LLVM_MASKED_TAILS=1 (AVX2's masked store is microcoded
+on AMD's Zen 1). Both
 forms against NumPy on the kernels with tails: the micro-kernel's last columns, max pooling's gradient on
 planes narrower than a vector, a convolution; under bounds checking (no piece may touch a lane past
 `live`); both ISAs' vector shapes."""
@@ -71,6 +72,16 @@ def test_tails_match_numpy_in_both_forms(masked, dtype, isa, monkeypatch, rng):
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol * 10)
     assert ("call void @llvm.masked.store" in f.source) == (masked == "1")
     assert bool(re.search(r"= call <[^>]*> @llvm\.masked\.load", f.source)) == (masked == "1")
+
+
+def test_the_default_follows_the_isa(isa, monkeypatch):
+    """auto: AVX-512's code keeps the masked intrinsics (one instruction with a mask register), AVX2's
+    uses pieces."""
+    monkeypatch.delenv("GRAPHC_LLVM_MASKED_TAILS", raising=False)
+    monkeypatch.setenv("GRAPHC_LLVM_SMALL_GEMM", "1")
+    a, b = gc.placeholder("a", (7, 9)), gc.placeholder("b", (9, 13))
+    f = gc.function([a, b], gc.matmul(a, b), backend="llvm")
+    assert ("call void @llvm.masked.store" in f.source) == (isa == "avx512")
 
 
 def test_pieces_stay_inside_their_buffers_under_bounds_checks(monkeypatch, rng):

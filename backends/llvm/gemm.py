@@ -466,15 +466,20 @@ def mask(lanes: int, live: int) -> str:
 
 
 #: GRAPHC_LLVM_MASKED_TAILS: "1" reads and writes a vector's first `live` lanes with LLVM's masked load /
-#: store intrinsics; "0" (default) with plain loads and stores of power-of-two pieces (5 lanes: 4 + 1, 10:
-#: 8 + 2). On the Zen 1 VM a masked store is microcoded: max_pool2d's gradient over 10x10 planes (a 5-lane
-#: tail per row, no full vector) ran 2.4x slower per element than over 16x16 (A/Bs: tests and README).
+#: store intrinsics; "0" with plain loads and stores of power-of-two pieces (5 lanes: 4 + 1, 10: 8 + 2);
+#: "auto" (default): masked where the code is AVX-512's (its mask registers make them one instruction),
+#: pieces elsewhere. AVX2's masked store is microcoded on AMD: on the Zen 1 VM, max_pool2d's gradient over
+#: 10x10 planes (a 5-lane tail per row, no full vector) took 393 us masked, 121 us in pieces (64x16 planes).
 MASKED_ENV = "GRAPHC_LLVM_MASKED_TAILS"
 
 
 def _masked() -> bool:
     import os
-    return os.environ.get(MASKED_ENV, "0") == "1"
+    mode = os.environ.get(MASKED_ENV, "auto").strip().lower()
+    if mode in ("0", "1"):
+        return mode == "1"
+    from . import tune
+    return tune.isa() == "avx512"
 
 
 def tail_pieces(live: int) -> list[tuple[int, int]]:
