@@ -283,12 +283,14 @@ def _conv_wide(out: View, x: View, w: View, cols: View, kernel, pads, dilation, 
     out2 = View(out.buf, 0, (og, oh_ow), (oh_ow, 1), out.dtype)
     taps = ((cg, kh, kw), (plane, dh * wp, dw))
 
-    def slot_start(em, P, s):
-        base = em(f"add i64 {cols.offset}, {em(f'mul i64 {s}, {per_slot}')}")
-        nest(em, [image_n], [(1,)], [base], lambda o_, _: store(em, P, pad_v, o_[0], literal(0, ty)))
-        return base
+    def slot_base(em, s):
+        return em(f"add i64 {cols.offset}, {em(f'mul i64 {s}, {per_slot}')}")
 
-    def one(em, P, base, i):
+    def slot_start(em, P, s):
+        nest(em, [image_n], [(1,)], [slot_base(em, s)], lambda o_, _: store(em, P, pad_v, o_[0], literal(0, ty)))
+
+    def one(em, P, s, i):
+        base = slot_base(em, s)
         wo = em(f"add i64 {base}, {image_n}")
         xo = em(f"add i64 {x.offset}, {em(f'mul i64 {i}, {x.strides[0]}')}")
         nest(em, [c, h, wd], [(plane, wp, 1), x.strides[1:]], [em(f"add i64 {base}, {pt * wp + pl}"), xo],
@@ -304,16 +306,8 @@ def _conv_wide(out: View, x: View, w: View, cols: View, kernel, pads, dilation, 
             epilogue(em, P, i)
 
     def emit(em, P, lo, hi):
-        if not out.size:
-            return
-
-        def per_slot_run(s):
-            i0 = em(f"udiv i64 {em(f'mul i64 {s}, {n}')}, {slots}")
-            s1 = em(f"add i64 {s}, 1")
-            i1 = em(f"udiv i64 {em(f'mul i64 {s1}, {n}')}, {slots}")
-            base = slot_start(em, P, s)
-            em.loop(i1, lambda it: one(em, P, base, it), start=i0)
-        em.loop(hi, per_slot_run, start=lo)
+        if out.size:
+            _slot_loop(em, n, slots, lo, hi, lambda s, i: one(em, P, s, i), lambda s: slot_start(em, P, s))
     kern = _slot_kernel("conv2d", [out, x, w, cols] + list(extra_views), emit, slots, 2 * n * o * ckk * oh * wp)
     kern.conv_tiles = (out, x, w, cols, (kernel, (1, 1), pads, dilation, groups, slots, True))
     return kern
@@ -730,9 +724,12 @@ def slot_count(items: int, flops: int) -> int:
     return min(items, 2 * t)
 
 
-def _slot_loop(em, items: int, slots: int, lo, hi, body) -> None:
-    """for s in [lo, hi): for it in [s * items // slots, (s + 1) * items // slots): body(s, it)."""
+def _slot_loop(em, items: int, slots: int, lo, hi, body, start=None) -> None:
+    """for s in [lo, hi): start(s) (when given: a slot's set-up, e.g. zeroing its scratch), then for it in
+    [s * items // slots, (s + 1) * items // slots): body(s, it)."""
     def per_slot(s):
+        if start is not None:
+            start(s)
         i0 = em(f"udiv i64 {em(f'mul i64 {s}, {items}')}, {slots}")
         s1 = em(f"add i64 {s}, 1")
         i1 = em(f"udiv i64 {em(f'mul i64 {s1}, {items}')}, {slots}")
@@ -1089,17 +1086,13 @@ def conv_grad_weight(gw: View, x: View, gy: View, tile: View, kernel, stride, pa
             dot_tiles(em, P, gw, gy, tile, em(f"add i64 {go}, {g * og * hw}"), em(f"add i64 {to}, {g * ckk * hw}"),
                       em(f"add i64 {po}, {g * og * ckk}"), og, hw, ckk, hw, hw, ckk)
 
-    def per_slot_body(em, P, s):
+    def zero_parts(em, P, s):
         po = em(f"add i64 {gw.offset}, {em(f'mul i64 {s}, {o * ckk}')}")
         nest(em, [o * ckk], [(1,)], [po], lambda off, _: store(em, P, gw, off[0], literal(0, t)))
-        i0 = em(f"udiv i64 {em(f'mul i64 {s}, {n}')}, {slots}")
-        s1 = em(f"add i64 {s}, 1")
-        i1 = em(f"udiv i64 {em(f'mul i64 {s1}, {n}')}, {slots}")
-        em.loop(i1, lambda i: one(em, P, s, i), start=i0)
 
     def emit(em, P, lo, hi):
         if gw.size:
-            em.loop(hi, lambda s: per_slot_body(em, P, s), start=lo)
+            _slot_loop(em, n, slots, lo, hi, lambda s, i: one(em, P, s, i), lambda s: zero_parts(em, P, s))
     return _slot_kernel("conv2d_grad_weight", [gw, x, gy, tile], emit, slots, 2 * n * o * ckk * hw)
 
 

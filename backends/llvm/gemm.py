@@ -585,7 +585,7 @@ def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
     """out[n, m] = a[n, k] @ b[k, m] by tiles of mr rows x nv vectors held in registers: per step p one
     row of b's tile is loaded as vectors and every row's a[i, p] broadcast into a fused multiply-add.
     Column blocks run outermost so b's block (k x nv vectors) stays in L1 across the row tiles; the
-    last partial vector uses masked loads/stores. b's rows must be contiguous (stride 1). `cols` = (lo, hi):
+    last partial vector is read and written by vload / vstore (pieces or masked). b's rows must be contiguous (stride 1). `cols` = (lo, hi):
     only the column blocks lo .. hi-1 (tile_blocks; the partial block last), the unit a split runs.
     `ktaps` = (dims, strides): b's row p starts at element sum(idx * strides) for p's multi-index idx in
     dims (prod(dims) == k) instead of p * b's row stride: the rows of an implicit im2col (a convolution's
