@@ -378,9 +378,12 @@ class _LLVMProfile:
         # a node planned as several steps (a GEMM and its epilogue loop, an im2col and a GEMM, carry copies
         # and a loop): its main step is the loop, else its first GEMM, else its first step; steps that
         # count their FLOPs (GEMMs) keep them, the rest of the node's go to the main step or the first other
+        # the plan's prologue (a weight transposed or packed: run once per new parameter array, 0 s a call)
+        # counts nothing of a call's work
+        once = self.plan.prologue
         flops, by_node, main = [0] * len(steps), {}, {}
         for k, n in enumerate(nodes):
-            if n is not None:
+            if n is not None and k >= once:
                 by_node.setdefault(id(n), []).append(k)
         for key, ks in by_node.items():
             sized = [k for k in ks if getattr(steps[k], "size", 0)]
@@ -394,12 +397,16 @@ class _LLVMProfile:
         for k, st in enumerate(steps):
             if isinstance(st, HostStep):
                 rows.append(Row("host (NumPy impl)", nodes[k], flops[k], node_bytes(st.node, dims), self.peaks, med[k]))
+            elif k < once:
+                rows.append(Row(st.name, nodes[k], 0, 0, self.peaks, 0.0))
+                rows[-1].ops = f"(once per new weight) {rows[-1].ops}"
+                continue
             else:
                 kernel = "loop" if isinstance(st, LoopStep) else st.name
                 rows.append(Row(kernel, nodes[k], flops[k], _step_bytes(self.plan, st), self.peaks,
                                 max(0.0, med[k] - self.nop)))
             n = nodes[k]
-            if n is not None and main[id(n)] != k:   # another step of the same node's work
+            if n is not None and main.get(id(n), k) != k:   # another step of the same node's work
                 rows[-1].ops = f"(of #{main[id(n)]}) {rows[-1].ops}"
         return rows
 

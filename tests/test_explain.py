@@ -51,7 +51,10 @@ def test_rows_cover_every_kernel_with_flops_bytes_and_roofline(backend):
     else:
         assert {id(r.node) for r in e.rows if r.node is not None} == {id(n) for n in _compute_nodes(f)}
     by_node = {}
-    for r in e.rows:
+    for r in e.rows:   # (llvm's prologue steps, a weight packed once: no work per call)
+        if r.ops.startswith("(once per new weight) "):
+            assert r.flops == r.bytes == 0 and r.measured == 0.0
+            continue
         by_node.setdefault(id(r.node), []).append(r)
     first = next(rs for rs in by_node.values() if rs[0].ops == "matmul+add+relu")
     assert sum(r.flops for r in first) == 2 * 8 * 64 * 48 + 2 * 8 * 48   # 2 M N K of x @ w0, + b0, relu

@@ -22,6 +22,9 @@ def llvm_blas(tmp_path, monkeypatch):
     monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("GRAPHC_TUNE", "quick")
     monkeypatch.delenv("GRAPHC_LLVM_SMALL_GEMM", raising=False)
+    # (the products here multiply a parameter, which the plan would pack and give the micro-kernel by rule:
+    # tests/test_llvm_packed_weights.py; the choice timed here is for products of two activations)
+    monkeypatch.setenv("GRAPHC_LLVM_PACK", "0")
     monkeypatch.setattr(tune, "_memo", {})
     monkeypatch.setattr(tune, "log", [])
     monkeypatch.setattr(tune, "_busy", lambda: False)

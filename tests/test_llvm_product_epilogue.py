@@ -125,9 +125,10 @@ def test_the_switch_plans_two_kernels_with_the_same_answer(rng, monkeypatch):
         x, w, b = gc.placeholder("x", xv.shape), gc.parameter("w", wv), gc.parameter("b", bv)
         return gc.function([x], gc.relu(gc.matmul(x, w) + b), backend="llvm")
     fused = build()
+    assert _fused(fused)   # (its plan asked for before the switch changes: a warm start makes it when asked)
     monkeypatch.setenv("GRAPHC_LLVM_PRODUCT_EPILOGUE", "0")
     apart = build()
-    assert _fused(fused) and not _fused(apart)
+    assert not _fused(apart)
     assert any(s.name == "elementwise" for s in plan_steps(apart))
     np.testing.assert_array_equal(fused(xv), apart(xv))
 

@@ -151,7 +151,7 @@ def fuse(plan, outs: list[View], ins: list[View], compute, region: Kernel) -> bo
     ckey = compute_key(compute, [v.dtype for v in ins])
     if prev.key is not None and ckey is not None:
         kern.key = ("epilogue", prev.key, ckey, len(outs))
-    for attr in ("threads", "chunks", "blas_pinned"):
+    for attr in ("threads", "chunks", "blas_pinned", "packed"):
         if hasattr(prev, attr):
             setattr(kern, attr, getattr(prev, attr))
     kern.fn_attrs = prev.fn_attrs

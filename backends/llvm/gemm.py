@@ -87,6 +87,34 @@ def small(a: View, b: View, min_rows: int = 2) -> bool:
     return n >= min_rows and m >= 8 and n * k * m <= SMALL_MACS
 
 
+#: a product whose right operand is a weight (a parameter or constant, packed once: Plan._packed_tiles) with
+#: at most this many multiply-adds runs the micro-kernel over the packed panels rather than BLAS, which packs
+#: both operands again every call (each block of a split product its own copy). Measured on the 2-core
+#: Zen 1 VM (x @ W, 2 threads, in-process medians against graphc's split OpenBLAS calls): 64x256x1024 0.73x,
+#: 64x256x768 0.74x, 64x1024x256 0.75x, 128x256x2048 0.69x, 256x784x512 0.76x, 512x784x512 0.81x,
+#: 256x512x256 0.90x, 64x400x120 0.81x, 16x256x256 0.69x; from 1024 rows BLAS is as fast or faster
+#: (1024x784x512 0.96-1.02x, 1024^3 0.86-1.14x: the micro-kernel reads all of a once per panel)
+PACKED_MACS = 1 << 28
+
+
+def packs(a: View, b: View) -> bool:
+    """Use the micro-kernel over b packed in panels for a @ b, b a weight (plan._packed_tiles): float, at
+    least two rows and eight columns, at most PACKED_MACS, and enough column blocks for the threads where
+    the product is split (one 16-column block of a (256 x 256) @ (256 x 10) product would run on one core:
+    BLAS splits its rows, 60 against 97 us). GRAPHC_LLVM_SMALL_GEMM=0: never; =1: whatever the size."""
+    import os
+    from . import tune
+    n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
+    mode = os.environ.get("GRAPHC_LLVM_SMALL_GEMM", "auto")
+    if a.dtype not in ("float32", "float64") or a.dtype != b.dtype or mode == "0" or n < 2 or m < 8 or k < 1:
+        return False
+    if mode == "1" or jit.blas() is None:
+        return True
+    threads = tune.threads()
+    return n * k * m <= PACKED_MACS and (threads == 1 or 2 * n * k * m < tune.TILES_PARALLEL_FLOPS
+                                         or tile_blocks(m, a.dtype, n) >= 2 * threads)
+
+
 def gemv_ok(a: View, b: View, out: View) -> bool:
     """Use graphc's matrix-vector loop (gemv) for a @ b: float, n == 1 or m == 1, a vector of at least two
     outputs or k. Not when GRAPHC_LLVM_SMALL_GEMM forces BLAS (0) or the micro-kernel (1) for every product,
@@ -100,9 +128,11 @@ def gemv_ok(a: View, b: View, out: View) -> bool:
     return a.dtype in ("float32", "float64") and a.dtype == b.dtype == out.dtype and k >= 1
 
 
-def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads: int | None = None) -> Kernel:
+def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads: int | None = None,
+           packed: bool = False) -> Kernel:
     """out (contiguous, batch..., n, m) = a (..., n, k) @ b (..., k, m); BLAS needs blas_layout(a/b);
-    blas="tiles": the vector micro-kernel (b's rows contiguous); blas="gemv": graphc's matrix-vector loop
+    blas="tiles": the vector micro-kernel (b's rows contiguous, or `packed`: b is the (k, m) view of
+    pack_panels' buffer, no batch); blas="gemv": graphc's matrix-vector loop
     (n == 1 or m == 1, gemv_form(a, b) not None). `threads` (BLAS products; None: tune.blas_threads by the
     product's size): the threads the product is split over. Above one, a single product (n, m > 1) is cut
     into blocks of rows or columns (split_blocks), each one OpenBLAS call on one thread, and the blocks run
@@ -141,7 +171,10 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
     tile_split = (blas == "tiles" and not bshape and pool_ok and flops >= tune.TILES_PARALLEL_FLOPS
                   and tile_blocks(m, out.dtype, n) >= 2)
 
-    key = ("matmul", blas, it, blas_threads, blas_split, tile_split, par, blocks, repr(form), bshape, ast, bst, ost)
+    if packed and (blas != "tiles" or bshape):
+        raise ValueError("a packed right operand is read by the micro-kernel, one product (no batch)")
+    key = ("matmul", blas, it, blas_threads, blas_split, tile_split, par, blocks, repr(form), bshape, ast, bst, ost,
+           packed)
 
     def one(em, P, offs, lo=None, hi=None):
         ao, bo, oo = offs
@@ -153,7 +186,7 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
             gemv(em, P, out, a, b, ao, bo, oo, n, k, m, form, "0" if lo is None else lo,
                  blocks if hi is None else hi, par)
         elif blas == "tiles":
-            gemm_tiles(em, P, out, a, b, ao, bo, oo, n, k, m, (lo, hi) if tile_split else None)
+            gemm_tiles(em, P, out, a, b, ao, bo, oo, n, k, m, (lo, hi) if tile_split else None, packed=packed)
         elif blas:
             _blas_call(em, P, out, a, b, ao, bo, oo, n, k, m, it, blas_threads,
                        (*blas_split, lo, hi) if blas_split else None)
@@ -179,12 +212,13 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
             if out.size:
                 one(em, P, (a.offset, b.offset, out.offset), lo, hi)
         kern = Kernel("matmul", [out, a, b], emit_blocks, nblk, flops, nblk)
-        kern.key = key
+        kern.key, kern.packed = key, packed
         if blas_split:   # one OpenBLAS call per block: as many blocks as threads (each call packs its operands)
             kern.chunks, kern.blas_pinned = nblk, True
             kern.product = (out, a, b, blas_split[:3])
-        elif k:          # a micro-kernel product: an elementwise region after it may join it (recurrent.py)
-            kern.tiles = (out, a, b)
+        elif k:          # a micro-kernel product: an elementwise region after it may join it (epilogue.py;
+            if not packed:   # recurrent.py's column windows read b's own rows)
+                kern.tiles = (out, a, b)
             kern.product = (out, a, b, ("cols", tile_vectors(n, out.dtype)[0] * vector_shape(out.dtype)[0], m))
         kern.threads = tune.threads()
         return kern
@@ -199,9 +233,10 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
                                          and flops >= _parallel_flops()) else None)
     kern = Kernel("gemv" if form else "matmul", [out, a, b], emit, split, flops, bshape[0] if bshape else 0)
     kern.key = key   # (with the views: kernels.memo_key) what the text depends on
+    kern.packed = packed   # b is pack_panels' copy of a weight
     kern.blas_pinned = batch_split
     kern.threads = tune.threads() if split else (threads if blas is True else None)
-    if blas == "tiles" and not bshape and k:   # an elementwise region after it may join it (recurrent.py)
+    if blas == "tiles" and not bshape and k and not packed:   # a region after it may join it (recurrent.py)
         kern.tiles = (out, a, b)
     if not bshape and not split:   # one product written whole: its region may run after it (epilogue.py)
         kern.product = (out, a, b, None)
@@ -580,8 +615,45 @@ def tile_rows(nv: int, dtype: str) -> tuple:
     return tuple(r for r in (top, top - 1, top - 2) if r >= 1) or (1,)
 
 
+def panel_width(n: int, dtype: str) -> int:
+    """Columns of one micro-kernel tile for an n-row product: the width of pack_panels' panels for it."""
+    return tile_vectors(n, dtype)[0] * vector_shape(dtype)[0]
+
+
+def packed_size(k: int, m: int, nr: int) -> int:
+    """Elements of b (k, m) packed in panels of nr columns (the last one zero-padded)."""
+    return -(-m // nr) * k * nr
+
+
+def pack_panels(dst: View, b: View, nr: int) -> Kernel:
+    """dst (contiguous, packed_size elements) = b (k, m, any strides) in the micro-kernel's panel layout:
+    panel j (columns j*nr .. j*nr+nr-1) is k rows of nr elements, row p at j*k*nr + p*nr, columns past m
+    zero. The micro-kernel then reads each step's b vectors from one contiguous run (b's own rows are m
+    elements apart: at 512 or 1024 float32 columns every row of a column block maps to the same L1 set)
+    and the last panel as whole vectors. A weight's packing is a prologue step (plan.hoist_prologue): run
+    once, and again when the parameter has a new array."""
+    k, m = b.shape[-2], b.shape[-1]
+    sr, sc = b.strides[-2], b.strides[-1]
+    full, tail = divmod(m, nr)
+    zero = literal(0.0, dst.dtype)
+
+    def emit(em, P, lo, hi):
+        def copy(offs, _):
+            store(em, P, dst, offs[0], load(em, P, b, offs[1]))
+        if full:
+            nest(em, (full, k, nr), [(k * nr, nr, 1), (nr * sc, sr, sc)], [dst.offset, b.offset], copy)
+        if tail:
+            at = dst.offset + full * k * nr
+            nest(em, (k, tail), [(nr, 1), (sr, sc)], [at, b.offset + full * nr * sc], copy)
+            nest(em, (k, nr - tail), [(nr, 1)], [at + tail],
+                 lambda offs, _: store(em, P, dst, offs[0], zero))
+    kern = Kernel("pack_panels", [dst, b], emit, None, 0)
+    kern.key = ("pack_panels", nr)
+    return kern
+
+
 def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m: int, cols=None,
-               ktaps=None) -> None:
+               ktaps=None, packed: bool = False) -> None:
     """out[n, m] = a[n, k] @ b[k, m] by tiles of mr rows x nv vectors held in registers: per step p one
     row of b's tile is loaded as vectors and every row's a[i, p] broadcast into a fused multiply-add.
     Column blocks run outermost so b's block (k x nv vectors) stays in L1 across the row tiles; the
@@ -589,27 +661,58 @@ def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
     only the column blocks lo .. hi-1 (tile_blocks; the partial block last), the unit a split runs.
     `ktaps` = (dims, strides): b's row p starts at element sum(idx * strides) for p's multi-index idx in
     dims (prod(dims) == k) instead of p * b's row stride: the rows of an implicit im2col (a convolution's
-    taps read from the padded image itself, conv.conv_tiles' wide grid), which may overlap."""
+    taps read from the padded image itself, conv.conv_tiles' wide grid), which may overlap.
+    `packed`: b is in pack_panels' layout (b's column block j0 .. j0+nr-1 is k rows of nr elements from
+    element j0*k, zero past column m): every step reads one contiguous run, and whole vectors."""
     lanes = vector_shape(out.dtype)[0]
     nv, rows = tile_vectors(n, out.dtype)
     mr = _row_tile(n, rows)
     nr = nv * lanes
     full_cols, tail = divmod(m, nr)
-
-    def rows_of(j0, vecs):
-        _tile_rows(em, P, out, a, b, ao, bo, oo, n, k, m, j0, vecs, mr, ktaps)
+    if packed and ktaps is not None:
+        raise ValueError("a packed b has no taps")
 
     vecs = [lanes] * (tail // lanes) + ([tail % lanes] if tail % lanes else [])
-    if cols is None:
-        em.loop(full_cols, lambda jb: rows_of(em(f"mul i64 {jb}, {nr}"), [lanes] * nv))
+
+    def blocks(ra, ro, rows: int):
+        """The column blocks (all, or cols') over `rows` rows of a and out starting at offsets ra, ro."""
+        def rows_of(j0, vv):
+            _tile_rows(em, P, out, a, b, ra, bo, ro, rows, k, m, j0, vv, _row_tile(rows, tiles),
+                       ktaps, nr if packed else None)
+        if cols is None:
+            em.loop(full_cols, lambda jb: rows_of(em(f"mul i64 {jb}, {nr}"), [lanes] * nv))
+            if tail:
+                rows_of(str(full_cols * nr), vecs)
+            return
+        lo, hi = cols
+        top = em(f"select i1 {em(f'icmp slt i64 {hi}, {full_cols}')}, i64 {hi}, i64 {full_cols}")
+        em.loop(top, lambda jb: rows_of(em(f"mul i64 {jb}, {nr}"), [lanes] * nv), start=lo)
         if tail:
-            rows_of(str(full_cols * nr), vecs)
+            em.if_(em(f"icmp sgt i64 {hi}, {full_cols}"), lambda: rows_of(str(full_cols * nr), vecs))
+
+    tiles = rows
+    nb = _row_block(n, k, mr, out.dtype) if packed else n
+    if nb >= n:
+        blocks(ao, oo, n)
         return
-    lo, hi = cols
-    top = em(f"select i1 {em(f'icmp slt i64 {hi}, {full_cols}')}, i64 {hi}, i64 {full_cols}")
-    em.loop(top, lambda jb: rows_of(em(f"mul i64 {jb}, {nr}"), [lanes] * nv), start=lo)
-    if tail:
-        em.if_(em(f"icmp sgt i64 {hi}, {full_cols}"), lambda: rows_of(str(full_cols * nr), vecs))
+    # a's rows in blocks that stay in L2 while the run's column blocks (packed panels) pass over them
+    full_rb, rest = divmod(n, nb)
+    sa_r = a.strides[-2]
+    em.loop(full_rb, lambda rb: blocks(em(f"add i64 {ao}, {em(_imul(rb, nb * sa_r))}"),
+                                       em(f"add i64 {oo}, {em(_imul(rb, nb * m))}"), nb))
+    if rest:
+        blocks(em(_iadd(ao, full_rb * nb * sa_r)), em(_iadd(oo, full_rb * nb * m)), rest)
+
+
+#: a packed product's rows of a are taken in blocks of about this many bytes (the 512 KB L2 of the 2-core
+#: Zen 1 holds a block and the panels passing over it); one block (all of a) when a is smaller
+ROW_BLOCK_BYTES = 1 << 18
+
+
+def _row_block(n: int, k: int, mr: int, dtype: str) -> int:
+    """Rows per block of a packed product: a multiple of the tile height mr, about ROW_BLOCK_BYTES of a."""
+    per = max(1, k * np.dtype(dtype).itemsize)
+    return max(mr, ROW_BLOCK_BYTES // per // mr * mr)
 
 
 def gemm_block(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m: int, j0, width: int,
@@ -627,13 +730,18 @@ def gemm_block(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
 
 
 def _tile_rows(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m: int, j0, vecs: list,
-               mr: int, ktaps=None) -> None:
+               mr: int, ktaps=None, panel: int | None = None) -> None:
     """out[:, j0 : j0 + len(vecs) vectors] by tiles of mr rows (the last tile the rest); vecs: the live
-    lanes of each vector (the last may be partial); ktaps: gemm_tiles'."""
+    lanes of each vector (the last may be partial); ktaps: gemm_tiles'; panel: b packed in panels of this
+    many columns (pack_panels: row p of the block at j0 is at j0*k + p*panel, whole vectors readable)."""
     t, ty = out.dtype, VTYPE[out.dtype]
     lanes = vector_shape(t)[0]
     vt = f"<{lanes} x {ty}>"
-    sa_r, sa_k, sb_k = a.strides[-2], a.strides[-1], (b.strides[-2] if ktaps is None else 0)
+    sa_r, sa_k = a.strides[-2], a.strides[-1]
+    sb_k = panel if panel is not None else b.strides[-2] if ktaps is None else 0
+    # where the block's columns start within b's rows (packed: where the block's panel starts)
+    bcol = j0 if panel is None else em(_imul(j0, k)) if not str(j0).lstrip("-").isdigit() else str(int(j0) * k)
+    bvecs = [lanes] * len(vecs) if panel is not None else vecs   # (a panel's columns past m are zeros)
 
     def tile(i0, h: int):
         """The h x len(vecs) tile at rows i0.., columns j0.."""
@@ -644,9 +752,9 @@ def _tile_rows(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
         arow = [em(f"add i64 {ao}, {em(f'mul i64 {em(_iadd(i0, r))}, {sa_r}')}") for r in range(h)]
 
         def step(p, boff=None):
-            brow = em(f"add i64 {em(f'add i64 {bo}, {em(_imul(p, sb_k))}') if boff is None else boff}, {j0}")
+            brow = em(f"add i64 {em(f'add i64 {bo}, {em(_imul(p, sb_k))}') if boff is None else boff}, {bcol}")
             bv = [vload(em, P, b, em(f"add i64 {brow}, {q * lanes}"), vt, lanes, live)
-                  for q, live in enumerate(vecs)]
+                  for q, live in enumerate(bvecs)]
             for r in range(h):
                 av = load(em, P, a, em(f"add i64 {arow[r]}, {em(_imul(p, sa_k))}"))
                 sp = em(f"shufflevector {vt} {em(f'insertelement {vt} poison, {ty} {av}, i64 0')}, {vt} poison, "

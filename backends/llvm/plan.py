@@ -217,6 +217,8 @@ class Plan(Schedule):
                 a, b = (v if v.contiguous else self.materialise(v) for v in (a, b))
             self.add(gemm.matmul(out, a, b, blas="gemv"), [a, b], [out])
             return
+        if self._packed_tiles(out, a, b):   # b a weight: packed once, the micro-kernel (gemm.PACKED_MACS)
+            return
         if gemm.small(a, b) and not self._blas_instead(out, a, b):
             # small products: the micro-kernel beats BLAS's per-call overhead (LSTM steps)
             b = b if b.strides[-1] == 1 or b.shape[-1] == 1 else self.materialise(b)
@@ -236,6 +238,25 @@ class Plan(Schedule):
             b = b if gemm.blas_layout(b) and min(b.strides[-2:]) >= 0 else self.materialise(b)
             threads, _ = tune.blas_threads_for(self, a.shape[-2], a.shape[-1], b.shape[-1], a.dtype)
         self.add(gemm.matmul(out, a, b, threads=threads), [a, b], [out])
+
+    def _packed_tiles(self, out: View, a: View, b: View) -> bool:
+        """Plan out = a @ b on the micro-kernel with b packed in panels (gemm.pack_panels) when b is a
+        weight: a parameter or constant or a value of them alone (Schedule.invariant), not one this graph's
+        updates replace (a training step's: packed anew every call), one product outside loops. The packing is a step of its own that hoist_prologue moves to the prologue: run once, and
+        again whenever the parameter has a new array (set_value, updates=), so the panels are never stale.
+        It reads any layout (a transposed weight needs no contiguous copy first). GRAPHC_LLVM_PACK=0: off.
+        True when planned (the caller adds nothing)."""
+        import os
+        if (os.environ.get("GRAPHC_LLVM_PACK", "1") == "0" or len(out.shape) != 2 or len(b.shape) != 2
+                or b.literal is not None or not gemm.packs(a, b) or not self.invariant(b.buf, settled=True)):
+            return False
+        n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
+        nr = gemm.panel_width(n, b.dtype)
+        pk = self.fresh(None, (gemm.packed_size(k, m, nr),), b.dtype)
+        self.add(gemm.pack_panels(pk, b, nr), [b], [pk])
+        bp = View(pk.buf, pk.offset, (k, m), (nr, 1), b.dtype)
+        self.add(gemm.matmul(out, a, bp, blas="tiles", packed=True), [a, bp], [out])
+        return True
 
     def _blas_instead(self, out: View, a: View, b: View) -> bool:
         """A single product the size rule gives the micro-kernel, outside loops, with BLAS at hand: the tuner

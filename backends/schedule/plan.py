@@ -361,6 +361,37 @@ class Schedule:
         return self._used
 
     # ---- parameter-derived values ------------------------------------------------------------------
+    def invariant(self, buf: int | None, settled: bool = False) -> bool:
+        """Whether buffer `buf` holds, by the steps planned so far, a value of the parameters and constants
+        alone: a parameter or a constant, or an arena buffer every writer of which is a kernel step reading
+        only such buffers (a transposed or converted weight). A step computing from it alone is one that
+        hoist_prologue moves to the prologue (unless a later step writes that buffer too): a backend may
+        plan work there that pays only when done once (a weight packed for its product). settled: not the
+        parameters this graph's updates replace (a training step's weights: a new array every call, so
+        their prologue would run every call)."""
+        if buf is None or self._loop_pos is not None:
+            return False
+        updated = {id(p) for p, _ in getattr(self.graph, "updates", ())} if settled else set()
+        params = self.graph.parameters
+        writers: dict = {}
+        for k, st in enumerate(self.steps):
+            for b in self._step_io(st)[1]:
+                writers.setdefault(b, []).append(k)
+        memo: dict = {}
+        status = self.status.buf if self.status is not None else None
+
+        def ok(b: int) -> bool:
+            if b not in memo:
+                kind = self.buffers[b].kind
+                # (False while an arena buffer's writers are checked: no cycles)
+                memo[b] = kind == "const" or (kind == "param" and id(params[self.buffers[b].index]) not in updated)
+                if kind == "arena" and b != status and b in writers:
+                    memo[b] = all(not isinstance(self.steps[k], (HostStep, LoopStep))
+                                  and getattr(self.steps[k], "io", None) is not None
+                                  and all(ok(x) for x in self.steps[k].io[0]) for k in writers[b])
+            return memo[b]
+        return ok(buf)
+
     def hoist_prologue(self) -> None:
         """Move the kernel steps whose values depend on parameters and constants only (a transposed or
         converted weight, a constant subexpression of parameters) to the front as `prologue`. A step

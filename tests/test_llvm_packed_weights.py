@@ -1,0 +1,217 @@
+"""Weights packed for the micro-kernel (backends/llvm/gemm.py pack_panels / gemm_tiles(packed=True),
+plan.Plan._packed_tiles, Schedule.invariant): a product x @ W whose W is a parameter or constant (or a
+value of them alone: W.T, 2 * W) runs the micro-kernel over a copy of W in panels of one tile's columns,
+made by a step that the plan's prologue runs once and again whenever the parameter has a new array.
+Against NumPy in float64 on odd sizes, float32 and float64, both ISAs' vector shapes and one or two threads;
+the panel layout itself against a NumPy reshape; a's rows in blocks; a new weight after set_value and after another function's
+updates=; the weights a training step updates itself (not packed: they change every call); the size and
+width rule (gemm.packs) and its switches; inside a scan (not packed); bounds-checked builds. No timing."""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+
+import graphc as gc
+from conftest import backend_or_skip, plan_steps
+
+
+@pytest.fixture(autouse=True)
+def llvm(monkeypatch):
+    backend_or_skip("llvm")
+    monkeypatch.delenv("GRAPHC_LLVM_SMALL_GEMM", raising=False)
+    monkeypatch.delenv("GRAPHC_LLVM_PACK", raising=False)
+    monkeypatch.setenv("GRAPHC_WARM_CACHE", "0")
+
+
+def _tol(dtype):
+    return (2e-5, 2e-5) if dtype == "float32" else (1e-11, 1e-11)
+
+
+def _spec_plan(f):
+    specs = list(f.program._specs.values())
+    assert len(specs) == 1
+    return specs[0].plan
+
+
+def _packed(f) -> bool:
+    """Whether f's plan packs a weight in its prologue and runs a product over the panels."""
+    plan = _spec_plan(f)
+    pro = [getattr(s, "name", "") for s in plan.steps[:plan.prologue]]
+    return "pack_panels" in pro and any(getattr(s, "packed", False) for s in plan_steps(f))
+
+
+def _dense(rng, n, k, m, dtype, transposed=False):
+    x = gc.placeholder("x", (n, k), dtype)
+    wv = rng.standard_normal((m, k) if transposed else (k, m)).astype(dtype)
+    w = gc.parameter("w", wv)
+    y = gc.relu(x @ (gc.transpose(w) if transposed else w) + 0.25)
+    return x, w, y
+
+
+def _ref(xv, w, transposed=False):
+    wv = w.value.T if transposed else w.value
+    return np.maximum(xv.astype(np.float64) @ wv.astype(np.float64) + 0.25, 0)
+
+
+SIZES = [(2, 1, 8), (3, 17, 9), (17, 3, 65), (63, 65, 17), (65, 63, 257), (257, 17, 63), (6, 256, 24)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("nkm", SIZES, ids=["x".join(map(str, s)) for s in SIZES])
+def test_packed_product_matches_numpy(nkm, dtype, isa, threads, rng):
+    n, k, m = nkm
+    for transposed in (False, True):
+        x, w, y = _dense(rng, n, k, m, dtype, transposed)
+        f = gc.function([x], y, backend="llvm")
+        xv = rng.standard_normal((n, k)).astype(dtype)
+        rtol, atol = _tol(dtype)
+        np.testing.assert_allclose(f(xv), _ref(xv, w, transposed), rtol=rtol, atol=atol * k)
+        assert _packed(f), (nkm, transposed)
+        # W.T is packed straight from the transposed view: no contiguous copy of it first
+        assert [s.name for s in _spec_plan(f).steps[:_spec_plan(f).prologue]] == ["pack_panels"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_row_blocks(dtype, isa, threads, monkeypatch, rng):
+    """a's rows in blocks (gemm._row_block) for a product whose a outgrows ROW_BLOCK_BYTES: lowered here so
+    odd sizes take several blocks and a short last one."""
+    from graphc.backends.llvm import gemm
+    monkeypatch.setattr(gemm, "ROW_BLOCK_BYTES", 4096)
+    for n, k, m in [(257, 17, 65), (65, 63, 33), (13, 129, 40)]:
+        assert gemm._row_block(n, k, 6, dtype) < n
+        x, w, y = _dense(rng, n, k, m, dtype)
+        f = gc.function([x], y, backend="llvm")
+        xv = rng.standard_normal((n, k)).astype(dtype)
+        rtol, atol = _tol(dtype)
+        np.testing.assert_allclose(f(xv), _ref(xv, w), rtol=rtol, atol=atol * k)
+        assert _packed(f)
+
+
+def _run_pack(k, m, nr, dtype, strides=None):
+    """gemm.pack_panels compiled alone over a (k, m) array read with `strides` (elements)."""
+    from graphc.backends.llvm import gemm, tune
+    from graphc.backends.schedule.views import View
+    src = np.random.default_rng(3).standard_normal(k * m * 2).astype(dtype)
+    strides = strides or (m, 1)
+    size = gemm.packed_size(k, m, nr)
+    dst = np.full(size, np.nan, dtype)
+    kern = gemm.pack_panels(View(0, 0, (size,), (1,), dtype), View(1, 0, (k, m), strides, dtype), nr)
+    mod, fns = tune._probe(kern, 2, (1,))
+    table = (ctypes.c_void_p * 2)(dst.ctypes.data, src.ctypes.data)
+    fns[1](ctypes.addressof(table))
+    b = np.lib.stride_tricks.as_strided(src, (k, m), tuple(s * src.itemsize for s in strides))
+    return dst, b
+
+
+@pytest.mark.parametrize("k,m,nr", [(1, 8, 8), (5, 16, 16), (7, 17, 16), (3, 5, 16), (65, 63, 32)])
+def test_panel_layout(k, m, nr):
+    for strides in (None, (1, k)):   # row-major, and a transposed (column-major) weight
+        dst, b = _run_pack(k, m, nr, "float32", strides)
+        panels = -(-m // nr)
+        padded = np.zeros((k, panels * nr), np.float32)
+        padded[:, :m] = b
+        want = padded.reshape(k, panels, nr).transpose(1, 0, 2).reshape(-1)
+        np.testing.assert_array_equal(dst, want)   # every element written: no NaN left, zeros past m
+
+
+def test_a_new_weight_is_repacked(rng):
+    x, w, y = _dense(rng, 17, 33, 40, "float32")
+    f = gc.function([x], y, backend="llvm")
+    xv = rng.standard_normal((17, 33)).astype(np.float32)
+    for _ in range(3):
+        np.testing.assert_allclose(f(xv), _ref(xv, w), rtol=2e-5, atol=1e-4)
+        np.testing.assert_allclose(f(xv), _ref(xv, w), rtol=2e-5, atol=1e-4)
+        w.set_value(rng.standard_normal((33, 40)).astype(np.float32))
+    assert _packed(f)
+    # another function's updates= replace the weight: the packed copy follows
+    g = gc.function([], [], updates=[(w, w * 0.5 - 1.0)], backend="llvm")
+    for _ in range(2):
+        g()
+        np.testing.assert_allclose(f(xv), _ref(xv, w), rtol=2e-5, atol=1e-4)
+
+
+def test_weights_a_training_step_updates_are_not_packed(rng):
+    x, w, y = _dense(rng, 16, 24, 32, "float32")
+    loss = gc.sum(y * y)
+    (gw,) = gc.grad(loss, [w])
+    step = gc.function([x], loss, updates=[(w, w - 0.01 * gw)], backend="llvm")
+    infer = gc.function([x], y, backend="llvm")
+    xv = rng.standard_normal((16, 24)).astype(np.float32)
+    for _ in range(3):
+        before = w.value.astype(np.float64)
+        np.testing.assert_allclose(step(xv), np.sum(np.maximum(xv @ before + 0.25, 0) ** 2), rtol=1e-4)
+        np.testing.assert_allclose(infer(xv), _ref(xv, w), rtol=2e-5, atol=1e-4)
+    assert not _packed(step)   # a new array every call: packing it would run every call
+    assert _packed(infer)
+
+
+def test_a_value_of_weights_alone_is_packed(rng):
+    x = gc.placeholder("x", (9, 20), "float32")
+    w1 = gc.parameter("w1", rng.standard_normal((20, 30)).astype(np.float32))
+    cv = rng.standard_normal((20, 30)).astype(np.float32)
+    f = gc.function([x], x @ (w1 * 2.0 + gc.constant(cv)), backend="llvm")
+    xv = rng.standard_normal((9, 20)).astype(np.float32)
+    for _ in range(2):
+        want = xv.astype(np.float64) @ (2.0 * w1.value.astype(np.float64) + cv)
+        np.testing.assert_allclose(f(xv), want, rtol=2e-5, atol=1e-4)
+        w1.set_value(rng.standard_normal((20, 30)).astype(np.float32))
+    assert _packed(f)
+    names = [s.name for s in _spec_plan(f).steps[:_spec_plan(f).prologue]]
+    assert names[-1] == "pack_panels" and len(names) >= 2   # the sum, then its packing: both once
+
+
+def test_rule_and_switches(rng, monkeypatch):
+    from graphc.backends.llvm import gemm, tune
+    xv = rng.standard_normal((256, 256)).astype(np.float32)
+    x, w, y = _dense(rng, 256, 256, 10, "float32")   # one 16-column panel: BLAS splits its rows instead
+    f = gc.function([x], y, backend="llvm")
+    np.testing.assert_allclose(f(xv), _ref(xv, w), rtol=2e-5, atol=1e-3)
+    assert _packed(f) == (tune.threads() == 1 or gemm.jit.blas() is None)
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", "1")   # one thread: nothing to split, the panel pays
+    f = gc.function([x], y, backend="llvm")
+    np.testing.assert_allclose(f(xv), _ref(xv, w), rtol=2e-5, atol=1e-3)
+    assert _packed(f)
+    x, w, y = _dense(rng, 64, 96, 80, "float32")
+    xv = rng.standard_normal((64, 96)).astype(np.float32)
+    for env, packed in (("GRAPHC_LLVM_PACK", False), ("GRAPHC_LLVM_SMALL_GEMM", False)):
+        monkeypatch.setenv(env, "0")
+        f = gc.function([x], y, backend="llvm")
+        np.testing.assert_allclose(f(xv), _ref(xv, w), rtol=2e-5, atol=1e-3)
+        assert _packed(f) is packed
+        monkeypatch.delenv(env)
+    if gemm.jit.blas() is not None:
+        monkeypatch.setattr(gemm, "PACKED_MACS", 64 * 96 * 80 - 1)   # above the size rule: not packed
+        f = gc.function([x], y, backend="llvm")
+        np.testing.assert_allclose(f(xv), _ref(xv, w), rtol=2e-5, atol=1e-3)
+        assert not _packed(f) and "pack_panels" not in [s.name for s in plan_steps(f)]
+
+
+def test_not_packed_inside_a_scan(rng):
+    w = gc.parameter("w", rng.standard_normal((16, 16)).astype(np.float32) * 0.3)
+    xs = gc.placeholder("xs", (5, 8, 16), "float32")
+    h0 = gc.placeholder("h0", (8, 16), "float32")
+    def step(h, x_t):
+        h = gc.tanh(x_t + h @ w)
+        return h, h
+    _, ys = gc.scan(step, init=h0, xs=xs)
+    f = gc.function([xs, h0], ys, backend="llvm")
+    xv = rng.standard_normal((5, 8, 16)).astype(np.float32)
+    hv = rng.standard_normal((8, 16)).astype(np.float32)
+    h, want = hv.astype(np.float64), []
+    for t in range(5):
+        h = np.tanh(xv[t] + h @ w.value)
+        want.append(h)
+    np.testing.assert_allclose(f(xv, hv), np.stack(want), rtol=1e-4, atol=1e-5)
+    assert "pack_panels" not in [getattr(s, "name", "") for s in plan_steps(f)]
+
+
+def test_bounds_checked_build_packs_every_call(rng):
+    x, w, y = _dense(rng, 7, 13, 21, "float32")
+    f = gc.function([x], y, backend="llvm", sanitize="bounds")
+    xv = rng.standard_normal((7, 13)).astype(np.float32)
+    for _ in range(2):
+        np.testing.assert_allclose(f(xv), _ref(xv, w), rtol=2e-5, atol=1e-4)
+        w.set_value(rng.standard_normal((13, 21)).astype(np.float32))
+    assert _spec_plan(f).prologue == 0 and "pack_panels" in [s.name for s in plan_steps(f)]
