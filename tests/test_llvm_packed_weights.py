@@ -3,7 +3,7 @@ plan.Plan._packed_tiles, Schedule.invariant): a product x @ W whose W is a param
 value of them alone: W.T, 2 * W) runs the micro-kernel over a copy of W in panels of one tile's columns,
 made by a step that the plan's prologue runs once and again whenever the parameter has a new array.
 Against NumPy in float64 on odd sizes, float32 and float64, both ISAs' vector shapes and one or two threads;
-the panel layout itself against a NumPy reshape; a's rows in blocks; a new weight after set_value and after another function's
+the panel layout itself against a NumPy reshape; a's rows in blocks; a 3-D activation's epilogue; a new weight after set_value and after another function's
 updates=; the weights a training step updates itself (not packed: they change every call); the size and
 width rule (gemm.packs) and its switches; inside a scan (not packed); bounds-checked builds. No timing."""
 from __future__ import annotations
@@ -87,6 +87,23 @@ def test_row_blocks(dtype, isa, threads, monkeypatch, rng):
         rtol, atol = _tol(dtype)
         np.testing.assert_allclose(f(xv), _ref(xv, w), rtol=rtol, atol=atol * k)
         assert _packed(f)
+
+
+def test_epilogue_of_a_batched_activation(threads, monkeypatch, rng):
+    """(batch, seq, k) @ W + bias, residual, ReLU: one GEMM over all rows, and its region over the 3-D
+    tensors joins it (epilogue._rows2d: their leading dims merge) where the switch asks for every product."""
+    monkeypatch.setenv("GRAPHC_LLVM_PRODUCT_EPILOGUE", "all")
+    for shape, k, m in [((2, 9), 17, 40), ((1, 64), 32, 48), ((3, 1), 5, 9)]:
+        x, r = gc.placeholder("x", shape + (k,), "float32"), gc.placeholder("r", shape + (m,), "float32")
+        w = gc.parameter("w", rng.standard_normal((k, m)).astype(np.float32))
+        b = gc.parameter("b", rng.standard_normal(m).astype(np.float32))
+        f = gc.function([x, r], gc.relu(x @ w + b + r), backend="llvm")
+        xv = rng.standard_normal(shape + (k,)).astype(np.float32)
+        rv = rng.standard_normal(shape + (m,)).astype(np.float32)
+        want = np.maximum(xv.astype(np.float64) @ w.value + b.value + rv, 0)
+        np.testing.assert_allclose(f(xv, rv), want, rtol=2e-5, atol=1e-4)
+        assert _packed(f) and any(getattr(s, "epilogue", False) for s in plan_steps(f)), shape
+        assert "elementwise" not in [s.name for s in plan_steps(f)]
 
 
 def _run_pack(k, m, nr, dtype, strides=None):

@@ -85,6 +85,20 @@ def region_block(em, P, outs: list[View], ins: list[View], compute, full: tuple,
     nest(em, (nr, nc), [s for _, _, s in uniq], bases, body)
 
 
+def _rows2d(v: View, full: tuple) -> View | None:
+    """v (broadcast to the N-D shape `full`) as a (prod(full[:-1]), full[-1]) view of the same elements, or
+    None when its leading dims do not merge into one stride (0 for a bias broadcast over the rows)."""
+    if v.literal is not None:
+        return View(None, 0, (int(np.prod(full[:-1])), full[-1]), (0, 0), v.dtype, v.literal)
+    st = broadcast_strides(v, full)
+    lead = [(d, x) for d, x in zip(full[:-1], st[:-1]) if d != 1]
+    for (d0, s0), (d1, s1) in zip(lead, lead[1:]):
+        if s0 != s1 * d1:
+            return None
+    return View(v.buf, v.offset, (int(np.prod(full[:-1])), full[-1]), (lead[-1][1] if lead else 0, st[-1]),
+                v.dtype)
+
+
 def _reads_whole(p: View, ins: list[View], full: tuple) -> bool:
     """Whether every input on P's buffer is P itself, element for element, and one is."""
     hit = False
@@ -112,6 +126,13 @@ def fuse(plan, outs: list[View], ins: list[View], compute, region: Kernel) -> bo
         return False
     p, a, b, layout = product
     full = tuple(outs[0].shape)
+    if len(full) > 2 and len(p.shape) == 2:
+        # a region over (batch..., n, m) after the one GEMM over all its rows (plan._matmul's `flat`): the
+        # same elements as (rows, m) where every operand's leading dims merge (a Transformer's projections)
+        flat = [_rows2d(v, full) for v in outs + ins]
+        if any(v is None for v in flat):
+            return False
+        outs, ins, full = flat[:len(outs)], flat[len(outs):], (int(np.prod(full[:-1])), full[-1])
     if len(full) != 2 or tuple(p.shape) != full or p.strides != (full[1], 1) or 0 in full:
         return False
     if prev.split is not None and prev.name != "gemv" and mode != "all" and not streams(a.shape[-1], outs, ins, full):
