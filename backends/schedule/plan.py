@@ -151,6 +151,10 @@ class Schedule:
         #: the parameters they read (a new array for one of them: run the prologue again)
         self.prologue = 0
         self.prologue_params: tuple = ()
+        #: buffer -> the top-level steps added to write it (invariant; a step since dropped is skipped there)
+        self._writers: dict = {}
+        self._params: list = []           # graph.parameters, in param-buffer index order (_build)
+        self._updated: set | None = None  # ids of the parameters graph.updates replaces (invariant)
         if bounds:
             self._status_buffer()
         self._build()
@@ -233,6 +237,9 @@ class Schedule:
             step.io = (tuple(v.buf for v in reads if v is not None and v.buf is not None),
                        tuple(v.buf for v in writes if v is not None and v.buf is not None))
         self.steps.append(step)
+        if self._loop_pos is None:
+            for b in self._step_io(step)[1]:
+                self._writers.setdefault(b, []).append(step)
 
     def materialise(self, v: View, dtype=None) -> View:
         """A contiguous copy of v (converted to dtype)."""
@@ -290,7 +297,8 @@ class Schedule:
         for i, t in enumerate(g.inputs):
             shape = self.shape(t)
             self.view[id(t)] = contiguous_view(self.new_buffer("input", nbytes(shape, t.dtype), i), shape, t.dtype)
-        for i, p in enumerate(g.parameters):
+        self._params = list(g.parameters)
+        for i, p in enumerate(self._params):
             self.view[id(p)] = contiguous_view(self.new_buffer("param", nbytes(p.shape, p.dtype), i), p.shape,
                                                p.dtype)
         for node in g.nodes:
@@ -371,24 +379,27 @@ class Schedule:
         their prologue would run every call)."""
         if buf is None or self._loop_pos is not None:
             return False
-        updated = {id(p) for p, _ in getattr(self.graph, "updates", ())} if settled else set()
-        params = self.graph.parameters
-        writers: dict = {}
-        for k, st in enumerate(self.steps):
-            for b in self._step_io(st)[1]:
-                writers.setdefault(b, []).append(k)
+        if self._updated is None:
+            self._updated = {id(p) for p, _ in getattr(self.graph, "updates", ())}
+        updated = self._updated if settled else set()
         memo: dict = {}
         status = self.status.buf if self.status is not None else None
+        live = None
 
         def ok(b: int) -> bool:
+            nonlocal live
             if b not in memo:
                 kind = self.buffers[b].kind
                 # (False while an arena buffer's writers are checked: no cycles)
-                memo[b] = kind == "const" or (kind == "param" and id(params[self.buffers[b].index]) not in updated)
-                if kind == "arena" and b != status and b in writers:
-                    memo[b] = all(not isinstance(self.steps[k], (HostStep, LoopStep))
-                                  and getattr(self.steps[k], "io", None) is not None
-                                  and all(ok(x) for x in self.steps[k].io[0]) for k in writers[b])
+                memo[b] = kind == "const" or (kind == "param" and id(self._params[self.buffers[b].index])
+                                              not in updated)
+                if kind == "arena" and b != status and b in self._writers:
+                    if live is None:   # (steps dropped or replaced since they were added do not count)
+                        live = {id(st) for st in self.steps}
+                    ws = [st for st in self._writers[b] if id(st) in live]
+                    memo[b] = bool(ws) and all(not isinstance(st, (HostStep, LoopStep))
+                                               and getattr(st, "io", None) is not None
+                                               and all(ok(x) for x in st.io[0]) for st in ws)
             return memo[b]
         return ok(buf)
 
