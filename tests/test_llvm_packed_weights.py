@@ -69,6 +69,8 @@ def test_packed_product_matches_numpy(nkm, dtype, isa, threads, rng):
         rtol, atol = _tol(dtype)
         np.testing.assert_allclose(f(xv), _ref(xv, w, transposed), rtol=rtol, atol=atol * k)
         assert _packed(f), (nkm, transposed)
+        assert f"{n}x{k}x{m} {dtype}: micro-kernel over the weight packed in" in \
+            " ".join(f.program.info["target"]["gemm"]["products"])
         # W.T is packed straight from the transposed view: no contiguous copy of it first
         assert [s.name for s in _spec_plan(f).steps[:_spec_plan(f).prologue]] == ["pack_panels"]
 

@@ -217,6 +217,7 @@ def _run_product(f, w):
 
 def test_a_changed_tuner_decision_misses(monkeypatch):
     from graphc.backends.llvm import tune
+    monkeypatch.setenv("GRAPHC_LLVM_PACK", "0")   # a BLAS product of the weight, not the packed micro-kernel
     monkeypatch.setattr(tune, "_memo", {})
     monkeypatch.setattr(tune, "_busy", lambda: False)
     if tune.decided(N, K, M, "float32") == (tune.blas_threads(2 * N * K * M), "rule"):

@@ -256,6 +256,7 @@ class Plan(Schedule):
         self.add(gemm.pack_panels(pk, b, nr), [b], [pk])
         bp = View(pk.buf, pk.offset, (k, m), (nr, 1), b.dtype)
         self.add(gemm.matmul(out, a, bp, blas="tiles", packed=True), [a, bp], [out])
+        tune._note(self, f"{n}x{k}x{m} {b.dtype}: micro-kernel over the weight packed in {nr}-column panels (rule)")
         return True
 
     def _blas_instead(self, out: View, a: View, b: View) -> bool:
