@@ -3,9 +3,11 @@ plan.Plan._packed_tiles, Schedule.invariant): a product x @ W whose W is a param
 value of them alone: W.T, 2 * W) runs the micro-kernel over a copy of W in panels of one tile's columns,
 made by a step that the plan's prologue runs once and again whenever the parameter has a new array.
 Against NumPy in float64 on odd sizes, float32 and float64, both ISAs' vector shapes and one or two threads;
-the panel layout itself against a NumPy reshape; a's rows in blocks; a 3-D activation's epilogue; a new weight after set_value and after another function's
-updates=; the weights a training step updates itself (not packed: they change every call); the size and
-width rule (gemm.packs) and its switches; inside a scan (not packed); bounds-checked builds. No timing."""
+the panel layout itself against a NumPy reshape; a's rows in blocks; a 3-D activation's epilogue; a new
+weight after set_value and after another function's updates=; the weights a training step updates itself
+(not packed: they change every call); the size and width rule (gemm.packs) and its switches; inside a scan
+(not packed); bounds-checked builds; a constant packed by NumPy when planned; a weight read by two
+products packed once. No timing."""
 from __future__ import annotations
 
 import ctypes
@@ -179,6 +181,27 @@ def test_a_value_of_weights_alone_is_packed(rng):
     assert _packed(f)
     names = [s.name for s in _spec_plan(f).steps[:_spec_plan(f).prologue]]
     assert names[-1] == "pack_panels" and len(names) >= 2   # the sum, then its packing: both once
+
+
+def test_a_constant_is_packed_when_planned_and_a_shared_weight_once(rng):
+    x = gc.placeholder("x", (11, 24), "float32")
+    cv = rng.standard_normal((40, 24)).astype(np.float32)
+    w = gc.parameter("w", rng.standard_normal((24, 40)).astype(np.float32))
+    h = gc.relu(x @ gc.transpose(gc.constant(cv)))          # a constant, transposed: packed by NumPy now
+    y = gc.tanh(x @ w) + gc.sigmoid((h[:, :24] + x) @ w)    # one weight, two products: one packing step
+    f = gc.function([x], [h, y], backend="llvm")
+    xv = rng.standard_normal((11, 24)).astype(np.float32)
+    for _ in range(2):
+        x64, w64 = xv.astype(np.float64), w.value.astype(np.float64)
+        hw = np.maximum(x64 @ cv.T, 0)
+        want = np.tanh(x64 @ w64) + 1 / (1 + np.exp(-((hw[:, :24] + x64) @ w64)))
+        got = f(xv)
+        np.testing.assert_allclose(got[0], hw, rtol=2e-5, atol=1e-4)
+        np.testing.assert_allclose(got[1], want, rtol=2e-5, atol=1e-4)
+        w.set_value(rng.standard_normal((24, 40)).astype(np.float32))
+    plan = _spec_plan(f)
+    assert [s.name for s in plan.steps[:plan.prologue]] == ["pack_panels"]   # w's, once; none for cv
+    assert sum(getattr(s, "packed", False) for s in plan_steps(f)) == 3
 
 
 def test_rule_and_switches(rng, monkeypatch):

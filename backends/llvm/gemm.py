@@ -625,6 +625,18 @@ def packed_size(k: int, m: int, nr: int) -> int:
     return -(-m // nr) * k * nr
 
 
+def pack_array(b: np.ndarray, nr: int) -> np.ndarray:
+    """pack_panels' layout of a (k, m) array, made by NumPy (a constant weight: packed when planned)."""
+    k, m = b.shape
+    panels = -(-m // nr)
+    out = np.zeros((panels, k, nr), b.dtype)
+    full = m // nr
+    out[:full] = b[:, :full * nr].reshape(k, full, nr).transpose(1, 0, 2)
+    if m % nr:
+        out[full, :, :m % nr] = b[:, full * nr:]
+    return out.reshape(-1)
+
+
 def pack_panels(dst: View, b: View, nr: int) -> Kernel:
     """dst (contiguous, packed_size elements) = b (k, m, any strides) in the micro-kernel's panel layout:
     panel j (columns j*nr .. j*nr+nr-1) is k rows of nr elements, row p at j*k*nr + p*nr, columns past m
@@ -637,18 +649,29 @@ def pack_panels(dst: View, b: View, nr: int) -> Kernel:
     full, tail = divmod(m, nr)
     zero = literal(0.0, dst.dtype)
 
+    # the loops walk b in its memory order: a transposed weight (W.T of a row-major W, an ONNX initialiser)
+    # is read down its columns, the panel's rows written 16 floats apart (a 2 MB te12 weight: ~10 ms read
+    # element by element across, against ~2 ms in order)
+    down = abs(sr) < abs(sc)
+
     def emit(em, P, lo, hi):
         def copy(offs, _):
             store(em, P, dst, offs[0], load(em, P, b, offs[1]))
         if full:
-            nest(em, (full, k, nr), [(k * nr, nr, 1), (nr * sc, sr, sc)], [dst.offset, b.offset], copy)
+            if down:
+                nest(em, (full, nr, k), [(k * nr, 1, nr), (nr * sc, sc, sr)], [dst.offset, b.offset], copy)
+            else:
+                nest(em, (full, k, nr), [(k * nr, nr, 1), (nr * sc, sr, sc)], [dst.offset, b.offset], copy)
         if tail:
             at = dst.offset + full * k * nr
-            nest(em, (k, tail), [(nr, 1), (sr, sc)], [at, b.offset + full * nr * sc], copy)
+            if down:
+                nest(em, (tail, k), [(1, nr), (sc, sr)], [at, b.offset + full * nr * sc], copy)
+            else:
+                nest(em, (k, tail), [(nr, 1), (sr, sc)], [at, b.offset + full * nr * sc], copy)
             nest(em, (k, nr - tail), [(nr, 1)], [at + tail],
                  lambda offs, _: store(em, P, dst, offs[0], zero))
     kern = Kernel("pack_panels", [dst, b], emit, None, 0)
-    kern.key = ("pack_panels", nr)
+    kern.key = ("pack_panels", nr, down)
     return kern
 
 
@@ -656,7 +679,9 @@ def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
                ktaps=None, packed: bool = False) -> None:
     """out[n, m] = a[n, k] @ b[k, m] by tiles of mr rows x nv vectors held in registers: per step p one
     row of b's tile is loaded as vectors and every row's a[i, p] broadcast into a fused multiply-add.
-    Column blocks run outermost so b's block (k x nv vectors) stays in L1 across the row tiles; the
+    Column blocks run outermost so b's block (k x nv vectors) stays in L1/L2 across the row tiles (packed,
+    with a larger than ROW_BLOCK_BYTES: blocks of a's rows outside them, each kept in L2 while the
+    column blocks pass over it); the
     last partial vector is read and written by vload / vstore (pieces or masked). b's rows must be contiguous (stride 1). `cols` = (lo, hi):
     only the column blocks lo .. hi-1 (tile_blocks; the partial block last), the unit a split runs.
     `ktaps` = (dims, strides): b's row p starts at element sum(idx * strides) for p's multi-index idx in
@@ -674,10 +699,10 @@ def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
 
     vecs = [lanes] * (tail // lanes) + ([tail % lanes] if tail % lanes else [])
 
-    def blocks(ra, ro, rows: int):
-        """The column blocks (all, or cols') over `rows` rows of a and out starting at offsets ra, ro."""
+    def blocks(ra, ro, nrows: int):
+        """The column blocks (all, or cols') over nrows rows of a and out starting at offsets ra, ro."""
         def rows_of(j0, vv):
-            _tile_rows(em, P, out, a, b, ra, bo, ro, rows, k, m, j0, vv, _row_tile(rows, tiles),
+            _tile_rows(em, P, out, a, b, ra, bo, ro, nrows, k, m, j0, vv, _row_tile(nrows, rows),
                        ktaps, nr if packed else None)
         if cols is None:
             em.loop(full_cols, lambda jb: rows_of(em(f"mul i64 {jb}, {nr}"), [lanes] * nv))
@@ -690,7 +715,6 @@ def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
         if tail:
             em.if_(em(f"icmp sgt i64 {hi}, {full_cols}"), lambda: rows_of(str(full_cols * nr), vecs))
 
-    tiles = rows
     nb = _row_block(n, k, mr, out.dtype) if packed else n
     if nb >= n:
         blocks(ao, oo, n)
