@@ -681,9 +681,9 @@ def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
     row of b's tile is loaded as vectors and every row's a[i, p] broadcast into a fused multiply-add.
     Column blocks run outermost so b's block (k x nv vectors) stays in L1/L2 across the row tiles (packed,
     with a larger than ROW_BLOCK_BYTES: blocks of a's rows outside them, each kept in L2 while the
-    column blocks pass over it); the
-    last partial vector is read and written by vload / vstore (pieces or masked). b's rows must be contiguous (stride 1). `cols` = (lo, hi):
-    only the column blocks lo .. hi-1 (tile_blocks; the partial block last), the unit a split runs.
+    column blocks pass over it); the last partial vector is read and written by vload / vstore (pieces or
+    masked). b's rows must be contiguous (stride 1). `cols` = (lo, hi): only the column blocks lo .. hi-1
+    (tile_blocks; the partial block last), the unit a split runs.
     `ktaps` = (dims, strides): b's row p starts at element sum(idx * strides) for p's multi-index idx in
     dims (prod(dims) == k) instead of p * b's row stride: the rows of an implicit im2col (a convolution's
     taps read from the padded image itself, conv.conv_tiles' wide grid), which may overlap.
