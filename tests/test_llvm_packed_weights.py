@@ -224,10 +224,13 @@ def test_rule_and_switches(rng, monkeypatch):
         assert _packed(f) is packed
         monkeypatch.delenv(env)
     if gemm.jit.blas() is not None:
-        monkeypatch.setattr(gemm, "PACKED_MACS", 64 * 96 * 80 - 1)   # above the size rule: not packed
-        f = gc.function([x], y, backend="llvm")
-        np.testing.assert_allclose(f(xv), _ref(xv, w), rtol=2e-5, atol=1e-3)
-        assert not _packed(f) and "pack_panels" not in [s.name for s in plan_steps(f)]
+        for const, value in (("PACKED_MACS", 64 * 96 * 80 - 1), ("PACKED_BYTES", 96 * 80 * 4 - 1)):
+            keep = getattr(gemm, const)
+            monkeypatch.setattr(gemm, const, value)   # above the size rule: not packed
+            f = gc.function([x], y, backend="llvm")
+            np.testing.assert_allclose(f(xv), _ref(xv, w), rtol=2e-5, atol=1e-3)
+            assert not _packed(f) and "pack_panels" not in [s.name for s in plan_steps(f)], const
+            monkeypatch.setattr(gemm, const, keep)
 
 
 def test_not_packed_inside_a_scan(rng):

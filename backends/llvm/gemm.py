@@ -95,13 +95,17 @@ def small(a: View, b: View, min_rows: int = 2) -> bool:
 #: 256x512x256 0.90x, 64x400x120 0.81x, 16x256x256 0.69x; from 1024 rows BLAS is as fast or faster
 #: (1024x784x512 0.96-1.02x, 1024^3 0.86-1.14x: the micro-kernel reads all of a once per panel)
 PACKED_MACS = 1 << 28
+#: ... and a weight of at most this many bytes (the packed copy lives beside it for the function's life:
+#: a language model's 100+ MB matrices are left to BLAS rather than held twice)
+PACKED_BYTES = 1 << 26
 
 
 def packs(a: View, b: View) -> bool:
     """Use the micro-kernel over b packed in panels for a @ b, b a weight (plan._packed_tiles): float, at
-    least two rows and eight columns, at most PACKED_MACS, and enough column blocks for the threads where
-    the product is split (one 16-column block of a (256 x 256) @ (256 x 10) product would run on one core:
-    BLAS splits its rows, 60 against 97 us). GRAPHC_LLVM_SMALL_GEMM=0: never; =1: whatever the size."""
+    least two rows and eight columns, at most PACKED_MACS and PACKED_BYTES, and enough column blocks for the
+    threads where the product is split (one 16-column block of a (256 x 256) @ (256 x 10) product would run
+    on one core: BLAS splits its rows, 60 against 97 us). GRAPHC_LLVM_SMALL_GEMM=0: never; =1: whatever the
+    size."""
     import os
     from . import tune
     n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
@@ -111,8 +115,9 @@ def packs(a: View, b: View) -> bool:
     if mode == "1" or jit.blas() is None:
         return True
     threads = tune.threads()
-    return n * k * m <= PACKED_MACS and (threads == 1 or 2 * n * k * m < tune.TILES_PARALLEL_FLOPS
-                                         or tile_blocks(m, a.dtype, n) >= 2 * threads)
+    return (n * k * m <= PACKED_MACS and k * m * np.dtype(b.dtype).itemsize <= PACKED_BYTES
+            and (threads == 1 or 2 * n * k * m < tune.TILES_PARALLEL_FLOPS
+                 or tile_blocks(m, a.dtype, n) >= 2 * threads))
 
 
 def gemv_ok(a: View, b: View, out: View) -> bool:
