@@ -6,8 +6,8 @@ Against NumPy in float64 on odd sizes, float32 and float64, both ISAs' vector sh
 the panel layout itself against a NumPy reshape; a's rows in blocks; a 3-D activation's epilogue; a new
 weight after set_value and after another function's updates=; the weights a training step updates itself
 (not packed: they change every call); the size and width rule (gemm.packs) and its switches; inside a scan
-(not packed); bounds-checked builds; a constant packed by NumPy when planned; a weight read by two
-products packed once. No timing."""
+(not packed); bounds-checked builds; a constant, and a weight read by two products, packed once. No
+timing."""
 from __future__ import annotations
 
 import ctypes
@@ -183,11 +183,11 @@ def test_a_value_of_weights_alone_is_packed(rng):
     assert names[-1] == "pack_panels" and len(names) >= 2   # the sum, then its packing: both once
 
 
-def test_a_constant_is_packed_when_planned_and_a_shared_weight_once(rng):
+def test_a_constant_and_a_weight_read_by_two_products_are_packed_once(rng):
     x = gc.placeholder("x", (11, 24), "float32")
     cv = rng.standard_normal((40, 24)).astype(np.float32)
     w = gc.parameter("w", rng.standard_normal((24, 40)).astype(np.float32))
-    h = gc.relu(x @ gc.transpose(gc.constant(cv)))          # a constant, transposed: packed by NumPy now
+    h = gc.relu(x @ gc.transpose(gc.constant(cv)))          # a constant, transposed: packed once too
     y = gc.tanh(x @ w) + gc.sigmoid((h[:, :24] + x) @ w)    # one weight, two products: one packing step
     f = gc.function([x], [h, y], backend="llvm")
     xv = rng.standard_normal((11, 24)).astype(np.float32)
@@ -200,7 +200,7 @@ def test_a_constant_is_packed_when_planned_and_a_shared_weight_once(rng):
         np.testing.assert_allclose(got[1], want, rtol=2e-5, atol=1e-4)
         w.set_value(rng.standard_normal((24, 40)).astype(np.float32))
     plan = _spec_plan(f)
-    assert [s.name for s in plan.steps[:plan.prologue]] == ["pack_panels"]   # w's, once; none for cv
+    assert [s.name for s in plan.steps[:plan.prologue]] == ["pack_panels"] * 2   # cv's, and w's once
     assert sum(getattr(s, "packed", False) for s in plan_steps(f)) == 3
 
 

@@ -630,18 +630,6 @@ def packed_size(k: int, m: int, nr: int) -> int:
     return -(-m // nr) * k * nr
 
 
-def pack_array(b: np.ndarray, nr: int) -> np.ndarray:
-    """pack_panels' layout of a (k, m) array, made by NumPy (a constant weight: packed when planned)."""
-    k, m = b.shape
-    panels = -(-m // nr)
-    out = np.zeros((panels, k, nr), b.dtype)
-    full = m // nr
-    out[:full] = b[:, :full * nr].reshape(k, full, nr).transpose(1, 0, 2)
-    if m % nr:
-        out[full, :, :m % nr] = b[:, full * nr:]
-    return out.reshape(-1)
-
-
 def pack_panels(dst: View, b: View, nr: int) -> Kernel:
     """dst (contiguous, packed_size elements) = b (k, m, any strides) in the micro-kernel's panel layout:
     panel j (columns j*nr .. j*nr+nr-1) is k rows of nr elements, row p at j*k*nr + p*nr, columns past m

@@ -48,6 +48,11 @@ class Plan(Schedule):
         from . import tune
         return 1 if os.environ.get("GRAPHC_LLVM_ROW_SPLIT", "1") == "0" else tune.threads()
 
+    def __init__(self, *args, **kw):
+        #: (weight view, panel width) -> the view of its packed copy, for the weights packed so far
+        self._packs: dict = {}
+        super().__init__(*args, **kw)
+
     def copy(self, dst: View, src: View):
         return K.copy(dst, src)
 
@@ -243,9 +248,9 @@ class Plan(Schedule):
         """Plan out = a @ b on the micro-kernel with b packed in panels (gemm.pack_panels) when b is a
         weight: a parameter or constant or a value of them alone (Schedule.invariant), not one this graph's
         updates replace (a training step's: packed anew every call), one product outside loops, within
-        gemm.packs' size rule. A constant's panels are made now (gemm.pack_array: a constant of the plan);
-        otherwise the packing is a step of its own that hoist_prologue moves to the prologue: run once, and
-        again whenever the parameter has a new array (set_value, updates=), so the panels are never stale.
+        gemm.packs' size rule. The packing is a step of its own that hoist_prologue moves to the prologue: run
+        once, and again whenever the parameter has a new array (set_value, updates=), so the panels are never
+        stale.
         It reads any layout (a transposed weight needs no contiguous copy first). GRAPHC_LLVM_PACK=0: off.
         True when planned (the caller adds nothing)."""
         import os
@@ -255,30 +260,14 @@ class Plan(Schedule):
         n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
         nr = gemm.panel_width(n, b.dtype)
         key = (b.buf, b.offset, b.shape, b.strides, nr)   # a weight read by several products: packed once
-        packs = self._packs_made()
-        if key in packs:
-            pk = packs[key]
-        elif self.buffers[b.buf].kind == "const":   # a constant (an ONNX initialiser): packed now, by NumPy
-            item = np.dtype(b.dtype).itemsize
-            src = self.consts[self.buffers[b.buf].index].reshape(-1).view(np.uint8)
-            arr = gemm.pack_array(np.ndarray((k, m), b.dtype, buffer=src, offset=b.offset * item,
-                                             strides=[x * item for x in b.strides]), nr)
-            pk = View(self.new_buffer("const", arr.nbytes, len(self.consts)), 0, arr.shape, (1,), b.dtype)
-            self.consts.append(arr)
-        else:
-            pk = self.fresh(None, (gemm.packed_size(k, m, nr),), b.dtype)
+        pk = self._packs.get(key)
+        if pk is None:
+            pk = self._packs[key] = self.fresh(None, (gemm.packed_size(k, m, nr),), b.dtype)
             self.add(gemm.pack_panels(pk, b, nr), [b], [pk])
-        packs[key] = pk
         bp = View(pk.buf, pk.offset, (k, m), (nr, 1), b.dtype)
         self.add(gemm.matmul(out, a, bp, blas="tiles", packed=True), [a, bp], [out])
         tune._note(self, f"{n}x{k}x{m} {b.dtype}: micro-kernel over the weight packed in {nr}-column panels (rule)")
         return True
-
-    def _packs_made(self) -> dict:
-        """(weight view, panel width) -> its packed buffer's view, for the weights packed so far."""
-        if "_packs" not in self.__dict__:
-            self._packs = {}
-        return self._packs
 
     def _drop_since(self, mark) -> None:
         super()._drop_since(mark)
