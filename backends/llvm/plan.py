@@ -250,9 +250,8 @@ class Plan(Schedule):
         updates replace (a training step's: packed anew every call), one product outside loops, within
         gemm.packs' size rule. The packing is a step of its own that hoist_prologue moves to the prologue: run
         once, and again whenever the parameter has a new array (set_value, updates=), so the panels are never
-        stale.
-        It reads any layout (a transposed weight needs no contiguous copy first). GRAPHC_LLVM_PACK=0: off.
-        True when planned (the caller adds nothing)."""
+        stale; it reads any layout (a transposed weight needs no contiguous copy first), and a weight read by
+        several products is packed once. GRAPHC_LLVM_PACK=0: off. True when planned (the caller adds nothing)."""
         import os
         if (os.environ.get("GRAPHC_LLVM_PACK", "1") == "0" or len(out.shape) != 2 or len(b.shape) != 2
                 or b.literal is not None or not gemm.packs(a, b) or not self.invariant(b.buf, settled=True)):
