@@ -58,7 +58,10 @@ class Kernel:
                  outer: int = 0):
         self.name = name
         self.outer = outer    # extent of the outermost loop (the hi passed for a whole run)
-        self.bufs = sorted({v.buf for v in views if v is not None and v.buf is not None})
+        # the buffers in the order the views name them (the kernel function's arguments): two kernels over the
+        # same roles share one function whatever the buffers' numbers (a weight packed once for several
+        # layers has a lower number than each layer's activations)
+        self.bufs = list(dict.fromkeys(v.buf for v in views if v is not None and v.buf is not None))
         self.emit = emit      # emit(em, P: {buf: ptr ssa}, lo, hi)
         self.split = split    # outer extent when the kernel may be split across threads
         self.size = flops
