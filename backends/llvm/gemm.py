@@ -650,17 +650,19 @@ def pack_panels(dst: View, b: View, nr: int) -> Kernel:
     def emit(em, P, lo, hi):
         def copy(offs, _):
             store(em, P, dst, offs[0], load(em, P, b, offs[1]))
-        if full:
+
+        def walk(lead, cols, bases):
+            """dst/b over (lead..., k rows, cols columns): the last two in b's memory order."""
+            shape, dsts, srcs = [k, cols], [nr, 1], [sr, sc]
             if down:
-                nest(em, (full, nr, k), [(k * nr, 1, nr), (nr * sc, sc, sr)], [dst.offset, b.offset], copy)
-            else:
-                nest(em, (full, k, nr), [(k * nr, nr, 1), (nr * sc, sr, sc)], [dst.offset, b.offset], copy)
+                shape, dsts, srcs = shape[::-1], dsts[::-1], srcs[::-1]
+            nest(em, tuple(lead) + tuple(shape), [(k * nr,) * len(lead) + tuple(dsts),
+                                                  (nr * sc,) * len(lead) + tuple(srcs)], bases, copy)
+        if full:
+            walk((full,), nr, [dst.offset, b.offset])
         if tail:
             at = dst.offset + full * k * nr
-            if down:
-                nest(em, (tail, k), [(1, nr), (sc, sr)], [at, b.offset + full * nr * sc], copy)
-            else:
-                nest(em, (k, tail), [(nr, 1), (sr, sc)], [at, b.offset + full * nr * sc], copy)
+            walk((), tail, [at, b.offset + full * nr * sc])
             nest(em, (k, nr - tail), [(nr, 1)], [at + tail],
                  lambda offs, _: store(em, P, dst, offs[0], zero))
     kern = Kernel("pack_panels", [dst, b], emit, None, 0)
@@ -757,7 +759,7 @@ def _tile_rows(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
     sa_r, sa_k = a.strides[-2], a.strides[-1]
     sb_k = panel if panel is not None else b.strides[-2] if ktaps is None else 0
     # where the block's columns start within b's rows (packed: where the block's panel starts)
-    bcol = j0 if panel is None else em(_imul(j0, k)) if not str(j0).lstrip("-").isdigit() else str(int(j0) * k)
+    bcol = j0 if panel is None else em(_imul(j0, k))
     bvecs = [lanes] * len(vecs) if panel is not None else vecs   # (a panel's columns past m are zeros)
 
     def tile(i0, h: int):
