@@ -6,7 +6,7 @@ Against NumPy in float64 on odd sizes, float32 and float64, both ISAs' vector sh
 the panel layout itself against a NumPy reshape; a's rows in blocks; a 3-D activation's epilogue; a new
 weight after set_value and after another function's updates=; the weights a training step updates itself
 (not packed: they change every call); the size and width rule (gemm.packs) and its switches; inside a scan
-(not packed); bounds-checked builds; a constant, and a weight read by two products, packed once. No
+(packed once before the loop; not a carry, a weight the step updates, or a nested scan's); bounds-checked builds; a constant, and a weight read by two products, packed once. No
 timing."""
 from __future__ import annotations
 
@@ -233,23 +233,138 @@ def test_rule_and_switches(rng, monkeypatch):
             monkeypatch.setattr(gemm, const, keep)
 
 
-def test_not_packed_inside_a_scan(rng):
-    w = gc.parameter("w", rng.standard_normal((16, 16)).astype(np.float32) * 0.3)
-    xs = gc.placeholder("xs", (5, 8, 16), "float32")
-    h0 = gc.placeholder("h0", (8, 16), "float32")
+def _loop_packed(f) -> bool:
+    """Whether f's plan packs a weight in its prologue and a product inside a loop body reads the panels."""
+    from graphc.backends.schedule.steps import LoopStep
+    plan = _spec_plan(f)
+    pro = [getattr(s, "name", "") for s in plan.steps[:plan.prologue]]
+
+    def packed_in(steps, inside):
+        return any(packed_in(s.body, True) if isinstance(s, LoopStep) else inside and getattr(s, "packed", False)
+                   for s in steps)
+    return "pack_panels" in pro and packed_in(plan.steps, False)
+
+
+def _rnn(rng, T, n, H, dtype, transposed=False):
+    """A tanh RNN whose step reads the parameter w (H x H, or its transpose) inside gc.scan."""
+    w = gc.parameter("w", (rng.standard_normal((H, H)) * (0.6 / np.sqrt(H))).astype(dtype))
+    xs = gc.placeholder("xs", (T, n, H), dtype)
+    h0 = gc.placeholder("h0", (n, H), dtype)
+
     def step(h, x_t):
-        h = gc.tanh(x_t + h @ w)
+        h = gc.tanh(x_t + h @ (gc.transpose(w) if transposed else w))
         return h, h
     _, ys = gc.scan(step, init=h0, xs=xs)
+    return w, xs, h0, ys
+
+
+def _rnn_ref(w, xv, hv, transposed=False):
+    wv = (w.value.T if transposed else w.value).astype(np.float64)
+    h, want = hv.astype(np.float64), []
+    for x_t in xv:
+        h = np.tanh(x_t + h @ wv)
+        want.append(h)
+    return np.stack(want)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("nH", [(5, 17), (8, 16), (17, 65), (6, 63)], ids=lambda s: "x".join(map(str, s)))
+def test_a_scan_packs_its_weight_once_before_the_loop(nH, dtype, isa, threads, rng):
+    """h @ W inside gc.scan, W a parameter read by the body: packed once in the prologue (Schedule.before_loop),
+    the step's product over the panels, every step; a row-split scan's parts share the panels."""
+    n, H = nH
+    for transposed in (False, True):
+        w, xs, h0, ys = _rnn(rng, 5, n, H, dtype, transposed)
+        f = gc.function([xs, h0], ys, backend="llvm")
+        xv = rng.standard_normal((5, n, H)).astype(dtype)
+        hv = rng.standard_normal((n, H)).astype(dtype)
+        rtol, atol = _tol(dtype)
+        np.testing.assert_allclose(f(xv, hv), _rnn_ref(w, xv, hv, transposed), rtol=rtol * 10, atol=atol * H)
+        assert _loop_packed(f), (nH, transposed)
+        assert "packed before the loop" in " ".join(f.program.info["target"]["gemm"]["products"])
+        # one packing per panel width (a row-split scan's parts of 9 and 8 rows take tiles of different widths)
+        import re
+        widths = set(re.findall(r"packed in (\d+)-column panels, packed before the loop",
+                                " ".join(f.program.info["target"]["gemm"]["products"])))
+        plan = _spec_plan(f)
+        assert [getattr(s, "name", "") for s in plan.steps[:plan.prologue]].count("pack_panels") == len(widths)
+
+
+def test_a_scan_weight_is_repacked_when_it_changes(rng):
+    w, xs, h0, ys = _rnn(rng, 4, 8, 24, "float32")
     f = gc.function([xs, h0], ys, backend="llvm")
-    xv = rng.standard_normal((5, 8, 16)).astype(np.float32)
+    xv = rng.standard_normal((4, 8, 24)).astype(np.float32)
+    hv = rng.standard_normal((8, 24)).astype(np.float32)
+    for _ in range(3):
+        np.testing.assert_allclose(f(xv, hv), _rnn_ref(w, xv, hv), rtol=1e-4, atol=1e-5)
+        w.set_value((rng.standard_normal((24, 24)) * 0.2).astype(np.float32))
+    assert _loop_packed(f)
+    g = gc.function([], [], updates=[(w, w * 0.5)], backend="llvm")
+    g()
+    np.testing.assert_allclose(f(xv, hv), _rnn_ref(w, xv, hv), rtol=1e-4, atol=1e-5)
+
+
+def test_a_scan_weight_the_step_updates_is_not_packed(rng):
+    """A training step through the scan (W9's shape): W gets a new array every call, so it is not packed
+    (the pack would run every call); the step is still right, call after call."""
+    w, xs, h0, ys = _rnn(rng, 4, 8, 24, "float32")
+    loss = gc.sum(ys[-1] * ys[-1])
+    (gw,) = gc.grad(loss, [w])
+    f = gc.function([xs, h0], loss, updates=[(w, w - 0.05 * gw)], backend="llvm")
+    xv = rng.standard_normal((4, 8, 24)).astype(np.float32)
+    hv = rng.standard_normal((8, 24)).astype(np.float32)
+    for _ in range(3):
+        before = w.value.copy()
+        want = np.sum(_rnn_ref(w, xv, hv)[-1] ** 2)
+        np.testing.assert_allclose(f(xv, hv), want, rtol=1e-4)
+        assert not np.array_equal(before, w.value)
+    assert not any(getattr(s, "packed", False) for s in plan_steps(f))
+
+
+def test_a_carry_made_from_a_parameter_is_not_packed(rng):
+    """The step's right operand is a carry whose first value is a parameter: it changes every step, so no
+    product inside the loop reads panels of it (the scan's invariant inputs only)."""
+    m0 = gc.parameter("m0", (rng.standard_normal((16, 16)) * 0.3).astype(np.float32))
+    xs = gc.placeholder("xs", (4, 8, 16), "float32")
+
+    def step(m, x_t):
+        y = gc.tanh(x_t @ m)
+        return m * 0.5 + 0.1, y
+    _, ys = gc.scan(step, init=m0, xs=xs)
+    f = gc.function([xs], ys, backend="llvm")
+    xv = rng.standard_normal((4, 8, 16)).astype(np.float32)
+    m, want = m0.value.astype(np.float64), []
+    for x_t in xv:
+        want.append(np.tanh(x_t @ m))
+        m = m * 0.5 + 0.1
+    np.testing.assert_allclose(f(xv), np.stack(want), rtol=1e-4, atol=1e-5)
+    assert not _loop_packed(f)
+
+
+def test_a_nested_scan_is_right_and_its_inner_product_unpacked(rng):
+    """A scan inside a scan's body reading W: its loop position is the outer loop's, so nothing is added
+    before it (Schedule.before_loop answers False); the results are right."""
+    w = gc.parameter("w", (rng.standard_normal((16, 16)) * 0.25).astype(np.float32))
+    xs = gc.placeholder("xs", (3, 2, 8, 16), "float32")
+    h0 = gc.placeholder("h0", (8, 16), "float32")
+
+    def inner(h, x_t):
+        h = gc.tanh(x_t + h @ w)
+        return h, h
+
+    def outer(h, xseq):
+        h, _ = gc.scan(inner, init=h, xs=xseq)
+        return h, h
+    _, ys = gc.scan(outer, init=h0, xs=xs)
+    f = gc.function([xs, h0], ys, backend="llvm")
+    xv = rng.standard_normal((3, 2, 8, 16)).astype(np.float32)
     hv = rng.standard_normal((8, 16)).astype(np.float32)
     h, want = hv.astype(np.float64), []
-    for t in range(5):
-        h = np.tanh(xv[t] + h @ w.value)
+    for xseq in xv:
+        for x_t in xseq:
+            h = np.tanh(x_t + h @ w.value)
         want.append(h)
     np.testing.assert_allclose(f(xv, hv), np.stack(want), rtol=1e-4, atol=1e-5)
-    assert "pack_panels" not in [getattr(s, "name", "") for s in plan_steps(f)]
 
 
 def test_bounds_checked_build_packs_every_call(rng):

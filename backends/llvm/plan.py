@@ -253,24 +253,38 @@ class Plan(Schedule):
         stale; it reads any layout (a transposed weight needs no contiguous copy first), and a weight read by
         several products is packed once. GRAPHC_LLVM_PACK=0: off. True when planned (the caller adds nothing)."""
         import os
+        loop = self._loop_pos is not None
         if (os.environ.get("GRAPHC_LLVM_PACK", "1") == "0" or len(out.shape) != 2 or len(b.shape) != 2
-                or b.literal is not None or not gemm.packs(a, b) or not self.invariant(b.buf, settled=True)):
+                or b.literal is not None or not gemm.packs(a, b) or (loop and not gemm.small(a, b))
+                or not self.invariant(b.buf, settled=True)):
             return False
         n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
         nr = gemm.panel_width(n, b.dtype)
         key = (b.buf, b.offset, b.shape, b.strides, nr)   # a weight read by several products: packed once
         pk = self._packs.get(key)
         if pk is None:
-            pk = self._packs[key] = self.fresh(None, (gemm.packed_size(k, m, nr),), b.dtype)
-            self.add(gemm.pack_panels(pk, b, nr), [b], [pk])
+            pk = self.fresh(None, (gemm.packed_size(k, m, nr),), b.dtype)
+            # in a loop (a recurrent step's h @ W_hh, W_hh an input of the scan): packed once before it
+            if loop and not self.before_loop(gemm.pack_panels(pk, b, nr), [b], [pk]):
+                return False
+            if not loop:
+                self.add(gemm.pack_panels(pk, b, nr), [b], [pk])
+            self._packs[key] = pk
         bp = View(pk.buf, pk.offset, (k, m), (nr, 1), b.dtype)
-        self.add(gemm.matmul(out, a, bp, blas="tiles", packed=True), [a, bp], [out])
-        tune._note(self, f"{n}x{k}x{m} {b.dtype}: micro-kernel over the weight packed in {nr}-column panels (rule)")
+        kern = gemm.matmul(out, a, bp, blas="tiles", packed=True)
+        if loop and kern.split and getattr(kern, "chunks", None) is None and (kern.threads or 0) > 1:
+            kern.chunks = kern.threads   # each core the same column blocks every step (_matmul_views)
+        self.add(kern, [a, bp], [out])
+        tune._note(self, f"{n}x{k}x{m} {b.dtype}: micro-kernel over the weight packed in {nr}-column panels"
+                   + (", packed before the loop" if loop else "") + " (rule)")
         return True
 
     def _drop_since(self, mark) -> None:
         super()._drop_since(mark)
-        self._packs = {}   # (a dropped packing step's buffer holds nothing: the next product packs again)
+        # a dropped packing step's buffer holds nothing: the products planned next pack again (the packs made
+        # before the mark stay, and within a loop body those made before the loop)
+        kept = self._before if self._loop_pos is not None else ()
+        self._packs = {key: v for key, v in self._packs.items() if v.buf < mark[1] or v.buf in kept}
 
     def _blas_instead(self, out: View, a: View, b: View) -> bool:
         """A single product the size rule gives the micro-kernel, outside loops, with BLAS at hand: the tuner

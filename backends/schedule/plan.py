@@ -137,6 +137,12 @@ class Schedule:
         self.status_codes = StatusCodes()  # access (code -> (node, what)); the program raises after the call
         self.arena_bytes = 0
         self._loop_pos = None   # inside a loop body: every buffer is live for the whole loop step
+        #: while the body of a top-level loop is planned (not a nested one): its top-level step list, the
+        #: buffers of the scan's invariant inputs (read-only in the body), and the buffers written by the
+        #: steps `before_loop` added (kept when the body's steps are dropped and planned again)
+        self._top: list | None = None
+        self._loop_invs: set = set()
+        self._before: set = set()
         self._node: Node | None = None   # the node being planned (kernels remember it for error messages)
         self._used = None
         self._record: list | None = None   # (step, reads, writes) of every add while a scan body is planned
@@ -241,6 +247,31 @@ class Schedule:
             for b in self._step_io(step)[1]:
                 self._writers.setdefault(b, []).append(step)
 
+    def before_loop(self, step, reads, writes) -> bool:
+        """While a top-level loop's body is planned: add `step` (reading only the loop's invariant inputs'
+        buffers or buffers outside the loop's) to the top-level steps just before the loop, to run once
+        rather than every iteration (a weight packed for the body's product). The buffers it writes must be
+        new ones of its own. The loop's position and the lifetimes at or past it move one step on. False
+        (nothing added) inside a nested loop."""
+        if self._top is None or self._loop_pos is None:
+            return False
+        pos = self._loop_pos
+        never = 1 << 60
+        for b in self.buffers:
+            if pos <= b.first < never:
+                b.first += 1
+            if b.last >= pos:
+                b.last += 1
+        self._top.insert(pos, step)
+        self._loop_pos = pos + 1
+        self.touch(list(reads) + list(writes), pos)
+        step.node = self._node
+        step.io = (tuple(v.buf for v in reads if v.buf is not None), tuple(v.buf for v in writes))
+        for v in writes:
+            self._writers.setdefault(v.buf, []).append(step)
+            self._before.add(v.buf)
+        return True
+
     def materialise(self, v: View, dtype=None) -> View:
         """A contiguous copy of v (converted to dtype)."""
         out = self.fresh(None, v.shape, dtype or v.dtype)
@@ -339,8 +370,10 @@ class Schedule:
         n_steps, n_bufs, out_bufs, fallback = mark
         del self.steps[n_steps:]
         keep = self.status.buf if self.status is not None else None
+        # (within a loop body, the buffers of steps before_loop added outside it stay: those steps do)
+        kept = self._before if self._loop_pos is not None else ()
         for b in range(n_bufs, len(self.buffers)):
-            if b != keep:
+            if b != keep and b not in kept:
                 self.buffers[b].first, self.buffers[b].last = 1 << 60, -1
         self.out_bufs[:] = out_bufs
         self.fallback = fallback
@@ -377,7 +410,9 @@ class Schedule:
         plan work there that pays only when done once (a weight packed for its product). settled: not the
         parameters this graph's updates replace (a training step's weights: a new array every call, so
         their prologue would run every call)."""
-        if buf is None or self._loop_pos is not None:
+        # (in a loop body, only the loop's invariant inputs: the body may rewrite other buffers, and its
+        # steps are not in _writers)
+        if buf is None or (self._loop_pos is not None and buf not in self._loop_invs):
             return False
         if self._updated is None:
             self._updated = {id(p) for p, _ in getattr(self.graph, "updates", ())}
@@ -395,7 +430,7 @@ class Schedule:
                                               not in updated)
                 if kind == "arena" and b != status and b in self._writers:
                     if live is None:   # (steps dropped or replaced since they were added do not count)
-                        live = {id(st) for st in self.steps}
+                        live = {id(st) for st in (self.steps if self._top is None else self._top)}
                     ws = [st for st in self._writers[b] if id(st) in live]
                     memo[b] = bool(ws) and all(not isinstance(st, (HostStep, LoopStep))
                                                and getattr(st, "io", None) is not None
@@ -643,6 +678,11 @@ def _scan(s: Schedule, node, ins):
     # a nested loop's steps live at the OUTERMOST loop's position in the top-level step list (lifetimes
     # are indices there; the enclosing body's list index would collide with top-level steps)
     s._loop_pos, s.steps = (len(saved) if saved_pos is None else saved_pos), []
+    # steps a backend adds before the loop (Schedule.before_loop): only for a top-level loop (a nested
+    # one's position is its outer loop's, held by the frames planning it)
+    top, s._top = s._top, (saved if saved_pos is None else None)
+    loop_invs, s._loop_invs = s._loop_invs, ({v.buf for v in invs if v.buf is not None} if saved_pos is None
+                                             else set())
     try:
         slices, seq_views = [], []
         for q in seqs:
@@ -668,6 +708,9 @@ def _scan(s: Schedule, node, ins):
     except NotLowerable:   # Schedule.node drops what was planned and runs the scan on the host
         s.steps, s._loop_pos = saved, saved_pos
         raise
+    finally:
+        s._top, s._loop_invs = top, loop_invs
+    # (before_loop may have moved a top-level loop's position on: it is len(saved) again)
     s.steps, s._loop_pos = saved, saved_pos
     s.add(loop, [], [])
     kept = [v for v in stacked if v is not None]
@@ -737,7 +780,7 @@ def _drop_planned(s: Schedule, mark: tuple) -> None:
     del s.steps[mark[0]:]
     keep = s.status.buf if s.status is not None else None
     for b in range(mark[1], len(s.buffers)):
-        if b != keep:
+        if b != keep and b not in s._before:   # (written before the loop by a step that stays)
             s.buffers[b].first, s.buffers[b].last = 1 << 60, -1
 
 
@@ -791,7 +834,7 @@ def _plan_parts(s: Schedule, body: Graph, nc: int, ns: int, n_y: int, carry: lis
         views = [v for _, r, w in rec for v in list(r) + list(w) if v is not None and v.buf is not None]
         writes = [v for _, _, w in rec for v in w if v is not None and v.buf is not None]
         others = [v for v in views if mark[1] <= v.buf < first_buf and v.buf != status
-                  and s.buffers[v.buf].kind in keep]
+                  and s.buffers[v.buf].kind in keep and v.buf not in s._before]
         foreign = [v for v in writes if v.buf < first_buf and v.buf not in owned and v.buf != status]
         if others or foreign or not rows.within_rows(views, owned):
             _drop_planned(s, mark)
