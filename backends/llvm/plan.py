@@ -247,20 +247,27 @@ class Plan(Schedule):
     def _packed_tiles(self, out: View, a: View, b: View) -> bool:
         """Plan out = a @ b on the micro-kernel with b packed in panels (gemm.pack_panels) when b is a
         weight: a parameter or constant or a value of them alone (Schedule.invariant), not one this graph's
-        updates replace (a training step's: packed anew every call), one product outside loops, within
-        gemm.packs' size rule. The packing is a step of its own that hoist_prologue moves to the prologue: run
+        updates replace (a training step's: packed anew every call), one product, within gemm.packs' size
+        rule; or, inside a top-level scan's body, b an input of the scan (read unchanged by every step: a
+        recurrent cell's W_hh, a trained one too), packed by a step just before the loop
+        (Schedule.before_loop). The packing is a step of its own that hoist_prologue moves to the prologue: run
         once, and again whenever the parameter has a new array (set_value, updates=), so the panels are never
         stale; it reads any layout (a transposed weight needs no contiguous copy first), and a weight read by
         several products is packed once. GRAPHC_LLVM_PACK=0: off. True when planned (the caller adds nothing)."""
         import os
         loop = self._loop_pos is not None
         if (os.environ.get("GRAPHC_LLVM_PACK", "1") == "0" or len(out.shape) != 2 or len(b.shape) != 2
-                or b.literal is not None or not gemm.packs(a, b) or (loop and not gemm.small(a, b))
-                or not self.invariant(b.buf, settled=True)):
+                or b.literal is not None or not gemm.packs(a, b)):
+            return False
+        # in a loop: any input of the scan that the body reads unchanged (packed before the loop: in the
+        # prologue when it is a weight, else once per call, for every step of the loop)
+        if not (gemm.small(a, b) and b.buf in self._loop_invs if loop else self.invariant(b.buf, settled=True)):
             return False
         n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
         nr = gemm.panel_width(n, b.dtype)
         key = (b.buf, b.offset, b.shape, b.strides, nr)   # a weight read by several products: packed once
+        if loop and not self.invariant(b.buf, settled=True):
+            key += (self._loop_serial,)   # (a value computed each call: packed for this loop only)
         pk = self._packs.get(key)
         if pk is None:
             pk = self.fresh(None, (gemm.packed_size(k, m, nr),), b.dtype)

@@ -143,6 +143,7 @@ class Schedule:
         self._top: list | None = None
         self._loop_invs: set = set()
         self._before: set = set()
+        self._loop_serial = 0   # top-level loops planned so far
         self._node: Node | None = None   # the node being planned (kernels remember it for error messages)
         self._used = None
         self._record: list | None = None   # (step, reads, writes) of every add while a scan body is planned
@@ -681,6 +682,7 @@ def _scan(s: Schedule, node, ins):
     # steps a backend adds before the loop (Schedule.before_loop): only for a top-level loop (a nested
     # one's position is its outer loop's, held by the frames planning it)
     top, s._top = s._top, (saved if saved_pos is None else None)
+    s._loop_serial += saved_pos is None
     loop_invs, s._loop_invs = s._loop_invs, ({v.buf for v in invs if v.buf is not None} if saved_pos is None
                                              else set())
     try:
