@@ -378,3 +378,25 @@ def test_bounds_checked_build_packs_every_call(rng):
         np.testing.assert_allclose(f(xv), _ref(xv, w), rtol=2e-5, atol=1e-4)
         w.set_value(rng.standard_normal((13, 21)).astype(np.float32))
     assert _spec_plan(f).prologue == 0 and "pack_panels" in [s.name for s in plan_steps(f)]
+
+
+def test_invariant_answers_follow_the_steps_added_and_removed(rng):
+    """Schedule.invariant keeps its answers from call to call (a deep network asks once per layer): a step
+    added that writes a buffer it answered about, or removed (pop_step), makes it answer again, for that
+    buffer and for the values computed from it."""
+    from graphc.backends.schedule.views import View
+    x, w, y = _dense(rng, 16, 24, 32, "float32")
+    f = gc.function([x], y, backend="llvm")
+    f(rng.standard_normal((16, 24)).astype(np.float32))
+    plan = _spec_plan(f)
+    pbuf = next(st for st in plan.steps if getattr(st, "name", "") == "pack_panels").io[1][0]
+    xbuf = next(i for i, b in enumerate(plan.buffers) if b.kind == "input")
+    vec = lambda b: View(b, 0, (16,), (1,), "float32")   # noqa: E731
+    q = plan.fresh(None, (16,), "float32")
+    plan.add(plan.copy(q, vec(pbuf)), [vec(pbuf)], [q])      # q: a value of the packed weight alone
+    assert plan.invariant(pbuf, settled=True) and plan.invariant(q.buf, settled=True)
+    plan.add(plan.copy(vec(pbuf), vec(xbuf)), [vec(xbuf)], [vec(pbuf)])   # the input written over the panels
+    assert not plan.invariant(pbuf, settled=True) and not plan.invariant(q.buf, settled=True)
+    plan.pop_step()
+    assert plan.invariant(pbuf, settled=True) and plan.invariant(q.buf, settled=True)
+    assert not plan.invariant(xbuf) and plan.invariant(pbuf) and not plan.invariant(None)

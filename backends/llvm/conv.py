@@ -371,7 +371,7 @@ def fuse_conv_epilogue(plan, outs: list[View], ins: list[View], compute, full_sh
 
     kern = conv_tiles(om, x, w, cols, *args, epilogue=epilogue, extra_views=views)
     kern.fused_epilogue = True
-    plan.steps.pop()
+    plan.pop_step()
     plan.add(kern, [x, w] + [v for v in ins if v.buf != om.buf], [om, cols] + outs)
     return True
 

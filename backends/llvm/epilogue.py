@@ -178,7 +178,7 @@ def fuse(plan, outs: list[View], ins: list[View], compute, region: Kernel) -> bo
     kern.fn_attrs = prev.fn_attrs
     kern.epilogue = True
     kern.per_element = 2   # reads past the product's operands: element i for output element i (plan._scan)
-    plan.steps.pop()
+    plan.pop_step()
     record = plan._record
     if record and record[-1][0] is prev:
         record.pop()

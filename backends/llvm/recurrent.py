@@ -129,6 +129,6 @@ def fuse_epilogue(plan, outs: list[View], ins: list[View], compute, parallel: bo
     kern.per_element = 2   # reads past the product's operands: element i for output element i (plan._scan)
     if split:   # one run of blocks per thread: a thread keeps the same hidden units (and their cell
         kern.chunks = threads   # state) from step to step (8 dynamic chunks measured ~4% slower on W4)
-    plan.steps.pop()
+    plan.pop_step()
     plan.add(kern, [a, b] + ins, [p] + outs)
     return True

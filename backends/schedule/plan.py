@@ -144,6 +144,9 @@ class Schedule:
         self._loop_invs: set = set()
         self._before: set = set()
         self._loop_serial = 0   # top-level loops planned so far
+        #: invariant's answers (settled False, True): buffer -> bool, valid until a step writing one of
+        #: them is added or a top-level step is removed
+        self._inv_memo: tuple = ({}, {})
         self._node: Node | None = None   # the node being planned (kernels remember it for error messages)
         self._used = None
         self._record: list | None = None   # (step, reads, writes) of every add while a scan body is planned
@@ -245,8 +248,30 @@ class Schedule:
                        tuple(v.buf for v in writes if v is not None and v.buf is not None))
         self.steps.append(step)
         if self._loop_pos is None:
+            self._wrote(step, self._step_io(step)[1])
+
+    def _wrote(self, step, bufs) -> None:
+        """A top-level step writing `bufs` was added: _writers; invariant's answers about them are void."""
+        for b in bufs:
+            self._writers.setdefault(b, []).append(step)
+            if b in self._inv_memo[0] or b in self._inv_memo[1]:
+                self._forget_invariants()
+
+    def _forget_invariants(self) -> None:
+        self._inv_memo = ({}, {})
+
+    def pop_step(self):
+        """Remove and return the step added last (a backend replacing it by a fused kernel)."""
+        step = self.steps.pop()
+        if self._loop_pos is None:
             for b in self._step_io(step)[1]:
-                self._writers.setdefault(b, []).append(step)
+                ws = self._writers.get(b)
+                if ws and ws[-1] is step:
+                    ws.pop()
+                # (an answer that depends on b visited b: none when b is not in the memo)
+                if b in self._inv_memo[0] or b in self._inv_memo[1]:
+                    self._forget_invariants()
+        return step
 
     def before_loop(self, step, reads, writes) -> bool:
         """While a top-level loop's body is planned: add `step` (reading only the loop's invariant inputs'
@@ -268,9 +293,8 @@ class Schedule:
         self.touch(list(reads) + list(writes), pos)
         step.node = self._node
         step.io = (tuple(v.buf for v in reads if v.buf is not None), tuple(v.buf for v in writes))
-        for v in writes:
-            self._writers.setdefault(v.buf, []).append(step)
-            self._before.add(v.buf)
+        self._wrote(step, step.io[1])
+        self._before.update(step.io[1])
         return True
 
     def materialise(self, v: View, dtype=None) -> View:
@@ -369,6 +393,12 @@ class Schedule:
         """Forget the steps, buffers and output slots planned since `mark` (earlier buffers keep lifetimes
         the dropped steps extended: longer than needed, never too short)."""
         n_steps, n_bufs, out_bufs, fallback = mark
+        if self._loop_pos is None:   # (a loop body's steps are not in _writers)
+            for st in self.steps[n_steps:]:
+                for b in self._step_io(st)[1]:
+                    if b in self._writers:
+                        self._writers[b] = [w for w in self._writers[b] if w is not st]
+            self._forget_invariants()
         del self.steps[n_steps:]
         keep = self.status.buf if self.status is not None else None
         # (within a loop body, the buffers of steps before_loop added outside it stay: those steps do)
@@ -418,21 +448,19 @@ class Schedule:
         if self._updated is None:
             self._updated = {id(p) for p, _ in getattr(self.graph, "updates", ())}
         updated = self._updated if settled else set()
-        memo: dict = {}
+        # (the answers are kept from call to call: a chain of L layers asks about each layer's weight, and
+        # without them every question walks the activations back to the input, O(L^2))
+        memo = self._inv_memo[bool(settled)]
         status = self.status.buf if self.status is not None else None
-        live = None
 
         def ok(b: int) -> bool:
-            nonlocal live
             if b not in memo:
                 kind = self.buffers[b].kind
                 # (False while an arena buffer's writers are checked: no cycles)
                 memo[b] = kind == "const" or (kind == "param" and id(self._params[self.buffers[b].index])
                                               not in updated)
                 if kind == "arena" and b != status and b in self._writers:
-                    if live is None:   # (steps dropped or replaced since they were added do not count)
-                        live = {id(st) for st in (self.steps if self._top is None else self._top)}
-                    ws = [st for st in self._writers[b] if id(st) in live]
+                    ws = self._writers[b]
                     memo[b] = bool(ws) and all(not isinstance(st, (HostStep, LoopStep))
                                                and getattr(st, "io", None) is not None
                                                and all(ok(x) for x in st.io[0]) for st in ws)
