@@ -74,6 +74,22 @@ def test_arena_random_instances_never_overlap(seed):
     assert plan.total <= sum(plan.slots)
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_arena_vectorised_gap_search_places_as_the_loop_does(seed, monkeypatch):
+    """A block overlapping many others finds its gap with NumPy (arena.VECTOR_NEIGHBOURS): the same offsets
+    as the Python walk, on long-lived buffers (a training step's activations) where most blocks take it."""
+    from graphc.backends.schedule import arena
+    r = random.Random(seed)
+    align = r.choice([1, 8, 64])
+    buffers = random_buffers(r, r.randrange(60, 400), r.randrange(20, 200), r.randrange(20, 200), 5000)
+    monkeypatch.setattr(arena, "VECTOR_NEIGHBOURS", 1 << 30)
+    loop = plan_arena(buffers, align)
+    monkeypatch.setattr(arena, "VECTOR_NEIGHBOURS", r.choice([0, 3, 20]))
+    vec = plan_arena(buffers, align)
+    check_plan(buffers, vec, align)
+    assert (vec.offsets, vec.total) == (loop.offsets, loop.total)
+
+
 def test_arena_bound_is_reached_on_a_chain_and_shares_memory():
     # a chain: each buffer read by the next step only; two live at a time
     buffers = [(i, i + 1, 1000) for i in range(10)]

@@ -79,20 +79,51 @@ def _overlaps(blocks: list[tuple[int, int, int]], by_first: list[int]) -> list[l
     return out
 
 
+#: a block overlapping more placed blocks than this finds its gap with NumPy (below: a Python loop is faster)
+VECTOR_NEIGHBOURS = 48
+
+
 def _place(blocks, order: list[int], overlapping: list[list[int]]) -> tuple[list[int], int]:
     """Place blocks in `order`, each at the lowest offset where it fits among the placed blocks whose
-    lifetimes intersect its own."""
+    lifetimes intersect its own. Walking those blocks by offset, the candidate offset before the k-th is
+    the highest end among the first k (0 before the first): the block goes at the first candidate that
+    ends at or below the k-th's start, else after them all. A training step's activations overlap
+    hundreds of buffers each: there the walk is vectorised (MLP-80's 640 buffers, 115k overlapping pairs:
+    92 -> ~20 ms an order)."""
     offsets = [-1] * len(blocks)
     total = 0
+    big = [i for i, nb in enumerate(overlapping) if len(nb) > VECTOR_NEIGHBOURS]
+    if big:
+        import numpy as np
+        offs = np.full(len(blocks), -1, np.int64)
+        sizes = np.array([b[2] for b in blocks], np.int64)
+        near = {i: np.array(overlapping[i], np.int64) for i in big}
     for i in order:
         size = blocks[i][2]
-        busy = sorted((offsets[j], offsets[j] + blocks[j][2]) for j in overlapping[i] if offsets[j] >= 0)
-        off = 0
-        for lo, hi in busy:
-            if off + size <= lo:
-                break
-            off = max(off, hi)
+        nb = near.get(i) if big else None
+        if nb is None:
+            busy = sorted((offsets[j], offsets[j] + blocks[j][2]) for j in overlapping[i] if offsets[j] >= 0)
+            off = 0
+            for lo, hi in busy:
+                if off + size <= lo:
+                    break
+                off = max(off, hi)
+        else:
+            o = offs[nb]
+            placed = o >= 0
+            lo = o[placed]
+            if lo.size:
+                by = np.argsort(lo, kind="stable")
+                lo, hi = lo[by], (lo + sizes[nb[placed]])[by]
+                starts = np.zeros(lo.size + 1, np.int64)
+                np.maximum.accumulate(hi, out=starts[1:])
+                fits = starts[:-1] + size <= lo
+                off = int(starts[int(np.argmax(fits)) if fits.any() else lo.size])
+            else:
+                off = 0
         offsets[i] = off
+        if big:
+            offs[i] = off
         total = max(total, off + size)
     return offsets, total
 
