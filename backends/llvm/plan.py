@@ -259,9 +259,11 @@ class Plan(Schedule):
         if (os.environ.get("GRAPHC_LLVM_PACK", "1") == "0" or len(out.shape) != 2 or len(b.shape) != 2
                 or b.literal is not None or not gemm.packs(a, b)):
             return False
-        # in a loop: any input of the scan that the body reads unchanged (packed before the loop: in the
-        # prologue when it is a weight, else once per call, for every step of the loop)
-        if not (gemm.small(a, b) and b.buf in self._loop_invs if loop else self.invariant(b.buf, settled=True)):
+        if loop:   # any input of the scan that the body reads unchanged (packed before the loop: in the
+            # prologue when it is a weight, else once per call, for every step of the loop)
+            if not (gemm.small(a, b) and b.buf in self._loop_invs):
+                return False
+        elif not self.invariant(b.buf, settled=True):
             return False
         n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
         nr = gemm.panel_width(n, b.dtype)
