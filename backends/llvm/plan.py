@@ -288,12 +288,12 @@ class Plan(Schedule):
                    + (", packed before the loop" if loop else "") + " (rule)")
         return True
 
-    def _drop_since(self, mark) -> None:
-        super()._drop_since(mark)
+    def _drop_since(self, mark) -> set:
+        gone = super()._drop_since(mark)
         # a dropped packing step's buffer holds nothing: the products planned next pack again (the packs made
         # before the mark stay, and within a loop body those made before the loop)
-        kept = self._before if self._loop_pos is not None else ()
-        self._packs = {key: v for key, v in self._packs.items() if v.buf < mark[1] or v.buf in kept}
+        self._packs = {key: v for key, v in self._packs.items() if v.buf not in gone}
+        return gone
 
     def _blas_instead(self, out: View, a: View, b: View) -> bool:
         """A single product the size rule gives the micro-kernel, outside loops, with BLAS at hand: the tuner

@@ -389,9 +389,9 @@ class Schedule:
         finally:
             self._node = outer
 
-    def _drop_since(self, mark) -> None:
+    def _drop_since(self, mark) -> set:
         """Forget the steps, buffers and output slots planned since `mark` (earlier buffers keep lifetimes
-        the dropped steps extended: longer than needed, never too short)."""
+        the dropped steps extended: longer than needed, never too short); the buffers forgotten."""
         n_steps, n_bufs, out_bufs, fallback = mark
         if self._loop_pos is None:   # (a loop body's steps are not in _writers)
             for st in self.steps[n_steps:]:
@@ -403,11 +403,12 @@ class Schedule:
         keep = self.status.buf if self.status is not None else None
         # (within a loop body, the buffers of steps before_loop added outside it stay: those steps do)
         kept = self._before if self._loop_pos is not None else ()
-        for b in range(n_bufs, len(self.buffers)):
-            if b != keep and b not in kept:
-                self.buffers[b].first, self.buffers[b].last = 1 << 60, -1
+        gone = {b for b in range(n_bufs, len(self.buffers)) if b != keep and b not in kept}
+        for b in gone:
+            self.buffers[b].first, self.buffers[b].last = 1 << 60, -1
         self.out_bufs[:] = out_bufs
         self.fallback = fallback
+        return gone
 
     def host(self, node: Node, ins) -> None:
         self.fallback.add(node.op.name)
