@@ -12,6 +12,7 @@ timing."""
 from __future__ import annotations
 
 import ctypes
+import re
 
 import numpy as np
 import pytest
@@ -284,7 +285,6 @@ def test_a_scan_packs_its_weight_once_before_the_loop(nH, dtype, isa, threads, r
         assert _loop_packed(f), (nH, transposed)
         assert "packed before the loop" in " ".join(f.program.info["target"]["gemm"]["products"])
         # one packing per panel width (a row-split scan's parts of 9 and 8 rows take tiles of different widths)
-        import re
         widths = set(re.findall(r"packed in (\d+)-column panels, packed before the loop",
                                 " ".join(f.program.info["target"]["gemm"]["products"])))
         plan = _spec_plan(f)
@@ -368,6 +368,7 @@ def test_a_nested_scan_is_right_and_its_inner_product_unpacked(rng):
             h = np.tanh(x_t + h @ w.value)
         want.append(h)
     np.testing.assert_allclose(f(xv, hv), np.stack(want), rtol=1e-4, atol=1e-5)
+    assert "pack_panels" not in [getattr(s, "name", "") for s in plan_steps(f)]
 
 
 def test_bounds_checked_build_packs_every_call(rng):
