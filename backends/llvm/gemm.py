@@ -630,7 +630,7 @@ def packed_size(k: int, m: int, nr: int) -> int:
     return -(-m // nr) * k * nr
 
 
-def pack_panels(dst: View, b: View, nr: int) -> Kernel:
+def pack_panels(dst: View, b: View, nr: int, split: bool = False) -> Kernel:
     """dst (contiguous, packed_size elements) = b (k, m, any strides) in the micro-kernel's panel layout:
     panel j (columns j*nr .. j*nr+nr-1) is k rows of nr elements, row p at j*k*nr + p*nr, columns past m
     zero. The micro-kernel then reads each step's b vectors from one contiguous run (b's own rows are m
@@ -647,26 +647,39 @@ def pack_panels(dst: View, b: View, nr: int) -> Kernel:
     # element by element across, against ~2 ms in order)
     down = abs(sr) < abs(sc)
 
+    panels = full + bool(tail)
+
     def emit(em, P, lo, hi):
         def copy(offs, _):
             store(em, P, dst, offs[0], load(em, P, b, offs[1]))
 
-        def walk(lead, cols, bases):
+        def walk(lead, cols, bases, lo=None, hi=None):
             """dst/b over (lead..., k rows, cols columns): the last two in b's memory order."""
             shape, dsts, srcs = [k, cols], [nr, 1], [sr, sc]
             if down:
                 shape, dsts, srcs = shape[::-1], dsts[::-1], srcs[::-1]
             nest(em, tuple(lead) + tuple(shape), [(k * nr,) * len(lead) + tuple(dsts),
-                                                  (nr * sc,) * len(lead) + tuple(srcs)], bases, copy)
-        if full:
-            walk((full,), nr, [dst.offset, b.offset])
-        if tail:
+                                                  (nr * sc,) * len(lead) + tuple(srcs)], bases, copy, lo, hi)
+
+        def last():
             at = dst.offset + full * k * nr
             walk((), tail, [at, b.offset + full * nr * sc])
             nest(em, (k, nr - tail), [(nr, 1)], [at + tail],
                  lambda offs, _: store(em, P, dst, offs[0], zero))
-    kern = Kernel("pack_panels", [dst, b], emit, None, 0)
-    kern.key = ("pack_panels", nr, down)
+        if not split:
+            if full:
+                walk((full,), nr, [dst.offset, b.offset])
+            if tail:
+                last()
+            return
+        # panels lo .. hi-1 (a split packing: the full panels among them, then the partial one if it is hi-1)
+        if full:
+            top = em(f"select i1 {em(f'icmp slt i64 {hi}, {full}')}, i64 {hi}, i64 {full}")
+            walk((full,), nr, [dst.offset, b.offset], lo, top)
+        if tail:
+            em.if_(em(f"icmp sgt i64 {hi}, {full}"), last)
+    kern = Kernel("pack_panels", [dst, b], emit, panels if split and panels >= 2 else None, 0, panels)
+    kern.key = ("pack_panels", nr, down, split)
     return kern
 
 

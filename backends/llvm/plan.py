@@ -236,6 +236,8 @@ class Plan(Schedule):
                 kern.chunks = kern.threads
             self.add(kern, [a, b], [out])
             return
+        if self._packed_per_call(out, a, b):
+            return
         threads = None
         if gemm.use_blas(a, b, out):
             from . import tune
@@ -286,6 +288,39 @@ class Plan(Schedule):
         self.add(kern, [a, bp], [out])
         tune._note(self, f"{n}x{k}x{m} {b.dtype}: micro-kernel over the weight packed in {nr}-column panels"
                    + (", packed before the loop" if loop else "") + " (rule)")
+        return True
+
+    def _packed_per_call(self, out: View, a: View, b: View) -> bool:
+        """Plan out = a @ b, a product the size rules give to BLAS (neither a packed weight's nor a small
+        one), as a packing of b into the micro-kernel's panels every call (gemm.pack_panels, split over the
+        pool) and the micro-kernel over them, when the tuner found that faster than BLAS for this shape on
+        this CPU model (tune.packed_for; with the tuner off: BLAS). One product (2-D), outside loops, b's
+        rows contiguous (a transposed b is read down its columns by the packing: BLAS reads it in place),
+        at least tune.PACKED_CALL_FLOPS and PACKED_CALL_ROWS. GRAPHC_LLVM_PACK=0 or a forced
+        GRAPHC_LLVM_SMALL_GEMM: never; GRAPHC_LLVM_PACK=always: every such product from two rows and eight
+        columns, untimed (the tests' way to the kernels on every host). True when planned."""
+        import os
+        from . import tune
+        switch = os.environ.get("GRAPHC_LLVM_PACK", "1").strip().lower()
+        if (switch == "0" or self._loop_pos is not None
+                or os.environ.get("GRAPHC_LLVM_SMALL_GEMM", "auto") != "auto"
+                or len(out.shape) != 2 or len(a.shape) != 2 or len(b.shape) != 2 or b.literal is not None
+                or a.literal is not None or b.strides[-1] != 1 or not gemm.use_blas(a, b, out)):
+            return False
+        n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
+        if n < 2 or m < 8 or (switch != "always" and (n < tune.PACKED_CALL_ROWS
+                                                       or 2 * n * k * m < tune.PACKED_CALL_FLOPS)):
+            return False
+        take, source = (True, "forced") if switch == "always" else tune.packed_for(self, n, k, m, a.dtype)
+        if not take:
+            return False
+        nr = gemm.panel_width(n, b.dtype)
+        pk = self.fresh(None, (gemm.packed_size(k, m, nr),), b.dtype)
+        self.add(gemm.pack_panels(pk, b, nr, split=True), [b], [pk])
+        bp = View(pk.buf, pk.offset, (k, m), (nr, 1), b.dtype)
+        self.add(gemm.matmul(out, a, bp, blas="tiles", packed=True), [a, bp], [out])
+        tune._note(self, f"{n}x{k}x{m} {b.dtype}: micro-kernel over b packed in {nr}-column panels every call "
+                   f"({source})")
         return True
 
     def _drop_since(self, mark) -> set:

@@ -273,6 +273,8 @@ def decided(n: int, k: int, m: int, dtype: str) -> tuple[int, str] | None:
     1 (BLAS)."""
     if dtype.startswith(KERNEL_TAG):
         return _kernel_decided(n, k, m, dtype[len(KERNEL_TAG):])
+    if dtype.startswith(PACKED_TAG):
+        return _packed_decided(n, k, m, dtype[len(PACKED_TAG):])
     flops = 2 * n * k * m
     top = max_blas_threads()
     rule = blas_threads(flops)
@@ -407,6 +409,119 @@ def kernel_for(owner, n: int, k: int, m: int, dtype: str) -> tuple[str, str]:
     if owner is not None:
         decisions.setdefault(owner, []).append((n, k, m, KERNEL_TAG + dtype, known[0]))
     return choice, known[1]
+
+
+# ---- a large product's right operand packed every call, or BLAS ---------------------------------------------
+
+#: the decisions list's dtype for a per-call packing choice: "packed:float32"
+PACKED_TAG = "packed:"
+#: products of at least this many flops (that the size rules give to BLAS) may instead pack their right
+#: operand each call (gemm.pack_panels, split over the pool) and run the micro-kernel over the panels:
+#: timed the first time the shape is planned on a CPU model. Below it the packing's share of the time, and
+#: the probe's compile, are not worth it. On the Intel Xeon (AVX-512, 2 cores) 1024^3 ran 6.1 ms packed
+#: against OpenBLAS's 6.8 ms (MKL, torch's: 6.2); on the Zen 1 VM BLAS was as fast or faster from 1024 rows
+PACKED_CALL_FLOPS = 1 << 26
+#: ... and at least this many rows (the packing, O(k m), is repaid over the n rows)
+PACKED_CALL_ROWS = 64
+#: the packed product is taken only when faster than BLAS by more than this factor
+PACKED_MARGIN = 1.03
+
+
+def _packed_key(n, k, m, dtype):
+    return ("packcall", n, k, m, dtype, threads(), max_blas_threads(), mode(), isa())
+
+
+def _packed_decided(n: int, k: int, m: int, dtype: str) -> tuple[int, str] | None:
+    """(1 packed | 0 BLAS, source) when known without timing (BLAS when nothing is tuned), else None."""
+    if mode() == "off" or jit.blas() is None:
+        return 0, "rule"
+    key = _packed_key(n, k, m, dtype)
+    if key in _memo:
+        return _memo[key], "cache"
+    hit = _load(_cache_name(*key))
+    if isinstance(hit, dict) and hit.get("packed") in (0, 1):
+        _memo[key] = int(hit["packed"])
+        return _memo[key], "cache"
+    return None
+
+
+def packed_for(owner, n: int, k: int, m: int, dtype: str) -> tuple[bool, str]:
+    """(pack b every call?, source) for a single (n x k) @ (k x m) product that would call BLAS: the first
+    time the shape is planned on a CPU model (within the graph's tuning budget), the packing and the
+    micro-kernel over its panels are compiled and run as the plan would run them (both split over the pool),
+    timed interleaved with the product as BLAS runs it (split as blas_threads_for's rule splits it), the
+    minimum of a few runs each (fewer for products of milliseconds), and the packed product kept when faster
+    by more than PACKED_MARGIN; the decision is stored like the others (on disk, by CPU model; not when
+    timed on a busy machine). With the tuner off, or its budget spent: BLAS, as before the tuner."""
+    known = _packed_decided(n, k, m, dtype)
+    if known is None:
+        md = mode()
+        spent = _spent.get(owner, 0.0) if owner is not None else 0.0
+        if spent >= BUDGET[md]:
+            known = 0, "rule"
+        else:
+            t0 = time.perf_counter()
+            est = 2 * n * k * m / 50e9
+            reps = int(max(3, min(REPEATS[md], (BUDGET[md] - spent) / max(est * 2, 1e-6))))
+            try:
+                times = _time_packed(n, k, m, dtype, reps)
+            except Exception:   # noqa: BLE001 -- a probe that cannot be built or run: BLAS, as before
+                times = None
+            if owner is not None:
+                _spent[owner] = spent + time.perf_counter() - t0
+            if times is None:
+                known = 0, "rule"
+            else:
+                best = 1 if times["packed"] * PACKED_MARGIN < times["blas"] else 0
+                key = _packed_key(n, k, m, dtype)
+                _memo[key] = best
+                if not _busy():
+                    _store(_cache_name(*key), {"packed": best, "seconds": times})
+                log.append(("packcall", (n, k, m, dtype), best, "tuned"))
+                known = best, "tuned"
+    if owner is not None:
+        decisions.setdefault(owner, []).append((n, k, m, PACKED_TAG + dtype, known[0]))
+    return bool(known[0]), known[1]
+
+
+def _time_packed(n: int, k: int, m: int, dtype: str, reps: int) -> dict:
+    """{"packed": seconds, "blas": seconds}: the minimum over `reps` interleaved runs of the product with b
+    packed (the packing and the micro-kernel, each split as the plan splits it) and of the BLAS product
+    (split by the size rule); both checked against a float64 product."""
+    import ctypes
+    from . import gemm
+    from ..schedule.views import View
+    t = threads()
+    key = ("packcall", n, k, m, dtype, t)
+    if key not in _probes:
+        out, a, b = (View(i, 0, sh, (sh[1], 1), dtype) for i, sh in enumerate([(n, m), (n, k), (k, m)]))
+        nr = gemm.panel_width(n, dtype)
+        pk = View(3, 0, (gemm.packed_size(k, m, nr),), (1,), dtype)
+        bp = View(3, 0, (k, m), (nr, 1), dtype)
+        _probes[key] = (gemm.packed_size(k, m, nr), {
+            "pack": _probe(gemm.pack_panels(pk, b, nr, split=True), 4, (t,)),
+            "tiles": _probe(gemm.matmul(out, a, bp, blas="tiles", packed=True), 4, (t,)),
+            "blas": _probe(gemm.matmul(out, a, b, blas=True, threads=blas_threads(2 * n * k * m)), 4, (t,),
+                           glue=True)})
+    size, probes = _probes[key]
+    fns = {name: fn[t] for name, (_, fn) in probes.items()}
+    arrays = _operands(n, k, m, dtype)
+    packed = np.zeros(size, dtype)
+    table = (ctypes.c_void_p * 4)(*[x.ctypes.data for x in arrays + [packed]])
+    addr = ctypes.addressof(table)
+    runs = {"packed": lambda: (fns["pack"](addr), fns["tiles"](addr)), "blas": lambda: fns["blas"](addr)}
+    times = {name: float("inf") for name in runs}
+    for name, run in runs.items():
+        arrays[0][...] = 0
+        run()   # warm-up, and checked
+        if not _rows_right(arrays):
+            raise RuntimeError(f"the {name} probe computed a wrong result")
+    for _ in range(reps):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[name] = min(times[name], time.perf_counter() - t0)
+    return times
 
 
 def _probe(kern, nviews: int, counts, glue: bool = False) -> tuple:
