@@ -161,7 +161,7 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
         raise ValueError("gemv needs n == 1 or m == 1 and a unit stride")
     from . import tune
     # one matrix-vector product (no batch) of enough work: its output blocks split across threads
-    par = bool(form) and not bshape and flops >= tune.GEMV_PARALLEL_FLOPS and tune.threads() > 1
+    par = bool(form) and not bshape and gemv_split(n, k, m)
     blocks = gemv_blocks(form, n, m, par) if form else 0
     pool_ok = tune.threads() > 1
     # a BLAS product split over the pool: ("rows" | "cols", block width, extent, blocks); OpenBLAS then runs
@@ -176,8 +176,10 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
     tile_split = (blas == "tiles" and not bshape and pool_ok and flops >= tune.TILES_PARALLEL_FLOPS
                   and tile_blocks(m, out.dtype, n) >= 2)
 
-    if packed and (blas != "tiles" or bshape):
-        raise ValueError("a packed right operand is read by the micro-kernel, one product (no batch)")
+    if packed and (blas not in ("tiles", "gemv") or bshape):
+        raise ValueError("a packed right operand is read by the micro-kernel or the GEMV, one product (no batch)")
+    if packed and blas == "gemv" and (form is None or form["kind"] != "axpy" or form["vec"] != "a"):
+        raise ValueError("a packed GEMV matrix is x @ W's W")
     key = ("matmul", blas, it, blas_threads, blas_split, tile_split, par, blocks, repr(form), bshape, ast, bst, ost,
            packed)
 
@@ -189,7 +191,7 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
                 f"call void @llvm.memset.p0.i64(ptr {ptr_at(em, P, out, oo)}, i8 0, i64 {nbytes}, i1 false)"))
         elif form:
             gemv(em, P, out, a, b, ao, bo, oo, n, k, m, form, "0" if lo is None else lo,
-                 blocks if hi is None else hi, par)
+                 blocks if hi is None else hi, par, packed)
         elif blas == "tiles":
             gemm_tiles(em, P, out, a, b, ao, bo, oo, n, k, m, (lo, hi) if tile_split else None, packed=packed)
         elif blas:
@@ -204,7 +206,7 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
                 one(em, P, (a.offset, b.offset, out.offset), lo, hi)
         split = blocks if par and blocks >= 2 else None
         kern = Kernel("gemv", [out, a, b], emit_gemv, split, flops, blocks)
-        kern.key = key
+        kern.key, kern.packed = key, packed
         kern.threads = split and tune.threads()
         width = gemv_block(form, par) if form["kind"] == "axpy" else GEMV_DOTS
         kern.product = (out, a, b, ("cols" if form["vec"] == "a" else "rows", width, form["L"]))
@@ -424,13 +426,20 @@ def gemv_block(form: dict, split: bool = False) -> int:
     return min(GEMV_BLOCK, L)
 
 
+def gemv_split(n: int, k: int, m: int) -> bool:
+    """Whether a (single, unbatched) matrix-vector product of these sizes splits its output blocks over the
+    pool (GEMV_PARALLEL_FLOPS of work and more than one thread): matmul's rule."""
+    from . import tune
+    return 2 * n * k * m >= tune.GEMV_PARALLEL_FLOPS and tune.threads() > 1
+
+
 def gemv_blocks(form: dict, n: int, m: int, split: bool = False) -> int:
     L = form["L"]
     return -(-L // gemv_block(form, split)) if form["kind"] == "axpy" else -(-L // GEMV_DOTS)
 
 
 def gemv(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m: int, form: dict, lo, hi,
-         split: bool = False) -> None:
+         split: bool = False, packed: bool = False) -> None:
     """out[j] = sum_p vec[p] * mat(j, p) for the output blocks lo .. hi-1 (gemv_form, gemv_blocks)."""
     t, ty = out.dtype, VTYPE[out.dtype]
     vec, mat = (a, b) if form["vec"] == "a" else (b, a)
@@ -454,10 +463,14 @@ def gemv(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m: int,
             j1 = em(f"add i64 {j0}, {width}")
             j1 = em(f"select i1 {em(f'icmp slt i64 {j1}, {L}')}, i64 {j1}, i64 {L}")
             em.loop(j1, lambda j: store(em, P, out, at(oo, (j, 1)), zero), start=j0)
+            # packed (pack_panels in panels of `width` columns: the block's k rows one contiguous run): row p
+            # of block blk at blk*width*k + p*width, so column j of it at mb + p*width + j
+            mb = em(f"add i64 {mo}, {em(_imul(blk, width * (k - 1)))}") if packed else mo
+            sp = width if packed else s_p
 
             def rows(p0, u):   # out[j0:j1] += sum over p0 .. p0+u-1 of vec[p] * mat(j, p)
                 xs = [load(em, P, vec, at(vo, (em(f"add i64 {p0}, {q}"), vs))) for q in range(u)]
-                rbase = [at(mo, (em(f"add i64 {p0}, {q}"), s_p)) for q in range(u)]
+                rbase = [at(mb, (em(f"add i64 {p0}, {q}"), sp)) for q in range(u)]
 
                 def col(j):
                     oj = at(oo, (j, 1))
