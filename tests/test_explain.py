@@ -258,3 +258,24 @@ def test_cli_explain_saved_model(tmp_path):
     with redirect_stderr(err):
         rc = main(["explain", path, "--shape", "y=5,6", "-b", "numpy"])
     assert rc == 1 and "not inputs" in err.getvalue()
+
+
+def test_llvm_step_profiler_reads_the_functions_own_arena():
+    """The per-step profiler runs the steps over the function's own (this thread's) arena, so a weight the
+    prologue packed is read from the one copy the timed calls read (a second copy doubled its share of
+    the caches); the steps' results are the function's."""
+    backend_or_skip("llvm")
+    from graphc.backends.llvm.program import step_times
+    rng = np.random.default_rng(1)
+    w = gc.parameter("w", rng.standard_normal((300, 700)).astype(np.float32))
+    x = gc.placeholder("x", (None, 300))
+    f = gc.function([x], gc.relu(x @ w), backend="llvm")
+    xv = rng.standard_normal((1, 300)).astype(np.float32)
+    want = f(xv)
+    spec = next(iter(f.program._specs.values()))
+    steps, run, _ = step_times(spec, [xv], [w.value])
+    table, outs, arena, _, _ = run.keep
+    assert arena is spec._arena()
+    run()
+    np.testing.assert_array_equal(outs[0], want)
+    np.testing.assert_array_equal(f(xv), want)

@@ -848,7 +848,12 @@ def step_times(spec: Specialised, inputs, params):
     import time
     prof = Specialised(spec.plan, per_step=True)
     outs = [np.empty(s, d) for s, d in prof.roots]
-    arena = prof._arena()
+    # the function's own arena (this thread's: the same plan, the same layout), so the steps read the
+    # prologue's packed weights where the timed calls read them: a second copy would double the weights'
+    # share of the caches (W1 b1's 2.1 MB packed twice outgrew the Xeon's 2 x 2 MB L2, each GEMV step
+    # timed at 1.2x a whole call). Not with a status word (checked in the profiler's own arena)
+    shared = prof._status is None and spec._status is None and spec.arena_bytes == prof.arena_bytes
+    arena = spec._arena() if shared else prof._arena()
     addrs = ([a.ctypes.data for a in inputs] + [p.ctypes.data for p in params] + prof.consts +
              [o.ctypes.data for o in outs] + [arena.ctypes.data])
     table = (ctypes.c_void_p * len(addrs))(*addrs)
