@@ -218,3 +218,4 @@ def test_split_packing_writes_the_panels(k, m, nr, monkeypatch):
         table = (ctypes.c_void_p * 2)(dst.ctypes.data, src.ctypes.data)
         fns[t](ctypes.addressof(table))
         np.testing.assert_array_equal(dst, want)
+

@@ -197,3 +197,25 @@ def test_every_fused_path_runs_clean_under_bounds_checks(case, monkeypatch, rng)
     want = np.maximum(xv.astype(np.float64) @ (wv.T if wt else wv) + bv, 0)
     np.testing.assert_allclose(f(xv), want, rtol=2e-4, atol=2e-4)
     assert _fused(f)
+
+
+@pytest.mark.parametrize("rows", [256, 40])
+def test_the_region_of_a_split_product_kept_apart_splits_too(rows, threads, monkeypatch, rng):
+    """plan.PRODUCT_REGION_PARALLEL_MIN: an elementwise region after a product split over the pool, not fused
+    into it, splits over the pool from that many elements (below kernels.PARALLEL_MIN); answers unchanged."""
+    from graphc.backends.llvm import plan as P, tune
+    monkeypatch.setenv("GRAPHC_TUNE", "off")
+    x, y = gc.placeholder("x", (rows, 512), "float32"), gc.placeholder("y", (512, 300), "float32")
+    bias = gc.placeholder("b", (300,), "float32")
+    f = gc.function([x, y, bias], gc.relu(x @ y + bias), backend="llvm")
+    xv, yv, bv = (rng.standard_normal(s).astype(np.float32) for s in ((rows, 512), (512, 300), (300,)))
+    np.testing.assert_allclose(f(xv, yv, bv), np.maximum(xv.astype(np.float64) @ yv + bv, 0), rtol=2e-5, atol=2e-3)
+    steps = plan_steps(f)
+    if tune.threads() == 1:   # the product written whole by one call: its region runs inside it
+        assert all(s.split is None for s in steps if hasattr(s, "split"))
+        return
+    prod = [s for s in steps if getattr(s, "product", None) is not None]
+    regions = [s for s in steps if getattr(s, "name", "") == "elementwise"]
+    assert len(prod) == 1 and prod[0].split is not None
+    assert len(regions) == 1, "the region was expected apart (epilogue.py's rule for split products)"
+    assert (regions[0].split is not None) == (rows * 300 >= P.PRODUCT_REGION_PARALLEL_MIN)

@@ -26,6 +26,20 @@ from ..schedule.views import View, collapse, contig_strides, view_getitem
 #: own split. ResNet-18 batch 1 (its stem: 802,816 elements; 200,704 / 100,352 in the 56x56 / 28x28 stages)
 #: on a 2-core Zen 2: W10 b1 21.7 -> 20.8 ms (medians, interleaved A/B; 2^14..2^18 alike within the noise)
 CONV_EPILOGUE_PARALLEL_MIN = 1 << 16
+#: ... and so does the region of a product split over the pool that was not fused into it (epilogue.py's
+#: rule keeps most split products' regions apart), from this many elements: the pool is awake from the
+#: product, the product's fresh output in pieces in each core's cache. On the Intel Xeon (AVX-512, 2
+#: cores; in-process A/B, 20-25 interleaved rounds): W7 b16 (its projections' bias and residual regions,
+#: 262k-786k elements) 6.47 -> 6.13 ms, W1 b256 0.83 -> 0.80 ms; W5, W8, W9 unchanged
+PRODUCT_REGION_PARALLEL_MIN = 1 << 16
+
+
+def _after_split_product(plan, ins) -> bool:
+    """Whether the step planned last is a product split over the pool whose output the region reads."""
+    prev = plan.steps[-1] if plan.steps else None
+    product = getattr(prev, "product", None)
+    return (product is not None and getattr(prev, "split", None) is not None
+            and any(v.buf == product[0].buf for v in ins))
 
 
 class Plan(Schedule):
@@ -142,6 +156,9 @@ class Plan(Schedule):
         elif recurrent.fuse_epilogue(self, outs, ins, compute, kern.split is not None):
             pass   # a recurrent step's product and the gates reading it by column windows
         elif not epilogue.fuse(self, outs, ins, compute, kern):
+            if (kern.split is None and kern.outer >= 2 and outs[0].size >= PRODUCT_REGION_PARALLEL_MIN
+                    and self._loop_pos is None and _after_split_product(self, ins)):
+                kern.split = kern.outer   # the region of a split product, kept apart: see the constant
             tune.width_for(self, kern, outs, ins, compute, hot=self._loop_pos is not None)
             self.add(kern, ins, outs)   # (else run on each block of the product just before: epilogue.py)
         for t, v in zip(outputs, outs):
