@@ -182,3 +182,17 @@ def test_both_forms_under_bounds_checking(monkeypatch, rng):
         xs, ws = rng.standard_normal((2, 5, 9, 7)), rng.standard_normal((3, 5, 3, 3))
         np.testing.assert_allclose(f(xs, ws), _conv_reference(xs, ws, (1, 1), ((1, 1), (1, 1)), (1, 1), 1),
                                    rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_seven_wide_outputs_use_quarter_vectors(isa, monkeypatch, rng):
+    """7x7 outputs (ResNet's last stage) in F(2x2): 4 tiles a row, so AVX-512's 16 lanes are cut to 4
+    (QUARTER_MAX; AVX2's 8 to 4) and the products' columns are not padded to twice the tiles; both forms and
+    dtypes match the direct sum, split or not."""
+    from graphc.backends.llvm import winograd
+    monkeypatch.setenv("GRAPHC_LLVM_ISA", isa)
+    geo = winograd.geometry(1, 5, 9, (7, 7), 2, "float32")
+    assert (geo["L"], geo["twp"]) == (4, 4)
+    for threads in (1, 2):
+        for mode, dtype in (("staged", "float32"), ("fused", "float64")):
+            _check(monkeypatch, [(1, 5, 7, 7, 9, 1), (2, 3, 7, 9, 4, 1)], 2, mode, dtype, rng, isa, threads)
