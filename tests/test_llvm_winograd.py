@@ -196,3 +196,30 @@ def test_seven_wide_outputs_use_quarter_vectors(isa, monkeypatch, rng):
     for threads in (1, 2):
         for mode, dtype in (("staged", "float32"), ("fused", "float64")):
             _check(monkeypatch, [(1, 5, 7, 7, 9, 1), (2, 3, 7, 9, 4, 1)], 2, mode, dtype, rng, isa, threads)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_turned_staged_products_match_direct_sum(isa, threads, monkeypatch, rng):
+    """Staged products of few tiles turned round (transposed_rule: V^T @ U^T over U^T packed in the
+    prologue, then copied into M's layout): odd channels (a partial panel of O), both tile sizes, both
+    dtypes, split over slots or not, against the direct sum; the rule takes batch 1's narrow products."""
+    from graphc.backends.llvm import winograd
+    monkeypatch.setenv("GRAPHC_LLVM_WINOGRAD_TURN", "1")
+    cases = [(1, 5, 7, 7, 17, 1), (1, 17, 9, 9, 65, 1), (2, 3, 5, 6, 33, 0)]
+    for m, dtype in ((2, "float32"), (4, "float64"), (4, "float32")):
+        _check(monkeypatch, cases, m, "staged", dtype, rng, isa, threads)
+    monkeypatch.setenv("GRAPHC_LLVM_WINOGRAD", "2")
+    x = gc.placeholder("x", (1, 9, 7, 7), "float32")
+    w = gc.parameter("w", rng.standard_normal((20, 9, 3, 3)).astype(np.float32))
+    f = gc.function([x], gc.conv2d(x, w, padding=1), backend="llvm")
+    xv = rng.standard_normal((1, 9, 7, 7)).astype(np.float32)
+    want = _conv_reference(xv, w.value, (1, 1), ((1, 1), (1, 1)), (1, 1), 1)
+    np.testing.assert_allclose(f(xv), want, rtol=TOL["float32"][2], atol=TOL["float32"][2] * np.abs(want).max())
+    plan = list(f.program._specs.values())[0].plan
+    assert [s.name for s in plan.steps[:plan.prologue]].count("pack_panels") == 16   # U[xi]^T, alpha^2 of them
+    # the rule: few tiles only, and not with the micro-kernel or BLAS forced
+    monkeypatch.delenv("GRAPHC_LLVM_WINOGRAD_TURN")
+    assert winograd.transposed_rule(16, 512, "float32") and not winograd.transposed_rule(128, 512, "float32")
+    monkeypatch.setenv("GRAPHC_LLVM_SMALL_GEMM", "0")
+    assert not winograd.transposed_rule(16, 512, "float32")

@@ -21,7 +21,8 @@ read once: for wide channels, whose U outgrows the cache).
 F(2x2,3x3) multiplies 16 instead of 36 times per 2x2 outputs (2.25x fewer GEMM flops), F(4x4,3x3) 36
 instead of 144 (4x) with larger transform constants (float32 error a few 1e-6 of the output's scale).
 GRAPHC_LLVM_WINOGRAD=0 turns it off, =2 / =4 forces that tile size wherever the shape allows (tests);
-GRAPHC_LLVM_WINOGRAD_MODE=staged|fused forces a form."""
+GRAPHC_LLVM_WINOGRAD_MODE=staged|fused forces a form. Staged products of few tiles (batch 1) are turned round
+(`transposed_rule`): M^T = V^T U^T over U^T packed in the prologue."""
 from __future__ import annotations
 
 import os
@@ -427,7 +428,8 @@ def staged_blocks(n: int, chans: int, flops: int) -> tuple[int, int, int]:
     return per, cs, slot_count(n * per, flops)
 
 
-def conv_staged(out: View, x: View, u: View, pad: View, vbuf: View, mbuf: View, pads, geo: dict) -> list:
+def conv_staged(out: View, x: View, u: View, pad: View, vbuf: View, mbuf: View, pads, geo: dict,
+                upk: View | None = None, tbuf: View | None = None) -> list:
     """The same convolution as three kernels over the whole call's tiles (V and M hold them all): the input
     transform by item, the alpha^2 products (one per item, each over every tile: the widest GEMMs), the
     output transform by item. For few tiles (batch 1), where one item's products would be too narrow.
@@ -474,16 +476,59 @@ def conv_staged(out: View, x: View, u: View, pad: View, vbuf: View, mbuf: View, 
         return _slot_kernel(name, views, emit, slots, flops)
 
     pslots = slot_count(a * a, geo["flops"])
-
-    def emit_products(em, P, lo, hi):
-        if out.size:
-            _slot_loop(em, a * a, pslots, lo, hi,
-                       lambda s, xi: parts.product(em, P, xi, str(vbuf.offset), str(mbuf.offset), ld))
     small = out.size * a * a // max(1, m * m)
-    return [(phase("winograd_input", inp, c, [x, pad, vbuf], small), [x], [pad, vbuf]),
-            (_slot_kernel("winograd_products", [u, vbuf, mbuf], emit_products, pslots, geo["flops"],
-                          blas=parts.use_blas), [u, vbuf], [mbuf]),
+    if upk is not None:   # narrow products turned round: M[xi]^T (tiles x O) = V[xi]^T @ U[xi]^T (transposed_rule)
+        def emit_t(em, P, lo, hi):
+            if out.size:
+                _slot_loop(em, a * a, pslots, lo, hi,
+                           lambda s, xi: _product_t(em, P, xi, s, u, upk, vbuf, mbuf, tbuf, o, c, ld))
+        prod = (_slot_kernel("winograd_products", [upk, vbuf, mbuf, tbuf], emit_t, pslots, geo["flops"]),
+                [upk, vbuf], [mbuf, tbuf])
+    else:
+        def emit_products(em, P, lo, hi):
+            if out.size:
+                _slot_loop(em, a * a, pslots, lo, hi,
+                           lambda s, xi: parts.product(em, P, xi, str(vbuf.offset), str(mbuf.offset), ld))
+        prod = (_slot_kernel("winograd_products", [u, vbuf, mbuf], emit_products, pslots, geo["flops"],
+                             blas=parts.use_blas), [u, vbuf], [mbuf])
+    return [(phase("winograd_input", inp, c, [x, pad, vbuf], small), [x], [pad, vbuf]), prod,
             (phase("winograd_output", outp, o, [mbuf, out], small), [mbuf], [out])]
+
+
+#: the staged products of at most this many columns (tiles) are turned round (transposed_rule)
+TRANSPOSED_COLS = 32
+
+
+def transposed_rule(ld: int, o: int, dtype: str) -> bool:
+    """Whether the staged form's products M[xi] (O x ld) run as M[xi]^T = V[xi]^T (ld x C) @ U[xi]^T (C x O)
+    over U[xi]^T packed in the micro-kernel's panels (a prologue step): for few tiles (batch 1's 14x14 and
+    7x7 stages, 16 columns) the product as written feeds each broadcast of U to one vector FMA and is bound
+    by its loads; turned round, each broadcast of V feeds a tile row of vectors of O. ResNet-18 at batch 1
+    (W10 b1) on the Intel Xeon (AVX-512, 2 cores; in-process A/B, 10 interleaved rounds): 17.8 -> 13.1 ms;
+    at batch 8 (128+ columns) every staged product turned measured 80.4 against 78.6 ms, hence the bound.
+    GRAPHC_LLVM_WINOGRAD_TURN=1 / 0 forces it / the other way; a forced GRAPHC_LLVM_SMALL_GEMM keeps the other
+    way."""
+    mode = os.environ.get("GRAPHC_LLVM_WINOGRAD_TURN", "auto")
+    if mode in ("0", "1"):
+        return mode == "1"
+    return ld <= TRANSPOSED_COLS and o >= 16 and os.environ.get("GRAPHC_LLVM_SMALL_GEMM", "auto") == "auto"
+
+
+def _product_t(em, P, xi, s, u: View, upk: View, vbuf: View, mbuf: View, tbuf: View, o: int, c: int, ld: int):
+    """M[xi] (O x ld) from the turned product: slot s's scratch (ld x O) = V[xi]^T @ U[xi]^T over upk's
+    panels (gemm_tiles, packed), then copied into M's layout."""
+    from . import gemm
+    dt = vbuf.dtype
+    nr = gemm.panel_width(ld, dt)
+    psize = gemm.packed_size(c, o, nr)
+    ao = em(f"add i64 {vbuf.offset}, {em(f'mul i64 {xi}, {c * ld}')}")
+    bo = em(f"add i64 {upk.offset}, {em(f'mul i64 {xi}, {psize}')}")
+    to = em(f"add i64 {tbuf.offset}, {em(f'mul i64 {s}, {ld * o}')}")
+    gemm.gemm_tiles(em, P, View(tbuf.buf, 0, (ld, o), (o, 1), dt), View(vbuf.buf, 0, (ld, c), (1, ld), dt),
+                    View(upk.buf, 0, (c, o), (nr, 1), dt), ao, bo, to, ld, c, o, packed=True)
+    mo = em(f"add i64 {mbuf.offset}, {em(f'mul i64 {xi}, {o * ld}')}")
+    nest(em, [o, ld], [(ld, 1), (1, o)], [mo, to],
+         lambda offs, _: store(em, P, mbuf, offs[0], load(em, P, tbuf, offs[1])))
 
 
 #: fused only while the transformed weights U stay in the cache between one slot's items
@@ -521,7 +566,18 @@ def plan_winograd(plan, out: View, x: View, w: View, pads, m: int) -> None:
         T = n * R * twp
         vbuf = plan.fresh(None, (a * a, c, T), x.dtype)
         mbuf = plan.fresh(None, (a * a, o, T), x.dtype)
-        for kern, reads, writes in conv_staged(out, x, u, pad, vbuf, mbuf, pads, geo):
+        upk = tbuf = None
+        if transposed_rule(T, o, x.dtype):
+            from . import gemm
+            nr = gemm.panel_width(T, x.dtype)
+            psize = gemm.packed_size(c, o, nr)
+            upk = plan.fresh(None, (a * a * psize,), x.dtype)
+            for xi in range(a * a):   # U[xi]^T (C x O) in panels: prologue steps (U is the weights' transform)
+                plan.add(gemm.pack_panels(View(upk.buf, upk.offset + xi * psize, (psize,), (1,), x.dtype),
+                                          View(u.buf, u.offset + xi * o * c, (c, o), (1, c), x.dtype), nr),
+                         [u], [upk])
+            tbuf = plan.fresh(None, (slot_count(a * a, geo["flops"]), T, o), x.dtype)
+        for kern, reads, writes in conv_staged(out, x, u, pad, vbuf, mbuf, pads, geo, upk, tbuf):
             plan.add(kern, reads, writes)
         return
     pad = plan.fresh(None, (slots, c, R * m + 2, Wp), x.dtype)
