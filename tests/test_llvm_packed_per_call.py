@@ -219,3 +219,20 @@ def test_split_packing_writes_the_panels(k, m, nr, monkeypatch):
         fns[t](ctypes.addressof(table))
         np.testing.assert_array_equal(dst, want)
 
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_forced_packing_with_a_transposed_left_operand(dtype, threads, monkeypatch, rng):
+    """a = X.T (a weight gradient's X^T @ dY): the micro-kernel reads a's elements by broadcasts in any
+    layout; b packed every call; NumPy's answer."""
+    from graphc.backends.llvm import gemm
+    monkeypatch.setattr(gemm, "SMALL_MACS", 0)
+    monkeypatch.setenv("GRAPHC_LLVM_PACK", "always")
+    for n, k, m in [(17, 3, 65), (65, 63, 257), (130, 64, 96)]:
+        xs = gc.placeholder("xs", (k, n), dtype)
+        y = gc.placeholder("y", (k, m), dtype)
+        f = gc.function([xs, y], gc.transpose(xs) @ y, backend="llvm")
+        xv, yv = rng.standard_normal((k, n)).astype(dtype), rng.standard_normal((k, m)).astype(dtype)
+        tol = 2e-5 if dtype == "float32" else 1e-11
+        np.testing.assert_allclose(f(xv, yv), xv.T.astype(np.float64) @ yv, rtol=tol, atol=tol * k)
+        assert _packed_every_call(f) and not _calls_blas(f), (n, k, m)
