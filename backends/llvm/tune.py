@@ -361,14 +361,44 @@ def _kernel_decided(n: int, k: int, m: int, dtype: str) -> tuple[int, str] | Non
     is tuned, else this process's or the on-disk cache's decision; None: it would be timed."""
     if mode() == "off" or jit.blas() is None or 2 * n * k * m < KERNEL_TUNE_FLOPS:
         return 0, "rule"
-    key = _kernel_key(n, k, m, dtype)
+    return _known_choice(_kernel_key(n, k, m, dtype), "blas")
+
+
+def _known_choice(key: tuple, field: str) -> tuple[int, str] | None:
+    """A two-way choice (0 or 1) this process or the on-disk cache (stored as {field: choice}) already holds."""
     if key in _memo:
         return _memo[key], "cache"
     hit = _load(_cache_name(*key))
-    if isinstance(hit, dict) and hit.get("blas") in (0, 1):
-        _memo[key] = int(hit["blas"])
+    if isinstance(hit, dict) and hit.get(field) in (0, 1):
+        _memo[key] = int(hit[field])
         return _memo[key], "cache"
     return None
+
+
+def _timed_choice(owner, kind: str, shape: tuple, key: tuple, field: str, timer, pick) -> tuple[int, str]:
+    """A two-way choice the tuner does not know yet: within the owner's tuning budget, timer(mode, spent)
+    times both ways ({name: seconds}), pick(times) gives 0 or 1, kept in this process and (timed on a
+    quiet machine) on disk as {field: choice}; (choice, "tuned"), or (0, "rule") when the budget is spent
+    or the probe cannot be built or run."""
+    md = mode()
+    spent = _spent.get(owner, 0.0) if owner is not None else 0.0
+    if spent >= BUDGET[md]:
+        return 0, "rule"
+    t0 = time.perf_counter()
+    try:
+        times = timer(md, spent)
+    except Exception:   # noqa: BLE001 -- a probe that cannot be built or run: the rule decides
+        times = None
+    if owner is not None:
+        _spent[owner] = spent + time.perf_counter() - t0
+    if times is None:
+        return 0, "rule"
+    best = pick(times)
+    _memo[key] = best
+    if not _busy():
+        _store(_cache_name(*key), {field: best, "seconds": times})
+    log.append((kind, shape, best, "tuned"))
+    return best, "tuned"
 
 
 def kernel_for(owner, n: int, k: int, m: int, dtype: str) -> tuple[str, str]:
@@ -382,28 +412,9 @@ def kernel_for(owner, n: int, k: int, m: int, dtype: str) -> tuple[str, str]:
     live) against 59-69 us in OpenBLAS; (64 x 400) @ (400 x 120) 178 against 190 us."""
     known = _kernel_decided(n, k, m, dtype)
     if known is None:
-        md = mode()
-        spent = _spent.get(owner, 0.0) if owner is not None else 0.0
-        if spent >= BUDGET[md]:
-            known = 0, "rule"
-        else:
-            t0 = time.perf_counter()
-            try:
-                times = _time_kernels(n, k, m, dtype, REPEATS[md])
-            except Exception:   # noqa: BLE001 -- a probe that cannot be built or run: the size rule decides
-                times = None
-            if owner is not None:
-                _spent[owner] = spent + time.perf_counter() - t0
-            if times is None:
-                known = 0, "rule"
-            else:
-                best = 1 if times["blas"] * KERNEL_MARGIN < times["tiles"] else 0
-                key = _kernel_key(n, k, m, dtype)
-                _memo[key] = best
-                if not _busy():
-                    _store(_cache_name(*key), {"blas": best, "seconds": times})
-                log.append(("kernel", (n, k, m, dtype), best, "tuned"))
-                known = best, "tuned"
+        known = _timed_choice(owner, "kernel", (n, k, m, dtype), _kernel_key(n, k, m, dtype), "blas",
+                              lambda md, spent: _time_kernels(n, k, m, dtype, REPEATS[md]),
+                              lambda times: 1 if times["blas"] * KERNEL_MARGIN < times["tiles"] else 0)
     choice = "blas" if known[0] else "tiles"
     _note(owner, f"{n}x{k}x{m} {dtype}: {'BLAS' if known[0] else 'micro-kernel'} ({known[1]})")
     if owner is not None:
@@ -435,14 +446,7 @@ def _packed_decided(n: int, k: int, m: int, dtype: str) -> tuple[int, str] | Non
     """(1 packed | 0 BLAS, source) when known without timing (BLAS when nothing is tuned), else None."""
     if mode() == "off" or jit.blas() is None:
         return 0, "rule"
-    key = _packed_key(n, k, m, dtype)
-    if key in _memo:
-        return _memo[key], "cache"
-    hit = _load(_cache_name(*key))
-    if isinstance(hit, dict) and hit.get("packed") in (0, 1):
-        _memo[key] = int(hit["packed"])
-        return _memo[key], "cache"
-    return None
+    return _known_choice(_packed_key(n, k, m, dtype), "packed")
 
 
 def packed_for(owner, n: int, k: int, m: int, dtype: str) -> tuple[bool, str]:
@@ -455,30 +459,12 @@ def packed_for(owner, n: int, k: int, m: int, dtype: str) -> tuple[bool, str]:
     timed on a busy machine). With the tuner off, or its budget spent: BLAS, as before the tuner."""
     known = _packed_decided(n, k, m, dtype)
     if known is None:
-        md = mode()
-        spent = _spent.get(owner, 0.0) if owner is not None else 0.0
-        if spent >= BUDGET[md]:
-            known = 0, "rule"
-        else:
-            t0 = time.perf_counter()
+        def timer(md, spent):   # a product of milliseconds is timed fewer times within what is left
             est = 2 * n * k * m / 50e9
-            reps = int(max(3, min(REPEATS[md], (BUDGET[md] - spent) / max(est * 2, 1e-6))))
-            try:
-                times = _time_packed(n, k, m, dtype, reps)
-            except Exception:   # noqa: BLE001 -- a probe that cannot be built or run: BLAS, as before
-                times = None
-            if owner is not None:
-                _spent[owner] = spent + time.perf_counter() - t0
-            if times is None:
-                known = 0, "rule"
-            else:
-                best = 1 if times["packed"] * PACKED_MARGIN < times["blas"] else 0
-                key = _packed_key(n, k, m, dtype)
-                _memo[key] = best
-                if not _busy():
-                    _store(_cache_name(*key), {"packed": best, "seconds": times})
-                log.append(("packcall", (n, k, m, dtype), best, "tuned"))
-                known = best, "tuned"
+            return _time_packed(n, k, m, dtype,
+                                int(max(3, min(REPEATS[md], (BUDGET[md] - spent) / max(est * 2, 1e-6)))))
+        known = _timed_choice(owner, "packcall", (n, k, m, dtype), _packed_key(n, k, m, dtype), "packed", timer,
+                              lambda times: 1 if times["packed"] * PACKED_MARGIN < times["blas"] else 0)
     if owner is not None:
         decisions.setdefault(owner, []).append((n, k, m, PACKED_TAG + dtype, known[0]))
     return bool(known[0]), known[1]
