@@ -22,7 +22,7 @@ F(2x2,3x3) multiplies 16 instead of 36 times per 2x2 outputs (2.25x fewer GEMM f
 instead of 144 (4x) with larger transform constants (float32 error a few 1e-6 of the output's scale).
 GRAPHC_LLVM_WINOGRAD=0 turns it off, =2 / =4 forces that tile size wherever the shape allows (tests);
 GRAPHC_LLVM_WINOGRAD_MODE=staged|fused forces a form. Staged products of few tiles (batch 1) are turned round
-(`transposed_rule`): M^T = V^T U^T over U^T packed in the prologue."""
+(`transposed_rule`): M^T = V^T U^T, the weights' transform writing U^T in the micro-kernel's panels."""
 from __future__ import annotations
 
 import os
@@ -193,18 +193,27 @@ def _sandwich(em, left, d, right, vt, dtype, lanes):
 
 # ---- the weights' transform (a prologue step: parameters only) ---------------------------------------------
 
-def weight_transform(u: View, w: View, m: int) -> Kernel:
+def weight_transform(u: View, w: View, m: int, panel: int | None = None) -> Kernel:
     """u (alpha^2, O, C) = G w[o, c] G^T for every filter and channel; float32 computed in double (the 1/6,
-    1/24 of F(4x4) rounded once)."""
+    1/24 of F(4x4) rounded once). `panel` (the turned products, transposed_rule): u holds each U[xi]^T
+    (C x O) in the micro-kernel's panels of that many columns instead (gemm.pack_panels' layout, the last
+    panel's columns past O zero), alpha^2 such blocks of gemm.packed_size(C, O, panel) elements."""
+    from . import gemm
     o, c = w.shape[:2]
     _, g, _ = MATRICES[m]
     a = m + 2
     dt = w.dtype
     wide = "double"
+    block = o * c if panel is None else gemm.packed_size(c, o, panel)
 
     def emit(em, P, lo, hi):
-        def body(offs, _):
+        def body(offs, idx):
             wo, uo = offs
+            if panel is not None:   # (o, c) -> panel o // panel, row c, column o % panel
+                oi, ci = idx
+                pan = em(f"mul i64 {em(f'udiv i64 {oi}, {panel}')}, {c * panel}")
+                col = em(f"add i64 {em(f'mul i64 {ci}, {panel}')}, {em(f'urem i64 {oi}, {panel}')}")
+                uo = em(f"add i64 {u.offset}, {em(f'add i64 {pan}, {col}')}")
             vals = [[load(em, P, w, em(f"add i64 {wo}, {i * w.strides[2] + j * w.strides[3]}")) for j in range(3)]
                     for i in range(3)]
             if dt == "float32":
@@ -215,8 +224,13 @@ def weight_transform(u: View, w: View, m: int) -> Kernel:
                     v = res[i][j]
                     if dt == "float32":
                         v = em(f"fptrunc double {v} to float")
-                    store(em, P, u, em(f"add i64 {uo}, {(i * a + j) * o * c}"), v)
+                    store(em, P, u, em(f"add i64 {uo}, {(i * a + j) * block}"), v)
         nest(em, (o, c), [(w.strides[0], w.strides[1]), (c, 1)], [w.offset, u.offset], body)
+        pad = -o % panel if panel is not None else 0
+        if pad:   # the last panel's columns past O: zeros (the micro-kernel reads whole vectors)
+            first = u.offset + (o // panel) * c * panel + o % panel
+            nest(em, (a * a, c, pad), [(block, panel, 1)], [first],
+                 lambda offs, _: store(em, P, u, offs[0], literal(0.0, dt)))
     return Kernel("winograd_weights", [u, w], emit, None, 2 * a * a * 12 * o * c)
 
 
@@ -429,7 +443,7 @@ def staged_blocks(n: int, chans: int, flops: int) -> tuple[int, int, int]:
 
 
 def conv_staged(out: View, x: View, u: View, pad: View, vbuf: View, mbuf: View, pads, geo: dict,
-                upk: View | None = None, tbuf: View | None = None) -> list:
+                turned: bool = False, tbuf: View | None = None) -> list:
     """The same convolution as three kernels over the whole call's tiles (V and M hold them all): the input
     transform by item, the alpha^2 products (one per item, each over every tile: the widest GEMMs), the
     output transform by item. For few tiles (batch 1), where one item's products would be too narrow.
@@ -477,13 +491,14 @@ def conv_staged(out: View, x: View, u: View, pad: View, vbuf: View, mbuf: View, 
 
     pslots = slot_count(a * a, geo["flops"])
     small = out.size * a * a // max(1, m * m)
-    if upk is not None:   # narrow products turned round: M[xi]^T (tiles x O) = V[xi]^T @ U[xi]^T (transposed_rule)
+    if turned:   # narrow products turned round: M[xi]^T (tiles x O) = V[xi]^T @ U[xi]^T (transposed_rule; u
+        # holds the U[xi]^T in panels: weight_transform's `panel`)
         def emit_t(em, P, lo, hi):
             if out.size:
                 _slot_loop(em, a * a, pslots, lo, hi,
-                           lambda s, xi: _product_t(em, P, xi, s, u, upk, vbuf, mbuf, tbuf, o, c, ld))
-        prod = (_slot_kernel("winograd_products", [upk, vbuf, mbuf, tbuf], emit_t, pslots, geo["flops"]),
-                [upk, vbuf], [mbuf, tbuf])
+                           lambda s, xi: _product_t(em, P, xi, s, u, vbuf, mbuf, tbuf, o, c, ld))
+        prod = (_slot_kernel("winograd_products", [u, vbuf, mbuf, tbuf], emit_t, pslots, geo["flops"]),
+                [u, vbuf], [mbuf, tbuf])
     else:
         def emit_products(em, P, lo, hi):
             if out.size:
@@ -499,9 +514,9 @@ def conv_staged(out: View, x: View, u: View, pad: View, vbuf: View, mbuf: View, 
 TRANSPOSED_COLS = 32
 
 
-def transposed_rule(ld: int, o: int, dtype: str) -> bool:
+def transposed_rule(ld: int, o: int) -> bool:
     """Whether the staged form's products M[xi] (O x ld) run as M[xi]^T = V[xi]^T (ld x C) @ U[xi]^T (C x O)
-    over U[xi]^T packed in the micro-kernel's panels (a prologue step): for few tiles (batch 1's 14x14 and
+    over U[xi]^T in the micro-kernel's panels (weight_transform's `panel`: the prologue): for few tiles (batch 1's 14x14 and
     7x7 stages, 16 columns) the product as written feeds each broadcast of U to one vector FMA and is bound
     by its loads; turned round, each broadcast of V feeds a tile row of vectors of O. ResNet-18 at batch 1
     (W10 b1) on the Intel Xeon (AVX-512, 2 cores; in-process A/B, 10 interleaved rounds): 17.8 -> 13.1 ms;
@@ -514,7 +529,7 @@ def transposed_rule(ld: int, o: int, dtype: str) -> bool:
     return ld <= TRANSPOSED_COLS and o >= 16 and os.environ.get("GRAPHC_LLVM_SMALL_GEMM", "auto") == "auto"
 
 
-def _product_t(em, P, xi, s, u: View, upk: View, vbuf: View, mbuf: View, tbuf: View, o: int, c: int, ld: int):
+def _product_t(em, P, xi, s, upk: View, vbuf: View, mbuf: View, tbuf: View, o: int, c: int, ld: int):
     """M[xi] (O x ld) from the turned product: slot s's scratch (ld x O) = V[xi]^T @ U[xi]^T over upk's
     panels (gemm_tiles, packed), then copied into M's layout."""
     from . import gemm
@@ -558,26 +573,23 @@ def plan_winograd(plan, out: View, x: View, w: View, pads, m: int) -> None:
         staged = staged_rule(n, c, o, (oh, ow), m, x.dtype)
     geo = geometry(n, c, o, (oh, ow), m, x.dtype, staged=staged)
     slots, twp, R = geo["slots"], geo["twp"], geo["R"]
-    u = plan.fresh(None, (a * a, o, c), x.dtype)
-    plan.add(weight_transform(u, w, m), [w], [u])
+    turned = staged and transposed_rule(n * geo["th"] * twp, o)
+    if turned:   # the transform writes each U[xi]^T straight into the micro-kernel's panels (_product_t)
+        from . import gemm
+        nr = gemm.panel_width(n * geo["th"] * twp, x.dtype)
+        u = plan.fresh(None, (a * a * gemm.packed_size(c, o, nr),), x.dtype)
+        plan.add(weight_transform(u, w, m, nr), [w], [u])
+    else:
+        u = plan.fresh(None, (a * a, o, c), x.dtype)
+        plan.add(weight_transform(u, w, m), [w], [u])
     Wp = m * (twp + (a - 1) // m)   # m phase planes, each a tile row's columns plus the overlap
     if staged:   # the transforms' items: blocks of channels, every tile row (R = th; conv_staged)
         pad = plan.fresh(None, (staged_blocks(n, c, geo["flops"])[2], 1, R * m + 2, Wp), x.dtype)
         T = n * R * twp
         vbuf = plan.fresh(None, (a * a, c, T), x.dtype)
         mbuf = plan.fresh(None, (a * a, o, T), x.dtype)
-        upk = tbuf = None
-        if transposed_rule(T, o, x.dtype):
-            from . import gemm
-            nr = gemm.panel_width(T, x.dtype)
-            psize = gemm.packed_size(c, o, nr)
-            upk = plan.fresh(None, (a * a * psize,), x.dtype)
-            for xi in range(a * a):   # U[xi]^T (C x O) in panels: prologue steps (U is the weights' transform)
-                plan.add(gemm.pack_panels(View(upk.buf, upk.offset + xi * psize, (psize,), (1,), x.dtype),
-                                          View(u.buf, u.offset + xi * o * c, (c, o), (1, c), x.dtype), nr),
-                         [u], [upk])
-            tbuf = plan.fresh(None, (slot_count(a * a, geo["flops"]), T, o), x.dtype)
-        for kern, reads, writes in conv_staged(out, x, u, pad, vbuf, mbuf, pads, geo, upk, tbuf):
+        tbuf = plan.fresh(None, (slot_count(a * a, geo["flops"]), T, o), x.dtype) if turned else None
+        for kern, reads, writes in conv_staged(out, x, u, pad, vbuf, mbuf, pads, geo, turned, tbuf):
             plan.add(kern, reads, writes)
         return
     pad = plan.fresh(None, (slots, c, R * m + 2, Wp), x.dtype)
