@@ -236,3 +236,26 @@ def test_forced_packing_with_a_transposed_left_operand(dtype, threads, monkeypat
         tol = 2e-5 if dtype == "float32" else 1e-11
         np.testing.assert_allclose(f(xv, yv), xv.T.astype(np.float64) @ yv, rtol=tol, atol=tol * k)
         assert _packed_every_call(f) and not _calls_blas(f), (n, k, m)
+
+
+def test_few_row_packed_products_prefetch_their_panels(monkeypatch, rng):
+    """A packed product of at most gemm.PREFETCH_MAX_ROWS rows (its panel streamed from memory once or twice)
+    prefetches the panel's rows ahead; taller ones, GRAPHC_LLVM_PREFETCH=0 and bounds-checked builds do not;
+    the answers are the same."""
+    from graphc.backends.llvm import gemm
+    monkeypatch.setattr(gemm, "SMALL_MACS", 0)
+    monkeypatch.setenv("GRAPHC_LLVM_PACK", "always")
+    for n, env, sanitize, want in [(17, None, None, True), (gemm.PREFETCH_MAX_ROWS + 1, None, None, False),
+                                   (17, "0", None, False), (17, None, "bounds", False)]:
+        if env is None:
+            monkeypatch.delenv("GRAPHC_LLVM_PREFETCH", raising=False)
+        else:
+            monkeypatch.setenv("GRAPHC_LLVM_PREFETCH", env)
+        x, y = gc.placeholder("x", (n, 63), "float32"), gc.placeholder("y", (63, 130), "float32")
+        kw = {} if sanitize is None else {"sanitize": sanitize}
+        f = gc.function([x, y], x @ y, backend="llvm", **kw)
+        xv, yv = rng.standard_normal((n, 63)).astype(np.float32), rng.standard_normal((63, 130)).astype(np.float32)
+        np.testing.assert_allclose(f(xv, yv), xv.astype(np.float64) @ yv, rtol=2e-5, atol=2e-4)
+        assert _packed_every_call(f)
+        ir = "\n".join(s.ir for s in f.program._specs.values())
+        assert ("call void @llvm.prefetch.p0(" in ir) == want, (n, env, sanitize)
