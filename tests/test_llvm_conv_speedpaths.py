@@ -19,7 +19,7 @@ from graphc.ir import apply
 from graphc.ops import nn_ops as NN
 
 from test_llvm_conv_grads import _conv_graph
-from conftest import backend_or_skip
+from conftest import backend_or_skip, plan_steps
 
 TOL = {"float32": 3e-5, "float64": 1e-12}
 
@@ -252,3 +252,42 @@ def test_lenet_like_training_gradients_pass_finite_differences(monkeypatch, rng)
     args = [rng.standard_normal((3, 1, 9, 9)), rng.standard_normal((4, 1, 5, 5)) * 0.3,
             rng.standard_normal((9, 4, 3, 3)) * 0.3]
     gc.verify_grad(net, args, backend="llvm", rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_batch1_narrow_convolutions_run_turned(isa, threads, monkeypatch):
+    """conv.turned_rule: a batch-1 convolution with few output pixels that the size rule gives to BLAS runs
+    as out^T = cols^T @ W^T over W^T packed in the prologue, then transposed into out: NumPy's answer on
+    odd sizes (stride 2 and 1x1, padded, a partial panel of filters), float32 and float64; not for a batch of
+    two or with GRAPHC_LLVM_CONV_TURN=0 (BLAS there)."""
+    backend_or_skip("llvm")
+    from graphc.backends.llvm import conv, jit
+    jit.target_machine()
+    if jit.blas() is None:
+        pytest.skip("no BLAS bound: such convolutions take the micro-kernel anyway")
+    monkeypatch.setenv("GRAPHC_LLVM_ISA", isa)
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", threads)
+    monkeypatch.setenv("GRAPHC_WARM_CACHE", "0")
+    monkeypatch.setattr(conv, "SPLIT_FLOPS", 0)
+    from graphc.backends.llvm import gemm
+    monkeypatch.setattr(gemm, "SMALL_MACS", 0)   # (these sizes would take the micro-kernel image by image)
+    rng = np.random.default_rng(5)
+    for (c, h, o, k, s, p), dtype in [((33, 13, 70, 3, 2, 1), "float32"), ((40, 7, 17, 1, 1, 0), "float64"),
+                                      ((19, 15, 33, 3, 2, 0), "float32")]:
+        for n, env, turned in [(1, None, True), (2, None, False), (1, "0", False)]:
+            if env is None:
+                monkeypatch.delenv("GRAPHC_LLVM_CONV_TURN", raising=False)
+            else:
+                monkeypatch.setenv("GRAPHC_LLVM_CONV_TURN", env)
+            monkeypatch.setattr(conv, "TURNED_HW", 64)
+            x = gc.placeholder("x", (n, c, h, h), dtype)
+            w = gc.parameter("w", rng.standard_normal((o, c, k, k)).astype(dtype))
+            f = gc.function([x], gc.conv2d(x, w, stride=s, padding=p), backend="llvm")
+            xv = rng.standard_normal((n, c, h, h)).astype(dtype)
+            want = _conv_reference(xv, w.value, (s, s), ((p, p), (p, p)), (1, 1), 1)
+            tol = 2e-5 if dtype == "float32" else 1e-11
+            np.testing.assert_allclose(f(xv), want, rtol=tol, atol=tol * c * k * k)
+            steps = [getattr(st, "name", "") for st in plan_steps(f)]
+            assert ("copy" in steps and any(getattr(st, "packed", False) for st in plan_steps(f))) == turned, \
+                (c, h, o, n, env, steps)
