@@ -10,6 +10,7 @@ import pytest
 
 import graphc as gc
 from conftest import backend_or_skip, plan_steps
+from test_llvm_packed_weights import _spec_plan
 
 
 @pytest.fixture(autouse=True)
@@ -19,12 +20,6 @@ def llvm(monkeypatch):
     monkeypatch.delenv("GRAPHC_LLVM_PACK", raising=False)
     monkeypatch.delenv("GRAPHC_LLVM_GEMV", raising=False)
     monkeypatch.setenv("GRAPHC_WARM_CACHE", "0")
-
-
-def _spec_plan(f):
-    specs = list(f.program._specs.values())
-    assert len(specs) == 1
-    return specs[0].plan
 
 
 def _packed_gemv(f) -> bool:

@@ -287,19 +287,9 @@ class Plan(Schedule):
             return False
         n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
         nr = gemm.panel_width(n, b.dtype)
-        key = (b.buf, b.offset, b.shape, b.strides, nr)   # a weight read by several products: packed once
-        if loop and not self.invariant(b.buf, settled=True):
-            key += (self._loop_serial,)   # (a value computed each call: packed for this loop only)
-        pk = self._packs.get(key)
-        if pk is None:
-            pk = self.fresh(None, (gemm.packed_size(k, m, nr),), b.dtype)
-            # in a loop (a recurrent step's h @ W_hh, W_hh an input of the scan): packed once before it
-            if loop and not self.before_loop(gemm.pack_panels(pk, b, nr), [b], [pk]):
-                return False
-            if not loop:
-                self.add(gemm.pack_panels(pk, b, nr), [b], [pk])
-            self._packs[key] = pk
-        bp = View(pk.buf, pk.offset, (k, m), (nr, 1), b.dtype)
+        bp = self._panels(b, nr, loop)
+        if bp is None:
+            return False
         kern = gemm.matmul(out, a, bp, blas="tiles", packed=True)
         if loop and kern.split and getattr(kern, "chunks", None) is None and (kern.threads or 0) > 1:
             kern.chunks = kern.threads   # each core the same column blocks every step (_matmul_views)
@@ -328,15 +318,30 @@ class Plan(Schedule):
         width = gemm.gemv_block(form, True)
         if width >= m or not self.invariant(b.buf, settled=True):
             return False
-        key = (b.buf, b.offset, b.shape, b.strides, width)
-        pk = self._packs.get(key)
-        if pk is None:
-            pk = self.fresh(None, (gemm.packed_size(k, m, width),), b.dtype)
-            self.add(gemm.pack_panels(pk, b, width), [b], [pk])
-            self._packs[key] = pk
-        bp = View(pk.buf, pk.offset, (k, m), (width, 1), b.dtype)
+        bp = self._panels(b, width)
         self.add(gemm.matmul(out, a, bp, blas="gemv", packed=True), [a, bp], [out])
         return True
+
+    def _panels(self, b: View, nr: int, loop: bool = False) -> View | None:
+        """The (k, m) view of b packed in nr-column panels (gemm.pack_panels' layout): one packing step per
+        weight and panel width, shared by every product reading it (self._packs); in a loop (a recurrent
+        step's h @ W_hh, W_hh an input of the scan) packed once before it (Schedule.before_loop; None when
+        that cannot be planned), for this loop only when b is computed each call."""
+        k, m = b.shape[-2], b.shape[-1]
+        key = (b.buf, b.offset, b.shape, b.strides, nr)
+        if loop and not self.invariant(b.buf, settled=True):
+            key += (self._loop_serial,)
+        pk = self._packs.get(key)
+        if pk is None:
+            pk = self.fresh(None, (gemm.packed_size(k, m, nr),), b.dtype)
+            step = gemm.pack_panels(pk, b, nr)
+            if loop:
+                if not self.before_loop(step, [b], [pk]):
+                    return None
+            else:
+                self.add(step, [b], [pk])
+            self._packs[key] = pk
+        return View(pk.buf, pk.offset, (k, m), (nr, 1), b.dtype)
 
     def _packed_per_call(self, out: View, a: View, b: View) -> bool:
         """Plan out = a @ b, a product the size rules give to BLAS (neither a packed weight's nor a small
