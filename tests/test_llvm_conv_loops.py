@@ -94,10 +94,15 @@ def _kernel_sizes(source: str) -> dict:
 def test_stem_and_winograd_kernels_stay_small(monkeypatch):
     """The IR of ResNet-18's stem convolution (3 -> 64, 7x7 stride 2 on 224x224) and of a fused Winograd
     layer (64 channels, 56x56) is a few tens of KB: loops, not unrolled taps or products (they were 160 KB
-    and 800 KB; LLVM's time grows faster than their size). Sizes only, no timing."""
+    and 800 KB; LLVM's time grows faster than their size); the direct stem's (direct.py) a few hundred KB.
+    Sizes only, no timing."""
     monkeypatch.setenv("GRAPHC_LLVM_WINOGRAD_MODE", "fused")
     x = gc.placeholder("x", (1, 3, 224, 224))
     w = gc.parameter("w", np.zeros((64, 3, 7, 7), np.float32))
+    sizes = _kernel_sizes(gc.function([x], gc.conv2d(x, w, stride=2, padding=3), backend="llvm").source)
+    conv = [v for k, v in sizes.items() if k.endswith("_conv2d_direct")]
+    assert conv and max(conv) < 400_000, sizes     # (direct.py: its tap rows unrolled, 3 to 4 taps each)
+    monkeypatch.setenv("GRAPHC_LLVM_CONV_DIRECT", "0")
     sizes = _kernel_sizes(gc.function([x], gc.conv2d(x, w, stride=2, padding=3), backend="llvm").source)
     conv = [v for k, v in sizes.items() if k.endswith("_conv2d")]
     assert conv and max(conv) < 40_000, sizes

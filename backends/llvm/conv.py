@@ -320,14 +320,16 @@ def _out_hw(x_shape, kernel, pads, dilation) -> tuple[int, int]:
             w + pads[1][0] + pads[1][1] - dilation[1] * (kernel[1] - 1))
 
 
-def fuse_conv_epilogue(plan, outs: list[View], ins: list[View], compute, full_shape) -> bool:
+def fuse_conv_epilogue(plan, outs: list[View], ins: list[View], compute, full_shape, live=None) -> bool:
     """Replace the micro-kernel convolution planned last (conv_tiles, plan.steps[-1]) and the elementwise
     region after it (outs = compute(ins) per element of full_shape: its bias, activation, residual add)
     by one kernel that runs the region on each image right after that image's product, while its output
     is in cache, instead of a second pass over the whole batch. True when done (the caller adds nothing).
     Only outside scan bodies, when the region's shape is the convolution's (n, o, oh, ow) and it reads the
     convolution's output exactly as written (contiguous, same place); its other operands broadcast over
-    it in any way. LeNet batch 64 on a 2-core Zen 1: the two epilogue passes (bias + ReLU) took 110 and
+    it in any way. A direct convolution (direct.py) runs the region in its copy-out, from the product's
+    block, and does not write its own output: only where `live` (the buffers of the region's inputs read
+    after it; None: unknown) shows that nothing else reads it. LeNet batch 64 on a 2-core Zen 1: the two epilogue passes (bias + ReLU) took 110 and
     36 us of 1.56 ms as passes of their own; fused, conv1 + pool 545 -> 522 us and conv2 + pool 673 ->
     671 us (interleaved medians): the pass was mostly cache-resident already."""
     from ..schedule.views import broadcast_strides
@@ -335,9 +337,10 @@ def fuse_conv_epilogue(plan, outs: list[View], ins: list[View], compute, full_sh
         return False
     prev = plan.steps[-1]
     info = getattr(prev, "conv_tiles", None)
-    if info is None or getattr(prev, "fused_epilogue", False):
+    drct = getattr(prev, "direct_conv", None)   # direct.conv_direct: the epilogue by item, after its copy-out
+    if (info is None and drct is None) or getattr(prev, "fused_epilogue", False):
         return False
-    om, x, w, cols, args = info
+    om, x, w, cols = (info or drct)[:4]
     n, o, hw = om.shape
     full = tuple(full_shape)
     if len(full) != 4 or full[0] != n or full[1] != o or full[2] * full[3] != hw:
@@ -359,17 +362,54 @@ def fuse_conv_epilogue(plan, outs: list[View], ins: list[View], compute, full_sh
     from ..schedule.views import collapse
     dims, sts = collapse(full[1:], [s[1:] for s in strides])
 
-    def epilogue(em, P, i):
-        bases = [str(v.offset) if s[0] == 0 else em(f"add i64 {v.offset}, {em(f'mul i64 {i}, {s[0]}')}")
-                 for v, s in zip(views, strides)]
-
-        def body(offs, _):
+    def body(em, P):
+        def elements(offs, _):
             vals = [(load(em, P, v, q), v.dtype) for v, q in zip(ins, offs[no:])]
             for v, q, r in zip(outs, offs, compute(em, vals)):
                 store(em, P, v, q, r)
-        nest(em, dims, sts, bases, body)
+        return elements
 
-    kern = conv_tiles(om, x, w, cols, *args, epilogue=epilogue, extra_views=views)
+    def epilogue(em, P, i):
+        bases = [str(v.offset) if s[0] == 0 else em(f"add i64 {v.offset}, {em(f'mul i64 {i}, {s[0]}')}")
+                 for v, s in zip(views, strides)]
+        nest(em, dims, sts, bases, body(em, P))
+
+    if drct is not None and (live is None or om.buf in live):
+        return False   # (the direct copy-out with the region fused never writes the convolution's own output)
+
+    def rows_epilogue(em, P, i, o0, chans: int, r0, rows, wide, wbase, wstrides):
+        # channels o0 .. o0+chans-1, output rows r0 .. r0+rows-1 of image i, the convolution's values read
+        # from the item's block (wide, from wbase by wstrides): the copy-out and the region in one pass
+        bases = []
+        for v, s in zip(views, strides):
+            b = str(v.offset)
+            for idx, st in ((i, s[0]), (o0, s[1]), (r0, s[2])):
+                if st:
+                    b = em(f"add i64 {b}, {em(f'mul i64 {idx}, {st}')}")
+            bases.append(b)
+
+        def elements(offs, _):
+            conv_v = load(em, P, wide, offs[-1])
+            vals = []
+            for v, q in zip(ins, offs[no:-1]):
+                if v.buf == om.buf:
+                    vals.append((conv_v, v.dtype))
+                else:
+                    vals.append((load(em, P, v, q), v.dtype))
+            for v, q, r in zip(outs, offs, compute(em, vals)):
+                store(em, P, v, q, r)
+        nest(em, [chans, rows, full[3]], [tuple(s[1:]) for s in strides] + [tuple(wstrides)], bases + [wbase],
+             elements)
+
+    if drct is not None:
+        from . import direct
+        out_, planes, wp, wide, geo, slots = drct
+        kern = direct.conv_direct(out_, planes, wp, wide, geo, slots, epilogue=rows_epilogue, extra_views=views)
+        kern.fused_epilogue = True
+        plan.pop_step()
+        plan.add(kern, [planes, wp] + [v for v in ins if v.buf != om.buf], [om, wide] + outs)
+        return True
+    kern = conv_tiles(om, x, w, cols, *info[4], epilogue=epilogue, extra_views=views)
     kern.fused_epilogue = True
     plan.pop_step()
     plan.add(kern, [x, w] + [v for v in ins if v.buf != om.buf], [om, cols] + outs)
@@ -955,6 +995,11 @@ def plan_conv2d(plan, node, ins) -> None:
         winograd.plan_winograd(plan, out, x, wm, a["pads"], m)
         plan._store_rounded(t, out)
         return
+    from . import direct
+    drct = direct.rule(x, wm, a["stride"], a["dilation"], g, oshape[2:])
+    if drct and direct.forced():   # (forced: also the small products the micro-kernel takes image by image)
+        direct.plan_direct(plan, t, ct, x, wm, (kh, kw), a["stride"], a["pads"], oshape)
+        return
     if plan._conv_tiles(og, ckk, hw, x.dtype, 2 if g == 1 else 1):
         slots = slot_count(n, flops)
         grid = wide_grid(x.shape, (kh, kw), a["stride"], a["pads"], a["dilation"], oshape[2:])
@@ -969,6 +1014,9 @@ def plan_conv2d(plan, node, ins) -> None:
         om = View(out.buf, out.offset, (n, o, hw), contig_strides((n, o, hw)), out.dtype)
         plan.add(conv_tiles(om, x, w2, cols, *args, g, slots, grid is not None), [x, w2], [om, cols])
         plan._store_rounded(t, out)
+        return
+    if drct:
+        direct.plan_direct(plan, t, ct, x, wm, (kh, kw), a["stride"], a["pads"], oshape)
         return
     if turned_rule(n, g, o, ckk, hw, x.dtype) and gemm.use_blas(x, w2, x):
         _plan_turned(plan, t, ct, x, w2, args, c, o, ckk, hw, oshape)

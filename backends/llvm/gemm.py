@@ -708,7 +708,9 @@ def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
     (tile_blocks; the partial block last), the unit a split runs.
     `ktaps` = (dims, strides): b's row p starts at element sum(idx * strides) for p's multi-index idx in
     dims (prod(dims) == k) instead of p * b's row stride: the rows of an implicit im2col (a convolution's
-    taps read from the padded image itself, conv.conv_tiles' wide grid), which may overlap.
+    taps read from the padded image itself, conv.conv_tiles' wide grid), which may overlap. Or a dict
+    (_tap_loop): channels whose taps are rows of b at given offsets (direct.py: a strided convolution's
+    taps in its phase planes).
     `packed`: b is in pack_panels' layout (b's column block j0 .. j0+nr-1 is k rows of nr elements from
     element j0*k, zero past column m): every step reads one contiguous run, and whole vectors."""
     lanes = vector_shape(out.dtype)[0]
@@ -820,6 +822,8 @@ def _tile_rows(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
                     em.raw(f"store {vt} {em(f'fadd contract {vt} {cur}, {prod}')}, ptr {acc[r][q]}")
         if ktaps is None:
             em.loop(k, step)
+        elif isinstance(ktaps, dict):
+            _tap_loop(em, ktaps, bo, step)
         else:
             dims, bst = ktaps
             nest(em, dims, [contig_strides(dims), bst], [0, bo], lambda offs, _: step(offs[0], offs[1]))
@@ -836,6 +840,37 @@ def _tile_rows(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
     if extra:
         em.loop(extra, lambda ib: tile(em(f"mul i64 {ib}, {base + 1}"), base + 1))
     em.loop(count - extra, lambda ib: tile(em(f"add i64 {em(f'mul i64 {ib}, {base}')}, {extra * (base + 1)}"), base))
+
+
+#: a tap row of at most this many taps is unrolled in _tap_loop (a loop over them instead: ResNet-18's stem and
+#: stride-2 convolutions 3.5-5% slower, their kernels' IR 3.5x smaller)
+TAP_UNROLL = 8
+
+
+def _tap_loop(em, ktaps: dict, bo, step) -> None:
+    """step(p, b row offset) for every column p of a (gemm_tiles' ktaps as a dict): a run-time loop over
+    ktaps["loop"] channels, b's rows ktaps["stride"] apart; per channel its tap rows ktaps["rows"] in turn,
+    each (count, taps, first, stride): a loop over `count` rows `stride` apart from `first`, the row's `taps`
+    adjacent rows of b unrolled up to TAP_UNROLL (a's columns in that order)."""
+    rows, bst = ktaps["rows"], ktaps["stride"]
+    t = sum(cnt * taps for cnt, taps, _, _ in rows)
+
+    def channel(c):
+        p0 = em(_imul(c, t))
+        b0 = em(f"add i64 {bo}, {em(_imul(c, bst))}")
+        at = 0
+        for cnt, taps, first, rst in rows:
+            def row(i, at=at, taps=taps, first=first, rst=rst):
+                pr = em(_iadd(em(_iadd(p0, at)), em(_imul(i, taps)))) if i != "0" else em(_iadd(p0, at))
+                br = em(_iadd(em(_iadd(b0, first)), em(_imul(i, rst)))) if i != "0" else em(_iadd(b0, first))
+                if taps > TAP_UNROLL:
+                    em.loop(taps, lambda q: step(em(f"add i64 {pr}, {q}"), em(f"add i64 {br}, {q}")))
+                    return
+                for q in range(taps):
+                    step(pr if q == 0 else em(_iadd(pr, q)), br if q == 0 else em(_iadd(br, q)))
+            em.loop(cnt, row)
+            at += cnt * taps
+    em.loop(ktaps["loop"], channel)
 
 
 #: a packed product of at most this many rows (its panels read from memory by few row tiles: the turned

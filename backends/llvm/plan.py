@@ -151,7 +151,8 @@ class Plan(Schedule):
         if after_conv and kern.split is None and kern.outer >= 2 and outs[0].size >= CONV_EPILOGUE_PARALLEL_MIN:
             kern.split = kern.outer   # a conv's epilogue pass (bias, activation, residual): see the constant
         from . import conv, epilogue, recurrent   # the product planned just before, read by column windows
-        if after_conv and conv.fuse_conv_epilogue(self, outs, ins, compute, outs[0].shape):
+        live = {self.view[id(t)].buf for t in inputs if id(t) in needed}   # inputs read after the region too
+        if after_conv and conv.fuse_conv_epilogue(self, outs, ins, compute, outs[0].shape, live):
             pass   # run on each image inside the convolution (conv.fuse_conv_epilogue)
         elif recurrent.fuse_epilogue(self, outs, ins, compute, kern.split is not None):
             pass   # a recurrent step's product and the gates reading it by column windows

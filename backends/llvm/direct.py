@@ -1,0 +1,255 @@
+"""Direct convolution over phase planes (conv2d forward: one group, dilation 1, float32/float64).
+
+A stride-s convolution reads input column s*x + j for output column x and tap j. Split the zero-padded image
+into s x s phase planes, plane (pi, pj) holding the padded image's rows pi, pi+s, ... and columns pj, pj+s,
+...: then tap (i, j) of output (y, x) is element (y + i//s, x + j//s) of plane (i%s, j%s), and for a run of
+output columns the taps read contiguous runs of a plane. Every tap of every channel is a row of an implicit
+im2col that the register-blocked micro-kernel (gemm.gemm_tiles, ktaps as segments: one per phase plane)
+reads in place, with vectors along the output row and the weights broadcast, so the result comes out in
+NCHW order with no im2col and no transpose. Output rows are taken R at a time as "wide" rows of Wq columns
+(the plane's width: Wq - ow columns of each wide row are padding, computed and dropped), so small images
+(7x7, 14x14) still fill whole vectors. Stride 1 is the one-plane case.
+
+Two steps: conv_phases writes the planes of every image (split over images x channels), conv_direct runs
+items of (image, block of R output rows, block of output channels) split over threads: the product into the
+slot's wide block, then its kept columns copied to the output, where a fused epilogue (bias, activation,
+residual add: conv.fuse_conv_epilogue) runs on the rows just written. The weights are permuted once into
+the segments' tap order (a prologue step for a parameter). The ResNet-18 stem (7x7 stride 2 over 3x224x224)
+and the stride-2 and 1x1 convolutions of its later stages take this path (rule)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .irtext import literal
+from .kernels import Kernel, load, nest, store
+from ..schedule.views import View, contig_strides
+
+ENV = "GRAPHC_LLVM_CONV_DIRECT"
+#: bytes of one slot's block of wide output rows (R rows x the block's channels), kept in L2 for the copy-out
+OUT_BYTES = 1 << 17
+#: the rule's floor: at least this many output columns a row ...
+MIN_OW = 7
+#: ... and this many FLOPs (smaller convolutions stay on the im2col paths) ...
+MIN_FLOPS = 1 << 22
+#: ... and at most this fraction of each wide row padding: ResNet's 3x3 stride-2 convolution to 7x7 (8 wide
+#: columns a row, one dropped) measured 4% slower direct than im2col + the turned product (conv.turned_rule)
+MAX_PAD_FRACTION = 0.1
+
+
+def rule(x: View, w: View, stride, dilation, groups: int, out_hw) -> bool:
+    """Whether conv2d runs direct over phase planes: float32/float64, one group, dilation 1, stride <= 4,
+    at least MIN_OW output columns, MIN_FLOPS, and wide rows at most MAX_PAD_FRACTION padding. GRAPHC_LLVM_CONV_DIRECT=0 / 1: never / whenever it
+    applies (any size). The caller asks after Winograd and the small-product micro-kernel path."""
+    mode = os.environ.get(ENV, "auto")
+    if mode == "0" or x.dtype not in ("float32", "float64") or x.dtype != w.dtype or groups != 1:
+        return False
+    if tuple(dilation) != (1, 1) or max(stride) > 4 or min(stride) < 1:
+        return False
+    o, c, kh, kw = w.shape
+    oh, ow = out_hw
+    if oh < 1 or ow < 1 or x.shape[0] < 1 or c < 1 or o < 1:
+        return False
+    if mode == "1":
+        return True
+    wq = ow + (kw - 1) // stride[1]
+    return (ow >= MIN_OW and (wq - ow) <= MAX_PAD_FRACTION * wq
+            and 2 * x.shape[0] * o * c * kh * kw * oh * ow >= MIN_FLOPS)
+
+
+def forced() -> bool:
+    return os.environ.get(ENV, "auto") == "1"
+
+
+def segments(kernel, stride) -> list[tuple[int, int, int, int]]:
+    """(pi, pj, taps down, taps across) per phase plane a tap reads, in the weights' permuted order."""
+    (kh, kw), (sh, sw) = kernel, stride
+    return [(pi, pj, -(-(kh - pi) // sh), -(-(kw - pj) // sw))
+            for pi in range(min(sh, kh)) for pj in range(min(sw, kw))]
+
+
+def geometry(x_shape, o: int, kernel, stride, pads, out_hw, dtype: str, threads: int) -> dict:
+    """How the work is cut: Wq (plane width: ow plus the taps' reach past a row), R output rows per item
+    (a wide block of at most OUT_BYTES; fewer where the batch gives the threads too few items), rb row
+    blocks, OB channels per block (halved while the items are fewer than two per thread), Hq plane rows
+    (every row block computes R rows: the planes are padded to rb*R plus the reach)."""
+    from .conv import SPLIT_FLOPS
+    n, c = x_shape[:2]
+    (kh, kw), (sh, sw) = kernel, stride
+    oh, ow = out_hw
+    isz = np.dtype(dtype).itemsize
+    wq = ow + (kw - 1) // sw
+    halo = (kh - 1) // sh
+    segs = segments(kernel, stride)
+    flops = 2 * n * o * c * kh * kw * oh * wq
+    want = 2 * threads if threads > 1 and flops >= SPLIT_FLOPS else 1
+    R = max(1, min(oh, OUT_BYTES // max(1, o * wq * isz)))
+    rb = -(-oh // R)
+    nob = 1
+    while n * rb * nob < want and o // (2 * nob) >= 16:
+        nob *= 2
+    if n * rb * nob < want:
+        rb = min(oh, -(-want // (n * nob)))
+    R = -(-oh // rb)
+    rb = -(-oh // R)
+    ob = -(-o // nob)
+    nob = -(-o // ob)
+    hq = rb * R + halo
+    m = (R - 1) * wq + ow
+    plane = hq * wq
+    taps = [(ni, nj, si * c * plane, wq) for si, (_, _, ni, nj) in enumerate(segs)]
+    return {"C": c, "ow": ow, "Wq": wq, "Hq": hq, "R": R, "rb": rb, "OB": ob, "nob": nob, "m": m, "segs": segs,
+            "plane": plane, "image": len(segs) * c * plane, "items": n * rb * nob, "taps": taps,
+            "flops": 2 * n * o * c * kh * kw * rb * R * wq}
+
+
+def permute_weights(plan, w: View, kernel, stride) -> View:
+    """w (o, c, kh, kw) as (o, K) in the taps' order (geometry's "taps": per channel, plane by plane (pi, pj),
+    tap row, tap column): w itself (2-D) for stride 1, else a copy per plane (plan.add: a prologue step for
+    a weight)."""
+    from .kernels import copy
+    o, c, kh, kw = w.shape
+    k = c * kh * kw
+    segs = segments(kernel, stride)
+    if len(segs) == 1:
+        return View(w.buf, w.offset, (o, k), (k, 1), w.dtype)
+    wp = plan.fresh(None, (o, k), w.dtype)
+    sh, sw = stride
+    t = kh * kw
+    at = 0
+    for pi, pj, ni, nj in segs:
+        src = View(w.buf, w.offset + w.strides[2] * pi + w.strides[3] * pj, (o, c, ni, nj),
+                   (w.strides[0], w.strides[1], w.strides[2] * sh, w.strides[3] * sw), w.dtype)
+        dst = View(wp.buf, wp.offset + at, (o, c, ni, nj), (k, t, nj, 1), w.dtype)
+        plan.add(copy(dst, src), [src], [dst])
+        at += ni * nj
+    return wp
+
+
+def conv_phases(planes: View, x: View, kernel, stride, pads, geo: dict) -> Kernel:
+    """planes[img][segment][c] (Hq x Wq each) = the zero-padded image's phase plane (pi, pj): element
+    (y, q) is x[img, c, s_h*y + pi - top, s_w*q + pj - left], zero outside x. Split over images x
+    channels; rows read from the padding are zeros (the source row clamped, the loads selected away)."""
+    from .conv import _valid
+    n, c, h, w = x.shape
+    (sh, sw), (pt, pl) = stride, (pads[0][0], pads[1][0])
+    wq, hq, segs = geo["Wq"], geo["Hq"], geo["segs"]
+    plane = hq * wq
+    t = x.dtype
+    zero = literal(0, t)
+    S = len(segs)
+
+    def emit(em, P, lo, hi):
+        def per_plane(q):
+            img = em(f"udiv i64 {q}, {c}")
+            ch = em(f"urem i64 {q}, {c}")
+            xo = _madd(em, _madd(em, x.offset, img, x.strides[0]), ch, x.strides[1])
+            for s, (pi, pj, _, _) in enumerate(segs):
+                q0, q1 = _valid(w, wq, pj, sw, 1, pl)
+                po = _madd(em, _madd(em, planes.offset + s * c * plane, img, S * c * plane), ch, plane)
+
+                def row(offs, idx, pi=pi, pj=pj, q0=q0, q1=q1):
+                    ih = em(f"sub i64 {em(f'mul i64 {idx[0]}, {sh}')}, {pt - pi}")
+                    ok = em(f"and i1 {em(f'icmp sge i64 {ih}, 0')}, {em(f'icmp slt i64 {ih}, {h}')}")
+                    ihc = em(f"select i1 {ok}, i64 {ih}, i64 0")
+                    src = em(f"add i64 {xo}, {em(f'mul i64 {ihc}, {x.strides[2]}')}")
+                    src = em(f"add i64 {src}, {(q0 * sw + pj - pl) * x.strides[3]}")
+                    nest(em, [q0], [(1,)], [offs[0]], lambda o, _: store(em, P, planes, o[0], zero))
+
+                    def cp(o, _):
+                        v = load(em, P, x, o[1])
+                        store(em, P, planes, o[0], em(f"select i1 {ok}, {VT[t]} {v}, {VT[t]} {zero}"))
+                    nest(em, [q1 - q0], [(1,), (sw * x.strides[3],)], [em(f"add i64 {offs[0]}, {q0}"), src], cp)
+                    nest(em, [wq - q1], [(1,)], [em(f"add i64 {offs[0]}, {q1}")],
+                         lambda o, _: store(em, P, planes, o[0], zero))
+                nest(em, [hq], [(wq,)], [po], row)
+        em.loop(hi, per_plane, start=lo)
+    kern = Kernel("conv_phases", [planes, x], emit, n * c if n * c >= 2 else None, 0, n * c)
+    kern.key = ("conv_phases", tuple(kernel), tuple(stride), (pt, pl), wq, hq)
+    return kern
+
+
+VT = {"float32": "float", "float64": "double"}
+
+
+def _madd(em, base, idx, k: int) -> str:
+    """IR text of base + idx * k (i64)."""
+    return em(f"add i64 {base}, {em(f'mul i64 {idx}, {k}')}")
+
+
+def conv_direct(out: View, planes: View, w: View, wide: View, geo: dict, slots: int, epilogue=None,
+                extra_views=()) -> Kernel:
+    """out (n, o, oh*ow) = the convolution, from the phase planes and the permuted weights w (o, K): per
+    item (image, row block, channel block) the micro-kernel over the block's wide rows into the slot's
+    part of `wide` (OB x m), then its kept columns copied to out, or epilogue(em, P, img, o0, channels, r0,
+    rows, wide, block base, block strides) runs instead: the copy-out with the region fused
+    (conv.fuse_conv_epilogue)."""
+    from .conv import _slot_kernel, _slot_loop
+    from .gemm import gemm_tiles
+    n, o, hw = out.shape
+    k = w.shape[1]
+    c, ow = geo["C"], geo["ow"]
+    wq, R, rb, ob, nob, m = geo["Wq"], geo["R"], geo["rb"], geo["OB"], geo["nob"], geo["m"]
+    plane, image = geo["plane"], geo["image"]
+    oh = hw // ow
+    per_slot = wide.size // slots
+    taps = geo["taps"]
+    items = n * rb * nob
+    rest = o - (nob - 1) * ob
+    tail_rows = oh - (rb - 1) * R
+    wv = View(wide.buf, 0, (ob, m), (m, 1), wide.dtype)
+
+    def item(em, P, s, it):
+        img = em(f"udiv i64 {it}, {rb * nob}")
+        rblk = em(f"udiv i64 {em(f'urem i64 {it}, {rb * nob}')}, {nob}")
+        oblk = em(f"urem i64 {it}, {nob}")
+        wo = em(f"add i64 {wide.offset}, {em(f'mul i64 {s}, {per_slot}')}")
+        r0 = em(f"mul i64 {rblk}, {R}")
+        o0 = em(f"mul i64 {oblk}, {ob}")
+        bo = _madd(em, _madd(em, planes.offset, img, image), r0, wq)
+        ao = em(f"add i64 {w.offset}, {em(f'mul i64 {o0}, {k}')}")
+        rows = str(R) if tail_rows == R else em(
+            f"select i1 {em(f'icmp eq i64 {rblk}, {rb - 1}')}, i64 {tail_rows}, i64 {R}")
+
+        def block(chans: int):
+            gemm_tiles(em, P, wv, w, planes, ao, bo, wo, chans, k, m,
+                       ktaps={"loop": c, "stride": plane, "rows": taps})
+            if epilogue is not None:
+                epilogue(em, P, img, o0, chans, r0, rows, wv, wo, (m, wq, 1))
+                return
+            oo = _madd(em, _madd(em, _madd(em, out.offset, img, o * hw), o0, hw), r0, ow)
+            nest(em, [chans, rows, ow], [(m, wq, 1), (hw, ow, 1)], [wo, oo],
+                 lambda offs, _: store(em, P, out, offs[1], load(em, P, wv, offs[0])))
+        if rest == ob:
+            block(ob)
+            return
+        last = em(f"icmp eq i64 {oblk}, {nob - 1}")
+        em.if_(em(f"xor i1 {last}, true"), lambda: block(ob))
+        em.if_(last, lambda: block(rest))
+
+    def emit(em, P, lo, hi):
+        if out.size:
+            _slot_loop(em, items, slots, lo, hi, lambda s, it: item(em, P, s, it))
+    kern = _slot_kernel("conv2d_direct", [out, planes, w, wide] + list(extra_views), emit, slots, geo["flops"])
+    kern.direct_conv = (out, planes, w, wide, geo, slots)
+    return kern
+
+
+def plan_direct(plan, t, ct: str, x: View, wm: View, kernel, stride, pads, oshape) -> None:
+    """The plan rows of a direct convolution: the weights permuted (prologue for a weight), the phase
+    planes, the product with its copy-out (an elementwise region after it may fuse: fuse_conv_epilogue)."""
+    from .conv import slot_count, threads
+    n, c = x.shape[:2]
+    o = wm.shape[0]
+    oh, ow = oshape[2:]
+    geo = geometry(x.shape, o, kernel, stride, pads, (oh, ow), x.dtype, threads())
+    wp = permute_weights(plan, wm, kernel, stride)
+    planes = plan.fresh(None, (n * geo["image"],), x.dtype)
+    plan.add(conv_phases(planes, x, kernel, stride, pads, geo), [x], [planes])
+    slots = slot_count(geo["items"], geo["flops"])
+    wide = plan.fresh(None, (slots, geo["OB"] * geo["m"]), x.dtype)
+    out = plan._compute_out(t, ct)
+    om = View(out.buf, out.offset, (n, o, oh * ow), contig_strides((n, o, oh * ow)), out.dtype)
+    plan.add(conv_direct(om, planes, wp, wide, geo, slots), [planes, wp], [om, wide])
+    plan._store_rounded(t, out)
