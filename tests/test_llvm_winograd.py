@@ -224,3 +224,33 @@ def test_turned_staged_products_match_direct_sum(isa, threads, monkeypatch, rng)
     assert winograd.transposed_rule(16, 512) and not winograd.transposed_rule(128, 512)
     monkeypatch.setenv("GRAPHC_LLVM_SMALL_GEMM", "0")
     assert not winograd.transposed_rule(16, 512)
+
+
+def test_turned_products_prefetch_their_streamed_panels_into_l2(monkeypatch, rng):
+    """The turned staged products read each U[xi]^T once a call (streamed from memory): besides the L1
+    prefetch of every few-row packed product, their panels are prefetched PREFETCH_L2_AHEAD rows ahead into
+    L2 (hint 2); a plain packed product of as few rows is not (its weight stays in cache), nor with the
+    setting at 0. The answers are the same."""
+    from graphc.backends.llvm import gemm
+    monkeypatch.setenv("GRAPHC_LLVM_WINOGRAD_TURN", "1")
+    monkeypatch.setenv("GRAPHC_LLVM_WINOGRAD_MODE", "staged")
+    monkeypatch.setenv("GRAPHC_LLVM_WINOGRAD", "2")
+    monkeypatch.setenv("GRAPHC_WARM_CACHE", "0")
+    l2 = ", i32 0, i32 2, i32 1)"
+    for ahead in (gemm.PREFETCH_L2_AHEAD, 0):
+        monkeypatch.setattr(gemm, "PREFETCH_L2_AHEAD", ahead)
+        x = gc.placeholder("x", (1, 9, 7, 7), "float32")
+        w = gc.parameter("w", rng.standard_normal((20, 9, 3, 3)).astype(np.float32))
+        f = gc.function([x], gc.conv2d(x, w, padding=1), backend="llvm")
+        xv = rng.standard_normal((1, 9, 7, 7)).astype(np.float32)
+        want = _conv_reference(xv, w.value, (1, 1), ((1, 1), (1, 1)), (1, 1), 1)
+        np.testing.assert_allclose(f(xv), want, rtol=TOL["float32"][2], atol=TOL["float32"][2] * np.abs(want).max())
+        ir = "\n".join(s.ir for s in f.program._specs.values())
+        assert (l2 in ir) == bool(ahead) and ", i32 0, i32 3, i32 1)" in ir
+    monkeypatch.setattr(gemm, "SMALL_MACS", 0)
+    monkeypatch.setenv("GRAPHC_LLVM_PACK", "always")
+    monkeypatch.setattr(gemm, "PREFETCH_L2_AHEAD", 48)
+    a, b = gc.placeholder("a", (16, 63), "float32"), gc.parameter("b", rng.standard_normal((63, 130)).astype(np.float32))
+    f = gc.function([a], a @ b, backend="llvm")
+    ir = "\n".join(s.ir for s in f.program._specs.values())
+    assert ", i32 0, i32 3, i32 1)" in ir and l2 not in ir

@@ -698,7 +698,7 @@ def pack_panels(dst: View, b: View, nr: int, split: bool = False) -> Kernel:
 
 
 def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m: int, cols=None,
-               ktaps=None, packed: bool = False) -> None:
+               ktaps=None, packed: bool = False, stream: bool = False) -> None:
     """out[n, m] = a[n, k] @ b[k, m] by tiles of mr rows x nv vectors held in registers: per step p one
     row of b's tile is loaded as vectors and every row's a[i, p] broadcast into a fused multiply-add.
     Column blocks run outermost so b's block (k x nv vectors) stays in L1/L2 across the row tiles (packed,
@@ -712,7 +712,9 @@ def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
     (_tap_loop): channels whose taps are rows of b at given offsets (direct.py: a strided convolution's
     taps in its phase planes).
     `packed`: b is in pack_panels' layout (b's column block j0 .. j0+nr-1 is k rows of nr elements from
-    element j0*k, zero past column m): every step reads one contiguous run, and whole vectors."""
+    element j0*k, zero past column m): every step reads one contiguous run, and whole vectors. `stream`:
+    the packed panels come from memory (read once a call, not kept in cache: a Winograd layer's U): they are
+    also prefetched into L2 further ahead (PREFETCH_L2_AHEAD)."""
     lanes = vector_shape(out.dtype)[0]
     nv, rows = tile_vectors(n, out.dtype)
     mr = _row_tile(n, rows)
@@ -727,7 +729,7 @@ def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
         """The column blocks (all, or cols') over nrows rows of a and out starting at offsets ra, ro."""
         def rows_of(j0, vv):
             _tile_rows(em, P, out, a, b, ra, bo, ro, nrows, k, m, j0, vv, _row_tile(nrows, rows),
-                       ktaps, nr if packed else None)
+                       ktaps, nr if packed else None, stream)
         if cols is None:
             em.loop(full_cols, lambda jb: rows_of(em(f"mul i64 {jb}, {nr}"), [lanes] * nv))
             if tail:
@@ -778,7 +780,7 @@ def gemm_block(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
 
 
 def _tile_rows(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m: int, j0, vecs: list,
-               mr: int, ktaps=None, panel: int | None = None) -> None:
+               mr: int, ktaps=None, panel: int | None = None, stream: bool = False) -> None:
     """out[:, j0 : j0 + len(vecs) vectors] by tiles of mr rows (the last tile the rest); vecs: the live
     lanes of each vector (the last may be partial); ktaps: gemm_tiles'; panel: b packed in panels of this
     many columns (pack_panels: row p of the block at j0 is at j0*k + p*panel, whole vectors readable)."""
@@ -806,12 +808,16 @@ def _tile_rows(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
             brow = em(f"add i64 {em(f'add i64 {bo}, {em(_imul(p, sb_k))}') if boff is None else boff}, {bcol}")
             bv = [vload(em, P, b, em(f"add i64 {brow}, {q * lanes}"), vt, lanes, live)
                   for q, live in enumerate(bvecs)]
-            if prefetch:   # the panel's row PREFETCH_ROWS_AHEAD steps on (a panel read once: few row tiles)
-                ahead = em(f"add i64 {brow}, {PREFETCH_ROWS_AHEAD * sb_k}")
-                for q in range(0, len(bvecs) * lanes * np.dtype(t).itemsize, 64):
-                    addr = em(f"getelementptr i8, ptr {P[b.buf]}, i64 "
-                              f"{em(f'add i64 {em(_imul(ahead, np.dtype(t).itemsize))}, {q}')}")
-                    em.raw(f"call void @llvm.prefetch.p0(ptr {addr}, i32 0, i32 3, i32 1)")
+            if prefetch:   # the panel's row PREFETCH_ROWS_AHEAD steps on into L1 (a panel read once: few row
+                # tiles); a streamed one also PREFETCH_L2_AHEAD steps on into L2
+                for rows_ahead, hint in ((PREFETCH_ROWS_AHEAD, 3), (PREFETCH_L2_AHEAD if stream else 0, 2)):
+                    if not rows_ahead:
+                        continue
+                    ahead = em(f"add i64 {brow}, {rows_ahead * sb_k}")
+                    for q in range(0, len(bvecs) * lanes * np.dtype(t).itemsize, 64):
+                        addr = em(f"getelementptr i8, ptr {P[b.buf]}, i64 "
+                                  f"{em(f'add i64 {em(_imul(ahead, np.dtype(t).itemsize))}, {q}')}")
+                        em.raw(f"call void @llvm.prefetch.p0(ptr {addr}, i32 0, i32 {hint}, i32 1)")
             for r in range(h):
                 av = load(em, P, a, em(f"add i64 {arow[r]}, {em(_imul(p, sa_k))}"))
                 sp = em(f"shufflevector {vt} {em(f'insertelement {vt} poison, {ty} {av}, i64 0')}, {vt} poison, "
@@ -875,11 +881,16 @@ def _tap_loop(em, ktaps: dict, bo, step) -> None:
 
 #: a packed product of at most this many rows (its panels read from memory by few row tiles: the turned
 #: Winograd products at batch 1, 16 rows over 16.8 MB of U a layer) prefetches each panel's rows
-#: PREFETCH_ROWS_AHEAD steps ahead (GRAPHC_LLVM_PREFETCH=0: not). W10 b1 on the Intel Xeon (in-process A/B,
+#: PREFETCH_ROWS_AHEAD steps ahead into L1 (GRAPHC_LLVM_PREFETCH=0: not). W10 b1 on the Intel Xeon (in-process A/B,
 #: 10 interleaved rounds): 12.47 -> 11.61 ms (4 rows ahead 11.91, 16 11.91, 32 12.14); W4, W9, W3 b1 and
 #: W7 b1 (their panels in L2) unchanged
 PREFETCH_MAX_ROWS = 32
 PREFETCH_ROWS_AHEAD = 8
+#: ... and a streamed one's (gemm_tiles' `stream`: the turned Winograd products) into L2 this many steps ahead.
+#: W10 b1 on the Intel Xeon (in-process A/B, 8-16 interleaved rounds, three runs): 10.35 -> 10.00, 10.73 ->
+#: 10.50 and 10.90 -> 10.72 ms (32 and 64 ahead as 48, 128 less); for every small packed product W4 measured
+#: 9% slower (its weights stay in L2)
+PREFETCH_L2_AHEAD = 48
 
 
 def _iadd(x, c: int) -> str:   # IR text of an i64 add / multiply by a constant

@@ -540,7 +540,7 @@ def _product_t(em, P, xi, s, upk: View, vbuf: View, mbuf: View, tbuf: View, o: i
     bo = em(f"add i64 {upk.offset}, {em(f'mul i64 {xi}, {psize}')}")
     to = em(f"add i64 {tbuf.offset}, {em(f'mul i64 {s}, {ld * o}')}")
     gemm.gemm_tiles(em, P, View(tbuf.buf, 0, (ld, o), (o, 1), dt), View(vbuf.buf, 0, (ld, c), (1, ld), dt),
-                    View(upk.buf, 0, (c, o), (nr, 1), dt), ao, bo, to, ld, c, o, packed=True)
+                    View(upk.buf, 0, (c, o), (nr, 1), dt), ao, bo, to, ld, c, o, packed=True, stream=True)
     mo = em(f"add i64 {mbuf.offset}, {em(f'mul i64 {xi}, {o * ld}')}")
     nest(em, [o, ld], [(ld, 1), (1, o)], [mo, to],
          lambda offs, _: store(em, P, mbuf, offs[0], load(em, P, tbuf, offs[1])))
