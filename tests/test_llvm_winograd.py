@@ -250,7 +250,8 @@ def test_turned_products_prefetch_their_streamed_panels_into_l2(monkeypatch, rng
     monkeypatch.setattr(gemm, "SMALL_MACS", 0)
     monkeypatch.setenv("GRAPHC_LLVM_PACK", "always")
     monkeypatch.setattr(gemm, "PREFETCH_L2_AHEAD", 48)
-    a, b = gc.placeholder("a", (16, 63), "float32"), gc.parameter("b", rng.standard_normal((63, 130)).astype(np.float32))
+    a = gc.placeholder("a", (16, 63), "float32")
+    b = gc.parameter("b", rng.standard_normal((63, 130)).astype(np.float32))
     f = gc.function([a], a @ b, backend="llvm")
     ir = "\n".join(s.ir for s in f.program._specs.values())
     assert ", i32 0, i32 3, i32 1)" in ir and l2 not in ir

@@ -327,11 +327,11 @@ def fuse_conv_epilogue(plan, outs: list[View], ins: list[View], compute, full_sh
     is in cache, instead of a second pass over the whole batch. True when done (the caller adds nothing).
     Only outside scan bodies, when the region's shape is the convolution's (n, o, oh, ow) and it reads the
     convolution's output exactly as written (contiguous, same place); its other operands broadcast over
-    it in any way. A direct convolution (direct.py) runs the region in its copy-out, from the product's
-    block, and does not write its own output: only where `live` (the buffers of the region's inputs read
-    after it; None: unknown) shows that nothing else reads it. LeNet batch 64 on a 2-core Zen 1: the two epilogue passes (bias + ReLU) took 110 and
-    36 us of 1.56 ms as passes of their own; fused, conv1 + pool 545 -> 522 us and conv2 + pool 673 ->
-    671 us (interleaved medians): the pass was mostly cache-resident already."""
+    it in any way. A direct convolution (direct.py) runs the region in its copy-out, from the product's block,
+    and does not write its own output: only where `live` (the buffers of the region's inputs read after it;
+    None: unknown) shows that nothing else reads it. LeNet batch 64 on a 2-core Zen 1: the two epilogue passes
+    (bias + ReLU) took 110 and 36 us of 1.56 ms as passes of their own; fused, conv1 + pool 545 -> 522 us and
+    conv2 + pool 673 -> 671 us (interleaved medians): the pass was mostly cache-resident already."""
     from ..schedule.views import broadcast_strides
     if not plan.steps or plan._loop_pos is not None or getattr(plan, "_record", None) is not None:
         return False

@@ -795,6 +795,8 @@ def _tile_rows(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
     prefetch = (panel is not None and ktaps is None and em.bounds is None and n <= PREFETCH_MAX_ROWS
                 and os.environ.get("GRAPHC_LLVM_PREFETCH", "1") != "0")
     bvecs = [lanes] * len(vecs) if panel is not None else vecs   # (a panel's columns past m are zeros)
+    tap_ahead = (ktaps["stride"] * ktaps.get("prefetch", 0) if isinstance(ktaps, dict) and em.bounds is None
+                 and os.environ.get("GRAPHC_LLVM_PREFETCH", "1") != "0" else 0)
 
     def tile(i0, h: int):
         """The h x len(vecs) tile at rows i0.., columns j0.."""
@@ -818,6 +820,12 @@ def _tile_rows(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
                         addr = em(f"getelementptr i8, ptr {P[b.buf]}, i64 "
                                   f"{em(f'add i64 {em(_imul(ahead, np.dtype(t).itemsize))}, {q}')}")
                         em.raw(f"call void @llvm.prefetch.p0(ptr {addr}, i32 0, i32 {hint}, i32 1)")
+            if tap_ahead:   # the same tap of the channel ktaps["prefetch"] on: its b row into L1
+                isz = np.dtype(t).itemsize
+                ahead = em(f"add i64 {brow}, {tap_ahead}")
+                for q in range(0, (len(bvecs) * lanes + 1) * isz, 64):
+                    addr = em(f"getelementptr i8, ptr {P[b.buf]}, i64 {em(f'add i64 {em(_imul(ahead, isz))}, {q}')}")
+                    em.raw(f"call void @llvm.prefetch.p0(ptr {addr}, i32 0, i32 3, i32 1)")
             for r in range(h):
                 av = load(em, P, a, em(f"add i64 {arow[r]}, {em(_imul(p, sa_k))}"))
                 sp = em(f"shufflevector {vt} {em(f'insertelement {vt} poison, {ty} {av}, i64 0')}, {vt} poison, "
@@ -857,7 +865,8 @@ def _tap_loop(em, ktaps: dict, bo, step) -> None:
     """step(p, b row offset) for every column p of a (gemm_tiles' ktaps as a dict): a run-time loop over
     ktaps["loop"] channels, b's rows ktaps["stride"] apart; per channel its tap rows ktaps["rows"] in turn,
     each (count, taps, first, stride): a loop over `count` rows `stride` apart from `first`, the row's `taps`
-    adjacent rows of b unrolled up to TAP_UNROLL (a's columns in that order)."""
+    adjacent rows of b unrolled up to TAP_UNROLL (a's columns in that order). ktaps["prefetch"] (optional):
+    each step prefetches its b row that many channels on (_tile_rows)."""
     rows, bst = ktaps["rows"], ktaps["stride"]
     t = sum(cnt * taps for cnt, taps, _, _ in rows)
 
