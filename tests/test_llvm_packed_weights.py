@@ -99,6 +99,7 @@ def test_epilogue_of_a_batched_activation(threads, monkeypatch, rng):
     """(batch, seq, k) @ W + bias, residual, ReLU: one GEMM over all rows, and its region over the 3-D
     tensors joins it (epilogue._rows2d: their leading dims merge) where the switch asks for every product."""
     monkeypatch.setenv("GRAPHC_LLVM_PRODUCT_EPILOGUE", "all")
+    monkeypatch.setenv("GRAPHC_LLVM_FOLD", "0")   # (else folded into the tiles: tests/test_llvm_product_fold.py)
     for shape, k, m in [((2, 9), 17, 40), ((1, 64), 32, 48), ((3, 1), 5, 9)]:
         x, r = gc.placeholder("x", shape + (k,), "float32"), gc.placeholder("r", shape + (m,), "float32")
         w = gc.parameter("w", rng.standard_normal((k, m)).astype(np.float32))

@@ -18,6 +18,8 @@ from conftest import backend_or_skip, plan_steps
 def llvm(monkeypatch):
     backend_or_skip("llvm")
     monkeypatch.setenv("GRAPHC_TUNE", "off")   # the size rules choose the path: each case takes the one it names
+    monkeypatch.setenv("GRAPHC_LLVM_FOLD", "0")   # (a bias + ReLU after the micro-kernel folds into its tiles
+    # first: tests/test_llvm_product_fold.py; here the region run on the blocks is under test)
 
 
 def _fused(f) -> list:

@@ -134,7 +134,7 @@ def gemv_ok(a: View, b: View, out: View) -> bool:
 
 
 def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads: int | None = None,
-           packed: bool = False) -> Kernel:
+           packed: bool = False, fold=None) -> Kernel:
     """out (contiguous, batch..., n, m) = a (..., n, k) @ b (..., k, m); BLAS needs blas_layout(a/b);
     blas="tiles": the vector micro-kernel (b's rows contiguous, or `packed`: b is the (k, m) view of
     pack_panels' buffer, no batch); blas="gemv": graphc's matrix-vector loop
@@ -142,7 +142,8 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
     product's size): the threads the product is split over. Above one, a single product (n, m > 1) is cut
     into blocks of rows or columns (split_blocks), each one OpenBLAS call on one thread, and the blocks run
     on graphc's pool (program._parallel_call); a batch of products splits its batch the same way. OpenBLAS
-    runs on one thread per call (its own threads only where its count cannot be set per call)."""
+    runs on one thread per call (its own threads only where its count cannot be set per call). `fold`
+    (the micro-kernel, one product): gemm_tiles' addends and ReLU, out = their region's result."""
     n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
     bshape = out.shape[:-2]
     ast = broadcast_strides(View(a.buf, 0, a.shape[:-2], a.strides[:-2], a.dtype), bshape)
@@ -180,8 +181,11 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
         raise ValueError("a packed right operand is read by the micro-kernel or the GEMV, one product (no batch)")
     if packed and blas == "gemv" and (form is None or form["kind"] != "axpy" or form["vec"] != "a"):
         raise ValueError("a packed GEMV matrix is x @ W's W")
+    if fold is not None and (blas != "tiles" or bshape):
+        raise ValueError("a folded region is the micro-kernel's, one product (no batch)")
+    fold_views = [v for v, _ in fold[0]] if fold is not None else []
     key = ("matmul", blas, it, blas_threads, blas_split, tile_split, par, blocks, repr(form), bshape, ast, bst, ost,
-           packed)
+           packed, None if fold is None else (tuple(sr for _, sr in fold[0]), bool(fold[1])))
 
     def one(em, P, offs, lo=None, hi=None):
         ao, bo, oo = offs
@@ -193,7 +197,8 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
             gemv(em, P, out, a, b, ao, bo, oo, n, k, m, form, "0" if lo is None else lo,
                  blocks if hi is None else hi, par, packed)
         elif blas == "tiles":
-            gemm_tiles(em, P, out, a, b, ao, bo, oo, n, k, m, (lo, hi) if tile_split else None, packed=packed)
+            gemm_tiles(em, P, out, a, b, ao, bo, oo, n, k, m, (lo, hi) if tile_split else None, packed=packed,
+                       fold=fold)
         elif blas:
             _blas_call(em, P, out, a, b, ao, bo, oo, n, k, m, it, blas_threads,
                        (*blas_split, lo, hi) if blas_split else None)
@@ -218,7 +223,7 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
         def emit_blocks(em, P, lo, hi):
             if out.size:
                 one(em, P, (a.offset, b.offset, out.offset), lo, hi)
-        kern = Kernel("matmul", [out, a, b], emit_blocks, nblk, flops, nblk)
+        kern = Kernel("matmul", [out, a, b] + fold_views, emit_blocks, nblk, flops, nblk)
         kern.key, kern.packed = key, packed
         if blas_split:   # one OpenBLAS call per block: as many blocks as threads (each call packs its operands)
             kern.chunks, kern.blas_pinned = nblk, True
@@ -228,6 +233,7 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
                 kern.tiles = (out, a, b)
             kern.product = (out, a, b, ("cols", tile_vectors(n, out.dtype)[0] * vector_shape(out.dtype)[0], m))
         kern.threads = tune.threads()
+        _foldable(kern, out, a, b, blas, threads, packed, fold, k)
         return kern
 
     def emit(em, P, lo, hi):
@@ -238,7 +244,8 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
     # ones (convolution over images) from GRAPHC_LLVM_PARALLEL_FLOPS
     split = (bshape[0] if batch_split or (blas == "tiles" and bshape and bshape[0] >= 2 and pool_ok
                                          and flops >= _parallel_flops()) else None)
-    kern = Kernel("gemv" if form else "matmul", [out, a, b], emit, split, flops, bshape[0] if bshape else 0)
+    kern = Kernel("gemv" if form else "matmul", [out, a, b] + fold_views, emit, split, flops,
+                  bshape[0] if bshape else 0)
     kern.key = key   # (with the views: kernels.memo_key) what the text depends on
     kern.packed = packed   # b is pack_panels' copy of a weight
     kern.blas_pinned = batch_split
@@ -247,7 +254,22 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
         kern.tiles = (out, a, b)
     if not bshape and not split:   # one product written whole: its region may run after it (epilogue.py)
         kern.product = (out, a, b, None)
+    if not bshape:
+        _foldable(kern, out, a, b, blas, threads, packed, fold, k)
     return kern
+
+
+def _foldable(kern: Kernel, out: View, a: View, b: View, blas, threads, packed: bool, fold, k: int) -> None:
+    """Mark a micro-kernel product whose region may fold into it (epilogue.fold: kern.fold_args, how to
+    build it again); a folded one is no plain product any more: no region joins it after."""
+    if fold is not None:
+        for attr in ("product", "tiles"):
+            if hasattr(kern, attr):
+                delattr(kern, attr)
+        kern.folded = True
+        return
+    if blas == "tiles" and k > 0:
+        kern.fold_args = (out, a, b, threads, packed)
 
 
 #: blocks per thread a split BLAS product is cut into (each block is one OpenBLAS call that packs its own
@@ -698,7 +720,7 @@ def pack_panels(dst: View, b: View, nr: int, split: bool = False) -> Kernel:
 
 
 def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m: int, cols=None,
-               ktaps=None, packed: bool = False, stream: bool = False) -> None:
+               ktaps=None, packed: bool = False, stream: bool = False, fold=None) -> None:
     """out[n, m] = a[n, k] @ b[k, m] by tiles of mr rows x nv vectors held in registers: per step p one
     row of b's tile is loaded as vectors and every row's a[i, p] broadcast into a fused multiply-add.
     Column blocks run outermost so b's block (k x nv vectors) stays in L1/L2 across the row tiles (packed,
@@ -714,7 +736,10 @@ def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
     `packed`: b is in pack_panels' layout (b's column block j0 .. j0+nr-1 is k rows of nr elements from
     element j0*k, zero past column m): every step reads one contiguous run, and whole vectors. `stream`:
     the packed panels come from memory (read once a call, not kept in cache: a Winograd layer's U): they are
-    also prefetched into L2 further ahead (PREFETCH_L2_AHEAD)."""
+    also prefetched into L2 further ahead (PREFETCH_L2_AHEAD). `fold` = (addends, relu): out = a @ b plus
+    each addend (a view whose element (i, j) is at offset + i * row stride + j: a bias row, a residual
+    matrix), then ReLU when `relu`: the tiles start from the addends' sum and take max(., 0) before they
+    are stored (epilogue.fold: the region after a product, with no pass of its own)."""
     lanes = vector_shape(out.dtype)[0]
     nv, rows = tile_vectors(n, out.dtype)
     mr = _row_tile(n, rows)
@@ -725,11 +750,12 @@ def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
 
     vecs = [lanes] * (tail // lanes) + ([tail % lanes] if tail % lanes else [])
 
-    def blocks(ra, ro, nrows: int):
-        """The column blocks (all, or cols') over nrows rows of a and out starting at offsets ra, ro."""
+    def blocks(ra, ro, nrows: int, row0="0"):
+        """The column blocks (all, or cols') over nrows rows of a and out starting at offsets ra, ro (row
+        row0 of the product)."""
         def rows_of(j0, vv):
             _tile_rows(em, P, out, a, b, ra, bo, ro, nrows, k, m, j0, vv, _row_tile(nrows, rows),
-                       ktaps, nr if packed else None, stream)
+                       ktaps, nr if packed else None, stream, None if fold is None else (fold, row0))
         if cols is None:
             em.loop(full_cols, lambda jb: rows_of(em(f"mul i64 {jb}, {nr}"), [lanes] * nv))
             if tail:
@@ -749,9 +775,9 @@ def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
     full_rb, rest = divmod(n, nb)
     sa_r = a.strides[-2]
     em.loop(full_rb, lambda rb: blocks(em(f"add i64 {ao}, {em(_imul(rb, nb * sa_r))}"),
-                                       em(f"add i64 {oo}, {em(_imul(rb, nb * m))}"), nb))
+                                       em(f"add i64 {oo}, {em(_imul(rb, nb * m))}"), nb, em(_imul(rb, nb))))
     if rest:
-        blocks(em(_iadd(ao, full_rb * nb * sa_r)), em(_iadd(oo, full_rb * nb * m)), rest)
+        blocks(em(_iadd(ao, full_rb * nb * sa_r)), em(_iadd(oo, full_rb * nb * m)), rest, str(full_rb * nb))
 
 
 #: a packed product's rows of a are taken in blocks of about this many bytes (the 512 KB L2 of the 2-core
@@ -780,7 +806,7 @@ def gemm_block(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
 
 
 def _tile_rows(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m: int, j0, vecs: list,
-               mr: int, ktaps=None, panel: int | None = None, stream: bool = False) -> None:
+               mr: int, ktaps=None, panel: int | None = None, stream: bool = False, fold=None) -> None:
     """out[:, j0 : j0 + len(vecs) vectors] by tiles of mr rows (the last tile the rest); vecs: the live
     lanes of each vector (the last may be partial); ktaps: gemm_tiles'; panel: b packed in panels of this
     many columns (pack_panels: row p of the block at j0 is at j0*k + p*panel, whole vectors readable)."""
@@ -801,9 +827,17 @@ def _tile_rows(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
     def tile(i0, h: int):
         """The h x len(vecs) tile at rows i0.., columns j0.."""
         acc = [[em.alloca(vt) for _ in vecs] for _ in range(h)]
-        for row in acc:
-            for x in row:
-                em.raw(f"store {vt} zeroinitializer, ptr {x}")
+        for r, row in enumerate(acc):
+            for q, x in enumerate(row):
+                init = "zeroinitializer"
+                if fold is not None:   # the addends' sum at (row0 + i0 + r, j0 + q*lanes ...)
+                    (adds, _), row0 = fold
+                    i = em(f"add i64 {row0}, {em(_iadd(i0, r))}")
+                    for v, sr in adds:
+                        at = em(f"add i64 {em(f'add i64 {v.offset}, {em(_imul(i, sr))}')}, {em(_iadd(j0, q * lanes))}")
+                        val = vload(em, P, v, at, vt, lanes, vecs[q])
+                        init = val if init == "zeroinitializer" else em(f"fadd {vt} {init}, {val}")
+                em.raw(f"store {vt} {init}, ptr {x}")
         arow = [em(f"add i64 {ao}, {em(f'mul i64 {em(_iadd(i0, r))}, {sa_r}')}") for r in range(h)]
 
         def step(p, boff=None):
@@ -844,8 +878,11 @@ def _tile_rows(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
         for r in range(h):
             orow = em(f"add i64 {em(f'add i64 {oo}, {em(_imul(em(_iadd(i0, r)), m))}')}, {j0}")
             for q, live in enumerate(vecs):
-                vstore(em, P, out, em(f"add i64 {orow}, {q * lanes}"), em(f"load {vt}, ptr {acc[r][q]}"),
-                        vt, lanes, live)
+                val = em(f"load {vt}, ptr {acc[r][q]}")
+                if fold is not None and fold[0][1]:   # ReLU: x < 0 ? 0 : x (NaN kept, as lower._relu)
+                    val = em(f"select {mask_type(vt)} {em(f'fcmp olt {vt} {val}, zeroinitializer')}, "
+                             f"{vt} zeroinitializer, {vt} {val}")
+                vstore(em, P, out, em(f"add i64 {orow}, {q * lanes}"), val, vt, lanes, live)
 
     # as many tiles as mr-row tiles need, their heights balanced (16 rows: 6, 5, 5 rather than 6, 6, 4: a
     # short last tile has too few accumulators to cover the FMA latency)

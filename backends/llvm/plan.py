@@ -156,6 +156,8 @@ class Plan(Schedule):
             pass   # run on each image inside the convolution (conv.fuse_conv_epilogue)
         elif recurrent.fuse_epilogue(self, outs, ins, compute, kern.split is not None):
             pass   # a recurrent step's product and the gates reading it by column windows
+        elif epilogue.fold(self, members, inputs, outputs, ins, outs, live):
+            pass   # bias / residual adds and a ReLU in the micro-kernel's tiles
         elif not epilogue.fuse(self, outs, ins, compute, kern):
             if (kern.split is None and kern.outer >= 2 and outs[0].size >= PRODUCT_REGION_PARALLEL_MIN
                     and self._loop_pos is None and _after_split_product(self, ins)):
