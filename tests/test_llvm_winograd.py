@@ -200,6 +200,17 @@ def test_seven_wide_outputs_use_quarter_vectors(isa, monkeypatch, rng):
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 @pytest.mark.parametrize("threads", [1, 2])
+def _checked_7x7_conv(rng):
+    """A batch-1 7x7 convolution (9 -> 20 channels), compiled and checked against the direct sum."""
+    x = gc.placeholder("x", (1, 9, 7, 7), "float32")
+    w = gc.parameter("w", rng.standard_normal((20, 9, 3, 3)).astype(np.float32))
+    f = gc.function([x], gc.conv2d(x, w, padding=1), backend="llvm")
+    xv = rng.standard_normal((1, 9, 7, 7)).astype(np.float32)
+    want = _conv_reference(xv, w.value, (1, 1), ((1, 1), (1, 1)), (1, 1), 1)
+    np.testing.assert_allclose(f(xv), want, rtol=TOL["float32"][2], atol=TOL["float32"][2] * np.abs(want).max())
+    return f
+
+
 def test_turned_staged_products_match_direct_sum(isa, threads, monkeypatch, rng):
     """Staged products of few tiles turned round (transposed_rule: V^T @ U^T over U^T packed in the
     prologue, then copied into M's layout): odd channels (a partial panel of O), both tile sizes, both
@@ -210,12 +221,7 @@ def test_turned_staged_products_match_direct_sum(isa, threads, monkeypatch, rng)
     for m, dtype in ((2, "float32"), (4, "float64"), (4, "float32")):
         _check(monkeypatch, cases, m, "staged", dtype, rng, isa, threads)
     monkeypatch.setenv("GRAPHC_LLVM_WINOGRAD", "2")
-    x = gc.placeholder("x", (1, 9, 7, 7), "float32")
-    w = gc.parameter("w", rng.standard_normal((20, 9, 3, 3)).astype(np.float32))
-    f = gc.function([x], gc.conv2d(x, w, padding=1), backend="llvm")
-    xv = rng.standard_normal((1, 9, 7, 7)).astype(np.float32)
-    want = _conv_reference(xv, w.value, (1, 1), ((1, 1), (1, 1)), (1, 1), 1)
-    np.testing.assert_allclose(f(xv), want, rtol=TOL["float32"][2], atol=TOL["float32"][2] * np.abs(want).max())
+    f = _checked_7x7_conv(rng)
     plan = list(f.program._specs.values())[0].plan
     # the weights' transform writes U[xi]^T straight into the panels: one prologue step, no packing, no U
     assert [s.name for s in plan.steps[:plan.prologue]] == ["winograd_weights"]
@@ -239,12 +245,7 @@ def test_turned_products_prefetch_their_streamed_panels_into_l2(monkeypatch, rng
     l2 = ", i32 0, i32 2, i32 1)"
     for ahead in (gemm.PREFETCH_L2_AHEAD, 0):
         monkeypatch.setattr(gemm, "PREFETCH_L2_AHEAD", ahead)
-        x = gc.placeholder("x", (1, 9, 7, 7), "float32")
-        w = gc.parameter("w", rng.standard_normal((20, 9, 3, 3)).astype(np.float32))
-        f = gc.function([x], gc.conv2d(x, w, padding=1), backend="llvm")
-        xv = rng.standard_normal((1, 9, 7, 7)).astype(np.float32)
-        want = _conv_reference(xv, w.value, (1, 1), ((1, 1), (1, 1)), (1, 1), 1)
-        np.testing.assert_allclose(f(xv), want, rtol=TOL["float32"][2], atol=TOL["float32"][2] * np.abs(want).max())
+        f = _checked_7x7_conv(rng)
         ir = "\n".join(s.ir for s in f.program._specs.values())
         assert (l2 in ir) == bool(ahead) and ", i32 0, i32 3, i32 1)" in ir
     monkeypatch.setattr(gemm, "SMALL_MACS", 0)

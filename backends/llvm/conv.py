@@ -923,19 +923,24 @@ def conv_blas(out: View, x: View, w: View, tile: View, kernel, stride, pads, dil
             wo = em(f"add i64 {w.offset}, {em(f'mul i64 {o0}, {ckk}')}")
             rest = o - (blocks - 1) * ob
 
-            def call(rows):
-                blas_gemm(em, P, out, w, tile, wo, to, oo, rows, ckk, hw, ckk, hw, hw)
-            if rest == ob:
-                call(ob)
-                return
-            last = em(f"icmp eq i64 {blk}, {blocks - 1}")
-            em.if_(em(f"xor i1 {last}, true"), lambda: call(ob))
-            em.if_(last, lambda: call(rest))
+            by_block_size(em, blk, blocks, ob, rest,
+                          lambda rows: blas_gemm(em, P, out, w, tile, wo, to, oo, rows, ckk, hw, ckk, hw, hw))
 
     def emit(em, P, lo, hi):
         if out.size:
             _slot_loop(em, items, slots, lo, hi, lambda s, it: item(em, P, s, it))
     return _slot_kernel("conv2d", [out, x, w, tile], emit, slots, flops, blas=True)
+
+
+def by_block_size(em, blk, blocks: int, size: int, rest: int, body) -> None:
+    """body(size) for block `blk` (an i64 value) of `blocks`, body(rest) for the last one where it is
+    shorter: one copy of the body per block size (the sizes are constants in it)."""
+    if rest == size:
+        body(size)
+        return
+    last = em(f"icmp eq i64 {blk}, {blocks - 1}")
+    em.if_(em(f"xor i1 {last}, true"), lambda: body(size))
+    em.if_(last, lambda: body(rest))
 
 
 def blas_conv_plan(n: int, c: int, o: int, ckk: int, out_hw, groups: int, flops: int) -> dict:

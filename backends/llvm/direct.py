@@ -222,7 +222,7 @@ def conv_direct(out: View, planes: View, w: View, wide: View, geo: dict, slots: 
     part of `wide` (OB x m), then its kept columns copied to out, or epilogue(em, P, img, o0, channels, r0,
     rows, wide, block base, block strides) runs instead: the copy-out with the region fused
     (conv.fuse_conv_epilogue)."""
-    from .conv import _slot_kernel, _slot_loop
+    from .conv import _slot_kernel, _slot_loop, by_block_size
     from .gemm import gemm_tiles
     n, o, hw = out.shape
     k = w.shape[1]
@@ -258,12 +258,7 @@ def conv_direct(out: View, planes: View, w: View, wide: View, geo: dict, slots: 
             oo = _madd(em, _madd(em, _madd(em, out.offset, img, o * hw), o0, hw), r0, ow)
             nest(em, [chans, rows, ow], [(m, wq, 1), (hw, ow, 1)], [wo, oo],
                  lambda offs, _: store(em, P, out, offs[1], load(em, P, wv, offs[0])))
-        if rest == ob:
-            block(ob)
-            return
-        last = em(f"icmp eq i64 {oblk}, {nob - 1}")
-        em.if_(em(f"xor i1 {last}, true"), lambda: block(ob))
-        em.if_(last, lambda: block(rest))
+        by_block_size(em, oblk, nob, ob, rest, block)
 
     def emit(em, P, lo, hi):
         if out.size:
