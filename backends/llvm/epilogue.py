@@ -214,7 +214,7 @@ def fold(plan, members, inputs, outputs, ins, outs, live) -> bool:
     if args is None or len(outputs) != 1 or len(outs) != 1 or live is None:
         return False
     pout, a, b, threads, packed = args
-    if _outer_reads(plan, pout.buf) > 1:   # (live covers the body being walked; this, the graph around it)
+    if _outer_reads(plan, inputs, ins, pout.buf) > 1:   # (live covers the body walked; this, the graph around)
         return False
     n, m = pout.shape[-2], pout.shape[-1]
     full = tuple(outs[0].shape)   # the region's shape: the product's (n, m), or its rows split (batch, T, m)
@@ -278,12 +278,22 @@ def fold(plan, members, inputs, outputs, ins, outs, live) -> bool:
     return True
 
 
-def _outer_reads(plan, buf: int) -> int:
-    """Reads of the graph's own tensors held in `buf` (outside any fused body): by its nodes and as roots.
-    A fused body's region knows which of its inputs its own later nodes read; a product planned outside
-    it may also be read by other nodes or returned."""
-    g = plan.graph
-    held = {id(t) for n in g.nodes for t in n.outputs
-            if plan.view.get(id(t)) is not None and plan.view[id(t)].buf == buf}
-    return (sum(id(t) in held for n in g.nodes for t in n.inputs)
-            + sum(id(t) in held for t in g.roots))
+def _outer_reads(plan, inputs, ins, buf: int) -> int:
+    """Reads, in the graph around the fused node being planned, of the tensors that the region's inputs on
+    `buf` stand for (a body's placeholders): by the graph's nodes and as its roots. A fused body's region
+    knows which of its inputs its own later nodes read; a product planned outside the body may also be
+    read by other nodes or returned. (The graph's read counts are counted once a plan.)"""
+    node = getattr(plan, "_node", None)
+    body = node.attrs.get("body") if node is not None else None
+    if body is None:
+        return 0
+    counts = getattr(plan, "_fold_reads", None)
+    if counts is None:
+        from collections import Counter
+        g = plan.graph
+        counts = Counter(id(t) for n in g.nodes for t in n.inputs)
+        counts.update(id(t) for t in g.roots)
+        plan._fold_reads = counts
+    places = {id(ph): i for i, ph in enumerate(body.inputs)}
+    return sum(counts[id(node.inputs[places[id(t)]])] for t, v in zip(inputs, ins)
+               if v.buf == buf and id(t) in places)
