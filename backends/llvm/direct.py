@@ -22,8 +22,8 @@ import os
 
 import numpy as np
 
-from .gemm import vector_shape, vload, vstore
-from .irtext import literal
+from .gemm import panel_width, vector_shape, vload, vstore
+from .irtext import VTYPE, literal
 from .kernels import Kernel, load, nest, store
 from ..schedule.views import View, contig_strides
 
@@ -110,7 +110,7 @@ def geometry(x_shape, o: int, kernel, stride, pads, out_hw, dtype: str, threads:
     # the planes' rows one column block reads (its wide rows and the taps' reach below them) over every
     # channel: beyond L1, each step prefetches its row of the next channel (the L1 streamer does not follow
     # taps that jump between planes)
-    nr = vector_shape(dtype)[0] * vector_shape(dtype)[1]
+    nr = panel_width(ob, dtype)   # (the columns of one of gemm_tiles' blocks for OB rows)
     reach = c * len(segs) * min(plane, (-(-min(nr, m) // wq) + 1 + halo) * wq) * isz
     return {"C": c, "ow": ow, "Wq": wq, "Hq": hq, "R": R, "rb": rb, "OB": ob, "nob": nob, "m": m, "segs": segs,
             "plane": plane, "image": len(segs) * c * plane, "items": n * rb * nob, "taps": taps,
@@ -147,7 +147,6 @@ def conv_phases(planes: View, x: View, kernel, stride, pads, geo: dict) -> Kerne
     planes; a row read from the padding is zeros; a stride-2 row of unit-stride x is deinterleaved by
     vectors (two loads, one shuffle), the rest element by element."""
     from .conv import _pick, _valid
-    from .gemm import vector_shape
     n, c, h, w = x.shape
     (sh, sw), (pt, pl) = stride, (pads[0][0], pads[1][0])
     wq, hq, segs = geo["Wq"], geo["Hq"], geo["segs"]
@@ -156,7 +155,7 @@ def conv_phases(planes: View, x: View, kernel, stride, pads, geo: dict) -> Kerne
     zero = literal(0, t)
     S = len(segs)
     lanes = vector_shape(t)[0]
-    vt = f"<{lanes} x {VT[t]}>"
+    vt = f"<{lanes} x {VTYPE[t]}>"
     valid = [_valid(w, wq, pj, sw, 1, pl) for _, pj, _, _ in segs]
     # per plane: the columns read as vectors (2*lanes inputs each, all inside the row): [q0, q0 + vec*lanes)
     vec = [max(0, min(q1 - q0, (w - (q0 * sw + pj - pl)) // (2 * lanes) * lanes)) // lanes
@@ -209,12 +208,10 @@ def conv_phases(planes: View, x: View, kernel, stride, pads, geo: dict) -> Kerne
     return kern
 
 
-VT = {"float32": "float", "float64": "double"}
-
-
-def _madd(em, base, idx, k: int) -> str:
-    """IR text of base + idx * k (i64)."""
-    return em(f"add i64 {base}, {em(f'mul i64 {idx}, {k}')}")
+def _madd(em, base, idx, k: int):
+    """base + idx * k (conv's _add / _mul: ints stay ints, zero terms drop)."""
+    from .conv import _add, _mul
+    return _add(em, base, _mul(em, idx, k))
 
 
 def conv_direct(out: View, planes: View, w: View, wide: View, geo: dict, slots: int, epilogue=None,
@@ -234,7 +231,7 @@ def conv_direct(out: View, planes: View, w: View, wide: View, geo: dict, slots: 
     oh = hw // ow
     per_slot = wide.size // slots
     taps = geo["taps"]
-    items = n * rb * nob
+    items = geo["items"]
     rest = o - (nob - 1) * ob
     tail_rows = oh - (rb - 1) * R
     wv = View(wide.buf, 0, (ob, m), (m, 1), wide.dtype)

@@ -205,7 +205,6 @@ def fold(plan, members, inputs, outputs, ins, outs, live) -> bool:
     W5 and W9 even (BLAS products, or the product read again by a gradient)."""
     import os
     from . import gemm
-    from ..schedule.views import broadcast_strides
     from graphc.ops import elementwise as E
     if os.environ.get(FOLD_ENV, "1") == "0" or not plan.steps or plan._loop_pos is not None:
         return False

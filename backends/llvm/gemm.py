@@ -818,11 +818,11 @@ def _tile_rows(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
     # where the block's columns start within b's rows (packed: where the block's panel starts)
     bcol = j0 if panel is None else em(_imul(j0, k))
     import os
-    prefetch = (panel is not None and ktaps is None and em.bounds is None and n <= PREFETCH_MAX_ROWS
-                and os.environ.get("GRAPHC_LLVM_PREFETCH", "1") != "0")
+    may_prefetch = em.bounds is None and os.environ.get("GRAPHC_LLVM_PREFETCH", "1") != "0"
+    prefetch = may_prefetch and panel is not None and ktaps is None and n <= PREFETCH_MAX_ROWS
     bvecs = [lanes] * len(vecs) if panel is not None else vecs   # (a panel's columns past m are zeros)
-    tap_ahead = (ktaps["stride"] * ktaps.get("prefetch", 0) if isinstance(ktaps, dict) and em.bounds is None
-                 and os.environ.get("GRAPHC_LLVM_PREFETCH", "1") != "0" else 0)
+    tap_ahead = ktaps["stride"] * ktaps.get("prefetch", 0) if may_prefetch and isinstance(ktaps, dict) else 0
+    row_bytes = len(bvecs) * lanes * np.dtype(t).itemsize
 
     def tile(i0, h: int):
         """The h x len(vecs) tile at rows i0.., columns j0.."""
@@ -847,19 +847,10 @@ def _tile_rows(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
             if prefetch:   # the panel's row PREFETCH_ROWS_AHEAD steps on into L1 (a panel read once: few row
                 # tiles); a streamed one also PREFETCH_L2_AHEAD steps on into L2
                 for rows_ahead, hint in ((PREFETCH_ROWS_AHEAD, 3), (PREFETCH_L2_AHEAD if stream else 0, 2)):
-                    if not rows_ahead:
-                        continue
-                    ahead = em(f"add i64 {brow}, {rows_ahead * sb_k}")
-                    for q in range(0, len(bvecs) * lanes * np.dtype(t).itemsize, 64):
-                        addr = em(f"getelementptr i8, ptr {P[b.buf]}, i64 "
-                                  f"{em(f'add i64 {em(_imul(ahead, np.dtype(t).itemsize))}, {q}')}")
-                        em.raw(f"call void @llvm.prefetch.p0(ptr {addr}, i32 0, i32 {hint}, i32 1)")
-            if tap_ahead:   # the same tap of the channel ktaps["prefetch"] on: its b row into L1
-                isz = np.dtype(t).itemsize
-                ahead = em(f"add i64 {brow}, {tap_ahead}")
-                for q in range(0, (len(bvecs) * lanes + 1) * isz, 64):
-                    addr = em(f"getelementptr i8, ptr {P[b.buf]}, i64 {em(f'add i64 {em(_imul(ahead, isz))}, {q}')}")
-                    em.raw(f"call void @llvm.prefetch.p0(ptr {addr}, i32 0, i32 3, i32 1)")
+                    if rows_ahead:
+                        _prefetch(em, P, b, em(f"add i64 {brow}, {rows_ahead * sb_k}"), row_bytes, hint)
+            if tap_ahead:   # the same tap of the channel ktaps["prefetch"] on: its b row (unaligned) into L1
+                _prefetch(em, P, b, em(f"add i64 {brow}, {tap_ahead}"), row_bytes + np.dtype(t).itemsize, 3)
             for r in range(h):
                 av = load(em, P, a, em(f"add i64 {arow[r]}, {em(_imul(p, sa_k))}"))
                 sp = em(f"shufflevector {vt} {em(f'insertelement {vt} poison, {ty} {av}, i64 0')}, {vt} poison, "
@@ -896,6 +887,14 @@ def _tile_rows(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
 #: a tap row of at most this many taps is unrolled in _tap_loop (a loop over them instead: ResNet-18's stem and
 #: stride-2 convolutions 3.5-5% slower, their kernels' IR 3.5x smaller)
 TAP_UNROLL = 8
+
+
+def _prefetch(em, P, v: View, at, nbytes: int, hint: int) -> None:
+    """Prefetch the cache lines of nbytes of v's buffer from element `at` (hint 3: into L1, 2: L2)."""
+    base = em(_imul(at, np.dtype(v.dtype).itemsize))
+    for q in range(0, nbytes, 64):
+        addr = em(f"getelementptr i8, ptr {P[v.buf]}, i64 {em(_iadd(base, q)) if q else base}")
+        em.raw(f"call void @llvm.prefetch.p0(ptr {addr}, i32 0, i32 {hint}, i32 1)")
 
 
 def _tap_loop(em, ktaps: dict, bo, step) -> None:
