@@ -892,8 +892,9 @@ K_UNROLL = 2
 
 
 def _steps(em, k: int, step) -> None:
-    """step(p) for p in range(k): K_UNROLL steps to an iteration of a run-time loop, then the rest."""
-    u = K_UNROLL if k >= 2 * K_UNROLL else 1
+    """step(p) for p in range(k): K_UNROLL steps to an iteration of a run-time loop, then the rest (k an
+    int; an i64 value: one step an iteration)."""
+    u = K_UNROLL if isinstance(k, int) and k >= 2 * K_UNROLL else 1
     if u == 1:
         em.loop(k, step)
         return
