@@ -36,10 +36,11 @@ def _count(f, name=SDPA):
 
 #: (L, S, E, Ev, mask kind): odd sizes, head dims 1 / 8 / 64; S = 130 and 300 span several key blocks
 #: (KEY_BLOCK = 128: the online softmax rescales); masks: none, a full float mask with -inf entries,
-#: a broadcast (L, S) mask, a key-padding (B, 1, 1, S) mask, one with a fully masked row (NaN, as NumPy)
+#: a broadcast (L, S) mask, a key-padding (B, 1, 1, S) mask, one with a fully masked row (NaN, as NumPy);
+#: E and Ev of whole vectors and a partial one (the kernel's transposes: 20, 24, 40, 17)
 CASES = [(1, 1, 1, 1, None), (3, 17, 8, 8, "full"), (17, 3, 64, 64, None), (63, 65, 8, 1, "ls"),
          (65, 63, 1, 8, "kpm"), (65, 130, 64, 64, "full"), (17, 300, 8, 64, "ls"), (3, 5, 8, 8, "dead_row"),
-         (1, 65, 64, 8, "kpm"), (63, 1, 1, 64, None)]
+         (1, 65, 64, 8, "kpm"), (63, 1, 1, 64, None), (33, 20, 20, 24, None), (17, 9, 40, 17, "ls")]
 B, H = 2, 3
 
 

@@ -128,6 +128,29 @@ def _vexp(em, x: str, dtype: str, lanes: int) -> str:
     return mathlib.exp_f32(em, x, hi=None, t=mathlib.Ty(lanes))
 
 
+def transpose(em, vt: str, lanes: int, rows: list) -> list:
+    """The lanes x lanes block whose row r is vector rows[r] (IR values of type vt), transposed: vector c of
+    the result holds element c of every row. log2(lanes) rounds of two-source shuffles: the round of
+    half-width h pairs row r with row r + h (r mod 2h < h) and swaps the off-diagonal h x h blocks of every
+    2h x 2h block, so the last round (h = 1) leaves every element in place (16 x 16 float32: 64 shuffles
+    where the element-by-element copy takes 256 loads and stores)."""
+    assert len(rows) == lanes and lanes & (lanes - 1) == 0
+    rows, h = list(rows), lanes // 2
+    while h:
+        for r in range(lanes):
+            if r % (2 * h) >= h:
+                continue
+            # lo: c in the left half of its 2h block -> row r at c; in the right half -> row r + h at c - h
+            lo = [c if c % (2 * h) < h else lanes + c - h for c in range(lanes)]
+            # hi: left half -> row r at c + h; right half -> row r + h at c
+            hi = [c + h if c % (2 * h) < h else lanes + c for c in range(lanes)]
+            a, b = rows[r], rows[r + h]
+            rows[r] = em(f"shufflevector {vt} {a}, {vt} {b}, <{lanes} x i32> <{', '.join(f'i32 {i}' for i in lo)}>")
+            rows[r + h] = em(f"shufflevector {vt} {a}, {vt} {b}, <{lanes} x i32> <{', '.join(f'i32 {i}' for i in hi)}>")
+        h //= 2
+    return rows
+
+
 def attention_kernel(out: View, q: View, k: View, v: View, mask: View | None, scale: float) -> Kernel:
     dt = out.dtype
     ty, isz = VTYPE[dt], np.dtype(dt).itemsize
@@ -152,6 +175,8 @@ def attention_kernel(out: View, q: View, k: View, v: View, mask: View | None, sc
     if mask is not None:
         full = broadcast_strides(mask, bshape + (L, S))
         mst, (msl, mss) = full[:-2], full[-2:]
+    if not (qsp == 1 or E == 1) or not (osd == 1 or Ev == 1):
+        raise ValueError("the attention kernel reads q's rows and writes the output's as vectors: unit strides")
     flops = 4 * items * br * S * max(E, Ev)
     zv = "zeroinitializer"
 
@@ -237,17 +262,25 @@ def attention_kernel(out: View, q: View, k: View, v: View, mask: View | None, sc
             i0 = ix((blk, br))
             left = em(f"sub i64 {L}, {i0}")
             live = em(f"select i1 {em(f'icmp slt i64 {left}, {br}')}, i64 {left}, i64 {br}")
-            # the block's queries, transposed and scaled: qt[p, r] = q[i0 + r, p] * scale (dead lanes 0)
-            if L % br:
-                em.raw(f"call void @llvm.memset.p0.i64(ptr {qt}, i8 0, i64 {E * br * isz}, i1 false)")
-            sc = literal(scale, dt)
+            # the block's queries, transposed and scaled: qt[p, r] = q[i0 + r, p] * scale, q's rows read as
+            # vectors and transposed lanes x lanes at a time (a dead lane, a row past L, repeats row L - 1: its
+            # scores are finite and its output row is not written)
+            scv = _vconst(scale, dt, lanes)
+            for c in range(nv):
+                rows = []
+                for r in range(lanes):
+                    row = em(f"add i64 {i0}, {c * lanes + r}")
+                    if L % br:
+                        row = em(f"select i1 {em(f'icmp slt i64 {row}, {L}')}, i64 {row}, i64 {L - 1}")
+                    rows.append(ix(qo, (row, qsl)))
 
-            def qrow(r):
-                base = ix(qo, (em(f"add i64 {i0}, {r}"), qsl))
-                em.loop(E, lambda p: em.raw(
-                    f"store {ty} {em(f'fmul {ty} {load(em, P, q, ix(base, (p, qsp)))}, {sc}')}, "
-                    f"ptr {aptr(qt, ix((p, br), r))}"))
-            em.loop(live, qrow)
+                def qchunk(p0, w, c=c, rows=rows):
+                    vecs = [gemm.vload(em, P, q, ix(base, p0), vt, lanes, w) for base in rows]
+                    for p, tv in enumerate(transpose(em, vt, lanes, vecs)[:w]):
+                        vsto(qt, ix((ix(p0, str(p)) if p else p0, br), str(c * lanes)), em(f"fmul {vt} {tv}, {scv}"))
+                em.loop(E // lanes, lambda j: qchunk(em(f"mul i64 {j}, {lanes}"), lanes))
+                if E % lanes:
+                    qchunk(str(E - E % lanes), E % lanes)
             if moff is not None:   # each lane's mask row (dead lanes read the last row)
                 mo = ix(mask.offset, *offs["m"])
                 for r in range(br):
@@ -338,17 +371,28 @@ def attention_kernel(out: View, q: View, k: View, v: View, mask: View | None, sc
             em.loop(full, lambda b: block(em(f"mul i64 {b}, {bc}"), bc))
             if rest:
                 block(str(full * bc), rest)
-            # out[i0 + r, d] = ot[d, r] / l[r] for the live rows
+            # out[i0 + r, d] = ot[d, r] / l[r] for the live rows: ot's rows scaled, transposed lanes x lanes at
+            # a time and stored as the output's rows
             for c in range(nv):
                 at = str(c * lanes)
                 vsto(lrow, at, em(f"fdiv {vt} {_vconst(1.0, dt, lanes)}, {vld(lrow, at)}"))
+            for c in range(nv):
+                inv = vld(lrow, str(c * lanes))
 
-            def orow(r):
-                base = ix(oo, (em(f"add i64 {i0}, {r}"), osl))
-                inv = em(f"load {ty}, ptr {aptr(lrow, r)}")
-                em.loop(Ev, lambda d: store(em, P, out, ix(base, (d, osd)), em(
-                    f"fmul {ty} {em(f'load {ty}, ptr {aptr(ot, ix((d, br), r))}')}, {inv}")))
-            em.loop(live, orow)
+                def ochunk(d0, w, c=c, inv=inv):
+                    vecs = [em(f"fmul {vt} {vld(ot, ix((ix(d0, str(d)) if d else d0, br), str(c * lanes)))}, {inv}")
+                            if d < w else zv for d in range(lanes)]
+                    for r, tv in enumerate(transpose(em, vt, lanes, vecs)):
+                        def put(r=r, tv=tv):
+                            at = ix(oo, (em(f"add i64 {i0}, {c * lanes + r}"), osl), d0)
+                            gemm.vstore(em, P, out, at, tv, vt, lanes, w)
+                        if L % br:
+                            em.if_(em(f"icmp slt i64 {c * lanes + r}, {live}"), put)
+                        else:
+                            put()
+                em.loop(Ev // lanes, lambda j: ochunk(em(f"mul i64 {j}, {lanes}"), lanes))
+                if Ev % lanes:
+                    ochunk(str(Ev - Ev % lanes), Ev % lanes)
 
         em.loop(hi, item, start=lo)
     split = items if items >= 2 and flops >= PARALLEL_FLOPS else None
