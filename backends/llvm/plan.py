@@ -249,8 +249,7 @@ class Plan(Schedule):
             # small products: the micro-kernel beats BLAS's per-call overhead (LSTM steps)
             b = b if b.strides[-1] == 1 or b.shape[-1] == 1 else self.materialise(b)
             kern = gemm.matmul(out, a, b, blas="tiles")
-            if self._loop_pos is not None and kern.split and getattr(kern, "chunks", None) is None \
-                    and (kern.threads or 0) > 1:
+            if self._loop_pos is not None and kern.split and (kern.threads or 0) > 1:
                 # inside a loop (a recurrent cell's h @ W_hh, the same W every step): one run of column
                 # blocks per thread, so each core reads the same columns of W every step (W4's 16x128x512
                 # step product, 2 threads, quiet samples: ~16 us a step against ~19 with dynamic chunks)
@@ -294,7 +293,7 @@ class Plan(Schedule):
         if bp is None:
             return False
         kern = gemm.matmul(out, a, bp, blas="tiles", packed=True)
-        if loop and kern.split and getattr(kern, "chunks", None) is None and (kern.threads or 0) > 1:
+        if loop and kern.split and (kern.threads or 0) > 1:
             kern.chunks = kern.threads   # each core the same column blocks every step (_matmul_views)
         self.add(kern, [a, bp], [out])
         tune._note(self, f"{n}x{k}x{m} {b.dtype}: micro-kernel over the weight packed in {nr}-column panels"
