@@ -302,7 +302,8 @@ def tile_blocks(m: int, dtype: str, n: int | None = None) -> int:
 #: program.CHUNKS_PER_THREAD chunks a thread, at least one): every chunk reads all of a again (its blocks of
 #: rows pass over the chunk's columns), so small chunks multiply a's traffic. In-process A/B on the Intel Xeon
 #: (2 threads): 1024 x 256 x 768 (12 blocks) 1.27 -> 1.09 ms as one chunk a thread instead of 4 (1 or 2
-#: blocks each); W7 b16 5.26 -> 4.76 ms; W6 (16 blocks) 5.81 ms with 4 chunks of 4, 6.11 with 2 of 8
+#: blocks each); W7 b16 5.39 -> 4.98 ms (4.95 -> 4.65 best); W6 (16 blocks) even with 4 chunks of 4 (6.11 ms
+#: against 5.81 with 2 of 8: one late thread leaves the other nothing to take); W1, W3, W5, W9, W10 even
 TILE_BLOCKS_PER_CHUNK = 4
 
 
@@ -903,7 +904,9 @@ def _tile_rows(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
 #: the micro-kernel's steps (one k each) run this many to a loop iteration (the rest after the loop). The
 #: Intel Xeon (family 6 model 167), one thread, a standalone IR copy of the packed 6 x 4 tiles, 14 interleaved
 #: rounds: 1024^3 165 -> 177 GFLOP/s (1020 deep 166 -> 181, 174 -> 183; 3 to a loop as 2, 4 as 2),
-#: 1024 x 256 x 1024 179 -> 195, 1024 x 256 x 256 181 -> 186
+#: 1024 x 256 x 1024 179 -> 195, 1024 x 256 x 256 181 -> 186. The workloads (in-process A/B, 2 threads):
+#: W1 b1 14.8 -> 13.0 us, W1 b256 792 -> 740 us, W7 b1 390 -> 378 us, W10 b8 71.1 -> 68.5 ms, W4, W5 and
+#: W9 -2%; W6 and W7 b16 even (two threads already near the FMA peak there)
 K_UNROLL = 2
 
 
