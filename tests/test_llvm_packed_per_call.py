@@ -39,9 +39,11 @@ def _steps(f) -> list:
 
 
 def _packed_every_call(f) -> bool:
-    """A packing step among the call's steps (not the prologue's) and a product over its panels."""
+    """A product over panels packed in the call (not the prologue): by a packing step of its own among the
+    call's steps, or inside the product kernel (gemm.PACK_INSIDE: the kernel reads the packing's source)."""
     steps = plan_steps(f)
-    return "pack_panels" in _steps(f) and any(getattr(s, "packed", False) for s in steps)
+    inside = any(getattr(s, "packed", False) and getattr(s, "pack_source", None) for s in steps)
+    return inside or ("pack_panels" in _steps(f) and any(getattr(s, "packed", False) for s in steps))
 
 
 def _calls_blas(f) -> bool:
@@ -259,3 +261,36 @@ def test_few_row_packed_products_prefetch_their_panels(monkeypatch, rng):
         assert _packed_every_call(f)
         ir = "\n".join(s.ir for s in f.program._specs.values())
         assert ("call void @llvm.prefetch.p0(" in ir) == want, (n, env, sanitize)
+
+
+@pytest.mark.parametrize("inside", [True, False])
+@pytest.mark.parametrize("region", ["fold", "epilogue", "none"])
+def test_packing_inside_the_product(inside, region, isa, threads, monkeypatch, rng):
+    """gemm.PACK_INSIDE: each run of column blocks packs its own panels inside the product kernel (no packing
+    step of its own), with the region after the product folded into its tiles (bias + ReLU), joined after
+    its blocks (tanh), or none; False: the packing step before it. NumPy's answers either way, twice over
+    new operands (the panels packed again)."""
+    from graphc.backends.llvm import gemm, tune
+    monkeypatch.setattr(gemm, "PACK_INSIDE", inside)
+    monkeypatch.setattr(gemm, "SMALL_MACS", 0)              # (odd sizes reach the BLAS branch: packed there)
+    monkeypatch.setattr(tune, "TILES_PARALLEL_FLOPS", 0)   # split even these products over the threads
+    monkeypatch.setenv("GRAPHC_LLVM_PACK", "always")
+    for n, k, m in ((65, 17, 257), (130, 63, 100), (257, 65, 63)):
+        x, y = gc.placeholder("x", (n, k)), gc.placeholder("y", (k, m))
+        bias = gc.placeholder("b", (m,))
+        p = x @ y
+        out = {"fold": lambda: gc.relu(p + bias), "epilogue": lambda: gc.tanh(p) * 2.0 + bias,
+               "none": lambda: p}[region]()
+        f = gc.function([x, y, bias], out, backend="llvm")
+        for _ in range(2):
+            xv, yv, bv = (rng.standard_normal(s).astype(np.float32) for s in ((n, k), (k, m), (m,)))
+            pv = xv.astype(np.float64) @ yv
+            want = {"fold": lambda: np.maximum(pv + bv, 0), "epilogue": lambda: np.tanh(pv) * 2 + bv,
+                    "none": lambda: pv}[region]()
+            np.testing.assert_allclose(f(xv, yv, bv), want, rtol=2e-5, atol=2e-5 * k)
+        steps = plan_steps(f)
+        assert _packed_every_call(f) and not _calls_blas(f)
+        assert ("pack_panels" in _steps(f)) == (not inside)
+        assert any(getattr(s, "pack_source", None) for s in steps) == inside
+        if region == "fold":
+            assert any(getattr(s, "folded", False) for s in steps)

@@ -168,11 +168,12 @@ def fuse(plan, outs: list[View], ins: list[View], compute, region: Kernel) -> bo
                 region_block(em, P, outs, ins, compute, full, "0", n, i0, cnt)
         em.if_(em(f"icmp slt i64 {i0}, {i1}"), part)
 
-    kern = Kernel(prev.name, [p, a, b] + outs + ins, emit, prev.split, prev.size, prev.outer)
+    extra = list(getattr(prev, "pack_source", []))   # a packing run inside the product reads its source
+    kern = Kernel(prev.name, [p, a, b] + extra + outs + ins, emit, prev.split, prev.size, prev.outer)
     ckey = compute_key(compute, [v.dtype for v in ins])
     if prev.key is not None and ckey is not None:
         kern.key = ("epilogue", prev.key, ckey, len(outs))
-    for attr in ("threads", "chunks", "blas_pinned", "packed"):
+    for attr in ("threads", "chunks", "blas_pinned", "packed", "pack_source"):
         if hasattr(prev, attr):
             setattr(kern, attr, getattr(prev, attr))
     kern.fn_attrs = prev.fn_attrs
@@ -182,7 +183,7 @@ def fuse(plan, outs: list[View], ins: list[View], compute, region: Kernel) -> bo
     record = plan._record
     if record and record[-1][0] is prev:
         record.pop()
-    plan.add(kern, [a, b] + ins, [p] + outs)
+    plan.add(kern, [a, b] + extra + ins, [p] + outs + ([b] if extra else []))
     return True
 
 
@@ -212,7 +213,7 @@ def fold(plan, members, inputs, outputs, ins, outs, live) -> bool:
     args = getattr(prev, "fold_args", None)
     if args is None or len(outputs) != 1 or len(outs) != 1 or live is None:
         return False
-    pout, a, b, threads, packed = args
+    pout, a, b, threads, packed, pack = args
     if _outer_reads(plan, inputs, ins, pout.buf) > 1:   # (live covers the body walked; this, the graph around)
         return False
     n, m = pout.shape[-2], pout.shape[-1]
@@ -271,9 +272,9 @@ def fold(plan, members, inputs, outputs, ins, outs, live) -> bool:
     if broadcast_strides(o, full) != contig_strides(full):
         return False
     o2 = View(o.buf, o.offset, (n, m), (m, 1), o.dtype)
-    kern = gemm.matmul(o2, a, b, blas="tiles", threads=threads, packed=packed, fold=(adds, relu))
+    kern = gemm.matmul(o2, a, b, blas="tiles", threads=threads, packed=packed, fold=(adds, relu), pack=pack)
     plan.pop_step()
-    plan.add(kern, [a, b] + [v for v, _ in adds], [o])
+    plan.add(kern, [a, b] + [v for v, _ in adds] + kern.pack_source, [o] + ([b] if pack is not None else []))
     return True
 
 

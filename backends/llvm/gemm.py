@@ -134,7 +134,7 @@ def gemv_ok(a: View, b: View, out: View) -> bool:
 
 
 def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads: int | None = None,
-           packed: bool = False, fold=None) -> Kernel:
+           packed: bool = False, fold=None, pack: Kernel | None = None) -> Kernel:
     """out (contiguous, batch..., n, m) = a (..., n, k) @ b (..., k, m); BLAS needs blas_layout(a/b);
     blas="tiles": the vector micro-kernel (b's rows contiguous, or `packed`: b is the (k, m) view of
     pack_panels' buffer, no batch); blas="gemv": graphc's matrix-vector loop
@@ -143,7 +143,11 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
     into blocks of rows or columns (split_blocks), each one OpenBLAS call on one thread, and the blocks run
     on graphc's pool (program._parallel_call); a batch of products splits its batch the same way. OpenBLAS
     runs on one thread per call (its own threads only where its count cannot be set per call). `fold`
-    (the micro-kernel, one product): gemm_tiles' addends and ReLU, out = their region's result."""
+    (the micro-kernel, one product): gemm_tiles' addends and ReLU, out = their region's result. `pack` (a
+    packed product): the pack_panels(split=True) kernel writing b's panels from the source operand, run
+    inside this kernel: each run of column blocks packs its own panels just before its tiles read them
+    (a product packed every call: the packing of one thread overlaps the other's arithmetic, and its
+    panels are in its cache when its tiles start)."""
     n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
     bshape = out.shape[:-2]
     ast = broadcast_strides(View(a.buf, 0, a.shape[:-2], a.strides[:-2], a.dtype), bshape)
@@ -183,9 +187,17 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
         raise ValueError("a packed GEMV matrix is x @ W's W")
     if fold is not None and (blas != "tiles" or bshape):
         raise ValueError("a folded region is the micro-kernel's, one product (no batch)")
+    if pack is not None and (not packed or form or bshape):
+        raise ValueError("a packing run inside the product needs b as its packed view, one product")
     fold_views = [v for v, _ in fold[0]] if fold is not None else []
+    pack_views = list(pack.views[1:]) if pack is not None else []   # the packing's source (its dst is b's buffer)
     key = ("matmul", blas, it, blas_threads, blas_split, tile_split, par, blocks, repr(form), bshape, ast, bst, ost,
-           packed, None if fold is None else (tuple(sr for _, sr in fold[0]), bool(fold[1])))
+           packed, None if fold is None else (tuple(sr for _, sr in fold[0]), bool(fold[1])),
+           None if pack is None else pack.key)
+
+    def packing(em, P, lo, hi):   # the panels of column blocks lo .. hi-1 (all: "0", pack.outer)
+        if pack is not None:
+            pack.emit(em, P, lo, hi)
 
     def one(em, P, offs, lo=None, hi=None):
         ao, bo, oo = offs
@@ -222,8 +234,9 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
 
         def emit_blocks(em, P, lo, hi):
             if out.size:
+                packing(em, P, lo, hi)
                 one(em, P, (a.offset, b.offset, out.offset), lo, hi)
-        kern = Kernel("matmul", [out, a, b] + fold_views, emit_blocks, nblk, flops, nblk)
+        kern = Kernel("matmul", [out, a, b] + fold_views + pack_views, emit_blocks, nblk, flops, nblk)
         kern.key, kern.packed = key, packed
         if blas_split:   # one OpenBLAS call per block: as many blocks as threads (each call packs its operands)
             kern.chunks, kern.blas_pinned = nblk, True
@@ -234,18 +247,20 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
             kern.product = (out, a, b, ("cols", tile_vectors(n, out.dtype)[0] * vector_shape(out.dtype)[0], m))
             kern.chunks = tile_chunks(nblk, tune.threads())
         kern.threads = tune.threads()
-        _foldable(kern, out, a, b, blas, threads, packed, fold, k)
+        kern.pack_source = pack_views
+        _foldable(kern, out, a, b, blas, threads, packed, fold, k, pack)
         return kern
 
     def emit(em, P, lo, hi):
         if out.size:
+            packing(em, P, "0", str(pack.outer) if pack is not None else "0")
             nest(em, bshape, [ast, bst, ost], [a.offset, b.offset, out.offset], lambda offs, _: one(em, P, offs),
                  lo if bshape else None, hi)
     # a batch of products splits its batch across the pool: BLAS ones when tuned/ruled parallel, micro-kernel
     # ones (convolution over images) from GRAPHC_LLVM_PARALLEL_FLOPS
     split = (bshape[0] if batch_split or (blas == "tiles" and bshape and bshape[0] >= 2 and pool_ok
                                          and flops >= _parallel_flops()) else None)
-    kern = Kernel("gemv" if form else "matmul", [out, a, b] + fold_views, emit, split, flops,
+    kern = Kernel("gemv" if form else "matmul", [out, a, b] + fold_views + pack_views, emit, split, flops,
                   bshape[0] if bshape else 0)
     kern.key = key   # (with the views: kernels.memo_key) what the text depends on
     kern.packed = packed   # b is pack_panels' copy of a weight
@@ -255,12 +270,14 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
         kern.tiles = (out, a, b)
     if not bshape and not split:   # one product written whole: its region may run after it (epilogue.py)
         kern.product = (out, a, b, None)
+    kern.pack_source = pack_views
     if not bshape:
-        _foldable(kern, out, a, b, blas, threads, packed, fold, k)
+        _foldable(kern, out, a, b, blas, threads, packed, fold, k, pack)
     return kern
 
 
-def _foldable(kern: Kernel, out: View, a: View, b: View, blas, threads, packed: bool, fold, k: int) -> None:
+def _foldable(kern: Kernel, out: View, a: View, b: View, blas, threads, packed: bool, fold, k: int,
+              pack: Kernel | None = None) -> None:
     """Mark a micro-kernel product whose region may fold into it (epilogue.fold: kern.fold_args, how to
     build it again); a folded one is no plain product any more: no region joins it after."""
     if fold is not None:
@@ -270,7 +287,7 @@ def _foldable(kern: Kernel, out: View, a: View, b: View, blas, threads, packed: 
         kern.folded = True
         return
     if blas == "tiles" and k > 0:
-        kern.fold_args = (out, a, b, threads, packed)
+        kern.fold_args = (out, a, b, threads, packed, pack)
 
 
 #: blocks per thread a split BLAS product is cut into (each block is one OpenBLAS call that packs its own
@@ -296,6 +313,11 @@ def tile_blocks(m: int, dtype: str, n: int | None = None) -> int:
     lanes = vector_shape(dtype)[0]
     nv = tile_vectors(n, dtype)[0]
     return -(-m // (lanes * nv))
+
+
+#: a product whose b is packed every call (plan._packed_per_call) packs it inside the product kernel, each run
+#: of column blocks its own panels just before its tiles (False: a packing step of its own before it)
+PACK_INSIDE = True
 
 
 #: a micro-kernel product split by column blocks is cut into chunks of at least this many blocks (at most

@@ -371,9 +371,13 @@ class Plan(Schedule):
             return False
         nr = gemm.panel_width(n, b.dtype)
         pk = self.fresh(None, (gemm.packed_size(k, m, nr),), b.dtype)
-        self.add(gemm.pack_panels(pk, b, nr, split=True), [b], [pk])
+        packing = gemm.pack_panels(pk, b, nr, split=True)
         bp = View(pk.buf, pk.offset, (k, m), (nr, 1), b.dtype)
-        self.add(gemm.matmul(out, a, bp, blas="tiles", packed=True), [a, bp], [out])
+        if gemm.PACK_INSIDE:   # each run of column blocks packs its own panels (gemm.matmul's `pack`)
+            self.add(gemm.matmul(out, a, bp, blas="tiles", packed=True, pack=packing), [a, b], [out, bp])
+        else:
+            self.add(packing, [b], [pk])
+            self.add(gemm.matmul(out, a, bp, blas="tiles", packed=True), [a, bp], [out])
         tune._note(self, f"{n}x{k}x{m} {b.dtype}: micro-kernel over b packed in {nr}-column panels every call "
                    f"({source})")
         return True
