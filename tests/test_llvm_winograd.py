@@ -256,3 +256,23 @@ def test_turned_products_prefetch_their_streamed_panels_into_l2(monkeypatch, rng
     f = gc.function([a], a @ b, backend="llvm")
     ir = "\n".join(s.ir for s in f.program._specs.values())
     assert ", i32 0, i32 3, i32 1)" in ir and l2 not in ir
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_staged_input_transform_a_channel_at_a_time(isa, dtype, monkeypatch, rng):
+    """The staged form's input transform over a channel's tile rows as one vector (winograd.WHOLE_CHANNEL,
+    ResNet-18's 14x14 and 7x7 stages at batch 1) gives the direct sum, and the same values as a tile row at
+    a time; images whose tile rows outgrow WHOLE_LANES keep the row-by-row transform."""
+    from graphc.backends.llvm import winograd
+    cases = [(1, 5, 7, 7, 3, 1), (1, 3, 14, 14, 5, 1), (2, 3, 9, 6, 4, 1), (1, 2, 40, 40, 3, 1), (1, 17, 3, 3, 2, 0)]
+    got = {}
+    for whole in (True, False):
+        monkeypatch.setattr(winograd, "WHOLE_CHANNEL", whole)
+        r = np.random.default_rng(7)
+        _check(monkeypatch, cases, 2, "staged", dtype, r, isa, 2)
+        x = gc.placeholder("x", (1, 6, 7, 7), dtype)
+        wt = gc.placeholder("w", (4, 6, 3, 3), dtype)
+        f = gc.function([x, wt], gc.conv2d(x, wt, padding=1), backend="llvm")
+        got[whole] = f(r.standard_normal((1, 6, 7, 7)).astype(dtype), r.standard_normal((4, 6, 3, 3)).astype(dtype))
+    np.testing.assert_array_equal(got[True], got[False])

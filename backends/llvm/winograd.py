@@ -74,6 +74,10 @@ MICRO_KERNEL_COLS = 256
 BLOCK_BYTES = 768 * 1024
 
 
+#: the staged form's input transform takes a channel's tile rows as one vector of up to WHOLE_LANES lanes
+#: (_Parts._channel_transform) where a tile row is one vector of L lanes (False: a tile row at a time)
+WHOLE_CHANNEL = True
+WHOLE_LANES = 64
 #: a tile row's vectors may be cut down to lanes / QUARTER_MAX (at least 4): AVX-512's 16 float32 lanes
 #: halve to 8 and then 4 for 7x7 outputs (4 tiles of 2x2 a row: 8 lanes padded every tile row, and so the
 #: staged products' columns, to twice the tiles). ResNet-18 batch 1 (W10 b1) on the Intel Xeon (AVX-512,
@@ -294,6 +298,9 @@ class _Parts:
     def input_transform(self, em, P, po, vo, nrows: int, chans: int | None = None):
         """V[xi, ch, r * twp + tile] = (B^T d B)[xi] of the tiles of the item's tile row r (vectors of L)."""
         m, a, L, Wp, vt, c, ld = self.m, self.a, self.L, self.Wp, self.vt, self.c, self.ld
+        if chans == 1 and WHOLE_CHANNEL and self.groups == 1 and nrows > 1 and nrows * L <= WHOLE_LANES:
+            self._channel_transform(em, P, po, vo, nrows)
+            return
 
         def per(offs, _):
             for g in range(self.groups):
@@ -310,6 +317,44 @@ class _Parts:
                         dst = em(f"add i64 {offs[1]}, {(i * a + j) * c * ld + g * L}")
                         em.raw(f"store {vt} {res[i][j]}, ptr {ptr_at(em, P, self.vbuf, dst, L - 1)}, align 4")
         nest(em, [c if chans is None else chans, nrows], [(self.rows_in * Wp, m * Wp), (ld, self.twp)], [po, vo], per)
+
+    def _channel_transform(self, em, P, po, vo, nrows: int):
+        """input_transform of one channel's nrows tile rows as one vector (the staged form's, one tile row a
+        vector of L = twp lanes): each d[i][k] put together from the rows' vectors by shuffles, one sandwich
+        for the channel, and each V[xi] row of the channel (nrows * twp contiguous elements) written whole
+        (a row of L lanes at a time wrote each of V's cache lines in nrows pieces, alpha^2 lines 32 KB apart
+        at once: ResNet-18's 7x7 stage 55 us a layer)."""
+        m, a, L, Wp, c, ld, ty = self.m, self.a, self.L, self.Wp, self.c, self.ld, self.ty
+        width = 1 << (nrows * L - 1).bit_length()   # lanes of the channel's vectors (a power of two)
+        wt = f"<{width} x {ty}>"
+
+        def concat(vs: list, n: int):   # vectors of n lanes (a power-of-two count of them) side by side
+            while len(vs) > 1:
+                t = f"<{n} x {ty}>"
+                idx = ", ".join(f"i32 {i}" for i in range(2 * n))
+                vs = [em(f"shufflevector {t} {vs[q]}, {t} {vs[q + 1]}, <{2 * n} x i32> <{idx}>")
+                      for q in range(0, len(vs), 2)]
+                n *= 2
+            return vs[0]
+        d = []
+        for i in range(a):
+            row = []
+            for k in range(a):
+                parts = []
+                for r in range(width // L):
+                    if r >= nrows:   # lanes past the channel's tiles: zeros, never stored
+                        parts.append("zeroinitializer")
+                        continue
+                    off = em(f"add i64 {po}, {r * m * Wp + i * Wp + (k % m) * self.Q + k // m}")
+                    parts.append(em(f"load {self.vt}, ptr {ptr_at(em, P, self.pad, off, L - 1)}, align 4"))
+                row.append(concat(parts, L))
+            d.append(row)
+        res = _sandwich(em, self.bt, d, self.bt, wt, self.dt, width)
+        from .gemm import vstore
+        for i in range(a):
+            for j in range(a):
+                vstore(em, P, self.vbuf, em(f"add i64 {vo}, {(i * a + j) * c * ld}"), res[i][j], wt, width,
+                       nrows * L)
 
     def product(self, em, P, xi, vo, mo, cols):
         """M[xi] (O x cols) = U[xi] (O x C) @ V[xi] (C x cols); xi an int or an i64 value (the micro-kernel
