@@ -263,9 +263,11 @@ def test_turned_products_prefetch_their_streamed_panels_into_l2(monkeypatch, rng
 def test_staged_input_transform_a_channel_at_a_time(isa, dtype, monkeypatch, rng):
     """The staged form's input transform over a channel's tile rows as one vector (winograd.WHOLE_CHANNEL,
     ResNet-18's 14x14 and 7x7 stages at batch 1) gives the direct sum, and the same values as a tile row at
-    a time; images whose tile rows outgrow WHOLE_LANES keep the row-by-row transform."""
+    a time; images whose tile rows outgrow WHOLE_LANES keep the row-by-row transform. Rows narrower than
+    COPY_VECTOR_LANES (63 wide: the last that is) are copied into the scratch as vectors, 64 element by element."""
     from graphc.backends.llvm import winograd
-    cases = [(1, 5, 7, 7, 3, 1), (1, 3, 14, 14, 5, 1), (2, 3, 9, 6, 4, 1), (1, 2, 40, 40, 3, 1), (1, 17, 3, 3, 2, 0)]
+    cases = [(1, 5, 7, 7, 3, 1), (1, 3, 14, 14, 5, 1), (2, 3, 9, 6, 4, 1), (1, 2, 40, 40, 3, 1), (1, 17, 3, 3, 2, 0),
+             (1, 2, 9, 63, 3, 1), (1, 2, 5, 64, 2, 1)]
     got = {}
     for whole in (True, False):
         monkeypatch.setattr(winograd, "WHOLE_CHANNEL", whole)

@@ -78,6 +78,9 @@ BLOCK_BYTES = 768 * 1024
 #: (_Parts._channel_transform) where a tile row is one vector of L lanes (False: a tile row at a time)
 WHOLE_CHANNEL = True
 WHOLE_LANES = 64
+#: copy_rows reads an input row narrower than this as one vector and shuffles it into the phase layout
+#: (_copy_rows_vector); 0: element by element
+COPY_VECTOR_LANES = 64
 #: a tile row's vectors may be cut down to lanes / QUARTER_MAX (at least 4): AVX-512's 16 float32 lanes
 #: halve to 8 and then 4 for 7x7 outputs (4 tiles of 2x2 a row: 8 lanes padded every tile row, and so the
 #: staged products' columns, to twice the tiles). ResNet-18 batch 1 (W10 b1) on the Intel Xeon (AVX-512,
@@ -272,6 +275,9 @@ class _Parts:
         rows outside the image: zeros."""
         x, pad, h, w, pl, Wp, ty, m, Q = self.x, self.pad, self.h, self.w, self.pl, self.Wp, self.ty, self.m, self.Q
         zero = literal(0, self.dt)
+        if x.strides[3] == 1 and w < COPY_VECTOR_LANES:
+            self._copy_rows_vector(em, P, po, xo, y0, nrows, chans)
+            return
 
         def per_row(offs, idx):
             y = em(f"add i64 {y0}, {idx[1]}")
@@ -292,6 +298,27 @@ class _Parts:
                      [em(f"add i64 {dst}, {q0}"), em(f"add i64 {src}, {first}")], cp)
                 nest(em, [Q - q1], [(1,)], [em(f"add i64 {dst}, {q1}")],
                      lambda q, _: store(em, P, pad, q[0], zero))
+        nest(em, [self.c if chans is None else chans, nrows], [(self.rows_in * Wp, Wp), (x.strides[1], 0)], [po, xo],
+             per_row)
+
+    def _copy_rows_vector(self, em, P, po, xo, y0, nrows: int, chans: int | None):
+        """copy_rows for rows narrower than COPY_VECTOR_LANES: each input row read as one vector (its lanes
+        past the row zero), put in the phase layout by one shuffle (a padded column's lane: the zero one)
+        and stored as the scratch row (its Wp elements), a row outside the image as zeros."""
+        from .gemm import vload, vstore
+        x, pad, h, w, pl, Wp, ty, m, Q = self.x, self.pad, self.h, self.w, self.pl, self.Wp, self.ty, self.m, self.Q
+        lanes = 1 << w.bit_length()   # > w: lane w is zero
+        rt, st = f"<{lanes} x {ty}>", f"<{Wp} x {ty}>"
+        idx = [m * q + p - pl for p in range(m) for q in range(Q)]
+        idx = ", ".join(f"i32 {i if 0 <= i < w else w}" for i in idx)
+
+        def per_row(offs, ix):
+            y = em(f"add i64 {y0}, {ix[1]}")
+            ok = em(f"and i1 {em(f'icmp sge i64 {y}, 0')}, {em(f'icmp slt i64 {y}, {h}')}")
+            yc = em(f"select i1 {ok}, i64 {y}, i64 0")
+            v = vload(em, P, x, em(f"add i64 {offs[1]}, {em(f'mul i64 {yc}, {x.strides[2]}')}"), rt, lanes, w)
+            v = em(f"select i1 {ok}, {rt} {v}, {rt} zeroinitializer")
+            vstore(em, P, pad, offs[0], em(f"shufflevector {rt} {v}, {rt} poison, <{Wp} x i32> <{idx}>"), st, Wp, Wp)
         nest(em, [self.c if chans is None else chans, nrows], [(self.rows_in * Wp, Wp), (x.strides[1], 0)], [po, xo],
              per_row)
 
