@@ -324,7 +324,7 @@ PACK_INSIDE = True
 #: program.CHUNKS_PER_THREAD chunks a thread, at least one): every chunk reads all of a again (its blocks of
 #: rows pass over the chunk's columns), so small chunks multiply a's traffic. In-process A/B on the Intel Xeon
 #: (2 threads): 1024 x 256 x 768 (12 blocks) 1.27 -> 1.09 ms as one chunk a thread instead of 4 (1 or 2
-#: blocks each); W7 b16 5.39 -> 4.98 ms (4.95 -> 4.65 best); W6 (16 blocks) even with 4 chunks of 4 (6.11 ms
+#: blocks each); W7 b16 5.39 -> 4.98 ms (best 5.08 -> 4.69); W6 (16 blocks) even with 4 chunks of 4 (6.11 ms
 #: against 5.81 with 2 of 8: one late thread leaves the other nothing to take); W1, W3, W5, W9, W10 even
 TILE_BLOCKS_PER_CHUNK = 4
 
