@@ -173,8 +173,8 @@ def test_the_rule_takes_resnet_3x3_layers_and_leaves_the_rest_direct(monkeypatch
 
 def test_both_forms_under_bounds_checking(monkeypatch, rng):
     """sanitize="bounds" checks every vector access and product span of both forms: none is out of bounds."""
-    monkeypatch.setenv("GRAPHC_LLVM_WINOGRAD", "4")
-    for mode in ("staged", "fused"):
+    for m, mode in (("4", "staged"), ("4", "fused"), ("2", "staged")):   # (F(2x2) staged: a channel a vector)
+        monkeypatch.setenv("GRAPHC_LLVM_WINOGRAD", m)
         monkeypatch.setenv("GRAPHC_LLVM_WINOGRAD_MODE", mode)
         x = gc.placeholder("x", (2, 5, 9, 7), "float64")
         wt = gc.placeholder("w", (3, 5, 3, 3), "float64")
