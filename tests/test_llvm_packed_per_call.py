@@ -181,8 +181,12 @@ def test_not_inside_a_loop(monkeypatch, rng):
     np.testing.assert_allclose(f(xv, yv, np.zeros((96, 72), np.float32)), np.stack(want), rtol=2e-5, atol=2e-5)
 
 
-def test_the_real_probe_runs_and_checks_itself(monkeypatch):
-    from graphc.backends.llvm import tune
+@pytest.mark.parametrize("inside", [True, False])
+def test_the_real_probe_runs_and_checks_itself(inside, monkeypatch):
+    """The probe times the packed product as the plan would run it: its packing inside the product kernel
+    (gemm.PACK_INSIDE) or a step before it; either computes the right product (it checks itself)."""
+    from graphc.backends.llvm import gemm, tune
+    monkeypatch.setattr(gemm, "PACK_INSIDE", inside)
     for dtype in ("float32", "float64"):
         times = tune._time_packed(67, 33, 70, dtype, 2)
         assert set(times) == {"packed", "blas"} and all(0 < t < 1 for t in times.values())

@@ -472,22 +472,26 @@ def packed_for(owner, n: int, k: int, m: int, dtype: str) -> tuple[bool, str]:
 
 def _time_packed(n: int, k: int, m: int, dtype: str, reps: int) -> dict:
     """{"packed": seconds, "blas": seconds}: the minimum over `reps` interleaved runs of the product with b
-    packed (the packing and the micro-kernel, each split as the plan splits it) and of the BLAS product
+    packed (the packing and the micro-kernel, each split as the plan splits it; one kernel with
+    gemm.PACK_INSIDE) and of the BLAS product
     (split by the size rule); both checked against a float64 product."""
     import ctypes
     from graphc._aligned import aligned_bytes
     from . import gemm
     from ..schedule.views import View
     t = threads()
-    key = ("packcall", n, k, m, dtype, t)
+    inside = gemm.PACK_INSIDE   # the packing inside the product kernel, as the plan runs it (matmul's `pack`)
+    key = ("packcall", n, k, m, dtype, t, inside)
     if key not in _probes:
         out, a, b = (View(i, 0, sh, (sh[1], 1), dtype) for i, sh in enumerate([(n, m), (n, k), (k, m)]))
         nr = gemm.panel_width(n, dtype)
         pk = View(3, 0, (gemm.packed_size(k, m, nr),), (1,), dtype)
         bp = View(3, 0, (k, m), (nr, 1), dtype)
+        packing = gemm.pack_panels(pk, b, nr, split=True)
         _probes[key] = (gemm.packed_size(k, m, nr), {
-            "pack": _probe(gemm.pack_panels(pk, b, nr, split=True), 4, (t,)),
-            "tiles": _probe(gemm.matmul(out, a, bp, blas="tiles", packed=True), 4, (t,)),
+            **({} if inside else {"pack": _probe(packing, 4, (t,))}),
+            "tiles": _probe(gemm.matmul(out, a, bp, blas="tiles", packed=True, pack=packing if inside else None),
+                            4, (t,)),
             "blas": _probe(gemm.matmul(out, a, b, blas=True, threads=blas_threads(2 * n * k * m)), 4, (t,),
                            glue=True)})
     size, probes = _probes[key]
@@ -498,7 +502,8 @@ def _time_packed(n: int, k: int, m: int, dtype: str, reps: int) -> dict:
     packed = aligned_bytes(size * np.dtype(dtype).itemsize).view(dtype)
     table = (ctypes.c_void_p * 4)(*[x.ctypes.data for x in arrays + [packed]])
     addr = ctypes.addressof(table)
-    runs = {"packed": lambda: (fns["pack"](addr), fns["tiles"](addr)), "blas": lambda: fns["blas"](addr)}
+    runs = {"packed": (lambda: fns["tiles"](addr)) if inside else (lambda: (fns["pack"](addr), fns["tiles"](addr))),
+            "blas": lambda: fns["blas"](addr)}
     times = {name: float("inf") for name in runs}
     for name, run in runs.items():
         arrays[0][...] = 0
