@@ -180,6 +180,8 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
     # one micro-kernel product (no batch) of enough work: its blocks of columns split across the pool
     tile_split = (blas == "tiles" and not bshape and pool_ok and flops >= tune.TILES_PARALLEL_FLOPS
                   and tile_blocks(m, out.dtype, n) >= 2)
+    # ... or its rows, where its columns make too few chunks (row_parts)
+    parts = row_parts(n, m, out.dtype, tune.threads()) if tile_split and packed and pack is None else None
 
     if packed and (blas not in ("tiles", "gemv") or bshape):
         raise ValueError("a packed right operand is read by the micro-kernel or the GEMV, one product (no batch)")
@@ -191,7 +193,7 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
         raise ValueError("a packing run inside the product needs b as its packed view, one product")
     fold_views = [v for v, _ in fold[0]] if fold is not None else []
     pack_views = list(pack.views[1:]) if pack is not None else []   # the packing's source (its dst is b's buffer)
-    key = ("matmul", blas, it, blas_threads, blas_split, tile_split, par, blocks, repr(form), bshape, ast, bst, ost,
+    key = ("matmul", blas, it, blas_threads, blas_split, tile_split, parts, par, blocks, repr(form), bshape, ast, bst, ost,
            packed, None if fold is None else (tuple(sr for _, sr in fold[0]), bool(fold[1])),
            None if pack is None else pack.key)
 
@@ -208,6 +210,20 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
         elif form:
             gemv(em, P, out, a, b, ao, bo, oo, n, k, m, form, "0" if lo is None else lo,
                  blocks if hi is None else hi, par, packed)
+        elif blas == "tiles" and parts:
+            rp = parts[0]
+
+            def part(i, rows: int):   # rows i*rp .. i*rp+rows-1, every column
+                r0 = em(_imul(i, rp))
+                gemm_tiles(em, P, out, a, b, em(f"add i64 {ao}, {em(_imul(r0, a.strides[-2]))}"), bo,
+                           em(f"add i64 {oo}, {em(_imul(r0, m))}"), rows, k, m, packed=packed, fold=fold, row0=r0)
+            last = n - (parts[1] - 1) * rp
+            if last == rp:
+                em.loop(hi, lambda i: part(i, rp), start=lo)
+            else:
+                top = em(f"select i1 {em(f'icmp slt i64 {hi}, {parts[1] - 1}')}, i64 {hi}, i64 {parts[1] - 1}")
+                em.loop(top, lambda i: part(i, rp), start=lo)
+                em.if_(em(f"icmp eq i64 {hi}, {parts[1]}"), lambda: part(str(parts[1] - 1), last))
         elif blas == "tiles":
             gemm_tiles(em, P, out, a, b, ao, bo, oo, n, k, m, (lo, hi) if tile_split else None, packed=packed,
                        fold=fold)
@@ -230,7 +246,7 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
         return kern
 
     if blas_split or tile_split:   # one product cut into blocks (of rows or columns): the kernel's outer range
-        nblk = blas_split[3] if blas_split else tile_blocks(m, out.dtype, n)
+        nblk = blas_split[3] if blas_split else parts[1] if parts else tile_blocks(m, out.dtype, n)
 
         def emit_blocks(em, P, lo, hi):
             if out.size:
@@ -241,6 +257,9 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
         if blas_split:   # one OpenBLAS call per block: as many blocks as threads (each call packs its operands)
             kern.chunks, kern.blas_pinned = nblk, True
             kern.product = (out, a, b, blas_split[:3])
+        elif k and parts:   # its parts of rows, one chunk each (a region after it may join it by rows)
+            kern.product = (out, a, b, ("rows", parts[0], n))
+            kern.chunks = parts[1]
         elif k:          # a micro-kernel product: an elementwise region after it may join it (epilogue.py;
             if not packed:   # recurrent.py's column windows read b's own rows)
                 kern.tiles = (out, a, b)
@@ -327,6 +346,32 @@ PACK_INSIDE = True
 #: blocks each); W7 b16 5.39 -> 4.98 ms (best 5.08 -> 4.69); W6 (16 blocks) even with 4 chunks of 4 (6.11 ms
 #: against 5.81 with 2 of 8: one late thread leaves the other nothing to take); W1, W3, W5, W9, W10 even
 TILE_BLOCKS_PER_CHUNK = 4
+
+
+#: a split micro-kernel product over packed panels with fewer column blocks than threads x this is cut into
+#: parts of its rows instead (row_parts): each thread then reads its part of a once, and every panel (few:
+#: they stay in its L2), where cut by columns each thread read all of a (W7's 1024 x 1024 @ 1024 x 256 and
+#: 1024 x 256 @ 256 x 256). In-process A/B on the Intel Xeon: W7 b16 5.28 -> 5.08 ms
+ROW_SPLIT_BLOCKS = 4
+
+
+def row_parts(n: int, m: int, dtype: str, threads: int) -> tuple | None:
+    """(rows a part, parts) for a micro-kernel product of n rows split by its rows, or None: by columns.
+    Two parts a thread (a late thread leaves one to the other), each a whole number of tile heights."""
+    # by columns each of the t threads reads all of a and its part of b, by rows (2t parts) its part of a and
+    # all of b: rows pay where a is the larger by n (t - 1) > m (2t - 1) (W7 b1's 64 rows read more panels)
+    if (threads < 2 or tile_blocks(m, dtype, n) >= threads * ROW_SPLIT_BLOCKS
+            or n * (threads - 1) <= m * (2 * threads - 1)):
+        return None
+    nv, rows = tile_vectors(n, dtype)
+    mr = _row_tile(n, rows)
+    rp = -(-(-(-n // (2 * threads))) // mr) * mr
+    count = -(-n // rp)
+    last = n - (count - 1) * rp
+    # every part's tiles as wide as the panels (packed for n rows: panel_width), AVX2's few-row tiles differ
+    if count < 2 or tile_vectors(rp, dtype)[0] != nv or tile_vectors(last, dtype)[0] != nv:
+        return None
+    return rp, count
 
 
 def tile_chunks(blocks: int, threads: int) -> int:
@@ -759,7 +804,7 @@ def pack_panels(dst: View, b: View, nr: int, split: bool = False) -> Kernel:
 
 
 def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m: int, cols=None,
-               ktaps=None, packed: bool = False, stream: bool = False, fold=None) -> None:
+               ktaps=None, packed: bool = False, stream: bool = False, fold=None, row0="0") -> None:
     """out[n, m] = a[n, k] @ b[k, m] by tiles of mr rows x nv vectors held in registers: per step p one
     row of b's tile is loaded as vectors and every row's a[i, p] broadcast into a fused multiply-add.
     Column blocks run outermost so b's block (k x nv vectors) stays in L1/L2 across the row tiles (packed,
@@ -778,7 +823,8 @@ def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
     also prefetched into L2 further ahead (PREFETCH_L2_AHEAD). `fold` = (addends, relu): out = a @ b plus
     each addend (a view whose element (i, j) is at offset + i * row stride + j: a bias row, a residual
     matrix), then ReLU when `relu`: the tiles start from the addends' sum and take max(., 0) before they
-    are stored (epilogue.fold: the region after a product, with no pass of its own)."""
+    are stored (epilogue.fold: the region after a product, with no pass of its own). `row0`: the product's
+    row that out's and a's row at ao / oo is (a part of a product's rows: the fold's addends start there)."""
     lanes = vector_shape(out.dtype)[0]
     nv, rows = tile_vectors(n, out.dtype)
     mr = _row_tile(n, rows)
@@ -808,15 +854,17 @@ def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
 
     nb = _row_block(n, k, mr, out.dtype) if packed else n
     if nb >= n:
-        blocks(ao, oo, n)
+        blocks(ao, oo, n, row0)
         return
     # a's rows in blocks that stay in L2 while the run's column blocks (packed panels) pass over them
     full_rb, rest = divmod(n, nb)
     sa_r = a.strides[-2]
     em.loop(full_rb, lambda rb: blocks(em(f"add i64 {ao}, {em(_imul(rb, nb * sa_r))}"),
-                                       em(f"add i64 {oo}, {em(_imul(rb, nb * m))}"), nb, em(_imul(rb, nb))))
+                                       em(f"add i64 {oo}, {em(_imul(rb, nb * m))}"), nb,
+                                       em(f"add i64 {row0}, {em(_imul(rb, nb))}")))
     if rest:
-        blocks(em(_iadd(ao, full_rb * nb * sa_r)), em(_iadd(oo, full_rb * nb * m)), rest, str(full_rb * nb))
+        blocks(em(_iadd(ao, full_rb * nb * sa_r)), em(_iadd(oo, full_rb * nb * m)), rest,
+               em(_iadd(row0, full_rb * nb)))
 
 
 #: a packed product's rows of a are taken in blocks of about this many bytes (the 512 KB L2 of the 2-core
