@@ -142,7 +142,8 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
     product's size): the threads the product is split over. Above one, a single product (n, m > 1) is cut
     into blocks of rows or columns (split_blocks), each one OpenBLAS call on one thread, and the blocks run
     on graphc's pool (program._parallel_call); a batch of products splits its batch the same way. OpenBLAS
-    runs on one thread per call (its own threads only where its count cannot be set per call). `fold`
+    runs on one thread per call (its own threads only where its count cannot be set per call). A micro-kernel
+    product splits its column blocks over the pool (tile_chunks), or parts of its rows (row_parts). `fold`
     (the micro-kernel, one product): gemm_tiles' addends and ReLU, out = their region's result. `pack` (a
     packed product): the pack_panels(split=True) kernel writing b's panels from the source operand, run
     inside this kernel: each run of column blocks packs its own panels just before its tiles read them
@@ -365,7 +366,8 @@ def row_parts(n: int, m: int, dtype: str, threads: int) -> tuple | None:
         return None
     nv, rows = tile_vectors(n, dtype)
     mr = _row_tile(n, rows)
-    rp = -(-(-(-n // (2 * threads))) // mr) * mr
+    per = -(-n // (2 * threads))      # two parts a thread, rounded up to whole tile heights
+    rp = -(-per // mr) * mr
     count = -(-n // rp)
     last = n - (count - 1) * rp
     # every part's tiles as wide as the panels (packed for n rows: panel_width), AVX2's few-row tiles differ

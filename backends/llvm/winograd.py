@@ -30,7 +30,7 @@ from fractions import Fraction as Fr
 
 from . import conv as _conv
 from .conv import _slot_kernel, _slot_loop, blas_gemm, slot_count, threads
-from .gemm import vector_shape, vstore
+from .gemm import vector_shape, vload, vstore
 from .irtext import VTYPE, literal
 from .kernels import Kernel, load, nest, ptr_at, store
 from ..schedule.views import View
@@ -305,7 +305,6 @@ class _Parts:
         """copy_rows for rows narrower than COPY_VECTOR_LANES: each input row read as one vector (its lanes
         past the row zero), put in the phase layout by one shuffle (a padded column's lane: the zero one)
         and stored as the scratch row (its Wp elements), a row outside the image as zeros."""
-        from .gemm import vload, vstore
         x, pad, h, w, pl, Wp, ty, m, Q = self.x, self.pad, self.h, self.w, self.pl, self.Wp, self.ty, self.m, self.Q
         lanes = 1 << w.bit_length()   # > w: lane w is zero
         rt, st = f"<{lanes} x {ty}>", f"<{Wp} x {ty}>"
@@ -377,7 +376,6 @@ class _Parts:
                 row.append(concat(parts, L))
             d.append(row)
         res = _sandwich(em, self.bt, d, self.bt, wt, self.dt, width)
-        from .gemm import vstore
         for i in range(a):
             for j in range(a):
                 vstore(em, P, self.vbuf, em(f"add i64 {vo}, {(i * a + j) * c * ld}"), res[i][j], wt, width,
