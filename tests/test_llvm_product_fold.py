@@ -143,3 +143,95 @@ def test_training_step_keeps_the_product_for_the_relu_gradient(monkeypatch):
             num[i, j] = (loss_np(w.value + d, b.value) - loss_np(w.value - d, b.value)) / (2 * eps)
     np.testing.assert_allclose(lv, loss_np(w.value, b.value), rtol=1e-12)
     np.testing.assert_allclose(gwv, num, rtol=1e-6, atol=1e-6)
+
+
+def _post_region(kind, p, r, b):
+    """Regions whose operations after the product are not (only) adds: gemm_tiles' fold[2]."""
+    return {"sgd": lambda: r - 0.1 * p, "scaled-add": lambda: p * 0.25 + r, "first-scale": lambda: 3.0 * p,
+            "relu-scale": lambda: gc.relu(p) * 0.5 + r, "rsub": lambda: r - p, "sub": lambda: p - r,
+            "bias-scale-relu": lambda: gc.relu((p + b) * -2.0), "sub-add": lambda: (p - r) + b}[kind]()
+
+
+def _post_ref(kind, p, r, b):
+    return {"sgd": lambda: r - 0.1 * p, "scaled-add": lambda: p * 0.25 + r, "first-scale": lambda: 3.0 * p,
+            "relu-scale": lambda: np.maximum(p, 0) * 0.5 + r, "rsub": lambda: r - p, "sub": lambda: p - r,
+            "bias-scale-relu": lambda: np.maximum((p + b) * -2.0, 0), "sub-add": lambda: (p - r) + b}[kind]()
+
+
+POST_KINDS = ["sgd", "scaled-add", "first-scale", "relu-scale", "rsub", "sub", "bias-scale-relu", "sub-add"]
+
+
+@pytest.mark.parametrize("isa, threads", [("avx2", "1"), ("avx2", "2"), ("avx512", "1"), ("avx512", "2")])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_scaled_and_subtracted_regions_fold(isa, threads, dtype, monkeypatch):
+    """A region that scales the product by a literal, subtracts it or subtracts from it (an SGD step's
+    W - lr * (X^T @ dY)) folds as operations on each stored vector, in the region's order, on odd sizes."""
+    from graphc.backends.llvm import tune
+    monkeypatch.setenv("GRAPHC_LLVM_ISA", isa)
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", threads)
+    monkeypatch.setenv("GRAPHC_LLVM_SMALL_GEMM", "1")
+    monkeypatch.setattr(tune, "TILES_PARALLEL_FLOPS", 0)
+    rng = np.random.default_rng(37)
+    shapes = [(1, 3, 17), (17, 63, 65), (65, 1, 257), (63, 17, 3), (257, 65, 63), (3, 257, 16), (17, 5, 8),
+              (64, 33, 100)]
+    for kind, (n, k, m) in zip(POST_KINDS, shapes):
+        x = gc.placeholder("x", (k, n), dtype)   # the product reads x down its columns: x^T @ g
+        g = gc.placeholder("g", (k, m), dtype)
+        r = gc.placeholder("r", (n, m), dtype)
+        b = gc.parameter("b", rng.standard_normal(m).astype(dtype))
+        f = gc.function([x, g, r], _post_region(kind, gc.transpose(x) @ g, r, b), backend="llvm")
+        assert _folded(f) and "elementwise" not in _names(f), (kind, n, k, m, _names(f))
+        xv, gv, rv = (rng.standard_normal(s).astype(dtype) for s in [(k, n), (k, m), (n, m)])
+        got = f(xv, gv, rv)
+        got = got[0] if isinstance(got, (list, tuple)) else got
+        _close(got, _post_ref(kind, xv.T.astype(np.float64) @ gv, rv, b.value), dtype, k)
+
+
+@pytest.mark.parametrize("pack", ["always", "1"])
+def test_sgd_steps_fold_their_update(pack, monkeypatch):
+    """An MLP's SGD step on the micro-kernel: each weight's update W - lr * (X^T @ dY) folds into its
+    product's tiles (packed every call with GRAPHC_LLVM_PACK=always); three steps match NumPy's."""
+    from graphc.backends.llvm import gemm
+    monkeypatch.setenv("GRAPHC_LLVM_PACK", pack)
+    monkeypatch.setattr(gemm, "SMALL_MACS", 1 << 30)
+    rng = np.random.default_rng(12)
+    w0v, w1v = rng.standard_normal((33, 65)) * 0.2, rng.standard_normal((65, 17)) * 0.2
+    x = gc.placeholder("x", (None, 33), "float64")
+    w0, w1 = gc.parameter("w0", w0v), gc.parameter("w1", w1v)
+    y = gc.tanh(x @ w0) @ w1
+    loss = gc.sum(y * y) * 0.5
+    g0, g1 = gc.grad(loss, [w0, w1])
+    f = gc.function([x], loss, updates=[(w0, w0 - 0.05 * g0), (w1, w1 - 0.05 * g1)], backend="llvm")
+    xv = rng.standard_normal((70, 33))
+    for _ in range(3):
+        f(xv)
+        h = np.tanh(xv @ w0v)
+        dy = h @ w1v
+        g1v = h.T @ dy
+        g0v = xv.T @ ((dy @ w1v.T) * (1 - h * h))
+        w0v, w1v = w0v - 0.05 * g0v, w1v - 0.05 * g1v
+    assert sum(getattr(st, "folded", False) for st in plan_steps(f)) == 2, _names(f)
+    np.testing.assert_allclose(w0.value, w0v, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(w1.value, w1v, rtol=1e-10, atol=1e-10)
+
+
+def test_scaled_region_not_folded_where_it_would_change_meaning(monkeypatch):
+    """A product scaled by another tensor (not a literal), or a region reading another operand the product
+    does not feed, keeps its own pass."""
+    from graphc.backends.llvm import gemm
+    monkeypatch.setattr(gemm, "SMALL_MACS", 1 << 30)
+    rng = np.random.default_rng(6)
+    x = gc.placeholder("x", (17, 33))
+    r = gc.placeholder("r", (17, 40))
+    w = gc.parameter("w", rng.standard_normal((33, 40)).astype(np.float32))
+    p = x @ w
+    xv, rv = rng.standard_normal((17, 33)).astype(np.float32), rng.standard_normal((17, 40)).astype(np.float32)
+    pv = xv.astype(np.float64) @ w.value
+    for why, out, want in [("scaled by a tensor", p * r, pv * rv), ("an op off the chain", p - r * 2.0, pv - rv * 2.0),
+                           ("divided", p / 3.0 - r, pv / 3.0 - rv)]:
+        f = gc.function([x, r], out, backend="llvm")
+        got = f(xv, rv)
+        got = got[0] if isinstance(got, (list, tuple)) else got
+        _close(got, want, "float32", 33)
+        if why != "divided":   # (x / 3 may be rewritten as x * (1/3), a literal scale: then it folds)
+            assert not _folded(f), (why, _names(f))

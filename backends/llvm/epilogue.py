@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import Kernel, compute_key, load, nest, store
+from .kernels import Kernel, compute_key, literal, load, nest, store
 from ..schedule.views import View, broadcast_strides, contig_strides
 
 #: GRAPHC_LLVM_PRODUCT_EPILOGUE: "1" (default) fuses the region into matrix-vector products (whole or split),
@@ -235,46 +235,61 @@ def fold(plan, members, inputs, outputs, ins, outs, live) -> bool:
             inner *= full[d]
         return sr
     views = {id(t): v for t, v in zip(inputs, ins)}
-    cur, adds, relu = None, [], False
+    cur, adds, relu, post = None, [], False, []
     for node in members:
-        if relu or node.outputs[0].dtype != pout.dtype:
+        xs = node.inputs
+        if node.outputs[0].dtype != pout.dtype or len(xs) not in (1, 2):
             return False
-        if node.op is E.add.op and len(node.inputs) == 2:
-            xs = node.inputs
-            if cur is None:   # the first add reads P
-                firsts = [i for i, t in enumerate(xs) if id(t) in views and views[id(t)].buf == pout.buf]
-                if len(firsts) != 1:
-                    return False
-                pv, other = views[id(xs[firsts[0]])], xs[1 - firsts[0]]
-                if pv.offset != pout.offset or tuple(pv.shape) != full or row_stride(pv) != m:
-                    return False
+        if cur is None:   # the first operation reads P (once, as the whole view)
+            firsts = [i for i, t in enumerate(xs) if id(t) in views and views[id(t)].buf == pout.buf]
+            if len(firsts) != 1:
+                return False
+            pv = views[id(xs[firsts[0]])]
+            if pv.offset != pout.offset or tuple(pv.shape) != full or row_stride(pv) != m:
+                return False
+            pos = firsts[0]
+        else:
+            if sum(t is cur for t in xs) != 1:
+                return False
+            pos = 0 if xs[0] is cur else 1
+        v = views.get(id(xs[1 - pos])) if len(xs) == 2 else None
+        if len(xs) == 2 and (v is None or v.buf in (pout.buf, outs[0].buf) or v.dtype != pout.dtype):
+            return False
+        sr = row_stride(v) if v is not None and v.literal is None else None
+        op = node.op
+        if op is E.relu.op and len(xs) == 1:
+            if post or relu:
+                post.append(("relu", None, 0, None))
             else:
-                if sum(t is cur for t in xs) != 1:
-                    return False
-                other = xs[1] if xs[0] is cur else xs[0]
-            v = views.get(id(other))
-            if v is None or v.buf in (pout.buf, outs[0].buf) or v.literal is not None or v.dtype != pout.dtype:
-                return False
-            sr = row_stride(v)
-            if sr is None:
-                return False
-            adds.append((v, sr))
-            cur = node.outputs[0]
-        elif node.op is E.relu.op and cur is not None:
-            if node.inputs[0] is not cur:
-                return False
-            relu, cur = True, node.outputs[0]
+                relu = True
+        elif op is E.add.op and len(xs) == 2 and not relu and not post and sr is not None:
+            adds.append((v, sr))   # the tiles start from the addends' sum
+        elif op in (E.add.op, E.sub.op) and len(xs) == 2 and sr is not None:
+            post.append(("add" if op is E.add.op else "sub" if pos == 0 else "rsub", v, sr, None))
+        elif op is E.mul.op and len(xs) == 2 and v.literal is not None and _scalar(v.literal):
+            post.append(("mul", None, 0, literal(float(v.literal), pout.dtype)))
         else:
             return False
+        cur = node.outputs[0]
     if cur is None or outputs[0] is not cur:
         return False
     o = outs[0]
     if broadcast_strides(o, full) != contig_strides(full):
         return False
     o2 = View(o.buf, o.offset, (n, m), (m, 1), o.dtype)
-    kern = gemm.matmul(o2, a, b, blas="tiles", threads=threads, packed=packed, fold=(adds, relu), pack=pack)
+    fold = (adds, relu, tuple(post))
+    kern = gemm.matmul(o2, a, b, blas="tiles", threads=threads, packed=packed, fold=fold, pack=pack)
     plan.pop_step()
-    plan.add(kern, [a, b] + [v for v, _ in adds] + kern.pack_source, [o] + ([b] if pack is not None else []))
+    plan.add(kern, [a, b] + gemm.fold_operands(fold) + kern.pack_source, [o] + ([b] if pack is not None else []))
+    return True
+
+
+def _scalar(x) -> bool:
+    """A literal that is a number (not an expression over the graph's dims)."""
+    try:
+        float(x)
+    except (TypeError, ValueError):
+        return False
     return True
 
 

@@ -192,10 +192,11 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
         raise ValueError("a folded region is the micro-kernel's, one product (no batch)")
     if pack is not None and (not packed or form or bshape):
         raise ValueError("a packing run inside the product needs b as its packed view, one product")
-    fold_views = [v for v, _ in fold[0]] if fold is not None else []
+    fold_views = fold_operands(fold)
     pack_views = list(pack.views[1:]) if pack is not None else []   # the packing's source (its dst is b's buffer)
     key = ("matmul", blas, it, blas_threads, blas_split, tile_split, parts, par, blocks, repr(form), bshape, ast, bst, ost,
-           packed, None if fold is None else (tuple(sr for _, sr in fold[0]), bool(fold[1])),
+           packed, None if fold is None else (tuple(sr for _, sr in fold[0]), bool(fold[1]),
+                                              tuple(op[:1] + op[2:] for op in fold[2])),
            None if pack is None else pack.key)
 
     def packing(em, P, lo, hi):   # the panels of column blocks lo .. hi-1 (all: "0", pack.outer)
@@ -294,6 +295,35 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
     if not bshape:
         _foldable(kern, out, a, b, blas, threads, packed, fold, k, pack)
     return kern
+
+
+def fold_operands(fold) -> list[View]:
+    """The views a folded region reads (gemm_tiles' `fold`): its addends, then its later operands."""
+    if fold is None:
+        return []
+    return [v for v, _ in fold[0]] + [op[1] for op in fold[2] if op[1] is not None]
+
+
+def _post(em, P, ops, val: str, vt: str, lanes: int, live: int, row, col) -> str:
+    """A folded region's operations after the product (gemm_tiles' fold[2]) on one vector `val` of the
+    product at product row `row` (i64), columns from `col`: each op (kind, view, row stride, literal):
+    "mul" by the literal, "add" / "sub" (val - view) / "rsub" (view - val) of the view's vector, "relu"."""
+    for kind, v, sr, lit in ops:
+        if kind == "relu":
+            val = em(f"select {mask_type(vt)} {em(f'fcmp olt {vt} {val}, zeroinitializer')}, "
+                     f"{vt} zeroinitializer, {vt} {val}")
+            continue
+        if kind == "mul":
+            ty = vt.split(" x ")[1].rstrip(">")
+            x = em(f"shufflevector {vt} {em(f'insertelement {vt} poison, {ty} {lit}, i64 0')}, {vt} poison, "
+                   f"<{lanes} x i32> zeroinitializer")
+            val = em(f"fmul {vt} {val}, {x}")
+            continue
+        at = em(f"add i64 {em(f'add i64 {v.offset}, {em(_imul(row, sr))}')}, {col}")
+        x = vload(em, P, v, at, vt, lanes, live)
+        val = em(f"fadd {vt} {val}, {x}" if kind == "add" else f"fsub {vt} {val}, {x}" if kind == "sub"
+                 else f"fsub {vt} {x}, {val}")
+    return val
 
 
 def _foldable(kern: Kernel, out: View, a: View, b: View, blas, threads, packed: bool, fold, k: int,
@@ -822,10 +852,12 @@ def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
     `packed`: b is in pack_panels' layout (b's column block j0 .. j0+nr-1 is k rows of nr elements from
     element j0*k, zero past column m): every step reads one contiguous run, and whole vectors. `stream`:
     the packed panels come from memory (read once a call, not kept in cache: a Winograd layer's U): they are
-    also prefetched into L2 further ahead (PREFETCH_L2_AHEAD). `fold` = (addends, relu): out = a @ b plus
-    each addend (a view whose element (i, j) is at offset + i * row stride + j: a bias row, a residual
+    also prefetched into L2 further ahead (PREFETCH_L2_AHEAD). `fold` = (addends, relu, post): out = a @ b
+    plus each addend (a view whose element (i, j) is at offset + i * row stride + j: a bias row, a residual
     matrix), then ReLU when `relu`: the tiles start from the addends' sum and take max(., 0) before they
-    are stored (epilogue.fold: the region after a product, with no pass of its own). `row0`: the product's
+    are stored (epilogue.fold: the region after a product, with no pass of its own); then each of `post`'s
+    operations in turn on the stored value (_post: a scale by a literal and a view added, subtracted or
+    subtracted from: an SGD step's W - lr * (X^T @ dY), the product never written). `row0`: the product's
     row that out's and a's row at ao / oo is (a part of a product's rows: the fold's addends start there)."""
     lanes = vector_shape(out.dtype)[0]
     nv, rows = tile_vectors(n, out.dtype)
@@ -920,7 +952,7 @@ def _tile_rows(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
             for q, x in enumerate(row):
                 init = "zeroinitializer"
                 if fold is not None:   # the addends' sum at (row0 + i0 + r, j0 + q*lanes ...)
-                    (adds, _), row0 = fold
+                    (adds, _, _), row0 = fold
                     i = em(f"add i64 {row0}, {em(_iadd(i0, r))}")
                     for v, sr in adds:
                         at = em(f"add i64 {em(f'add i64 {v.offset}, {em(_imul(i, sr))}')}, {em(_iadd(j0, q * lanes))}")
@@ -962,6 +994,9 @@ def _tile_rows(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
                 if fold is not None and fold[0][1]:   # ReLU: x < 0 ? 0 : x (NaN kept, as lower._relu)
                     val = em(f"select {mask_type(vt)} {em(f'fcmp olt {vt} {val}, zeroinitializer')}, "
                              f"{vt} zeroinitializer, {vt} {val}")
+                if fold is not None and fold[0][2]:   # the region's operations after the sum, in its order
+                    val = _post(em, P, fold[0][2], val, vt, lanes, live,
+                                em(f"add i64 {fold[1]}, {em(_iadd(i0, r))}"), em(_iadd(j0, q * lanes)))
                 vstore(em, P, out, em(f"add i64 {orow}, {q * lanes}"), val, vt, lanes, live)
 
     # as many tiles as mr-row tiles need, their heights balanced (16 rows: 6, 5, 5 rather than 6, 6, 4: a

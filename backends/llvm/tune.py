@@ -430,8 +430,12 @@ PACKED_TAG = "packed:"
 #: operand each call (gemm.pack_panels, split over the pool) and run the micro-kernel over the panels:
 #: timed the first time the shape is planned on a CPU model. Below it the packing's share of the time, and
 #: the probe's compile, are not worth it. On the Intel Xeon (AVX-512, 2 cores) 1024^3 ran 6.1 ms packed
-#: against OpenBLAS's 6.8 ms (MKL, torch's: 6.2); on the Zen 1 VM BLAS was as fast or faster from 1024 rows
-PACKED_CALL_FLOPS = 1 << 26
+#: against OpenBLAS's 6.8 ms (MKL, torch's: 6.2); on the Zen 1 VM BLAS was as fast or faster from 1024 rows.
+#: From 1 << 24 (was 1 << 26) a training step's weight products are timed too: W5's x @ W (64 x 784 x 512,
+#: 64 x 512 x 256; W updated every call, so never packed once) and its SGD updates W - lr * (X^T @ dY), whose
+#: region then folds into the tiles (epilogue.fold): on the Intel Xeon (in-process A/B, 15 interleaved rounds)
+#: W5 1,108 -> 1,015 us a step; W8 and W9 even
+PACKED_CALL_FLOPS = 1 << 24
 #: ... and at least this many rows (the packing, O(k m), is repaid over the n rows)
 PACKED_CALL_ROWS = 64
 #: the packed product is taken only when faster than BLAS by more than this factor
