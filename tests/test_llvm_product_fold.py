@@ -1,4 +1,5 @@
-"""A micro-kernel product's region of adds and a closing ReLU folded into its tiles (epilogue.fold,
+"""A micro-kernel product's region of adds and a closing ReLU, or of literal scales, subtractions and adds after the
+sum (an SGD update), folded into its tiles (epilogue.fold,
 gemm_tiles' fold): x @ W + b, relu(x @ W + b), x @ W + b + r and batched (b, T, k) @ (k, m) forms against
 NumPy in float64, on odd sizes, both vector ISAs, one and two threads, float32 and float64; one step where
 it folds; never where the product itself is read after the region (a ReLU's gradient reads its sign), where

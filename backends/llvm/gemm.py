@@ -144,7 +144,8 @@ def matmul(out: View, a: View, b: View, blas: bool | str | None = None, threads:
     on graphc's pool (program._parallel_call); a batch of products splits its batch the same way. OpenBLAS
     runs on one thread per call (its own threads only where its count cannot be set per call). A micro-kernel
     product splits its column blocks over the pool (tile_chunks), or parts of its rows (row_parts). `fold`
-    (the micro-kernel, one product): gemm_tiles' addends and ReLU, out = their region's result. `pack` (a
+    (the micro-kernel, one product): gemm_tiles' addends, ReLU and later operations, out = their region's
+    result. `pack` (a
     packed product): the pack_panels(split=True) kernel writing b's panels from the source operand, run
     inside this kernel: each run of column blocks packs its own panels just before its tiles read them
     (a product packed every call: the packing of one thread overlaps the other's arithmetic, and its
