@@ -293,8 +293,25 @@ def test_packing_inside_the_product(inside, region, isa, threads, monkeypatch, r
                     "none": lambda: pv}[region]()
             np.testing.assert_allclose(f(xv, yv, bv), want, rtol=2e-5, atol=2e-5 * k)
         steps = plan_steps(f)
+        # (inside the kernel unless the product is split by parts of rows: gemm.packs_inside)
+        here = gemm.packs_inside(n, k, m, "float32", tune.threads())
         assert _packed_every_call(f) and not _calls_blas(f)
-        assert ("pack_panels" in _steps(f)) == (not inside)
-        assert any(getattr(s, "pack_source", None) for s in steps) == inside
+        assert ("pack_panels" in _steps(f)) == (not here)
+        assert any(getattr(s, "pack_source", None) for s in steps) == here
         if region == "fold":
             assert any(getattr(s, "folded", False) for s in steps)
+
+
+def test_a_product_split_by_rows_packs_before_it(monkeypatch):
+    """gemm.packs_inside: a product packed every call that is split by parts of its rows (few column blocks,
+    many rows: a weight gradient X^T @ dY) packs in a step of its own before it, since each part reads
+    every panel; one split by columns, or not split, packs inside."""
+    from graphc.backends.llvm import gemm
+    monkeypatch.setattr(gemm, "PACK_INSIDE", True)
+    assert gemm.row_parts(512, 128, "float32", 2) is not None
+    assert not gemm.packs_inside(512, 800, 128, "float32", 2)       # W9's weight gradient
+    assert gemm.packs_inside(512, 800, 128, "float32", 1)           # one thread: not split
+    assert gemm.packs_inside(1024, 1024, 1024, "float32", 2)        # W6: by columns
+    assert gemm.packs_inside(64, 784, 512, "float32", 2)            # W5's x @ W0
+    monkeypatch.setattr(gemm, "PACK_INSIDE", False)
+    assert not gemm.packs_inside(1024, 1024, 1024, "float32", 2)

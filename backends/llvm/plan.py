@@ -373,7 +373,8 @@ class Plan(Schedule):
         pk = self.fresh(None, (gemm.packed_size(k, m, nr),), b.dtype)
         packing = gemm.pack_panels(pk, b, nr, split=True)
         bp = View(pk.buf, pk.offset, (k, m), (nr, 1), b.dtype)
-        if gemm.PACK_INSIDE:   # each run of column blocks packs its own panels (gemm.matmul's `pack`)
+        if gemm.packs_inside(n, k, m, a.dtype, tune.threads()):   # each run of column blocks packs its own
+            # panels (gemm.matmul's `pack`)
             self.add(gemm.matmul(out, a, bp, blas="tiles", packed=True, pack=packing), [a, b], [out, bp])
         else:
             self.add(packing, [b], [pk])

@@ -484,7 +484,8 @@ def _time_packed(n: int, k: int, m: int, dtype: str, reps: int) -> dict:
     from . import gemm
     from ..schedule.views import View
     t = threads()
-    inside = gemm.PACK_INSIDE   # the packing inside the product kernel, as the plan runs it (matmul's `pack`)
+    inside = gemm.packs_inside(n, k, m, dtype, t)   # the packing inside the product kernel where the plan
+    # packs it there (matmul's `pack`)
     key = ("packcall", n, k, m, dtype, t, inside)
     if key not in _probes:
         out, a, b = (View(i, 0, sh, (sh[1], 1), dtype) for i, sh in enumerate([(n, m), (n, k), (k, m)]))
