@@ -981,7 +981,8 @@ def _tile_rows(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
                 for rows_ahead, hint in ((PREFETCH_ROWS_AHEAD, 3), (PREFETCH_L2_AHEAD if stream else 0, 2)):
                     if rows_ahead:
                         _prefetch(em, P, b, em(f"add i64 {brow}, {rows_ahead * sb_k}"), row_bytes, hint)
-            if tap_ahead:   # the same tap of the channel ktaps["prefetch"] on: its b row (unaligned) into L1
+            if tap_ahead and not TAP_PREFETCH_BY_SEGMENT:   # the same tap of the channel ktaps["prefetch"]
+                # on: its b row (unaligned) into L1
                 _prefetch(em, P, b, em(f"add i64 {brow}, {tap_ahead}"), row_bytes + np.dtype(t).itemsize, 3)
             for r in range(h):
                 av = load(em, P, a, em(f"add i64 {arow[r]}, {em(_imul(p, sa_k))}"))
@@ -994,7 +995,10 @@ def _tile_rows(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
         if ktaps is None:
             _steps(em, k, step)
         elif isinstance(ktaps, dict):
-            _tap_loop(em, ktaps, bo, step)
+            def segment_prefetch(at, elems: int):   # a segment's rows of the channel ktaps["prefetch"] on
+                _prefetch(em, P, b, em(f"add i64 {em(f'add i64 {at}, {bcol}')}, {tap_ahead}"),
+                          elems * np.dtype(t).itemsize + row_bytes + 64, 3)
+            _tap_loop(em, ktaps, bo, step, segment_prefetch if tap_ahead and TAP_PREFETCH_BY_SEGMENT else None)
         else:
             dims, bst = ktaps
             nest(em, dims, [contig_strides(dims), bst], [0, bo], lambda offs, _: step(offs[0], offs[1]))
@@ -1058,7 +1062,15 @@ def _prefetch(em, P, v: View, at, nbytes: int, hint: int) -> None:
         em.raw(f"call void @llvm.prefetch.p0(ptr {addr}, i32 0, i32 {hint}, i32 1)")
 
 
-def _tap_loop(em, ktaps: dict, bo, step) -> None:
+#: a direct convolution's taps prefetch the channel ktaps["prefetch"] on once per segment of tap rows (all its
+#: rows' reach at once) rather than at every tap (each tap's prefetch covered nearly its neighbour's lines:
+#: five prefetches beside each step's four loads and six broadcasts). ResNet-18's 3x3 stride-2 convolutions
+#: alone on the Intel Xeon (two runs each, bias + ReLU): 64->128 to 28x28 430/414 -> 421/403 us, 256->512 to
+#: 7x7 409/420 -> 398/408 us, 128->256 to 14x14 even; W10 b1 even in-process (12 rounds)
+TAP_PREFETCH_BY_SEGMENT = True
+
+
+def _tap_loop(em, ktaps: dict, bo, step, prefetch=None) -> None:
     """step(p, b row offset) for every column p of a (gemm_tiles' ktaps as a dict): a run-time loop over
     ktaps["loop"] channels, b's rows ktaps["stride"] apart; per channel its tap rows ktaps["rows"] in turn,
     each (count, taps, first, stride): a loop over `count` rows `stride` apart from `first`, the row's `taps`
@@ -1072,6 +1084,9 @@ def _tap_loop(em, ktaps: dict, bo, step) -> None:
         b0 = em(f"add i64 {bo}, {em(_imul(c, bst))}")
         at = 0
         for cnt, taps, first, rst in rows:
+            if prefetch is not None:
+                prefetch(em(_iadd(b0, first)), (cnt - 1) * rst + taps - 1)
+
             def row(i, at=at, taps=taps, first=first, rst=rst):
                 pr = em(_iadd(em(_iadd(p0, at)), em(_imul(i, taps)))) if i != "0" else em(_iadd(p0, at))
                 br = em(_iadd(em(_iadd(b0, first)), em(_imul(i, rst)))) if i != "0" else em(_iadd(b0, first))
