@@ -278,3 +278,34 @@ def test_staged_input_transform_a_channel_at_a_time(isa, dtype, monkeypatch, rng
         f = gc.function([x, wt], gc.conv2d(x, wt, padding=1), backend="llvm")
         got[whole] = f(r.standard_normal((1, 6, 7, 7)).astype(dtype), r.standard_normal((4, 6, 3, 3)).astype(dtype))
     np.testing.assert_array_equal(got[True], got[False])
+
+
+def test_fused_items_are_balanced_over_the_slots():
+    """geometry: a fused convolution split over threads has a multiple of the slots' count of items where
+    the tile rows allow it, and item_rows gives every image's blocks heights within one row of each other
+    that cover its tile rows exactly once."""
+    from graphc.backends.llvm import winograd
+    for n, hw, m in [(1, 56, 4), (1, 20, 2), (3, 17, 2), (1, 28, 4), (2, 9, 4), (8, 56, 4), (1, 7, 2)]:
+        geo = winograd.geometry(n, 64, 64, (hw, hw), m, "float32")
+        th, blocks, R = geo["th"], geo["blocks"], geo["R"]
+        if geo["slots"] > 1 and any((n * b) % (2 * winograd.threads()) == 0 for b in range(blocks, th + 1)):
+            assert geo["items"] % geo["slots"] == 0, (n, hw, m, geo)
+        starts = [b * th // blocks for b in range(blocks + 1)] if th % blocks else [b * R for b in range(blocks + 1)]
+        heights = [b - a for a, b in zip(starts, starts[1:])]
+        assert sum(heights) == th and max(heights) <= R and max(heights) - min(heights) <= 1, (n, hw, m, geo)
+
+
+@pytest.mark.parametrize("balanced", [True, False])
+@pytest.mark.parametrize("isa, threads, blas", [("avx2", 1, True), ("avx2", 2, False), ("avx512", 2, True),
+                                                ("avx512", 1, False)])
+def test_fused_items_of_two_heights_match_direct_sum(balanced, isa, threads, blas, monkeypatch, rng):
+    """Items of two heights (10 tile rows over 4 items of 2 or 3, at one or two threads), with
+    BLAS products (one body per height) and the micro-kernel (the height a run-time value); the old cut
+    (blocks of R and a shorter last one) too."""
+    from graphc.backends.llvm import winograd
+    monkeypatch.setattr(winograd, "BALANCED_ITEMS", balanced)
+    # three tile rows an item (F(2x2): 16 products; 12 tiles a row padded from 10; 5 + 7 channels)
+    monkeypatch.setattr(winograd, "BLOCK_BYTES", 3 * 16 * 12 * (5 + 7) * 4)
+    monkeypatch.setenv("GRAPHC_LLVM_SMALL_GEMM", "0" if blas else "1")
+    monkeypatch.setenv("GRAPHC_WARM_CACHE", "0")
+    _check(monkeypatch, [(1, 5, 20, 20, 7, 1), (2, 5, 19, 20, 7, 1)], 2, "fused", "float32", rng, isa, threads)

@@ -133,9 +133,39 @@ def geometry(n: int, c: int, o: int, out_hw, m: int, dtype: str, staged: bool = 
     elif n * -(-th // R) < want:
         R = max(1, min(R, th * n // want))
     blocks = -(-th // R)
+    balanced = not staged and BALANCED_ITEMS
+    if balanced:
+        # split over threads: as many items as a multiple of the slots; and every image's items of heights
+        # within one tile row of each other (item_rows). W10 b1's 56x56 layers had 7 items of 2 tile rows
+        # over 4 slots (1, 2, 2, 2 items): one thread ran 8 tile rows while the other ran 6, and the caller
+        # waited for it every layer (the pool's late dispatches)
+        if want > 1:
+            blocks = next((b for b in range(blocks, th + 1) if (n * b) % want == 0), blocks)
+        R = -(-th // blocks)
     items = n * blocks
     return {"n": n, "m": m, "a": a, "th": th, "tw": tw, "L": L, "twp": twp, "R": R, "blocks": blocks,
-            "items": items, "slots": slot_count(items, flops), "flops": flops, "tail": th - (blocks - 1) * R}
+            "items": items, "slots": slot_count(items, flops), "flops": flops, "balanced": balanced}
+
+
+#: a fused Winograd convolution cuts each image's tile rows into items of balanced heights, split over threads
+#: as a multiple of the slots' count of them (geometry; False: items of R rows and a shorter last one)
+BALANCED_ITEMS = True
+
+
+def item_rows(em, geo: dict, blk) -> tuple:
+    """(first tile row, tile rows) of block `blk` of an image (an i64 value): rows blk*th // blocks up to the
+    next block's (balanced heights, R or R - 1), or blk*R and R with a shorter last block; the height an int
+    where every block has it, else an i64 value."""
+    th, blocks, R = geo["th"], geo["blocks"], geo["R"]
+    if th == blocks * R:
+        return em(f"mul i64 {blk}, {R}"), R
+    if not geo["balanced"]:
+        last = em(f"icmp eq i64 {blk}, {blocks - 1}")
+        return em(f"mul i64 {blk}, {R}"), em(f"select i1 {last}, i64 {th - (blocks - 1) * R}, i64 {R}")
+    first = em(f"udiv i64 {em(f'mul i64 {blk}, {th}')}, {blocks}")
+    after = em(f"add i64 {blk}, 1")
+    nxt = em(f"udiv i64 {em(f'mul i64 {after}, {th}')}, {blocks}")
+    return first, em(f"sub i64 {nxt}, {first}")
 
 
 # ---- IR helpers -------------------------------------------------------------------------------------------
@@ -443,16 +473,17 @@ class _Parts:
         nest(em, [o if chans is None else chans, nrows], [(ld, self.twp), (oh * ow, 0)], [mo, oo], per)
 
     def item_blocks(self, em, it, body):
-        """body(img, blk, ty0, nrows) for item `it` (nrows: R, or the image's last, shorter block)."""
-        blocks, R, tail = self.geo["blocks"], self.R, self.geo["tail"]
+        """body(img, blk, ty0, nrows) for item `it`, nrows an int (item_rows' height: one body per height)."""
+        blocks = self.geo["blocks"]
         img, blk = em(f"udiv i64 {it}, {blocks}"), em(f"urem i64 {it}, {blocks}")
-        ty0 = em(f"mul i64 {blk}, {R}")
-        if tail == R:
-            body(img, blk, ty0, R)
+        ty0, rows = item_rows(em, self.geo, blk)
+        if isinstance(rows, int):
+            body(img, blk, ty0, rows)
             return
-        last = em(f"icmp eq i64 {blk}, {blocks - 1}")
-        em.if_(em(f"xor i1 {last}, true"), lambda: body(img, blk, ty0, R))
-        em.if_(last, lambda: body(img, blk, ty0, tail))
+        th, R = self.geo["th"], self.R
+        heights = sorted({R, th - (blocks - 1) * R} if not self.geo["balanced"] else {R, R - 1})
+        for hgt in heights:
+            em.if_(em(f"icmp eq i64 {rows}, {hgt}"), lambda hgt=hgt: body(img, blk, ty0, hgt))
 
     def bases(self, em, s, img, ty0):
         """(pad slot base, x image base, out image base, first input row) of an item."""
@@ -489,10 +520,10 @@ def conv_fused(out: View, x: View, u: View, pad: View, vbuf: View, mbuf: View, p
             parts.item_blocks(em, it, lambda *b: one(em, P, s, *b))
             return
         # the micro-kernel computes every column of the slot's block: one body, the height a run-time value
-        blocks, R, tail = geo["blocks"], geo["R"], geo["tail"]
+        blocks = geo["blocks"]
         img, blk = em(f"udiv i64 {it}, {blocks}"), em(f"urem i64 {it}, {blocks}")
-        nrows = R if tail == R else em(f"select i1 {em(f'icmp eq i64 {blk}, {blocks - 1}')}, i64 {tail}, i64 {R}")
-        one(em, P, s, img, blk, em(f"mul i64 {blk}, {R}"), nrows)
+        ty0, nrows = item_rows(em, geo, blk)
+        one(em, P, s, img, blk, ty0, nrows)
 
     def emit(em, P, lo, hi):
         if out.size:
