@@ -236,3 +236,30 @@ def test_scaled_region_not_folded_where_it_would_change_meaning(monkeypatch):
         _close(got, want, "float32", 33)
         if why != "divided":   # (x / 3 may be rewritten as x * (1/3), a literal scale: then it folds)
             assert not _folded(f), (why, _names(f))
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_sgd_update_folds_into_a_product_split_by_rows(isa, monkeypatch):
+    """A weight gradient with many rows and few column blocks, packed every call and split by parts of its
+    rows (gemm.row_parts), folds its update: each part's rows read the weight from their own row on."""
+    from graphc.backends.llvm import gemm, tune
+    monkeypatch.setenv("GRAPHC_LLVM_ISA", isa)
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", "2")
+    monkeypatch.setenv("GRAPHC_LLVM_PACK", "always")
+    monkeypatch.setenv("GRAPHC_WARM_CACHE", "0")
+    monkeypatch.setattr(gemm, "SMALL_MACS", 0)
+    monkeypatch.setattr(tune, "TILES_PARALLEL_FLOPS", 0)
+    rng = np.random.default_rng(41)
+    n, k, m = 403, 9, 70
+    assert gemm.row_parts(n, m, "float32", 2) is not None
+    w = gc.parameter("w", rng.standard_normal((n, m)).astype(np.float32))
+    x, g = gc.placeholder("x", (k, n)), gc.placeholder("g", (k, m))
+    f = gc.function([x, g], [], updates=[(w, w - 0.125 * (gc.transpose(x) @ g))], backend="llvm")
+    steps = plan_steps(f)
+    assert any(getattr(s, "folded", False) for s in steps) and "pack_panels" in _names(f), _names(f)
+    want = w.value.astype(np.float64)
+    for _ in range(2):
+        xv, gv = rng.standard_normal((k, n)).astype(np.float32), rng.standard_normal((k, m)).astype(np.float32)
+        f(xv, gv)
+        want = want - 0.125 * (xv.T.astype(np.float64) @ gv)
+        _close(w.value, want, "float32", k)
