@@ -205,3 +205,49 @@ def test_region_fuses_only_where_the_convolutions_output_is_not_read_after(live,
     n, c, h, w, o, k, s, p = cfg
     want = np.maximum(_conv_reference(xv, wt.value, s, p, (1, 1), 1) + b.value[None, :, None, None] + rv, 0)
     _close(_one(f(xv, rv)), want, "float64", c * k[0] * k[1])
+
+
+#: (N, C, H, W, O, (KH, KW), stride, pads) whose rule cut leaves a one-vector last column block and which
+#: direct._best_cut cuts otherwise on at least one ISA (whole images, fewer channels an item)
+CUT_CONFIGS = [
+    (1, 3, 56, 56, 128, (3, 3), (2, 2), ((1, 1), (1, 1))),
+    (1, 5, 56, 56, 128, (1, 1), (2, 2), ((0, 0), (0, 0))),
+    (2, 3, 57, 57, 128, (3, 3), (2, 2), ((1, 1), (0, 1))),
+    (1, 3, 56, 56, 100, (3, 3), (2, 2), ((1, 1), (1, 1))),   # a partial last channel block (AVX2)
+]
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_searched_cuts_match_numpy(isa, monkeypatch):
+    """direct.geometry's search over cuts (SEARCH_CUTS): where it takes another cut than OUT_BYTES' rule, the
+    items still cover every row and channel once (bias + ReLU in the copy-out, two threads, float32), each
+    wide block within WIDE_BYTES, as many items as the rule's; and the search changes some cut here."""
+    import graphc.backends.llvm.conv as conv
+    from graphc.backends.llvm import direct
+    monkeypatch.setenv("GRAPHC_LLVM_ISA", isa)
+    monkeypatch.setenv("GRAPHC_NUM_THREADS", "2")
+    monkeypatch.setenv("GRAPHC_LLVM_CONV_DIRECT", "1")
+    monkeypatch.setenv("GRAPHC_WARM_CACHE", "0")
+    monkeypatch.setattr(conv, "SPLIT_FLOPS", 0)
+    rng = np.random.default_rng(23)
+    changed = 0
+    for cfg in CUT_CONFIGS:
+        n, c, h, w, o, k, s, p = cfg
+        oh, ow = (h + sum(p[0]) - k[0]) // s[0] + 1, (w + sum(p[1]) - k[1]) // s[1] + 1
+        cuts = []
+        for search in (False, True):
+            monkeypatch.setattr(direct, "SEARCH_CUTS", search)
+            g = direct.geometry((n, c, h, w), o, k, s, p, (oh, ow), "float32", 2)
+            assert g["R"] * g["rb"] >= oh and g["OB"] * g["nob"] >= o > g["OB"] * (g["nob"] - 1)
+            cuts.append(g)
+        rule, cut = cuts
+        if (rule["R"], rule["OB"]) != (cut["R"], cut["OB"]):
+            changed += 1
+            assert cut["OB"] * cut["m"] * 4 <= direct.WIDE_BYTES and cut["items"] >= min(rule["items"], 4)
+        ins, outs, wt, b, _ = _build(cfg, "float32", rng, "relu")
+        f = gc.function(ins, outs, backend="llvm")
+        assert "conv2d_direct" in _steps(f)
+        xv = rng.standard_normal(ins[0].shape).astype(np.float32)
+        want = np.maximum(_conv_reference(xv, wt.value, s, p, (1, 1), 1) + b.value[None, :, None, None], 0)
+        _close(_one(f(xv)), want, "float32", c * k[0] * k[1])
+    assert changed >= 2

@@ -103,6 +103,8 @@ def geometry(x_shape, o: int, kernel, stride, pads, out_hw, dtype: str, threads:
     rb = -(-oh // R)
     ob = -(-o // nob)
     nob = -(-o // ob)
+    if SEARCH_CUTS:
+        R, rb, ob, nob = _best_cut(n, o, oh, ow, wq, isz, dtype, threads, flops, want, (R, rb, ob, nob))
     hq = rb * R + halo
     m = (R - 1) * wq + ow
     plane = hq * wq
@@ -116,6 +118,90 @@ def geometry(x_shape, o: int, kernel, stride, pads, out_hw, dtype: str, threads:
             "plane": plane, "image": len(segs) * c * plane, "items": n * rb * nob, "taps": taps,
             "prefetch": int(reach > PREFETCH_BYTES),
             "flops": 2 * n * o * c * kh * kw * rb * R * wq}
+
+
+#: geometry weighs other cuts of the work (rows per item, channel blocks) by _cut_cycles and takes one at least
+#: SEARCH_GAIN cheaper than OUT_BYTES' rule gives; an item's wide block stays within WIDE_BYTES. ResNet-18's
+#: 64 -> 128 3x3 stride-2 convolution to 28 x 28 (in-process on the Intel Xeon): 7-row items of all 128
+#: channels (202 wide columns: three whole column blocks and a 1-vector one, whose 6 x 1 tiles wait on
+#: their loads) 396 us; whole-image items of 32 channels (811 columns: 12 blocks and a 3-vector one) 375-381
+SEARCH_CUTS = True
+SEARCH_GAIN = 0.03
+WIDE_BYTES = 1 << 19
+
+
+def _step_cycles(rows: int, vecs: int) -> float:
+    """Cycles of one k step of a rows x vecs tile of the micro-kernel (2 FMA ports; its unaligned plane loads
+    two load slots each beside a broadcast a row, 2 loads a cycle; at least the FMA latency's 4)."""
+    return max(rows * vecs / 2, vecs + rows / 2, 4.0)
+
+
+def _cut_cycles(ob: int, m: int, dtype: str) -> float:
+    """Relative cycles of one item: ob output channels (rows of the product, in gemm_tiles' balanced tiles)
+    over m wide columns (whole column blocks, then the last one's vectors)."""
+    from .gemm import _row_tile, tile_rows, tile_vectors
+    lanes = vector_shape(dtype)[0]
+    nv, rows = tile_vectors(ob, dtype)
+    mr = _row_tile(ob, rows)
+    count = -(-ob // mr)
+    base, extra = divmod(ob, count)
+    heights = [base + 1] * extra + [base] * (count - extra)
+    full, tail = divmod(m, nv * lanes)
+    per = sum(full * _step_cycles(h, nv) + (_step_cycles(h, -(-tail // lanes)) if tail else 0) for h in heights)
+    return per
+
+
+def _makespan(costs: list, slots: int, threads: int) -> float:
+    """The last thread's finish when `threads` threads claim the slots in order (each slot a run of items,
+    as _slot_loop cuts them), each taking the next as it frees."""
+    items = len(costs)
+    loads = [sum(costs[s * items // slots:(s + 1) * items // slots]) for s in range(slots)]
+    free = [0.0] * max(1, threads)
+    for x in loads:
+        i = free.index(min(free))
+        free[i] += x
+    return max(free)
+
+
+def _best_cut(n: int, o: int, oh: int, ow: int, wq: int, isz: int, dtype: str, threads: int, flops: int,
+              want: int, rule: tuple) -> tuple:
+    """(R, rb, OB, nob) for geometry: the rule's cut, or the cheapest other one by _cut_cycles over the items'
+    schedule (_makespan) when that is at least SEARCH_GAIN cheaper: R from every row-block count, channel
+    blocks of at least 16 halved from o, each item's wide block at most WIDE_BYTES, enough items for the
+    threads where the rule had them."""
+    from .conv import slot_count
+
+    def cost(R, rb, ob, nob):
+        m = (R - 1) * wq + ow
+        rest = o - (nob - 1) * ob
+        per = [_cut_cycles(ob, m, dtype)] * (nob - 1) + [_cut_cycles(rest, m, dtype)]
+        costs = per * (n * rb)
+        items = len(costs)
+        return _makespan(costs, slot_count(items, flops), threads if items > 1 else 1)
+    base = cost(*rule)
+    best, best_cost = rule, base
+    lanes = vector_shape(dtype)[0]
+    tail = ((rule[0] - 1) * wq + ow) % (panel_width(rule[2], dtype))
+    if not 0 < tail <= lanes:   # only a rule cut whose last column block is one vector (its tiles wait on
+        return rule              # their loads) looks for another
+    enough = n * rule[1] * rule[3] >= want
+    for rb in range(1, oh + 1):
+        R = -(-oh // rb)
+        if -(-oh // R) != rb or R < rule[0]:   # (items no shorter: each re-reads its taps' reach)
+            continue
+        nob = 1
+        while True:
+            ob = -(-o // nob)
+            nb = -(-o // ob)
+            m = (R - 1) * wq + ow
+            if ob * m * isz <= WIDE_BYTES and (not enough or n * rb * nb >= want):
+                c = cost(R, rb, ob, nb)
+                if c < best_cost:
+                    best, best_cost = (R, rb, ob, nb), c
+            if o // (2 * nob) < 16:
+                break
+            nob *= 2
+    return best if best_cost <= base * (1 - SEARCH_GAIN) else rule
 
 
 def permute_weights(plan, w: View, kernel, stride) -> View:
