@@ -4,7 +4,10 @@ read when a model is slow.
 Each row: the kernel, the ops fused into it, its FLOPs and the bytes it moves (from shapes and dtypes),
 the time the roofline predicts from this host's measured peaks, the time measured per call in a
 profiled run, what bounds it (compute, memory, or fixed overhead), and, for a neighbouring op left in
-a kernel of its own, why fusion did not take it (graphc.passes.fusion.unfused_reason).
+a kernel of its own, why fusion did not take it (graphc.passes.fusion.unfused_reason). On llvm each row
+also counts how often its dispatch over the thread pool was late (Row.late: the calling thread, out of
+work, waited for a worker's chunk), and the kernels late in most runs are listed: threads given uneven
+shares of a kernel's work show there.
 
 How times are measured (the simplest honest way per backend):
 - llvm: the same plan compiled with one native entry per step (the kernels are the same functions),
@@ -37,6 +40,9 @@ from .ir import Trait
 MAX_NOTES = 12
 #: a step whose roofline time is below this is bounded by fixed costs (calls, loop set-up), not the machine
 OVERHEAD_FLOOR_S = 1e-6
+#: a step late (Row.late) in at least this share of the profiled runs is listed under the table: W10 b1's
+#: 56x56 Winograd layers were late in 75-97% of runs when one thread had two more tile rows than the other
+LATE_SHARE = 0.5
 
 
 # ---- this host ---------------------------------------------------------------------------------------
@@ -198,6 +204,10 @@ class Row:
         self.measured = seconds
         self.why_unfused: list[str] = []
         self.note_costs: list[float] = []   # per note: the time of the two kernels (orders the notes)
+        #: llvm: the share of profiled runs in which this step's dispatch over the thread pool was late (the
+        #: calling thread, out of chunks, waited for a worker's: the threads' shares uneven, or one of them
+        #: descheduled); None where not counted
+        self.late: float | None = None
 
     @property
     def bound(self) -> str:
@@ -208,7 +218,7 @@ class Row:
     def as_dict(self) -> dict:
         return {"kernel": self.kernel, "ops": self.ops, "flops": self.flops, "bytes": self.bytes,
                 "predicted_s": self.predicted, "measured_s": self.measured, "bound": self.bound,
-                "why_unfused": list(self.why_unfused)}
+                "why_unfused": list(self.why_unfused), "late": self.late}
 
 
 def _clip(line: str, width: int = 160) -> str:
@@ -294,6 +304,12 @@ class Explanation:
             lines += [_clip(f"  #{i} {why}") for _, i, why in notes[:MAX_NOTES]]
             if len(notes) > MAX_NOTES:
                 lines.append(f"  ... {len(notes) - MAX_NOTES} more in .rows[i].why_unfused")
+        late = [(r.late, i, r) for i, r in enumerate(self.rows) if r.late is not None and r.late >= LATE_SHARE]
+        if late:   # the kernels whose threads finished apart, the costliest first
+            late.sort(key=lambda x: (-(x[2].measured or 0), x[1]))
+            lines += ["", f"threads waited on (in at least {LATE_SHARE:.0%} of the profiled runs the calling thread, "
+                          "out of work, waited for a worker's chunk: uneven shares, or a descheduled thread):"]
+            lines += [_clip(f"  #{i} {r.kernel} {r.ops}: {share:.0%} of runs") for share, i, r in late[:MAX_NOTES]]
         lines += ["", "roofline = max(FLOPs / GEMM peak, bytes / copy bandwidth); bound 'overhead': under "
                       f"{_fmt_t(OVERHEAD_FLOOR_S)} of roofline time, fixed costs dominate"]
         return "\n".join(lines)
@@ -408,6 +424,8 @@ class _LLVMProfile:
             n = nodes[k]
             if n is not None and main.get(id(n), k) != k:   # another step of the same node's work
                 rows[-1].ops = f"(of #{main[id(n)]}) {rows[-1].ops}"
+            if getattr(self.run, "runs", 0) and k >= once:
+                rows[-1].late = self.run.late[k] / self.run.runs
         return rows
 
     def how(self, repeat) -> str:

@@ -279,3 +279,29 @@ def test_llvm_step_profiler_reads_the_functions_own_arena():
     run()
     np.testing.assert_array_equal(outs[0], want)
     np.testing.assert_array_equal(f(xv), want)
+
+
+def test_llvm_rows_count_the_pools_late_dispatches(monkeypatch):
+    """Row.late: the share of the profiled runs in which a step's dispatch over the pool was late (the pool's
+    counter read around each step, program.step_times); steps late in at least LATE_SHARE of the runs are
+    listed under the table. The counter is replaced here by one that moves on every read, so every step of a
+    call reads as late in every run; one thread of a function, whose steps never dispatch, reads 0."""
+    backend_or_skip("llvm")
+    from graphc.backends.llvm import pool
+    monkeypatch.setenv("GRAPHC_WARM_CACHE", "0")
+    f = _mlp("llvm")
+    e = f.explain(N=8, repeat=3)
+    calls = [r for r in e.rows if not r.ops.startswith("(once per new weight)")]
+    assert calls and all(r.late is not None and 0.0 <= r.late <= 1.0 for r in calls)
+    assert all(r.late is None for r in e.rows if r.ops.startswith("(once per new weight)"))
+    assert all("late" in r.as_dict() for r in e.rows)
+    ticks = iter(range(10 ** 9))
+    monkeypatch.setattr(pool, "late_count", lambda: next(ticks))
+    e = _mlp("llvm").explain(N=8, repeat=3)
+    calls = [r for r in e.rows if not r.ops.startswith("(once per new weight)")]
+    assert all(r.late == 1.0 for r in calls)
+    text = str(e)
+    assert "threads waited on" in text and all(f"#{e.rows.index(r)} {r.kernel}" in text for r in calls[:EX.MAX_NOTES])
+    monkeypatch.setattr(pool, "late_count", lambda: 0)
+    e = _mlp("llvm").explain(N=8, repeat=3)
+    assert "threads waited on" not in str(e) and all(r.late == 0.0 for r in e.rows if r.late is not None)

@@ -839,6 +839,12 @@ def declarations(nthreads: int = 1) -> str:
     return DECLARATIONS
 
 
+def late_count() -> int:
+    """stats()["late"] alone (read around each step of a profiled run: program.step_times)."""
+    st = bind()
+    return (ctypes.c_int64 * 7).from_address(st["stats"]())[3]
+
+
 def stats() -> dict:
     """Counters since the process started: dispatches through the pool, dispatches run inline because
     another thread held the pool, chunks run by workers, late dispatches, OpenBLAS shutdowns and refusals,

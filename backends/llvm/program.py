@@ -864,18 +864,27 @@ def step_times(spec: Specialised, inputs, params):
     for kind, seg in prof.segments[:once]:
         seg(addr)
 
+    from . import pool
+    late = pool.late_count
+
     def run() -> list[float]:
         out = [0.0] * once
-        for kind, seg in prof.segments[once:]:
+        for k, (kind, seg) in enumerate(prof.segments[once:], once):
+            before = late()
             t0 = clock()
             if kind == "native":
                 seg(addr)
             else:
                 prof._host(seg, bases)
             out.append(clock() - t0)
+            run.late[k] += late() - before
+        run.runs += 1
         if prof._status is not None:
             prof._check_status()
         return out
+    # per step: the pool's late dispatches over the runs (the caller out of chunks waited for a worker's:
+    # the threads' shares uneven, or a thread descheduled); run.runs: the runs counted
+    run.late, run.runs = [0] * len(prof.segments), 0
     nop, ts = _nop_entry(), []
     for _ in range(101):
         t0 = clock()
