@@ -839,10 +839,14 @@ def declarations(nthreads: int = 1) -> str:
     return DECLARATIONS
 
 
+def _counters():
+    """The pool's seven int64 counters, in place (stats' order)."""
+    return (ctypes.c_int64 * 7).from_address(bind()["stats"]())
+
+
 def late_count() -> int:
     """stats()["late"] alone (read around each step of a profiled run: program.step_times)."""
-    st = bind()
-    return (ctypes.c_int64 * 7).from_address(st["stats"]())[3]
+    return _counters()[3]
 
 
 def stats() -> dict:
@@ -850,6 +854,6 @@ def stats() -> dict:
     another thread held the pool, chunks run by workers, late dispatches, OpenBLAS shutdowns and refusals,
     sleeping workers steered off the caller's CPU before a wake; and the workers started."""
     st = bind()
-    arr = (ctypes.c_int64 * 7).from_address(st["stats"]())
+    arr = _counters()
     return {"dispatches": arr[0], "busy_inline": arr[1], "worker_chunks": arr[2], "late": arr[3],
             "openblas_quieted": arr[4], "openblas_left": arr[5], "steered": arr[6], "workers": st["started"]()}
