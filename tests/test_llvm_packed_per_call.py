@@ -4,8 +4,9 @@ over the pool) and run the micro-kernel over them, when the tuner (tune.packed_f
 CPU model. Answers stay NumPy's (float64 reference) on odd sizes, both ISAs, both thread counts (forced with
 GRAPHC_LLVM_PACK=always); the split packing writes the panel layout exactly; the plan follows the faster
 (a stubbed timing picks each way), the decision is stored per CPU model and read back (and by the warm-start
-check); nothing is timed with the tuner off, below the size rule, for a transposed b or inside a loop; the
-real probe runs and checks itself. No timing is asserted."""
+check); nothing is timed with the tuner off, below the size rule, or inside a loop; the
+real probe runs and checks itself. A transposed b whose columns are contiguous (W^T) packs by shuffled
+lanes x lanes blocks. No timing is asserted."""
 from __future__ import annotations
 
 import ctypes
@@ -96,11 +97,26 @@ def test_forced_packing_of_products_the_size_rule_gives_blas(dtype, isa, threads
         assert _packed_every_call(f) and not _calls_blas(f), (n, k, m)
 
 
-def test_a_transposed_right_operand_stays_with_blas(monkeypatch, rng):
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_transposed_right_operand_packs_by_blocks(dtype, isa, threads, monkeypatch, rng):
+    """x @ W^T (W row-major: b's columns contiguous) packs every call by lanes x lanes blocks transposed with
+    shuffles (gemm.TRANSPOSED_PACK), on odd sizes (k and m past whole blocks, partial panels); with the switch
+    off, or a b strided both ways, it stays with BLAS."""
     from graphc.backends.llvm import gemm
     monkeypatch.setattr(gemm, "SMALL_MACS", 0)
     monkeypatch.setenv("GRAPHC_LLVM_PACK", "always")
-    f = _product(rng, 65, 63, 257, "float32", transposed=True)
+    for n, k, m in [(2, 1, 8), (17, 3, 65), (65, 63, 257), (257, 17, 63), (64, 256, 130), (3, 33, 16)]:
+        f = _product(rng, n, k, m, dtype, transposed=True)
+        assert _packed_every_call(f) and not _calls_blas(f), (n, k, m)
+    # b = W^T with W's rows 80 apart (b's columns still contiguous: shuffled blocks), and strided both ways
+    x, y = gc.placeholder("x", (9, 40), dtype), gc.placeholder("y", (2, 80, 80), dtype)
+    f = gc.function([x, y], x @ gc.transpose(y[0, :, :40]) + x @ gc.transpose(y[1, :, ::2]), backend="llvm")
+    xv, yv = rng.standard_normal((9, 40)).astype(dtype), rng.standard_normal((2, 80, 80)).astype(dtype)
+    want = xv.astype(np.float64) @ (yv[0, :, :40].T + yv[1, :, ::2].T)
+    tol = 2e-5 if dtype == "float32" else 1e-11
+    np.testing.assert_allclose(f(xv, yv), want, rtol=tol, atol=tol * 40)
+    monkeypatch.setattr(gemm, "TRANSPOSED_PACK", False)
+    f = _product(rng, 65, 63, 257, dtype, transposed=True)
     assert not _packed_every_call(f) and _calls_blas(f)
 
 
@@ -188,8 +204,9 @@ def test_the_real_probe_runs_and_checks_itself(inside, monkeypatch):
     from graphc.backends.llvm import gemm, tune
     monkeypatch.setattr(gemm, "PACK_INSIDE", inside)
     for dtype in ("float32", "float64"):
-        times = tune._time_packed(67, 33, 70, dtype, 2)
-        assert set(times) == {"packed", "blas"} and all(0 < t < 1 for t in times.values())
+        for transposed in (False, True):   # (b = W^T: packed by shuffled blocks)
+            times = tune._time_packed(67, 33, 70, dtype, 2, transposed)
+            assert set(times) == {"packed", "blas"} and all(0 < t < 1 for t in times.values())
 
 
 def test_warm_start_checks_the_decision(monkeypatch, rng):
@@ -202,22 +219,28 @@ def test_warm_start_checks_the_decision(monkeypatch, rng):
     assert (96, 80, 72, tune.PACKED_TAG + "float32", 1) in [tuple(d) for d in tune.decisions[spec.plan]]
 
 
-@pytest.mark.parametrize("k,m,nr", [(1, 8, 8), (5, 16, 16), (7, 17, 16), (3, 5, 16), (65, 63, 32), (9, 200, 64)])
-def test_split_packing_writes_the_panels(k, m, nr, monkeypatch):
-    """pack_panels(split=True) run whole and over the pool: the layout of the unsplit packing, every element."""
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])
+@pytest.mark.parametrize("k,m,nr", [(1, 8, 8), (5, 16, 16), (7, 17, 16), (3, 5, 16), (65, 63, 32), (9, 200, 64),
+                                    (33, 47, 16), (16, 64, 64)])
+def test_split_packing_writes_the_panels(k, m, nr, transposed, isa, monkeypatch):
+    """pack_panels(split=True) run whole and over the pool: the layout of the unsplit packing, every element;
+    from b's rows, or from b = W^T (W row-major, lanes x lanes blocks transposed by shuffles)."""
     from graphc.backends.llvm import gemm, tune
     from graphc.backends.schedule.views import View
     monkeypatch.setenv("GRAPHC_NUM_THREADS", "2")
     src = np.random.default_rng(3).standard_normal(k * m).astype(np.float32)
-    b = src.reshape(k, m)
+    b = src.reshape(m, k).T if transposed else src.reshape(k, m)
     size = gemm.packed_size(k, m, nr)
     panels = -(-m // nr)
     padded = np.zeros((k, panels * nr), np.float32)
     padded[:, :m] = b
     want = padded.reshape(k, panels, nr).transpose(1, 0, 2).reshape(-1)
-    kern = gemm.pack_panels(View(0, 0, (size,), (1,), "float32"), View(1, 0, (k, m), (m, 1), "float32"), nr,
-                            split=True)
+    kern = gemm.pack_panels(View(0, 0, (size,), (1,), "float32"),
+                            View(1, 0, (k, m), (1, k) if transposed else (m, 1), "float32"), nr, split=True)
     assert kern.split == (panels if panels >= 2 else None)
+    lanes = gemm.vector_shape("float32")[0]
+    # the shuffled blocks where b's columns are its contiguous axis (k > 1) and panels hold whole vectors
+    assert kern.key[-1] == (transposed and k > 1 and nr % lanes == 0)
     _, fns = tune._probe(kern, 2, (1, 2))
     for t in (1, 2):
         dst = np.full(size, np.nan, np.float32)

@@ -809,10 +809,17 @@ def pack_panels(dst: View, b: View, nr: int, split: bool = False) -> Kernel:
     # is read down its columns, the panel's rows written 16 floats apart (a 2 MB te12 weight: ~10 ms read
     # element by element across, against ~2 ms in order)
     down = abs(sr) < abs(sc)
+    # ... or, where b's columns are contiguous (b = W^T), lanes x lanes blocks at a time: lanes of W's rows
+    # loaded as vectors, transposed by shuffles, stored as whole panel rows (transposed_pack)
+    turned = down and sr == 1 and TRANSPOSED_PACK and dst.dtype in ("float32", "float64") \
+        and nr % vector_shape(dst.dtype)[0] == 0
 
     panels = full + bool(tail)
 
     def emit(em, P, lo, hi):
+        if turned:
+            _pack_turned(em, P, dst, b, nr, "0" if not split else lo, panels if not split else hi)
+            return
         def copy(offs, _):
             store(em, P, dst, offs[0], load(em, P, b, offs[1]))
 
@@ -842,8 +849,63 @@ def pack_panels(dst: View, b: View, nr: int, split: bool = False) -> Kernel:
         if tail:
             em.if_(em(f"icmp sgt i64 {hi}, {full}"), last)
     kern = Kernel("pack_panels", [dst, b], emit, panels if split and panels >= 2 else None, 0, panels)
-    kern.key = ("pack_panels", nr, down, split)
+    kern.key = ("pack_panels", nr, down, split, turned)
     return kern
+
+
+#: pack_panels reads a transposed b with contiguous columns (W^T of a row-major W) lanes x lanes blocks at a
+#: time, transposed by shuffles (attention.transpose), instead of element by element down its columns; and
+#: such a product may then pack every call (plan._packed_per_call, timed by the tuner as such). W5's input
+#: gradient g @ W1^T (64 x 256 x 512) had gone to OpenBLAS's NT product: in-process on the Intel Xeon, W5
+#: 1,053 -> 987 us a step; W7 b16, W8, W9 even
+TRANSPOSED_PACK = True
+
+
+def _pack_turned(em, P, dst: View, b: View, nr: int, lo, hi) -> None:
+    """pack_panels' panels lo .. hi-1 (i64 values or ints) of b (k, m) whose rows are adjacent (b[p, j] at
+    offset + p + j * sc): per panel, per lanes x lanes block of (rows p0.., columns j0..), lanes vectors of
+    b's columns (lanes rows each) transposed into lanes panel rows; rows past the last whole block element by
+    element; the last panel's columns past m zero."""
+    from .attention import transpose
+    k, m = b.shape[-2], b.shape[-1]
+    sc = b.strides[-1]
+    t = dst.dtype
+    lanes = vector_shape(t)[0]
+    vt = f"<{lanes} x {VTYPE[t]}>"
+    full, tail = divmod(m, nr)
+    kv = k // lanes
+    zero = literal(0.0, t)
+
+    def panel(j, cols: int):
+        dbase = em(_iadd(em(_imul(j, k * nr)), dst.offset))
+        bbase = em(_iadd(em(_imul(j, nr * sc)), b.offset))
+
+        def block(i):
+            p0 = em(_imul(i, lanes))
+            for g in range(nr // lanes):
+                live = max(0, min(lanes, cols - g * lanes))
+                vecs = [vload(em, P, b, em(f"add i64 {bbase}, {em(_iadd(p0, (g * lanes + r) * sc))}"), vt, lanes,
+                              lanes) if r < live else "zeroinitializer" for r in range(lanes)]
+                rows = transpose(em, vt, lanes, vecs) if live else vecs
+                for c in range(lanes):
+                    at = em(f"add i64 {dbase}, {em(_iadd(em(_imul(em(_iadd(p0, c)), nr)), g * lanes))}")
+                    vstore(em, P, dst, at, rows[c], vt, lanes, lanes)
+        if kv:
+            em.loop(kv, block)
+        for p in range(kv * lanes, k):   # the rows past the last whole block
+            for jj in range(nr):
+                at = em(_iadd(dbase, p * nr + jj))
+                store(em, P, dst, at, load(em, P, b, em(_iadd(bbase, jj * sc + p))) if jj < cols else zero)
+    if full:
+        top = hi if isinstance(hi, int) and hi <= full else \
+            em(f"select i1 {em(f'icmp slt i64 {hi}, {full}')}, i64 {hi}, i64 {full}")
+        em.loop(top, lambda j: panel(j, nr), start=lo)
+    if tail:
+        if isinstance(hi, int):
+            if hi > full:
+                panel(str(full), tail)
+        else:
+            em.if_(em(f"icmp sgt i64 {hi}, {full}"), lambda: panel(str(full), tail))
 
 
 def gemm_tiles(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m: int, cols=None,

@@ -360,13 +360,19 @@ class Plan(Schedule):
         if (switch == "0" or self._loop_pos is not None
                 or os.environ.get("GRAPHC_LLVM_SMALL_GEMM", "auto") != "auto"
                 or len(out.shape) != 2 or len(a.shape) != 2 or len(b.shape) != 2 or b.literal is not None
-                or a.literal is not None or b.strides[-1] != 1 or not gemm.use_blas(a, b, out)):
+                or a.literal is not None or not gemm.use_blas(a, b, out)):
+            return False
+        # b's rows contiguous, or its columns (W^T, packed lanes x lanes blocks at a time: gemm.TRANSPOSED_PACK);
+        # any other transposed b is read by BLAS in place
+        transposed = b.strides[-1] != 1
+        if transposed and not (b.strides[-2] == 1 and gemm.TRANSPOSED_PACK):
             return False
         n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
         if n < 2 or m < 8 or (switch != "always" and (n < tune.PACKED_CALL_ROWS
                                                        or 2 * n * k * m < tune.PACKED_CALL_FLOPS)):
             return False
-        take, source = (True, "forced") if switch == "always" else tune.packed_for(self, n, k, m, a.dtype)
+        take, source = (True, "forced") if switch == "always" else tune.packed_for(self, n, k, m, a.dtype,
+                                                                                   transposed)
         if not take:
             return False
         nr = gemm.panel_width(n, b.dtype)

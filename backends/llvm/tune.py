@@ -442,43 +442,48 @@ PACKED_CALL_ROWS = 64
 PACKED_MARGIN = 1.03
 
 
-def _packed_key(n, k, m, dtype):
-    return ("packcall aligned", n, k, m, dtype, threads(), max_blas_threads(), mode(), isa())
+def _packed_key(n, k, m, dtype, transposed: bool = False):
+    return ("packcall aligned", n, k, m, dtype, threads(), max_blas_threads(), mode(), isa()) + \
+        (("b transposed",) if transposed else ())
 
 
-def _packed_decided(n: int, k: int, m: int, dtype: str) -> tuple[int, str] | None:
+def _packed_decided(n: int, k: int, m: int, dtype: str, transposed: bool = False) -> tuple[int, str] | None:
     """(1 packed | 0 BLAS, source) when known without timing (BLAS when nothing is tuned), else None."""
     if mode() == "off" or jit.blas() is None:
         return 0, "rule"
-    return _known_choice(_packed_key(n, k, m, dtype), "packed")
+    return _known_choice(_packed_key(n, k, m, dtype, transposed), "packed")
 
 
-def packed_for(owner, n: int, k: int, m: int, dtype: str) -> tuple[bool, str]:
+def packed_for(owner, n: int, k: int, m: int, dtype: str, transposed: bool = False) -> tuple[bool, str]:
     """(pack b every call?, source) for a single (n x k) @ (k x m) product that would call BLAS: the first
     time the shape is planned on a CPU model (within the graph's tuning budget), the packing and the
     micro-kernel over its panels are compiled and run as the plan would run them (both split over the pool),
     timed interleaved with the product as BLAS runs it (split as blas_threads_for's rule splits it), the
     minimum of a few runs each (fewer for products of milliseconds), and the packed product kept when faster
     by more than PACKED_MARGIN; the decision is stored like the others (on disk, by CPU model; not when
-    timed on a busy machine). With the tuner off, or its budget spent: BLAS, as before the tuner."""
-    known = _packed_decided(n, k, m, dtype)
+    timed on a busy machine). With the tuner off, or its budget spent: BLAS, as before the tuner.
+    `transposed`: b is W^T of a row-major W (b's columns contiguous; gemm.TRANSPOSED_PACK), timed so."""
+    known = _packed_decided(n, k, m, dtype, transposed)
     if known is None:
         def timer(md, spent):   # a product of milliseconds is timed fewer times within what is left
             est = 2 * n * k * m / 50e9
             return _time_packed(n, k, m, dtype,
-                                int(max(3, min(REPEATS[md], (BUDGET[md] - spent) / max(est * 2, 1e-6)))))
-        known = _timed_choice(owner, "packcall", (n, k, m, dtype), _packed_key(n, k, m, dtype), "packed", timer,
+                                int(max(3, min(REPEATS[md], (BUDGET[md] - spent) / max(est * 2, 1e-6)))),
+                                transposed)
+        known = _timed_choice(owner, "packcall", (n, k, m, dtype) + (("b^T",) if transposed else ()),
+                              _packed_key(n, k, m, dtype, transposed), "packed", timer,
                               lambda times: 1 if times["packed"] * PACKED_MARGIN < times["blas"] else 0)
     if owner is not None:
         decisions.setdefault(owner, []).append((n, k, m, PACKED_TAG + dtype, known[0]))
     return bool(known[0]), known[1]
 
 
-def _time_packed(n: int, k: int, m: int, dtype: str, reps: int) -> dict:
+def _time_packed(n: int, k: int, m: int, dtype: str, reps: int, transposed: bool = False) -> dict:
     """{"packed": seconds, "blas": seconds}: the minimum over `reps` interleaved runs of the product with b
     packed (the packing and the micro-kernel, each split as the plan splits it; one kernel with
     gemm.PACK_INSIDE) and of the BLAS product
-    (split by the size rule); both checked against a float64 product."""
+    (split by the size rule); both checked against a float64 product. `transposed`: b is the transpose of
+    a row-major (m, k) array."""
     import ctypes
     from graphc._aligned import aligned_bytes
     from . import gemm
@@ -486,9 +491,11 @@ def _time_packed(n: int, k: int, m: int, dtype: str, reps: int) -> dict:
     t = threads()
     inside = gemm.packs_inside(n, k, m, dtype, t)   # the packing inside the product kernel where the plan
     # packs it there (matmul's `pack`)
-    key = ("packcall", n, k, m, dtype, t, inside)
+    key = ("packcall", n, k, m, dtype, t, inside, transposed)
     if key not in _probes:
         out, a, b = (View(i, 0, sh, (sh[1], 1), dtype) for i, sh in enumerate([(n, m), (n, k), (k, m)]))
+        if transposed:
+            b = View(2, 0, (k, m), (1, k), dtype)
         nr = gemm.panel_width(n, dtype)
         pk = View(3, 0, (gemm.packed_size(k, m, nr),), (1,), dtype)
         bp = View(3, 0, (k, m), (nr, 1), dtype)
@@ -502,6 +509,8 @@ def _time_packed(n: int, k: int, m: int, dtype: str, reps: int) -> dict:
     size, probes = _probes[key]
     fns = {name: fn[t] for name, (_, fn) in probes.items()}
     arrays = _operands(n, k, m, dtype)
+    if transposed:   # the same values, b held as its transpose's rows (the table points at that array)
+        arrays[2] = np.ascontiguousarray(arrays[2].T).T
     # the panels on a cache line, as the arena's buffers are (a NumPy array's 16 bytes off one would split
     # every vector load of the panels in two: 7.5 ms for 1024^3 on the Intel Xeon against the plan's 6.1)
     packed = aligned_bytes(size * np.dtype(dtype).itemsize).view(dtype)
