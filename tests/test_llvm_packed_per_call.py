@@ -217,6 +217,13 @@ def test_warm_start_checks_the_decision(monkeypatch, rng):
     f = _product(rng, 96, 80, 72, "float32")
     spec = list(f.program._specs.values())[0]
     assert (96, 80, 72, tune.PACKED_TAG + "float32", 1) in [tuple(d) for d in tune.decisions[spec.plan]]
+    # a transposed b's decision is its own (timed and recorded as such), and read back as such
+    monkeypatch.setattr(tune, "_time_packed", lambda *a: {"packed": 1e-3, "blas": 1e-6})
+    f = _product(rng, 96, 80, 72, "float32", transposed=True)
+    spec = list(f.program._specs.values())[0]
+    assert (96, 80, 72, tune.PACKED_T_TAG + "float32", 0) in [tuple(d) for d in tune.decisions[spec.plan]]
+    assert tune.decided(96, 80, 72, tune.PACKED_T_TAG + "float32")[0] == 0
+    assert tune.decided(96, 80, 72, tune.PACKED_TAG + "float32")[0] == 1
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])

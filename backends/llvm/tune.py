@@ -275,6 +275,8 @@ def decided(n: int, k: int, m: int, dtype: str) -> tuple[int, str] | None:
         return _kernel_decided(n, k, m, dtype[len(KERNEL_TAG):])
     if dtype.startswith(PACKED_TAG):
         return _packed_decided(n, k, m, dtype[len(PACKED_TAG):])
+    if dtype.startswith(PACKED_T_TAG):
+        return _packed_decided(n, k, m, dtype[len(PACKED_T_TAG):], transposed=True)
     flops = 2 * n * k * m
     top = max_blas_threads()
     rule = blas_threads(flops)
@@ -426,6 +428,8 @@ def kernel_for(owner, n: int, k: int, m: int, dtype: str) -> tuple[str, str]:
 
 #: the decisions list's dtype for a per-call packing choice: "packed:float32"
 PACKED_TAG = "packed:"
+#: ... and for a product whose b is W^T (packed by shuffled blocks): "packed^T:float32"
+PACKED_T_TAG = "packed^T:"
 #: products of at least this many flops (that the size rules give to BLAS) may instead pack their right
 #: operand each call (gemm.pack_panels, split over the pool) and run the micro-kernel over the panels:
 #: timed the first time the shape is planned on a CPU model. Below it the packing's share of the time, and
@@ -474,7 +478,8 @@ def packed_for(owner, n: int, k: int, m: int, dtype: str, transposed: bool = Fal
                               _packed_key(n, k, m, dtype, transposed), "packed", timer,
                               lambda times: 1 if times["packed"] * PACKED_MARGIN < times["blas"] else 0)
     if owner is not None:
-        decisions.setdefault(owner, []).append((n, k, m, PACKED_TAG + dtype, known[0]))
+        decisions.setdefault(owner, []).append((n, k, m, (PACKED_T_TAG if transposed else PACKED_TAG) + dtype,
+                                                known[0]))
     return bool(known[0]), known[1]
 
 
