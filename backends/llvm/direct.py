@@ -139,16 +139,13 @@ def _step_cycles(rows: int, vecs: int) -> float:
 def _cut_cycles(ob: int, m: int, dtype: str) -> float:
     """Relative cycles of one item: ob output channels (rows of the product, in gemm_tiles' balanced tiles)
     over m wide columns (whole column blocks, then the last one's vectors)."""
-    from .gemm import _row_tile, tile_rows, tile_vectors
+    from .gemm import _row_tile, tile_split, tile_vectors
     lanes = vector_shape(dtype)[0]
     nv, rows = tile_vectors(ob, dtype)
-    mr = _row_tile(ob, rows)
-    count = -(-ob // mr)
-    base, extra = divmod(ob, count)
+    count, base, extra = tile_split(ob, _row_tile(ob, rows))
     heights = [base + 1] * extra + [base] * (count - extra)
     full, tail = divmod(m, nv * lanes)
-    per = sum(full * _step_cycles(h, nv) + (_step_cycles(h, -(-tail // lanes)) if tail else 0) for h in heights)
-    return per
+    return sum(full * _step_cycles(h, nv) + (_step_cycles(h, -(-tail // lanes)) if tail else 0) for h in heights)
 
 
 def _makespan(costs: list, slots: int, threads: int) -> float:

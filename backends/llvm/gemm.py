@@ -769,6 +769,14 @@ def vector_declarations() -> str:
     return "\n".join(out) + "\n"
 
 
+def tile_split(n: int, mr: int) -> tuple[int, int, int]:
+    """(tiles, base, extra) of n rows in tiles of at most mr: as many tiles as mr-row tiles need, their
+    heights balanced, `extra` tiles of base + 1 rows then the rest of base (16 rows: 6, 5, 5 rather than
+    6, 6, 4: a short last tile has too few accumulators to cover the FMA latency)."""
+    count = -(-n // mr)
+    return (count,) + divmod(n, count)
+
+
 def _row_tile(n: int, rows: tuple) -> int:
     """Tile height: the candidate needing fewest row tiles (ties: the taller)."""
     return min(rows, key=lambda r: (-(-n // r), -r)) if n >= rows[-1] else n
@@ -1076,10 +1084,7 @@ def _tile_rows(em, P, out: View, a: View, b: View, ao, bo, oo, n: int, k: int, m
                                 em(f"add i64 {fold[1]}, {em(_iadd(i0, r))}"), em(_iadd(j0, q * lanes)))
                 vstore(em, P, out, em(f"add i64 {orow}, {q * lanes}"), val, vt, lanes, live)
 
-    # as many tiles as mr-row tiles need, their heights balanced (16 rows: 6, 5, 5 rather than 6, 6, 4: a
-    # short last tile has too few accumulators to cover the FMA latency)
-    count = -(-n // mr)
-    base, extra = divmod(n, count)
+    count, base, extra = tile_split(n, mr)
     if extra:
         em.loop(extra, lambda ib: tile(em(f"mul i64 {ib}, {base + 1}"), base + 1))
     em.loop(count - extra, lambda ib: tile(em(f"add i64 {em(f'mul i64 {ib}, {base}')}, {extra * (base + 1)}"), base))
